@@ -1,0 +1,261 @@
+//! The OCI / Docker schema-2 documents walt reads and writes. Unknown
+//! fields are kept so that a document can be re-serialised faithfully, but
+//! stored manifests and configs are always kept as the original bytes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+
+/// Every manifest type walt accepts, for the `Accept` header.
+pub const MANIFEST_ACCEPT: [&str; 4] = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// From a layer media type; `None` when the type is not a layer walt knows.
+    pub fn from_media_type(mt: &str) -> Option<Self> {
+        match mt {
+            OCI_LAYER_GZIP | DOCKER_LAYER_GZIP => Some(Self::Gzip),
+            OCI_LAYER_ZSTD => Some(Self::Zstd),
+            OCI_LAYER_TAR | DOCKER_LAYER_TAR => Some(Self::None),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Platform {
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// A single-image manifest (OCI or Docker schema 2).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// A multi-platform index (OCI index or Docker manifest list).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Index {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub manifests: Vec<Descriptor>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// Either kind of manifest document.
+#[derive(Debug, Clone)]
+pub enum ManifestDoc {
+    Image(Manifest),
+    Index(Index),
+}
+
+/// Why a manifest document could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    #[error("manifest is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported manifest type '{0}' (walt accepts OCI and Docker schema 2 manifests and indexes)")]
+    Unsupported(String),
+}
+
+impl ManifestDoc {
+    /// Parses a manifest from its bytes, using the content type the
+    /// registry sent when the document itself has no `mediaType`.
+    pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Self, DocError> {
+        let v: Value = serde_json::from_slice(bytes)?;
+        let mt = v
+            .get("mediaType")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| content_type.map(|c| c.split(';').next().unwrap_or(c).trim().to_string()));
+        let is_index = match mt.as_deref() {
+            Some(OCI_INDEX | DOCKER_LIST) => true,
+            Some(OCI_MANIFEST | DOCKER_MANIFEST) => false,
+            // No (usable) type: decide by shape, as the OCI spec allows.
+            _ if v.get("manifests").is_some() => true,
+            _ if v.get("config").is_some() && v.get("layers").is_some() => false,
+            Some(other) => return Err(DocError::Unsupported(other.to_string())),
+            None => return Err(DocError::Unsupported("(none)".to_string())),
+        };
+        if v.get("schemaVersion").and_then(Value::as_u64) == Some(1) {
+            return Err(DocError::Unsupported("Docker schema 1".to_string()));
+        }
+        Ok(if is_index {
+            ManifestDoc::Index(serde_json::from_value(v)?)
+        } else {
+            ManifestDoc::Image(serde_json::from_value(v)?)
+        })
+    }
+}
+
+/// The image configuration (only what walt reads; the rest is kept).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ImageConfig {
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<RuntimeConfig>,
+    pub rootfs: RootFs,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct RuntimeConfig {
+    #[serde(rename = "Labels", default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct RootFs {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub diff_ids: Vec<String>,
+}
+
+impl ImageConfig {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.config
+            .as_ref()?
+            .labels
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
+    }
+}
+
+/// Maps a Rust/Linux machine name to the OCI architecture and variant.
+pub fn oci_arch(machine: &str) -> (&'static str, Option<&'static str>) {
+    match machine {
+        "x86_64" => ("amd64", None),
+        "aarch64" => ("arm64", Some("v8")),
+        "arm" | "armv7l" => ("arm", Some("v7")),
+        "x86" | "i686" | "i386" => ("386", None),
+        "riscv64" => ("riscv64", None),
+        _ => ("unknown", None),
+    }
+}
+
+/// Picks the manifest of an index to use: an exact architecture (and
+/// variant, when given) match first, then the architecture alone.
+/// Attestation manifests (`unknown/unknown`) are never picked.
+pub fn pick_platform<'a>(
+    index: &'a Index,
+    arch: &str,
+    variant: Option<&str>,
+) -> Option<&'a Descriptor> {
+    let candidates: Vec<&Descriptor> = index
+        .manifests
+        .iter()
+        .filter(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture != "unknown")
+        })
+        .collect();
+    let same_arch = |d: &&&Descriptor| d.platform.as_ref().is_some_and(|p| p.architecture == arch);
+    if let Some(v) = variant {
+        if let Some(d) = candidates
+            .iter()
+            .filter(same_arch)
+            .find(|d| d.platform.as_ref().and_then(|p| p.variant.as_deref()) == Some(v))
+        {
+            return Some(d);
+        }
+    }
+    candidates.iter().find(same_arch).copied()
+}
+
+/// Validates a `sha256:<64 hex>` digest and returns the hex part.
+pub fn digest_hex(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then_some(hex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_docs() {
+        let m = br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:aa","size":3},"layers":[]}"#;
+        assert!(matches!(ManifestDoc::parse(m, None).unwrap(), ManifestDoc::Image(_)));
+        let i = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"x","digest":"sha256:1","size":1,"platform":{"architecture":"arm64","os":"linux","variant":"v8"}},{"mediaType":"x","digest":"sha256:2","size":1,"platform":{"architecture":"amd64","os":"linux"}}]}"#;
+        let ManifestDoc::Index(idx) = ManifestDoc::parse(i, None).unwrap() else { panic!() };
+        assert_eq!(pick_platform(&idx, "amd64", None).unwrap().digest, "sha256:2");
+        assert_eq!(pick_platform(&idx, "arm64", Some("v8")).unwrap().digest, "sha256:1");
+        assert!(pick_platform(&idx, "riscv64", None).is_none());
+        assert!(ManifestDoc::parse(br#"{"schemaVersion":1,"fsLayers":[]}"#, None).is_err());
+    }
+
+    #[test]
+    fn digests() {
+        let h = "a".repeat(64);
+        assert_eq!(digest_hex(&format!("sha256:{h}")), Some(h.as_str()));
+        assert!(digest_hex("sha256:../../etc").is_none());
+        assert!(digest_hex("md5:aa").is_none());
+    }
+}
