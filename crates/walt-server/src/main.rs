@@ -1,1 +1,71 @@
-fn main() {}
+//! `walt-server`: the walt daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+use walt_server::{Server, ServerOptions};
+
+/// The walt server daemon: image store, registries and the gRPC API.
+#[derive(Parser, Debug)]
+#[command(name = "walt-server", version, about)]
+struct Args {
+    /// Server configuration file (WalT format YAML).
+    #[arg(long, default_value = "/etc/walt/server.conf", env = "WALT_SERVER_CONF")]
+    config: PathBuf,
+    /// Directory holding the image store.
+    #[arg(long, default_value = "/var/lib/walt", env = "WALT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Address the gRPC API listens on.
+    #[arg(long, default_value = "0.0.0.0:12345")]
+    listen: SocketAddr,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,h2=warn,hyper=warn,tower=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("walt-server: error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(args)) {
+        eprintln!("walt-server: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let server = Server::open(ServerOptions {
+        config_path: args.config,
+        data_dir: args.data_dir,
+    })
+    .await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    server.serve(listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers, only the process' death stops us.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+    }
+}

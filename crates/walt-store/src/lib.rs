@@ -1,1 +1,305 @@
-pub fn _placeholder() {}
+//! walt's internal image store: content-addressed blobs, layers unpacked
+//! once (overlay-ready), and the SQLite metadata that ties them to image
+//! names.
+//!
+//! ```text
+//! <data_dir>/blobs/sha256/<hex>        blobs exactly as pulled or built
+//! <data_dir>/layers/<diffid-hex>/diff  each layer unpacked once
+//! <data_dir>/tmp/                      staging; emptied at open()
+//! <data_dir>/walt.db                   SQLite (WAL)
+//! ```
+//!
+//! Nothing is ever half-visible: blobs and layers are staged in `tmp/` and
+//! renamed into place when complete and verified; an image record is
+//! committed only once everything it references is on disk. Blobs and
+//! layers that no image references are collected by [`Store::gc`], which
+//! waits while an [`ImportGuard`] lives.
+//!
+//! Every method is synchronous (call them from `spawn_blocking`).
+
+mod blobs;
+mod db;
+mod error;
+mod gc;
+mod import;
+mod unpack;
+mod util;
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::Connection;
+use walt_core::ImageName;
+use walt_core::oci::Compression;
+
+pub use db::{ImageRecord, LayerRef, NewImage, PutOutcome};
+pub use error::{Result, StoreError};
+pub use gc::{GcReport, ImportGuard};
+pub use import::{ImportOptions, LayerImport};
+
+use error::IoContext;
+use util::{check_digest, remove_any};
+
+/// The image store. `Send + Sync`; share it as `Arc<Store>`.
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    data_dir: PathBuf,
+    db: Mutex<Connection>,
+    /// Serialises gc with imports starting and images being recorded.
+    gc: Mutex<gc::GcState>,
+}
+
+impl Inner {
+    pub(crate) fn blobs_dir(&self) -> PathBuf {
+        self.data_dir.join("blobs").join("sha256")
+    }
+
+    pub(crate) fn layers_dir(&self) -> PathBuf {
+        self.data_dir.join("layers")
+    }
+
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.data_dir.join("tmp")
+    }
+
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("data_dir", &self.inner.data_dir)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens the store in `data_dir` (created if needed): migrates the
+    /// database, empties `tmp/` and collects unreferenced blobs and layers.
+    pub fn open(data_dir: &Path) -> Result<Store> {
+        for d in [
+            data_dir.to_path_buf(),
+            data_dir.join("blobs").join("sha256"),
+            data_dir.join("layers"),
+            data_dir.join("tmp"),
+        ] {
+            fs::create_dir_all(&d).ctx("creating store directory", &d)?;
+        }
+        let tmp = data_dir.join("tmp");
+        let leftovers = fs::read_dir(&tmp)
+            .and_then(|it| it.collect::<io::Result<Vec<_>>>())
+            .ctx("listing", &tmp)?;
+        for e in leftovers {
+            let p = e.path();
+            remove_any(&p).ctx("removing leftover staging path", &p)?;
+            tracing::info!(path = %p.display(), "removed leftover from an interrupted operation");
+        }
+        let conn = db::open(&data_dir.join("walt.db"))?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                data_dir: data_dir.to_path_buf(),
+                db: Mutex::new(conn),
+                gc: Mutex::new(gc::GcState::default()),
+            }),
+        };
+        store.gc()?;
+        tracing::debug!(data_dir = %data_dir.display(), "image store open");
+        Ok(store)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
+    }
+
+    /// True when the blob is in the store (false for an invalid digest).
+    pub fn has_blob(&self, digest: &str) -> bool {
+        self.inner.has_blob(digest)
+    }
+
+    /// Where the blob is (or would be) stored; validates the digest.
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+        self.inner.blob_path(digest)
+    }
+
+    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
+        self.inner.read_blob(digest)
+    }
+
+    /// Stores `bytes` (verified against `expected_digest` when given);
+    /// returns their digest. Storing a blob already present is a no-op.
+    pub fn put_blob(&self, expected_digest: Option<&str>, bytes: &[u8]) -> Result<String> {
+        self.inner.put_blob(expected_digest, bytes)
+    }
+
+    /// True when the layer is unpacked in the store.
+    pub fn has_layer(&self, diff_id: &str) -> bool {
+        self.inner.has_layer(diff_id)
+    }
+
+    /// `layers/<hex>/diff`; validates the diff_id.
+    pub fn layer_path(&self, diff_id: &str) -> Result<PathBuf> {
+        self.inner.layer_path(diff_id)
+    }
+
+    /// Imports one layer blob in one pass over `input` (the compressed bytes
+    /// as they come): hashes it, optionally keeps it (`opts.store_blob`),
+    /// decompresses it, hashes the tar stream (diff_id) and optionally
+    /// unpacks it (`opts.unpack`). Digest, size and diff_id are verified
+    /// before anything is published; on error nothing is. The input is read
+    /// to its end on success.
+    ///
+    /// When the blob (or the layer, with `expected_diff_id`) is already in
+    /// the store, it is verified but not written again.
+    pub fn import_layer(
+        &self,
+        input: &mut dyn Read,
+        compression: Compression,
+        expected_digest: &str,
+        opts: &ImportOptions,
+    ) -> Result<LayerImport> {
+        self.inner
+            .import_layer(input, compression, expected_digest, opts)
+    }
+
+    /// Unpacks a layer whose blob is already in the store.
+    pub fn unpack_stored_blob(
+        &self,
+        digest: &str,
+        compression: Compression,
+        expected_diff_id: &str,
+    ) -> Result<LayerImport> {
+        let path = self.blob_path(digest)?;
+        check_digest(expected_diff_id)?;
+        let mut f = File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::BlobNotFound(digest.to_string()),
+            _ => StoreError::io_path(&format!("opening blob {digest} at"), &path, e),
+        })?;
+        let opts = ImportOptions {
+            store_blob: false,
+            unpack: true,
+            expected_size: None,
+            expected_diff_id: Some(expected_diff_id.to_string()),
+            progress: None,
+        };
+        self.inner.import_layer(&mut f, compression, digest, &opts)
+    }
+
+    /// Records an image. Every blob (manifest, config, layers) and layer it
+    /// references must be in the store. An existing name is refused unless
+    /// `replace` (the record keeps its id, so nodes follow the name).
+    pub fn put_image(&self, rec: &NewImage, replace: bool) -> Result<PutOutcome> {
+        let image = rec.name.to_string();
+        let missing = |what: &'static str, digest: &str| StoreError::MissingContent {
+            image: image.clone(),
+            what,
+            digest: digest.to_string(),
+        };
+        // Hold the gc lock from the check to the commit, so that nothing
+        // checked here can be collected before it is referenced.
+        let outcome = {
+            let _gc = self.inner.gc_state();
+            check_digest(&rec.manifest_digest)?;
+            check_digest(&rec.config_digest)?;
+            if !self.has_blob(&rec.manifest_digest) {
+                return Err(missing("manifest", &rec.manifest_digest));
+            }
+            if !self.has_blob(&rec.config_digest) {
+                return Err(missing("config", &rec.config_digest));
+            }
+            for l in &rec.layers {
+                check_digest(&l.blob_digest)?;
+                check_digest(&l.diff_id)?;
+                if !self.has_blob(&l.blob_digest) {
+                    return Err(missing("layer blob", &l.blob_digest));
+                }
+                if !self.has_layer(&l.diff_id) {
+                    return Err(missing("unpacked layer", &l.diff_id));
+                }
+            }
+            db::put_image(&mut self.inner.conn(), rec, replace)?
+        };
+        tracing::info!(image = %rec.name, ?outcome, "image recorded");
+        if outcome == PutOutcome::Replaced {
+            self.gc()?;
+        }
+        Ok(outcome)
+    }
+
+    pub fn get_image(&self, name: &ImageName) -> Result<Option<ImageRecord>> {
+        db::get_image(&self.inner.conn(), name)
+    }
+
+    /// Images of `owner` (all owners for `None`), sorted by owner, name, tag.
+    pub fn list_images(&self, owner: Option<&str>) -> Result<Vec<ImageRecord>> {
+        db::list_images(&self.inner.conn(), owner)
+    }
+
+    /// Removes an image record, then collects what it alone used (deferred
+    /// while imports are in flight). Whether nodes use it is the caller's
+    /// business ([`Store::image_in_use`]).
+    pub fn remove_image(&self, name: &ImageName) -> Result<()> {
+        db::remove_image(&mut self.inner.conn(), name)?;
+        tracing::info!(image = %name, "image removed");
+        self.gc()?;
+        Ok(())
+    }
+
+    /// Renames an image; `to` must not exist.
+    pub fn rename_image(&self, from: &ImageName, to: &ImageName) -> Result<()> {
+        db::rename_image(&mut self.inner.conn(), from, to)?;
+        tracing::info!(from = %from, to = %to, "image renamed");
+        Ok(())
+    }
+
+    /// Records `to` as a copy of `from` (sharing blobs and layers); `to`
+    /// must not exist.
+    pub fn duplicate_image(&self, from: &ImageName, to: &ImageName) -> Result<()> {
+        self.copy_image(from, to, false).map(|_| ())
+    }
+
+    /// Like [`Store::duplicate_image`], but may replace an existing `to`.
+    pub fn copy_image(&self, from: &ImageName, to: &ImageName, replace: bool) -> Result<PutOutcome> {
+        let src = self
+            .get_image(from)?
+            .ok_or_else(|| StoreError::ImageNotFound(from.to_string()))?;
+        let rec = NewImage {
+            name: to.clone(),
+            manifest_digest: src.manifest_digest,
+            manifest_media_type: src.manifest_media_type,
+            config_digest: src.config_digest,
+            layers: src.layers,
+            node_models: src.node_models,
+            created: src.created,
+        };
+        self.put_image(&rec, replace)
+    }
+
+    /// True when a node boots this image.
+    pub fn image_in_use(&self, name: &ImageName) -> Result<bool> {
+        db::image_in_use(&self.inner.conn(), name)
+    }
+
+    /// Defers gc until the returned guard (and every other) is dropped.
+    /// Take one before writing the first blob of an import and keep it
+    /// until `put_image` returns.
+    pub fn begin_import(&self) -> ImportGuard {
+        self.inner.begin_import()
+    }
+
+    /// Removes blobs and layers no image references (and layer dirs without
+    /// a complete `diff`). Deferred, deleting nothing, while imports are in
+    /// flight.
+    pub fn gc(&self) -> Result<GcReport> {
+        self.inner.gc()
+    }
+}
+
+#[cfg(test)]
+mod tests;

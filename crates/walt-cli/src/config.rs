@@ -1,0 +1,180 @@
+//! The client configuration: `~/.walt/config` (or `$WALT_CONFIG`).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct WaltSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct RegistryCredentials {
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ClientConfig {
+    #[serde(default)]
+    pub walt: WaltSection,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub registries: BTreeMap<String, RegistryCredentials>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// A complete configuration: where the server is and who we are.
+pub struct Settings {
+    pub server: String,
+    pub username: String,
+    pub config: ClientConfig,
+}
+
+pub fn path() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("WALT_CONFIG") {
+        return Ok(PathBuf::from(p));
+    }
+    let home = std::env::var_os("HOME").context("HOME is not set; set WALT_CONFIG to the walt client config file")?;
+    Ok(PathBuf::from(home).join(".walt").join("config"))
+}
+
+fn read(path: &PathBuf) -> anyhow::Result<ClientConfig> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => Ok(ClientConfig::default()),
+        Ok(text) => serde_saphyr::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a valid walt client config: {}",
+                path.display(),
+                e.to_string().lines().next().unwrap_or_default()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ClientConfig::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Writes the file with mode 0600 (it may hold registry passwords).
+fn write(path: &PathBuf, config: &ClientConfig) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let text = serde_saphyr::to_string(config).context("cannot serialise the client config")?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn ask(prompt: &str) -> anyhow::Result<String> {
+    let mut out = std::io::stderr();
+    loop {
+        write!(out, "{prompt}: ")?;
+        out.flush()?;
+        let mut line = String::new();
+        if std::io::stdin().lock().read_line(&mut line)? == 0 {
+            bail!("no answer given (end of input)");
+        }
+        let v = line.trim();
+        if !v.is_empty() {
+            return Ok(v.to_string());
+        }
+    }
+}
+
+/// Loads the configuration; on a terminal, asks for what is missing and saves it.
+pub fn load() -> anyhow::Result<Settings> {
+    let path = path()?;
+    let mut config = read(&path)?;
+    let missing: Vec<&str> = [
+        config.walt.server.is_none().then_some("walt.server"),
+        config.walt.username.is_none().then_some("walt.username"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !missing.is_empty() {
+        if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+            bail!(
+                "{} is missing {} (the walt server's host[:port] and your walt username); create it or run walt on a terminal to be asked",
+                path.display(),
+                missing.join(" and ")
+            );
+        }
+        eprintln!("walt client configuration ({}):", path.display());
+        if config.walt.server.is_none() {
+            config.walt.server = Some(ask("IP or hostname of the walt server")?);
+        }
+        if config.walt.username.is_none() {
+            loop {
+                let u = ask("your walt username")?;
+                if walt_core::name::is_valid_user(&u) {
+                    config.walt.username = Some(u);
+                    break;
+                }
+                eprintln!("a username uses lowercase letters, digits, '-', '_' and '.'");
+            }
+        }
+        write(&path, &config)?;
+        eprintln!("saved in {}", path.display());
+    }
+    let server = config.walt.server.clone().unwrap_or_default();
+    let username = config.walt.username.clone().unwrap_or_default();
+    if !walt_core::name::is_valid_user(&username) {
+        bail!("{}: walt.username '{username}' is not a valid username", path.display());
+    }
+    Ok(Settings { server, username, config })
+}
+
+/// `http://host:port` for `host`, `host:port`, `[v6]` or `[v6]:port`.
+pub fn endpoint(server: &str) -> anyhow::Result<String> {
+    let s = server.trim();
+    let port = walt_proto::DEFAULT_PORT;
+    let has_port = if let Some(rest) = s.strip_prefix('[') {
+        rest.split_once(']').is_some_and(|(_, p)| p.starts_with(':'))
+    } else {
+        s.matches(':').count() == 1
+    };
+    if s.is_empty() || s.contains('/') {
+        bail!("walt.server '{server}' is not a host or host:port");
+    }
+    if s.matches(':').count() > 1 && !s.starts_with('[') {
+        // A bare IPv6 address.
+        return Ok(format!("http://[{s}]:{port}"));
+    }
+    Ok(if has_port { format!("http://{s}") } else { format!("http://{s}:{port}") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::endpoint;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(endpoint("walt").unwrap(), "http://walt:12345");
+        assert_eq!(endpoint("10.0.0.1:999").unwrap(), "http://10.0.0.1:999");
+        assert_eq!(endpoint("::1").unwrap(), "http://[::1]:12345");
+        assert_eq!(endpoint("[::1]:5").unwrap(), "http://[::1]:5");
+        assert!(endpoint("http://x/").is_err());
+    }
+}

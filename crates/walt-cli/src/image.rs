@@ -1,0 +1,281 @@
+//! `walt image ...`
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+
+use anyhow::anyhow;
+use clap::Subcommand;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use walt_core::CloneUrl;
+use walt_core::compact_models;
+use walt_proto::v1::{self as pb, clone_event::Event, images_client::ImagesClient};
+
+use crate::config::{self, Settings};
+use crate::table;
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Show your images (the working set).
+    Show {
+        /// Also show the images of other users, with their clone URL.
+        #[arg(long)]
+        all: bool,
+        /// Print only the image names, one per line.
+        #[arg(long)]
+        names_only: bool,
+    },
+    /// Copy an image into your working set.
+    Clone {
+        /// Overwrite an image of the same name.
+        #[arg(long)]
+        force: bool,
+        /// Clone URL: <location>:<user>/<name>[:<tag>] (see walt image search).
+        url: String,
+        /// Name in your working set (default: the remote name).
+        name: Option<String>,
+    },
+    /// Remove an image from your working set.
+    Remove {
+        image: String,
+    },
+    /// Rename an image of your working set.
+    Rename {
+        image: String,
+        new_name: String,
+    },
+    /// Copy an image of your working set under a new name.
+    Duplicate {
+        image: String,
+        new_name: String,
+    },
+}
+
+type Client = ImagesClient<InterceptedService<Channel, UserInterceptor>>;
+
+#[derive(Clone)]
+pub struct UserInterceptor(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for UserInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert(walt_proto::USER_METADATA_KEY, self.0.clone());
+        Ok(req)
+    }
+}
+
+async fn connect(settings: &Settings) -> anyhow::Result<Client> {
+    let endpoint = config::endpoint(&settings.server)?;
+    let channel = Channel::from_shared(endpoint.clone())
+        .map_err(|e| anyhow!("walt.server '{}' is not usable: {e}", settings.server))?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| {
+            let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+            anyhow!("cannot reach the walt server at {}: {cause}", settings.server)
+        })?;
+    let user = MetadataValue::try_from(settings.username.as_str())
+        .map_err(|_| anyhow!("invalid walt username '{}'", settings.username))?;
+    Ok(ImagesClient::with_interceptor(channel, UserInterceptor(user))
+        .max_decoding_message_size(64 << 20))
+}
+
+/// The one line the user sees for a failed call.
+fn status_error(s: Status) -> anyhow::Error {
+    match s.code() {
+        Code::Unavailable if s.message().contains("tcp connect") || s.message().is_empty() => {
+            anyhow!("the walt server is unavailable: {}", s.message())
+        }
+        _ => anyhow!("{}", s.message()),
+    }
+}
+
+pub async fn run(cmd: ImageCommand) -> anyhow::Result<()> {
+    let settings = config::load()?;
+    let mut client = connect(&settings).await?;
+    match cmd {
+        ImageCommand::Show { all, names_only } => show(&mut client, &settings, all, names_only).await,
+        ImageCommand::Clone { force, url, name } => clone(&mut client, &settings, &url, name, force).await,
+        ImageCommand::Remove { image } => {
+            client
+                .remove(pb::RemoveRequest { image: image.clone() })
+                .await
+                .map_err(status_error)?;
+            println!("Image {image} removed.");
+            Ok(())
+        }
+        ImageCommand::Rename { image, new_name } => {
+            client
+                .rename(pb::RenameRequest {
+                    image: image.clone(),
+                    new_name: new_name.clone(),
+                })
+                .await
+                .map_err(status_error)?;
+            println!("Image {image} renamed to {new_name}.");
+            Ok(())
+        }
+        ImageCommand::Duplicate { image, new_name } => {
+            client
+                .duplicate(pb::DuplicateRequest {
+                    image: image.clone(),
+                    new_name: new_name.clone(),
+                })
+                .await
+                .map_err(status_error)?;
+            println!("Image {image} duplicated as {new_name}.");
+            Ok(())
+        }
+    }
+}
+
+fn short_name(i: &pb::ImageInfo) -> String {
+    if i.tag == "latest" {
+        i.name.clone()
+    } else {
+        format!("{}:{}", i.name, i.tag)
+    }
+}
+
+async fn show(client: &mut Client, settings: &Settings, all: bool, names_only: bool) -> anyhow::Result<()> {
+    let reply = client
+        .show(pb::ShowRequest { all })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let (mine, others): (Vec<_>, Vec<_>) = reply
+        .images
+        .into_iter()
+        .partition(|i| i.owner == settings.username);
+    if names_only {
+        for i in &mine {
+            println!("{}", short_name(i));
+        }
+        return Ok(());
+    }
+    let row = |i: &pb::ImageInfo| {
+        vec![
+            short_name(i),
+            if i.in_use { "True" } else { "False" }.to_string(),
+            table::datetime(i.created),
+            compact_models(&i.node_models),
+        ]
+    };
+    if mine.is_empty() {
+        println!("You have no images yet: find some with walt image search, then walt image clone <url>.");
+    } else {
+        let rows: Vec<_> = mine.iter().map(row).collect();
+        print!("{}", table::render(&["NAME", "IN-USE", "CREATED", "COMPATIBILITY"], &rows));
+    }
+    if all && !others.is_empty() {
+        let rows: Vec<_> = others
+            .iter()
+            .map(|i| {
+                let mut r = vec![i.owner.clone()];
+                r.extend(row(i));
+                r.push(i.clone_url.clone());
+                r
+            })
+            .collect();
+        println!();
+        println!("Images of other users:");
+        print!(
+            "{}",
+            table::render(&["OWNER", "NAME", "IN-USE", "CREATED", "COMPATIBILITY", "CLONE URL"], &rows)
+        );
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    indicatif::HumanBytes(bytes).to_string()
+}
+
+async fn clone(
+    client: &mut Client,
+    settings: &Settings,
+    url: &str,
+    name: Option<String>,
+    force: bool,
+) -> anyhow::Result<()> {
+    // Credentials for the registry, when the user has some.
+    let credentials = CloneUrl::parse(url.trim())
+        .ok()
+        .and_then(|u| settings.config.registries.get(u.location.label()).cloned())
+        .map(|c| pb::Credentials {
+            username: c.username,
+            password: c.password,
+        });
+    let mut stream = client
+        .clone(pb::CloneRequest {
+            url: url.to_string(),
+            name: name.unwrap_or_default(),
+            force,
+            credentials,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let bars = std::io::stderr().is_terminal().then(|| {
+        let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        (mp, HashMap::<String, ProgressBar>::new())
+    });
+    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let mut bars = bars;
+    loop {
+        let event = match stream.message().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return Err(anyhow!("the server closed the clone without a result")),
+            Err(s) => {
+                if let Some((mp, _)) = &bars {
+                    let _ = mp.clear();
+                }
+                return Err(status_error(s));
+            }
+        };
+        match event.event {
+            Some(Event::Message(text)) => match &bars {
+                Some((mp, _)) => {
+                    let _ = mp.println(&text);
+                }
+                None => eprintln!("{text}"),
+            },
+            Some(Event::Progress(p)) => {
+                if let Some((mp, map)) = &mut bars {
+                    let bar = map.entry(p.digest.clone()).or_insert_with(|| {
+                        let b = mp.add(ProgressBar::new(p.total));
+                        b.set_style(style.clone());
+                        let hex = p.digest.strip_prefix("sha256:").unwrap_or(&p.digest);
+                        b.set_prefix(hex.chars().take(12).collect::<String>());
+                        b
+                    });
+                    bar.set_position(p.done);
+                    if p.complete {
+                        bar.finish_with_message(if p.cached { "already in store" } else { "done" });
+                    }
+                }
+            }
+            Some(Event::Result(r)) => {
+                if let Some((mp, _)) = &bars {
+                    let _ = mp.clear();
+                }
+                let what = if r.downloaded_bytes > 0 {
+                    format!(" ({} layers, {} downloaded)", r.layers, human(r.downloaded_bytes))
+                } else {
+                    String::new()
+                };
+                let verb = if r.replaced { "cloned (replacing the previous one)" } else { "cloned" };
+                println!("Image {} {verb} from {}{what}.", r.name, url.trim());
+                return Ok(());
+            }
+            None => {}
+        }
+    }
+}
+

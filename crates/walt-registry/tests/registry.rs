@@ -1,0 +1,939 @@
+//! Integration tests against a real distribution registry (the Debian
+//! `docker-registry` program) and against small in-process mock servers
+//! (bearer tokens, retries, redirects, corrupted content).
+
+use std::collections::HashMap;
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use walt_registry::{ClientOptions, Credentials, RegistryClient, RegistryError, RetryPolicy};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 3,
+        base_delay: Duration::from_millis(10),
+    }
+}
+
+fn opts(label: &str, base_url: &str) -> ClientOptions {
+    let mut o = ClientOptions::new(label, base_url);
+    o.retry = fast_retry();
+    o
+}
+
+/// A plain reqwest client for pushing test content (accepts any certificate).
+fn test_http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+        .unwrap()
+}
+
+// ----- a real registry -----
+
+struct Registry {
+    child: Child,
+    base_url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca_pem: Vec<u8>,
+}
+
+async fn start_registry(tls: Option<&Tls>, htpasswd: Option<&Path>) -> Registry {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut config = format!(
+        "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+        dir.path().join("data").display()
+    );
+    if let Some(t) = tls {
+        config.push_str(&format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            t.cert.display(),
+            t.key.display()
+        ));
+    }
+    if let Some(h) = htpasswd {
+        config.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+            h.display()
+        ));
+    }
+    let config_file = dir.path().join("config.yml");
+    std::fs::write(&config_file, config).unwrap();
+    let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config_file)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("cannot start docker-registry");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let base_url = format!("{scheme}://127.0.0.1:{port}");
+    let reg = Registry {
+        child,
+        base_url,
+        _dir: dir,
+    };
+    let http = test_http();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if http
+            .get(format!("{}/v2/", reg.base_url))
+            .send()
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            let log =
+                std::fs::read_to_string(reg._dir.path().join("registry.log")).unwrap_or_default();
+            panic!("registry did not start: {log}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reg
+}
+
+async fn push_blob(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    data: &[u8],
+    auth: Option<(&str, &str)>,
+) -> String {
+    let digest = sha256(data);
+    let mut rb = http.post(format!("{base}/v2/{repo}/blobs/uploads/"));
+    if let Some((u, p)) = auth {
+        rb = rb.basic_auth(u, Some(p));
+    }
+    let r = rb.send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 202, "{:?}", r.text().await);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let loc = if loc.starts_with("http") {
+        loc
+    } else {
+        format!("{base}{loc}")
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let mut rb = http
+        .put(format!("{loc}{sep}digest={digest}"))
+        .header("content-type", "application/octet-stream")
+        .body(data.to_vec());
+    if let Some((u, p)) = auth {
+        rb = rb.basic_auth(u, Some(p));
+    }
+    let r = rb.send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
+    digest
+}
+
+struct Pushed {
+    config: Vec<u8>,
+    config_digest: String,
+    layer: Vec<u8>,
+    layer_digest: String,
+    manifest: Vec<u8>,
+    manifest_digest: String,
+}
+
+/// Pushes a config, a layer and an OCI manifest (no top-level mediaType).
+async fn push_image(base: &str, repo: &str, tag: &str, auth: Option<(&str, &str)>) -> Pushed {
+    let http = test_http();
+    let config = br#"{"architecture":"amd64","os":"linux","config":{"Labels":{"walt.node.models":"pc-x86-64"}},"rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
+    let layer: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let config_digest = push_blob(&http, base, repo, &config, auth).await;
+    let layer_digest = push_blob(&http, base, repo, &layer, auth).await;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}],
+    }))
+    .unwrap();
+    let mut rb = http
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", OCI_MANIFEST)
+        .body(manifest.clone());
+    if let Some((u, p)) = auth {
+        rb = rb.basic_auth(u, Some(p));
+    }
+    let r = rb.send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
+    let manifest_digest = sha256(&manifest);
+    Pushed {
+        config,
+        config_digest,
+        layer,
+        layer_digest,
+        manifest,
+        manifest_digest,
+    }
+}
+
+async fn collect(blob: walt_registry::BlobResponse) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut s = blob.stream;
+    while let Some(chunk) = s.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn plain_registry() {
+    let reg = start_registry(None, None).await;
+    let img = push_image(&reg.base_url, "alice/foo", "v1", None).await;
+    let client = RegistryClient::new(opts("local", &reg.base_url)).unwrap();
+    client.ping().await.unwrap();
+
+    // by tag: the OCI manifest is served because we accept the OCI type
+    let m = client.get_manifest("alice/foo", "v1").await.unwrap();
+    assert_eq!(m.bytes, img.manifest);
+    assert_eq!(m.digest, img.manifest_digest);
+    assert_eq!(m.media_type.as_deref(), Some(OCI_MANIFEST));
+    // by digest
+    let m2 = client
+        .get_manifest("alice/foo", &img.manifest_digest)
+        .await
+        .unwrap();
+    assert_eq!(m2.bytes, img.manifest);
+
+    // whole blob
+    let b = client
+        .get_blob("alice/foo", &img.layer_digest, 0)
+        .await
+        .unwrap();
+    assert_eq!(b.offset, 0);
+    assert_eq!(b.length, Some(img.layer.len() as u64));
+    assert_eq!(collect(b).await, img.layer);
+    // from an offset
+    let b = client
+        .get_blob("alice/foo", &img.layer_digest, 123_457)
+        .await
+        .unwrap();
+    assert_eq!(b.offset, 123_457);
+    assert_eq!(b.length, Some(img.layer.len() as u64 - 123_457));
+    assert_eq!(collect(b).await, img.layer[123_457..]);
+
+    // small blob, verified
+    let c = client
+        .get_blob_bytes("alice/foo", &img.config_digest, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(c, img.config);
+    let e = client
+        .get_blob_bytes("alice/foo", &img.layer_digest, 1000)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::TooLarge { .. }), "{e}");
+    assert!(e.to_string().starts_with("registry 'local': "), "{e}");
+
+    // not found: tag, repository, blob
+    let e = client.get_manifest("alice/foo", "v2").await.unwrap_err();
+    assert!(matches!(e, RegistryError::NotFound { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("registry 'local': repository 'alice/foo' or tag 'v2' not found"),
+        "{msg}"
+    );
+    assert!(msg.contains("manifest unknown"), "{msg}");
+    assert!(!e.is_transient());
+    let e = client
+        .get_manifest("bob/nothing", "latest")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::NotFound { .. }), "{e}");
+    assert!(e.to_string().contains("bob/nothing"), "{e}");
+    let missing = sha256(b"missing");
+    let e = client
+        .get_blob_bytes("alice/foo", &missing, 1000)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::NotFound { .. }), "{e}");
+    assert!(e.to_string().contains(&missing), "{e}");
+    let e = client.get_blob("alice/foo", &missing, 0).await.unwrap_err();
+    assert!(matches!(e, RegistryError::NotFound { .. }), "{e}");
+    let e = client
+        .get_manifest("alice/foo", &missing)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::NotFound { .. }), "{e}");
+    assert!(
+        e.to_string().contains(&format!("manifest '{missing}'")),
+        "{e}"
+    );
+
+    // concurrent downloads through clones of the client
+    let mut tasks = Vec::new();
+    for i in 0..4u64 {
+        let c = client.clone();
+        let d = img.layer_digest.clone();
+        tasks.push(tokio::spawn(async move {
+            collect(c.get_blob("alice/foo", &d, i * 1000).await.unwrap()).await
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap(), img.layer[i * 1000..]);
+    }
+}
+
+#[tokio::test]
+async fn unreachable_registry() {
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = RegistryClient::new(opts("local", &base)).unwrap();
+    let t = Instant::now();
+    let e = client.ping().await.unwrap_err();
+    assert!(matches!(e, RegistryError::Unreachable { .. }), "{e:?}");
+    assert!(e.is_transient());
+    assert_eq!(
+        e.to_string(),
+        format!("registry 'local' (http://127.0.0.1:{port}) is unreachable: connection refused")
+    );
+    // retried with backoff (10 ms + 20 ms), not forever
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let e = client.get_manifest("alice/foo", "v1").await.unwrap_err();
+    assert!(e.to_string().contains("is unreachable"), "{e}");
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it.
+fn make_tls(dir: &Path) -> Tls {
+    let p = |n: &str| dir.join(n);
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=walt test CA",
+            "-keyout",
+        ])
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.pem")));
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+        ])
+        .arg(p("srv.key"))
+        .arg("-out")
+        .arg(p("srv.csr")));
+    std::fs::write(
+        p("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-in"])
+        .arg(p("srv.csr"))
+        .arg("-CA")
+        .arg(p("ca.pem"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-CAcreateserial")
+        .arg("-extfile")
+        .arg(p("ext.cnf"))
+        .arg("-out")
+        .arg(p("srv.pem")));
+    Tls {
+        cert: p("srv.pem"),
+        key: p("srv.key"),
+        ca_pem: std::fs::read(p("ca.pem")).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn tls_and_basic_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = make_tls(dir.path());
+    let out = Command::new("htpasswd")
+        .args(["-Bbn", "user", "pass"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, &out.stdout).unwrap();
+    let reg = start_registry(Some(&tls), Some(&htpasswd)).await;
+    let img = push_image(&reg.base_url, "alice/secret", "v1", Some(("user", "pass"))).await;
+
+    let with = |creds: Option<(&str, &str)>, ca: bool, verify: bool| {
+        let mut o = opts("secure", &reg.base_url);
+        o.credentials = creds.map(|(u, p)| Credentials::new(u, p));
+        o.extra_ca_pem = ca.then(|| tls.ca_pem.clone());
+        o.verify_tls = verify;
+        RegistryClient::new(o).unwrap()
+    };
+
+    // correct credentials + CA
+    let c = with(Some(("user", "pass")), true, true);
+    c.ping().await.unwrap();
+    let m = c.get_manifest("alice/secret", "v1").await.unwrap();
+    assert_eq!(m.digest, img.manifest_digest);
+    let b = c
+        .get_blob("alice/secret", &img.layer_digest, 10)
+        .await
+        .unwrap();
+    assert_eq!(b.offset, 10);
+    assert_eq!(collect(b).await, img.layer[10..]);
+    assert_eq!(
+        c.get_blob_bytes("alice/secret", &img.config_digest, 4096)
+            .await
+            .unwrap(),
+        img.config
+    );
+
+    // wrong credentials
+    let e = with(Some(("user", "wrong-pass")), true, true)
+        .get_manifest("alice/secret", "v1")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::Unauthorized { .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "registry 'secure': authentication failed (wrong username or password?)"
+    );
+    assert!(!e.to_string().contains("wrong-pass"));
+    assert!(!format!("{e:?}").contains("wrong-pass"));
+
+    // no credentials
+    let e = with(None, true, true).ping().await.unwrap_err();
+    assert!(
+        matches!(e, RegistryError::CredentialsRequired { .. }),
+        "{e:?}"
+    );
+    assert_eq!(e.to_string(), "registry 'secure' requires credentials");
+
+    // without the CA: TLS error
+    let e = with(Some(("user", "pass")), false, true)
+        .ping()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::Tls { .. }), "{e:?}");
+    let msg = e.to_string();
+    eprintln!("{msg}");
+    assert!(msg.starts_with("registry 'secure': TLS error: "), "{msg}");
+    assert!(msg.contains("https-no-verify"), "{msg}");
+    assert!(!e.is_transient());
+
+    // verification disabled
+    let c = with(Some(("user", "pass")), false, false);
+    assert_eq!(
+        c.get_manifest("alice/secret", "v1").await.unwrap().digest,
+        img.manifest_digest
+    );
+
+    // through the server configuration
+    let ca_file = dir.path().join("ca.pem");
+    let port: u16 = reg.base_url.rsplit(':').next().unwrap().parse().unwrap();
+    let v2 = walt_core::config::V2Registry {
+        label: "secure".into(),
+        description: String::new(),
+        host: "127.0.0.1".into(),
+        port,
+        protocol: walt_core::config::Protocol::Https,
+        auth: walt_core::config::Auth::Basic,
+        ca_file: Some(ca_file.display().to_string()),
+    };
+    let c = RegistryClient::for_v2(&v2, Some(Credentials::new("user", "pass"))).unwrap();
+    assert_eq!(
+        c.get_manifest("alice/secret", "v1").await.unwrap().digest,
+        img.manifest_digest
+    );
+}
+
+// ----- mock servers -----
+
+#[derive(Clone, Debug)]
+struct MockReq {
+    /// Path and query.
+    target: String,
+    headers: HashMap<String, String>,
+}
+
+impl MockReq {
+    fn path(&self) -> &str {
+        self.target.split('?').next().unwrap()
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+struct MockResp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+fn resp(status: u16, headers: &[(&str, &str)], body: impl Into<Vec<u8>>) -> MockResp {
+    MockResp {
+        status,
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        body: body.into(),
+    }
+}
+
+type Handler = dyn Fn(&MockReq, u16) -> MockResp + Send + Sync;
+
+struct Mock {
+    port: u16,
+    log: Arc<Mutex<Vec<MockReq>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Mock {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    fn requests(&self) -> Vec<MockReq> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A minimal HTTP/1.1 server (GET only, one request per connection).
+async fn mock(handler: impl Fn(&MockReq, u16) -> MockResp + Send + Sync + 'static) -> Mock {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log: Arc<Mutex<Vec<MockReq>>> = Arc::default();
+    let handler: Arc<Handler> = Arc::new(handler);
+    let log2 = log.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let handler = handler.clone();
+            let log = log2.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&buf).to_string();
+                let mut lines = text.split("\r\n");
+                let target = lines
+                    .next()
+                    .unwrap()
+                    .split(' ')
+                    .nth(1)
+                    .unwrap_or("/")
+                    .to_string();
+                let headers = lines
+                    .take_while(|l| !l.is_empty())
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                    .collect();
+                let req = MockReq { target, headers };
+                log.lock().unwrap().push(req.clone());
+                let r = handler(&req, port);
+                let mut head = format!(
+                    "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                    r.status,
+                    r.body.len()
+                );
+                for (k, v) in &r.headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&r.body).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    Mock { port, log, task }
+}
+
+const MANIFEST: &[u8] = br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:aa","size":1},"layers":[]}"#;
+
+#[tokio::test]
+async fn bearer_token_flow() {
+    let server = mock(|req, port| {
+        let challenge = format!(
+            r#"Bearer realm="http://127.0.0.1:{port}/token",service="mock registry",scope="repository:alice/foo:pull""#
+        );
+        if req.path() == "/token" {
+            return match req.header("authorization") {
+                // "user:pass"
+                Some("Basic dXNlcjpwYXNz") => resp(200, &[], r#"{"token":"tok-user","expires_in":300}"#),
+                Some(_) => resp(401, &[], "{}"),
+                None => resp(200, &[], r#"{"access_token":"tok-anon"}"#),
+            };
+        }
+        let ok = match req.header("authorization") {
+            Some("Bearer tok-user") => true,
+            Some("Bearer tok-anon") => !req.path().contains("private"),
+            _ => false,
+        };
+        if !ok {
+            return resp(401, &[("WWW-Authenticate", &challenge)], r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
+        }
+        if req.path().ends_with("/manifests/v1") {
+            assert!(req.header("accept").unwrap().contains(OCI_MANIFEST));
+            return resp(200, &[("Content-Type", OCI_MANIFEST)], MANIFEST);
+        }
+        resp(200, &[], "{}")
+    })
+    .await;
+
+    let mut o = opts("tok", &server.url());
+    o.credentials = Some(Credentials::new("user", "pass"));
+    let c = RegistryClient::new(o).unwrap();
+    for _ in 0..3 {
+        let m = c.get_manifest("alice/foo", "v1").await.unwrap();
+        assert_eq!(m.digest, sha256(MANIFEST));
+    }
+    let reqs = server.requests();
+    let tokens: Vec<_> = reqs.iter().filter(|r| r.path() == "/token").collect();
+    assert_eq!(tokens.len(), 1, "token cached: {reqs:?}");
+    assert!(
+        tokens[0].target.contains("service=mock+registry"),
+        "{}",
+        tokens[0].target
+    );
+    assert!(
+        tokens[0]
+            .target
+            .contains("scope=repository%3Aalice%2Ffoo%3Apull"),
+        "{}",
+        tokens[0].target
+    );
+    // one 401 round trip, then the token is sent preemptively
+    let unauth = reqs
+        .iter()
+        .filter(|r| r.path() != "/token" && r.header("authorization").is_none())
+        .count();
+    assert_eq!(unauth, 1, "{reqs:?}");
+    // another repository: a new token is requested preemptively
+    c.get_manifest("alice/private", "v1").await.unwrap();
+    let reqs = server.requests();
+    assert_eq!(reqs.iter().filter(|r| r.path() == "/token").count(), 2);
+    assert_eq!(
+        reqs.iter()
+            .filter(|r| r.path() != "/token" && r.header("authorization").is_none())
+            .count(),
+        1
+    );
+
+    // anonymous: public works, private requires credentials
+    let anon = RegistryClient::new(opts("tok", &server.url())).unwrap();
+    anon.get_manifest("alice/foo", "v1").await.unwrap();
+    let e = anon.get_manifest("alice/private", "v1").await.unwrap_err();
+    assert!(
+        matches!(e, RegistryError::CredentialsRequired { .. }),
+        "{e:?}"
+    );
+
+    // wrong password: the token server refuses
+    let mut o = opts("tok", &server.url());
+    o.credentials = Some(Credentials::new("user", "nope"));
+    let e = RegistryClient::new(o).unwrap().ping().await.unwrap_err();
+    assert!(matches!(e, RegistryError::Unauthorized { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn retries_and_server_errors() {
+    let count = Arc::new(Mutex::new(0u32));
+    let count2 = count.clone();
+    let server = mock(move |req, _| {
+        let path = req.path();
+        if path.contains("/flaky/") {
+            let mut n = count2.lock().unwrap();
+            *n += 1;
+            if *n <= 2 {
+                return resp(if *n == 1 { 503 } else { 429 }, &[("Retry-After", "0")], "busy");
+            }
+            return resp(200, &[("Content-Type", OCI_MANIFEST)], MANIFEST);
+        }
+        if path.contains("/broken/") {
+            return resp(500, &[], r#"{"errors":[{"code":"UNKNOWN","message":"disk on fire"}]}"#);
+        }
+        if path.contains("/denied/") {
+            return resp(403, &[], r#"{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}"#);
+        }
+        resp(404, &[], r#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#)
+    })
+    .await;
+    let c = RegistryClient::new(opts("mock", &server.url())).unwrap();
+
+    let m = c.get_manifest("alice/flaky", "v1").await.unwrap();
+    assert_eq!(m.bytes, MANIFEST);
+    assert_eq!(*count.lock().unwrap(), 3);
+
+    let before = server.requests().len();
+    let e = c.get_manifest("alice/broken", "v1").await.unwrap_err();
+    assert_eq!(server.requests().len() - before, 3, "3 attempts");
+    assert!(
+        matches!(e, RegistryError::Server { status: 500, .. }),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "registry 'mock': server error 500 on GET /v2/alice/broken/manifests/v1 (disk on fire)"
+    );
+    assert!(e.is_transient());
+
+    let before = server.requests().len();
+    let e = c.get_manifest("alice/missing", "v1").await.unwrap_err();
+    assert_eq!(server.requests().len() - before, 1, "404 is not retried");
+    assert_eq!(
+        e.to_string(),
+        "registry 'mock': repository 'alice/missing' or tag 'v1' not found (repository name not known to registry)"
+    );
+
+    let e = c
+        .get_blob("alice/denied", &sha256(b"x"), 0)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::Denied { .. }), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("requested access to the resource is denied"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn digest_verification() {
+    let config = b"{\"real\":1}".to_vec();
+    let good = sha256(&config);
+    let bad_manifest_digest = sha256(b"other");
+    let (good2, bmd) = (good.clone(), bad_manifest_digest.clone());
+    let server = mock(move |req, _| {
+        let p = req.path();
+        if p.ends_with("/manifests/v1") {
+            // header disagrees with the content
+            return resp(
+                200,
+                &[
+                    ("Content-Type", OCI_MANIFEST),
+                    ("Docker-Content-Digest", &bmd),
+                ],
+                MANIFEST,
+            );
+        }
+        if p.contains("/manifests/sha256:") {
+            return resp(200, &[("Content-Type", OCI_MANIFEST)], MANIFEST);
+        }
+        if p.ends_with(&good2) {
+            return resp(200, &[], b"{\"fake\":1}".to_vec());
+        }
+        resp(200, &[], b"whatever".to_vec())
+    })
+    .await;
+    let c = RegistryClient::new(opts("mock", &server.url())).unwrap();
+    let e = c.get_manifest("alice/foo", "v1").await.unwrap_err();
+    assert!(matches!(e, RegistryError::DigestMismatch { .. }), "{e:?}");
+    assert!(
+        e.to_string().starts_with(&format!(
+            "registry 'mock': manifest alice/foo:v1 does not match digest {bad_manifest_digest}"
+        )),
+        "{e}"
+    );
+    let asked = sha256(b"asked");
+    let e = c.get_manifest("alice/foo", &asked).await.unwrap_err();
+    assert!(
+        e.to_string().starts_with(&format!(
+            "registry 'mock': manifest alice/foo@{asked} does not match digest {asked}"
+        )),
+        "{e}"
+    );
+    // the right digest passes
+    c.get_manifest("alice/foo", &sha256(MANIFEST))
+        .await
+        .unwrap();
+    let e = c
+        .get_blob_bytes("alice/foo", &good, 1000)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::DigestMismatch { .. }), "{e:?}");
+    assert!(e.to_string().contains(&good), "{e}");
+    let e = c
+        .get_blob_bytes("alice/foo", "md5:abc", 1000)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::InvalidArgument { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn redirect_does_not_leak_credentials() {
+    let layer: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+    let layer2 = layer.clone();
+    // the "object store": another origin (different port)
+    let store = mock(move |req, _| {
+        if let Some(r) = req.header("range") {
+            let from: usize = r
+                .trim_start_matches("bytes=")
+                .trim_end_matches('-')
+                .parse()
+                .unwrap();
+            let range = format!("bytes {from}-{}/{}", layer2.len() - 1, layer2.len());
+            return resp(206, &[("Content-Range", &range)], layer2[from..].to_vec());
+        }
+        resp(200, &[], layer2.clone())
+    })
+    .await;
+    let store_url = store.url();
+    let registry = mock(move |req, _| {
+        if req.header("authorization") != Some("Basic dXNlcjpwYXNz") {
+            return resp(401, &[("WWW-Authenticate", r#"Basic realm="x""#)], "");
+        }
+        let loc = format!("{store_url}/blobs/abc?X-Amz-Signature=secret");
+        resp(307, &[("Location", &loc)], "")
+    })
+    .await;
+    let mut o = opts("mock", &registry.url());
+    o.credentials = Some(Credentials::new("user", "pass"));
+    let c = RegistryClient::new(o).unwrap();
+    let d = sha256(&layer);
+    let b = c.get_blob("alice/foo", &d, 0).await.unwrap();
+    assert_eq!(collect(b).await, layer);
+    let b = c.get_blob("alice/foo", &d, 99_000).await.unwrap();
+    assert_eq!(b.offset, 99_000);
+    assert_eq!(collect(b).await, layer[99_000..]);
+    let store_reqs = store.requests();
+    assert_eq!(store_reqs.len(), 2);
+    for r in &store_reqs {
+        assert!(r.header("authorization").is_none(), "leaked: {r:?}");
+    }
+    // basic auth reused preemptively: a single 401 in total
+    let reg_reqs = registry.requests();
+    assert_eq!(
+        reg_reqs
+            .iter()
+            .filter(|r| r.header("authorization").is_none())
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn range_ignored_restarts_from_zero() {
+    let data = b"0123456789".to_vec();
+    let d2 = data.clone();
+    let server = mock(move |_, _| resp(200, &[], d2.clone())).await;
+    let c = RegistryClient::new(opts("mock", &server.url())).unwrap();
+    let b = c.get_blob("alice/foo", &sha256(&data), 5).await.unwrap();
+    assert_eq!(b.offset, 0);
+    assert_eq!(b.length, Some(10));
+    assert_eq!(collect(b).await, data);
+    assert_eq!(server.requests()[0].header("range"), Some("bytes=5-"));
+}
+
+#[tokio::test]
+async fn body_cut_short_is_transient() {
+    // announces 1000 bytes, sends 10 and closes
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut tmp = [0u8; 4096];
+            let _ = sock.read(&mut tmp).await;
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n0123456789")
+                .await;
+            let _ = sock.shutdown().await;
+        }
+    });
+    let c = RegistryClient::new(opts("mock", &format!("http://127.0.0.1:{port}"))).unwrap();
+    let b = c.get_blob("alice/foo", &sha256(b"x"), 0).await.unwrap();
+    let mut s = b.stream;
+    let mut err = None;
+    while let Some(r) = s.next().await {
+        if let Err(e) = r {
+            err = Some(e);
+            break;
+        }
+    }
+    let e = err.expect("body must fail");
+    assert!(matches!(e, RegistryError::Interrupted { .. }), "{e:?}");
+    assert!(e.is_transient());
+    // small blobs: retried, then reported as cut short
+    let e = c
+        .get_blob_bytes("alice/foo", &sha256(b"x"), 4096)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::Interrupted { .. }), "{e:?}");
+    assert!(
+        e.to_string()
+            .starts_with("registry 'mock': download of blob"),
+        "{e}"
+    );
+    task.abort();
+}

@@ -1,0 +1,220 @@
+//! The `Images` and `Server` gRPC services.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use walt_core::name::is_valid_user;
+use walt_core::{CloneUrl, ImageName};
+use walt_proto::v1::{self as pb, images_server::Images, server_server};
+use walt_store::ImageRecord;
+
+use crate::error::ServiceError;
+use crate::{State, clone};
+
+/// The caller's walt username, from the request metadata.
+pub fn caller<T>(req: &Request<T>) -> Result<String, Status> {
+    let user = req
+        .metadata()
+        .get(walt_proto::USER_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| Status::unauthenticated("the request names no walt user"))?;
+    if !is_valid_user(user) {
+        return Err(Status::invalid_argument(format!("invalid walt username '{user}'")));
+    }
+    Ok(user.to_string())
+}
+
+/// Runs store work off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+fn info(state: &State, rec: &ImageRecord) -> Result<pb::ImageInfo, ServiceError> {
+    let url = CloneUrl {
+        location: walt_core::Location::Walt,
+        user: rec.name.owner.clone(),
+        repository: rec.name.name.clone(),
+        tag: rec.name.tag.clone(),
+    };
+    Ok(pb::ImageInfo {
+        owner: rec.name.owner.clone(),
+        name: rec.name.name.clone(),
+        tag: rec.name.tag.clone(),
+        created: rec.created,
+        in_use: state.store.image_in_use(&rec.name)?,
+        node_models: rec.node_models.clone(),
+        clone_url: url.to_string(),
+        size: rec.size,
+        manifest_digest: rec.manifest_digest.clone(),
+    })
+}
+
+pub struct ImagesService {
+    state: Arc<State>,
+}
+
+impl ImagesService {
+    pub fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+}
+
+type CloneStream = Pin<Box<dyn Stream<Item = Result<pb::CloneEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Images for ImagesService {
+    async fn show(&self, req: Request<pb::ShowRequest>) -> Result<Response<pb::ShowReply>, Status> {
+        let user = caller(&req)?;
+        let all = req.get_ref().all;
+        let state = self.state.clone();
+        let images = blocking(move || {
+            let recs = state.store.list_images(if all { None } else { Some(&user) })?;
+            recs.iter().map(|r| info(&state, r)).collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+        Ok(Response::new(pb::ShowReply { images }))
+    }
+
+    type CloneStream = CloneStream;
+
+    async fn clone(&self, req: Request<pb::CloneRequest>) -> Result<Response<CloneStream>, Status> {
+        let user = caller(&req)?;
+        let req = req.into_inner();
+        // Refuse bad input before starting the stream: a plain error status.
+        let plan = clone::plan(&self.state, &user, &req).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let events = tx.clone();
+            let outcome = tokio::select! {
+                r = clone::run(state.clone(), plan, events) => r,
+                _ = tx.closed() => {
+                    tracing::info!("client went away, clone cancelled");
+                    return;
+                }
+                _ = state.shutdown.cancelled() => Err(ServiceError::ShuttingDown),
+            };
+            let msg = match outcome {
+                Ok(result) => Ok(pb::CloneEvent {
+                    event: Some(pb::clone_event::Event::Result(result)),
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "clone failed");
+                    Err(Status::from(e))
+                }
+            };
+            let _ = tx.send(msg).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn remove(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveReply>, Status> {
+        let user = caller(&req)?;
+        let name = ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
+        let state = self.state.clone();
+        blocking(move || {
+            ensure_exists(&state, &name)?;
+            ensure_unused(&state, &name, "remove")?;
+            state.store.remove_image(&name)?;
+            tracing::info!(image = %name, "image removed");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(pb::RemoveReply {}))
+    }
+
+    async fn rename(&self, req: Request<pb::RenameRequest>) -> Result<Response<pb::RenameReply>, Status> {
+        let user = caller(&req)?;
+        let from = ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
+        let to = ImageName::parse_user(&user, &req.get_ref().new_name).map_err(ServiceError::from)?;
+        let state = self.state.clone();
+        blocking(move || {
+            ensure_exists(&state, &from)?;
+            ensure_unused(&state, &from, "rename")?;
+            ensure_free(&state, &to)?;
+            state.store.rename_image(&from, &to)?;
+            tracing::info!(from = %from, to = %to, "image renamed");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(pb::RenameReply {}))
+    }
+
+    async fn duplicate(
+        &self,
+        req: Request<pb::DuplicateRequest>,
+    ) -> Result<Response<pb::DuplicateReply>, Status> {
+        let user = caller(&req)?;
+        let from = ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
+        let to = ImageName::parse_user(&user, &req.get_ref().new_name).map_err(ServiceError::from)?;
+        let state = self.state.clone();
+        blocking(move || {
+            ensure_exists(&state, &from)?;
+            ensure_free(&state, &to)?;
+            state.store.duplicate_image(&from, &to)?;
+            tracing::info!(from = %from, to = %to, "image duplicated");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(pb::DuplicateReply {}))
+    }
+}
+
+fn ensure_exists(state: &State, name: &ImageName) -> Result<(), ServiceError> {
+    if state.store.get_image(name)?.is_none() {
+        return Err(ServiceError::NotFound(format!(
+            "image '{}' not found in your working set (see walt image show)",
+            name.short()
+        )));
+    }
+    Ok(())
+}
+
+fn ensure_free(state: &State, name: &ImageName) -> Result<(), ServiceError> {
+    if state.store.get_image(name)?.is_some() {
+        return Err(ServiceError::AlreadyExists(format!(
+            "image '{}' already exists in your working set",
+            name.short()
+        )));
+    }
+    Ok(())
+}
+
+fn ensure_unused(state: &State, name: &ImageName, what: &str) -> Result<(), ServiceError> {
+    if state.store.image_in_use(name)? {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "cannot {what} image '{}': nodes are using it (assign them another image first)",
+            name.short()
+        )));
+    }
+    Ok(())
+}
+
+pub struct ServerService {
+    state: Arc<State>,
+}
+
+impl ServerService {
+    pub fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+}
+
+#[tonic::async_trait]
+impl server_server::Server for ServerService {
+    async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoReply>, Status> {
+        let config = self.state.config();
+        Ok(Response::new(pb::InfoReply {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            arch: walt_core::oci::oci_arch(std::env::consts::ARCH).0.to_string(),
+            registries: config.registries.iter().map(|r| r.label().to_string()).collect(),
+        }))
+    }
+}

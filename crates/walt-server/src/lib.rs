@@ -1,0 +1,98 @@
+//! The walt server: configuration, the gRPC services and the clone engine.
+
+mod clone;
+mod config;
+mod error;
+mod images;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use walt_core::config::ServerConfig;
+use walt_proto::v1::images_server::ImagesServer;
+use walt_proto::v1::server_server::ServerServer;
+use walt_store::Store;
+
+pub use error::ServiceError;
+
+pub struct ServerOptions {
+    pub config_path: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+/// State shared by every request.
+pub struct State {
+    pub store: Arc<Store>,
+    config: RwLock<Arc<ServerConfig>>,
+    pub config_path: PathBuf,
+    /// Cancelled at shutdown: long operations stop and clean up.
+    pub shutdown: CancellationToken,
+}
+
+impl State {
+    /// The configuration in force now (a reload affects later calls only).
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+pub struct Server {
+    state: Arc<State>,
+}
+
+impl Server {
+    pub async fn open(opts: ServerOptions) -> anyhow::Result<Self> {
+        let config = config::load(&opts.config_path)?;
+        let data_dir = opts.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+            .await
+            .context("store task failed")?
+            .with_context(|| format!("cannot open the image store in {}", opts.data_dir.display()))?;
+        tracing::info!(
+            data_dir = %opts.data_dir.display(),
+            registries = ?config.registries.iter().map(|r| r.label().to_string()).collect::<Vec<_>>(),
+            "store open"
+        );
+        Ok(Self {
+            state: Arc::new(State {
+                store: Arc::new(store),
+                config: RwLock::new(Arc::new(config)),
+                config_path: opts.config_path,
+                shutdown: CancellationToken::new(),
+            }),
+        })
+    }
+
+    pub fn state(&self) -> Arc<State> {
+        self.state.clone()
+    }
+
+    /// Serves the gRPC API until `signal` completes, then cancels in-flight
+    /// work and waits for it to clean up.
+    pub async fn serve(self, listener: TcpListener, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "walt-server listening");
+        let state = self.state.clone();
+        let shutdown = state.shutdown.clone();
+        let stop = async move {
+            signal.await;
+            shutdown.cancel();
+        };
+        tonic::transport::Server::builder()
+            .add_service(ImagesServer::new(images::ImagesService::new(state.clone())))
+            .add_service(ServerServer::new(images::ServerService::new(state.clone())))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+            .await
+            .context("gRPC server failed")?;
+        // Cancelled clones remove their staging files from their blocking
+        // threads; the runtime waits for those before the process exits.
+        tracing::info!("walt-server stopped");
+        Ok(())
+    }
+}

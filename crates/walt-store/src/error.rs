@@ -1,0 +1,100 @@
+//! The store's error type.
+
+use std::io;
+use std::path::Path;
+
+/// Everything that can go wrong in the store. Messages name the image,
+/// digest or path concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid digest '{0}' (expected sha256:<64 lowercase hex digits>)")]
+    InvalidDigest(String),
+    #[error("blob {0} is not in the store")]
+    BlobNotFound(String),
+    #[error("layer {0} is not in the store")]
+    LayerNotFound(String),
+    #[error("blob {digest}: content does not match its digest (got {actual})")]
+    DigestMismatch { digest: String, actual: String },
+    #[error("blob {digest}: size does not match (expected {expected} bytes, got {actual})")]
+    SizeMismatch {
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("layer {digest}: uncompressed content does not match its diff_id {expected} (got {actual})")]
+    DiffIdMismatch {
+        digest: String,
+        expected: String,
+        actual: String,
+    },
+    /// A tar entry that would be unsafe or impossible to unpack.
+    #[error("layer {layer}: entry '{entry}' {reason}")]
+    BadEntry {
+        layer: String,
+        entry: String,
+        reason: String,
+    },
+    /// The layer stream could not be read, decompressed or parsed.
+    #[error("layer {layer}: {reason}")]
+    BadLayer { layer: String, reason: String },
+    #[error("image '{0}' already exists")]
+    ImageExists(String),
+    #[error("image '{0}' not found")]
+    ImageNotFound(String),
+    #[error("image '{image}': {what} {digest} is missing from the store")]
+    MissingContent {
+        image: String,
+        what: &'static str,
+        digest: String,
+    },
+    #[error("image '{image}': stored record is corrupt: {reason}")]
+    Corrupt { image: String, reason: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("store database: {context}: {source}")]
+    Db {
+        context: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+impl StoreError {
+    pub(crate) fn io_path(what: &str, path: &Path, source: io::Error) -> Self {
+        StoreError::Io {
+            context: format!("{what} '{}'", path.display()),
+            source,
+        }
+    }
+}
+
+/// Adds context to I/O results.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, what: &str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, what: &str, path: &Path) -> Result<T> {
+        self.map_err(|e| StoreError::io_path(what, path, e))
+    }
+}
+
+/// Adds context to database results.
+pub(crate) trait DbContext<T> {
+    fn db(self, context: &str) -> Result<T>;
+}
+
+impl<T> DbContext<T> for rusqlite::Result<T> {
+    fn db(self, context: &str) -> Result<T> {
+        self.map_err(|source| StoreError::Db {
+            context: context.to_string(),
+            source,
+        })
+    }
+}

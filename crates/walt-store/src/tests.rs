@@ -1,0 +1,850 @@
+//! Store tests (run as root: mknod, chown and trusted.* xattrs).
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tar::{EntryType, Header};
+use walt_core::ImageName;
+use walt_core::oci::Compression;
+
+use crate::util::sha256_digest;
+use crate::*;
+
+/// Builds tar streams, including hostile ones.
+struct Tar {
+    b: tar::Builder<Vec<u8>>,
+}
+
+impl Tar {
+    fn new() -> Self {
+        Tar {
+            b: tar::Builder::new(Vec::new()),
+        }
+    }
+
+    fn header(path: &str, kind: EntryType, mode: u32, size: u64) -> Header {
+        let mut h = Header::new_gnu();
+        let name = &mut h.as_old_mut().name;
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h
+    }
+
+    fn push(&mut self, mut h: Header, data: &[u8]) -> &mut Self {
+        h.set_cksum();
+        self.b.append(&h, data).unwrap();
+        self
+    }
+
+    fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
+        self.push(Self::header(path, EntryType::Directory, mode, 0), b"")
+    }
+
+    fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> &mut Self {
+        self.push(Self::header(path, EntryType::Regular, mode, data.len() as u64), data)
+    }
+
+    fn link(&mut self, kind: EntryType, path: &str, target: &str) -> &mut Self {
+        let mut h = Self::header(path, kind, 0o777, 0);
+        h.set_link_name_literal(target).unwrap();
+        self.push(h, b"")
+    }
+
+    fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
+        let mut data = Vec::new();
+        for (k, v) in records {
+            let body_len = 1 + k.len() + 1 + v.len() + 1;
+            let mut len = body_len + 1;
+            while len != body_len + len.to_string().len() {
+                len = body_len + len.to_string().len();
+            }
+            data.extend_from_slice(format!("{len} {k}=").as_bytes());
+            data.extend_from_slice(v);
+            data.push(b'\n');
+        }
+        let h = Self::header("PaxHeaders/x", EntryType::XHeader, 0o644, data.len() as u64);
+        self.push(h, &data)
+    }
+
+    fn finish(&mut self) -> Vec<u8> {
+        let b = std::mem::replace(&mut self.b, tar::Builder::new(Vec::new()));
+        b.into_inner().unwrap()
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn zstd(data: &[u8]) -> Vec<u8> {
+    zstd::stream::encode_all(data, 3).unwrap()
+}
+
+fn new_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    (dir, store)
+}
+
+fn import(store: &Store, blob: &[u8], c: Compression) -> Result<LayerImport> {
+    store.import_layer(
+        &mut &blob[..],
+        c,
+        &sha256_digest(blob),
+        &ImportOptions::default(),
+    )
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn assert_nothing_published(store: &Store) {
+    let d = store.data_dir();
+    assert_eq!(entries(&d.join("tmp")), Vec::<String>::new(), "tmp/ not empty");
+    assert_eq!(entries(&d.join("layers")), Vec::<String>::new(), "layers/ not empty");
+    assert_eq!(entries(&d.join("blobs/sha256")), Vec::<String>::new(), "blobs/ not empty");
+}
+
+fn name(owner: &str, n: &str) -> ImageName {
+    ImageName {
+        owner: owner.into(),
+        name: n.into(),
+        tag: "latest".into(),
+    }
+}
+
+#[test]
+fn unpacks_every_kind_of_entry() {
+    let (_d, store) = new_store();
+    let mut t = Tar::new();
+    t.dir("./", 0o755);
+    let mut h = Tar::header("etc/", EntryType::Directory, 0o750, 0);
+    h.set_uid(1000);
+    h.set_gid(1001);
+    h.set_mtime(1_000_000);
+    t.push(h, b"");
+    let mut h = Tar::header("./etc/hosts", EntryType::Regular, 0o4755, 5);
+    h.set_uid(12);
+    h.set_gid(34);
+    h.set_mtime(1_234_567);
+    t.push(h, b"hello");
+    t.link(EntryType::Symlink, "etc/abs-link", "/usr/bin/target");
+    t.link(EntryType::Symlink, "etc/rel-link", "../nowhere");
+    t.link(EntryType::Link, "etc/hard", "etc/hosts");
+    t.dir("tmp", 0o1777);
+    t.push(Tar::header("dev/fifo", EntryType::Fifo, 0o644, 0), b"");
+    let mut h = Tar::header("dev/null", EntryType::Char, 0o666, 0);
+    h.set_device_major(1).unwrap();
+    h.set_device_minor(3).unwrap();
+    t.push(h, b"");
+    t.pax(&[
+        ("SCHILY.xattr.user.walt", b"yes"),
+        ("SCHILY.xattr.security.capability", b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"),
+        ("SCHILY.xattr.trusted.overlay.redirect", b"/evil"),
+        ("mtime", b"1700000000.25"),
+    ]);
+    t.file("usr/bin/ping", 0o755, b"#!ping");
+    // A later entry replaces an earlier one; a dir replaced by a file.
+    t.file("etc/motd", 0o644, b"old");
+    t.file("etc/motd", 0o600, b"new");
+    t.file("var/cache/x", 0o644, b"x");
+    t.file("var/cache", 0o644, b"now a file");
+    let long = format!("deep/{}/file", "d".repeat(150));
+    let mut h = Tar::header("placeholder", EntryType::Regular, 0o644, 4);
+    h.set_path(&long).unwrap_err(); // too long for a plain header
+    drop(h);
+    let mut h = Header::new_gnu();
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.set_entry_type(EntryType::Regular);
+    t.b.append_data(&mut h, &long, &b"long"[..]).unwrap();
+    let tar_bytes = t.finish();
+
+    let blob = gzip(&tar_bytes);
+    let r = import(&store, &blob, Compression::Gzip).unwrap();
+    assert_eq!(r.digest, sha256_digest(&blob));
+    assert_eq!(r.diff_id, sha256_digest(&tar_bytes));
+    assert_eq!(r.size, blob.len() as u64);
+    assert_eq!(r.unpacked_size, tar_bytes.len() as u64);
+    assert!(store.has_blob(&r.digest));
+    assert_eq!(store.read_blob(&r.digest).unwrap(), blob);
+    assert!(store.has_layer(&r.diff_id));
+    let root = store.layer_path(&r.diff_id).unwrap();
+    assert_eq!(entries(&store.data_dir().join("tmp")), Vec::<String>::new());
+
+    let m = fs::symlink_metadata(root.join("etc")).unwrap();
+    assert!(m.is_dir());
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o750, 1000, 1001));
+    assert_eq!(m.mtime(), 1_000_000, "directory mtime set after its children");
+
+    let m = fs::symlink_metadata(root.join("etc/hosts")).unwrap();
+    assert!(m.is_file());
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o4755, 12, 34));
+    assert_eq!(m.mtime(), 1_234_567);
+    assert_eq!(m.nlink(), 2);
+    assert_eq!(fs::read(root.join("etc/hosts")).unwrap(), b"hello");
+    let hard = fs::symlink_metadata(root.join("etc/hard")).unwrap();
+    assert_eq!(hard.ino(), m.ino());
+
+    assert_eq!(
+        fs::read_link(root.join("etc/abs-link")).unwrap(),
+        Path::new("/usr/bin/target")
+    );
+    assert_eq!(
+        fs::read_link(root.join("etc/rel-link")).unwrap(),
+        Path::new("../nowhere")
+    );
+    let m = fs::symlink_metadata(root.join("tmp")).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o1777);
+    let m = fs::symlink_metadata(root.join("dev/fifo")).unwrap();
+    assert!(m.file_type().is_fifo());
+    assert_eq!(m.mode() & 0o7777, 0o644);
+    let m = fs::symlink_metadata(root.join("dev/null")).unwrap();
+    assert!(m.file_type().is_char_device());
+    assert_eq!(m.rdev(), nix::sys::stat::makedev(1, 3));
+    assert_eq!(m.mode() & 0o7777, 0o666);
+    // Implicit parents.
+    let m = fs::symlink_metadata(root.join("usr/bin")).unwrap();
+    assert!(m.is_dir());
+    assert_eq!(m.mode() & 0o7777, 0o755);
+    // PAX xattrs and sub-second mtime.
+    let ping = root.join("usr/bin/ping");
+    assert_eq!(xattr::get(&ping, "user.walt").unwrap().as_deref(), Some(&b"yes"[..]));
+    assert!(xattr::get(&ping, "security.capability").unwrap().is_some());
+    assert_eq!(xattr::get(&ping, "trusted.overlay.redirect").unwrap(), None);
+    let m = fs::symlink_metadata(&ping).unwrap();
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_700_000_000, 250_000_000));
+    // Replacements.
+    assert_eq!(fs::read(root.join("etc/motd")).unwrap(), b"new");
+    let m = fs::symlink_metadata(root.join("etc/motd")).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o600);
+    assert_eq!(fs::read(root.join("var/cache")).unwrap(), b"now a file");
+    // Long names.
+    assert_eq!(fs::read(root.join(&long)).unwrap(), b"long");
+}
+
+#[test]
+fn converts_whiteouts() {
+    let (_d, store) = new_store();
+    let mut t = Tar::new();
+    t.dir("etc", 0o755)
+        .file("etc/.wh.passwd", 0o644, b"")
+        .dir("usr", 0o755)
+        .file("usr/.wh..wh..opq", 0o644, b"")
+        .file("usr/.wh..wh.plnk", 0o644, b"")
+        .file("opt/sub/.wh..wh..opq", 0o644, b"")
+        .file(".wh.toplevel", 0o644, b"");
+    let tar_bytes = t.finish();
+    let r = import(&store, &tar_bytes, Compression::None).unwrap();
+    let root = store.layer_path(&r.diff_id).unwrap();
+    for p in ["etc/passwd", "toplevel"] {
+        let m = fs::symlink_metadata(root.join(p)).unwrap();
+        assert!(m.file_type().is_char_device(), "{p}");
+        assert_eq!(m.rdev(), 0);
+    }
+    assert!(!root.join("etc/.wh.passwd").exists());
+    for d in ["usr", "opt/sub"] {
+        assert_eq!(
+            xattr::get(root.join(d), "trusted.overlay.opaque").unwrap().as_deref(),
+            Some(&b"y"[..]),
+            "{d}"
+        );
+    }
+    assert_eq!(entries(&root.join("usr")), Vec::<String>::new());
+}
+
+#[test]
+fn refuses_hostile_entries() {
+    let outside = tempfile::tempdir().unwrap();
+    let out = outside.path().to_str().unwrap().to_string();
+    let cases: Vec<(Vec<u8>, String)> = vec![
+        (
+            Tar::new().file("ok", 0o644, b"").file("../x", 0o644, b"evil").finish(),
+            "entry '../x' escapes the layer root".into(),
+        ),
+        (
+            Tar::new().file("a/../../x", 0o644, b"evil").finish(),
+            "entry 'a/../../x' escapes the layer root".into(),
+        ),
+        (
+            Tar::new().file("/abs", 0o644, b"evil").finish(),
+            "entry '/abs' is an absolute path".into(),
+        ),
+        (
+            Tar::new()
+                .link(EntryType::Symlink, "etc", &out)
+                .file("etc/passwd", 0o644, b"evil")
+                .finish(),
+            "entry 'etc/passwd' goes through symlink 'etc'".into(),
+        ),
+        (
+            Tar::new()
+                .dir("a", 0o755)
+                .link(EntryType::Symlink, "a/b", &out)
+                .dir("a/b/c", 0o755)
+                .finish(),
+            "entry 'a/b/c' goes through symlink 'a/b'".into(),
+        ),
+        (
+            Tar::new()
+                .link(EntryType::Symlink, "etc", &out)
+                .file("etc/.wh.passwd", 0o644, b"")
+                .finish(),
+            "goes through symlink 'etc'".into(),
+        ),
+        (
+            Tar::new()
+                .link(EntryType::Symlink, "etc", &out)
+                .file("etc/.wh..wh..opq", 0o644, b"")
+                .finish(),
+            "goes through symlink 'etc'".into(),
+        ),
+        (
+            Tar::new().link(EntryType::Link, "h", "../../etc/shadow").finish(),
+            "entry 'h' is a hard link to '../../etc/shadow' which escapes the layer root".into(),
+        ),
+        (
+            Tar::new().link(EntryType::Link, "h", "/etc/shadow").finish(),
+            "is a hard link to '/etc/shadow' which is an absolute path".into(),
+        ),
+        (
+            Tar::new()
+                .link(EntryType::Symlink, "etc", "/etc")
+                .link(EntryType::Link, "h", "etc/hostname")
+                .finish(),
+            "entry 'h' goes through symlink 'etc'".into(),
+        ),
+        (
+            Tar::new().link(EntryType::Link, "h", "missing").finish(),
+            "is a hard link to 'missing' which is not in the layer".into(),
+        ),
+        (
+            Tar::new().file("", 0o644, b"").finish(),
+            "has an empty name".into(),
+        ),
+    ];
+    let (_d, store) = new_store();
+    for (tar_bytes, msg) in cases {
+        for (blob, c) in [
+            (tar_bytes.clone(), Compression::None),
+            (gzip(&tar_bytes), Compression::Gzip),
+        ] {
+            let err = import(&store, &blob, c).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, StoreError::BadEntry { .. }),
+                "{text}"
+            );
+            assert!(text.contains(&msg), "'{text}' does not contain '{msg}'");
+            assert!(text.starts_with(&format!("layer {}: ", sha256_digest(&blob))), "{text}");
+            assert_nothing_published(&store);
+            assert_eq!(entries(outside.path()), Vec::<String>::new());
+            assert!(!store.data_dir().join("x").exists());
+            assert!(!store.data_dir().join("../x").exists());
+        }
+    }
+}
+
+#[test]
+fn symlink_to_etc_then_file_through_it_leaves_etc_alone() {
+    let (_d, store) = new_store();
+    let before = fs::read("/etc/passwd").unwrap();
+    let tar_bytes = Tar::new()
+        .link(EntryType::Symlink, "etc", "/etc")
+        .file("etc/passwd", 0o644, b"root::0:0::/:/bin/sh\n")
+        .finish();
+    let err = import(&store, &tar_bytes, Compression::None).unwrap_err();
+    assert!(
+        err.to_string().contains("entry 'etc/passwd' goes through symlink 'etc'"),
+        "{err}"
+    );
+    assert_eq!(fs::read("/etc/passwd").unwrap(), before);
+    assert_nothing_published(&store);
+}
+
+#[test]
+fn wrong_digest_size_or_diff_id_publishes_nothing() {
+    let (_d, store) = new_store();
+    let tar_bytes = Tar::new().file("a", 0o644, b"aaa").finish();
+    let blob = gzip(&tar_bytes);
+    let wrong = sha256_digest(b"something else");
+    let err = store
+        .import_layer(&mut &blob[..], Compression::Gzip, &wrong, &ImportOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "blob {wrong}: content does not match its digest (got {})",
+            sha256_digest(&blob)
+        )
+    );
+    assert_nothing_published(&store);
+
+    let digest = sha256_digest(&blob);
+    let opts = ImportOptions {
+        expected_size: Some(blob.len() as u64 + 1),
+        ..Default::default()
+    };
+    let err = store
+        .import_layer(&mut &blob[..], Compression::Gzip, &digest, &opts)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::SizeMismatch { .. }), "{err}");
+    assert_nothing_published(&store);
+    let opts = ImportOptions {
+        expected_size: Some(blob.len() as u64 - 1),
+        ..Default::default()
+    };
+    let err = store
+        .import_layer(&mut &blob[..], Compression::Gzip, &digest, &opts)
+        .unwrap_err();
+    assert!(err.to_string().contains("larger than the expected"), "{err}");
+    assert_nothing_published(&store);
+
+    let opts = ImportOptions {
+        expected_diff_id: Some(wrong.clone()),
+        ..Default::default()
+    };
+    let err = store
+        .import_layer(&mut &blob[..], Compression::Gzip, &digest, &opts)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::DiffIdMismatch { .. }), "{err}");
+    assert_nothing_published(&store);
+
+    let err = store
+        .import_layer(&mut &blob[..], Compression::Gzip, "sha256:../../x", &ImportOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidDigest(_)), "{err}");
+    assert_nothing_published(&store);
+}
+
+#[test]
+fn truncated_or_corrupt_input_fails() {
+    let (_d, store) = new_store();
+    let mut t = Tar::new();
+    t.file("big", 0o644, &vec![7u8; 300_000]);
+    let tar_bytes = t.finish();
+    for (blob, c) in [
+        (gzip(&tar_bytes), Compression::Gzip),
+        (zstd(&tar_bytes), Compression::Zstd),
+    ] {
+        for cut in [blob.len() / 2, blob.len() - 4] {
+            let part = &blob[..cut];
+            let digest = sha256_digest(&blob);
+            let err = store
+                .import_layer(&mut &part[..], c, &digest, &ImportOptions::default())
+                .unwrap_err();
+            assert!(
+                matches!(err, StoreError::BadLayer { .. } | StoreError::DigestMismatch { .. }),
+                "{c:?} cut {cut}: {err}"
+            );
+            assert_nothing_published(&store);
+        }
+    }
+    // Not gzip at all.
+    let err = import(&store, &tar_bytes, Compression::Gzip).unwrap_err();
+    assert!(matches!(err, StoreError::BadLayer { .. }), "{err}");
+    assert_nothing_published(&store);
+    // A truncated plain tar inside a file's data.
+    let part = &tar_bytes[..1000];
+    let err = store
+        .import_layer(&mut &part[..], Compression::None, &sha256_digest(part), &ImportOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, StoreError::BadLayer { .. }), "{err}");
+    assert_nothing_published(&store);
+}
+
+#[test]
+fn gzip_zstd_and_plain_give_the_same_diff_id() {
+    let (_d, store) = new_store();
+    let mut t = Tar::new();
+    t.dir("d", 0o755).file("d/f", 0o644, &vec![3u8; 2 << 20]);
+    let mut tar_bytes = t.finish();
+    // Extra padding after the end-of-archive marker is part of the diff_id.
+    tar_bytes.extend_from_slice(&[0u8; 4096]);
+    let expected = sha256_digest(&tar_bytes);
+    let mut diff_ids = Vec::new();
+    for (blob, c) in [
+        (gzip(&tar_bytes), Compression::Gzip),
+        (zstd(&tar_bytes), Compression::Zstd),
+        (tar_bytes.clone(), Compression::None),
+    ] {
+        let calls = Arc::new(AtomicU64::new(0));
+        let last = Arc::new(AtomicU64::new(0));
+        let (c2, l2) = (calls.clone(), last.clone());
+        let opts = ImportOptions {
+            expected_size: Some(blob.len() as u64),
+            expected_diff_id: Some(expected.clone()),
+            progress: Some(Box::new(move |n| {
+                c2.fetch_add(1, Ordering::Relaxed);
+                l2.store(n, Ordering::Relaxed);
+            })),
+            ..Default::default()
+        };
+        let r = store
+            .import_layer(&mut &blob[..], c, &sha256_digest(&blob), &opts)
+            .unwrap();
+        assert_eq!(last.load(Ordering::Relaxed), blob.len() as u64);
+        assert!(calls.load(Ordering::Relaxed) <= blob.len() as u64 / (256 * 1024) + 2);
+        assert_eq!(r.unpacked_size, tar_bytes.len() as u64);
+        assert_eq!(store.read_blob(&r.digest).unwrap(), blob);
+        diff_ids.push(r.diff_id);
+    }
+    assert!(diff_ids.iter().all(|d| *d == expected));
+    let root = store.layer_path(&expected).unwrap();
+    assert_eq!(fs::read(root.join("d/f")).unwrap().len(), 2 << 20);
+    // Importing again (layer present) is fine and idempotent.
+    let blob = gzip(&tar_bytes);
+    import(&store, &blob, Compression::Gzip).unwrap();
+    assert_eq!(entries(&store.data_dir().join("tmp")), Vec::<String>::new());
+}
+
+#[test]
+fn store_blob_and_unpack_options() {
+    let (_d, store) = new_store();
+    let tar_bytes = Tar::new().file("f", 0o644, b"x").finish();
+    let blob = gzip(&tar_bytes);
+    let digest = sha256_digest(&blob);
+    let opts = ImportOptions {
+        store_blob: false,
+        ..Default::default()
+    };
+    let r = store
+        .import_layer(&mut &blob[..], Compression::Gzip, &digest, &opts)
+        .unwrap();
+    assert!(!store.has_blob(&digest));
+    assert!(store.has_layer(&r.diff_id));
+
+    let (_d, store) = new_store();
+    let opts = ImportOptions {
+        unpack: false,
+        ..Default::default()
+    };
+    let r = store
+        .import_layer(&mut &blob[..], Compression::Gzip, &digest, &opts)
+        .unwrap();
+    assert!(store.has_blob(&digest));
+    assert!(!store.has_layer(&r.diff_id));
+    assert_eq!(r.diff_id, sha256_digest(&tar_bytes));
+    // Later unpack from the stored blob.
+    let _g = store.begin_import();
+    let r2 = store
+        .unpack_stored_blob(&digest, Compression::Gzip, &r.diff_id)
+        .unwrap();
+    assert_eq!(r2, r);
+    assert!(store.has_layer(&r.diff_id));
+    let err = store
+        .unpack_stored_blob(&digest, Compression::Gzip, &sha256_digest(b"no"))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::LayerNotFound(_) | StoreError::DiffIdMismatch { .. }), "{err}");
+    let err = store
+        .unpack_stored_blob(&sha256_digest(b"none"), Compression::Gzip, &r.diff_id)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::BlobNotFound(_)), "{err}");
+}
+
+#[test]
+fn blobs() {
+    let (_d, store) = new_store();
+    let d = store.put_blob(None, b"{}").unwrap();
+    assert_eq!(d, sha256_digest(b"{}"));
+    assert_eq!(store.put_blob(Some(&d), b"{}").unwrap(), d);
+    assert_eq!(store.read_blob(&d).unwrap(), b"{}");
+    assert!(store.has_blob(&d));
+    assert!(!store.has_blob("sha256:zz"));
+    assert!(matches!(store.blob_path("sha256:../../etc/passwd"), Err(StoreError::InvalidDigest(_))));
+    let err = store.put_blob(Some(&d), b"[]").unwrap_err();
+    assert!(err.to_string().contains("content does not match its digest"), "{err}");
+    let missing = sha256_digest(b"missing");
+    assert!(matches!(store.read_blob(&missing), Err(StoreError::BlobNotFound(_))));
+    assert_eq!(entries(&store.data_dir().join("tmp")), Vec::<String>::new());
+}
+
+/// Stores a small image's content; returns its record (not yet put).
+fn make_image(store: &Store, n: &ImageName, content: &[u8]) -> NewImage {
+    let tar_bytes = Tar::new().file("content", 0o644, content).finish();
+    let blob = gzip(&tar_bytes);
+    let l = import(store, &blob, Compression::Gzip).unwrap();
+    let config = store
+        .put_blob(None, format!("{{\"config\":\"{}\"}}", l.diff_id).as_bytes())
+        .unwrap();
+    let manifest = store
+        .put_blob(None, format!("{{\"manifest\":\"{config}\"}}").as_bytes())
+        .unwrap();
+    NewImage {
+        name: n.clone(),
+        manifest_digest: manifest,
+        manifest_media_type: walt_core::oci::OCI_MANIFEST.into(),
+        config_digest: config,
+        layers: vec![LayerRef {
+            diff_id: l.diff_id,
+            blob_digest: l.digest,
+            blob_size: l.size,
+            media_type: walt_core::oci::OCI_LAYER_GZIP.into(),
+        }],
+        node_models: vec!["rpi-b".into(), "pc-x86-64".into()],
+        created: 1_700_000_000,
+    }
+}
+
+#[test]
+fn images() {
+    let (d, store) = new_store();
+    let foo = name("alice", "foo");
+    let guard = store.begin_import();
+    let rec = make_image(&store, &foo, b"foo");
+
+    // Missing content is refused.
+    let mut bad = rec.clone();
+    bad.config_digest = sha256_digest(b"absent");
+    let err = store.put_image(&bad, false).unwrap_err();
+    assert!(matches!(err, StoreError::MissingContent { what: "config", .. }), "{err}");
+    let mut bad = rec.clone();
+    bad.layers[0].diff_id = sha256_digest(b"absent");
+    let err = store.put_image(&bad, false).unwrap_err();
+    assert!(matches!(err, StoreError::MissingContent { what: "unpacked layer", .. }), "{err}");
+    let mut bad = rec.clone();
+    bad.layers[0].blob_digest = sha256_digest(b"absent");
+    assert!(store.put_image(&bad, false).is_err());
+    let mut bad = rec.clone();
+    bad.manifest_digest = sha256_digest(b"absent");
+    assert!(store.put_image(&bad, false).is_err());
+    assert!(store.get_image(&foo).unwrap().is_none());
+
+    assert_eq!(store.put_image(&rec, false).unwrap(), PutOutcome::Created);
+    drop(guard);
+    let err = store.put_image(&rec, false).unwrap_err();
+    assert_eq!(err.to_string(), "image 'alice/foo' already exists");
+    let got = store.get_image(&foo).unwrap().unwrap();
+    assert_eq!(got.name, foo);
+    assert_eq!(got.layers, rec.layers);
+    assert_eq!(got.node_models, rec.node_models);
+    assert_eq!(got.size, rec.layers[0].blob_size);
+    assert_eq!(got.created, rec.created);
+    assert!(!store.image_in_use(&foo).unwrap());
+
+    // Replace keeps the id; the old content is collected.
+    let guard = store.begin_import();
+    let rec2 = make_image(&store, &foo, b"foo v2");
+    assert_eq!(store.put_image(&rec2, true).unwrap(), PutOutcome::Replaced);
+    assert!(store.has_blob(&rec.manifest_digest), "gc deferred while importing");
+    drop(guard);
+    assert!(!store.has_blob(&rec.manifest_digest));
+    assert!(!store.has_layer(&rec.layers[0].diff_id));
+    let got2 = store.get_image(&foo).unwrap().unwrap();
+    assert_eq!(got2.id, got.id);
+    assert_eq!(got2.manifest_digest, rec2.manifest_digest);
+
+    // Duplicate, rename, copy, list.
+    let bar = name("alice", "bar");
+    let bob = name("bob", "foo");
+    store.duplicate_image(&foo, &bar).unwrap();
+    let err = store.duplicate_image(&foo, &bar).unwrap_err();
+    assert!(matches!(err, StoreError::ImageExists(_)), "{err}");
+    assert_eq!(store.copy_image(&foo, &bob, false).unwrap(), PutOutcome::Created);
+    assert_eq!(store.copy_image(&foo, &bob, true).unwrap(), PutOutcome::Replaced);
+    let baz = ImageName {
+        owner: "alice".into(),
+        name: "baz".into(),
+        tag: "v1".into(),
+    };
+    let err = store.rename_image(&bar, &foo).unwrap_err();
+    assert_eq!(err.to_string(), "image 'alice/foo' already exists");
+    store.rename_image(&bar, &baz).unwrap();
+    let err = store.rename_image(&bar, &baz).unwrap_err();
+    assert_eq!(err.to_string(), "image 'alice/bar' not found");
+    let all: Vec<String> = store
+        .list_images(None)
+        .unwrap()
+        .iter()
+        .map(|r| r.name.to_string())
+        .collect();
+    assert_eq!(all, ["alice/baz:v1", "alice/foo", "bob/foo"]);
+    assert_eq!(store.list_images(Some("bob")).unwrap().len(), 1);
+    assert_eq!(store.list_images(Some("carol")).unwrap().len(), 0);
+
+    // Removing one copy keeps the shared content.
+    store.remove_image(&foo).unwrap();
+    assert!(store.has_blob(&rec2.manifest_digest));
+    assert!(store.has_layer(&rec2.layers[0].diff_id));
+    let err = store.remove_image(&foo).unwrap_err();
+    assert_eq!(err.to_string(), "image 'alice/foo' not found");
+    assert!(matches!(store.image_in_use(&foo), Err(StoreError::ImageNotFound(_))));
+
+    // Persistence across reopen.
+    drop(store);
+    let store = Store::open(&d.path().join("data")).unwrap();
+    assert_eq!(store.list_images(None).unwrap().len(), 2);
+    assert!(store.has_layer(&rec2.layers[0].diff_id));
+    store.remove_image(&baz).unwrap();
+    store.remove_image(&bob).unwrap();
+    assert_nothing_published(&store);
+}
+
+#[test]
+fn gc_is_deferred_while_importing() {
+    let (_d, store) = new_store();
+    let g1 = store.begin_import();
+    let g2 = store.begin_import();
+    let blob = store.put_blob(None, b"orphan").unwrap();
+    let report = store.gc().unwrap();
+    assert!(report.deferred);
+    assert!(store.has_blob(&blob));
+    drop(g1);
+    assert!(store.has_blob(&blob), "still one import in flight");
+    drop(g2);
+    assert!(!store.has_blob(&blob), "deferred gc ran when the last guard dropped");
+    let report = store.gc().unwrap();
+    assert_eq!(report, GcReport::default());
+
+    // Without a guard, gc collects at once.
+    let tar_bytes = Tar::new().file("f", 0o644, b"x").finish();
+    let l = import(&store, &tar_bytes, Compression::None).unwrap();
+    let report = store.gc().unwrap();
+    assert_eq!((report.blobs_removed, report.layers_removed), (1, 1));
+    assert!(!store.has_layer(&l.diff_id));
+    assert_nothing_published(&store);
+}
+
+#[test]
+fn open_cleans_up_after_a_crash() {
+    let (d, store) = new_store();
+    let foo = name("alice", "foo");
+    let rec = make_image(&store, &foo, b"keep me");
+    store.put_image(&rec, false).unwrap();
+    let data = store.data_dir().to_path_buf();
+    drop(store);
+    // Leftovers of an interrupted import.
+    fs::create_dir_all(data.join("tmp/layer-x/diff/etc")).unwrap();
+    fs::write(data.join("tmp/layer-x/diff/etc/f"), b"half").unwrap();
+    fs::write(data.join("tmp/blob-y"), b"half a blob").unwrap();
+    let orphan = sha256_digest(b"orphan");
+    fs::write(data.join("blobs/sha256").join(&orphan[7..]), b"orphan").unwrap();
+    let incomplete = sha256_digest(b"incomplete");
+    fs::create_dir_all(data.join("layers").join(&incomplete[7..])).unwrap();
+    fs::create_dir_all(data.join("layers/not-a-digest/diff")).unwrap();
+    let orphan_layer = sha256_digest(b"orphan layer");
+    fs::create_dir_all(data.join("layers").join(&orphan_layer[7..]).join("diff/x")).unwrap();
+
+    let store = Store::open(&d.path().join("data")).unwrap();
+    assert_eq!(entries(&data.join("tmp")), Vec::<String>::new());
+    assert!(!store.has_blob(&orphan));
+    assert_eq!(entries(&data.join("layers")), vec![rec.layers[0].diff_id[7..].to_string()]);
+    let mut blobs = entries(&data.join("blobs/sha256"));
+    let mut expected: Vec<String> = [&rec.manifest_digest, &rec.config_digest, &rec.layers[0].blob_digest]
+        .iter()
+        .map(|d| d[7..].to_string())
+        .collect();
+    blobs.sort();
+    expected.sort();
+    assert_eq!(blobs, expected);
+    assert!(store.get_image(&foo).unwrap().is_some());
+    let root = store.layer_path(&rec.layers[0].diff_id).unwrap();
+    assert_eq!(fs::read(root.join("content")).unwrap(), b"keep me");
+}
+
+#[test]
+fn store_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Store>();
+    check::<ImportGuard>();
+}
+
+#[test]
+fn reads_input_to_its_end() {
+    // A reader that hands out small chunks: everything must be consumed.
+    struct Chunky<'a>(&'a [u8], usize);
+    impl Read for Chunky<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(777).min(self.0.len() - self.1);
+            buf[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+            self.1 += n;
+            Ok(n)
+        }
+    }
+    let (_d, store) = new_store();
+    let tar_bytes = Tar::new().file("f", 0o644, &vec![1u8; 100_000]).finish();
+    let blob = zstd(&tar_bytes);
+    let mut r = Chunky(&blob, 0);
+    let l = store
+        .import_layer(&mut r, Compression::Zstd, &sha256_digest(&blob), &ImportOptions::default())
+        .unwrap();
+    assert_eq!(r.1, blob.len());
+    assert_eq!(l.diff_id, sha256_digest(&tar_bytes));
+}
+
+/// Throughput check: `cargo test -p walt-store --release -- --ignored --nocapture bench`
+#[test]
+#[ignore]
+fn bench_import() {
+    use std::time::Instant;
+    let mut t = Tar::new();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut file = vec![0u8; 4 << 20];
+    for i in 0..64 {
+        for chunk in file.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Half random, half text-like: compresses roughly 2x.
+            let v = if (x >> 60) & 1 == 0 { x.to_le_bytes() } else { *b"abcdabcd" };
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+        t.file(&format!("dir{}/file{i}", i % 8), 0o644, &file);
+    }
+    for i in 0..20_000 {
+        t.file(&format!("small/{}/f{i}", i % 100), 0o644, b"small file content\n");
+    }
+    let tar_bytes = t.finish();
+    let blob = gzip(&tar_bytes);
+    let mb = tar_bytes.len() as f64 / 1e6;
+    println!("tar {mb:.0} MB, gzip {:.0} MB", blob.len() as f64 / 1e6);
+
+    let t0 = Instant::now();
+    let _ = sha256_digest(&tar_bytes);
+    let sha = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let mut d = flate2::bufread::MultiGzDecoder::new(&blob[..]);
+    std::io::copy(&mut d, &mut std::io::sink()).unwrap();
+    let gunzip = t0.elapsed().as_secs_f64();
+    println!("sha256 alone: {:.0} MB/s, gunzip alone: {:.0} MB/s", mb / sha, mb / gunzip);
+
+    let (_d, store) = new_store();
+    let t0 = Instant::now();
+    import(&store, &blob, Compression::Gzip).unwrap();
+    let full = t0.elapsed().as_secs_f64();
+    println!("import gzip+unpack: {:.0} MB/s (uncompressed)", mb / full);
+
+    let (_d, store) = new_store();
+    let t0 = Instant::now();
+    let opts = ImportOptions {
+        unpack: false,
+        ..Default::default()
+    };
+    store
+        .import_layer(&mut &blob[..], Compression::Gzip, &sha256_digest(&blob), &opts)
+        .unwrap();
+    println!("import gzip, no unpack: {:.0} MB/s", mb / t0.elapsed().as_secs_f64());
+
+    let (_d, store) = new_store();
+    let t0 = Instant::now();
+    import(&store, &tar_bytes, Compression::None).unwrap();
+    println!("import plain tar+unpack: {:.0} MB/s", mb / t0.elapsed().as_secs_f64());
+}
