@@ -44,7 +44,10 @@ fn check(path: &PathBuf) -> anyhow::Result<()> {
     let config = match std::fs::read_to_string(path) {
         Ok(text) => ServerConfig::parse(&path.display().to_string(), &text)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("{} does not exist: the server uses the defaults (Docker Hub only)", path.display());
+            eprintln!(
+                "{} does not exist: the server uses the defaults (Docker Hub only)",
+                path.display()
+            );
             ServerConfig::default_config()
         }
         Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
@@ -53,7 +56,12 @@ fn check(path: &PathBuf) -> anyhow::Result<()> {
     for r in &config.registries {
         match r {
             Registry::Hub(_) => println!("  hub: docker-hub"),
-            Registry::V2(v) => println!("  {}: docker-registry-v2 {} (auth {:?})", v.label, v.base_url(), v.auth),
+            Registry::V2(v) => println!(
+                "  {}: docker-registry-v2 {} (auth {:?})",
+                v.label,
+                v.base_url(),
+                v.auth
+            ),
         }
     }
     Ok(())

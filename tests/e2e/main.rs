@@ -1,5 +1,14 @@
 //! End-to-end tests: real registries, the real `walt-server`, the real `walt` CLI.
 //!
-//! Run `cargo build --workspace --bins` first (tests/run does it).
+//! Run `cargo build --workspace --bins` first (tests/run does it). The
+//! `harness` module checks the harness alone (registry, skopeo, proxy).
 
+mod bad_input;
+mod common;
+mod crash;
+mod formats;
 mod harness;
+mod manage;
+mod registries;
+mod users;
+mod workingset;

@@ -49,7 +49,9 @@ fn get_or_make() -> Result<TestCerts> {
     if fresh && certs.ca_cert.exists() && certs.server_cert.exists() {
         return Ok(certs);
     }
-    let work = tempfile::Builder::new().prefix("certs-").tempdir_in(&base)?;
+    let work = tempfile::Builder::new()
+        .prefix("certs-")
+        .tempdir_in(&base)?;
     make(work.path())?;
     let work = work.keep();
     let _ = std::fs::remove_dir_all(&dir);
@@ -61,7 +63,13 @@ fn get_or_make() -> Result<TestCerts> {
 }
 
 fn make(dir: &Path) -> Result<()> {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     run_cmd(
         Command::new("openssl")
             .current_dir(dir)
@@ -78,7 +86,14 @@ fn make(dir: &Path) -> Result<()> {
             .current_dir(dir)
             .arg("req")
             .args(ec)
-            .args(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]),
+            .args([
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ]),
     )
     .context("openssl: server key")?;
     std::fs::write(
@@ -89,8 +104,25 @@ fn make(dir: &Path) -> Result<()> {
     run_cmd(
         Command::new("openssl")
             .current_dir(dir)
-            .args(["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key"])
-            .args(["-CAcreateserial", "-out", "server.pem", "-days", "30", "-extfile", "ext.cnf"]),
+            .args([
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+            ])
+            .args([
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "30",
+                "-extfile",
+                "ext.cnf",
+            ]),
     )
     .context("openssl: server certificate")?;
     Ok(())

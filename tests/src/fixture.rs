@@ -54,7 +54,10 @@ impl Env {
             .secure
             .then(|| Registry::start(RegistryOpts::tls_basic(SECURE_USER, SECURE_PASS)))
             .transpose()?;
-        let noverify = opts.noverify.then(|| Registry::start(RegistryOpts::tls())).transpose()?;
+        let noverify = opts
+            .noverify
+            .then(|| Registry::start(RegistryOpts::tls()))
+            .transpose()?;
         let proxy = opts.proxy.then(|| Proxy::start(local.port())).transpose()?;
         let mut entries = vec![local.server_entry("local")];
         if let Some(r) = &secure {
@@ -67,19 +70,31 @@ impl Env {
             entries.push(p.server_entry("flaky"));
         }
         let server = WaltServer::start(&entries)?;
-        let creds: Vec<(&str, &str, &str)> = if secure.is_some() && !opts.alice_without_credentials {
+        let creds: Vec<(&str, &str, &str)> = if secure.is_some() && !opts.alice_without_credentials
+        {
             vec![("secure", SECURE_USER, SECURE_PASS)]
         } else {
             vec![]
         };
         let alice = server.cli("alice", &creds);
         let bob = server.cli("bob", &creds);
-        Ok(Self { images: ImageBuilder::new()?, local, secure, noverify, proxy, server, alice, bob })
+        Ok(Self {
+            images: ImageBuilder::new()?,
+            local,
+            secure,
+            noverify,
+            proxy,
+            server,
+            alice,
+            bob,
+        })
     }
 
     /// The standard busybox image (OCI, gzip, `pc-x86-64`).
     pub fn busybox(&self) -> BuiltImage {
-        self.images.busybox_image(Format::Oci, Compression::Gzip, "pc-x86-64").unwrap()
+        self.images
+            .busybox_image(Format::Oci, Compression::Gzip, "pc-x86-64")
+            .unwrap()
     }
 
     /// Pushes an image to `local` as `repo:tag`.

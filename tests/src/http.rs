@@ -20,7 +20,10 @@ pub struct Response {
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -44,7 +47,10 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
 impl RegistryClient {
     /// Same registry, reached through another base URL (e.g. a proxy).
     pub fn with_base_url(&self, base_url: String) -> Self {
-        Self { base_url, ..self.clone() }
+        Self {
+            base_url,
+            ..self.clone()
+        }
     }
 
     /// One request. `target` is a path (`/v2/...`) or an absolute URL;
@@ -108,7 +114,9 @@ impl RegistryClient {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        let status: u16 = code.parse().with_context(|| format!("curl status code {code:?}"))?;
+        let status: u16 = code
+            .parse()
+            .with_context(|| format!("curl status code {code:?}"))?;
         let head = std::fs::read_to_string(&head_file).unwrap_or_default();
         // Keep the last header block (skip any interim 1xx answers).
         let block = head
@@ -123,7 +131,11 @@ impl RegistryClient {
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
             .collect();
         let body = std::fs::read(&body_file).unwrap_or_default();
-        Ok(Response { status, headers, body })
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
     }
 
     fn expect(resp: Response, ok: &[u16], what: &str) -> Result<Response> {
@@ -150,7 +162,10 @@ impl RegistryClient {
         }
         let r = self.request("POST", &format!("/v2/{repo}/blobs/uploads/"), &[], None)?;
         let r = Self::expect(r, &[202], "start blob upload")?;
-        let loc = r.header("location").context("upload without Location")?.to_string();
+        let loc = r
+            .header("location")
+            .context("upload without Location")?
+            .to_string();
         let sep = if loc.contains('?') { '&' } else { '?' };
         let url = format!("{loc}{sep}digest={}", blob.digest);
         let r = self.request(
@@ -164,7 +179,13 @@ impl RegistryClient {
     }
 
     /// PUTs a manifest (or index) under a tag or digest.
-    pub fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, bytes: &[u8]) -> Result<()> {
+    pub fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<()> {
         let tmp = tempfile::NamedTempFile::new()?;
         std::fs::write(tmp.path(), bytes)?;
         let r = self.request(

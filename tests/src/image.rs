@@ -53,7 +53,9 @@ impl Compression {
             (Format::Docker, Compression::Gzip | Compression::GzipFast) => {
                 "application/vnd.docker.image.rootfs.diff.tar.gzip"
             }
-            (Format::Docker, Compression::Zstd) => "application/vnd.docker.image.rootfs.diff.tar.zstd",
+            (Format::Docker, Compression::Zstd) => {
+                "application/vnd.docker.image.rootfs.diff.tar.zstd"
+            }
         }
     }
 }
@@ -87,27 +89,57 @@ pub struct Layer {
 /// entries such as `../x` or `/abs` can be made).
 #[derive(Debug, Clone)]
 pub enum RawEntry {
-    Dir { path: String, mode: u32 },
-    File { path: String, data: Vec<u8>, mode: u32 },
-    Symlink { path: String, target: String },
-    Hardlink { path: String, target: String },
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    File {
+        path: String,
+        data: Vec<u8>,
+        mode: u32,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
+    Hardlink {
+        path: String,
+        target: String,
+    },
 }
 
 impl RawEntry {
     pub fn dir(path: &str) -> Self {
-        Self::Dir { path: path.into(), mode: 0o755 }
+        Self::Dir {
+            path: path.into(),
+            mode: 0o755,
+        }
     }
     pub fn file(path: &str, data: &[u8]) -> Self {
-        Self::File { path: path.into(), data: data.to_vec(), mode: 0o644 }
+        Self::File {
+            path: path.into(),
+            data: data.to_vec(),
+            mode: 0o644,
+        }
     }
     pub fn exec(path: &str, data: &[u8]) -> Self {
-        Self::File { path: path.into(), data: data.to_vec(), mode: 0o755 }
+        Self::File {
+            path: path.into(),
+            data: data.to_vec(),
+            mode: 0o755,
+        }
     }
     pub fn symlink(path: &str, target: &str) -> Self {
-        Self::Symlink { path: path.into(), target: target.into() }
+        Self::Symlink {
+            path: path.into(),
+            target: target.into(),
+        }
     }
     pub fn hardlink(path: &str, target: &str) -> Self {
-        Self::Hardlink { path: path.into(), target: target.into() }
+        Self::Hardlink {
+            path: path.into(),
+            target: target.into(),
+        }
     }
 }
 
@@ -181,8 +213,14 @@ pub fn busybox_rootfs_entries(marker: &str) -> Result<Vec<RawEntry>> {
         RawEntry::file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
         RawEntry::file("etc/group", b"root:x:0:\n"),
         RawEntry::file("etc/walt-test-marker", format!("{marker}\n").as_bytes()),
-        RawEntry::Dir { path: "root/".into(), mode: 0o700 },
-        RawEntry::Dir { path: "tmp/".into(), mode: 0o1777 },
+        RawEntry::Dir {
+            path: "root/".into(),
+            mode: 0o700,
+        },
+        RawEntry::Dir {
+            path: "tmp/".into(),
+            mode: 0o1777,
+        },
         RawEntry::dir("proc/"),
         RawEntry::dir("sys/"),
         RawEntry::dir("dev/"),
@@ -211,7 +249,10 @@ impl ImageConfig {
     }
     /// amd64 linux without any label (not a walt image).
     pub fn amd64_unlabelled() -> Self {
-        Self { labels: vec![], ..Self::amd64("") }
+        Self {
+            labels: vec![],
+            ..Self::amd64("")
+        }
     }
     pub fn arm64(models: &str) -> Self {
         Self {
@@ -255,14 +296,23 @@ pub struct ImageBuilder {
 
 impl ImageBuilder {
     pub fn new() -> Result<Self> {
-        Ok(Self { dir: tempfile::Builder::new().prefix("walt-e2e-images-").tempdir()? })
+        Ok(Self {
+            dir: tempfile::Builder::new()
+                .prefix("walt-e2e-images-")
+                .tempdir()?,
+        })
     }
 
     fn store_bytes(&self, bytes: &[u8], media_type: &str) -> Result<Blob> {
         let digest = sha256_digest(bytes);
         let path = self.dir.path().join(digest_hex(&digest));
         std::fs::write(&path, bytes)?;
-        Ok(Blob { path, digest, size: bytes.len() as u64, media_type: media_type.into() })
+        Ok(Blob {
+            path,
+            digest,
+            size: bytes.len() as u64,
+            media_type: media_type.into(),
+        })
     }
 
     /// A layer whose tar stream is written by `fill`, compressed on the fly.
@@ -272,8 +322,12 @@ impl ImageBuilder {
         compression: Compression,
         fill: impl FnOnce(&mut tar::Builder<&mut dyn Write>) -> io::Result<()>,
     ) -> Result<Layer> {
-        let tmp_path = self.dir.path().join(format!("layer-{}.tmp", crate::util::unique_seed()));
-        let mut outer = HashWriter::new(BufWriter::with_capacity(1 << 20, File::create(&tmp_path)?));
+        let tmp_path = self
+            .dir
+            .path()
+            .join(format!("layer-{}.tmp", crate::util::unique_seed()));
+        let mut outer =
+            HashWriter::new(BufWriter::with_capacity(1 << 20, File::create(&tmp_path)?));
         let run = |w: &mut dyn Write| -> io::Result<String> {
             let mut inner = HashWriter::new(w);
             {
@@ -286,8 +340,13 @@ impl ImageBuilder {
         let diff_id = match compression {
             Compression::None => run(&mut outer)?,
             Compression::Gzip | Compression::GzipFast => {
-                let level = if compression == Compression::Gzip { 6 } else { 1 };
-                let mut enc = flate2::write::GzEncoder::new(&mut outer, flate2::Compression::new(level));
+                let level = if compression == Compression::Gzip {
+                    6
+                } else {
+                    1
+                };
+                let mut enc =
+                    flate2::write::GzEncoder::new(&mut outer, flate2::Compression::new(level));
                 let d = run(&mut enc)?;
                 enc.finish()?;
                 d
@@ -305,13 +364,23 @@ impl ImageBuilder {
         let path = self.dir.path().join(digest_hex(&digest));
         std::fs::rename(&tmp_path, &path)?;
         Ok(Layer {
-            blob: Blob { path, digest, size, media_type: compression.layer_media_type(format).into() },
+            blob: Blob {
+                path,
+                digest,
+                size,
+                media_type: compression.layer_media_type(format).into(),
+            },
             diff_id,
         })
     }
 
     /// A layer made of raw entries.
-    pub fn layer(&self, format: Format, compression: Compression, entries: &[RawEntry]) -> Result<Layer> {
+    pub fn layer(
+        &self,
+        format: Format,
+        compression: Compression,
+        entries: &[RawEntry],
+    ) -> Result<Layer> {
         self.layer_with(format, compression, |b| {
             for e in entries {
                 append_raw(b, e)?;
@@ -321,12 +390,23 @@ impl ImageBuilder {
     }
 
     /// The busybox rootfs layer with a marker.
-    pub fn busybox_layer(&self, format: Format, compression: Compression, marker: &str) -> Result<Layer> {
+    pub fn busybox_layer(
+        &self,
+        format: Format,
+        compression: Compression,
+        marker: &str,
+    ) -> Result<Layer> {
         self.layer(format, compression, &busybox_rootfs_entries(marker)?)
     }
 
     /// A layer holding one incompressible file `/data/random.bin` of `size` bytes.
-    pub fn big_random_layer(&self, format: Format, compression: Compression, size: u64, seed: u64) -> Result<Layer> {
+    pub fn big_random_layer(
+        &self,
+        format: Format,
+        compression: Compression,
+        size: u64,
+        seed: u64,
+    ) -> Result<Layer> {
         self.layer_with(format, compression, |b| {
             append_raw(b, &RawEntry::dir("data/"))?;
             let mut h = tar::Header::new_ustar();
@@ -341,12 +421,20 @@ impl ImageBuilder {
     }
 
     /// An image from layers and a config.
-    pub fn image(&self, format: Format, config: ImageConfig, layers: &[Layer]) -> Result<BuiltImage> {
+    pub fn image(
+        &self,
+        format: Format,
+        config: ImageConfig,
+        layers: &[Layer],
+    ) -> Result<BuiltImage> {
         if format == Format::Docker && layers.iter().any(|l| l.blob.media_type.contains("zstd")) {
             bail!("Docker schema 2 has no zstd layers");
         }
-        let labels: serde_json::Map<String, Value> =
-            config.labels.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        let labels: serde_json::Map<String, Value> = config
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
         let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.clone()).collect();
         let mut cfg = json!({
             "architecture": config.architecture,
@@ -391,7 +479,12 @@ impl ImageBuilder {
     }
 
     /// The standard test image: busybox rootfs, one layer, given models label.
-    pub fn busybox_image(&self, format: Format, compression: Compression, models: &str) -> Result<BuiltImage> {
+    pub fn busybox_image(
+        &self,
+        format: Format,
+        compression: Compression,
+        models: &str,
+    ) -> Result<BuiltImage> {
         let layer = self.busybox_layer(format, compression, &format!("busybox {models}"))?;
         self.image(format, ImageConfig::amd64(models), &[layer])
     }
@@ -405,7 +498,8 @@ impl ImageBuilder {
         let manifests: Vec<Value> = images
             .iter()
             .map(|img| {
-                let mut platform = json!({"architecture": img.platform.architecture, "os": img.platform.os});
+                let mut platform =
+                    json!({"architecture": img.platform.architecture, "os": img.platform.os});
                 if let Some(v) = &img.platform.variant {
                     platform["variant"] = json!(v);
                 }
@@ -423,7 +517,10 @@ impl ImageBuilder {
             "manifests": manifests,
         }))?;
         Ok(BuiltIndex {
-            images: images.iter().map(|i| (i.clone(), i.platform.clone())).collect(),
+            images: images
+                .iter()
+                .map(|i| (i.clone(), i.platform.clone()))
+                .collect(),
             digest: sha256_digest(&bytes),
             bytes,
             media_type: media_type.into(),

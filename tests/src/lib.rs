@@ -14,8 +14,12 @@ pub mod walt;
 
 pub use fixture::{Env, EnvOpts, SECURE_PASS, SECURE_USER};
 pub use http::RegistryClient;
-pub use image::{BuiltImage, BuiltIndex, Compression, Format, ImageBuilder, ImageConfig, Layer, RawEntry};
+pub use image::{
+    BuiltImage, BuiltIndex, Compression, Format, ImageBuilder, ImageConfig, Layer, RawEntry,
+};
 pub use proxy::Proxy;
 pub use registry::{Registry, RegistryOpts};
-pub use store::{StoreSnapshot, assert_store_unchanged, assert_tmp_empty, store_mentions, store_snapshot};
+pub use store::{
+    StoreSnapshot, assert_store_unchanged, assert_tmp_empty, store_mentions, store_snapshot,
+};
 pub use walt::{CmdOutput, Walt, WaltServer};

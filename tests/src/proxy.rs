@@ -70,7 +70,13 @@ impl Proxy {
                 });
             }
         });
-        Ok(Self { port, upstream_port, shared, stop, thread: Some(thread) })
+        Ok(Self {
+            port,
+            upstream_port,
+            shared,
+            stop,
+            thread: Some(thread),
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -125,7 +131,10 @@ impl Drop for Proxy {
     }
 }
 
-fn read_head<R: BufRead>(r: &mut R) -> std::io::Result<Option<(String, Vec<(String, String)>)>> {
+/// A request or status line and its headers.
+type Head = (String, Vec<(String, String)>);
+
+fn read_head<R: BufRead>(r: &mut R) -> std::io::Result<Option<Head>> {
     let mut first = String::new();
     if r.read_line(&mut first)? == 0 {
         return Ok(None);
@@ -148,10 +157,17 @@ fn read_head<R: BufRead>(r: &mut R) -> std::io::Result<Option<(String, Vec<(Stri
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
-fn write_head(w: &mut impl Write, first: &str, headers: &[(String, String)]) -> std::io::Result<()> {
+fn write_head(
+    w: &mut impl Write,
+    first: &str,
+    headers: &[(String, String)],
+) -> std::io::Result<()> {
     let mut s = format!("{first}\r\n");
     for (k, v) in headers {
         if k.eq_ignore_ascii_case("connection") || k.eq_ignore_ascii_case("keep-alive") {
@@ -167,7 +183,9 @@ fn handle(client: TcpStream, upstream_port: u16, shared: &Shared) -> std::io::Re
     client.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut creader = BufReader::new(client.try_clone()?);
     let mut cwriter = client;
-    let Some((req_line, req_headers)) = read_head(&mut creader)? else { return Ok(()) };
+    let Some((req_line, req_headers)) = read_head(&mut creader)? else {
+        return Ok(());
+    };
     let mut parts = req_line.split_whitespace();
     let method = parts.next().unwrap_or("").to_string();
     let path = parts.next().unwrap_or("").to_string();
@@ -189,9 +207,11 @@ fn handle(client: TcpStream, upstream_port: u16, shared: &Shared) -> std::io::Re
         st.blob_gets += 1;
         if inject {
             st.injected_failures += 1;
-            st.requests.push(format!("{method} {path} -> 500 (injected)"));
+            st.requests
+                .push(format!("{method} {path} -> 500 (injected)"));
             drop(st);
-            let msg = br#"{"errors":[{"code":"UNKNOWN","message":"walt-e2e proxy: injected failure"}]}"#;
+            let msg =
+                br#"{"errors":[{"code":"UNKNOWN","message":"walt-e2e proxy: injected failure"}]}"#;
             write_head(
                 &mut cwriter,
                 "HTTP/1.1 500 Internal Server Error",
@@ -213,13 +233,26 @@ fn handle(client: TcpStream, upstream_port: u16, shared: &Shared) -> std::io::Re
     let Some((status_line, resp_headers)) = read_head(&mut ureader)? else {
         return Ok(());
     };
-    let status: u16 = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    shared.stats.lock().unwrap().requests.push(format!("{method} {path} -> {status}"));
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    shared
+        .stats
+        .lock()
+        .unwrap()
+        .requests
+        .push(format!("{method} {path} -> {status}"));
     write_head(&mut cwriter, &status_line, &resp_headers)?;
     if method == "HEAD" {
         return Ok(());
     }
-    let limit = if is_blob_get && status / 100 == 2 { faults.truncate_after } else { None };
+    let limit = if is_blob_get && status / 100 == 2 {
+        faults.truncate_after
+    } else {
+        None
+    };
     let rate = if is_blob_get { faults.rate } else { None };
     let start = Instant::now();
     let mut sent: u64 = 0;

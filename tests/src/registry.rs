@@ -26,10 +26,16 @@ impl RegistryOpts {
         Self::default()
     }
     pub fn tls() -> Self {
-        Self { tls: true, basic_auth: None }
+        Self {
+            tls: true,
+            basic_auth: None,
+        }
     }
     pub fn tls_basic(user: &str, pass: &str) -> Self {
-        Self { tls: true, basic_auth: Some((user.into(), pass.into())) }
+        Self {
+            tls: true,
+            basic_auth: Some((user.into(), pass.into())),
+        }
     }
 }
 
@@ -42,8 +48,23 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Starts a registry on a free port (retrying on another port if the
+    /// chosen one was taken meanwhile).
     pub fn start(opts: RegistryOpts) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("walt-e2e-registry-").tempdir()?;
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::try_start(opts.clone()) {
+                Ok(r) => return Ok(r),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap())
+    }
+
+    fn try_start(opts: RegistryOpts) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("walt-e2e-registry-")
+            .tempdir()?;
         let port = free_port();
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage)?;
@@ -60,7 +81,10 @@ impl Registry {
         if let Some((user, pass)) = &opts.basic_auth {
             let out = run_cmd(Command::new("htpasswd").args(["-Bbn", user, pass]))?;
             let htpasswd = dir.path().join("htpasswd");
-            std::fs::write(&htpasswd, String::from_utf8(out.stdout)?.trim().to_string() + "\n")?;
+            std::fs::write(
+                &htpasswd,
+                String::from_utf8(out.stdout)?.trim().to_string() + "\n",
+            )?;
             auth = format!(
                 "auth:\n  htpasswd:\n    realm: walt-e2e\n    path: {}\n",
                 htpasswd.display()
@@ -73,7 +97,12 @@ impl Registry {
             storage.display()
         );
         std::fs::write(dir.path().join("config.yml"), config)?;
-        let mut reg = Self { dir, port, opts, child: None };
+        let mut reg = Self {
+            dir,
+            port,
+            opts,
+            child: None,
+        };
         reg.spawn()?;
         Ok(reg)
     }
@@ -93,21 +122,35 @@ impl Registry {
             .context("cannot start docker-registry (run scripts/install-deps.sh)")?;
         self.child = Some(child);
         let url = format!("{}/v2/", self.base_url());
-        let res = wait_for("the registry to answer /v2/", Duration::from_secs(20), || {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                return Some(Err(anyhow::anyhow!("docker-registry exited: {st}")));
-            }
-            let out = Command::new("curl")
-                .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", &url])
-                .output()
-                .ok()?;
-            let code = String::from_utf8_lossy(&out.stdout).to_string();
-            (code == "200" || code == "401").then_some(Ok(()))
-        });
+        let res = wait_for(
+            "the registry to answer /v2/",
+            Duration::from_secs(20),
+            || {
+                if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                    return Some(Err(anyhow::anyhow!("docker-registry exited: {st}")));
+                }
+                let out = Command::new("curl")
+                    .args([
+                        "-sk",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--max-time",
+                        "2",
+                        &url,
+                    ])
+                    .output()
+                    .ok()?;
+                let code = String::from_utf8_lossy(&out.stdout).to_string();
+                (code == "200" || code == "401").then_some(Ok(()))
+            },
+        );
         match res {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) | Err(e) => {
-                let log = std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(self.dir.path().join("registry.log"))
+                    .unwrap_or_default();
                 bail!("{e}\nregistry log:\n{log}")
             }
         }
@@ -195,7 +238,12 @@ impl Registry {
 
     /// Its entry with `protocol: https-no-verify` (no CA given).
     pub fn server_entry_no_verify(&self, label: &str) -> String {
-        registry_entry(label, self.port, "https-no-verify", self.opts.basic_auth.is_some())
+        registry_entry(
+            label,
+            self.port,
+            "https-no-verify",
+            self.opts.basic_auth.is_some(),
+        )
     }
 }
 

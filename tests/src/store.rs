@@ -41,23 +41,26 @@ pub fn table_cells(line: &str) -> Vec<String> {
     cells
 }
 
-/// The table output with the CREATED column dropped when it can be found.
+/// The output with the CREATED column dropped from every table (a line
+/// holding a `CREATED` cell starts a table; its rows follow).
 fn without_created(out: &str) -> Vec<String> {
-    let mut lines = out.lines().filter(|l| !l.trim().is_empty());
-    let Some(header) = lines.next() else { return vec![] };
-    let hcells = table_cells(header);
-    let created = hcells.iter().position(|c| c.eq_ignore_ascii_case("created"));
-    std::iter::once(header.trim_end().to_string())
-        .chain(lines.map(|l| {
+    let mut header: Option<(usize, usize)> = None; // (cells, CREATED index)
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
             let mut cells = table_cells(l);
-            match created {
-                Some(i) if cells.len() == hcells.len() => {
+            if let Some(i) = cells.iter().position(|c| c == "CREATED") {
+                header = Some((cells.len(), i));
+                return l.trim_end().to_string();
+            }
+            match header {
+                Some((n, i)) if cells.len() == n => {
                     cells.remove(i);
                     cells.join("  ")
                 }
                 _ => l.trim_end().to_string(),
             }
-        }))
+        })
         .collect()
 }
 
@@ -100,6 +103,10 @@ pub fn assert_tmp_empty(data_dir: &Path) {
 /// True when a blob or layer entry of the store is named by this digest's hex.
 pub fn store_mentions(data_dir: &Path, digest: &str) -> bool {
     let hex = crate::util::digest_hex(digest);
-    list_tree(&data_dir.join("blobs")).iter().any(|p| p.contains(hex))
-        || list_dir(&data_dir.join("layers")).iter().any(|p| p.contains(hex))
+    list_tree(&data_dir.join("blobs"))
+        .iter()
+        .any(|p| p.contains(hex))
+        || list_dir(&data_dir.join("layers"))
+            .iter()
+            .any(|p| p.contains(hex))
 }

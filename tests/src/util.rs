@@ -85,11 +85,19 @@ pub struct HashWriter<W> {
 
 impl<W: Write> HashWriter<W> {
     pub fn new(inner: W) -> Self {
-        Self { inner, hasher: Sha256::new(), count: 0 }
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
     }
     /// (`sha256:<hex>`, bytes written, inner writer).
     pub fn finish(self) -> (String, u64, W) {
-        (format!("sha256:{}", hex::encode(self.hasher.finalize())), self.count, self.inner)
+        (
+            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+            self.count,
+            self.inner,
+        )
     }
 }
 
@@ -137,7 +145,10 @@ pub struct RandomReader {
 
 impl RandomReader {
     pub fn new(seed: u64, len: u64) -> Self {
-        Self { rng: FastRng::new(seed), left: len }
+        Self {
+            rng: FastRng::new(seed),
+            left: len,
+        }
     }
 }
 
@@ -181,9 +192,13 @@ pub fn run_cmd(cmd: &mut std::process::Command) -> Result<std::process::Output> 
 /// Total size of the regular files under `dir` (0 when it does not exist).
 pub fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
-    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     for e in rd.flatten() {
-        let Ok(md) = e.path().symlink_metadata() else { continue };
+        let Ok(md) = e.path().symlink_metadata() else {
+            continue;
+        };
         if md.is_dir() {
             total += dir_size(&e.path());
         } else if md.is_file() {
@@ -196,7 +211,9 @@ pub fn dir_size(dir: &Path) -> u64 {
 /// Relative paths of every entry under `dir`, sorted (empty when missing).
 pub fn list_tree(dir: &Path) -> Vec<String> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
-        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in rd.flatten() {
             let p = e.path();
             out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
@@ -214,7 +231,11 @@ pub fn list_tree(dir: &Path) -> Vec<String> {
 /// Sorted names of the direct entries of `dir` (empty when missing).
 pub fn list_dir(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v

@@ -34,16 +34,34 @@ impl WaltServer {
 
     /// Starts a server with a whole config file text.
     pub fn start_with_config(config_yaml: &str) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("walt-e2e-server-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("walt-e2e-server-")
+            .tempdir()?;
         std::fs::write(dir.path().join("server.conf"), config_yaml)?;
         std::fs::create_dir_all(dir.path().join("data"))?;
-        let mut s = Self { dir, port: free_port(), child: None };
-        s.spawn()?;
+        let mut s = Self {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        // Retry on another port if the chosen one was taken meanwhile.
+        let mut res = s.spawn();
+        for _ in 0..2 {
+            if res.is_ok() || !s.log().contains("cannot listen") {
+                break;
+            }
+            s.port = free_port();
+            res = s.spawn();
+        }
+        res?;
         Ok(s)
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let log = File::options().create(true).append(true).open(self.log_path())?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         let mut cmd = Command::new(workspace_bin("walt-server"));
         cmd.arg("--config")
             .arg(self.config_path())
@@ -56,7 +74,10 @@ impl WaltServer {
             .stdout(log.try_clone()?)
             .stderr(log);
         if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info,walt=debug,walt_server=debug,walt_store=debug,walt_registry=debug");
+            cmd.env(
+                "RUST_LOG",
+                "info,walt=debug,walt_server=debug,walt_store=debug,walt_registry=debug",
+            );
         }
         self.child = Some(cmd.spawn().context("cannot start walt-server")?);
         let res = wait_for("walt-server to listen", Duration::from_secs(30), || {
@@ -108,7 +129,9 @@ impl WaltServer {
 
     /// True while the process is alive.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// `kill -9` the server (no cleanup possible on its side).
@@ -192,14 +215,20 @@ impl fmt::Display for CmdOutput {
 impl CmdOutput {
     /// Lines of stderr starting with `error: `.
     pub fn error_lines(&self) -> Vec<&str> {
-        self.stderr.lines().filter(|l| l.starts_with("error: ")).collect()
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("error: "))
+            .collect()
     }
 
     /// Panics unless the command succeeded.
     #[track_caller]
     pub fn assert_success(&self) -> &Self {
         assert!(self.success, "command failed:\n{self}");
-        assert!(self.error_lines().is_empty(), "command succeeded but printed an error line:\n{self}");
+        assert!(
+            self.error_lines().is_empty(),
+            "command succeeded but printed an error line:\n{self}"
+        );
         self
     }
 
@@ -215,11 +244,26 @@ impl CmdOutput {
     #[track_caller]
     pub fn assert_failure_any(&self, needles: &[&str]) -> &Self {
         assert!(!self.success, "command should have failed:\n{self}");
-        assert!(self.code.is_some_and(|c| c != 0), "command should exit with a non-zero status:\n{self}");
+        assert!(
+            self.code.is_some_and(|c| c != 0),
+            "command should exit with a non-zero status:\n{self}"
+        );
         let errors = self.error_lines();
-        assert_eq!(errors.len(), 1, "expected exactly one `error: ` line on stderr:\n{self}");
-        let last = self.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-        assert!(last.starts_with("error: "), "stderr must end with the `error: ` line:\n{self}");
+        assert_eq!(
+            errors.len(),
+            1,
+            "expected exactly one `error: ` line on stderr:\n{self}"
+        );
+        let last = self
+            .stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        assert!(
+            last.starts_with("error: "),
+            "stderr must end with the `error: ` line:\n{self}"
+        );
         let low = self.stderr.to_lowercase();
         assert!(
             needles.iter().any(|n| low.contains(&n.to_lowercase())),
@@ -230,7 +274,11 @@ impl CmdOutput {
 
     /// Last non-empty stdout line.
     pub fn last_stdout_line(&self) -> &str {
-        self.stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
+        self.stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
     }
 }
 
@@ -245,8 +293,15 @@ pub struct Walt {
 
 impl Walt {
     pub fn new(server: &str, user: &str, creds: &[(&str, &str, &str)]) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix(&format!("walt-e2e-cli-{user}-")).tempdir()?;
-        let w = Self { dir, user: user.into(), server: server.into(), timeout: Duration::from_secs(300) };
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("walt-e2e-cli-{user}-"))
+            .tempdir()?;
+        let w = Self {
+            dir,
+            user: user.into(),
+            server: server.into(),
+            timeout: Duration::from_secs(300),
+        };
         w.set_credentials(creds)?;
         Ok(w)
     }
@@ -257,7 +312,10 @@ impl Walt {
 
     /// Rewrites the client config with these registry credentials.
     pub fn set_credentials(&self, creds: &[(&str, &str, &str)]) -> Result<()> {
-        let mut s = format!("walt:\n    server: {}\n    username: {}\n", self.server, self.user);
+        let mut s = format!(
+            "walt:\n    server: {}\n    username: {}\n",
+            self.server, self.user
+        );
         if !creds.is_empty() {
             s += "registries:\n";
             for (label, u, p) in creds {
@@ -299,14 +357,22 @@ impl Walt {
     pub fn image_names(&self) -> Vec<String> {
         let out = self.run(&["image", "show", "--names-only"]);
         out.assert_success();
-        out.stdout.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+        out.stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
     }
 
     /// The row of `walt image show` for `name` (a line starting with `name `).
     pub fn show_row(&self, name: &str) -> Option<String> {
         let out = self.run(&["image", "show"]);
         out.assert_success();
-        out.stdout.lines().find(|l| l.starts_with(&format!("{name} "))).map(String::from)
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .map(String::from)
     }
 
     /// `walt image clone [args...]`, asserted to succeed.

@@ -47,7 +47,8 @@ pub fn path() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("WALT_CONFIG") {
         return Ok(PathBuf::from(p));
     }
-    let home = std::env::var_os("HOME").context("HOME is not set; set WALT_CONFIG to the walt client config file")?;
+    let home = std::env::var_os("HOME")
+        .context("HOME is not set; set WALT_CONFIG to the walt client config file")?;
     Ok(PathBuf::from(home).join(".walt").join("config"))
 }
 
@@ -141,9 +142,16 @@ pub fn load() -> anyhow::Result<Settings> {
     let server = config.walt.server.clone().unwrap_or_default();
     let username = config.walt.username.clone().unwrap_or_default();
     if !walt_core::name::is_valid_user(&username) {
-        bail!("{}: walt.username '{username}' is not a valid username", path.display());
+        bail!(
+            "{}: walt.username '{username}' is not a valid username",
+            path.display()
+        );
     }
-    Ok(Settings { server, username, config })
+    Ok(Settings {
+        server,
+        username,
+        config,
+    })
 }
 
 /// `http://host:port` for `host`, `host:port`, `[v6]` or `[v6]:port`.
@@ -151,7 +159,8 @@ pub fn endpoint(server: &str) -> anyhow::Result<String> {
     let s = server.trim();
     let port = walt_proto::DEFAULT_PORT;
     let has_port = if let Some(rest) = s.strip_prefix('[') {
-        rest.split_once(']').is_some_and(|(_, p)| p.starts_with(':'))
+        rest.split_once(']')
+            .is_some_and(|(_, p)| p.starts_with(':'))
     } else {
         s.matches(':').count() == 1
     };
@@ -162,7 +171,11 @@ pub fn endpoint(server: &str) -> anyhow::Result<String> {
         // A bare IPv6 address.
         return Ok(format!("http://[{s}]:{port}"));
     }
-    Ok(if has_port { format!("http://{s}") } else { format!("http://{s}:{port}") })
+    Ok(if has_port {
+        format!("http://{s}")
+    } else {
+        format!("http://{s}:{port}")
+    })
 }
 
 #[cfg(test)]

@@ -40,19 +40,11 @@ pub enum ImageCommand {
         name: Option<String>,
     },
     /// Remove an image from your working set.
-    Remove {
-        image: String,
-    },
+    Remove { image: String },
     /// Rename an image of your working set.
-    Rename {
-        image: String,
-        new_name: String,
-    },
+    Rename { image: String, new_name: String },
     /// Copy an image of your working set under a new name.
-    Duplicate {
-        image: String,
-        new_name: String,
-    },
+    Duplicate { image: String, new_name: String },
 }
 
 type Client = ImagesClient<InterceptedService<Channel, UserInterceptor>>;
@@ -62,7 +54,8 @@ pub struct UserInterceptor(MetadataValue<tonic::metadata::Ascii>);
 
 impl tonic::service::Interceptor for UserInterceptor {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut().insert(walt_proto::USER_METADATA_KEY, self.0.clone());
+        req.metadata_mut()
+            .insert(walt_proto::USER_METADATA_KEY, self.0.clone());
         Ok(req)
     }
 }
@@ -75,13 +68,22 @@ async fn connect(settings: &Settings) -> anyhow::Result<Client> {
         .connect()
         .await
         .map_err(|e| {
-            let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
-            anyhow!("cannot reach the walt server at {}: {cause}", settings.server)
+            // The innermost cause says it best ("Connection refused (os error 111)").
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(inner) = cause.source() {
+                cause = inner;
+            }
+            anyhow!(
+                "cannot reach the walt server at {}: {cause}",
+                settings.server
+            )
         })?;
     let user = MetadataValue::try_from(settings.username.as_str())
         .map_err(|_| anyhow!("invalid walt username '{}'", settings.username))?;
-    Ok(ImagesClient::with_interceptor(channel, UserInterceptor(user))
-        .max_decoding_message_size(64 << 20))
+    Ok(
+        ImagesClient::with_interceptor(channel, UserInterceptor(user))
+            .max_decoding_message_size(64 << 20),
+    )
 }
 
 /// The one line the user sees for a failed call.
@@ -98,11 +100,17 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<()> {
     let settings = config::load()?;
     let mut client = connect(&settings).await?;
     match cmd {
-        ImageCommand::Show { all, names_only } => show(&mut client, &settings, all, names_only).await,
-        ImageCommand::Clone { force, url, name } => clone(&mut client, &settings, &url, name, force).await,
+        ImageCommand::Show { all, names_only } => {
+            show(&mut client, &settings, all, names_only).await
+        }
+        ImageCommand::Clone { force, url, name } => {
+            clone(&mut client, &settings, &url, name, force).await
+        }
         ImageCommand::Remove { image } => {
             client
-                .remove(pb::RemoveRequest { image: image.clone() })
+                .remove(pb::RemoveRequest {
+                    image: image.clone(),
+                })
                 .await
                 .map_err(status_error)?;
             println!("Image {image} removed.");
@@ -141,7 +149,12 @@ fn short_name(i: &pb::ImageInfo) -> String {
     }
 }
 
-async fn show(client: &mut Client, settings: &Settings, all: bool, names_only: bool) -> anyhow::Result<()> {
+async fn show(
+    client: &mut Client,
+    settings: &Settings,
+    all: bool,
+    names_only: bool,
+) -> anyhow::Result<()> {
     let reply = client
         .show(pb::ShowRequest { all })
         .await
@@ -166,10 +179,15 @@ async fn show(client: &mut Client, settings: &Settings, all: bool, names_only: b
         ]
     };
     if mine.is_empty() {
-        println!("You have no images yet: find some with walt image search, then walt image clone <url>.");
+        println!(
+            "You have no images yet: find some with walt image search, then walt image clone <url>."
+        );
     } else {
         let rows: Vec<_> = mine.iter().map(row).collect();
-        print!("{}", table::render(&["NAME", "IN-USE", "CREATED", "COMPATIBILITY"], &rows));
+        print!(
+            "{}",
+            table::render(&["NAME", "IN-USE", "CREATED", "COMPATIBILITY"], &rows)
+        );
     }
     if all && !others.is_empty() {
         let rows: Vec<_> = others
@@ -185,7 +203,17 @@ async fn show(client: &mut Client, settings: &Settings, all: bool, names_only: b
         println!("Images of other users:");
         print!(
             "{}",
-            table::render(&["OWNER", "NAME", "IN-USE", "CREATED", "COMPATIBILITY", "CLONE URL"], &rows)
+            table::render(
+                &[
+                    "OWNER",
+                    "NAME",
+                    "IN-USE",
+                    "CREATED",
+                    "COMPATIBILITY",
+                    "CLONE URL"
+                ],
+                &rows
+            )
         );
     }
     Ok(())
@@ -224,9 +252,10 @@ async fn clone(
         let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         (mp, HashMap::<String, ProgressBar>::new())
     });
-    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
     let mut bars = bars;
     loop {
         let event = match stream.message().await {
@@ -266,11 +295,20 @@ async fn clone(
                     let _ = mp.clear();
                 }
                 let what = if r.downloaded_bytes > 0 {
-                    format!(" ({} layers, {} downloaded)", r.layers, human(r.downloaded_bytes))
+                    format!(
+                        " ({} layer{}, {} downloaded)",
+                        r.layers,
+                        if r.layers == 1 { "" } else { "s" },
+                        human(r.downloaded_bytes)
+                    )
                 } else {
                     String::new()
                 };
-                let verb = if r.replaced { "cloned (replacing the previous one)" } else { "cloned" };
+                let verb = if r.replaced {
+                    "cloned (replacing the previous one)"
+                } else {
+                    "cloned"
+                };
                 println!("Image {} {verb} from {}{what}.", r.name, url.trim());
                 return Ok(());
             }
@@ -278,4 +316,3 @@ async fn clone(
         }
     }
 }
-

@@ -41,7 +41,12 @@ pub fn datetime(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem / 60 % 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -50,7 +55,13 @@ mod tests {
 
     #[test]
     fn tables() {
-        let t = render(&["NAME", "X"], &[vec!["a".into(), "1".into()], vec!["long-name".into(), "".into()]]);
+        let t = render(
+            &["NAME", "X"],
+            &[
+                vec!["a".into(), "1".into()],
+                vec!["long-name".into(), "".into()],
+            ],
+        );
         assert_eq!(t, "NAME       X\na          1\nlong-name\n");
     }
 

@@ -164,7 +164,10 @@ impl ServerConfig {
     }
 }
 
-fn validate_registries(file: &str, entries: &[RegistryEntry]) -> Result<Vec<Registry>, ConfigError> {
+fn validate_registries(
+    file: &str,
+    entries: &[RegistryEntry],
+) -> Result<Vec<Registry>, ConfigError> {
     let mut out = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         let err = |key: &str, message: String| ConfigError::Invalid {
@@ -172,12 +175,18 @@ fn validate_registries(file: &str, entries: &[RegistryEntry]) -> Result<Vec<Regi
             key: format!("registries[{i}].{key}"),
             message,
         };
-        let api = e.api.as_deref().ok_or_else(|| err("api", "missing".into()))?;
+        let api = e
+            .api
+            .as_deref()
+            .ok_or_else(|| err("api", "missing".into()))?;
         let description = e.description.clone().unwrap_or_default();
         match api {
             "docker-hub" => {
                 if let Some(l) = e.label.as_deref().filter(|l| *l != "hub") {
-                    return Err(err("label", format!("the docker-hub registry must be labelled 'hub', not '{l}'")));
+                    return Err(err(
+                        "label",
+                        format!("the docker-hub registry must be labelled 'hub', not '{l}'"),
+                    ));
                 }
                 let other = e
                     .other
@@ -187,13 +196,19 @@ fn validate_registries(file: &str, entries: &[RegistryEntry]) -> Result<Vec<Regi
                 out.push(Registry::Hub(HubRegistry { description, other }));
             }
             "docker-registry-v2" => {
-                let label = e.label.clone().ok_or_else(|| err("label", "missing".into()))?;
+                let label = e
+                    .label
+                    .clone()
+                    .ok_or_else(|| err("label", "missing".into()))?;
                 if label.is_empty()
                     || !label
                         .bytes()
                         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 {
-                    return Err(err("label", format!("'{label}' must use only lowercase letters, digits and '-'")));
+                    return Err(err(
+                        "label",
+                        format!("'{label}' must use only lowercase letters, digits and '-'"),
+                    ));
                 }
                 if RESERVED_LABELS.contains(&label.as_str()) {
                     return Err(err("label", format!("'{label}' is reserved")));
@@ -221,7 +236,12 @@ fn validate_registries(file: &str, entries: &[RegistryEntry]) -> Result<Vec<Regi
                     "https" => Protocol::Https,
                     "http" => Protocol::Http,
                     "https-no-verify" => Protocol::HttpsNoVerify,
-                    p => return Err(err("protocol", format!("'{p}' is not one of https, http, https-no-verify"))),
+                    p => {
+                        return Err(err(
+                            "protocol",
+                            format!("'{p}' is not one of https, http, https-no-verify"),
+                        ));
+                    }
                 };
                 let auth = match e.auth.as_deref().unwrap_or("basic") {
                     "basic" => Auth::Basic,
@@ -238,7 +258,12 @@ fn validate_registries(file: &str, entries: &[RegistryEntry]) -> Result<Vec<Regi
                     ca_file: e.ca_file.clone(),
                 }));
             }
-            other => return Err(err("api", format!("unknown registry api '{other}' (docker-hub or docker-registry-v2)"))),
+            other => {
+                return Err(err(
+                    "api",
+                    format!("unknown registry api '{other}' (docker-hub or docker-registry-v2)"),
+                ));
+            }
         }
     }
     for (i, r) in out.iter().enumerate() {
@@ -287,7 +312,9 @@ vpn:
     fn loads_walt_file_and_keeps_unknown_sections() {
         let c = ServerConfig::parse("server.conf", WALT_FILE).unwrap();
         assert_eq!(c.registries.len(), 2);
-        let Registry::V2(r) = &c.registries[1] else { panic!() };
+        let Registry::V2(r) = &c.registries[1] else {
+            panic!()
+        };
         assert_eq!(r.base_url(), "https://registry.example.org:5000");
         assert_eq!(r.auth, Auth::Basic);
         assert!(c.file.other.contains_key("vpn"));
@@ -298,13 +325,25 @@ vpn:
     fn defaults_and_errors() {
         let c = ServerConfig::parse("f", "network: {}\n").unwrap();
         assert_eq!(c.registries, ServerConfig::default_config().registries);
-        let e = ServerConfig::parse("f", "registries:\n- {label: Bad, api: docker-registry-v2, host: h}\n").unwrap_err();
+        let e = ServerConfig::parse(
+            "f",
+            "registries:\n- {label: Bad, api: docker-registry-v2, host: h}\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().starts_with("f: registries[0].label:"), "{e}");
-        let e = ServerConfig::parse("f", "registries:\n- {label: x, api: docker-registry-v2, host: h, port: abc}\n").unwrap_err();
+        let e = ServerConfig::parse(
+            "f",
+            "registries:\n- {label: x, api: docker-registry-v2, host: h, port: abc}\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("port"), "{e}");
         let e = ServerConfig::parse("f", "registries: [\n").unwrap_err();
         assert!(matches!(e, ConfigError::Syntax { .. }));
-        let e = ServerConfig::parse("f", "registries:\n- {label: walt, api: docker-registry-v2, host: h}\n").unwrap_err();
+        let e = ServerConfig::parse(
+            "f",
+            "registries:\n- {label: walt, api: docker-registry-v2, host: h}\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("reserved"), "{e}");
     }
 }

@@ -52,10 +52,16 @@ mod tests {
 
     #[test]
     fn compact() {
-        assert_eq!(compact_models(&v(&["rpi-3-b", "rpi-4-b", "pc-x86-64"])), "rpi-[3-b,4-b],pc-x86-64");
+        assert_eq!(
+            compact_models(&v(&["rpi-3-b", "rpi-4-b", "pc-x86-64"])),
+            "rpi-[3-b,4-b],pc-x86-64"
+        );
         assert_eq!(compact_models(&v(&["pc-x86-64"])), "pc-x86-64");
         assert_eq!(compact_models(&v(&["qemu"])), "qemu");
         assert_eq!(compact_models(&[]), "");
-        assert_eq!(parse_models(" rpi-b, ,pc-x86-64"), v(&["rpi-b", "pc-x86-64"]));
+        assert_eq!(
+            parse_models(" rpi-b, ,pc-x86-64"),
+            v(&["rpi-b", "pc-x86-64"])
+        );
     }
 }

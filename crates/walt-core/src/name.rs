@@ -5,7 +5,9 @@ use std::fmt;
 /// Why a name was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
-    #[error("invalid image name '{0}': use lowercase letters, digits and '-' (optionally ':<tag>')")]
+    #[error(
+        "invalid image name '{0}': use lowercase letters, digits and '-' (optionally ':<tag>')"
+    )]
     Invalid(String),
     #[error("image name '{0}' is reserved")]
     Reserved(String),
@@ -30,7 +32,9 @@ pub fn is_valid_component(s: &str) -> bool {
 
 /// True when `s` is a valid walt username (same rules as registry paths: `[a-z0-9._-]+`).
 pub fn is_valid_user(s: &str) -> bool {
-    !s.is_empty()
+    s.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && s.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
         })
@@ -83,7 +87,11 @@ impl ImageName {
         if n.is_empty() || t.is_empty() {
             return Err(NameError::Invalid(format!("{name}:{tag}")));
         }
-        let n = if n == "default" { "default-image".to_string() } else { n };
+        let n = if n == "default" {
+            "default-image".to_string()
+        } else {
+            n
+        };
         let changed = n != name || t != tag;
         Ok((
             Self {
@@ -123,10 +131,22 @@ mod tests {
         let n = ImageName::parse_user("alice", "img:v2").unwrap();
         assert_eq!(n.short(), "img:v2");
         assert_eq!(n.to_string(), "alice/img:v2");
-        assert!(matches!(ImageName::parse_user("a", "Img"), Err(NameError::Invalid(_))));
-        assert!(matches!(ImageName::parse_user("a", "a_b"), Err(NameError::Invalid(_))));
-        assert!(matches!(ImageName::parse_user("a", "x:"), Err(NameError::Invalid(_))));
-        assert!(matches!(ImageName::parse_user("a", "default"), Err(NameError::Reserved(_))));
+        assert!(matches!(
+            ImageName::parse_user("a", "Img"),
+            Err(NameError::Invalid(_))
+        ));
+        assert!(matches!(
+            ImageName::parse_user("a", "a_b"),
+            Err(NameError::Invalid(_))
+        ));
+        assert!(matches!(
+            ImageName::parse_user("a", "x:"),
+            Err(NameError::Invalid(_))
+        ));
+        assert!(matches!(
+            ImageName::parse_user("a", "default"),
+            Err(NameError::Reserved(_))
+        ));
         assert_eq!(ImageName::parse_user("a", " "), Err(NameError::Empty));
     }
 

@@ -107,7 +107,9 @@ pub enum ManifestDoc {
 pub enum DocError {
     #[error("manifest is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("unsupported manifest type '{0}' (walt accepts OCI and Docker schema 2 manifests and indexes)")]
+    #[error(
+        "unsupported manifest type '{0}' (walt accepts OCI and Docker schema 2 manifests and indexes)"
+    )]
     Unsupported(String),
 }
 
@@ -231,8 +233,11 @@ pub fn pick_platform<'a>(
 /// Validates a `sha256:<64 hex>` digest and returns the hex part.
 pub fn digest_hex(digest: &str) -> Option<&str> {
     let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-        .then_some(hex)
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(hex)
 }
 
 #[cfg(test)]
@@ -242,11 +247,22 @@ mod tests {
     #[test]
     fn parse_docs() {
         let m = br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:aa","size":3},"layers":[]}"#;
-        assert!(matches!(ManifestDoc::parse(m, None).unwrap(), ManifestDoc::Image(_)));
+        assert!(matches!(
+            ManifestDoc::parse(m, None).unwrap(),
+            ManifestDoc::Image(_)
+        ));
         let i = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"x","digest":"sha256:1","size":1,"platform":{"architecture":"arm64","os":"linux","variant":"v8"}},{"mediaType":"x","digest":"sha256:2","size":1,"platform":{"architecture":"amd64","os":"linux"}}]}"#;
-        let ManifestDoc::Index(idx) = ManifestDoc::parse(i, None).unwrap() else { panic!() };
-        assert_eq!(pick_platform(&idx, "amd64", None).unwrap().digest, "sha256:2");
-        assert_eq!(pick_platform(&idx, "arm64", Some("v8")).unwrap().digest, "sha256:1");
+        let ManifestDoc::Index(idx) = ManifestDoc::parse(i, None).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            pick_platform(&idx, "amd64", None).unwrap().digest,
+            "sha256:2"
+        );
+        assert_eq!(
+            pick_platform(&idx, "arm64", Some("v8")).unwrap().digest,
+            "sha256:1"
+        );
         assert!(pick_platform(&idx, "riscv64", None).is_none());
         assert!(ManifestDoc::parse(br#"{"schemaVersion":1,"fsLayers":[]}"#, None).is_err());
     }

@@ -31,7 +31,9 @@ impl Location {
 /// Why a clone URL was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UrlError {
-    #[error("malformed clone URL '{0}': expected <location>:<user>/<name>[:<tag>], e.g. hub:waltplatform/rpi-default")]
+    #[error(
+        "malformed clone URL '{0}': expected <location>:<user>/<name>[:<tag>], e.g. hub:waltplatform/rpi-default"
+    )]
     Malformed(String),
 }
 
@@ -52,12 +54,33 @@ fn valid_label(s: &str) -> bool {
 }
 
 fn valid_repo_component(s: &str) -> bool {
-    // OCI distribution path component: [a-z0-9]+([._-][a-z0-9]+)* (we accept
-    // the character set and let the registry be the judge of the rest).
-    !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
-        })
+    // OCI distribution path component: [a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = s.as_bytes();
+    let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    if !alnum(first) || !alnum(last) {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if alnum(b) {
+            i += 1;
+            continue;
+        }
+        // A separator run: '.', '_', '__' or '-'+, followed by an alphanumeric.
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let sep = &s[start..i];
+        if !(sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|c| c == b'-')) {
+            return false;
+        }
+    }
+    true
 }
 
 fn valid_tag(s: &str) -> bool {
@@ -81,14 +104,16 @@ impl CloneUrl {
             other => Location::Registry(other.to_string()),
         };
         let (user, path) = rest.split_once('/').ok_or_else(bad)?;
-        if !is_valid_user(user) {
+        if !is_valid_user(user) || !valid_repo_component(user) {
             return Err(bad());
         }
         let (repository, tag) = match path.rsplit_once(':') {
             Some((r, t)) => (r, t),
             None => (path, "latest"),
         };
-        if !valid_tag(tag) || repository.is_empty() || !repository.split('/').all(valid_repo_component)
+        if !valid_tag(tag)
+            || repository.is_empty()
+            || !repository.split('/').all(valid_repo_component)
         {
             return Err(bad());
         }
@@ -107,13 +132,22 @@ impl CloneUrl {
 
     /// The last path component: the image's own name.
     pub fn image_name(&self) -> &str {
-        self.repository.rsplit('/').next().unwrap_or(&self.repository)
+        self.repository
+            .rsplit('/')
+            .next()
+            .unwrap_or(&self.repository)
     }
 }
 
 impl fmt::Display for CloneUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.location.label(), self.user, self.repository)?;
+        write!(
+            f,
+            "{}:{}/{}",
+            self.location.label(),
+            self.user,
+            self.repository
+        )?;
         if self.tag != "latest" {
             write!(f, ":{}", self.tag)?;
         }
@@ -138,6 +172,7 @@ mod tests {
         let u = CloneUrl::parse("walt:bob/x:latest").unwrap();
         assert_eq!(u.to_string(), "walt:bob/x");
         assert_eq!(u.image_name(), "x");
+        assert!(CloneUrl::parse("local:bob/my_img.x--y__z:V1.0").is_ok());
         let u = CloneUrl::parse("local:bob/team/x:2").unwrap();
         assert_eq!(u.image_name(), "x");
     }
@@ -145,8 +180,23 @@ mod tests {
     #[test]
     fn malformed() {
         for bad in [
-            "", "hub", "hub:", "hub:user", "hub:/x", "HUB:u/x", "hub:u/", "hub:u/x:", "hub:u/X",
-            "hub:u/x:a b", "a b:u/x", "hub:u/../x",
+            "",
+            "hub",
+            "hub:",
+            "hub:user",
+            "hub:/x",
+            "HUB:u/x",
+            "hub:u/",
+            "hub:u/x:",
+            "hub:u/X",
+            "hub:u/x:a b",
+            "a b:u/x",
+            "hub:u/../x",
+            "hub:u/.x",
+            "hub:u/a..b",
+            "hub:u/a_",
+            "hub:../x",
+            "hub:.u/x",
         ] {
             assert!(CloneUrl::parse(bad).is_err(), "{bad} should be refused");
         }

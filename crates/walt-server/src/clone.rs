@@ -54,7 +54,11 @@ async fn say(events: &Events, text: String) {
 }
 
 /// Checks the request and resolves its source; fails before anything is fetched.
-pub async fn plan(state: &Arc<State>, user: &str, req: &pb::CloneRequest) -> Result<Plan, ServiceError> {
+pub async fn plan(
+    state: &Arc<State>,
+    user: &str,
+    req: &pb::CloneRequest,
+) -> Result<Plan, ServiceError> {
     let url = CloneUrl::parse(req.url.trim())?;
     let (target, notice) = if req.name.trim().is_empty() {
         let (name, changed) = ImageName::normalized(user, url.image_name(), &url.tag)?;
@@ -88,7 +92,9 @@ pub async fn plan(state: &Arc<State>, user: &str, req: &pb::CloneRequest) -> Res
                 blocking(move || Ok(store.get_image(&src)?.is_some())).await?
             };
             if !exists {
-                return Err(ServiceError::NotFound(format!("image {url} not found on this server")));
+                return Err(ServiceError::NotFound(format!(
+                    "image {url} not found on this server"
+                )));
             }
             Source::Walt(src)
         }
@@ -141,7 +147,11 @@ pub async fn plan(state: &Arc<State>, user: &str, req: &pb::CloneRequest) -> Res
 }
 
 /// Performs a planned clone, sending progress on `events`.
-pub async fn run(state: Arc<State>, plan: Plan, events: Events) -> Result<pb::CloneResult, ServiceError> {
+pub async fn run(
+    state: Arc<State>,
+    plan: Plan,
+    events: Events,
+) -> Result<pb::CloneResult, ServiceError> {
     if let Some(n) = &plan.notice {
         say(&events, n.clone()).await;
     }
@@ -192,36 +202,41 @@ async fn resolve_manifest(
     };
     let fetched = client.get_manifest(&path, &url.tag).await?;
     let mut media_type = fetched.media_type.clone();
-    let (manifest, bytes, digest) = match ManifestDoc::parse(&fetched.bytes, media_type.as_deref()).map_err(bad)? {
-        ManifestDoc::Image(m) => (m, fetched.bytes, fetched.digest),
-        ManifestDoc::Index(index) => {
-            let (arch, variant) = oci::oci_arch(std::env::consts::ARCH);
-            let Some(desc) = oci::pick_platform(&index, arch, variant) else {
-                let platforms: Vec<String> = index
-                    .manifests
-                    .iter()
-                    .filter_map(|d| d.platform.as_ref())
-                    .map(|p| format!("{}/{}", p.os, p.architecture))
-                    .collect();
-                return Err(ServiceError::NotFound(format!(
-                    "{url} has no image for linux/{arch} (it has: {})",
-                    platforms.join(", ")
-                )));
-            };
-            say(events, format!("multi-platform image: using the linux/{arch} variant")).await;
-            let inner = client.get_manifest(&path, &desc.digest).await?;
-            media_type = inner.media_type.clone().or(Some(desc.media_type.clone()));
-            match ManifestDoc::parse(&inner.bytes, media_type.as_deref()).map_err(bad)? {
-                ManifestDoc::Image(m) => (m, inner.bytes, inner.digest),
-                ManifestDoc::Index(_) => {
-                    return Err(ServiceError::FailedPrecondition(format!(
-                        "registry '{}': {url}: nested image indexes are not supported",
-                        client.label()
+    let (manifest, bytes, digest) =
+        match ManifestDoc::parse(&fetched.bytes, media_type.as_deref()).map_err(bad)? {
+            ManifestDoc::Image(m) => (m, fetched.bytes, fetched.digest),
+            ManifestDoc::Index(index) => {
+                let (arch, variant) = oci::oci_arch(std::env::consts::ARCH);
+                let Some(desc) = oci::pick_platform(&index, arch, variant) else {
+                    let platforms: Vec<String> = index
+                        .manifests
+                        .iter()
+                        .filter_map(|d| d.platform.as_ref())
+                        .map(|p| format!("{}/{}", p.os, p.architecture))
+                        .collect();
+                    return Err(ServiceError::NotFound(format!(
+                        "{url} has no image for linux/{arch} (it has: {})",
+                        platforms.join(", ")
                     )));
+                };
+                say(
+                    events,
+                    format!("multi-platform image: using the linux/{arch} variant"),
+                )
+                .await;
+                let inner = client.get_manifest(&path, &desc.digest).await?;
+                media_type = inner.media_type.clone().or(Some(desc.media_type.clone()));
+                match ManifestDoc::parse(&inner.bytes, media_type.as_deref()).map_err(bad)? {
+                    ManifestDoc::Image(m) => (m, inner.bytes, inner.digest),
+                    ManifestDoc::Index(_) => {
+                        return Err(ServiceError::FailedPrecondition(format!(
+                            "registry '{}': {url}: nested image indexes are not supported",
+                            client.label()
+                        )));
+                    }
                 }
             }
-        }
-    };
+        };
     let mt = manifest
         .media_type
         .clone()
@@ -244,9 +259,15 @@ async fn pull(
         .get_blob_bytes(&path, &manifest.config.digest, MAX_CONFIG_SIZE)
         .await?;
     let config: ImageConfig = serde_json::from_slice(&config_bytes).map_err(|e| {
-        ServiceError::FailedPrecondition(format!("{url}: the image configuration is not valid: {e}"))
+        ServiceError::FailedPrecondition(format!(
+            "{url}: the image configuration is not valid: {e}"
+        ))
     })?;
-    let Some(models) = config.label(LABEL_NODE_MODELS).map(parse_models).filter(|m| !m.is_empty()) else {
+    let Some(models) = config
+        .label(LABEL_NODE_MODELS)
+        .map(parse_models)
+        .filter(|m| !m.is_empty())
+    else {
         return Err(ServiceError::FailedPrecondition(format!(
             "{url} is not a walt image: it has no {LABEL_NODE_MODELS} label"
         )));
@@ -283,7 +304,9 @@ async fn pull(
 
     // Announce every layer, so the client can draw its bars at once.
     for l in &layers {
-        let _ = events.send(Ok(progress(&l.digest, 0, l.size, false, false))).await;
+        let _ = events
+            .send(Ok(progress(&l.digest, 0, l.size, false, false)))
+            .await;
     }
     let guard = store.begin_import();
     let downloaded = fetch_layers(store, client, &path, &layers, events).await;
@@ -365,8 +388,14 @@ async fn fetch_layers(
     let limit = Arc::new(tokio::sync::Semaphore::new(LAYER_CONCURRENCY));
     let mut set = JoinSet::new();
     for job in layers.iter().cloned() {
-        let (store, client, path, events, cancel, limit) =
-            (store.clone(), client.clone(), path.to_string(), events.clone(), cancel.clone(), limit.clone());
+        let (store, client, path, events, cancel, limit) = (
+            store.clone(),
+            client.clone(),
+            path.to_string(),
+            events.clone(),
+            cancel.clone(),
+            limit.clone(),
+        );
         set.spawn(async move {
             let _permit = tokio::select! {
                 p = limit.acquire_owned() => p.map_err(|_| ServiceError::ShuttingDown)?,
@@ -404,7 +433,9 @@ async fn fetch_layer(
     let has_blob = store.has_blob(&job.digest);
     let has_layer = store.has_layer(&job.diff_id);
     if has_blob && has_layer {
-        let _ = events.send(Ok(progress(&job.digest, job.size, job.size, true, true))).await;
+        let _ = events
+            .send(Ok(progress(&job.digest, job.size, job.size, true, true)))
+            .await;
         return Ok(0);
     }
     if has_blob {
@@ -414,7 +445,9 @@ async fn fetch_layer(
             Ok(s.unpack_stored_blob(&j.digest, j.compression, &j.diff_id)?)
         })
         .await?;
-        let _ = events.send(Ok(progress(&job.digest, job.size, job.size, true, true))).await;
+        let _ = events
+            .send(Ok(progress(&job.digest, job.size, job.size, true, true)))
+            .await;
         return Ok(0);
     }
 
@@ -433,7 +466,10 @@ async fn fetch_layer(
     let (s, j) = (store.clone(), job.clone());
     let import = tokio::task::spawn_blocking(move || {
         let _guard = s.begin_import();
-        let mut reader = ChannelReader { rx, current: Bytes::new() };
+        let mut reader = ChannelReader {
+            rx,
+            current: Bytes::new(),
+        };
         s.import_layer(&mut reader, j.compression, &j.digest, &opts)
     });
     let pumped = tokio::select! {
@@ -445,7 +481,9 @@ async fn fetch_layer(
     let imported = import.await?;
     pumped?;
     imported?;
-    let _ = events.send(Ok(progress(&job.digest, job.size, job.size, true, false))).await;
+    let _ = events
+        .send(Ok(progress(&job.digest, job.size, job.size, true, false)))
+        .await;
     Ok(job.size)
 }
 

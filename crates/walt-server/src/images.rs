@@ -24,7 +24,9 @@ pub fn caller<T>(req: &Request<T>) -> Result<String, Status> {
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| Status::unauthenticated("the request names no walt user"))?;
     if !is_valid_user(user) {
-        return Err(Status::invalid_argument(format!("invalid walt username '{user}'")));
+        return Err(Status::invalid_argument(format!(
+            "invalid walt username '{user}'"
+        )));
     }
     Ok(user.to_string())
 }
@@ -75,8 +77,12 @@ impl Images for ImagesService {
         let all = req.get_ref().all;
         let state = self.state.clone();
         let images = blocking(move || {
-            let recs = state.store.list_images(if all { None } else { Some(&user) })?;
-            recs.iter().map(|r| info(&state, r)).collect::<Result<Vec<_>, _>>()
+            let recs = state
+                .store
+                .list_images(if all { None } else { Some(&user) })?;
+            recs.iter()
+                .map(|r| info(&state, r))
+                .collect::<Result<Vec<_>, _>>()
         })
         .await?;
         Ok(Response::new(pb::ShowReply { images }))
@@ -85,6 +91,7 @@ impl Images for ImagesService {
     type CloneStream = CloneStream;
 
     async fn clone(&self, req: Request<pb::CloneRequest>) -> Result<Response<CloneStream>, Status> {
+        let started = std::time::Instant::now();
         let user = caller(&req)?;
         let req = req.into_inner();
         // Refuse bad input before starting the stream: a plain error status.
@@ -102,9 +109,13 @@ impl Images for ImagesService {
                 _ = state.shutdown.cancelled() => Err(ServiceError::ShuttingDown),
             };
             let msg = match outcome {
-                Ok(result) => Ok(pb::CloneEvent {
-                    event: Some(pb::clone_event::Event::Result(result)),
-                }),
+                Ok(result) => {
+                    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+                    tracing::info!(image = %result.name, user = %user, elapsed_ms, "clone finished");
+                    Ok(pb::CloneEvent {
+                        event: Some(pb::clone_event::Event::Result(result)),
+                    })
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "clone failed");
                     Err(Status::from(e))
@@ -115,9 +126,13 @@ impl Images for ImagesService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn remove(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveReply>, Status> {
+    async fn remove(
+        &self,
+        req: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::RemoveReply>, Status> {
         let user = caller(&req)?;
-        let name = ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
+        let name =
+            ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
         let state = self.state.clone();
         blocking(move || {
             ensure_exists(&state, &name)?;
@@ -130,10 +145,15 @@ impl Images for ImagesService {
         Ok(Response::new(pb::RemoveReply {}))
     }
 
-    async fn rename(&self, req: Request<pb::RenameRequest>) -> Result<Response<pb::RenameReply>, Status> {
+    async fn rename(
+        &self,
+        req: Request<pb::RenameRequest>,
+    ) -> Result<Response<pb::RenameReply>, Status> {
         let user = caller(&req)?;
-        let from = ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
-        let to = ImageName::parse_user(&user, &req.get_ref().new_name).map_err(ServiceError::from)?;
+        let from =
+            ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
+        let to =
+            ImageName::parse_user(&user, &req.get_ref().new_name).map_err(ServiceError::from)?;
         let state = self.state.clone();
         blocking(move || {
             ensure_exists(&state, &from)?;
@@ -152,8 +172,10 @@ impl Images for ImagesService {
         req: Request<pb::DuplicateRequest>,
     ) -> Result<Response<pb::DuplicateReply>, Status> {
         let user = caller(&req)?;
-        let from = ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
-        let to = ImageName::parse_user(&user, &req.get_ref().new_name).map_err(ServiceError::from)?;
+        let from =
+            ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
+        let to =
+            ImageName::parse_user(&user, &req.get_ref().new_name).map_err(ServiceError::from)?;
         let state = self.state.clone();
         blocking(move || {
             ensure_exists(&state, &from)?;
@@ -209,12 +231,21 @@ impl ServerService {
 
 #[tonic::async_trait]
 impl server_server::Server for ServerService {
-    async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoReply>, Status> {
+    async fn info(
+        &self,
+        _req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoReply>, Status> {
         let config = self.state.config();
         Ok(Response::new(pb::InfoReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            arch: walt_core::oci::oci_arch(std::env::consts::ARCH).0.to_string(),
-            registries: config.registries.iter().map(|r| r.label().to_string()).collect(),
+            arch: walt_core::oci::oci_arch(std::env::consts::ARCH)
+                .0
+                .to_string(),
+            registries: config
+                .registries
+                .iter()
+                .map(|r| r.label().to_string())
+                .collect(),
         }))
     }
 }

@@ -38,7 +38,10 @@ pub struct State {
 impl State {
     /// The configuration in force now (a reload affects later calls only).
     pub fn config(&self) -> Arc<ServerConfig> {
-        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -53,7 +56,9 @@ impl Server {
         let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
             .await
             .context("store task failed")?
-            .with_context(|| format!("cannot open the image store in {}", opts.data_dir.display()))?;
+            .with_context(|| {
+                format!("cannot open the image store in {}", opts.data_dir.display())
+            })?;
         tracing::info!(
             data_dir = %opts.data_dir.display(),
             registries = ?config.registries.iter().map(|r| r.label().to_string()).collect::<Vec<_>>(),
@@ -75,7 +80,11 @@ impl Server {
 
     /// Serves the gRPC API until `signal` completes, then cancels in-flight
     /// work and waits for it to clean up.
-    pub async fn serve(self, listener: TcpListener, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        signal: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "walt-server listening");
         let state = self.state.clone();

@@ -13,7 +13,11 @@ use walt_server::{Server, ServerOptions};
 #[command(name = "walt-server", version, about)]
 struct Args {
     /// Server configuration file (WalT format YAML).
-    #[arg(long, default_value = "/etc/walt/server.conf", env = "WALT_SERVER_CONF")]
+    #[arg(
+        long,
+        default_value = "/etc/walt/server.conf",
+        env = "WALT_SERVER_CONF"
+    )]
     config: PathBuf,
     /// Directory holding the image store.
     #[arg(long, default_value = "/var/lib/walt", env = "WALT_DATA_DIR")]
@@ -30,9 +34,16 @@ fn main() {
                 .unwrap_or_else(|_| "info,h2=warn,hyper=warn,tower=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("walt-server: error: cannot start the runtime: {e}");
@@ -59,7 +70,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers, only the process' death stops us.
         std::future::pending::<()>().await;
         return;

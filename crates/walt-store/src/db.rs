@@ -174,7 +174,9 @@ fn complete(conn: &Connection, (mut rec, models): (ImageRecord, String)) -> Resu
 pub(crate) fn get_image(conn: &Connection, name: &ImageName) -> Result<Option<ImageRecord>> {
     let row = conn
         .query_row(
-            &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE owner = ?1 AND name = ?2 AND tag = ?3"),
+            &format!(
+                "SELECT {IMAGE_COLUMNS} FROM images WHERE owner = ?1 AND name = ?2 AND tag = ?3"
+            ),
             params![name.owner, name.name, name.tag],
             row_to_record,
         )
@@ -207,7 +209,11 @@ fn image_id(tx: &Transaction<'_>, name: &ImageName) -> Result<Option<i64>> {
 }
 
 /// Records an image in one transaction.
-pub(crate) fn put_image(conn: &mut Connection, rec: &NewImage, replace: bool) -> Result<PutOutcome> {
+pub(crate) fn put_image(
+    conn: &mut Connection,
+    rec: &NewImage,
+    replace: bool,
+) -> Result<PutOutcome> {
     let ctx = format!("recording image '{}'", rec.name);
     let models = serde_json::to_string(&rec.node_models).expect("strings serialise");
     let size: u64 = rec.layers.iter().map(|l| l.blob_size).sum();
@@ -282,7 +288,8 @@ pub(crate) fn remove_image(conn: &mut Connection, name: &ImageName) -> Result<()
     let id = image_id(&tx, name)?.ok_or_else(|| StoreError::ImageNotFound(name.to_string()))?;
     tx.execute("DELETE FROM image_layers WHERE image_id = ?1", [id])
         .db(&ctx)?;
-    tx.execute("DELETE FROM images WHERE id = ?1", [id]).db(&ctx)?;
+    tx.execute("DELETE FROM images WHERE id = ?1", [id])
+        .db(&ctx)?;
     tx.commit().db(&ctx)
 }
 
@@ -323,7 +330,10 @@ pub(crate) fn image_in_use(conn: &Connection, name: &ImageName) -> Result<bool> 
 /// Every blob digest and diff_id referenced by an image.
 pub(crate) fn references(
     conn: &Connection,
-) -> Result<(std::collections::HashSet<String>, std::collections::HashSet<String>)> {
+) -> Result<(
+    std::collections::HashSet<String>,
+    std::collections::HashSet<String>,
+)> {
     let ctx = "listing referenced blobs and layers";
     let mut blobs = std::collections::HashSet::new();
     let mut layers = std::collections::HashSet::new();

@@ -21,7 +21,9 @@ pub enum StoreError {
         expected: u64,
         actual: u64,
     },
-    #[error("layer {digest}: uncompressed content does not match its diff_id {expected} (got {actual})")]
+    #[error(
+        "layer {digest}: uncompressed content does not match its diff_id {expected} (got {actual})"
+    )]
     DiffIdMismatch {
         digest: String,
         expected: String,

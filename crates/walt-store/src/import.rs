@@ -8,9 +8,11 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use sha2::{Digest, Sha256};
 use walt_core::oci::Compression;
 
-use crate::error::{IoContext, Result, StoreError};
-use crate::util::{BUF_SIZE, TmpPath, check_digest, drain, finish_digest, fsync_dir, syncfs, unique_name};
 use crate::Inner;
+use crate::error::{IoContext, Result, StoreError};
+use crate::util::{
+    BUF_SIZE, TmpPath, check_digest, drain, finish_digest, fsync_dir, syncfs, unique_name,
+};
 
 /// How often (in raw bytes) the progress callback is called at most.
 const PROGRESS_STEP: u64 = 256 * 1024;
@@ -87,24 +89,27 @@ impl Read for RawReader<'_> {
             return Ok(0);
         }
         self.count += n as u64;
-        if let Some(limit) = self.limit {
-            if self.count > limit {
-                return Err(io::Error::other(format!(
-                    "the blob is larger than the expected {limit} bytes"
-                )));
-            }
+        if let Some(limit) = self.limit
+            && self.count > limit
+        {
+            return Err(io::Error::other(format!(
+                "the blob is larger than the expected {limit} bytes"
+            )));
         }
         self.hasher.update(&buf[..n]);
         if let Some(f) = &mut self.file {
             f.write_all(&buf[..n]).map_err(|e| {
-                io::Error::new(e.kind(), format!("writing the blob to the staging area: {e}"))
+                io::Error::new(
+                    e.kind(),
+                    format!("writing the blob to the staging area: {e}"),
+                )
             })?;
         }
-        if let Some(p) = self.progress {
-            if self.count - self.last_progress >= PROGRESS_STEP {
-                self.last_progress = self.count;
-                p(self.count);
-            }
+        if let Some(p) = self.progress
+            && self.count - self.last_progress >= PROGRESS_STEP
+        {
+            self.last_progress = self.count;
+            p(self.count);
         }
         Ok(n)
     }
@@ -113,7 +118,7 @@ impl Read for RawReader<'_> {
 /// The decompression stage.
 enum Decoder<R: BufRead> {
     Plain(R),
-    Gzip(flate2::bufread::MultiGzDecoder<R>),
+    Gzip(Box<flate2::bufread::MultiGzDecoder<R>>),
     Zstd(zstd::stream::read::Decoder<'static, R>),
 }
 
@@ -159,6 +164,30 @@ impl<R: Read> Read for DiffReader<R> {
         self.count += n as u64;
         Ok(n)
     }
+}
+
+/// Unpacks (when `layer_dir` is given) and hashes the whole stream.
+fn run_pipeline<R: BufRead>(
+    diff: &mut DiffReader<Decoder<R>>,
+    layer_dir: Option<&std::path::Path>,
+    digest: &str,
+    buf: &mut [u8],
+) -> Result<()> {
+    let layer_err = |e: io::Error| StoreError::BadLayer {
+        layer: digest.to_string(),
+        reason: format!("cannot read the layer stream: {e}"),
+    };
+    let mut tar_stream = BufReader::with_capacity(BUF_SIZE, &mut *diff);
+    if let Some(dir) = layer_dir {
+        crate::unpack::unpack(&mut tar_stream, dir, digest)?;
+    }
+    // Hash everything up to the end of the decompressed stream
+    // (padding after the end-of-archive marker included).
+    drain(&mut tar_stream, buf).map_err(layer_err)?;
+    drop(tar_stream);
+    // Whatever follows the compressed stream is part of the blob too.
+    drain(diff.inner.get_mut(), buf).map_err(layer_err)?;
+    Ok(())
 }
 
 impl Inner {
@@ -221,7 +250,9 @@ impl Inner {
         let buffered = BufReader::with_capacity(BUF_SIZE, raw);
         let decoder = match compression {
             Compression::None => Decoder::Plain(buffered),
-            Compression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(buffered)),
+            Compression::Gzip => {
+                Decoder::Gzip(Box::new(flate2::bufread::MultiGzDecoder::new(buffered)))
+            }
             Compression::Zstd => Decoder::Zstd(
                 zstd::stream::read::Decoder::with_buffer(buffered)
                     .map_err(|e| layer_err(format!("cannot start zstd decompression: {e}")))?,
@@ -233,19 +264,31 @@ impl Inner {
             count: 0,
         };
         let mut buf = vec![0u8; BUF_SIZE];
-        {
-            let mut tar_stream = BufReader::with_capacity(BUF_SIZE, &mut diff);
-            if let Some(t) = &layer_tmp {
-                crate::unpack::unpack(&mut tar_stream, &t.path().join("diff"), expected_digest)?;
+        let layer_dir = layer_tmp.as_ref().map(|t| t.path().join("diff"));
+        if let Err(e) = run_pipeline(&mut diff, layer_dir.as_deref(), expected_digest, &mut buf) {
+            // A corrupt blob usually shows first as a decompression or tar
+            // error: read the rest and say what is really wrong when the
+            // content does not match its digest.
+            let mut raw = diff.inner.into_inner().into_inner();
+            let _ = drain(&mut raw, &mut buf);
+            let actual = finish_digest(raw.hasher);
+            if let Some(expected) = opts.expected_size
+                && expected != raw.count
+            {
+                return Err(StoreError::SizeMismatch {
+                    digest: expected_digest.to_string(),
+                    expected,
+                    actual: raw.count,
+                });
             }
-            // Hash everything up to the end of the decompressed stream
-            // (padding after the end-of-archive marker included).
-            drain(&mut tar_stream, &mut buf)
-                .map_err(|e| layer_err(format!("cannot read the layer stream: {e}")))?;
+            if actual != expected_digest {
+                return Err(StoreError::DigestMismatch {
+                    digest: expected_digest.to_string(),
+                    actual,
+                });
+            }
+            return Err(e);
         }
-        // Whatever follows the compressed stream is part of the blob too.
-        drain(diff.inner.get_mut(), &mut buf)
-            .map_err(|e| layer_err(format!("cannot read the layer stream: {e}")))?;
         let DiffReader {
             inner,
             hasher: diff_hasher,
@@ -260,14 +303,14 @@ impl Inner {
         let diff_id = finish_digest(diff_hasher);
 
         // Verification.
-        if let Some(expected) = opts.expected_size {
-            if expected != size {
-                return Err(StoreError::SizeMismatch {
-                    digest: expected_digest.to_string(),
-                    expected,
-                    actual: size,
-                });
-            }
+        if let Some(expected) = opts.expected_size
+            && expected != size
+        {
+            return Err(StoreError::SizeMismatch {
+                digest: expected_digest.to_string(),
+                expected,
+                actual: size,
+            });
         }
         if digest != expected_digest {
             return Err(StoreError::DigestMismatch {
@@ -275,14 +318,14 @@ impl Inner {
                 actual: digest,
             });
         }
-        if let Some(expected) = &opts.expected_diff_id {
-            if *expected != diff_id {
-                return Err(StoreError::DiffIdMismatch {
-                    digest: expected_digest.to_string(),
-                    expected: expected.clone(),
-                    actual: diff_id,
-                });
-            }
+        if let Some(expected) = &opts.expected_diff_id
+            && *expected != diff_id
+        {
+            return Err(StoreError::DiffIdMismatch {
+                digest: expected_digest.to_string(),
+                expected: expected.clone(),
+                actual: diff_id,
+            });
         }
 
         // Publication.

@@ -227,7 +227,7 @@ impl Store {
         };
         tracing::info!(image = %rec.name, ?outcome, "image recorded");
         if outcome == PutOutcome::Replaced {
-            self.gc()?;
+            self.gc_after_change();
         }
         Ok(outcome)
     }
@@ -247,7 +247,7 @@ impl Store {
     pub fn remove_image(&self, name: &ImageName) -> Result<()> {
         db::remove_image(&mut self.inner.conn(), name)?;
         tracing::info!(image = %name, "image removed");
-        self.gc()?;
+        self.gc_after_change();
         Ok(())
     }
 
@@ -265,7 +265,12 @@ impl Store {
     }
 
     /// Like [`Store::duplicate_image`], but may replace an existing `to`.
-    pub fn copy_image(&self, from: &ImageName, to: &ImageName, replace: bool) -> Result<PutOutcome> {
+    pub fn copy_image(
+        &self,
+        from: &ImageName,
+        to: &ImageName,
+        replace: bool,
+    ) -> Result<PutOutcome> {
         let src = self
             .get_image(from)?
             .ok_or_else(|| StoreError::ImageNotFound(from.to_string()))?;
@@ -291,6 +296,14 @@ impl Store {
     /// until `put_image` returns.
     pub fn begin_import(&self) -> ImportGuard {
         self.inner.begin_import()
+    }
+
+    /// A gc after an image was removed or replaced: the change itself
+    /// succeeded, so a failure here is only logged (the next gc retries).
+    fn gc_after_change(&self) {
+        if let Err(e) = self.gc() {
+            tracing::warn!(error = %e, "store gc failed");
+        }
     }
 
     /// Removes blobs and layers no image references (and layer dirs without

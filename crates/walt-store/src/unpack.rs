@@ -42,7 +42,7 @@ fn normalize(raw: &[u8]) -> std::result::Result<Vec<&[u8]>, &'static str> {
         return Err("contains a NUL byte");
     }
     if raw[0] == b'/' {
-        return Err("is an absolute path");
+        return Err("is an absolute path: it escapes the layer root");
     }
     let mut out = Vec::new();
     for c in raw.split(|&b| b == b'/') {
@@ -304,7 +304,10 @@ impl Unpacker<'_> {
                         } else {
                             SFlag::S_IFBLK
                         };
-                        (f, nix::sys::stat::makedev(dev_major.into(), dev_minor.into()))
+                        (
+                            f,
+                            nix::sys::stat::makedev(dev_major.into(), dev_minor.into()),
+                        )
                     }
                 };
                 self.remove_existing(&rel, &path)
@@ -347,14 +350,18 @@ impl Unpacker<'_> {
                 let Ok(key) = ext.key() else { continue };
                 if let Some(name) = key.strip_prefix(XATTR_PAX_PREFIX) {
                     if name.starts_with("trusted.overlay.") {
-                        tracing::debug!(layer = self.layer, xattr = name, "ignoring overlay xattr from layer");
+                        tracing::debug!(
+                            layer = self.layer,
+                            xattr = name,
+                            "ignoring overlay xattr from layer"
+                        );
                         continue;
                     }
                     xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
-                } else if key == "mtime" {
-                    if let Some(t) = ext.value().ok().and_then(parse_pax_time) {
-                        mtime = t;
-                    }
+                } else if key == "mtime"
+                    && let Some(t) = ext.value().ok().and_then(parse_pax_time)
+                {
+                    mtime = t;
                 }
             }
         }
@@ -383,15 +390,17 @@ impl Unpacker<'_> {
             match fs::symlink_metadata(&cur) {
                 Ok(m) if m.is_dir() => {}
                 Ok(m) if m.file_type().is_symlink() => {
-                    return Err(self.bad(
-                        raw,
-                        format!("goes through symlink '{}'", sofar.display()),
-                    ));
+                    return Err(
+                        self.bad(raw, format!("goes through symlink '{}'", sofar.display()))
+                    );
                 }
                 Ok(_) => {
                     return Err(self.bad(
                         raw,
-                        format!("goes through '{}' which is not a directory", sofar.display()),
+                        format!(
+                            "goes through '{}' which is not a directory",
+                            sofar.display()
+                        ),
                     ));
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
@@ -430,7 +439,12 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    fn copy_data<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, file: &mut File, raw: &[u8]) -> Result<()> {
+    fn copy_data<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        file: &mut File,
+        raw: &[u8],
+    ) -> Result<()> {
         loop {
             let n = match entry.read(&mut self.buf) {
                 Ok(0) => return Ok(()),
@@ -501,7 +515,11 @@ impl Unpacker<'_> {
         for (rel, t) in dirs {
             let path = self.root.join(&rel);
             filetime::set_symlink_file_times(&path, t, t).map_err(|e| StoreError::Io {
-                context: format!("layer {}: setting the times of '{}'", self.layer, rel.display()),
+                context: format!(
+                    "layer {}: setting the times of '{}'",
+                    self.layer,
+                    rel.display()
+                ),
                 source: e,
             })?;
         }
@@ -541,7 +559,10 @@ mod tests {
         assert!(normalize(b"./").unwrap().is_empty());
         assert_eq!(normalize(b"../x"), Err("escapes the layer root"));
         assert_eq!(normalize(b"a/../../x"), Err("escapes the layer root"));
-        assert_eq!(normalize(b"/etc"), Err("is an absolute path"));
+        assert_eq!(
+            normalize(b"/etc"),
+            Err("is an absolute path: it escapes the layer root")
+        );
         assert_eq!(normalize(b""), Err("has an empty name"));
         assert_eq!(normalize(b"a\0b"), Err("contains a NUL byte"));
     }

@@ -90,10 +90,10 @@ impl TmpPath {
 
 impl Drop for TmpPath {
     fn drop(&mut self) {
-        if let Some(p) = self.path.take() {
-            if let Err(e) = remove_any(&p) {
-                tracing::warn!(path = %p.display(), error = %e, "cannot remove staging path");
-            }
+        if let Some(p) = self.path.take()
+            && let Err(e) = remove_any(&p)
+        {
+            tracing::warn!(path = %p.display(), error = %e, "cannot remove staging path");
         }
     }
 }

@@ -1,0 +1,117 @@
+# Shared helpers of the benchmark scripts (sourced).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=$ROOT/target/release
+CACHE=${WALT_BENCH_CACHE:-/var/tmp/walt-bench-cache}
+mkdir -p "$CACHE"
+W=$(mktemp -d /tmp/walt-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "$1 did not come up" >&2; return 1; }
+wait_tcp() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; return 1; }
+now() { date +%s.%N; }
+elapsed() { python3 -c "print(f'{$2-$1:.3f}')"; }
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+best() { printf '%s\n' "$@" | sort -g | head -1; }
+
+start_registry() { # -> REG_PORT
+  REG_PORT=$(free_port)
+  cat > "$W/registry.yml" <<YML
+version: 0.1
+storage: { filesystem: { rootdirectory: $W/registry }, delete: { enabled: true } }
+http: { addr: 127.0.0.1:$REG_PORT }
+log: { level: error, accesslog: { disabled: true } }
+YML
+  docker-registry serve "$W/registry.yml" >"$W/registry.log" 2>&1 & pids+=($!)
+  wait_http "http://127.0.0.1:$REG_PORT/v2/"
+}
+
+# push_blob FILE REPO -> uploads a blob (monolithic) unless present
+push_blob() {
+  local f=$1 repo=$2 d loc
+  d=sha256:$(sha256sum "$f" | cut -d' ' -f1)
+  if curl -fsI "http://127.0.0.1:$REG_PORT/v2/$repo/blobs/$d" >/dev/null; then echo "$d"; return; fi
+  loc=$(curl -fsi -X POST "http://127.0.0.1:$REG_PORT/v2/$repo/blobs/uploads/" | tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
+  case $loc in http*) ;; *) loc="http://127.0.0.1:$REG_PORT$loc";; esac
+  case $loc in *\?*) loc="$loc&digest=$d";; *) loc="$loc?digest=$d";; esac
+  curl -fs -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$f" "$loc" >/dev/null
+  echo "$d"
+}
+
+# make_layers NAME SPEC... : builds gzip layers into $CACHE/NAME/ once.
+# SPEC is rand:<MiB> (incompressible file) or dir:<path> (tar of a host directory).
+make_layers() {
+  local name=$1; shift
+  local dir=$CACHE/$name
+  [ -f "$dir/done" ] && return 0
+  rm -rf "$dir"; mkdir -p "$dir"
+  local i=0 spec
+  for spec in "$@"; do
+    i=$((i+1))
+    echo "building layer $i of $name ($spec)" >&2
+    mkdir -p "$W/l$i"
+    case $spec in
+      rand:*) head -c "${spec#rand:}M" /dev/urandom > "$W/l$i/data-$i.bin"; tar -C "$W/l$i" -cf "$dir/$i.tar" . ;;
+      dir:*) tar -C / -cf "$dir/$i.tar" "${spec#dir:/}" 2>/dev/null || true ;;
+    esac
+    sha256sum "$dir/$i.tar" | cut -d' ' -f1 > "$dir/$i.diffid"
+    pigz -6 -c "$dir/$i.tar" > "$dir/$i.tar.gz"
+    rm -f "$dir/$i.tar"; rm -rf "$W/l$i"
+  done
+  echo "$i" > "$dir/count"; touch "$dir/done"
+}
+
+# push_image NAME REPO : pushes the cached layers of NAME as an OCI image REPO:latest.
+push_image() {
+  local name=$1 repo=$2 dir=$CACHE/$1 n layers="" diffids="" d size
+  n=$(cat "$dir/count")
+  for i in $(seq "$n"); do
+    d=$(push_blob "$dir/$i.tar.gz" "$repo"); size=$(stat -c %s "$dir/$i.tar.gz")
+    layers="$layers${layers:+,}{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"$d\",\"size\":$size}"
+    diffids="$diffids${diffids:+,}\"sha256:$(cat "$dir/$i.diffid")\""
+  done
+  printf '{"architecture":"amd64","os":"linux","config":{"Labels":{"walt.node.models":"pc-x86-64"}},"rootfs":{"type":"layers","diff_ids":[%s]}}' "$diffids" > "$W/config.json"
+  d=$(push_blob "$W/config.json" "$repo"); size=$(stat -c %s "$W/config.json")
+  printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%s},"layers":[%s]}' "$d" "$size" "$layers" > "$W/manifest.json"
+  curl -fs -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary "@$W/manifest.json" \
+    "http://127.0.0.1:$REG_PORT/v2/$repo/manifests/latest" >/dev/null
+}
+
+# start_walt DATA_DIR -> WALT_PID, WALT_PORT, WALT_CONFIG exported
+start_walt() {
+  WALT_PORT=$(free_port)
+  cat > "$W/server.conf" <<YML
+registries:
+-   {label: bench, api: docker-registry-v2, description: Bench registry, host: 127.0.0.1, port: $REG_PORT, protocol: http, auth: none}
+YML
+  RUST_LOG=info "$BIN/walt-server" --config "$W/server.conf" --data-dir "$1" --listen "127.0.0.1:$WALT_PORT" 2>>"$W/server.log" &
+  WALT_PID=$!; pids+=($WALT_PID)
+  wait_tcp "$WALT_PORT"
+  export WALT_CONFIG=$W/walt.conf
+  printf 'walt:\n    server: 127.0.0.1:%s\n    username: bench\n' "$WALT_PORT" > "$WALT_CONFIG"
+}
+stop_walt() { kill "$WALT_PID"; wait "$WALT_PID" 2>/dev/null || true; }
+peak_rss_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+
+podman_env() { # fresh podman store in $1
+  mkdir -p "$1"
+  cat > "$1/containers.conf" <<CONF
+[containers]
+default_ulimits = ["nofile=20000:20000","nproc=32768:32768"]
+netns = "none"
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+tmp_dir = "$1/tmp"
+CONF
+  cat > "$1/storage.conf" <<CONF
+[storage]
+driver = "overlay"
+graphroot = "$1/root"
+runroot = "$1/run"
+CONF
+  export CONTAINERS_CONF=$1/containers.conf CONTAINERS_STORAGE_CONF=$1/storage.conf
+}
