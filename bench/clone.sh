@@ -3,6 +3,8 @@
 #   walt image clone  vs  skopeo copy docker://… oci:…  vs  podman pull
 # plus re-clone of a fully stored image under a new name (server side),
 # and the server's peak RSS while cloning a ~1 GB image.
+# Each timed command starts with no dirty pages (sync first), so no tool pays
+# for another's writeback.
 # Usage: bench/clone.sh [runs]   (needs root; builds walt in release mode)
 source "$(dirname "$0")/lib.sh"
 RUNS=${1:-3}
@@ -10,27 +12,27 @@ command -v pigz >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y 
 command -v podman >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman >/dev/null
 (cd "$ROOT" && cargo build --release --bins -q)
 
-make_layers big430 rand:100 rand:100 rand:100 dir:/usr/lib/x86_64-linux-gnu
+make_layers usr430 rand:100 rand:100 rand:100 dir:/usr/lib/gcc+/usr/share/doc+/usr/include
 make_layers big1g rand:100 rand:100 rand:100 rand:100 rand:100 rand:100 rand:100 rand:100 rand:100 rand:100
 start_registry
-push_image big430 bench/big430
+push_image usr430 bench/big430
 push_image big1g bench/big1g
-size=$(du -cb "$CACHE"/big430/*.tar.gz | tail -1 | cut -f1)
+size=$(du -cb "$CACHE"/usr430/*.tar.gz | tail -1 | cut -f1)
 echo "image: 4 layers, $((size/1000000)) MB compressed; $RUNS runs each, best kept" >&2
 
 walt_t=(); skopeo_t=(); podman_t=()
 for r in $(seq "$RUNS"); do
   rm -rf "$W/data"; start_walt "$W/data"
-  t0=$(now); "$BIN/walt" image clone bench:bench/big430 >/dev/null; t1=$(now)
+  sync; t0=$(now); "$BIN/walt" image clone bench:bench/big430 >/dev/null; t1=$(now)
   walt_t+=("$(elapsed "$t0" "$t1")")
   stop_walt
 
   rm -rf "$W/oci"
-  t0=$(now); skopeo copy -q --src-tls-verify=false "docker://127.0.0.1:$REG_PORT/bench/big430:latest" "oci:$W/oci:latest"; t1=$(now)
+  sync; t0=$(now); skopeo copy -q --src-tls-verify=false "docker://127.0.0.1:$REG_PORT/bench/big430:latest" "oci:$W/oci:latest"; t1=$(now)
   skopeo_t+=("$(elapsed "$t0" "$t1")")
 
   rm -rf "$W/podman"; podman_env "$W/podman"
-  t0=$(now); podman pull -q --tls-verify=false "127.0.0.1:$REG_PORT/bench/big430:latest" >/dev/null; t1=$(now)
+  sync; t0=$(now); podman pull -q --tls-verify=false "127.0.0.1:$REG_PORT/bench/big430:latest" >/dev/null; t1=$(now)
   podman_t+=("$(elapsed "$t0" "$t1")")
   podman rmi -a -f >/dev/null 2>&1 || true
   echo "run $r: walt ${walt_t[-1]}s  skopeo ${skopeo_t[-1]}s  podman ${podman_t[-1]}s" >&2
@@ -49,7 +51,7 @@ stop_walt
 
 # Peak RSS of the server while cloning the ~1 GB image.
 rm -rf "$W/data"; start_walt "$W/data"
-t0=$(now); "$BIN/walt" image clone bench:bench/big1g >/dev/null; t1=$(now)
+sync; t0=$(now); "$BIN/walt" image clone bench:bench/big1g >/dev/null; t1=$(now)
 rss=$(peak_rss_mb "$WALT_PID"); t1g=$(elapsed "$t0" "$t1")
 stop_walt
 

@@ -42,7 +42,7 @@ push_blob() {
 }
 
 # make_layers NAME SPEC... : builds gzip layers into $CACHE/NAME/ once.
-# SPEC is rand:<MiB> (incompressible file) or dir:<path> (tar of a host directory).
+# SPEC is rand:<MiB> (incompressible file) or dir:<path>[+<path>...] (tar of host directories).
 make_layers() {
   local name=$1; shift
   local dir=$CACHE/$name
@@ -55,7 +55,8 @@ make_layers() {
     mkdir -p "$W/l$i"
     case $spec in
       rand:*) head -c "${spec#rand:}M" /dev/urandom > "$W/l$i/data-$i.bin"; tar -C "$W/l$i" -cf "$dir/$i.tar" . ;;
-      dir:*) tar -C / -cf "$dir/$i.tar" "${spec#dir:/}" 2>/dev/null || true ;;
+      dir:*) local paths; IFS=+ read -ra paths <<< "${spec#dir:}"
+             tar -C / -cf "$dir/$i.tar" "${paths[@]#/}" 2>/dev/null || true ;;
     esac
     sha256sum "$dir/$i.tar" | cut -d' ' -f1 > "$dir/$i.diffid"
     pigz -6 -c "$dir/$i.tar" > "$dir/$i.tar.gz"

@@ -4,6 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::sync::mpsc;
 
 use sha2::{Digest, Sha256};
 use walt_core::oci::Compression;
@@ -166,7 +167,40 @@ impl<R: Read> Read for DiffReader<R> {
     }
 }
 
-/// Unpacks (when `layer_dir` is given) and hashes the whole stream.
+/// Size of the decompressed chunks handed to the unpacking thread.
+const CHUNK: usize = 256 * 1024;
+/// Chunks in flight between the two threads.
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+/// A `Read` over the chunks the decompressing thread sends; empty buffers
+/// go back to it for reuse.
+struct ChunkReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    recycle: mpsc::SyncSender<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            let Ok(next) = self.rx.recv() else {
+                return Ok(0);
+            };
+            let done = std::mem::replace(&mut self.current, next);
+            let _ = self.recycle.try_send(done);
+            self.pos = 0;
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Hashes the whole decompressed stream and, when `layer_dir` is given,
+/// unpacks it there. Decompression and hashing run on this thread while a
+/// second thread unpacks, so the two overlap.
 fn run_pipeline<R: BufRead>(
     diff: &mut DiffReader<Decoder<R>>,
     layer_dir: Option<&std::path::Path>,
@@ -177,17 +211,69 @@ fn run_pipeline<R: BufRead>(
         layer: digest.to_string(),
         reason: format!("cannot read the layer stream: {e}"),
     };
-    let mut tar_stream = BufReader::with_capacity(BUF_SIZE, &mut *diff);
-    if let Some(dir) = layer_dir {
-        crate::unpack::unpack(&mut tar_stream, dir, digest)?;
+    let Some(dir) = layer_dir else {
+        drain(diff, buf).map_err(layer_err)?;
+        // Whatever follows the compressed stream is part of the blob too.
+        drain(diff.inner.get_mut(), buf).map_err(layer_err)?;
+        return Ok(());
+    };
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+        let (recycle_tx, recycle_rx) = mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
+        let unpacker = scope.spawn(move || {
+            let mut reader = ChunkReader {
+                rx,
+                recycle: recycle_tx,
+                current: Vec::new(),
+                pos: 0,
+            };
+            let result = crate::unpack::unpack(&mut reader, dir, digest).map(drop);
+            // Returning drops the receiver: the sender then only hashes.
+            result
+        });
+        // Feed the unpacker while it lives; hash to the end regardless
+        // (padding after the end-of-archive marker included).
+        let mut feeding = true;
+        let read_result = loop {
+            let mut chunk = recycle_rx
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+            chunk.resize(CHUNK, 0);
+            let n = match read_full(diff, &mut chunk) {
+                Ok(n) => n,
+                Err(e) => break Err(layer_err(e)),
+            };
+            if n == 0 {
+                break Ok(());
+            }
+            chunk.truncate(n);
+            if feeding && tx.send(chunk).is_err() {
+                feeding = false;
+            }
+        };
+        drop(tx);
+        let unpacked = unpacker
+            .join()
+            .unwrap_or_else(|_| Err(layer_err(io::Error::other("the unpacking thread panicked"))));
+        read_result?;
+        unpacked?;
+        drain(diff.inner.get_mut(), buf).map_err(layer_err)?;
+        Ok(())
+    })
+}
+
+/// Reads until `buf` is full or the stream ends.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(k) => filled += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    // Hash everything up to the end of the decompressed stream
-    // (padding after the end-of-archive marker included).
-    drain(&mut tar_stream, buf).map_err(layer_err)?;
-    drop(tar_stream);
-    // Whatever follows the compressed stream is part of the blob too.
-    drain(diff.inner.get_mut(), buf).map_err(layer_err)?;
-    Ok(())
+    Ok(filled)
 }
 
 impl Inner {
