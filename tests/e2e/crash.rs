@@ -88,3 +88,59 @@ fn kill9_during_clone_then_restart_leaves_a_clean_store() {
     assert!(store_has_layer(&env, &img, 1));
     assert_tmp_empty(&data);
 }
+
+/// SIGTERM in the middle of a clone: the server stops promptly and cleanly
+/// (exit 0), the client gets one error line, and the staging area is
+/// already empty before any restart.
+#[test]
+fn sigterm_during_clone_cancels_it_cleanly() {
+    let mut env = Env::start_with(EnvOpts {
+        proxy: true,
+        ..Default::default()
+    });
+    let big = env
+        .images
+        .big_random_layer(Format::Oci, Compression::None, BIG, 7)
+        .unwrap();
+    let img = env
+        .images
+        .image(Format::Oci, ImageConfig::amd64("pc-x86-64"), &[big])
+        .unwrap();
+    env.push_local("walt-test/big", "latest", &img);
+    let data = env.server.data_dir();
+
+    env.proxy.as_ref().unwrap().rate_limit(Some(50_000_000));
+    let child = env.alice.spawn(&["image", "clone", "flaky:walt-test/big"]);
+    wait_for(
+        "tmp/ to hold more than 20 MB",
+        Duration::from_secs(90),
+        || (dir_size(&data.join("tmp")) > 20_000_000).then_some(()),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let status = env.server.stop().expect("server was running");
+    assert!(status.success(), "walt-server exited with {status} on SIGTERM");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "SIGTERM took {:?}",
+        started.elapsed()
+    );
+    let out = wait_output(
+        child,
+        "walt image clone flaky:walt-test/big",
+        Duration::from_secs(60),
+    );
+    out.assert_failure_any(&["shutting down", "unavailable", "error"]);
+    // Cleaned on the way out, not only at the next start.
+    assert_eq!(
+        list_tree(&data.join("tmp")),
+        Vec::<String>::new(),
+        "staging files left after SIGTERM"
+    );
+
+    env.server.restart().unwrap();
+    assert!(env.alice.image_names().is_empty());
+    env.proxy.as_ref().unwrap().rate_limit(None);
+    let out = env.alice.clone_ok(&["flaky:walt-test/big"]);
+    assert_cloned(&out, "big");
+}
