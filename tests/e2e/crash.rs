@@ -119,7 +119,10 @@ fn sigterm_during_clone_cancels_it_cleanly() {
     .unwrap();
     let started = std::time::Instant::now();
     let status = env.server.stop().expect("server was running");
-    assert!(status.success(), "walt-server exited with {status} on SIGTERM");
+    assert!(
+        status.success(),
+        "walt-server exited with {status} on SIGTERM"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "SIGTERM took {:?}",

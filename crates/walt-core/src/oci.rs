@@ -98,7 +98,7 @@ pub struct Index {
 /// Either kind of manifest document.
 #[derive(Debug, Clone)]
 pub enum ManifestDoc {
-    Image(Manifest),
+    Image(Box<Manifest>),
     Index(Index),
 }
 
@@ -138,7 +138,7 @@ impl ManifestDoc {
         Ok(if is_index {
             ManifestDoc::Index(serde_json::from_value(v)?)
         } else {
-            ManifestDoc::Image(serde_json::from_value(v)?)
+            ManifestDoc::Image(Box::new(serde_json::from_value(v)?))
         })
     }
 }
@@ -218,14 +218,13 @@ pub fn pick_platform<'a>(
         })
         .collect();
     let same_arch = |d: &&&Descriptor| d.platform.as_ref().is_some_and(|p| p.architecture == arch);
-    if let Some(v) = variant {
-        if let Some(d) = candidates
+    if let Some(v) = variant
+        && let Some(d) = candidates
             .iter()
             .filter(same_arch)
             .find(|d| d.platform.as_ref().and_then(|p| p.variant.as_deref()) == Some(v))
-        {
-            return Some(d);
-        }
+    {
+        return Some(d);
     }
     candidates.iter().find(same_arch).copied()
 }

@@ -204,7 +204,7 @@ async fn resolve_manifest(
     let mut media_type = fetched.media_type.clone();
     let (manifest, bytes, digest) =
         match ManifestDoc::parse(&fetched.bytes, media_type.as_deref()).map_err(bad)? {
-            ManifestDoc::Image(m) => (m, fetched.bytes, fetched.digest),
+            ManifestDoc::Image(m) => (*m, fetched.bytes, fetched.digest),
             ManifestDoc::Index(index) => {
                 let (arch, variant) = oci::oci_arch(std::env::consts::ARCH);
                 let Some(desc) = oci::pick_platform(&index, arch, variant) else {
@@ -227,7 +227,7 @@ async fn resolve_manifest(
                 let inner = client.get_manifest(&path, &desc.digest).await?;
                 media_type = inner.media_type.clone().or(Some(desc.media_type.clone()));
                 match ManifestDoc::parse(&inner.bytes, media_type.as_deref()).map_err(bad)? {
-                    ManifestDoc::Image(m) => (m, inner.bytes, inner.digest),
+                    ManifestDoc::Image(m) => (*m, inner.bytes, inner.digest),
                     ManifestDoc::Index(_) => {
                         return Err(ServiceError::FailedPrecondition(format!(
                             "registry '{}': {url}: nested image indexes are not supported",
@@ -387,7 +387,8 @@ async fn fetch_layers(
     let _cancel_on_drop = cancel.clone().drop_guard();
     let limit = Arc::new(tokio::sync::Semaphore::new(LAYER_CONCURRENCY));
     let mut set = JoinSet::new();
-    for job in layers.iter().cloned() {
+    for job in layers {
+        let job = job.clone();
         let (store, client, path, events, cancel, limit) = (
             store.clone(),
             client.clone(),
