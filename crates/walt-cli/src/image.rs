@@ -88,11 +88,26 @@ async fn connect(settings: &Settings) -> anyhow::Result<Client> {
 
 /// The one line the user sees for a failed call.
 fn status_error(s: Status) -> anyhow::Error {
+    let msg = s.message();
+    // Statuses from the transport (not from walt-server) carry its wording.
+    let transport = [
+        "transport error",
+        "h2 protocol error",
+        "tcp connect error",
+        "error reading a body from connection",
+    ]
+    .iter()
+    .any(|t| msg.contains(t));
     match s.code() {
-        Code::Unavailable if s.message().contains("tcp connect") || s.message().is_empty() => {
-            anyhow!("the walt server is unavailable: {}", s.message())
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+            if transport || msg.is_empty() =>
+        {
+            anyhow!(
+                "lost the connection to the walt server ({})",
+                if msg.is_empty() { "no detail" } else { msg }
+            )
         }
-        _ => anyhow!("{}", s.message()),
+        _ => anyhow!("{msg}"),
     }
 }
 
