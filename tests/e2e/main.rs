@@ -11,5 +11,6 @@ mod formats;
 mod harness;
 mod manage;
 mod registries;
+mod secrets;
 mod users;
 mod workingset;
