@@ -4,7 +4,7 @@ use crate::common::*;
 use walt_e2e::registry::registry_entry;
 use walt_e2e::*;
 
-fn secure_env(opts: EnvOpts) -> (Env, BuiltImage) {
+pub(crate) fn secure_env(opts: EnvOpts) -> (Env, BuiltImage) {
     let env = Env::start_with(EnvOpts {
         secure: true,
         ..opts

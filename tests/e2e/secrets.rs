@@ -33,17 +33,7 @@ fn files_contain(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
 
 #[test]
 fn credentials_never_reach_server_logs_or_disk() {
-    let env = Env::start_with(EnvOpts {
-        secure: true,
-        ..Default::default()
-    });
-    let img = env.busybox();
-    env.secure
-        .as_ref()
-        .unwrap()
-        .client()
-        .push_image("walter/busybox", "latest", &img)
-        .unwrap();
+    let (env, _) = crate::registries::secure_env(EnvOpts::default());
 
     // A wrong password first (its error path logs), then the right one.
     let wrong = "wr0ng-Secret-xyz";
