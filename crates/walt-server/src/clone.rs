@@ -191,7 +191,7 @@ pub async fn run(
 
 /// The single-platform manifest of `url`, resolving an index for this
 /// server's architecture. Returns (manifest, its bytes, its digest, media type).
-async fn resolve_manifest(
+pub(crate) async fn resolve_manifest(
     client: &RegistryClient,
     url: &CloneUrl,
     events: &Events,
@@ -308,10 +308,17 @@ async fn pull(
             .send(Ok(progress(&l.digest, 0, l.size, false, false)))
             .await;
     }
+    // Held until the image row is committed, so that no collection runs
+    // between the layers landing and the row referencing them. Dropped on a
+    // blocking thread: the last guard runs any deferred collection.
     let guard = store.begin_import();
-    let downloaded = fetch_layers(store, client, &path, &layers, events).await;
-    drop(guard);
-    let downloaded = downloaded?;
+    let downloaded = match fetch_layers(store, client, &path, &layers, events).await {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
+            return Err(e);
+        }
+    };
 
     let store2 = store.clone();
     let new = NewImage {
@@ -337,7 +344,7 @@ async fn pull(
     let force = plan.force;
     let config_digest = manifest.config.digest.clone();
     let outcome = blocking(move || {
-        let _guard = store2.begin_import();
+        let _guard = guard;
         store2.put_blob(Some(&config_digest), &config_bytes)?;
         store2.put_blob(Some(&new.manifest_digest), &manifest_bytes)?;
         Ok(store2.put_image(&new, force)?)
