@@ -27,15 +27,7 @@ docker-registry serve "$W/registry.yml" >"$W/registry.log" 2>&1 & pids+=($!)
 wait_http "http://127.0.0.1:$RP/v2/"
 
 echo "== 2. an image built offline from busybox-static, pushed with umoci + skopeo"
-mkdir -p "$W/rootfs"/{bin,etc,root,tmp,proc,sys,dev}
-cp /bin/busybox "$W/rootfs/bin/"
-for a in sh ls cat echo uname mkdir rm cp mv ps mount sleep vi; do ln -s busybox "$W/rootfs/bin/$a"; done
-echo 'root:x:0:0:root:/root:/bin/sh' > "$W/rootfs/etc/passwd"
-echo 'walt demo image' > "$W/rootfs/etc/motd"
-tar -C "$W/rootfs" -cf "$W/rootfs.tar" .
-( cd "$W" && umoci init --layout oci && umoci new --image oci:latest \
-  && umoci raw add-layer --image oci:latest rootfs.tar \
-  && umoci config --image oci:latest --config.label walt.node.models=pc-x86-64 --architecture amd64 --os linux ) >/dev/null
+./images/busybox/build.sh "$W/oci" pc-x86-64 amd64 >/dev/null
 skopeo copy -q --dest-tls-verify=false "oci:$W/oci:latest" "docker://127.0.0.1:$RP/waltplatform/pc-x86-64-default:latest"
 
 echo "== 3. walt-server, configured with this registry as 'demo'"
@@ -63,5 +55,7 @@ run "$BIN/walt" image clone demo:waltplatform/pc-x86-64-default my-image
 run "$BIN/walt" image show
 run "$BIN/walt" image rename my-image experiment
 run "$BIN/walt" image duplicate experiment experiment:v2
+printf 'walt:\n    server: 127.0.0.1:%s\n    username: bob\n' "$SP" > "$W/bob.conf"
+echo "(as user bob)"; WALT_CONFIG=$W/bob.conf run "$BIN/walt" image clone walt:demo/experiment:v2 from-demo
 run "$BIN/walt" image show --all
 echo "== the demo worked; server log: $W/server.log (removed on exit)"
