@@ -1,10 +1,19 @@
-//! `walt-server-setup`: checks (and, later, edits) the walt server configuration.
+//! `walt-server-setup`: checks and edits the walt server configuration.
 
-use std::path::PathBuf;
+mod editor;
+mod model;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
 use walt_core::config::{Registry, ServerConfig};
+
+use model::{Config, NewRegistry, entry_label, system_resolver};
 
 /// Set up and configure the walt server.
 #[derive(Parser, Debug)]
@@ -17,19 +26,59 @@ struct Args {
     #[arg(long)]
     edit_conf: bool,
     /// Configuration file.
-    #[arg(long, default_value = "/etc/walt/server.conf")]
+    #[arg(long, global = true, default_value = "/etc/walt/server.conf")]
     config: PathBuf,
+    /// walt-server to tell about a new configuration (loopback only).
+    #[arg(long, global = true, default_value = "127.0.0.1:12345")]
+    server: String,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// List, add or remove image registries (scriptable).
+    #[command(subcommand)]
+    Registry(RegistryCmd),
+    /// Tell the running walt-server to reload the configuration file.
+    Reload,
+}
+
+#[derive(Subcommand, Debug)]
+enum RegistryCmd {
+    /// List the configured registries.
+    List,
+    /// Add a docker-registry-v2 registry.
+    Add {
+        /// Label used in clone URLs (`LABEL:user/image`).
+        #[arg(long)]
+        label: String,
+        /// Host name or address of the registry.
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value_t = model::DEFAULT_PORT)]
+        port: u16,
+        /// https, http or https-no-verify.
+        #[arg(long, default_value = model::DEFAULT_PROTOCOL)]
+        protocol: String,
+        /// basic or none.
+        #[arg(long, default_value = model::DEFAULT_AUTH)]
+        auth: String,
+        /// Short description (at most 35 characters); default "Registry at HOST".
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Remove the registry with this label.
+    Remove { label: String },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let result = if args.edit_conf {
-        Err(anyhow::anyhow!(
-            "the interactive editor is not available in this version; edit {} by hand and check it with --check",
-            args.config.display()
-        ))
-    } else {
-        check(&args.config)
+    let result = match &args.command {
+        Some(Cmd::Registry(cmd)) => registry(&args, cmd),
+        Some(Cmd::Reload) => reload(&args.server),
+        None if args.edit_conf => edit_conf(&args),
+        None => check(&args.config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,4 +114,185 @@ fn check(path: &PathBuf) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads the file (a missing file is an empty configuration: hub only).
+fn load(path: &Path) -> anyhow::Result<Config> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Writes the file atomically (temp file + rename, mode 0644), keeping the
+/// previous version as `<file>.bak`.
+fn save(path: &Path, config: &Config) -> anyhow::Result<()> {
+    let text = config.to_yaml().map_err(anyhow::Error::msg)?;
+    // Never write a file the server would refuse.
+    ServerConfig::parse(&path.display().to_string(), &text)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "server.conf".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+    }
+    if path.exists() {
+        let bak = dir.join(format!("{name}.bak"));
+        if let Err(e) = std::fs::copy(path, &bak) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("cannot write {}", bak.display()));
+        }
+    }
+    std::fs::rename(&tmp, path).with_context(|| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot replace {}", path.display())
+    })?;
+    Ok(())
+}
+
+/// Calls Admin.ReloadConfig; Err is the reason the server could not be reached.
+fn call_reload(server: &str) -> Result<walt_proto::v1::ReloadConfigReply, String> {
+    use walt_proto::v1::ReloadConfigRequest;
+    use walt_proto::v1::admin_client::AdminClient;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let url = if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    };
+    rt.block_on(async {
+        let endpoint = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| format!("bad server address: {e}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30));
+        let channel = endpoint.connect().await.map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg = s.to_string();
+                src = s.source();
+            }
+            msg
+        })?;
+        AdminClient::new(channel)
+            .reload_config(ReloadConfigRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| s.message().to_string())
+    })
+}
+
+/// After a change: asks the running server to reload and says what happened.
+fn notify_server(server: &str) -> anyhow::Result<()> {
+    match call_reload(server) {
+        Ok(r) if r.ok => {
+            println!(
+                "walt-server reloaded its configuration (registries: {})",
+                r.registries.join(", ")
+            );
+            Ok(())
+        }
+        Ok(r) => bail!("walt-server refused the new configuration: {}", r.message),
+        Err(reason) => {
+            println!(
+                "walt-server at {server} could not be told ({reason}): it will use the new configuration at its next start"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `reload`: like `notify_server`, but an unreachable server is an error.
+fn reload(server: &str) -> anyhow::Result<()> {
+    match call_reload(server) {
+        Ok(r) if r.ok => {
+            println!(
+                "walt-server reloaded its configuration (registries: {})",
+                r.registries.join(", ")
+            );
+            Ok(())
+        }
+        Ok(r) => bail!("walt-server refused the new configuration: {}", r.message),
+        Err(reason) => bail!("cannot reach walt-server at {server}: {reason}"),
+    }
+}
+
+fn registry(args: &Args, cmd: &RegistryCmd) -> anyhow::Result<()> {
+    let mut config = load(&args.config)?;
+    match cmd {
+        RegistryCmd::List => {
+            println!(
+                "{:<12} {:<20} {:<36} CONFIGURATION",
+                "LABEL", "API", "DESCRIPTION"
+            );
+            for e in config.registries() {
+                let (api, desc, conf) = model::describe(&e);
+                println!("{:<12} {api:<20} {desc:<36} {conf}", entry_label(&e));
+            }
+            return Ok(());
+        }
+        RegistryCmd::Add {
+            label,
+            host,
+            port,
+            protocol,
+            auth,
+            description,
+        } => {
+            let r = NewRegistry {
+                label: label.clone(),
+                description: description
+                    .clone()
+                    .unwrap_or_else(|| format!("Registry at {host}")),
+                host: host.clone(),
+                port: *port,
+                protocol: protocol.clone(),
+                auth: auth.clone(),
+            };
+            config
+                .add(&r, &system_resolver)
+                .map_err(anyhow::Error::msg)?;
+            save(&args.config, &config)?;
+            println!("registry '{label}' added to {}", args.config.display());
+        }
+        RegistryCmd::Remove { label } => {
+            config.remove(label).map_err(anyhow::Error::msg)?;
+            save(&args.config, &config)?;
+            println!("registry '{label}' removed from {}", args.config.display());
+        }
+    }
+    notify_server(&args.server)
+}
+
+fn edit_conf(args: &Args) -> anyhow::Result<()> {
+    let config = load(&args.config)?;
+    match editor::run(config)? {
+        editor::Outcome::Discard => {
+            println!("Changes discarded: {} is unchanged.", args.config.display());
+            Ok(())
+        }
+        editor::Outcome::Save(config) => {
+            save(&args.config, &config)?;
+            println!("Configuration written to {}.", args.config.display());
+            notify_server(&args.server)
+        }
+    }
 }

@@ -11,6 +11,8 @@ mod formats;
 mod harness;
 mod manage;
 mod registries;
+mod search;
 mod secrets;
+mod setup;
 mod users;
 mod workingset;

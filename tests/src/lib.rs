@@ -9,6 +9,7 @@ pub mod image;
 pub mod proxy;
 pub mod registry;
 pub mod store;
+pub mod tmux;
 pub mod util;
 pub mod walt;
 

@@ -169,6 +169,52 @@ impl WaltServer {
         self.spawn()
     }
 
+    /// Sends SIGHUP to the server (configuration reload).
+    pub fn sighup(&self) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGHUP);
+            }
+        }
+    }
+
+    /// Waits until the server log holds `needle` `count` times or more.
+    pub fn wait_log(&self, needle: &str, count: usize) -> Result<()> {
+        wait_for(
+            &format!("`{needle}` in the walt-server log"),
+            Duration::from_secs(20),
+            || (self.log().matches(needle).count() >= count).then_some(()),
+        )
+        .with_context(|| {
+            format!(
+                "server log:
+{}",
+                self.log()
+            )
+        })
+    }
+
+    /// `walt-server-setup ARGS --config <this server's file> --server <its
+    /// address>` (no `--server` added when `args` has one).
+    pub fn setup(&self, args: &[&str]) -> CmdOutput {
+        let mut cmd = Command::new(workspace_bin("walt-server-setup"));
+        cmd.args(args).arg("--config").arg(self.config_path());
+        if !args.contains(&"--server") {
+            cmd.arg("--server").arg(self.addr());
+        }
+        cmd.env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().expect("cannot start walt-server-setup");
+        wait_output(
+            child,
+            &format!("walt-server-setup {}", args.join(" ")),
+            Duration::from_secs(60),
+        )
+    }
+
     /// A CLI for `user` with registry credentials `(label, user, password)`.
     pub fn cli(&self, user: &str, creds: &[(&str, &str, &str)]) -> Walt {
         Walt::new(&self.addr(), user, creds).expect("cannot write the walt client config")

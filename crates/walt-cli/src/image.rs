@@ -18,6 +18,9 @@ use walt_proto::v1::{self as pb, clone_event::Event, images_client::ImagesClient
 use crate::config::{self, Settings};
 use crate::table;
 
+#[path = "search.rs"]
+mod search;
+
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
     /// Show your images (the working set).
@@ -38,6 +41,14 @@ pub enum ImageCommand {
         url: String,
         /// Name in your working set (default: the remote name).
         name: Option<String>,
+    },
+    /// Search the images of every source (other users, registries).
+    Search {
+        /// Show only the images whose clone URL contains this.
+        keyword: Option<String>,
+        /// Print the results as one JSON array.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove an image from your working set.
     Remove { image: String },
@@ -120,6 +131,9 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<()> {
         }
         ImageCommand::Clone { force, url, name } => {
             clone(&mut client, &settings, &url, name, force).await
+        }
+        ImageCommand::Search { keyword, json } => {
+            search::search(&mut client, &settings, keyword, json).await
         }
         ImageCommand::Remove { image } => {
             client

@@ -20,3 +20,5 @@ pub const LABEL_SERVER_MINVERSION: &str = "walt.server.minversion";
 pub const LABEL_PREFERRED_NAME: &str = "walt.image.preferred-name";
 /// Owner of the default images.
 pub const DEFAULT_IMAGES_OWNER: &str = "waltplatform";
+/// This server's version, compared with `walt.server.minversion` labels.
+pub const SERVER_VERSION: u32 = 10;

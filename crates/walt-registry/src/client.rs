@@ -1,5 +1,7 @@
 //! The HTTP client proper.
 
+mod catalog;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

@@ -937,3 +937,90 @@ async fn body_cut_short_is_transient() {
     );
     task.abort();
 }
+
+// ----- catalog and tags -----
+
+/// Pushes a tiny image (a config blob, no layer) as `repo:tag`.
+async fn push_tiny(http: &reqwest::Client, base: &str, repo: &str, tag: &str) {
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let digest = push_blob(http, base, repo, config, None).await;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest, "size": config.len()},
+        "layers": [],
+    }))
+    .unwrap();
+    let r = http
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", OCI_MANIFEST)
+        .body(manifest)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
+}
+
+#[tokio::test]
+async fn catalog_and_tags_paginate_on_a_real_registry() {
+    let reg = start_registry(None, None).await;
+    let http = test_http();
+    let c = RegistryClient::new(opts("local", &reg.base_url)).unwrap();
+    assert!(c.catalog().await.unwrap().is_empty());
+    let mut expected: Vec<String> = (0..105).map(|i| format!("u/r{i:03}")).collect();
+    for repo in &expected {
+        push_tiny(&http, &reg.base_url, repo, "latest").await;
+    }
+    push_tiny(&http, &reg.base_url, "solo", "v1").await;
+    expected.push("solo".into());
+    for tag in ["v1", "v2"] {
+        push_tiny(&http, &reg.base_url, "u/r000", tag).await;
+    }
+    let mut got = c.catalog().await.unwrap();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    let mut tags = c.tags("u/r000").await.unwrap();
+    tags.sort();
+    assert_eq!(tags, ["latest", "v1", "v2"]);
+    assert_eq!(c.tags("solo").await.unwrap(), ["v1"]);
+    let e = c.tags("nothing/here").await.unwrap_err();
+    assert!(matches!(e, RegistryError::NotFound { .. }), "{e:?}");
+    assert!(c.tags("Bad/Name").await.is_err());
+}
+
+#[tokio::test]
+async fn catalog_follows_links_and_null_tags() {
+    let server = mock(|req, port| match req.target.as_str() {
+        "/v2/_catalog?n=100" => resp(
+            200,
+            &[("Link", r#"</v2/_catalog?last=a%2Fb&n=100>; rel="next""#)],
+            r#"{"repositories":["a/a","a/b"]}"#,
+        ),
+        "/v2/_catalog?last=a%2Fb&n=100" => resp(
+            200,
+            &[(
+                "Link",
+                &format!(r#"<http://127.0.0.1:{port}/v2/_catalog?last=c&n=100>; rel="next""#),
+            )],
+            r#"{"repositories":["c"]}"#,
+        ),
+        // loops back to the first page: the client stops
+        "/v2/_catalog?last=c&n=100" => resp(
+            200,
+            &[("Link", r#"</v2/_catalog?n=100>; rel="next""#)],
+            r#"{"repositories":null}"#,
+        ),
+        "/v2/a/a/tags/list?n=100" => resp(200, &[], r#"{"name":"a/a","tags":null}"#),
+        "/v2/a/b/tags/list?n=100" => resp(200, &[], r#"{"name":"a/b","tags":["x"]}"#),
+        "/v2/bad/json/tags/list?n=100" => resp(200, &[], "nope"),
+        _ => resp(404, &[], r#"{"errors":[{"code":"NAME_UNKNOWN"}]}"#),
+    })
+    .await;
+    let c = RegistryClient::new(opts("m", &server.url())).unwrap();
+    assert_eq!(c.catalog().await.unwrap(), ["a/a", "a/b", "c"]);
+    assert!(c.tags("a/a").await.unwrap().is_empty());
+    assert_eq!(c.tags("a/b").await.unwrap(), ["x"]);
+    let e = c.tags("bad/json").await.unwrap_err().to_string();
+    assert!(e.contains("not valid JSON"), "{e}");
+}

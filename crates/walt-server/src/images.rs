@@ -69,6 +69,7 @@ impl ImagesService {
 }
 
 type CloneStream = Pin<Box<dyn Stream<Item = Result<pb::CloneEvent, Status>> + Send>>;
+type SearchStream = Pin<Box<dyn Stream<Item = Result<pb::SearchEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Images for ImagesService {
@@ -122,6 +123,27 @@ impl Images for ImagesService {
                 }
             };
             let _ = tx.send(msg).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SearchStream = SearchStream;
+
+    async fn search(
+        &self,
+        req: Request<pb::SearchRequest>,
+    ) -> Result<Response<SearchStream>, Status> {
+        let user = caller(&req)?;
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = crate::search::run(state.clone(), user, req.into_inner(), tx.clone()) => {}
+                _ = tx.closed() => tracing::debug!("client went away, search cancelled"),
+                _ = state.shutdown.cancelled() => {
+                    let _ = tx.send(Err(ServiceError::ShuttingDown.into())).await;
+                }
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

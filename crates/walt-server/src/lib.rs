@@ -1,9 +1,11 @@
 //! The walt server: configuration, the gRPC services and the clone engine.
 
+mod admin;
 mod clone;
 mod config;
 mod error;
 mod images;
+mod search;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -15,6 +17,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use walt_core::config::ServerConfig;
+use walt_proto::v1::admin_server::AdminServer;
 use walt_proto::v1::images_server::ImagesServer;
 use walt_proto::v1::server_server::ServerServer;
 use walt_store::Store;
@@ -43,6 +46,42 @@ impl State {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+
+    /// Re-reads the configuration file. On success the new configuration
+    /// replaces the old one for later calls (running operations keep the one
+    /// they started with); on error the old one stays in force and the
+    /// reason (file, key, what) is logged and returned.
+    pub fn reload(&self) -> Result<Arc<ServerConfig>, String> {
+        match config::load(&self.config_path) {
+            Ok(new) => {
+                let new = Arc::new(new);
+                *self.config.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+                tracing::info!(
+                    path = %self.config_path.display(),
+                    registries = ?registry_labels(&new),
+                    "configuration reloaded"
+                );
+                Ok(new)
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::error!(
+                    path = %self.config_path.display(),
+                    "configuration not reloaded, keeping the previous one: {reason}"
+                );
+                Err(reason)
+            }
+        }
+    }
+}
+
+/// Labels of the configured registries, in order.
+pub fn registry_labels(config: &ServerConfig) -> Vec<String> {
+    config
+        .registries
+        .iter()
+        .map(|r| r.label().to_string())
+        .collect()
 }
 
 pub struct Server {
@@ -61,7 +100,7 @@ impl Server {
             })?;
         tracing::info!(
             data_dir = %opts.data_dir.display(),
-            registries = ?config.registries.iter().map(|r| r.label().to_string()).collect::<Vec<_>>(),
+            registries = ?registry_labels(&config),
             "store open"
         );
         Ok(Self {
@@ -96,6 +135,7 @@ impl Server {
         tonic::transport::Server::builder()
             .add_service(ImagesServer::new(images::ImagesService::new(state.clone())))
             .add_service(ServerServer::new(images::ServerService::new(state.clone())))
+            .add_service(AdminServer::new(admin::AdminService::new(state.clone())))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
             .await
             .context("gRPC server failed")?;

@@ -65,7 +65,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tokio::spawn(reload_on_sighup(server.state()));
     server.serve(listener, shutdown_signal()).await
+}
+
+/// Reloads the configuration file on each SIGHUP (an invalid file is
+/// refused, logged, and the configuration in force is kept).
+async fn reload_on_sighup(state: std::sync::Arc<walt_server::State>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGHUP, configuration reload disabled: {e}");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received, reloading the configuration");
+        let st = state.clone();
+        // The error, if any, is logged by reload().
+        let _ = tokio::task::spawn_blocking(move || st.reload()).await;
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,152 @@
+//! `walt image search [keyword] [--json]`.
+
+use std::collections::HashMap;
+
+use anyhow::anyhow;
+use serde::Serialize;
+
+use walt_core::{SERVER_VERSION, compact_models};
+use walt_proto::v1::{self as pb, search_event::Event};
+
+use super::{Client, status_error};
+use crate::config::Settings;
+use crate::table;
+
+/// One result as printed by `--json`.
+#[derive(Debug, Serialize)]
+struct Found {
+    user: String,
+    name: String,
+    tag: String,
+    location: String,
+    node_models: Vec<String>,
+    compatibility: String,
+    clone_url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_minversion: Option<u32>,
+}
+
+impl Found {
+    fn from_result(r: pb::SearchResult) -> Self {
+        let mut compatibility = compact_models(&r.node_models);
+        if let Some(v) = r.server_minversion
+            && v > SERVER_VERSION
+        {
+            compatibility.push_str(&format!(" (needs server >= {v})"));
+        }
+        Self {
+            user: r.user,
+            name: r.name,
+            tag: r.tag,
+            location: r.location,
+            node_models: r.node_models,
+            compatibility,
+            clone_url: r.clone_url,
+            server_minversion: r.server_minversion,
+        }
+    }
+
+    /// `name` or `name:tag` (never `:latest`).
+    fn image_name(&self) -> String {
+        if self.tag == "latest" {
+            self.name.clone()
+        } else {
+            format!("{}:{}", self.name, self.tag)
+        }
+    }
+}
+
+pub async fn search(
+    client: &mut Client,
+    settings: &Settings,
+    keyword: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let keyword = keyword.unwrap_or_default();
+    let credentials: HashMap<String, pb::Credentials> = settings
+        .config
+        .registries
+        .iter()
+        .filter(|(_, c)| !c.username.is_empty() || !c.password.is_empty())
+        .map(|(label, c)| {
+            (
+                label.clone(),
+                pb::Credentials {
+                    username: c.username.clone(),
+                    password: c.password.clone(),
+                },
+            )
+        })
+        .collect();
+    let mut stream = client
+        .search(pb::SearchRequest {
+            keyword: keyword.clone(),
+            credentials,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut found = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(pb::SearchEvent { event: Some(ev) })) => match ev {
+                Event::Result(r) => found.push(Found::from_result(r)),
+                Event::Warning(w) => eprintln!("warning: {}", w.replace('\n', " ")),
+            },
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(s) => return Err(status_error(s)),
+        }
+    }
+    found.sort_by(|a, b| {
+        (&a.user, &a.name, &a.tag, &a.location, &a.clone_url).cmp(&(
+            &b.user,
+            &b.name,
+            &b.tag,
+            &b.location,
+            &b.clone_url,
+        ))
+    });
+    found.dedup_by(|a, b| a.clone_url == b.clone_url);
+    if json {
+        let text = serde_json::to_string_pretty(&found)
+            .map_err(|e| anyhow!("cannot print the results: {e}"))?;
+        println!("{text}");
+    }
+    if found.is_empty() {
+        if keyword.trim().is_empty() {
+            eprintln!("No image found.");
+        } else {
+            eprintln!("No image matches '{}'.", keyword.trim());
+        }
+        return Ok(());
+    }
+    if !json {
+        let rows: Vec<Vec<String>> = found
+            .iter()
+            .map(|f| {
+                vec![
+                    f.user.clone(),
+                    f.image_name(),
+                    f.location.clone(),
+                    f.compatibility.clone(),
+                    f.clone_url.clone(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table::render(
+                &[
+                    "USER",
+                    "IMAGE NAME",
+                    "LOCATION",
+                    "COMPATIBILITY",
+                    "CLONE URL"
+                ],
+                &rows
+            )
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,387 @@
+//! `walt image search`: every source at once (other users' images in the
+//! store, configured docker-registry-v2 registries), results streamed as
+//! they are found.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{Semaphore, mpsc};
+use tonic::Status;
+
+use walt_core::config::{Registry, V2Registry};
+use walt_core::models::parse_models;
+use walt_core::oci::ImageConfig;
+use walt_core::{CloneUrl, LABEL_NODE_MODELS, LABEL_SERVER_MINVERSION, Location};
+use walt_proto::v1::{self as pb, search_event::Event};
+use walt_registry::{Credentials, RegistryClient, RegistryError};
+
+use crate::State;
+use crate::clone::resolve_manifest;
+use crate::error::ServiceError;
+use crate::images::blocking;
+
+/// Requests in flight per registry.
+const REGISTRY_CONCURRENCY: usize = 16;
+/// Longest wait for a registry's catalog (retries included): a registry
+/// that does not answer must not hold the whole search.
+const CATALOG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Largest image config accepted.
+const MAX_CONFIG_SIZE: u64 = 16 << 20;
+/// Configs remembered across searches (by digest; they never change).
+const MAX_CACHED_CONFIGS: usize = 100_000;
+
+pub(crate) type Events = mpsc::Sender<Result<pb::SearchEvent, Status>>;
+
+/// What search needs of an image config.
+#[derive(Debug, Clone)]
+struct WaltLabels {
+    models: Vec<String>,
+    minversion: Option<u32>,
+}
+
+/// Parsed configs by digest; `None`: not a walt image.
+type ConfigCache = Mutex<HashMap<String, Option<Arc<WaltLabels>>>>;
+
+fn cache() -> &'static ConfigCache {
+    static CACHE: OnceLock<ConfigCache> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+fn cached(digest: &str) -> Option<Option<Arc<WaltLabels>>> {
+    cache()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(digest)
+        .cloned()
+}
+
+fn remember(digest: &str, labels: Option<Arc<WaltLabels>>) {
+    let mut c = cache().lock().unwrap_or_else(|e| e.into_inner());
+    if c.len() >= MAX_CACHED_CONFIGS {
+        c.clear();
+    }
+    c.insert(digest.to_string(), labels);
+}
+
+/// The walt labels of a config document (`None`: not a walt image).
+fn parse_labels(bytes: &[u8]) -> Option<Arc<WaltLabels>> {
+    let config: ImageConfig = serde_json::from_slice(bytes).ok()?;
+    let models = parse_models(config.label(LABEL_NODE_MODELS)?);
+    if models.is_empty() {
+        return None;
+    }
+    let minversion = config
+        .label(LABEL_SERVER_MINVERSION)
+        .and_then(|v| v.trim().parse().ok());
+    Some(Arc::new(WaltLabels { models, minversion }))
+}
+
+async fn send(events: &Events, event: Event) {
+    let _ = events
+        .send(Ok(pb::SearchEvent { event: Some(event) }))
+        .await;
+}
+
+fn result(url: &CloneUrl, labels: &WaltLabels) -> Event {
+    Event::Result(pb::SearchResult {
+        user: url.user.clone(),
+        name: url.repository.clone(),
+        tag: url.tag.clone(),
+        location: url.location.label().to_string(),
+        node_models: labels.models.clone(),
+        clone_url: url.to_string(),
+        server_minversion: labels.minversion,
+    })
+}
+
+/// Runs a search for `user`, sending results and warnings on `events`.
+pub(crate) async fn run(state: Arc<State>, user: String, req: pb::SearchRequest, events: Events) {
+    let started = std::time::Instant::now();
+    let keyword = req.keyword.trim().to_string();
+    let config = state.config();
+    let mut sources = FuturesUnordered::new();
+    sources.push(Box::pin(search_store(
+        state.clone(),
+        user.clone(),
+        keyword.clone(),
+        events.clone(),
+    )) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>);
+    for reg in &config.registries {
+        // The hub and the Docker daemon are not searched by this version.
+        let Registry::V2(reg) = reg else { continue };
+        let creds = req.credentials.get(&reg.label).map(|c| Credentials {
+            username: c.username.clone(),
+            password: c.password.clone(),
+        });
+        sources.push(Box::pin(search_registry(
+            reg.clone(),
+            creds,
+            keyword.clone(),
+            events.clone(),
+        )));
+    }
+    while sources.next().await.is_some() {}
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    tracing::info!(user = %user, keyword = %keyword, elapsed_ms, "search finished");
+}
+
+/// Other users' images in the store.
+async fn search_store(state: Arc<State>, user: String, keyword: String, events: Events) {
+    let store = state.store.clone();
+    let found = blocking(move || {
+        let mut out = Vec::new();
+        for rec in store.list_images(None)? {
+            if rec.name.owner == user {
+                continue;
+            }
+            let url = CloneUrl {
+                location: Location::Walt,
+                user: rec.name.owner.clone(),
+                repository: rec.name.name.clone(),
+                tag: rec.name.tag.clone(),
+            };
+            if !url.to_string().contains(&keyword) {
+                continue;
+            }
+            let labels = match cached(&rec.config_digest) {
+                Some(l) => l,
+                None => {
+                    let l = store
+                        .read_blob(&rec.config_digest)
+                        .ok()
+                        .and_then(|b| parse_labels(&b));
+                    remember(&rec.config_digest, l.clone());
+                    l
+                }
+            };
+            // The store keeps walt images only; trust its record for the models.
+            let labels = WaltLabels {
+                models: rec.node_models.clone(),
+                minversion: labels.and_then(|l| l.minversion),
+            };
+            if labels.models.is_empty() {
+                continue;
+            }
+            out.push(result(&url, &labels));
+        }
+        Ok(out)
+    })
+    .await;
+    match found {
+        Ok(results) => {
+            for r in results {
+                send(&events, r).await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "search: cannot list the store");
+            send(
+                &events,
+                Event::Warning(format!("this server's images skipped: {e}")),
+            )
+            .await;
+        }
+    }
+}
+
+/// `reason` without a leading `registry '<label>'` (the warning names it).
+fn reason(label: &str, e: &dyn std::fmt::Display) -> String {
+    let msg = e.to_string().replace('\n', " ");
+    let prefix = format!("registry '{label}'");
+    let Some(rest) = msg.strip_prefix(&prefix) else {
+        return msg;
+    };
+    // "registry 'x' (http://h:1) is unreachable: ..." -> "http://h:1 is unreachable: ..."
+    if let Some(inner) = rest.trim_start().strip_prefix('(')
+        && let Some((url, tail)) = inner.split_once(')')
+    {
+        return format!("{url}{tail}");
+    }
+    rest.trim_start_matches(':').trim().to_string()
+}
+
+/// Whether an error is about the registry itself (down, auth) rather than
+/// about one image (missing, not for this platform, malformed).
+fn registry_wide(e: &ServiceError) -> bool {
+    matches!(
+        e,
+        ServiceError::Registry(
+            RegistryError::Unreachable { .. }
+                | RegistryError::Timeout { .. }
+                | RegistryError::Tls { .. }
+                | RegistryError::CredentialsRequired { .. }
+                | RegistryError::Unauthorized { .. }
+                | RegistryError::Server { .. }
+                | RegistryError::Interrupted { .. }
+                | RegistryError::Config { .. }
+        )
+    )
+}
+
+/// One docker-registry-v2 registry: catalog, tags of each `<user>/...`
+/// repository, then the manifest and config of each tag.
+async fn search_registry(
+    reg: V2Registry,
+    creds: Option<Credentials>,
+    keyword: String,
+    events: Events,
+) {
+    let label = reg.label.clone();
+    let warn = |e: &dyn std::fmt::Display| {
+        let msg = format!("registry '{label}' skipped: {}", reason(&label, e));
+        tracing::info!("search: {msg}");
+        msg
+    };
+    let client = match RegistryClient::for_v2(&reg, creds) {
+        Ok(c) => c,
+        Err(e) => return send(&events, Event::Warning(warn(&e))).await,
+    };
+    let repos = match tokio::time::timeout(CATALOG_TIMEOUT, client.catalog()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return send(&events, Event::Warning(warn(&e))).await,
+        Err(_) => {
+            let e = format!("no catalog after {}s", CATALOG_TIMEOUT.as_secs());
+            return send(&events, Event::Warning(warn(&e))).await;
+        }
+    };
+    let pool = Arc::new(Semaphore::new(REGISTRY_CONCURRENCY));
+    // First error that is about the registry rather than one image.
+    let failure: Arc<Mutex<(usize, Option<String>)>> = Arc::default();
+    let mut repo_tasks = FuturesUnordered::new();
+    for repo in repos {
+        let Some((user, name)) = repo.split_once('/') else {
+            continue;
+        };
+        let (user, name) = (user.to_string(), name.to_string());
+        let (client, pool, keyword, events, failure) = (
+            client.clone(),
+            pool.clone(),
+            keyword.clone(),
+            events.clone(),
+            failure.clone(),
+        );
+        let label = label.clone();
+        repo_tasks.push(async move {
+            let tags = {
+                let _permit = pool.acquire().await;
+                client.tags(&repo).await
+            };
+            let tags = match tags {
+                Ok(t) => t,
+                Err(e) => {
+                    let e = ServiceError::from(e);
+                    note_failure(&failure, &label, &e);
+                    return;
+                }
+            };
+            let mut image_tasks = FuturesUnordered::new();
+            for tag in tags {
+                let Ok(url) = CloneUrl::parse(&format!("{label}:{user}/{name}:{tag}")) else {
+                    tracing::debug!(registry = %label, repo = %repo, tag = %tag, "search: not a valid clone URL, skipped");
+                    continue;
+                };
+                if !url.to_string().contains(&keyword) {
+                    continue;
+                }
+                let (client, pool, events, failure, label) = (
+                    &client, &pool, &events, &failure, &label,
+                );
+                image_tasks.push(async move {
+                    match inspect(client, pool, &url).await {
+                        Ok(Some(labels)) => send(events, result(&url, &labels)).await,
+                        Ok(None) => {}
+                        Err(e) => note_failure(failure, label, &e),
+                    }
+                });
+            }
+            while image_tasks.next().await.is_some() {}
+        });
+    }
+    while repo_tasks.next().await.is_some() {}
+    let (count, first) = std::mem::take(&mut *failure.lock().unwrap_or_else(|e| e.into_inner()));
+    if let Some(first) = first {
+        send(
+            &events,
+            Event::Warning(format!(
+                "registry '{label}': {count} request(s) failed, results may be incomplete: {first}"
+            )),
+        )
+        .await;
+    }
+}
+
+fn note_failure(failure: &Mutex<(usize, Option<String>)>, label: &str, e: &ServiceError) {
+    tracing::debug!(registry = %label, error = %e, "search: image skipped");
+    if registry_wide(e) {
+        let mut f = failure.lock().unwrap_or_else(|e| e.into_inner());
+        f.0 += 1;
+        if f.1.is_none() {
+            f.1 = Some(reason(label, e));
+        }
+    }
+}
+
+/// The walt labels of the image at `url` (`None`: not a walt image).
+async fn inspect(
+    client: &RegistryClient,
+    pool: &Semaphore,
+    url: &CloneUrl,
+) -> Result<Option<Arc<WaltLabels>>, ServiceError> {
+    let manifest = {
+        let _permit = pool.acquire().await;
+        // resolve_manifest reports the platform it picks: nobody listens here.
+        let (quiet, _) = mpsc::channel(1);
+        resolve_manifest(client, url, &quiet).await?.0
+    };
+    let digest = &manifest.config.digest;
+    if let Some(labels) = cached(digest) {
+        return Ok(labels);
+    }
+    let bytes = {
+        let _permit = pool.acquire().await;
+        client
+            .get_blob_bytes(&url.path(), digest, MAX_CONFIG_SIZE)
+            .await?
+    };
+    let labels = parse_labels(&bytes);
+    remember(digest, labels.clone());
+    Ok(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        let l = parse_labels(
+            br#"{"config":{"Labels":{"walt.node.models":"rpi-3-b, pc-x86-64","walt.server.minversion":"11"}},"rootfs":{"type":"layers","diff_ids":[]}}"#,
+        )
+        .unwrap();
+        assert_eq!(l.models, ["rpi-3-b", "pc-x86-64"]);
+        assert_eq!(l.minversion, Some(11));
+        assert!(parse_labels(br#"{"config":{"Labels":{"other":"x"}},"rootfs":{}}"#).is_none());
+        assert!(
+            parse_labels(br#"{"config":{"Labels":{"walt.node.models":" "}},"rootfs":{}}"#)
+                .is_none()
+        );
+        assert!(parse_labels(b"junk").is_none());
+    }
+
+    #[test]
+    fn reasons() {
+        let e = RegistryError::Unreachable {
+            label: "lab".into(),
+            url: "http://h:1".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(reason("lab", &e), "http://h:1 is unreachable: refused");
+        let e = RegistryError::CredentialsRequired {
+            label: "lab".into(),
+        };
+        assert_eq!(reason("lab", &e), "requires credentials");
+        assert_eq!(reason("lab", &"other"), "other");
+    }
+}
