@@ -18,7 +18,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Manage images: show, clone, remove, rename, duplicate.
+    /// Manage images: show, search, clone, remove, rename, duplicate.
     #[command(subcommand)]
     Image(image::ImageCommand),
 }

@@ -171,11 +171,8 @@ impl Images for ImagesService {
         &self,
         req: Request<pb::RenameRequest>,
     ) -> Result<Response<pb::RenameReply>, Status> {
-        let user = caller(&req)?;
-        let from =
-            ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
-        let to =
-            ImageName::parse_user(&user, &req.get_ref().new_name).map_err(ServiceError::from)?;
+        let r = req.get_ref();
+        let (from, to) = two_names(&req, &r.image, &r.new_name)?;
         let state = self.state.clone();
         blocking(move || {
             ensure_exists(&state, &from)?;
@@ -193,11 +190,8 @@ impl Images for ImagesService {
         &self,
         req: Request<pb::DuplicateRequest>,
     ) -> Result<Response<pb::DuplicateReply>, Status> {
-        let user = caller(&req)?;
-        let from =
-            ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
-        let to =
-            ImageName::parse_user(&user, &req.get_ref().new_name).map_err(ServiceError::from)?;
+        let r = req.get_ref();
+        let (from, to) = two_names(&req, &r.image, &r.new_name)?;
         let state = self.state.clone();
         blocking(move || {
             ensure_exists(&state, &from)?;
@@ -209,6 +203,18 @@ impl Images for ImagesService {
         .await?;
         Ok(Response::new(pb::DuplicateReply {}))
     }
+}
+
+/// The caller's image and the new name a rename or duplicate gives it.
+fn two_names<T>(
+    req: &Request<T>,
+    image: &str,
+    new_name: &str,
+) -> Result<(ImageName, ImageName), Status> {
+    let user = caller(req)?;
+    let from = ImageName::parse_user(&user, image).map_err(ServiceError::from)?;
+    let to = ImageName::parse_user(&user, new_name).map_err(ServiceError::from)?;
+    Ok((from, to))
 }
 
 fn ensure_exists(state: &State, name: &ImageName) -> Result<(), ServiceError> {
