@@ -1,6 +1,8 @@
-//! `walt-server-setup`: checks and edits the walt server configuration.
+//! `walt-server-setup`: installs the walt server (`install`, the default),
+//! checks and edits its configuration.
 
 mod editor;
+mod install;
 mod model;
 
 use std::io::Write;
@@ -25,9 +27,9 @@ struct Args {
     /// Interactive configuration editor (network, then image registries).
     #[arg(long)]
     edit_conf: bool,
-    /// Configuration file.
-    #[arg(long, global = true, default_value = "/etc/walt/server.conf")]
-    config: PathBuf,
+    /// Configuration file [default: /etc/walt/server.conf].
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     /// walt-server to tell about a new configuration (loopback only).
     #[arg(long, global = true, default_value = "127.0.0.1:12345")]
     server: String,
@@ -37,6 +39,17 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Install the server (the default): data directories, configuration,
+    /// systemd unit, qemu-user binfmt; reports what else is missing.
+    Install {
+        /// Only say what would be done.
+        #[arg(long)]
+        dry_run: bool,
+        /// Write every file under DIR instead of / (binfmt and systemctl are
+        /// then only checked).
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+    },
     /// List, add or remove image registries (scriptable).
     #[command(subcommand)]
     Registry(RegistryCmd),
@@ -72,13 +85,24 @@ enum RegistryCmd {
     Remove { label: String },
 }
 
+impl Args {
+    fn config(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(install::CONF_FILE))
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match &args.command {
+        Some(Cmd::Install { dry_run, root }) => run_install(&args, *dry_run, root.clone()),
         Some(Cmd::Registry(cmd)) => registry(&args, cmd),
         Some(Cmd::Reload) => reload(&args.server),
         None if args.edit_conf => edit_conf(&args),
-        None => check(&args.config),
+        // `--config FILE` alone: check it, as before `install` was the default.
+        None if args.check || args.config.is_some() => check(&args.config()),
+        None => run_install(&args, false, None),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -89,7 +113,27 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: &PathBuf) -> anyhow::Result<()> {
+fn run_install(args: &Args, dry_run: bool, root: Option<PathBuf>) -> anyhow::Result<()> {
+    if args.config.is_some() {
+        bail!(
+            "install writes {} (under --root DIR when given); --config is for --check, --edit-conf, registry and reload",
+            install::CONF_FILE
+        );
+    }
+    let opts = install::Options {
+        root,
+        dry_run,
+        server_bin: install::default_server_bin(),
+    };
+    let ok = install::run(&opts, &install::RealHost, &mut std::io::stdout().lock())
+        .context("cannot write to stdout")?;
+    if !ok {
+        bail!("some install steps failed (the lines starting with 'error:')");
+    }
+    Ok(())
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
     let config = match std::fs::read_to_string(path) {
         Ok(text) => ServerConfig::parse(&path.display().to_string(), &text)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -236,7 +280,8 @@ fn reload(server: &str) -> anyhow::Result<()> {
 }
 
 fn registry(args: &Args, cmd: &RegistryCmd) -> anyhow::Result<()> {
-    let mut config = load(&args.config)?;
+    let path = args.config();
+    let mut config = load(&path)?;
     match cmd {
         RegistryCmd::List => {
             println!(
@@ -270,28 +315,29 @@ fn registry(args: &Args, cmd: &RegistryCmd) -> anyhow::Result<()> {
             config
                 .add(&r, &system_resolver)
                 .map_err(anyhow::Error::msg)?;
-            save(&args.config, &config)?;
-            println!("registry '{label}' added to {}", args.config.display());
+            save(&path, &config)?;
+            println!("registry '{label}' added to {}", path.display());
         }
         RegistryCmd::Remove { label } => {
             config.remove(label).map_err(anyhow::Error::msg)?;
-            save(&args.config, &config)?;
-            println!("registry '{label}' removed from {}", args.config.display());
+            save(&path, &config)?;
+            println!("registry '{label}' removed from {}", path.display());
         }
     }
     notify_server(&args.server)
 }
 
 fn edit_conf(args: &Args) -> anyhow::Result<()> {
-    let config = load(&args.config)?;
+    let path = args.config();
+    let config = load(&path)?;
     match editor::run(config)? {
         editor::Outcome::Discard => {
-            println!("Changes discarded: {} is unchanged.", args.config.display());
+            println!("Changes discarded: {} is unchanged.", path.display());
             Ok(())
         }
         editor::Outcome::Save(config) => {
-            save(&args.config, &config)?;
-            println!("Configuration written to {}.", args.config.display());
+            save(&path, &config)?;
+            println!("Configuration written to {}.", path.display());
             notify_server(&args.server)
         }
     }

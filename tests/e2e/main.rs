@@ -9,6 +9,7 @@ mod common;
 mod crash;
 mod formats;
 mod harness;
+mod install;
 mod manage;
 mod registries;
 mod search;
