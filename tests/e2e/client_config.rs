@@ -1,75 +1,46 @@
-//! The client configuration: asked for on first use on a terminal, a clear
-//! error without one.
+//! The client side of the user's settings: the config file asked for on
+//! first use, and registry credentials asked for when a registry wants them.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::common::*;
+use walt_e2e::tmux::Tmux;
 use walt_e2e::util::{wait_for, workspace_bin};
 use walt_e2e::*;
 
-/// A detached tmux session, killed on drop.
-struct Tmux(String);
-
-impl Tmux {
-    fn start(name: &str, command: &str) -> Self {
-        let status = Command::new("tmux")
-            .args([
-                "new-session",
-                "-d",
-                "-s",
-                name,
-                "-x",
-                "150",
-                "-y",
-                "30",
-                command,
-            ])
-            .status()
-            .expect("tmux must be installed (scripts/install-deps.sh)");
-        assert!(status.success(), "tmux new-session failed");
-        Tmux(name.to_string())
-    }
-
-    fn screen(&self) -> String {
-        let out = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", &self.0])
-            .output()
-            .expect("tmux capture-pane");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn wait_for_text(&self, text: &str) {
-        wait_for(
-            &format!("`{text}` on the terminal"),
-            Duration::from_secs(30),
-            || self.screen().contains(text).then_some(()),
-        )
-        .unwrap_or_else(|e| panic!("{e}\nscreen:\n{}", self.screen()));
-    }
-
-    fn type_line(&self, line: &str) {
-        let ok = Command::new("tmux")
-            .args(["send-keys", "-t", &self.0, "-l", line])
-            .status()
-            .expect("tmux send-keys")
-            .success()
-            && Command::new("tmux")
-                .args(["send-keys", "-t", &self.0, "Enter"])
-                .status()
-                .expect("tmux send-keys")
-                .success();
-        assert!(ok, "tmux send-keys failed");
-    }
+/// Runs `walt ARGS` in a terminal with this client config; the exit status
+/// lands in `<dir>/exit` when it ends.
+fn walt_in_terminal(config: &Path, dir: &Path, args: &str) -> Tmux {
+    let command = format!(
+        "env WALT_CONFIG={} HOME={} {} {args}; echo $? > {}/exit; sleep 60",
+        config.display(),
+        dir.display(),
+        workspace_bin("walt").display(),
+        dir.display()
+    );
+    Tmux::start(&command).unwrap()
 }
 
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.0])
-            .stderr(Stdio::null())
-            .status();
-    }
+fn exit_status(dir: &Path, tmux: &Tmux) -> i32 {
+    let exit = dir.join("exit");
+    wait_for("the command to finish", Duration::from_secs(60), || {
+        std::fs::read_to_string(&exit)
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+    })
+    .unwrap_or_else(|e| panic!("{e}\nscreen:\n{}", tmux.screen()));
+    std::fs::read_to_string(exit)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
 #[test]
@@ -77,58 +48,54 @@ fn first_use_on_a_terminal_asks_and_saves_the_config() {
     let env = Env::start();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("sub").join("config");
-    let done = dir.path().join("done");
-    let command = format!(
-        "env WALT_CONFIG={} {} image show; echo \"exit=$?\" > {}; sleep 30",
-        config.display(),
-        workspace_bin("walt").display(),
-        done.display()
-    );
-    let tmux = Tmux::start(&format!("walt-e2e-{}", std::process::id()), &command);
-    tmux.wait_for_text("walt server:");
-    tmux.type_line(&env.server.addr());
-    tmux.wait_for_text("username:");
-    tmux.type_line("Not Valid");
-    tmux.wait_for_text("lowercase");
-    tmux.type_line("carol");
-    wait_for("the command to finish", Duration::from_secs(30), || {
-        std::fs::read_to_string(&done).ok()
-    })
-    .unwrap();
-    let screen = tmux.screen();
+    let tmux = walt_in_terminal(&config, dir.path(), "image show");
+    tmux.wait_line("the server question", |l| l.contains("walt server:"))
+        .unwrap();
+    tmux.text(&env.server.addr()).unwrap();
+    tmux.keys(&["Enter"]).unwrap();
+    tmux.wait_line("the username question", |l| l.contains("username:"))
+        .unwrap();
+    tmux.text("Not Valid").unwrap();
+    tmux.keys(&["Enter"]).unwrap();
+    tmux.wait_line("the username rule", |l| l.contains("lowercase"))
+        .unwrap();
+    tmux.text("carol").unwrap();
+    tmux.keys(&["Enter"]).unwrap();
     assert_eq!(
-        std::fs::read_to_string(&done).unwrap().trim(),
-        "exit=0",
-        "screen:\n{screen}"
+        exit_status(dir.path(), &tmux),
+        0,
+        "screen:\n{}",
+        tmux.screen()
     );
-    assert!(screen.contains("no images"), "screen:\n{screen}");
+    assert!(
+        tmux.screen().contains("no images"),
+        "screen:\n{}",
+        tmux.screen()
+    );
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(
         text.contains(&format!("server: {}", env.server.addr())),
         "{text}"
     );
     assert!(text.contains("username: carol"), "{text}");
-    let mode = std::fs::metadata(&config).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "the client config may hold passwords");
+    assert_eq!(mode(&config), 0o600, "the client config may hold passwords");
 }
 
 #[test]
 fn without_a_terminal_a_missing_config_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config");
-    let out = show_without_terminal(&config);
-    out.assert_failure("missing walt.server and walt.username");
+    show_without_terminal(&config).assert_failure("missing walt.server and walt.username");
     assert!(
         !config.exists(),
         "nothing must be written without a terminal"
     );
 
     std::fs::write(&config, "walt:\n    server: 127.0.0.1:1\n").unwrap();
-    let out = show_without_terminal(&config);
-    out.assert_failure("walt.username");
+    show_without_terminal(&config).assert_failure("walt.username");
 }
 
-fn show_without_terminal(config: &std::path::Path) -> CmdOutput {
+fn show_without_terminal(config: &Path) -> CmdOutput {
     let out = Command::new(workspace_bin("walt"))
         .args(["image", "show"])
         .env("WALT_CONFIG", config)
@@ -142,4 +109,87 @@ fn show_without_terminal(config: &std::path::Path) -> CmdOutput {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// carol has no credentials for `secure`: the clone asks for them (the
+/// password not echoed), retries, and saves them once they worked.
+#[test]
+fn missing_credentials_are_asked_for_checked_and_saved() {
+    let (env, _) = crate::registries::secure_env(EnvOpts::default());
+    let carol = env.server.cli("carol", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let tmux = walt_in_terminal(
+        &carol.config_path(),
+        dir.path(),
+        "image clone secure:walter/busybox",
+    );
+    tmux.wait_line("the username question", |l| {
+        l.contains("Username for registry 'secure'")
+    })
+    .unwrap();
+    tmux.text(SECURE_USER).unwrap();
+    tmux.keys(&["Enter"]).unwrap();
+    tmux.wait_line("the password question", |l| l.contains("Password for"))
+        .unwrap();
+    tmux.text(SECURE_PASS).unwrap();
+    tmux.keys(&["Enter"]).unwrap();
+    assert_eq!(
+        exit_status(dir.path(), &tmux),
+        0,
+        "screen:\n{}",
+        tmux.screen()
+    );
+    let screen = tmux.screen();
+    assert!(
+        !screen.contains(SECURE_PASS),
+        "the password was echoed:\n{screen}"
+    );
+    assert!(screen.contains("saved"), "screen:\n{screen}");
+    assert!(carol.show_row("busybox").is_some());
+    let text = std::fs::read_to_string(carol.config_path()).unwrap();
+    assert!(
+        text.contains(SECURE_PASS) && text.contains(SECURE_USER),
+        "{text}"
+    );
+    assert_eq!(mode(&carol.config_path()), 0o600);
+    // Saved: the next call needs no question (and works without a terminal).
+    assert_cloned(
+        &carol.clone_ok(&["--force", "secure:walter/busybox"]),
+        "busybox",
+    );
+}
+
+/// A wrong password: one clear error, nothing saved, nothing cloned.
+#[test]
+fn rejected_credentials_are_not_saved() {
+    let (env, _) = crate::registries::secure_env(EnvOpts::default());
+    let carol = env.server.cli("carol", &[]);
+    let before = std::fs::read_to_string(carol.config_path()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tmux = walt_in_terminal(
+        &carol.config_path(),
+        dir.path(),
+        "image clone secure:walter/busybox",
+    );
+    tmux.wait_line("the username question", |l| {
+        l.contains("Username for registry 'secure'")
+    })
+    .unwrap();
+    tmux.text(SECURE_USER).unwrap();
+    tmux.keys(&["Enter"]).unwrap();
+    tmux.wait_line("the password question", |l| l.contains("Password for"))
+        .unwrap();
+    tmux.text("not-the-password").unwrap();
+    tmux.keys(&["Enter"]).unwrap();
+    assert_ne!(exit_status(dir.path(), &tmux), 0);
+    let screen = tmux.screen();
+    assert!(
+        screen.contains("error: ") && screen.contains("authentication failed"),
+        "{screen}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(carol.config_path()).unwrap(),
+        before
+    );
+    assert!(carol.show_row("busybox").is_none());
 }

@@ -11,6 +11,7 @@ mod formats;
 mod harness;
 mod install;
 mod manage;
+mod publish;
 mod registries;
 mod search;
 mod secrets;

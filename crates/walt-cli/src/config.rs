@@ -154,6 +154,15 @@ pub fn load() -> anyhow::Result<Settings> {
     })
 }
 
+/// Stores the credentials of registry `label` in the client config (0600).
+pub fn save_credentials(label: &str, creds: &RegistryCredentials) -> anyhow::Result<PathBuf> {
+    let path = path()?;
+    let mut config = read(&path)?;
+    config.registries.insert(label.to_string(), creds.clone());
+    write(&path, &config)?;
+    Ok(path)
+}
+
 /// `http://host:port` for `host`, `host:port`, `[v6]` or `[v6]:port`.
 pub fn endpoint(server: &str) -> anyhow::Result<String> {
     let s = server.trim();

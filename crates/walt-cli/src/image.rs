@@ -16,12 +16,16 @@ use walt_core::compact_models;
 use walt_proto::v1::{self as pb, clone_event::Event, images_client::ImagesClient};
 
 use crate::config::{self, Settings};
+use crate::prompt;
 use crate::table;
 
 #[path = "search.rs"]
 mod search;
 
-#[derive(Subcommand, Debug)]
+#[path = "publish.rs"]
+mod publish;
+
+#[derive(Subcommand, Debug, Clone)]
 pub enum ImageCommand {
     /// Show your images (the working set).
     Show {
@@ -49,6 +53,14 @@ pub enum ImageCommand {
         /// Print the results as one JSON array.
         #[arg(long)]
         json: bool,
+    },
+    /// Push an image of your working set to a registry; prints its clone URL.
+    Publish {
+        /// Label of the registry (default `auto`: the only one configured).
+        #[arg(long, default_value = "auto")]
+        registry: String,
+        /// The image: <name> or <name>:<tag>.
+        image: String,
     },
     /// Remove an image from your working set.
     Remove { image: String },
@@ -97,9 +109,36 @@ async fn connect(settings: &Settings) -> anyhow::Result<Client> {
     )
 }
 
+/// A registry refused the call for lack of (valid) credentials.
+#[derive(Debug)]
+pub struct CredentialsNeeded {
+    pub label: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for CredentialsNeeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CredentialsNeeded {}
+
 /// The one line the user sees for a failed call.
 fn status_error(s: Status) -> anyhow::Error {
     let msg = s.message();
+    if s.code() == Code::Unauthenticated
+        && let Some(label) = s
+            .metadata()
+            .get(walt_proto::REGISTRY_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+    {
+        return CredentialsNeeded {
+            label: label.to_string(),
+            message: msg.to_string(),
+        }
+        .into();
+    }
     // Statuses from the transport (not from walt-server) carry its wording.
     let transport = [
         "transport error",
@@ -123,9 +162,54 @@ fn status_error(s: Status) -> anyhow::Error {
 }
 
 pub async fn run(cmd: ImageCommand) -> anyhow::Result<()> {
-    let settings = config::load()?;
+    let mut settings = config::load()?;
     let mut client = connect(&settings).await?;
-    match cmd {
+    // Clone and publish may need registry credentials: when the registry
+    // refuses, ask for them (on a terminal), retry once, and keep them if
+    // they worked.
+    if matches!(
+        cmd,
+        ImageCommand::Clone { .. } | ImageCommand::Publish { .. }
+    ) {
+        let first = run_one(&mut client, &settings, &cmd).await;
+        let needed = match &first {
+            Err(e) if prompt::interactive() => e.downcast_ref::<CredentialsNeeded>(),
+            _ => None,
+        };
+        let Some(needed) = needed else {
+            return first;
+        };
+        let label = needed.label.clone();
+        eprintln!("{needed}");
+        let creds = prompt::ask_credentials(&label)?;
+        settings
+            .config
+            .registries
+            .insert(label.clone(), creds.clone());
+        let second = run_one(&mut client, &settings, &cmd).await;
+        let refused = second
+            .as_ref()
+            .err()
+            .and_then(|e| e.downcast_ref::<CredentialsNeeded>())
+            .is_some_and(|n| n.label == label);
+        if !refused {
+            let path = config::save_credentials(&label, &creds)?;
+            eprintln!(
+                "Credentials for registry '{label}' saved in {}.",
+                path.display()
+            );
+        }
+        return second;
+    }
+    run_one(&mut client, &settings, &cmd).await
+}
+
+async fn run_one(
+    mut client: &mut Client,
+    settings: &Settings,
+    cmd: &ImageCommand,
+) -> anyhow::Result<()> {
+    match cmd.clone() {
         ImageCommand::Show { all, names_only } => {
             show(&mut client, &settings, all, names_only).await
         }
@@ -134,6 +218,9 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<()> {
         }
         ImageCommand::Search { keyword, json } => {
             search::search(&mut client, &settings, keyword, json).await
+        }
+        ImageCommand::Publish { registry, image } => {
+            publish::publish(&mut client, &settings, &image, &registry).await
         }
         ImageCommand::Remove { image } => {
             client

@@ -2,6 +2,7 @@
 
 mod config;
 mod image;
+mod prompt;
 mod table;
 
 use std::process::ExitCode;
@@ -18,7 +19,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Manage images: show, search, clone, remove, rename, duplicate.
+    /// Manage images: show, search, clone, publish, remove, rename, duplicate.
     #[command(subcommand)]
     Image(image::ImageCommand),
 }

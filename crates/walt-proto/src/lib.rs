@@ -9,5 +9,9 @@ pub mod v1 {
 /// Request metadata key carrying the caller's walt username.
 pub const USER_METADATA_KEY: &str = "walt-user";
 
+/// Status metadata key naming the registry whose credentials are missing
+/// or were refused (on `Unauthenticated` errors).
+pub const REGISTRY_METADATA_KEY: &str = "walt-registry";
+
 /// Default TCP port of walt-server.
 pub const DEFAULT_PORT: u16 = 12345;

@@ -1,6 +1,9 @@
 //! The HTTP client proper.
 
 mod catalog;
+mod push;
+
+pub use push::Progress;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +36,8 @@ const MAX_MANIFEST_SIZE: u64 = 8 << 20;
 const MAX_SMALL_BODY: u64 = 1 << 20;
 /// Longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+/// Default size of the chunks of a blob upload.
+pub const DEFAULT_UPLOAD_CHUNK_SIZE: u64 = 32 << 20;
 
 /// How failed requests are retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +91,9 @@ pub struct ClientOptions {
     pub extra_ca_pem: Option<Vec<u8>>,
     pub credentials: Option<Credentials>,
     pub retry: RetryPolicy,
+    /// Blob uploads larger than this are sent in chunks of this size
+    /// (`PATCH`); smaller ones in one `PUT`.
+    pub upload_chunk_size: u64,
 }
 
 impl ClientOptions {
@@ -98,6 +106,7 @@ impl ClientOptions {
             extra_ca_pem: None,
             credentials: None,
             retry: RetryPolicy::default(),
+            upload_chunk_size: DEFAULT_UPLOAD_CHUNK_SIZE,
         }
     }
 }
@@ -154,6 +163,7 @@ struct Inner {
     http: reqwest::Client,
     credentials: Option<Credentials>,
     retry: RetryPolicy,
+    upload_chunk_size: u64,
     auth: Mutex<AuthState>,
 }
 
@@ -165,9 +175,10 @@ enum AuthHeader {
     Bearer(String),
 }
 
-/// One GET to the registry.
+/// One request to the registry (a GET unless `method` says otherwise).
+#[derive(Default)]
 struct Req<'a> {
-    /// Path below the base URL, starting with `/v2/`.
+    /// Path (and query) below the base URL, starting with `/v2/`.
     path: String,
     /// Repository, for the token scope.
     repo: Option<&'a str>,
@@ -176,6 +187,31 @@ struct Req<'a> {
     timeout: Option<Duration>,
     /// Describes the object for "cut short" errors.
     what: String,
+    method: Method,
+    /// Ask for push access to `repo` (token scope `pull,push`).
+    push: bool,
+    /// Another repository read by the request (a cross-repository mount).
+    pull_from: Option<String>,
+    body: ReqBody,
+    headers: Vec<(header::HeaderName, String)>,
+    /// One try only on transport errors and 5xx (the caller resumes).
+    no_retry: bool,
+}
+
+/// The body of a request, rebuilt for every try.
+#[derive(Default, Clone)]
+enum ReqBody {
+    #[default]
+    Empty,
+    Bytes(Bytes),
+    /// `len` bytes of a file from `offset`, streamed; `progress` is told
+    /// the position in the file as bytes are read.
+    File {
+        path: std::path::PathBuf,
+        offset: u64,
+        len: u64,
+        progress: Option<Progress>,
+    },
 }
 
 enum ReadError {
@@ -228,6 +264,7 @@ impl RegistryClient {
                 http,
                 credentials: opts.credentials,
                 retry: opts.retry,
+                upload_chunk_size: opts.upload_chunk_size.max(1),
                 auth: Mutex::new(AuthState::default()),
             }),
         })
@@ -286,6 +323,7 @@ impl RegistryClient {
             range_from: None,
             timeout: Some(SMALL_REQUEST_TIMEOUT),
             what: "API check".into(),
+            ..Default::default()
         };
         let resp = self.send(&req).await?;
         if resp.status().is_success() {
@@ -326,6 +364,7 @@ impl RegistryClient {
             range_from: None,
             timeout: Some(SMALL_REQUEST_TIMEOUT),
             what: what.clone(),
+            ..Default::default()
         };
         let mut attempt = 0;
         loop {
@@ -398,6 +437,7 @@ impl RegistryClient {
             range_from: (offset > 0).then_some(offset),
             timeout: None,
             what: what.clone(),
+            ..Default::default()
         };
         let resp = self.send(&req).await?;
         let status = resp.status();
@@ -468,6 +508,7 @@ impl RegistryClient {
             range_from: None,
             timeout: None,
             what: what.clone(),
+            ..Default::default()
         };
         let too_large = || RegistryError::TooLarge {
             label: self.inner.label.clone(),
@@ -516,17 +557,22 @@ impl RegistryClient {
     /// transient failures. Returns any non-401, non-transient answer.
     async fn send(&self, req: &Req<'_>) -> Result<reqwest::Response, RegistryError> {
         let url = format!("{}{}", self.inner.base_url, req.path);
-        let scope_key = req.repo.unwrap_or("");
+        let scope_key = scope_key(req);
+        let attempts = if req.no_retry {
+            1
+        } else {
+            self.inner.retry.attempts()
+        };
         let mut attempt = 0u32;
         let mut challenged = false;
         let mut next_auth: Option<AuthHeader> = None;
         loop {
             let auth = match next_auth.take() {
                 Some(a) => a,
-                None => match self.preemptive_auth(scope_key, req.repo).await {
+                None => match self.preemptive_auth(&scope_key, req).await {
                     Ok(a) => a,
                     Err(e) => {
-                        if self.should_retry(&e, attempt).await {
+                        if !req.no_retry && self.should_retry(&e, attempt).await {
                             attempt += 1;
                             continue;
                         }
@@ -534,7 +580,7 @@ impl RegistryClient {
                     }
                 },
             };
-            let mut rb = self.inner.http.get(&url);
+            let mut rb = self.inner.http.request(req.method.clone(), &url);
             if let Some(accept) = &req.accept {
                 rb = rb.header(header::ACCEPT, accept);
             }
@@ -544,13 +590,47 @@ impl RegistryClient {
             if let Some(t) = req.timeout {
                 rb = rb.timeout(t);
             }
+            for (k, v) in &req.headers {
+                rb = rb.header(k.clone(), v);
+            }
+            rb = match &req.body {
+                ReqBody::Empty => {
+                    if req.method == Method::GET || req.method == Method::HEAD {
+                        rb
+                    } else {
+                        rb.header(header::CONTENT_LENGTH, "0")
+                    }
+                }
+                ReqBody::Bytes(b) => rb
+                    .header(header::CONTENT_LENGTH, b.len().to_string())
+                    .body(b.clone()),
+                ReqBody::File {
+                    path,
+                    offset,
+                    len,
+                    progress,
+                } => {
+                    let stream =
+                        push::file_stream(path.clone(), *offset, *len, progress.clone()).await;
+                    let stream = match stream {
+                        Ok(s) => s,
+                        Err(e) => {
+                            return Err(
+                                self.invalid(format!("cannot read {}: {e}", path.display()))
+                            );
+                        }
+                    };
+                    rb.header(header::CONTENT_LENGTH, len.to_string())
+                        .body(reqwest::Body::wrap_stream(stream))
+                }
+            };
             rb = self.apply_auth(rb, &auth);
-            tracing::debug!(registry = %self.inner.label, path = %req.path, "GET");
+            tracing::debug!(registry = %self.inner.label, path = %strip_query(&req.path), "{}", req.method);
             let resp = match rb.send().await {
                 Ok(r) => r,
                 Err(e) => {
                     let err = self.transport_error(&e, &req.what);
-                    if self.should_retry(&err, attempt).await {
+                    if !req.no_retry && self.should_retry(&err, attempt).await {
                         attempt += 1;
                         continue;
                     }
@@ -563,13 +643,13 @@ impl RegistryClient {
                     return Err(self.auth_failed());
                 }
                 challenged = true;
-                match self.handle_challenge(&resp, scope_key, &auth).await {
+                match self.handle_challenge(&resp, &scope_key, &auth).await {
                     Ok(a) => {
                         next_auth = Some(a);
                         continue;
                     }
                     Err(e) => {
-                        if self.should_retry(&e, attempt).await {
+                        if !req.no_retry && self.should_retry(&e, attempt).await {
                             attempt += 1;
                             challenged = false;
                             continue;
@@ -583,7 +663,7 @@ impl RegistryClient {
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
                 let err = self.status_error(resp, req, &req.what).await;
-                if attempt + 1 < self.inner.retry.attempts() {
+                if attempt + 1 < attempts {
                     let delay = self
                         .inner
                         .retry
@@ -633,7 +713,7 @@ impl RegistryClient {
     async fn preemptive_auth(
         &self,
         scope_key: &str,
-        repo: Option<&str>,
+        req: &Req<'_>,
     ) -> Result<AuthHeader, RegistryError> {
         let (scheme, cached) = {
             let state = self.inner.auth.lock().unwrap();
@@ -655,9 +735,12 @@ impl RegistryClient {
                 if let Some(t) = cached {
                     return Ok(AuthHeader::Bearer(t));
                 }
-                let scopes: Vec<String> = repo
-                    .map(|r| format!("repository:{r}:pull"))
+                let action = if req.push { "pull,push" } else { "pull" };
+                let scopes: Vec<String> = req
+                    .repo
+                    .map(|r| format!("repository:{r}:{action}"))
                     .into_iter()
+                    .chain(req.pull_from.iter().map(|f| format!("repository:{f}:pull")))
                     .collect();
                 let token = self
                     .fetch_token(&realm, service.as_deref(), &scopes)
@@ -946,8 +1029,8 @@ impl RegistryClient {
                 "MANIFEST_UNKNOWN" | "NAME_UNKNOWN" | "BLOB_UNKNOWN"
             )
         });
-        let method = Method::GET.to_string();
-        let path = req.path.clone();
+        let method = req.method.to_string();
+        let path = strip_query(&req.path).to_string();
         match status {
             StatusCode::NOT_FOUND => RegistryError::NotFound {
                 label,
@@ -991,6 +1074,24 @@ fn origin(u: &Url) -> String {
         s.push_str(&format!(":{p}"));
     }
     s
+}
+
+/// The token cache key of a request: its repository and the access asked.
+fn scope_key(req: &Req<'_>) -> String {
+    let mut key = req.repo.unwrap_or("").to_string();
+    if req.push {
+        key.push_str(" push");
+    }
+    if let Some(f) = &req.pull_from {
+        key.push_str(" from ");
+        key.push_str(f);
+    }
+    key
+}
+
+/// A path without its query (upload locations carry opaque state).
+fn strip_query(path: &str) -> &str {
+    path.split('?').next().unwrap_or(path)
 }
 
 fn transport_reason(e: &reqwest::Error) -> String {

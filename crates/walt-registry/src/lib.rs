@@ -14,5 +14,8 @@ mod client;
 mod error;
 
 pub use auth::{Challenge, Credentials, parse_www_authenticate};
-pub use client::{BlobResponse, ClientOptions, FetchedManifest, RegistryClient, RetryPolicy};
+pub use client::{
+    BlobResponse, ClientOptions, DEFAULT_UPLOAD_CHUNK_SIZE, FetchedManifest, Progress,
+    RegistryClient, RetryPolicy,
+};
 pub use error::{ApiError, RegistryError, parse_error_body, summarize_error_body};

@@ -1024,3 +1024,456 @@ async fn catalog_follows_links_and_null_tags() {
     let e = c.tags("bad/json").await.unwrap_err().to_string();
     assert!(e.contains("not valid JSON"), "{e}");
 }
+
+// ----- pushing -----
+
+/// A file of `len` pseudo-random bytes and its digest.
+fn blob_file(dir: &Path, name: &str, len: u32) -> (PathBuf, Vec<u8>, String) {
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, &data).unwrap();
+    let digest = sha256(&data);
+    (path, data, digest)
+}
+
+#[tokio::test]
+async fn push_blobs_and_manifest_to_a_real_registry() {
+    let reg = start_registry(None, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (layer_path, layer, layer_digest) = blob_file(dir.path(), "layer", 350_000);
+    let config = br#"{"architecture":"amd64","os":"linux","config":{"Labels":{"walt.node.models":"pc-x86-64"}},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_path = dir.path().join("config");
+    std::fs::write(&config_path, config).unwrap();
+    let config_digest = sha256(config);
+
+    // chunked: 64 KiB chunks
+    let mut o = opts("local", &reg.base_url);
+    o.upload_chunk_size = 64 << 10;
+    let c = RegistryClient::new(o).unwrap();
+    assert!(!c.blob_exists("alice/pushed", &layer_digest).await.unwrap());
+    let seen = Arc::new(Mutex::new(0u64));
+    let s2 = seen.clone();
+    let progress: walt_registry::Progress = Arc::new(move |p| {
+        let mut s = s2.lock().unwrap();
+        *s = (*s).max(p);
+    });
+    c.push_blob(
+        "alice/pushed",
+        &layer_digest,
+        layer.len() as u64,
+        &layer_path,
+        Some(progress),
+    )
+    .await
+    .unwrap();
+    assert_eq!(*seen.lock().unwrap(), layer.len() as u64);
+    assert!(c.blob_exists("alice/pushed", &layer_digest).await.unwrap());
+    let b = c.get_blob("alice/pushed", &layer_digest, 0).await.unwrap();
+    assert_eq!(collect(b).await, layer);
+
+    // monolithic (default chunk size)
+    let c = RegistryClient::new(opts("local", &reg.base_url)).unwrap();
+    c.push_blob(
+        "alice/pushed",
+        &config_digest,
+        config.len() as u64,
+        &config_path,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        c.get_blob_bytes("alice/pushed", &config_digest, 4096)
+            .await
+            .unwrap(),
+        config
+    );
+    // a wrong digest is refused by the registry
+    let e = c
+        .push_blob(
+            "alice/pushed",
+            &sha256(b"other"),
+            config.len() as u64,
+            &config_path,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(!e.is_transient(), "{e:?}");
+
+    // the manifest last
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}],
+    }))
+    .unwrap();
+    let d = c
+        .put_manifest("alice/pushed", "v1", OCI_MANIFEST, &manifest)
+        .await
+        .unwrap();
+    assert_eq!(d, sha256(&manifest));
+    let m = c.get_manifest("alice/pushed", "v1").await.unwrap();
+    assert_eq!(m.bytes, manifest);
+
+    // cross-repository mount
+    assert!(!c.blob_exists("bob/copy", &layer_digest).await.unwrap());
+    assert!(
+        c.mount_blob("bob/copy", &layer_digest, "alice/pushed")
+            .await
+            .unwrap()
+    );
+    assert!(c.blob_exists("bob/copy", &layer_digest).await.unwrap());
+    let unknown = sha256(b"nowhere");
+    assert!(
+        !c.mount_blob("bob/copy", &unknown, "alice/pushed")
+            .await
+            .unwrap()
+    );
+    assert!(!c.blob_exists("bob/copy", &unknown).await.unwrap());
+}
+
+#[tokio::test]
+async fn push_with_tls_and_basic_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = make_tls(dir.path());
+    let out = Command::new("htpasswd")
+        .args(["-Bbn", "user", "pass"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, &out.stdout).unwrap();
+    let reg = start_registry(Some(&tls), Some(&htpasswd)).await;
+    let (path, data, digest) = blob_file(dir.path(), "blob", 200_000);
+    let with = |creds: Option<(&str, &str)>| {
+        let mut o = opts("secure", &reg.base_url);
+        o.credentials = creds.map(|(u, p)| Credentials::new(u, p));
+        o.extra_ca_pem = Some(tls.ca_pem.clone());
+        o.upload_chunk_size = 80_000;
+        RegistryClient::new(o).unwrap()
+    };
+    let e = with(None)
+        .push_blob("user/x", &digest, data.len() as u64, &path, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, RegistryError::CredentialsRequired { .. }),
+        "{e:?}"
+    );
+    let e = with(Some(("user", "bad")))
+        .blob_exists("user/x", &digest)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::Unauthorized { .. }), "{e:?}");
+    let c = with(Some(("user", "pass")));
+    c.push_blob("user/x", &digest, data.len() as u64, &path, None)
+        .await
+        .unwrap();
+    assert!(c.blob_exists("user/x", &digest).await.unwrap());
+    let b = c.get_blob("user/x", &digest, 0).await.unwrap();
+    assert_eq!(collect(b).await, data);
+}
+
+/// An upload endpoint that drops the connection in the middle of the
+/// second chunk, after keeping half of it (as a registry whose client
+/// went away does).
+async fn upload_mock(drop_chunk: usize) -> (u16, Arc<Mutex<Vec<u8>>>, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stored: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let done: Arc<Mutex<Option<String>>> = Arc::default();
+    let (st, lg) = (stored.clone(), log.clone());
+    let patches = Arc::new(Mutex::new(0usize));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (stored, log, done, patches) =
+                (st.clone(), lg.clone(), done.clone(), patches.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 65536];
+                let head_end = loop {
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break p + 4;
+                    }
+                    match sock.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let mut lines = head.split("\r\n");
+                let mut first = lines.next().unwrap().split(' ');
+                let method = first.next().unwrap().to_string();
+                let target = first.next().unwrap().to_string();
+                let headers: HashMap<String, String> = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                    .collect();
+                let len: usize = headers
+                    .get("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let mut body = buf[head_end..].to_vec();
+                let mut drop_after = None;
+                if method == "PATCH" {
+                    let mut n = patches.lock().unwrap();
+                    *n += 1;
+                    if *n == drop_chunk {
+                        drop_after = Some(len / 2);
+                    }
+                }
+                while body.len() < drop_after.unwrap_or(len) {
+                    match sock.read(&mut tmp).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => body.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                log.lock().unwrap().push(format!(
+                    "{method} {target} {}",
+                    headers.get("content-range").cloned().unwrap_or_default()
+                ));
+                let loc = "/v2/r/blobs/uploads/u1?_state=x";
+                let range = |n: usize| format!("0-{}", n.saturating_sub(1));
+                let (status, extra): (u16, Vec<(String, String)>) = match method.as_str() {
+                    "POST" => (202, vec![("Location".into(), loc.into())]),
+                    "PATCH" => {
+                        let start: usize = headers["content-range"]
+                            .split('-')
+                            .next()
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        let mut s = stored.lock().unwrap();
+                        if start != s.len() {
+                            (416, vec![])
+                        } else if let Some(keep) = drop_after {
+                            s.extend_from_slice(&body[..keep.min(body.len())]);
+                            drop(s);
+                            // gone without an answer
+                            return;
+                        } else {
+                            s.extend_from_slice(&body[..len]);
+                            (
+                                202,
+                                vec![
+                                    ("Location".into(), loc.into()),
+                                    ("Range".into(), range(s.len())),
+                                ],
+                            )
+                        }
+                    }
+                    "GET" => {
+                        let n = stored.lock().unwrap().len();
+                        (
+                            204,
+                            vec![("Location".into(), loc.into()), ("Range".into(), range(n))],
+                        )
+                    }
+                    "PUT" => {
+                        let mut s = stored.lock().unwrap();
+                        s.extend_from_slice(&body[..len]);
+                        let digest = target
+                            .split("digest=")
+                            .nth(1)
+                            .unwrap_or("")
+                            .replace("%3A", ":");
+                        if sha256(&s) == digest {
+                            *done.lock().unwrap() = Some(digest);
+                            (201, vec![])
+                        } else {
+                            (400, vec![])
+                        }
+                    }
+                    "HEAD" => {
+                        let d = done.lock().unwrap().clone();
+                        if d.is_some_and(|d| target.ends_with(&d)) {
+                            (200, vec![])
+                        } else {
+                            (404, vec![])
+                        }
+                    }
+                    _ => (405, vec![]),
+                };
+                let mut out =
+                    format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n");
+                for (k, v) in extra {
+                    out.push_str(&format!("{k}: {v}\r\n"));
+                }
+                out.push_str("\r\n");
+                let _ = sock.write_all(out.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    (port, stored, log)
+}
+
+#[tokio::test]
+async fn chunked_upload_resumes_where_the_registry_stands() {
+    let (port, stored, log) = upload_mock(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, data, digest) = blob_file(dir.path(), "blob", 350_000);
+    let mut o = opts("mock", &format!("http://127.0.0.1:{port}"));
+    o.upload_chunk_size = 100_000;
+    let c = RegistryClient::new(o).unwrap();
+    c.push_blob("r", &digest, data.len() as u64, &path, None)
+        .await
+        .unwrap();
+    assert_eq!(*stored.lock().unwrap(), data);
+    let log = log.lock().unwrap().clone();
+    // one upload, resumed after asking where it stands
+    assert_eq!(
+        log.iter().filter(|l| l.starts_with("POST ")).count(),
+        1,
+        "{log:?}"
+    );
+    assert!(log.iter().any(|l| l.starts_with("GET ")), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("PATCH ") && l.ends_with(" 150000-249999")),
+        "{log:?}"
+    );
+}
+
+#[tokio::test]
+async fn push_asks_for_push_tokens() {
+    let server = mock(|req, port| {
+        if req.path() == "/token" {
+            return resp(200, &[], r#"{"token":"tok","expires_in":300}"#);
+        }
+        if req.header("authorization") != Some("Bearer tok") {
+            let challenge = format!(
+                r#"Bearer realm="http://127.0.0.1:{port}/token",service="mock",scope="repository:alice/foo:pull,push""#
+            );
+            return resp(401, &[("WWW-Authenticate", &challenge)], "{}");
+        }
+        resp(404, &[], "")
+    })
+    .await;
+    let mut o = opts("tok", &server.url());
+    o.credentials = Some(Credentials::new("user", "pass"));
+    let c = RegistryClient::new(o).unwrap();
+    let d = sha256(b"x");
+    assert!(!c.blob_exists("alice/foo", &d).await.unwrap());
+    // known scheme: the token for another repository is asked for at once
+    assert!(!c.blob_exists("alice/bar", &d).await.unwrap());
+    let tokens: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.path() == "/token")
+        .map(|r| r.target)
+        .collect();
+    assert_eq!(tokens.len(), 2, "{tokens:?}");
+    assert!(
+        tokens[0].contains("scope=repository%3Aalice%2Ffoo%3Apull%2Cpush"),
+        "{tokens:?}"
+    );
+    assert!(
+        tokens[1].contains("scope=repository%3Aalice%2Fbar%3Apull%2Cpush"),
+        "{tokens:?}"
+    );
+}
+
+/// A proxy to a real registry that forwards only half of the body of the
+/// `drop_patch`-th PATCH, then closes both connections.
+async fn cutting_proxy(upstream: u16, drop_patch: usize) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let lg = log.clone();
+    let patches = Arc::new(Mutex::new(0usize));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (log, patches) = (lg.clone(), patches.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 65536];
+                let head_end = loop {
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break p + 4;
+                    }
+                    match sock.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let first = head.lines().next().unwrap_or_default().to_string();
+                let len: usize = head
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, v)| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let cut = first.starts_with("PATCH ") && {
+                    let mut n = patches.lock().unwrap();
+                    *n += 1;
+                    *n == drop_patch
+                };
+                let want = if cut { len / 2 } else { len };
+                while buf.len() < head_end + want {
+                    match sock.read(&mut tmp).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                buf.truncate(head_end + want);
+                log.lock()
+                    .unwrap()
+                    .push(format!("{first}{}", if cut { " (cut)" } else { "" }));
+                let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    return;
+                };
+                // one request per upstream connection
+                let mut req = head[..head_end - 2].to_string();
+                req.push_str("Connection: close\r\n\r\n");
+                let _ = up.write_all(req.as_bytes()).await;
+                let _ = up.write_all(&buf[head_end..]).await;
+                if cut {
+                    // both sides see the connection go away mid-body
+                    return;
+                }
+                let mut answer = Vec::new();
+                let _ = up.read_to_end(&mut answer).await;
+                let _ = sock.write_all(&answer).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    (port, log)
+}
+
+#[tokio::test]
+async fn chunked_upload_survives_a_cut_connection_to_a_real_registry() {
+    let reg = start_registry(None, None).await;
+    let upstream: u16 = reg.base_url.rsplit(':').next().unwrap().parse().unwrap();
+    let (port, log) = cutting_proxy(upstream, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, data, digest) = blob_file(dir.path(), "blob", 350_000);
+    let mut o = opts("cut", &format!("http://127.0.0.1:{port}"));
+    o.upload_chunk_size = 100_000;
+    let c = RegistryClient::new(o).unwrap();
+    c.push_blob("alice/cut", &digest, data.len() as u64, &path, None)
+        .await
+        .unwrap();
+    let log = log.lock().unwrap().clone();
+    // distribution forgets an upload whose state no longer matches what it
+    // holds: the client asks, then starts over (the mock above covers the
+    // registries that report where the upload stands)
+    assert!(log.iter().any(|l| l.ends_with("(cut)")), "{log:?}");
+    let direct = RegistryClient::new(opts("local", &reg.base_url)).unwrap();
+    let b = direct.get_blob("alice/cut", &digest, 0).await.unwrap();
+    assert_eq!(collect(b).await, data, "{log:?}");
+}

@@ -177,6 +177,20 @@ pub async fn run(
         Source::Registry(client) => {
             let store = state.store.clone();
             let result = pull(&store, client, &plan, &events).await;
+            if result.is_ok() {
+                // Later publishes to this registry may mount these blobs.
+                let (s, t) = (store.clone(), plan.target.clone());
+                if let Ok(Some(rec)) = blocking(move || Ok(s.get_image(&t)?)).await {
+                    state.blob_sources.record(
+                        client.label(),
+                        &plan.url.path(),
+                        rec.layers
+                            .iter()
+                            .map(|l| l.blob_digest.as_str())
+                            .chain([rec.config_digest.as_str()]),
+                    );
+                }
+            }
             if result.is_err() {
                 // Leave the store as it was: drop what this clone added.
                 let s = store.clone();

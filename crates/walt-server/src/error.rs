@@ -70,6 +70,16 @@ impl From<ServiceError> for Status {
         };
         // One line, whatever the source said.
         let msg = e.to_string().replace('\n', " ");
-        Status::new(code, msg)
+        let mut status = Status::new(code, msg);
+        // Tell the client which registry wants credentials, so that it can
+        // ask its user for them and retry.
+        if let (Code::Unauthenticated, ServiceError::Registry(r)) = (code, &e)
+            && let Ok(v) = r.label().parse()
+        {
+            status
+                .metadata_mut()
+                .insert(walt_proto::REGISTRY_METADATA_KEY, v);
+        }
+        status
     }
 }

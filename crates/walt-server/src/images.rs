@@ -14,7 +14,7 @@ use walt_proto::v1::{self as pb, images_server::Images, server_server};
 use walt_store::ImageRecord;
 
 use crate::error::ServiceError;
-use crate::{State, clone};
+use crate::{State, clone, publish};
 
 /// The caller's walt username, from the request metadata.
 pub fn caller<T>(req: &Request<T>) -> Result<String, Status> {
@@ -70,6 +70,7 @@ impl ImagesService {
 
 type CloneStream = Pin<Box<dyn Stream<Item = Result<pb::CloneEvent, Status>> + Send>>;
 type SearchStream = Pin<Box<dyn Stream<Item = Result<pb::SearchEvent, Status>> + Send>>;
+type PublishStream = Pin<Box<dyn Stream<Item = Result<pb::PublishEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Images for ImagesService {
@@ -144,6 +145,41 @@ impl Images for ImagesService {
                     let _ = tx.send(Err(ServiceError::ShuttingDown.into())).await;
                 }
             }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type PublishStream = PublishStream;
+
+    async fn publish(
+        &self,
+        req: Request<pb::PublishRequest>,
+    ) -> Result<Response<PublishStream>, Status> {
+        let user = caller(&req)?;
+        let req = req.into_inner();
+        // Refuse bad input before starting the stream: a plain error status.
+        let plan = publish::plan(&self.state, &user, &req).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let outcome = tokio::select! {
+                r = publish::run(state.clone(), plan, tx.clone()) => r,
+                _ = tx.closed() => {
+                    tracing::info!("client went away, publish cancelled");
+                    return;
+                }
+                _ = state.shutdown.cancelled() => Err(ServiceError::ShuttingDown),
+            };
+            let msg = match outcome {
+                Ok(result) => Ok(pb::PublishEvent {
+                    event: Some(pb::publish_event::Event::Result(result)),
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "publish failed");
+                    Err(Status::from(e))
+                }
+            };
+            let _ = tx.send(msg).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -5,6 +5,7 @@ mod clone;
 mod config;
 mod error;
 mod images;
+mod publish;
 mod search;
 
 use std::future::Future;
@@ -36,6 +37,8 @@ pub struct State {
     pub config_path: PathBuf,
     /// Cancelled at shutdown: long operations stop and clean up.
     pub shutdown: CancellationToken,
+    /// Registry repositories known to hold blobs (cross-repository mounts).
+    pub blob_sources: publish::BlobSources,
 }
 
 impl State {
@@ -109,6 +112,7 @@ impl Server {
                 config: RwLock::new(Arc::new(config)),
                 config_path: opts.config_path,
                 shutdown: CancellationToken::new(),
+                blob_sources: publish::BlobSources::default(),
             }),
         })
     }

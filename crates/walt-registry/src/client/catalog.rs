@@ -89,6 +89,7 @@ impl RegistryClient {
                 range_from: None,
                 timeout: Some(SMALL_REQUEST_TIMEOUT),
                 what: what.to_string(),
+                ..Default::default()
             };
             let mut attempt = 0;
             let (body, next) = loop {

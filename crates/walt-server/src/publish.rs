@@ -1,0 +1,439 @@
+//! `walt image publish`: pushes an image of the caller's working set to a
+//! configured docker-registry-v2 registry, as `<user>/<name>:<tag>` where
+//! `<user>` is the caller's registry username (else their walt username).
+//! Blobs the registry already holds are not sent again; the manifest goes
+//! last, so the tag only appears once everything it references is there.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use walt_core::config::{Auth, Registry, V2Registry};
+use walt_core::{CloneUrl, ImageName};
+use walt_proto::v1::{self as pb, publish_event::Event};
+use walt_registry::{Credentials, Progress, RegistryClient, RegistryError};
+use walt_store::ImageRecord;
+
+use crate::State;
+use crate::error::ServiceError;
+use crate::images::blocking;
+
+/// Blobs uploaded at once.
+const UPLOAD_CONCURRENCY: usize = 3;
+/// Least time between two progress events of one blob.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Most blobs remembered per registry.
+const MAX_SOURCES: usize = 100_000;
+
+type Events = mpsc::Sender<Result<pb::PublishEvent, tonic::Status>>;
+
+/// For each registry label, a repository known to hold each blob, learnt
+/// from clones and publishes: the source of cross-repository mounts. In
+/// memory only (a restart forgets it; publishing then uploads).
+#[derive(Default)]
+pub struct BlobSources(Mutex<HashMap<String, HashMap<String, String>>>);
+
+impl BlobSources {
+    /// Records that `repo` of registry `label` holds these blobs.
+    pub fn record<'a>(&self, label: &str, repo: &str, digests: impl IntoIterator<Item = &'a str>) {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let known = all.entry(label.to_string()).or_default();
+        for d in digests {
+            if known.len() >= MAX_SOURCES {
+                known.clear();
+            }
+            known.insert(d.to_string(), repo.to_string());
+        }
+    }
+
+    /// A repository of `label` known to hold `digest`.
+    pub fn find(&self, label: &str, digest: &str) -> Option<String> {
+        let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        all.get(label)?.get(digest).cloned()
+    }
+}
+
+/// A validated publish request.
+pub struct Plan {
+    image: ImageRecord,
+    client: RegistryClient,
+    /// `<user>/<name>` in the registry.
+    repo: String,
+    url: CloneUrl,
+}
+
+/// The labels of the registries one can publish to, for messages.
+fn targets(regs: &[&V2Registry]) -> String {
+    if regs.is_empty() {
+        "none is configured".to_string()
+    } else {
+        regs.iter()
+            .map(|r| r.label.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Checks the request: the image exists, the registry is one to publish
+/// to, the target name is valid. Nothing is sent yet.
+pub async fn plan(
+    state: &Arc<State>,
+    user: &str,
+    req: &pb::PublishRequest,
+) -> Result<Plan, ServiceError> {
+    let name = ImageName::parse_user(user, req.image.trim())?;
+    let store = state.store.clone();
+    let image = {
+        let name = name.clone();
+        blocking(move || Ok(store.get_image(&name)?)).await?
+    }
+    .ok_or_else(|| {
+        ServiceError::NotFound(format!(
+            "image '{}' not found in your working set (see walt image show)",
+            name.short()
+        ))
+    })?;
+
+    let config = state.config();
+    let v2: Vec<&V2Registry> = config
+        .registries
+        .iter()
+        .filter_map(|r| match r {
+            Registry::V2(v) => Some(v),
+            Registry::Hub(_) => None,
+        })
+        .collect();
+    let wanted = req.registry.trim();
+    let reg: &V2Registry = match wanted {
+        "" | "auto" => match v2.as_slice() {
+            [only] => only,
+            [] => {
+                return Err(ServiceError::FailedPrecondition(
+                    "no docker-registry-v2 registry is configured on this server, nowhere to publish (publishing to the Docker hub is not supported yet; see walt-server-setup --edit-conf)".into(),
+                ));
+            }
+            _ => {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "several registries are configured ({}): choose one with --registry <label>",
+                    targets(&v2)
+                )));
+            }
+        },
+        "walt" | "docker" => {
+            return Err(ServiceError::InvalidArgument(format!(
+                "'{wanted}' is not a registry one can publish to (registries: {})",
+                targets(&v2)
+            )));
+        }
+        "hub" => {
+            return Err(ServiceError::Unimplemented(format!(
+                "publishing to the Docker hub is not supported yet (registries: {})",
+                targets(&v2)
+            )));
+        }
+        label => match config.registry(label) {
+            Some(Registry::V2(r)) => r,
+            Some(Registry::Hub(_)) | None => {
+                return Err(ServiceError::NotFound(format!(
+                    "unknown registry '{label}' (registries: {})",
+                    targets(&v2)
+                )));
+            }
+        },
+    };
+
+    let creds = req
+        .credentials
+        .get(&reg.label)
+        .filter(|c| !c.username.is_empty() || !c.password.is_empty())
+        .map(|c| Credentials::new(c.username.clone(), c.password.clone()));
+    if reg.auth == Auth::Basic && creds.is_none() {
+        return Err(RegistryError::CredentialsRequired {
+            label: reg.label.clone(),
+        }
+        .into());
+    }
+    let owner = creds
+        .as_ref()
+        .map(|c| c.username.to_lowercase())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| user.to_string());
+    let text = format!(
+        "{}:{owner}/{}:{}",
+        reg.label, image.name.name, image.name.tag
+    );
+    let url = CloneUrl::parse(&text).map_err(|_| {
+        ServiceError::InvalidArgument(format!(
+            "cannot publish as '{owner}/{}' on registry '{}': '{owner}' is not usable as a repository name",
+            image.name.name, reg.label
+        ))
+    })?;
+    let client = RegistryClient::for_v2(reg, creds)?;
+    Ok(Plan {
+        repo: url.path(),
+        image,
+        client,
+        url,
+    })
+}
+
+fn progress(digest: &str, done: u64, total: u64, complete: bool, cached: bool) -> pb::PublishEvent {
+    pb::PublishEvent {
+        event: Some(Event::Progress(pb::LayerProgress {
+            digest: digest.to_string(),
+            done,
+            total,
+            complete,
+            cached,
+        })),
+    }
+}
+
+/// One blob to make present in the registry.
+#[derive(Clone)]
+struct BlobJob {
+    digest: String,
+    size: u64,
+    path: std::path::PathBuf,
+    /// Another repository of the registry known to hold it.
+    mount_from: Option<String>,
+}
+
+/// What happened to one blob.
+enum Sent {
+    Present,
+    Uploaded(u64),
+}
+
+/// Performs a planned publish, sending progress on `events`.
+pub async fn run(
+    state: Arc<State>,
+    plan: Plan,
+    events: Events,
+) -> Result<pb::PublishResult, ServiceError> {
+    let started = Instant::now();
+    let store = state.store.clone();
+    // Keeps a concurrent removal from collecting the blobs being sent.
+    let guard = store.begin_import();
+    let result = publish(&state, &plan, &events).await;
+    let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
+    let result = result?;
+    let rec = &plan.image;
+    state.blob_sources.record(
+        plan.client.label(),
+        &plan.repo,
+        rec.layers
+            .iter()
+            .map(|l| l.blob_digest.as_str())
+            .chain([rec.config_digest.as_str()]),
+    );
+    tracing::info!(
+        image = %plan.image.name,
+        url = %plan.url,
+        uploaded_blobs = result.uploaded_blobs,
+        uploaded_bytes = result.uploaded_bytes,
+        skipped_blobs = result.skipped_blobs,
+        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "image published"
+    );
+    Ok(result)
+}
+
+async fn publish(
+    state: &Arc<State>,
+    plan: &Plan,
+    events: &Events,
+) -> Result<pb::PublishResult, ServiceError> {
+    let store = &state.store;
+    let rec = &plan.image;
+    let (layers, config, manifest) = {
+        let store = store.clone();
+        let rec = rec.clone();
+        blocking(move || {
+            let mut layers = Vec::new();
+            for l in &rec.layers {
+                layers.push(BlobJob {
+                    digest: l.blob_digest.clone(),
+                    size: l.blob_size,
+                    path: store.blob_path(&l.blob_digest)?,
+                    mount_from: None,
+                });
+            }
+            let path = store.blob_path(&rec.config_digest)?;
+            let size = std::fs::metadata(&path)
+                .map_err(|e| {
+                    ServiceError::Internal(format!("cannot read {}: {e}", path.display()))
+                })?
+                .len();
+            let config = BlobJob {
+                digest: rec.config_digest.clone(),
+                size,
+                path,
+                mount_from: None,
+            };
+            let manifest = store.read_blob(&rec.manifest_digest)?;
+            Ok((layers, config, manifest))
+        })
+        .await?
+    };
+    let label = plan.client.label();
+    let source = |digest: &str| {
+        state
+            .blob_sources
+            .find(label, digest)
+            .filter(|r| *r != plan.repo)
+    };
+    let layers: Vec<BlobJob> = layers
+        .into_iter()
+        .map(|mut l| {
+            l.mount_from = source(&l.digest);
+            l
+        })
+        .collect();
+    let mut config = config;
+    config.mount_from = source(&config.digest);
+    for l in &layers {
+        let _ = events
+            .send(Ok(progress(&l.digest, 0, l.size, false, false)))
+            .await;
+    }
+    let mut uploaded_blobs = 0;
+    let mut uploaded_bytes = 0;
+    let mut skipped_blobs = 0;
+    let mut count = |s: Sent| match s {
+        Sent::Present => skipped_blobs += 1,
+        Sent::Uploaded(n) => {
+            uploaded_blobs += 1;
+            uploaded_bytes += n;
+        }
+    };
+
+    // Layers a few at a time; the first failure stops the others.
+    let limit = Arc::new(tokio::sync::Semaphore::new(UPLOAD_CONCURRENCY));
+    let mut set = JoinSet::new();
+    for job in layers {
+        let (client, repo, events, limit) = (
+            plan.client.clone(),
+            plan.repo.clone(),
+            events.clone(),
+            limit.clone(),
+        );
+        set.spawn(async move {
+            let _permit = limit
+                .acquire_owned()
+                .await
+                .map_err(|_| ServiceError::ShuttingDown)?;
+            send_blob(&client, &repo, &job, Some(&events)).await
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        match joined.map_err(ServiceError::from).and_then(|r| r) {
+            Ok(s) => count(s),
+            Err(e) => {
+                set.abort_all();
+                while set.join_next().await.is_some() {}
+                return Err(e);
+            }
+        }
+    }
+    count(send_blob(&plan.client, &plan.repo, &config, None).await?);
+
+    let media_type = if rec.manifest_media_type.is_empty() {
+        walt_core::oci::OCI_MANIFEST
+    } else {
+        rec.manifest_media_type.as_str()
+    };
+    plan.client
+        .put_manifest(&plan.repo, &plan.url.tag, media_type, &manifest)
+        .await?;
+    Ok(pb::PublishResult {
+        clone_url: plan.url.to_string(),
+        registry: plan.client.label().to_string(),
+        manifest_digest: rec.manifest_digest.clone(),
+        uploaded_blobs,
+        uploaded_bytes,
+        skipped_blobs,
+    })
+}
+
+/// Makes one blob present in the repository: nothing to do when the
+/// registry has it, else an upload (with progress events when `events`).
+async fn send_blob(
+    client: &RegistryClient,
+    repo: &str,
+    job: &BlobJob,
+    events: Option<&Events>,
+) -> Result<Sent, ServiceError> {
+    if client.blob_exists(repo, &job.digest).await? {
+        if let Some(ev) = events {
+            let _ = ev
+                .send(Ok(progress(&job.digest, job.size, job.size, true, true)))
+                .await;
+        }
+        return Ok(Sent::Present);
+    }
+    if let Some(from) = &job.mount_from {
+        match client.mount_blob(repo, &job.digest, from).await {
+            Ok(true) => {
+                tracing::debug!(digest = %job.digest, from = %from, "blob mounted");
+                if let Some(ev) = events {
+                    let _ = ev
+                        .send(Ok(progress(&job.digest, job.size, job.size, true, true)))
+                        .await;
+                }
+                return Ok(Sent::Present);
+            }
+            Ok(false) => {}
+            // An upload still works: only note why the shortcut failed.
+            Err(e) => tracing::info!(digest = %job.digest, from = %from, "cannot mount: {e}"),
+        }
+    }
+    let reporter: Option<Progress> = events.map(|ev| {
+        let ev = ev.clone();
+        let digest = job.digest.clone();
+        let total = job.size;
+        let last = std::sync::Mutex::new(None::<Instant>);
+        let p: Progress = Arc::new(move |done: u64| {
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+            // Progress is best effort: never wait for a slow client here.
+            let _ = ev.try_send(Ok(progress(&digest, done, total, false, false)));
+        });
+        p
+    });
+    client
+        .push_blob(repo, &job.digest, job.size, &job.path, reporter)
+        .await?;
+    if let Some(ev) = events {
+        let _ = ev
+            .send(Ok(progress(&job.digest, job.size, job.size, true, false)))
+            .await;
+    }
+    Ok(Sent::Uploaded(job.size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_sources_per_registry() {
+        let s = BlobSources::default();
+        assert_eq!(s.find("local", "sha256:a"), None);
+        s.record("local", "eve/base", ["sha256:a", "sha256:b"]);
+        s.record("other", "x/y", ["sha256:a"]);
+        assert_eq!(s.find("local", "sha256:a").as_deref(), Some("eve/base"));
+        assert_eq!(s.find("other", "sha256:a").as_deref(), Some("x/y"));
+        assert_eq!(s.find("other", "sha256:b"), None);
+        // the latest holder wins
+        s.record("local", "alice/base", ["sha256:b"]);
+        assert_eq!(s.find("local", "sha256:b").as_deref(), Some("alice/base"));
+    }
+}
