@@ -17,15 +17,16 @@ elapsed() { python3 -c "print(f'{$2-$1:.3f}')"; }
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 best() { printf '%s\n' "$@" | sort -g | head -1; }
 
-start_registry() { # -> REG_PORT
+start_registry() { # [NAME] -> REG_PORT
+  local name=${1:-main}
   REG_PORT=$(free_port)
-  cat > "$W/registry.yml" <<YML
+  cat > "$W/registry-$name.yml" <<YML
 version: 0.1
-storage: { filesystem: { rootdirectory: $W/registry }, delete: { enabled: true } }
+storage: { filesystem: { rootdirectory: $W/registry-$name }, delete: { enabled: true } }
 http: { addr: 127.0.0.1:$REG_PORT }
 log: { level: error, accesslog: { disabled: true } }
 YML
-  docker-registry serve "$W/registry.yml" >"$W/registry.log" 2>&1 & pids+=($!)
+  docker-registry serve "$W/registry-$name.yml" >"$W/registry-$name.log" 2>&1 & pids+=($!)
   wait_http "http://127.0.0.1:$REG_PORT/v2/"
 }
 
@@ -65,29 +66,34 @@ make_layers() {
   echo "$i" > "$dir/count"; touch "$dir/done"
 }
 
-# push_image NAME REPO : pushes the cached layers of NAME as an OCI image REPO:latest.
+# push_image NAME REPO [TAG] [EXTRA_LABEL_JSON]: pushes the cached layers of NAME
+# as an OCI image REPO:TAG (default latest).
 push_image() {
-  local name=$1 repo=$2 dir=$CACHE/$1 n layers="" diffids="" d size
+  local name=$1 repo=$2 tag=${3:-latest} extra=${4:-} dir=$CACHE/$1 n layers="" diffids="" d size i
   n=$(cat "$dir/count")
   for i in $(seq "$n"); do
     d=$(push_blob "$dir/$i.tar.gz" "$repo"); size=$(stat -c %s "$dir/$i.tar.gz")
     layers="$layers${layers:+,}{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"$d\",\"size\":$size}"
     diffids="$diffids${diffids:+,}\"sha256:$(cat "$dir/$i.diffid")\""
   done
-  printf '{"architecture":"amd64","os":"linux","config":{"Labels":{"walt.node.models":"pc-x86-64"}},"rootfs":{"type":"layers","diff_ids":[%s]}}' "$diffids" > "$W/config.json"
+  printf '{"architecture":"amd64","os":"linux","config":{"Labels":{"walt.node.models":"pc-x86-64"%s}},"rootfs":{"type":"layers","diff_ids":[%s]}}' "$extra" "$diffids" > "$W/config.json"
   d=$(push_blob "$W/config.json" "$repo"); size=$(stat -c %s "$W/config.json")
   printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%s},"layers":[%s]}' "$d" "$size" "$layers" > "$W/manifest.json"
-  curl -fs -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary "@$W/manifest.json" \
-    "http://127.0.0.1:$REG_PORT/v2/$repo/manifests/latest" >/dev/null
+  curl -fsS -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary "@$W/manifest.json" \
+    "http://127.0.0.1:$REG_PORT/v2/$repo/manifests/$tag" >/dev/null
 }
 
-# start_walt DATA_DIR -> WALT_PID, WALT_PORT, WALT_CONFIG exported
+# start_walt DATA_DIR [EXTRA_REGISTRY_PORT] -> WALT_PID, WALT_PORT, WALT_CONFIG exported
+# Registries: `bench` on $REG_PORT, and `target` on EXTRA_REGISTRY_PORT when given.
 start_walt() {
   WALT_PORT=$(free_port)
   cat > "$W/server.conf" <<YML
 registries:
 -   {label: bench, api: docker-registry-v2, description: Bench registry, host: 127.0.0.1, port: $REG_PORT, protocol: http, auth: none}
 YML
+  if [ -n "${2:-}" ]; then
+    echo "-   {label: target, api: docker-registry-v2, description: Target registry, host: 127.0.0.1, port: $2, protocol: http, auth: none}" >> "$W/server.conf"
+  fi
   RUST_LOG=info "$BIN/walt-server" --config "$W/server.conf" --data-dir "$1" --listen "127.0.0.1:$WALT_PORT" 2>>"$W/server.log" &
   WALT_PID=$!; pids+=($WALT_PID)
   wait_tcp "$WALT_PORT"
