@@ -6,11 +6,11 @@ set -euo pipefail
 log() { echo "install-deps: $*" >&2; }
 
 PACKAGES=(docker-registry busybox-static skopeo umoci apache2-utils openssl expect tmux curl
-          ca-certificates pkg-config)
+          ca-certificates pkg-config docker.io)
 
 missing=()
 check_cmd() { command -v "$1" >/dev/null 2>&1 || missing+=("$1"); }
-for c in docker-registry skopeo umoci htpasswd openssl expect tmux curl pkg-config; do
+for c in docker-registry skopeo umoci htpasswd openssl expect tmux curl pkg-config dockerd docker; do
     check_cmd "$c"
 done
 [ -x /bin/busybox ] || missing+=("/bin/busybox")

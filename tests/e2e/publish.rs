@@ -148,7 +148,7 @@ fn publish_refusals() {
         .assert_failure("not a registry");
     env.alice
         .run(&["image", "publish", "--registry", "hub", "busybox"])
-        .assert_failure("not supported yet");
+        .assert_failure("hub is not enabled");
     env.alice
         .run(&["image", "publish", "--registry", "nowhere", "busybox"])
         .assert_failure("unknown registry");

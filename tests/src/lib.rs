@@ -3,8 +3,10 @@
 //! builder/pusher, and runners for the real `walt-server` and `walt` CLI.
 
 pub mod certs;
+pub mod docker;
 pub mod fixture;
 pub mod http;
+pub mod hub_fixture;
 pub mod image;
 pub mod proxy;
 pub mod registry;
@@ -15,6 +17,7 @@ pub mod walt;
 
 pub use fixture::{Env, EnvOpts, SECURE_PASS, SECURE_USER};
 pub use http::RegistryClient;
+pub use hub_fixture::HubFixture;
 pub use image::{
     BuiltImage, BuiltIndex, Compression, Format, ImageBuilder, ImageConfig, Layer, RawEntry,
 };

@@ -188,11 +188,15 @@ fn validate_registries(
                         format!("the docker-hub registry must be labelled 'hub', not '{l}'"),
                     ));
                 }
-                let other = e
+                let mut other: BTreeMap<String, String> = e
                     .other
                     .iter()
                     .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
                     .collect();
+                // An extra CA for hub endpoints (mirrors, tests).
+                if let Some(ca) = &e.ca_file {
+                    other.insert("ca-file".into(), ca.clone());
+                }
                 out.push(Registry::Hub(HubRegistry { description, other }));
             }
             "docker-registry-v2" => {

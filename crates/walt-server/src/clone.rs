@@ -1,5 +1,6 @@
 //! `walt image clone`: from another user's image (`walt:`) or from a
-//! configured docker-registry-v2 registry, streaming layers into the store.
+//! configured docker-registry-v2 registry or the Docker hub (`hub:`),
+//! streaming layers into the store.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -32,6 +33,7 @@ const RESUME_ATTEMPTS: u32 = 5;
 enum Source {
     Walt(ImageName),
     Registry(RegistryClient),
+    Docker(walt_registry::DockerClient),
 }
 
 /// A validated clone request.
@@ -98,12 +100,20 @@ pub async fn plan(
             }
             Source::Walt(src)
         }
-        Location::Docker | Location::Hub => {
-            return Err(ServiceError::Unimplemented(format!(
-                "cloning from '{}:' is not supported by this server version (only walt: and configured registries)",
-                url.location.label()
-            )));
+        Location::Hub => {
+            let config = state.config();
+            let hub = crate::hub::configured(&config)?;
+            let creds = req
+                .credentials
+                .as_ref()
+                .filter(|c| !c.username.is_empty() || !c.password.is_empty())
+                .map(|c| Credentials {
+                    username: c.username.clone(),
+                    password: c.password.clone(),
+                });
+            Source::Registry(RegistryClient::for_hub(hub, creds)?)
         }
+        Location::Docker => Source::Docker(crate::docker::check(&state.config(), &url).await?),
         Location::Registry(label) => {
             let config = state.config();
             match config.registry(label) {
@@ -156,6 +166,10 @@ pub async fn run(
         say(&events, n.clone()).await;
     }
     match &plan.source {
+        Source::Docker(client) => {
+            let (url, target) = (&plan.url, &plan.target);
+            crate::docker::clone(&state.store, client, url, target, plan.force, &events).await
+        }
         Source::Walt(src) => {
             let store = state.store.clone();
             let (src, target, force) = (src.clone(), plan.target.clone(), plan.force);

@@ -3,7 +3,9 @@
 mod admin;
 mod clone;
 mod config;
+mod docker;
 mod error;
+mod hub;
 mod images;
 mod publish;
 mod search;

@@ -1,5 +1,5 @@
 //! `walt image publish`: pushes an image of the caller's working set to a
-//! configured docker-registry-v2 registry, as `<user>/<name>:<tag>` where
+//! configured docker-registry-v2 registry or the Docker hub, as `<user>/<name>:<tag>` where
 //! `<user>` is the caller's registry username (else their walt username).
 //! Blobs the registry already holds are not sent again; the manifest goes
 //! last, so the tag only appears once everything it references is there.
@@ -64,6 +64,42 @@ pub struct Plan {
     /// `<user>/<name>` in the registry.
     repo: String,
     url: CloneUrl,
+    /// Publishing to the hub as this user: its walt_metadata is updated.
+    hub_user: Option<String>,
+}
+
+/// Publishing to the Docker hub: as `<hub user>/<name>:<tag>`, hub
+/// credentials required.
+async fn plan_hub(
+    config: &walt_core::config::ServerConfig,
+    req: &pb::PublishRequest,
+    image: ImageRecord,
+) -> Result<Plan, ServiceError> {
+    let hub = crate::hub::configured(config)?;
+    let creds = req
+        .credentials
+        .get("hub")
+        .filter(|c| !c.username.is_empty() && !c.password.is_empty())
+        .map(|c| Credentials::new(c.username.clone(), c.password.clone()))
+        .ok_or_else(|| RegistryError::CredentialsRequired {
+            label: "hub".into(),
+        })?;
+    let owner = creds.username.to_lowercase();
+    let text = format!("hub:{owner}/{}:{}", image.name.name, image.name.tag);
+    let url = CloneUrl::parse(&text).map_err(|_| {
+        ServiceError::InvalidArgument(format!(
+            "cannot publish as '{owner}/{}' on the Docker hub: '{owner}' is not usable as a repository name",
+            image.name.name
+        ))
+    })?;
+    let client = RegistryClient::for_hub(hub, Some(creds))?;
+    Ok(Plan {
+        repo: url.path(),
+        image,
+        client,
+        url,
+        hub_user: Some(owner),
+    })
 }
 
 /// The labels of the registries one can publish to, for messages.
@@ -109,16 +145,18 @@ pub async fn plan(
         .collect();
     let wanted = req.registry.trim();
     let reg: &V2Registry = match wanted {
-        "" | "auto" => match v2.as_slice() {
-            [only] => only,
-            [] => {
+        "" | "auto" => match (v2.as_slice(), crate::hub::configured(&config).is_ok()) {
+            ([only], false) => only,
+            ([], true) => return plan_hub(&config, req, image).await,
+            ([], false) => {
                 return Err(ServiceError::FailedPrecondition(
-                    "no docker-registry-v2 registry is configured on this server, nowhere to publish (publishing to the Docker hub is not supported yet; see walt-server-setup --edit-conf)".into(),
+                    "no registry is configured on this server, nowhere to publish (see walt-server-setup --edit-conf)".into(),
                 ));
             }
-            _ => {
+            (_, hub) => {
                 return Err(ServiceError::InvalidArgument(format!(
-                    "several registries are configured ({}): choose one with --registry <label>",
+                    "several registries are configured ({}{}): choose one with --registry <label>",
+                    if hub { "hub, " } else { "" },
                     targets(&v2)
                 )));
             }
@@ -129,12 +167,7 @@ pub async fn plan(
                 targets(&v2)
             )));
         }
-        "hub" => {
-            return Err(ServiceError::Unimplemented(format!(
-                "publishing to the Docker hub is not supported yet (registries: {})",
-                targets(&v2)
-            )));
-        }
+        "hub" => return plan_hub(&config, req, image).await,
         label => match config.registry(label) {
             Some(Registry::V2(r)) => r,
             Some(Registry::Hub(_)) | None => {
@@ -178,6 +211,7 @@ pub async fn plan(
         image,
         client,
         url,
+        hub_user: None,
     })
 }
 
@@ -219,7 +253,13 @@ pub async fn run(
     let store = state.store.clone();
     // Keeps a concurrent removal from collecting the blobs being sent.
     let guard = store.begin_import();
-    let result = publish(&state, &plan, &events).await;
+    let mut result = publish(&state, &plan, &events).await;
+    if let (Ok(_), Some(hub_user)) = (&result, &plan.hub_user) {
+        // Makes the image findable by WalT searches of the hub.
+        if let Err(e) = publish_hub_metadata(&state, &plan, hub_user).await {
+            result = Err(e);
+        }
+    }
     let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
     let result = result?;
     let rec = &plan.image;
@@ -358,6 +398,32 @@ async fn publish(
         uploaded_bytes,
         skipped_blobs,
     })
+}
+
+/// Lists the published image, with its labels, in the walt_metadata
+/// image of `hub_user`.
+async fn publish_hub_metadata(
+    state: &Arc<State>,
+    plan: &Plan,
+    hub_user: &str,
+) -> Result<(), ServiceError> {
+    let store = state.store.clone();
+    let digest = plan.image.config_digest.clone();
+    let labels = blocking(move || {
+        let bytes = store.read_blob(&digest)?;
+        let config: walt_core::oci::ImageConfig = serde_json::from_slice(&bytes)
+            .map_err(|e| ServiceError::Internal(format!("bad image config {digest}: {e}")))?;
+        Ok(config.config.and_then(|c| c.labels).unwrap_or_default())
+    })
+    .await?;
+    crate::hub::record_image(
+        &plan.client,
+        hub_user,
+        &plan.image.name.name,
+        &plan.image.name.tag,
+        labels,
+    )
+    .await
 }
 
 /// Makes one blob present in the repository: nothing to do when the

@@ -1,5 +1,6 @@
 //! `walt image search`: every source at once (other users' images in the
-//! store, configured docker-registry-v2 registries), results streamed as
+//! store, configured docker-registry-v2 registries, the Docker hub through
+//! its users' `walt_metadata` images), results streamed as
 //! they are found.
 
 use std::collections::HashMap;
@@ -108,9 +109,28 @@ pub(crate) async fn run(state: Arc<State>, user: String, req: pb::SearchRequest,
         keyword.clone(),
         events.clone(),
     )) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>);
+    sources.push(Box::pin(crate::docker::search(
+        crate::docker::client(&config),
+        keyword.clone(),
+        events.clone(),
+    )));
     for reg in &config.registries {
-        // The hub and the Docker daemon are not searched by this version.
-        let Registry::V2(reg) = reg else { continue };
+        let reg = match reg {
+            Registry::V2(reg) => reg,
+            Registry::Hub(hub) => {
+                let creds = req.credentials.get("hub").map(|c| Credentials {
+                    username: c.username.clone(),
+                    password: c.password.clone(),
+                });
+                sources.push(Box::pin(search_hub(
+                    hub.clone(),
+                    creds,
+                    keyword.clone(),
+                    events.clone(),
+                )));
+                continue;
+            }
+        };
         let creds = req.credentials.get(&reg.label).map(|c| Credentials {
             username: c.username.clone(),
             password: c.password.clone(),
@@ -348,6 +368,95 @@ async fn inspect(
     let labels = parse_labels(&bytes);
     remember(digest, labels.clone());
     Ok(labels)
+}
+
+/// The Docker hub: the users publishing a `walt_metadata` image (found
+/// through the Hub's search API), then the images each one lists.
+async fn search_hub(
+    hub: walt_core::config::HubRegistry,
+    creds: Option<Credentials>,
+    keyword: String,
+    events: Events,
+) {
+    use walt_registry::hub::{HubSearch, METADATA_REPO};
+    let warn = |e: &dyn std::fmt::Display| {
+        let msg = format!("registry 'hub' skipped: {}", reason("hub", e));
+        tracing::info!("search: {msg}");
+        msg
+    };
+    let (index, client) = match (
+        HubSearch::for_hub(&hub),
+        RegistryClient::for_hub(&hub, creds),
+    ) {
+        (Ok(i), Ok(c)) => (i, c),
+        (Err(e), _) | (_, Err(e)) => return send(&events, Event::Warning(warn(&e))).await,
+    };
+    let repos = match tokio::time::timeout(CATALOG_TIMEOUT, index.repositories(METADATA_REPO)).await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return send(&events, Event::Warning(warn(&e))).await,
+        Err(_) => {
+            let e = format!("no search results after {}s", CATALOG_TIMEOUT.as_secs());
+            return send(&events, Event::Warning(warn(&e))).await;
+        }
+    };
+    let pool = Arc::new(Semaphore::new(REGISTRY_CONCURRENCY));
+    let failure: Arc<Mutex<(usize, Option<String>)>> = Arc::default();
+    let mut tasks = FuturesUnordered::new();
+    for repo in repos {
+        let Some((user, name)) = repo.split_once('/') else {
+            continue;
+        };
+        if name != METADATA_REPO {
+            continue;
+        }
+        let user = user.to_string();
+        let (client, pool, keyword, events, failure) =
+            (&client, &pool, &keyword, &events, &failure);
+        tasks.push(async move {
+            let metadata = {
+                let _permit = pool.acquire().await;
+                client.read_walt_metadata(&user).await
+            };
+            let metadata = match metadata {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(e) => return note_failure(failure, "hub", &ServiceError::from(e)),
+            };
+            for (name, tag, entry) in crate::hub::listed(&metadata) {
+                let Ok(url) = CloneUrl::parse(&format!("hub:{user}/{name}:{tag}")) else {
+                    continue;
+                };
+                if !url.to_string().contains(keyword.as_str()) {
+                    continue;
+                }
+                let models = entry
+                    .labels
+                    .get(LABEL_NODE_MODELS)
+                    .map(|m| parse_models(m))
+                    .unwrap_or_default();
+                if models.is_empty() {
+                    continue;
+                }
+                let minversion = entry
+                    .labels
+                    .get(LABEL_SERVER_MINVERSION)
+                    .and_then(|v| v.trim().parse().ok());
+                send(events, result(&url, &WaltLabels { models, minversion })).await;
+            }
+        });
+    }
+    while tasks.next().await.is_some() {}
+    let (count, first) = std::mem::take(&mut *failure.lock().unwrap_or_else(|e| e.into_inner()));
+    if let Some(first) = first {
+        send(
+            &events,
+            Event::Warning(format!(
+                "registry 'hub': {count} request(s) failed, results may be incomplete: {first}"
+            )),
+        )
+        .await;
+    }
 }
 
 #[cfg(test)]

@@ -281,22 +281,29 @@ impl Inner {
         &self,
         input: &mut dyn Read,
         compression: Compression,
-        expected_digest: &str,
+        expected_digest: Option<&str>,
         opts: &ImportOptions,
     ) -> Result<LayerImport> {
-        let blob_hex = check_digest(expected_digest)?.to_string();
+        let blob_hex = match expected_digest {
+            Some(d) => Some(check_digest(d)?.to_string()),
+            None => None,
+        };
+        // Names the layer in errors.
+        let label = expected_digest.unwrap_or("(layer without a known digest)");
         let expected_diff_hex = match &opts.expected_diff_id {
             Some(d) => Some(check_digest(d)?.to_string()),
             None => None,
         };
-        let blob_dest = self.blobs_dir().join(&blob_hex);
-        let store_blob = opts.store_blob && !blob_dest.is_file();
+        let blob_dest = blob_hex.as_ref().map(|h| self.blobs_dir().join(h));
+        // Without an expected digest, whether the blob is there is only
+        // known at the end: stage it anyway.
+        let store_blob = opts.store_blob && !blob_dest.as_ref().is_some_and(|d| d.is_file());
         let unpack = opts.unpack
             && !expected_diff_hex
                 .as_deref()
                 .is_some_and(|h| self.layers_dir().join(h).join("diff").is_dir());
         let layer_err = |reason: String| StoreError::BadLayer {
-            layer: expected_digest.to_string(),
+            layer: label.to_string(),
             reason,
         };
 
@@ -351,7 +358,7 @@ impl Inner {
         };
         let mut buf = vec![0u8; BUF_SIZE];
         let layer_dir = layer_tmp.as_ref().map(|t| t.path().join("diff"));
-        if let Err(e) = run_pipeline(&mut diff, layer_dir.as_deref(), expected_digest, &mut buf) {
+        if let Err(e) = run_pipeline(&mut diff, layer_dir.as_deref(), label, &mut buf) {
             // A corrupt blob usually shows first as a decompression or tar
             // error: read the rest and say what is really wrong when the
             // content does not match its digest.
@@ -362,12 +369,14 @@ impl Inner {
                 && expected != raw.count
             {
                 return Err(StoreError::SizeMismatch {
-                    digest: expected_digest.to_string(),
+                    digest: label.to_string(),
                     expected,
                     actual: raw.count,
                 });
             }
-            if actual != expected_digest {
+            if let Some(expected_digest) = expected_digest
+                && actual != expected_digest
+            {
                 return Err(StoreError::DigestMismatch {
                     digest: expected_digest.to_string(),
                     actual,
@@ -393,12 +402,14 @@ impl Inner {
             && expected != size
         {
             return Err(StoreError::SizeMismatch {
-                digest: expected_digest.to_string(),
+                digest: label.to_string(),
                 expected,
                 actual: size,
             });
         }
-        if digest != expected_digest {
+        if let Some(expected_digest) = expected_digest
+            && digest != expected_digest
+        {
             return Err(StoreError::DigestMismatch {
                 digest: expected_digest.to_string(),
                 actual: digest,
@@ -408,19 +419,29 @@ impl Inner {
             && *expected != diff_id
         {
             return Err(StoreError::DiffIdMismatch {
-                digest: expected_digest.to_string(),
+                digest: label.to_string(),
                 expected: expected.clone(),
                 actual: diff_id,
             });
         }
 
         // Publication.
+        let blob_dest = match blob_dest {
+            Some(d) => d,
+            None => self
+                .blobs_dir()
+                .join(digest.strip_prefix("sha256:").unwrap_or(&digest)),
+        };
         if let (Some(t), Some(f)) = (blob_tmp, raw.file.take()) {
             f.sync_all().ctx("syncing staging file", t.path())?;
             drop(f);
-            fs::rename(t.path(), &blob_dest).ctx("publishing blob", &blob_dest)?;
-            t.keep();
-            fsync_dir(&self.blobs_dir())?;
+            // Already there is only possible without an expected digest
+            // (the staging file then goes away with `t`).
+            if !blob_dest.is_file() {
+                fs::rename(t.path(), &blob_dest).ctx("publishing blob", &blob_dest)?;
+                t.keep();
+                fsync_dir(&self.blobs_dir())?;
+            }
         }
         if let Some(t) = layer_tmp {
             let diff_hex = diff_id.strip_prefix("sha256:").unwrap_or(&diff_id);

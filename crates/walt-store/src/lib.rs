@@ -165,7 +165,20 @@ impl Store {
         opts: &ImportOptions,
     ) -> Result<LayerImport> {
         self.inner
-            .import_layer(input, compression, expected_digest, opts)
+            .import_layer(input, compression, Some(expected_digest), opts)
+    }
+
+    /// Like [`Store::import_layer`] for a layer whose digest is not known
+    /// beforehand (a `docker save` archive): the blob is published under
+    /// the digest computed from `input` (a no-op when already stored).
+    /// `opts.expected_size` and `opts.expected_diff_id` are still checked.
+    pub fn import_layer_unverified(
+        &self,
+        input: &mut dyn Read,
+        compression: Compression,
+        opts: &ImportOptions,
+    ) -> Result<LayerImport> {
+        self.inner.import_layer(input, compression, None, opts)
     }
 
     /// Unpacks a layer whose blob is already in the store.
@@ -188,7 +201,8 @@ impl Store {
             expected_diff_id: Some(expected_diff_id.to_string()),
             progress: None,
         };
-        self.inner.import_layer(&mut f, compression, digest, &opts)
+        self.inner
+            .import_layer(&mut f, compression, Some(digest), &opts)
     }
 
     /// Records an image. Every blob (manifest, config, layers) and layer it

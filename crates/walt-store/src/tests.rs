@@ -896,3 +896,35 @@ fn reads_input_to_its_end() {
     assert_eq!(r.1, blob.len());
     assert_eq!(l.diff_id, sha256_digest(&tar_bytes));
 }
+
+#[test]
+fn import_without_expected_digest() {
+    let (_d, store) = new_store();
+    let tar_bytes = Tar::new().file("f", 0o644, b"docker").finish();
+    let opts = ImportOptions::default();
+    let r = store
+        .import_layer_unverified(&mut &tar_bytes[..], Compression::None, &opts)
+        .unwrap();
+    assert_eq!(r.digest, sha256_digest(&tar_bytes));
+    assert_eq!(r.diff_id, r.digest);
+    assert_eq!(store.read_blob(&r.digest).unwrap(), tar_bytes);
+    assert!(store.has_layer(&r.diff_id));
+    // Again: the blob is already there, nothing is left in tmp/.
+    let r2 = store
+        .import_layer_unverified(&mut &tar_bytes[..], Compression::None, &opts)
+        .unwrap();
+    assert_eq!(r2, r);
+    assert_eq!(entries(&store.data_dir().join("tmp")), Vec::<String>::new());
+    // The diff_id is still checked when given.
+    let blob = gzip(&tar_bytes);
+    let opts = ImportOptions {
+        expected_diff_id: Some(sha256_digest(b"other")),
+        ..Default::default()
+    };
+    let e = store
+        .import_layer_unverified(&mut &blob[..], Compression::Gzip, &opts)
+        .unwrap_err();
+    assert!(matches!(e, StoreError::DiffIdMismatch { .. }), "{e}");
+    assert!(!store.has_blob(&sha256_digest(&blob)));
+    assert_eq!(entries(&store.data_dir().join("tmp")), Vec::<String>::new());
+}

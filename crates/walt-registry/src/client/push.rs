@@ -336,6 +336,42 @@ impl RegistryClient {
         Ok(())
     }
 
+    /// Uploads a small blob held in memory (one `PUT`), unless the
+    /// repository already has it. Verifies `bytes` match `digest` first.
+    pub async fn push_blob_bytes(
+        &self,
+        repo: &str,
+        digest: &str,
+        bytes: &[u8],
+    ) -> Result<(), RegistryError> {
+        self.check_repo(repo)?;
+        if sha256_digest(bytes) != digest {
+            return Err(self.invalid(format!("blob content does not match digest {digest}")));
+        }
+        if self.blob_exists(repo, digest).await? {
+            return Ok(());
+        }
+        let loc = self.start_upload(repo).await?;
+        let req = Req {
+            path: with_query(&loc, "digest", digest),
+            repo: Some(repo),
+            method: Method::PUT,
+            push: true,
+            body: ReqBody::Bytes(Bytes::copy_from_slice(bytes)),
+            headers: octet_stream(),
+            timeout: Some(SMALL_REQUEST_TIMEOUT),
+            what: format!("upload of blob {digest} to {repo}"),
+            ..Default::default()
+        };
+        let resp = self.send(&req).await?;
+        if !resp.status().is_success() {
+            return Err(self
+                .status_error(resp, &req, &format!("repository '{repo}'"))
+                .await);
+        }
+        Ok(())
+    }
+
     /// Stores a manifest under `reference` (a tag or its digest); returns
     /// its digest.
     pub async fn put_manifest(

@@ -1,0 +1,690 @@
+//! The server's Docker daemon as an image source (`docker:` URLs): search
+//! lists its images carrying `walt.node.models`; clone streams a `docker
+//! save` archive straight into the store (no temporary copy of it).
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use walt_core::config::ServerConfig;
+use walt_core::models::parse_models;
+use walt_core::oci::{self, Compression, ImageConfig, Manifest};
+use walt_core::{CloneUrl, ImageName, LABEL_NODE_MODELS, LABEL_SERVER_MINVERSION, Location};
+use walt_proto::v1::{self as pb, clone_event, search_event};
+use walt_registry::{DEFAULT_DOCKER_SOCKET, DockerClient, DockerError};
+use walt_store::{ImportOptions, LayerImport, LayerRef, NewImage, PutOutcome, Store};
+
+use crate::error::ServiceError;
+use crate::images::blocking;
+
+/// Longest wait for the daemon's image list or an image's details: a hung
+/// daemon must not hold a search or a clone forever.
+const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Largest JSON document (config, manifest) read from the archive.
+const MAX_JSON: u64 = 16 << 20;
+
+type CloneEvents = mpsc::Sender<Result<pb::CloneEvent, Status>>;
+type SearchEvents = mpsc::Sender<Result<pb::SearchEvent, Status>>;
+
+impl From<DockerError> for ServiceError {
+    fn from(e: DockerError) -> Self {
+        match e {
+            DockerError::ImageNotFound { .. } => ServiceError::NotFound(e.to_string()),
+            _ => ServiceError::FailedPrecondition(e.to_string()),
+        }
+    }
+}
+
+/// The daemon of this configuration: `docker: { socket: PATH }` in
+/// server.conf, else the default socket.
+pub(crate) fn client(config: &ServerConfig) -> DockerClient {
+    let socket = config
+        .file
+        .other
+        .get("docker")
+        .and_then(|d| d.get("socket"))
+        .and_then(|s| s.as_str())
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or(DEFAULT_DOCKER_SOCKET);
+    DockerClient::new(socket.trim())
+}
+
+/// `<user>/<name>:<tag>` of a `docker:` URL.
+fn reference(url: &CloneUrl) -> String {
+    format!("{}:{}", url.path(), url.tag)
+}
+
+/// Search: the daemon's images labelled `walt.node.models`. A daemon that
+/// is not there is silently skipped.
+pub(crate) async fn search(client: DockerClient, keyword: String, events: SearchEvents) {
+    let listed = tokio::time::timeout(API_TIMEOUT, client.images_with_label(LABEL_NODE_MODELS))
+        .await
+        .unwrap_or_else(|_| {
+            Err(DockerError::Protocol {
+                socket: client.socket().display().to_string(),
+                reason: format!("no answer after {}s", API_TIMEOUT.as_secs()),
+            })
+        });
+    let images = match listed {
+        Ok(i) => i,
+        Err(e) if e.is_not_running() => {
+            tracing::debug!(error = %e, "search: no Docker daemon");
+            return;
+        }
+        Err(e) => {
+            let msg = format!("docker skipped: {e}");
+            tracing::info!("search: {msg}");
+            let _ = events
+                .send(Ok(pb::SearchEvent {
+                    event: Some(search_event::Event::Warning(msg)),
+                }))
+                .await;
+            return;
+        }
+    };
+    for img in images {
+        let labels = img.labels.unwrap_or_default();
+        let models = labels
+            .get(LABEL_NODE_MODELS)
+            .map(|m| parse_models(m))
+            .unwrap_or_default();
+        if models.is_empty() {
+            continue;
+        }
+        let minversion = labels
+            .get(LABEL_SERVER_MINVERSION)
+            .and_then(|v| v.trim().parse().ok());
+        for tag in img.repo_tags.unwrap_or_default() {
+            // `<user>/<name>:<tag>` only (not `busybox:latest`, not `<none>`).
+            let Ok(url) = CloneUrl::parse(&format!("docker:{tag}")) else {
+                continue;
+            };
+            if url.location != Location::Docker || !url.to_string().contains(&keyword) {
+                continue;
+            }
+            let result = pb::SearchResult {
+                user: url.user.clone(),
+                name: url.repository.clone(),
+                tag: url.tag.clone(),
+                location: url.location.label().to_string(),
+                node_models: models.clone(),
+                clone_url: url.to_string(),
+                server_minversion: minversion,
+            };
+            let _ = events
+                .send(Ok(pb::SearchEvent {
+                    event: Some(search_event::Event::Result(result)),
+                }))
+                .await;
+        }
+    }
+}
+
+/// Clone planning: the image must exist on the daemon and be a walt image.
+pub(crate) async fn check(
+    config: &ServerConfig,
+    url: &CloneUrl,
+) -> Result<DockerClient, ServiceError> {
+    let client = client(config);
+    let info = tokio::time::timeout(API_TIMEOUT, client.inspect(&reference(url)))
+        .await
+        .map_err(|_| {
+            ServiceError::FailedPrecondition(format!(
+                "the Docker daemon (socket {}) did not answer within {}s",
+                client.socket().display(),
+                API_TIMEOUT.as_secs()
+            ))
+        })??;
+    if info
+        .label(LABEL_NODE_MODELS)
+        .map(parse_models)
+        .is_none_or(|m| m.is_empty())
+    {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "{url} is not a walt image: it has no {LABEL_NODE_MODELS} label"
+        )));
+    }
+    Ok(client)
+}
+
+/// What the archive held: its small JSON files, and the layers imported.
+#[derive(Default)]
+struct Archive {
+    files: HashMap<String, Vec<u8>>,
+    layers: HashMap<String, (LayerImport, Compression)>,
+}
+
+/// A blocking reader over the chunks an async task sends.
+struct ChunkReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.current = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+fn read_head(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn sniff(head: &[u8]) -> Compression {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
+    } else {
+        Compression::None
+    }
+}
+
+/// Reads a `docker save` archive in one pass, in whatever order its entries
+/// come: layers go to the store as they pass, JSON documents stay in memory.
+fn read_archive(
+    store: &Store,
+    input: &mut dyn Read,
+    image: &str,
+    events: Option<&CloneEvents>,
+) -> Result<Archive, ServiceError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        ServiceError::FailedPrecondition(format!(
+            "docker: cannot read the archive of image '{image}': {e}"
+        ))
+    };
+    let mut out = Archive::default();
+    let mut ar = tar::Archive::new(input);
+    for entry in ar.entries().map_err(|e| bad(&e))? {
+        let mut entry = entry.map_err(|e| bad(&e))?;
+        if !entry.header().entry_type().is_file() {
+            // Directories, and the symlinks newer daemons add for the legacy layout.
+            continue;
+        }
+        let path = entry.path().map_err(|e| bad(&e))?;
+        let path = path.to_string_lossy().trim_start_matches("./").to_string();
+        let size = entry.size();
+        let legacy_layer = path.ends_with("/layer.tar");
+        let blob = path.starts_with("blobs/sha256/");
+        if legacy_layer || blob {
+            let mut head = [0u8; 4];
+            let n = read_head(&mut entry, &mut head).map_err(|e| bad(&e))?;
+            let head = &head[..n];
+            if blob && head.first() == Some(&b'{') && size <= MAX_JSON {
+                // An OCI-layout config, manifest or index.
+                let mut data = head.to_vec();
+                entry.read_to_end(&mut data).map_err(|e| bad(&e))?;
+                out.files.insert(path, data);
+                continue;
+            }
+            let compression = sniff(head);
+            // The progress bar's key: the digest when the name gives it,
+            // else the legacy layer id.
+            let key = match path.strip_prefix("blobs/sha256/") {
+                Some(hex) => format!("sha256:{hex}"),
+                None => path.trim_end_matches("/layer.tar").to_string(),
+            };
+            let progress = events.map(|ev| {
+                let (ev, key) = (ev.clone(), key.clone());
+                Box::new(move |done| {
+                    let _ = ev.try_send(Ok(layer_progress(&key, done, size, false)));
+                }) as Box<dyn Fn(u64) + Send>
+            });
+            let opts = ImportOptions {
+                expected_size: Some(size),
+                progress,
+                ..Default::default()
+            };
+            let mut input = Read::chain(head, &mut entry);
+            let imported = store.import_layer_unverified(&mut input, compression, &opts)?;
+            if let Some(ev) = events {
+                let _ = ev.blocking_send(Ok(layer_progress(&key, size, size, true)));
+            }
+            tracing::debug!(image, path = %path, digest = %imported.digest, "docker layer imported");
+            out.layers.insert(path, (imported, compression));
+        } else if (path.ends_with(".json") || path == "json") && size <= MAX_JSON {
+            let mut data = Vec::with_capacity(size as usize);
+            entry.read_to_end(&mut data).map_err(|e| bad(&e))?;
+            out.files.insert(path, data);
+        }
+    }
+    Ok(out)
+}
+
+/// One entry of a legacy `manifest.json`.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SaveManifest {
+    config: String,
+    #[serde(default)]
+    layers: Vec<String>,
+}
+
+/// The path of a blob in an OCI-layout archive.
+fn blob_path(digest: &str) -> Option<String> {
+    oci::digest_hex(digest).map(|h| format!("blobs/sha256/{h}"))
+}
+
+/// (config path, layer paths) of the (single) image in the archive.
+fn image_paths(archive: &Archive, url: &CloneUrl) -> Result<(String, Vec<String>), ServiceError> {
+    let bad = |what: String| {
+        ServiceError::FailedPrecondition(format!(
+            "docker: the archive of {} is not usable: {what}",
+            reference(url)
+        ))
+    };
+    if let Some(m) = archive.files.get("manifest.json") {
+        let list: Vec<SaveManifest> =
+            serde_json::from_slice(m).map_err(|e| bad(format!("manifest.json: {e}")))?;
+        let first = list
+            .into_iter()
+            .next()
+            .ok_or_else(|| bad("manifest.json lists no image".into()))?;
+        return Ok((first.config, first.layers));
+    }
+    let index = archive
+        .files
+        .get("index.json")
+        .ok_or_else(|| bad("neither manifest.json nor index.json".into()))?;
+    let index: oci::Index =
+        serde_json::from_slice(index).map_err(|e| bad(format!("index.json: {e}")))?;
+    let desc = index
+        .manifests
+        .first()
+        .ok_or_else(|| bad("index.json lists no image".into()))?;
+    let manifest = blob_path(&desc.digest)
+        .and_then(|p| archive.files.get(&p))
+        .ok_or_else(|| bad(format!("manifest {} missing", desc.digest)))?;
+    let manifest: Manifest =
+        serde_json::from_slice(manifest).map_err(|e| bad(format!("manifest: {e}")))?;
+    let config = blob_path(&manifest.config.digest)
+        .ok_or_else(|| bad(format!("bad config digest {}", manifest.config.digest)))?;
+    let layers = manifest
+        .layers
+        .iter()
+        .map(|l| blob_path(&l.digest).ok_or_else(|| bad(format!("bad layer digest {}", l.digest))))
+        .collect::<Result<_, _>>()?;
+    Ok((config, layers))
+}
+
+fn layer_media_type(c: Compression) -> &'static str {
+    match c {
+        Compression::None => oci::OCI_LAYER_TAR,
+        Compression::Gzip => oci::OCI_LAYER_GZIP,
+        Compression::Zstd => oci::OCI_LAYER_ZSTD,
+    }
+}
+
+fn layer_progress(key: &str, done: u64, total: u64, complete: bool) -> pb::CloneEvent {
+    pb::CloneEvent {
+        event: Some(clone_event::Event::Progress(pb::LayerProgress {
+            digest: key.to_string(),
+            done,
+            total,
+            complete,
+            cached: false,
+        })),
+    }
+}
+
+async fn say(events: &CloneEvents, text: String) {
+    let _ = events
+        .send(Ok(pb::CloneEvent {
+            event: Some(clone_event::Event::Message(text)),
+        }))
+        .await;
+}
+
+/// Clones `url` from the daemon into `target`. On failure, what was added
+/// to the store is collected again.
+pub(crate) async fn clone(
+    store: &Arc<Store>,
+    client: &DockerClient,
+    url: &CloneUrl,
+    target: &ImageName,
+    force: bool,
+    events: &CloneEvents,
+) -> Result<pb::CloneResult, ServiceError> {
+    let result = import(store, client, url, target, force, events).await;
+    if result.is_err() {
+        let s = store.clone();
+        if let Err(e) = blocking(move || Ok(s.gc()?)).await {
+            tracing::warn!(error = %e, "cleanup after a failed clone failed");
+        }
+    }
+    result
+}
+
+async fn import(
+    store: &Arc<Store>,
+    client: &DockerClient,
+    url: &CloneUrl,
+    target: &ImageName,
+    force: bool,
+    events: &CloneEvents,
+) -> Result<pb::CloneResult, ServiceError> {
+    let image = reference(url);
+    let mut save = client.save(&image).await?;
+    say(events, format!("reading {url} from the Docker daemon")).await;
+    let guard = store.begin_import();
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(16);
+    let (s, name, ev) = (store.clone(), image.clone(), events.clone());
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut input = ChunkReader {
+            rx,
+            current: Bytes::new(),
+        };
+        let archive = read_archive(&s, &mut input, &name, Some(&ev));
+        (archive, guard)
+    });
+    let mut received: u64 = 0;
+    let mut stream_error = None;
+    while let Some(chunk) = save.next_chunk().await {
+        match chunk {
+            Ok(b) => {
+                received += b.len() as u64;
+                if tx.send(Ok(b)).await.is_err() {
+                    // The reader stopped; its error says why.
+                    break;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                stream_error = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let (archive, guard) = reader.await?;
+    if let Some(e) = stream_error {
+        let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
+        return Err(e.into());
+    }
+    let archive = match archive {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
+            return Err(e);
+        }
+    };
+
+    let assembled = assemble(&archive, url);
+    let (config_bytes, layers, models) = match assembled {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
+            return Err(e);
+        }
+    };
+    let s = store.clone();
+    let (target2, n_layers) = (target.clone(), layers.len());
+    let (outcome, manifest_digest) = blocking(move || {
+        let _guard = guard;
+        let config_digest = s.put_blob(None, &config_bytes)?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": oci::OCI_MANIFEST,
+            "config": {
+                "mediaType": oci::OCI_CONFIG,
+                "digest": config_digest,
+                "size": config_bytes.len(),
+            },
+            "layers": layers.iter().map(|(l, c)| serde_json::json!({
+                "mediaType": layer_media_type(*c),
+                "digest": l.digest,
+                "size": l.size,
+            })).collect::<Vec<_>>(),
+        });
+        let manifest_bytes = serde_json::to_vec(&manifest)
+            .map_err(|e| ServiceError::Internal(format!("cannot write the manifest: {e}")))?;
+        let manifest_digest = s.put_blob(None, &manifest_bytes)?;
+        let new = NewImage {
+            name: target2,
+            manifest_digest: manifest_digest.clone(),
+            manifest_media_type: oci::OCI_MANIFEST.to_string(),
+            config_digest,
+            layers: layers
+                .iter()
+                .map(|(l, c)| LayerRef {
+                    diff_id: l.diff_id.clone(),
+                    blob_digest: l.digest.clone(),
+                    blob_size: l.size,
+                    media_type: layer_media_type(*c).to_string(),
+                })
+                .collect(),
+            node_models: models,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        };
+        Ok((s.put_image(&new, force)?, manifest_digest))
+    })
+    .await?;
+    tracing::info!(url = %url, image = %target, received, "image cloned from the Docker daemon");
+    Ok(pb::CloneResult {
+        name: target.short(),
+        manifest_digest,
+        layers: n_layers as u64,
+        downloaded_bytes: received,
+        replaced: matches!(outcome, PutOutcome::Replaced),
+    })
+}
+
+/// The config bytes, the layers in order, and the node models.
+#[allow(clippy::type_complexity)]
+fn assemble(
+    archive: &Archive,
+    url: &CloneUrl,
+) -> Result<(Vec<u8>, Vec<(LayerImport, Compression)>, Vec<String>), ServiceError> {
+    let bad = |what: String| {
+        ServiceError::FailedPrecondition(format!(
+            "docker: the archive of {} is not usable: {what}",
+            reference(url)
+        ))
+    };
+    let (config_path, layer_paths) = image_paths(archive, url)?;
+    let config_bytes = archive
+        .files
+        .get(&config_path)
+        .ok_or_else(|| bad(format!("its configuration '{config_path}' is missing")))?
+        .clone();
+    let config: ImageConfig = serde_json::from_slice(&config_bytes)
+        .map_err(|e| bad(format!("the image configuration is not valid: {e}")))?;
+    let Some(models) = config
+        .label(LABEL_NODE_MODELS)
+        .map(parse_models)
+        .filter(|m| !m.is_empty())
+    else {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "{url} is not a walt image: it has no {LABEL_NODE_MODELS} label"
+        )));
+    };
+    let layers: Vec<(LayerImport, Compression)> = layer_paths
+        .iter()
+        .map(|p| {
+            archive
+                .layers
+                .get(p)
+                .cloned()
+                .ok_or_else(|| bad(format!("layer '{p}' is missing")))
+        })
+        .collect::<Result<_, _>>()?;
+    let diff_ids: Vec<&str> = layers.iter().map(|(l, _)| l.diff_id.as_str()).collect();
+    if diff_ids
+        != config
+            .rootfs
+            .diff_ids
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+    {
+        return Err(bad(format!(
+            "its layers ({}) do not match its configuration ({})",
+            diff_ids.join(", "),
+            config.rootfs.diff_ids.join(", ")
+        )));
+    }
+    Ok((config_bytes, layers, models))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn digest(b: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(b)))
+    }
+
+    fn layer_tar(marker: &str) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(marker.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, "marker", marker.as_bytes()).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    fn gzip(b: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut e, b).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn archive(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, path, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn config(diff_ids: &[String], labelled: bool) -> Vec<u8> {
+        let labels = if labelled {
+            serde_json::json!({ LABEL_NODE_MODELS: "pc-x86-64" })
+        } else {
+            serde_json::json!({})
+        };
+        serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": { "Labels": labels },
+            "rootfs": { "type": "layers", "diff_ids": diff_ids },
+        }))
+        .unwrap()
+    }
+
+    fn url() -> CloneUrl {
+        CloneUrl::parse("docker:u/n:t").unwrap()
+    }
+
+    #[test]
+    fn legacy_layout_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (l1, l2) = (layer_tar("one"), layer_tar("two"));
+        let cfg = config(&[digest(&l1), digest(&l2)], true);
+        let manifest = serde_json::to_vec(&serde_json::json!([{
+            "Config": "cfg.json",
+            "RepoTags": ["u/n:t"],
+            "Layers": ["a/layer.tar", "b/layer.tar"],
+        }]))
+        .unwrap();
+        // manifest.json first, layers out of order, config last.
+        let tar = archive(&[
+            ("manifest.json", &manifest),
+            ("b/layer.tar", &l2),
+            ("b/json", b"{}"),
+            ("a/layer.tar", &l1),
+            ("cfg.json", &cfg),
+        ]);
+        let a = read_archive(&store, &mut &tar[..], "u/n:t", None).unwrap();
+        let (c, layers, models) = assemble(&a, &url()).unwrap();
+        assert_eq!(c, cfg);
+        assert_eq!(models, ["pc-x86-64"]);
+        assert_eq!(layers[0].0.digest, digest(&l1));
+        assert_eq!(layers[1].0.diff_id, digest(&l2));
+        assert_eq!(layers[1].1, Compression::None);
+        assert!(store.has_blob(&digest(&l1)) && store.has_layer(&digest(&l2)));
+    }
+
+    #[test]
+    fn oci_layout_gzip_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let l = layer_tar("oci");
+        let gz = gzip(&l);
+        let cfg = config(&[digest(&l)], true);
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": oci::OCI_MANIFEST,
+            "config": {"mediaType": oci::OCI_CONFIG, "digest": digest(&cfg), "size": cfg.len()},
+            "layers": [{"mediaType": oci::OCI_LAYER_GZIP, "digest": digest(&gz), "size": gz.len()}],
+        }))
+        .unwrap();
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{"mediaType": oci::OCI_MANIFEST, "digest": digest(&manifest), "size": manifest.len()}],
+        }))
+        .unwrap();
+        let p = |b: &[u8]| format!("blobs/sha256/{}", &digest(b)[7..]);
+        let tar = archive(&[
+            (&p(&gz), &gz),
+            ("index.json", &index),
+            (&p(&manifest), &manifest),
+            (&p(&cfg), &cfg),
+        ]);
+        let a = read_archive(&store, &mut &tar[..], "u/n:t", None).unwrap();
+        let (_, layers, _) = assemble(&a, &url()).unwrap();
+        assert_eq!(layers[0].0.digest, digest(&gz));
+        assert_eq!(layers[0].0.diff_id, digest(&l));
+        assert_eq!(layers[0].1, Compression::Gzip);
+
+        // Without the label: refused.
+        let cfg = config(&[digest(&l)], false);
+        let manifest = serde_json::to_vec(&serde_json::json!([{
+            "Config": "c.json", "Layers": ["x/layer.tar"],
+        }]))
+        .unwrap();
+        let tar = archive(&[
+            ("x/layer.tar", &l),
+            ("c.json", &cfg),
+            ("manifest.json", &manifest),
+        ]);
+        let a = read_archive(&store, &mut &tar[..], "u/n:t", None).unwrap();
+        let e = assemble(&a, &url()).err().unwrap();
+        assert!(e.to_string().contains("not a walt image"), "{e}");
+    }
+}
