@@ -17,12 +17,12 @@ elapsed() { python3 -c "print(f'{$2-$1:.3f}')"; }
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 best() { printf '%s\n' "$@" | sort -g | head -1; }
 
-start_registry() { # [NAME] -> REG_PORT
-  local name=${1:-main}
+start_registry() { # [NAME] [STORAGE_DIR] -> REG_PORT
+  local name=${1:-main} storage=${2:-$W/registry-${1:-main}}
   REG_PORT=$(free_port)
   cat > "$W/registry-$name.yml" <<YML
 version: 0.1
-storage: { filesystem: { rootdirectory: $W/registry-$name }, delete: { enabled: true } }
+storage: { filesystem: { rootdirectory: $storage }, delete: { enabled: true } }
 http: { addr: 127.0.0.1:$REG_PORT }
 log: { level: error, accesslog: { disabled: true } }
 YML

@@ -2,6 +2,7 @@
 
 mod config;
 mod image;
+mod progress;
 mod prompt;
 mod table;
 

@@ -502,10 +502,7 @@ async fn fetch_layer(
     let (s, j) = (store.clone(), job.clone());
     let import = tokio::task::spawn_blocking(move || {
         let _guard = s.begin_import();
-        let mut reader = ChannelReader {
-            rx,
-            current: Bytes::new(),
-        };
+        let mut reader = ChannelReader::new(rx);
         s.import_layer(&mut reader, j.compression, &j.digest, &opts)
     });
     let pumped = tokio::select! {
@@ -585,9 +582,18 @@ async fn pump_blob(
 }
 
 /// A blocking reader over the chunks an async task sends.
-struct ChannelReader {
+pub(crate) struct ChannelReader {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     current: Bytes,
+}
+
+impl ChannelReader {
+    pub(crate) fn new(rx: mpsc::Receiver<io::Result<Bytes>>) -> Self {
+        Self {
+            rx,
+            current: Bytes::new(),
+        }
+    }
 }
 
 impl Read for ChannelReader {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{self, Read};
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -158,28 +158,6 @@ pub(crate) async fn check(
 struct Archive {
     files: HashMap<String, Vec<u8>>,
     layers: HashMap<String, (LayerImport, Compression)>,
-}
-
-/// A blocking reader over the chunks an async task sends.
-struct ChunkReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    current: Bytes,
-}
-
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(b)) => self.current = b,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current.advance(n);
-        Ok(n)
-    }
 }
 
 fn read_head(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -395,10 +373,7 @@ async fn import(
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(16);
     let (s, name, ev) = (store.clone(), image.clone(), events.clone());
     let reader = tokio::task::spawn_blocking(move || {
-        let mut input = ChunkReader {
-            rx,
-            current: Bytes::new(),
-        };
+        let mut input = crate::clone::ChannelReader::new(rx);
         let archive = read_archive(&s, &mut input, &name, Some(&ev));
         (archive, guard)
     });
