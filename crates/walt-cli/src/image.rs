@@ -202,22 +202,22 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<()> {
 }
 
 async fn run_one(
-    mut client: &mut Client,
+    client: &mut Client,
     settings: &Settings,
     cmd: &ImageCommand,
 ) -> anyhow::Result<()> {
     match cmd.clone() {
         ImageCommand::Show { all, names_only } => {
-            show(&mut client, &settings, all, names_only).await
+            show(client, settings, all, names_only).await
         }
         ImageCommand::Clone { force, url, name } => {
-            clone(&mut client, &settings, &url, name, force).await
+            clone(client, settings, &url, name, force).await
         }
         ImageCommand::Search { keyword, json } => {
-            search::search(&mut client, &settings, keyword, json).await
+            search::search(client, settings, keyword, json).await
         }
         ImageCommand::Publish { registry, image } => {
-            publish::publish(&mut client, &settings, &image, &registry).await
+            publish::publish(client, settings, &image, &registry).await
         }
         ImageCommand::Remove { image } => {
             client
