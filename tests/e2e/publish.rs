@@ -265,3 +265,49 @@ fn publish_a_docker_image_with_a_layer_sent_in_chunks() {
     assert_eq!(v["Labels"][MODELS_LABEL], "pc-x86-64", "{v}");
     assert_cloned(&env.bob.clone_ok(&["flaky:alice/big:v1"]), "big:v1");
 }
+
+/// The real Docker daemon pulls what walt published and sees its label.
+#[test]
+fn docker_pulls_a_published_image() {
+    let env = Env::start();
+    push_busybox(&env, "walt-test/busybox", "latest");
+    assert_cloned(&env.alice.clone_ok(&["local:walt-test/busybox"]), "busybox");
+    env.alice
+        .run(&["image", "duplicate", "busybox", "pub-bb"])
+        .assert_success();
+    let out = publish_ok(&env.alice, &["--registry", "local", "pub-bb"]);
+    assert!(
+        out.last_stdout_line().contains("local:alice/pub-bb"),
+        "{out}"
+    );
+
+    let dockerd = walt_e2e::docker::Dockerd::start().unwrap();
+    let reference = format!("{}/alice/pub-bb:latest", env.local.host_port());
+    // 127.0.0.0/8 registries are plain HTTP for Docker without configuration.
+    dockerd
+        .docker(&["pull", &reference])
+        .unwrap_or_else(|e| panic!("docker pull {reference}: {e}\n{}", dockerd.log()));
+    let inspect = dockerd
+        .docker(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .Config.Labels}}",
+            &reference,
+        ])
+        .unwrap();
+    let labels: Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(labels[MODELS_LABEL], "pc-x86-64", "{labels}");
+    let run = dockerd
+        .docker(&[
+            "run",
+            "--rm",
+            "--pull=never",
+            "--network=none",
+            &reference,
+            "/bin/cat",
+            "/etc/walt-test-marker",
+        ])
+        .unwrap_or_else(|e| panic!("docker run: {e}\n{}", dockerd.log()));
+    assert!(!String::from_utf8_lossy(&run.stdout).trim().is_empty());
+}
