@@ -18,5 +18,6 @@ mod registries;
 mod search;
 mod secrets;
 mod setup;
+mod squash;
 mod users;
 mod workingset;

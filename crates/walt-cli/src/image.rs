@@ -65,6 +65,8 @@ pub enum ImageCommand {
     Rename { image: String, new_name: String },
     /// Copy an image of your working set under a new name.
     Duplicate { image: String, new_name: String },
+    /// Merge all layers of an image of your working set into one.
+    Squash { image: String },
 }
 
 type Client = ImagesClient<InterceptedService<Channel, UserInterceptor>>;
@@ -207,9 +209,7 @@ async fn run_one(
     cmd: &ImageCommand,
 ) -> anyhow::Result<()> {
     match cmd.clone() {
-        ImageCommand::Show { all, names_only } => {
-            show(client, settings, all, names_only).await
-        }
+        ImageCommand::Show { all, names_only } => show(client, settings, all, names_only).await,
         ImageCommand::Clone { force, url, name } => {
             clone(client, settings, &url, name, force).await
         }
@@ -249,6 +249,15 @@ async fn run_one(
                 .await
                 .map_err(status_error)?;
             println!("Image {image} duplicated as {new_name}.");
+            Ok(())
+        }
+        ImageCommand::Squash { image } => {
+            let reply = client
+                .squash(pb::SquashRequest { image })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", reply.message);
             Ok(())
         }
     }

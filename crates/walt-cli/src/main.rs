@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Manage images: show, search, clone, publish, remove, rename, duplicate.
+    /// Manage images: show, search, clone, publish, remove, rename, duplicate, squash.
     #[command(subcommand)]
     Image(image::ImageCommand),
 }

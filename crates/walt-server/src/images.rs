@@ -239,6 +239,41 @@ impl Images for ImagesService {
         .await?;
         Ok(Response::new(pb::DuplicateReply {}))
     }
+
+    async fn squash(
+        &self,
+        req: Request<pb::SquashRequest>,
+    ) -> Result<Response<pb::SquashReply>, Status> {
+        let user = caller(&req)?;
+        let name =
+            ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
+        let state = self.state.clone();
+        let reply = blocking(move || {
+            ensure_exists(&state, &name)?;
+            ensure_unused(&state, &name, "squash")?;
+            let out = state.store.squash_image(&name)?;
+            let short = name.short();
+            let message = if out.squashed {
+                tracing::info!(image = %name, layers = out.layers_before, "image squashed");
+                format!(
+                    "Image {short} squashed: {} layers merged into 1.",
+                    out.layers_before
+                )
+            } else {
+                format!(
+                    "Image {short} has {} layer{}: nothing to squash.",
+                    out.layers_before,
+                    if out.layers_before == 1 { "" } else { "s" }
+                )
+            };
+            Ok(pb::SquashReply {
+                layers_before: u32::try_from(out.layers_before).unwrap_or(u32::MAX),
+                message,
+            })
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
 }
 
 /// The caller's image and the new name a rename or duplicate gives it.

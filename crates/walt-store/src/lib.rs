@@ -22,6 +22,7 @@ mod db;
 mod error;
 mod gc;
 mod import;
+mod squash;
 mod unpack;
 mod util;
 
@@ -38,6 +39,7 @@ pub use db::{ImageRecord, LayerRef, NewImage, PutOutcome};
 pub use error::{Result, StoreError};
 pub use gc::{GcReport, ImportGuard};
 pub use import::{ImportOptions, LayerImport};
+pub use squash::SquashOutcome;
 
 use error::IoContext;
 use util::{check_digest, remove_any};

@@ -928,3 +928,253 @@ fn import_without_expected_digest() {
     assert!(!store.has_blob(&sha256_digest(&blob)));
     assert_eq!(entries(&store.data_dir().join("tmp")), Vec::<String>::new());
 }
+
+/// Records an image made of these layer tars (lowest first) with a real
+/// config (labels, history).
+fn make_layered_image(store: &Store, n: &ImageName, tars: &[Vec<u8>]) -> NewImage {
+    let mut layers = Vec::new();
+    for t in tars {
+        let blob = gzip(t);
+        let l = import(store, &blob, Compression::Gzip).unwrap();
+        layers.push(LayerRef {
+            diff_id: l.diff_id,
+            blob_digest: l.digest,
+            blob_size: l.size,
+            media_type: walt_core::oci::OCI_LAYER_GZIP.into(),
+        });
+    }
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Labels": { "walt.node.models": "pc-x86-64" }, "Env": ["A=1"], "Entrypoint": ["/bin/sh"] },
+        "rootfs": { "type": "layers", "diff_ids": layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>() },
+        "history": layers.iter().map(|_| serde_json::json!({ "created_by": "layer" })).collect::<Vec<_>>(),
+    });
+    let config = store
+        .put_blob(None, &serde_json::to_vec(&config).unwrap())
+        .unwrap();
+    let manifest = store
+        .put_blob(None, format!("{{\"manifest\":\"{config}\"}}").as_bytes())
+        .unwrap();
+    let rec = NewImage {
+        name: n.clone(),
+        manifest_digest: manifest,
+        manifest_media_type: walt_core::oci::OCI_MANIFEST.into(),
+        config_digest: config,
+        layers,
+        node_models: vec!["pc-x86-64".into()],
+        created: 1_700_000_000,
+    };
+    store.put_image(&rec, false).unwrap();
+    rec
+}
+
+/// One line per entry below `root`: path, type, mode, owner, content.
+fn listing(root: &Path) -> Vec<String> {
+    fn walk(root: &Path, rel: &Path, out: &mut Vec<String>) {
+        let mut names: Vec<_> = fs::read_dir(root.join(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            let rel = rel.join(&n);
+            let p = root.join(&rel);
+            let m = fs::symlink_metadata(&p).unwrap();
+            let ft = m.file_type();
+            let what = if ft.is_dir() {
+                "dir".to_string()
+            } else if ft.is_symlink() {
+                format!("link->{}", fs::read_link(&p).unwrap().display())
+            } else if ft.is_file() {
+                format!("file:{}", String::from_utf8_lossy(&fs::read(&p).unwrap()))
+            } else if ft.is_char_device() {
+                format!("char:{}", m.rdev())
+            } else if ft.is_fifo() {
+                "fifo".to_string()
+            } else {
+                "other".to_string()
+            };
+            let mode = if ft.is_symlink() {
+                0
+            } else {
+                m.mode() & 0o7777
+            };
+            out.push(format!(
+                "{} {what} {mode:o} {}:{}",
+                rel.display(),
+                m.uid(),
+                m.gid()
+            ));
+            if ft.is_dir() {
+                walk(root, &rel, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, Path::new(""), &mut out);
+    out
+}
+
+fn owned(mut h: Header, uid: u64, gid: u64) -> Header {
+    h.set_uid(uid);
+    h.set_gid(gid);
+    h
+}
+
+#[test]
+fn squash_merges_layers_with_overlay_semantics() {
+    let (_d, store) = new_store();
+    let img = name("alice", "layered");
+    let mut l1 = Tar::new();
+    l1.dir("etc", 0o755)
+        .file("etc/passwd", 0o644, b"root")
+        .file("etc/gone", 0o644, b"gone")
+        .dir("opq", 0o750)
+        .file("opq/a", 0o644, b"a")
+        .file("opq/b", 0o644, b"b")
+        .dir("deldir", 0o755)
+        .file("deldir/x", 0o644, b"x")
+        .dir("bin", 0o755);
+    l1.push(
+        owned(
+            Tar::header("bin/tool", EntryType::Regular, 0o4755, 4),
+            1000,
+            100,
+        ),
+        b"tool",
+    );
+    l1.link(EntryType::Link, "bin/tool2", "bin/tool")
+        .link(EntryType::Symlink, "lnk", "etc/passwd")
+        .dir("dev", 0o755);
+    let mut h = Tar::header("dev/null", EntryType::Char, 0o666, 0);
+    h.set_device_major(1).unwrap();
+    h.set_device_minor(3).unwrap();
+    l1.push(h, b"");
+    l1.push(Tar::header("dev/fifo", EntryType::Fifo, 0o600, 0), b"");
+    let l1 = l1.finish();
+
+    let l2 = Tar::new()
+        .file("etc/.wh.gone", 0o644, b"")
+        .dir("opq", 0o700)
+        .file("opq/.wh..wh..opq", 0o644, b"")
+        .file("opq/c", 0o600, b"c")
+        .file("etc/new", 0o600, b"new")
+        .finish();
+    let mut l3 = Tar::new();
+    l3.push(
+        owned(
+            Tar::header("etc/passwd", EntryType::Regular, 0o640, 5),
+            0,
+            42,
+        ),
+        b"root2",
+    )
+    .file(".wh.deldir", 0o644, b"")
+    .pax(&[("SCHILY.xattr.trusted.walt-test", b"v")])
+    .file("xattr-file", 0o644, b"x");
+    let l3 = l3.finish();
+    let rec = make_layered_image(&store, &img, &[l1, l2, l3]);
+
+    let out = store.squash_image(&img).unwrap();
+    assert!(out.squashed);
+    assert_eq!(out.layers_before, 3);
+    let after = store.get_image(&img).unwrap().unwrap();
+    assert_eq!(after.layers.len(), 1);
+    assert_eq!(Some(&after.layers[0].diff_id), out.diff_id.as_ref());
+    assert_eq!(after.manifest_digest, out.manifest_digest);
+    assert_eq!(after.node_models, rec.node_models);
+    let layer = store.layer_path(&after.layers[0].diff_id).unwrap();
+    let null = format!("dev/null char:{} 666 0:0", nix::sys::stat::makedev(1, 3));
+    let expected = vec![
+        "bin dir 755 0:0",
+        "bin/tool file:tool 4755 1000:100",
+        "bin/tool2 file:tool 4755 1000:100",
+        "dev dir 755 0:0",
+        "dev/fifo fifo 600 0:0",
+        null.as_str(),
+        "etc dir 755 0:0",
+        "etc/new file:new 600 0:0",
+        "etc/passwd file:root2 640 0:42",
+        "lnk link->etc/passwd 0 0:0",
+        "opq dir 700 0:0",
+        "opq/c file:c 600 0:0",
+        "xattr-file file:x 644 0:0",
+    ];
+    assert_eq!(listing(&layer), expected);
+    // Hard links stay hard links; xattrs are kept, overlay ones are not.
+    let ino = |p: &str| fs::metadata(layer.join(p)).unwrap().ino();
+    assert_eq!(ino("bin/tool"), ino("bin/tool2"));
+    assert_eq!(
+        xattr::get(layer.join("xattr-file"), "trusted.walt-test").unwrap(),
+        Some(b"v".to_vec())
+    );
+    assert_eq!(
+        xattr::get(layer.join("opq"), "trusted.overlay.opaque").unwrap(),
+        None
+    );
+    // Mtimes are kept.
+    assert_eq!(
+        fs::metadata(layer.join("etc/passwd")).unwrap().mtime(),
+        1_600_000_000
+    );
+
+    // The blob unpacks to the same tree, with the recorded diff_id.
+    let blob = store.read_blob(&after.layers[0].blob_digest).unwrap();
+    let (_d2, other) = new_store();
+    let l = import(&other, &blob, Compression::Gzip).unwrap();
+    assert_eq!(l.diff_id, after.layers[0].diff_id);
+    let other_layer = other.layer_path(&l.diff_id).unwrap();
+    assert_eq!(listing(&other_layer), expected);
+    assert_eq!(
+        fs::metadata(other_layer.join("bin/tool")).unwrap().ino(),
+        fs::metadata(other_layer.join("bin/tool2")).unwrap().ino()
+    );
+    assert_eq!(
+        xattr::get(other_layer.join("xattr-file"), "trusted.walt-test").unwrap(),
+        Some(b"v".to_vec())
+    );
+
+    // The config keeps everything but the layers.
+    let config: serde_json::Value =
+        serde_json::from_slice(&store.read_blob(&after.config_digest).unwrap()).unwrap();
+    assert_eq!(config["rootfs"]["diff_ids"], serde_json::json!([l.diff_id]));
+    assert_eq!(config["config"]["Labels"]["walt.node.models"], "pc-x86-64");
+    assert_eq!(config["config"]["Env"], serde_json::json!(["A=1"]));
+    let history = config["history"].as_array().unwrap();
+    assert_eq!(history.len(), 4);
+    assert_eq!(history[3]["created_by"], "walt image squash");
+    assert_eq!(
+        history.iter().filter(|h| h["empty_layer"] != true).count(),
+        1
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&store.read_blob(&after.manifest_digest).unwrap()).unwrap();
+    assert_eq!(
+        manifest["layers"][0]["digest"],
+        after.layers[0].blob_digest.as_str()
+    );
+    assert_eq!(manifest["config"]["digest"], after.config_digest.as_str());
+
+    // The old layers are collected; nothing is left in tmp/.
+    for l in &rec.layers {
+        assert!(!store.has_layer(&l.diff_id));
+        assert!(!store.has_blob(&l.blob_digest));
+    }
+    assert_eq!(entries(&store.data_dir().join("tmp")), Vec::<String>::new());
+
+    // Squashing again: one layer, nothing to do.
+    let again = store.squash_image(&img).unwrap();
+    assert!(!again.squashed);
+    assert_eq!(again.layers_before, 1);
+    assert_eq!(again.manifest_digest, after.manifest_digest);
+}
+
+#[test]
+fn squash_of_a_missing_image() {
+    let (_d, store) = new_store();
+    assert!(matches!(
+        store.squash_image(&name("alice", "nope")),
+        Err(StoreError::ImageNotFound(_))
+    ));
+}

@@ -1,0 +1,593 @@
+//! `squash`: merges every layer of an image into one.
+//!
+//! The layers (in overlay form, lowest first) are merged into a staging
+//! directory applying overlay semantics (whiteouts remove, opaque
+//! directories hide what is below); the merged tree is then written as one
+//! tar stream (deterministic order), gzipped, hashed (blob digest and
+//! diff_id in one pass), and the merged directory itself becomes the
+//! unpacked layer: nothing is unpacked a second time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use filetime::FileTime;
+use nix::sys::stat::{Mode, SFlag};
+use sha2::{Digest, Sha256};
+use walt_core::ImageName;
+use walt_core::oci;
+
+use crate::Store;
+use crate::db::{LayerRef, NewImage, PutOutcome};
+use crate::error::{IoContext, Result, StoreError};
+use crate::util::{
+    TmpPath, check_digest, finish_digest, fsync_dir, remove_any, syncfs, unique_name,
+};
+
+const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// What `squash_image` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SquashOutcome {
+    /// Number of layers the image had.
+    pub layers_before: usize,
+    /// False when there was nothing to do (one layer or none).
+    pub squashed: bool,
+    /// The new manifest digest (the old one when nothing was done).
+    pub manifest_digest: String,
+    /// The diff_id of the single layer (None for an image without layers).
+    pub diff_id: Option<String>,
+}
+
+impl Store {
+    /// Replaces `name` by an image with the same file-system content and
+    /// configuration but one layer. An image with at most one layer is left
+    /// as it is (`squashed: false`).
+    pub fn squash_image(&self, name: &ImageName) -> Result<SquashOutcome> {
+        let rec = self
+            .get_image(name)?
+            .ok_or_else(|| StoreError::ImageNotFound(name.to_string()))?;
+        let layers_before = rec.layers.len();
+        if layers_before <= 1 {
+            return Ok(SquashOutcome {
+                layers_before,
+                squashed: false,
+                manifest_digest: rec.manifest_digest,
+                diff_id: rec.layers.first().map(|l| l.diff_id.clone()),
+            });
+        }
+        let _guard = self.begin_import();
+        let inner = &self.inner;
+
+        // 1. Merge the layers into tmp/<staging>/diff.
+        let staging = TmpPath::new(inner.tmp_dir().join(unique_name("squash")));
+        fs::create_dir(staging.path()).ctx("creating staging directory", staging.path())?;
+        let merged = staging.path().join("diff");
+        fs::create_dir(&merged).ctx("creating staging directory", &merged)?;
+        let mut m = Merger {
+            dst_root: &merged,
+            dir_times: BTreeMap::new(),
+            links: HashMap::new(),
+        };
+        for l in &rec.layers {
+            let src = inner.layer_path(&l.diff_id)?;
+            if !src.is_dir() {
+                return Err(StoreError::LayerNotFound(l.diff_id.clone()));
+            }
+            m.links.clear();
+            m.apply_meta(&src, &merged, true)?;
+            m.dir_times.insert(
+                PathBuf::new(),
+                mtime_of(&fs::symlink_metadata(&src).ctx("inspecting", &src)?),
+            );
+            m.merge_dir(&src, Path::new(""))?;
+        }
+        m.finish()?;
+
+        // 2. Tar + gzip it into a staging blob, hashing both streams.
+        let blob_tmp = TmpPath::new(inner.tmp_dir().join(unique_name("blob")));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(blob_tmp.path())
+            .ctx("creating staging file", blob_tmp.path())?;
+        let blob_w = HashWriter::new(io::BufWriter::with_capacity(crate::util::BUF_SIZE, file));
+        let gz = flate2::write::GzEncoder::new(blob_w, flate2::Compression::default());
+        let diff_w = HashWriter::new(gz);
+        let mut builder = tar::Builder::new(diff_w);
+        write_tree(&mut builder, &merged).map_err(|e| StoreError::Io {
+            context: format!("image '{name}': writing the squashed layer"),
+            source: e,
+        })?;
+        let io_err = |e: io::Error| StoreError::io_path("writing", blob_tmp.path(), e);
+        let diff_w = builder.into_inner().map_err(io_err)?;
+        let diff_id = finish_digest(diff_w.hasher);
+        let blob_w = diff_w.inner.finish().map_err(io_err)?;
+        let size = blob_w.count;
+        let digest = finish_digest(blob_w.hasher);
+        let file = blob_w
+            .inner
+            .into_inner()
+            .map_err(|e| io_err(e.into_error()))?;
+        file.sync_all().map_err(io_err)?;
+        drop(file);
+
+        // 3. Publish the blob, then the layer directory.
+        let blob_dest = inner.blob_path(&digest)?;
+        if !blob_dest.is_file() {
+            fs::rename(blob_tmp.path(), &blob_dest).ctx("publishing blob", &blob_dest)?;
+            blob_tmp.keep();
+            fsync_dir(&inner.blobs_dir())?;
+        }
+        let layer_dest = inner.layers_dir().join(check_digest(&diff_id)?);
+        if !layer_dest.join("diff").is_dir() {
+            syncfs(staging.path())?;
+            match fs::rename(staging.path(), &layer_dest) {
+                Ok(()) => {
+                    staging.keep();
+                    fsync_dir(&inner.layers_dir())?;
+                }
+                Err(_) if layer_dest.join("diff").is_dir() => {}
+                Err(e) => return Err(StoreError::io_path("publishing layer", &layer_dest, e)),
+            }
+        }
+
+        // 4. Config and manifest.
+        let corrupt = |reason: String| StoreError::Corrupt {
+            image: name.to_string(),
+            reason,
+        };
+        let config_bytes = inner.read_blob(&rec.config_digest)?;
+        let mut config: serde_json::Value = serde_json::from_slice(&config_bytes)
+            .map_err(|e| corrupt(format!("cannot parse the image config: {e}")))?;
+        let obj = config
+            .as_object_mut()
+            .ok_or_else(|| corrupt("the image config is not a JSON object".into()))?;
+        obj.insert(
+            "rootfs".into(),
+            serde_json::json!({ "type": "layers", "diff_ids": [diff_id] }),
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let mut history = match obj.remove("history") {
+            Some(serde_json::Value::Array(h)) => h,
+            _ => Vec::new(),
+        };
+        // The old entries no longer have a layer of their own.
+        for h in &mut history {
+            if let Some(o) = h.as_object_mut() {
+                o.insert("empty_layer".into(), serde_json::Value::Bool(true));
+            }
+        }
+        history.push(serde_json::json!({
+            "created": rfc3339(now),
+            "created_by": "walt image squash",
+            "comment": format!("{layers_before} layers merged into 1"),
+        }));
+        obj.insert("history".into(), serde_json::Value::Array(history));
+        let config_bytes = serde_json::to_vec(&config)
+            .map_err(|e| corrupt(format!("cannot write the image config: {e}")))?;
+        let config_digest = inner.put_blob(None, &config_bytes)?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": oci::OCI_MANIFEST,
+            "config": {
+                "mediaType": oci::OCI_CONFIG,
+                "digest": config_digest,
+                "size": config_bytes.len(),
+            },
+            "layers": [{
+                "mediaType": oci::OCI_LAYER_GZIP,
+                "digest": digest,
+                "size": size,
+            }],
+        });
+        let manifest_bytes = serde_json::to_vec(&manifest)
+            .map_err(|e| corrupt(format!("cannot write the manifest: {e}")))?;
+        let manifest_digest = inner.put_blob(None, &manifest_bytes)?;
+        let new = NewImage {
+            name: name.clone(),
+            manifest_digest: manifest_digest.clone(),
+            manifest_media_type: oci::OCI_MANIFEST.to_string(),
+            config_digest,
+            layers: vec![LayerRef {
+                diff_id: diff_id.clone(),
+                blob_digest: digest,
+                blob_size: size,
+                media_type: oci::OCI_LAYER_GZIP.to_string(),
+            }],
+            node_models: rec.node_models,
+            created: now,
+        };
+        if self.put_image(&new, true)? == PutOutcome::Created {
+            tracing::warn!(image = %name, "image was removed while being squashed: recorded again");
+        }
+        tracing::info!(image = %name, layers_before, %diff_id, "image squashed");
+        Ok(SquashOutcome {
+            layers_before,
+            squashed: true,
+            manifest_digest,
+            diff_id: Some(diff_id),
+        })
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of unix seconds.
+fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (H. Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if mo <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn mtime_of(m: &fs::Metadata) -> FileTime {
+    FileTime::from_last_modification_time(m)
+}
+
+fn is_whiteout(m: &fs::Metadata) -> bool {
+    m.file_type().is_char_device() && m.rdev() == 0
+}
+
+/// Merges layer trees into `dst_root`.
+struct Merger<'a> {
+    dst_root: &'a Path,
+    /// Directory mtimes (relative paths), applied at the end, deepest first.
+    dir_times: BTreeMap<PathBuf, FileTime>,
+    /// Source (dev, ino) of multiply-linked files of the current layer ->
+    /// where it was copied and the inode of the copy.
+    links: HashMap<(u64, u64), (PathBuf, u64)>,
+}
+
+impl Merger<'_> {
+    fn io(&self, what: &str, rel: &Path, e: io::Error) -> StoreError {
+        StoreError::Io {
+            context: format!("squashing: {what} '{}'", rel.display()),
+            source: e,
+        }
+    }
+
+    /// Removes whatever is at `rel` in the merged tree.
+    fn remove(&mut self, rel: &Path) -> Result<()> {
+        let path = self.dst_root.join(rel);
+        remove_any(&path).map_err(|e| self.io("removing", rel, e))?;
+        let gone: Vec<PathBuf> = self
+            .dir_times
+            .range(rel.to_path_buf()..)
+            .take_while(|(k, _)| k.starts_with(rel))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            self.dir_times.remove(&k);
+        }
+        Ok(())
+    }
+
+    fn merge_dir(&mut self, src_dir: &Path, rel_dir: &Path) -> Result<()> {
+        let mut names: Vec<OsString> = fs::read_dir(src_dir)
+            .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect())
+            .map_err(|e| self.io("listing", rel_dir, e))?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        for n in names {
+            let src = src_dir.join(&n);
+            let rel = rel_dir.join(&n);
+            let dst = self.dst_root.join(&rel);
+            let meta = fs::symlink_metadata(&src).map_err(|e| self.io("inspecting", &rel, e))?;
+            if is_whiteout(&meta) {
+                self.remove(&rel)?;
+                continue;
+            }
+            if meta.is_dir() {
+                let opaque = xattr::get(&src, OPAQUE_XATTR)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|v| v == b"y");
+                let keep = !opaque && fs::symlink_metadata(&dst).is_ok_and(|m| m.is_dir());
+                if !keep {
+                    self.remove(&rel)?;
+                    fs::create_dir(&dst).map_err(|e| self.io("creating directory", &rel, e))?;
+                }
+                self.apply_meta(&src, &dst, true)?;
+                self.dir_times.insert(rel.clone(), mtime_of(&meta));
+                self.merge_dir(&src, &rel)?;
+                continue;
+            }
+            self.remove(&rel)?;
+            let ft = meta.file_type();
+            if ft.is_file() {
+                if meta.nlink() > 1
+                    && let Some((first, ino)) = self.links.get(&(meta.dev(), meta.ino()))
+                    && fs::symlink_metadata(self.dst_root.join(first))
+                        .is_ok_and(|m| m.ino() == *ino)
+                {
+                    let first = self.dst_root.join(first);
+                    fs::hard_link(&first, &dst)
+                        .map_err(|e| self.io("creating hard link", &rel, e))?;
+                    continue;
+                }
+                fs::copy(&src, &dst).map_err(|e| self.io("copying", &rel, e))?;
+                self.apply_meta(&src, &dst, false)?;
+                if meta.nlink() > 1 {
+                    let ino = fs::symlink_metadata(&dst)
+                        .map_err(|e| self.io("inspecting", &rel, e))?
+                        .ino();
+                    self.links
+                        .insert((meta.dev(), meta.ino()), (rel.clone(), ino));
+                }
+            } else if ft.is_symlink() {
+                let target =
+                    fs::read_link(&src).map_err(|e| self.io("reading symlink", &rel, e))?;
+                std::os::unix::fs::symlink(&target, &dst)
+                    .map_err(|e| self.io("creating symlink", &rel, e))?;
+                std::os::unix::fs::lchown(&dst, Some(meta.uid()), Some(meta.gid()))
+                    .map_err(|e| self.io("setting the owner of", &rel, e))?;
+                self.copy_xattrs(&src, &dst, &rel)?;
+            } else {
+                let kind = if ft.is_char_device() {
+                    SFlag::S_IFCHR
+                } else if ft.is_block_device() {
+                    SFlag::S_IFBLK
+                } else if ft.is_fifo() {
+                    SFlag::S_IFIFO
+                } else {
+                    tracing::warn!(path = %rel.display(), "squash: skipping a socket or unknown file type");
+                    continue;
+                };
+                nix::sys::stat::mknod(
+                    &dst,
+                    kind,
+                    Mode::from_bits_truncate(0o600),
+                    meta.rdev() as _,
+                )
+                .map_err(|e| self.io("creating device node", &rel, e.into()))?;
+                self.apply_meta(&src, &dst, false)?;
+            }
+            filetime::set_symlink_file_times(&dst, mtime_of(&meta), mtime_of(&meta))
+                .map_err(|e| self.io("setting the times of", &rel, e))?;
+        }
+        Ok(())
+    }
+
+    /// Owner, mode and xattrs (not for symlinks). For directories, the
+    /// xattrs of a kept lower directory are replaced by the upper ones.
+    fn apply_meta(&self, src: &Path, dst: &Path, is_dir: bool) -> Result<()> {
+        let rel = dst.strip_prefix(self.dst_root).unwrap_or(dst).to_path_buf();
+        let meta = fs::symlink_metadata(src).map_err(|e| self.io("inspecting", &rel, e))?;
+        std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))
+            .map_err(|e| self.io("setting the owner of", &rel, e))?;
+        fs::set_permissions(dst, Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(|e| self.io("setting the mode of", &rel, e))?;
+        if is_dir {
+            for name in xattr::list(dst).map_err(|e| self.io("listing xattrs of", &rel, e))? {
+                let _ = xattr::remove(dst, &name);
+            }
+        }
+        self.copy_xattrs(src, dst, &rel)
+    }
+
+    fn copy_xattrs(&self, src: &Path, dst: &Path, rel: &Path) -> Result<()> {
+        let names = match xattr::list(src) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
+            Err(e) => return Err(self.io("listing xattrs of", rel, e)),
+        };
+        for name in names {
+            if name.to_string_lossy().starts_with(OVERLAY_XATTR_PREFIX) {
+                continue;
+            }
+            let Some(value) =
+                xattr::get(src, &name).map_err(|e| self.io("reading xattrs of", rel, e))?
+            else {
+                continue;
+            };
+            match xattr::set(dst, &name, &value) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    tracing::warn!(path = %rel.display(), xattr = ?name, "xattr not supported here, skipped");
+                }
+                Err(e) => return Err(self.io("setting xattrs of", rel, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Directory mtimes, deepest first.
+    fn finish(&mut self) -> Result<()> {
+        let mut dirs: Vec<(PathBuf, FileTime)> =
+            std::mem::take(&mut self.dir_times).into_iter().collect();
+        dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        for (rel, t) in dirs {
+            let path = self.dst_root.join(&rel);
+            filetime::set_symlink_file_times(&path, t, t)
+                .map_err(|e| self.io("setting the times of", &rel, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Hashes and counts what goes through.
+struct HashWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<W> HashWriter<W> {
+    fn new(inner: W) -> Self {
+        HashWriter {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes the tree at `root` as a tar stream: the root as `.`, then every
+/// entry depth-first in byte order of names; files sharing an inode after
+/// the first become hard links.
+fn write_tree<W: Write>(b: &mut tar::Builder<W>, root: &Path) -> io::Result<()> {
+    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    write_entry(b, root, Path::new("."), &mut links)?;
+    write_dir(b, root, Path::new(""), &mut links)?;
+    b.finish()
+}
+
+fn write_dir<W: Write>(
+    b: &mut tar::Builder<W>,
+    dir: &Path,
+    rel_dir: &Path,
+    links: &mut HashMap<(u64, u64), PathBuf>,
+) -> io::Result<()> {
+    let mut names: Vec<OsString> = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()?;
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for n in names {
+        let path = dir.join(&n);
+        let rel = rel_dir.join(&n);
+        if write_entry(b, &path, &rel, links)? {
+            write_dir(b, &path, &rel, links)?;
+        }
+    }
+    Ok(())
+}
+
+/// Appends one entry; true when it is a directory.
+fn write_entry<W: Write>(
+    b: &mut tar::Builder<W>,
+    path: &Path,
+    rel: &Path,
+    links: &mut HashMap<(u64, u64), PathBuf>,
+) -> io::Result<bool> {
+    let meta = fs::symlink_metadata(path)?;
+    let ft = meta.file_type();
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(meta.mode() & 0o7777);
+    h.set_uid(meta.uid().into());
+    h.set_gid(meta.gid().into());
+    h.set_mtime(meta.mtime().max(0) as u64);
+    h.set_size(0);
+
+    // PAX records: xattrs and sub-second mtimes.
+    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+    if meta.mtime_nsec() != 0 {
+        pax.push((
+            "mtime".into(),
+            format!("{}.{:09}", meta.mtime(), meta.mtime_nsec()).into_bytes(),
+        ));
+    }
+    if let Ok(names) = xattr::list(path) {
+        let mut names: Vec<OsString> = names.collect();
+        names.sort();
+        for name in names {
+            let s = name.to_string_lossy().into_owned();
+            if s.starts_with(OVERLAY_XATTR_PREFIX) {
+                continue;
+            }
+            if let Some(v) = xattr::get(path, &name)? {
+                pax.push((format!("SCHILY.xattr.{s}"), v));
+            }
+        }
+    }
+    if !pax.is_empty() {
+        let mut data = Vec::new();
+        for (k, v) in &pax {
+            let body = k.len() + v.len() + 3; // ' ', '=', '\n'
+            let mut len = body + 1;
+            while len.to_string().len() + body != len {
+                len = len.to_string().len() + body;
+            }
+            data.extend_from_slice(format!("{len} {k}=").as_bytes());
+            data.extend_from_slice(v);
+            data.push(b'\n');
+        }
+        let mut ph = tar::Header::new_ustar();
+        ph.set_entry_type(tar::EntryType::XHeader);
+        ph.set_mode(0o644);
+        ph.set_size(data.len() as u64);
+        let mut pname = b"PaxHeaders/".to_vec();
+        let base = rel.file_name().map(|n| n.as_bytes()).unwrap_or(b".");
+        pname.extend_from_slice(&base[..base.len().min(80)]);
+        ph.as_old_mut().name[..pname.len()].copy_from_slice(&pname);
+        ph.set_cksum();
+        b.append(&ph, &data[..])?;
+    }
+
+    if ft.is_dir() {
+        h.set_entry_type(tar::EntryType::Directory);
+        b.append_data(&mut h, rel, io::empty())?;
+        return Ok(true);
+    }
+    if ft.is_file() {
+        if meta.nlink() > 1 {
+            let key = (meta.dev(), meta.ino());
+            if let Some(first) = links.get(&key) {
+                h.set_entry_type(tar::EntryType::Link);
+                b.append_link(&mut h, rel, first)?;
+                return Ok(false);
+            }
+            links.insert(key, rel.to_path_buf());
+        }
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(meta.len());
+        let f = File::open(path)?;
+        b.append_data(&mut h, rel, f)?;
+    } else if ft.is_symlink() {
+        h.set_entry_type(tar::EntryType::Symlink);
+        let target = fs::read_link(path)?;
+        b.append_link(&mut h, rel, target)?;
+    } else {
+        let kind = if ft.is_char_device() {
+            tar::EntryType::Char
+        } else if ft.is_block_device() {
+            tar::EntryType::Block
+        } else if ft.is_fifo() {
+            tar::EntryType::Fifo
+        } else {
+            return Ok(false);
+        };
+        h.set_entry_type(kind);
+        if kind != tar::EntryType::Fifo {
+            let rdev = meta.rdev();
+            h.set_device_major(nix::sys::stat::major(rdev) as u32)?;
+            h.set_device_minor(nix::sys::stat::minor(rdev) as u32)?;
+        }
+        b.append_data(&mut h, rel, io::empty())?;
+    }
+    Ok(false)
+}
