@@ -150,3 +150,46 @@ fn docker_absent_is_silent() {
     out.assert_failure("the Docker daemon is not running");
     assert!(out.stderr.contains("docker.sock"), "{out}");
 }
+
+/// A `docker:` clone stores its layers uncompressed; publishing compresses
+/// them (gzip) and the published image clones back to the same content.
+#[test]
+fn publishing_a_docker_image_compresses_its_layers() {
+    let dockerd = Dockerd::start().unwrap();
+    dockerd
+        .import_busybox("walt-test/dimg:latest", Some("pc-x86-64"), "from docker")
+        .unwrap();
+    let local = Registry::start(RegistryOpts::plain()).unwrap();
+    let server = server_with_docker(&local, &dockerd.socket());
+    let alice = server.cli("alice", &[]);
+    alice.clone_ok(&["docker:walt-test/dimg"]);
+    let out = alice.run(&["image", "publish", "--registry", "local", "dimg"]);
+    out.assert_success();
+    assert!(out.stderr.contains("compressing 1 layer"), "{out}");
+    assert!(out.last_stdout_line().contains("local:alice/dimg"), "{out}");
+
+    let (_, manifest) = local.client().get_manifest("alice/dimg", "latest").unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "{manifest}");
+    assert!(
+        layers[0]["mediaType"].as_str().unwrap().ends_with("gzip"),
+        "layer not compressed: {manifest}"
+    );
+    // Same file system: the diff_ids Docker reports are those of the published config.
+    let bob = server.cli("bob", &[]);
+    bob.clone_ok(&["local:alice/dimg", "again"]);
+    let diff_ids = dockerd.diff_ids("walt-test/dimg:latest").unwrap();
+    let data = server.data_dir();
+    for d in &diff_ids {
+        let hex = d.strip_prefix("sha256:").unwrap();
+        assert!(
+            data.join("layers").join(hex).join("diff").is_dir(),
+            "layer {d} missing"
+        );
+    }
+    // Publishing again sends nothing new.
+    let out = alice.run(&["image", "publish", "--registry", "local", "dimg"]);
+    out.assert_success();
+    assert!(!out.stderr.contains("compressing"), "{out}");
+}

@@ -19,6 +19,12 @@ pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json"
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
 
+/// Annotation on the manifests walt writes itself (images imported from a
+/// Docker daemon, commits): their uncompressed layers may be compressed when
+/// published. Layers of images pulled from registries are published as they
+/// are, so that their digests stay the same.
+pub const ANNOTATION_WALT_BUILT: &str = "org.walt.built";
+
 /// Every manifest type walt accepts, for the `Accept` header.
 pub const MANIFEST_ACCEPT: [&str; 4] = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
 

@@ -435,6 +435,7 @@ async fn import(
                 "digest": l.digest,
                 "size": l.size,
             })).collect::<Vec<_>>(),
+            "annotations": { oci::ANNOTATION_WALT_BUILT: "true" },
         });
         let manifest_bytes = serde_json::to_vec(&manifest)
             .map_err(|e| ServiceError::Internal(format!("cannot write the manifest: {e}")))?;

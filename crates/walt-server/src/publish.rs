@@ -243,17 +243,146 @@ enum Sent {
     Uploaded(u64),
 }
 
+/// Gzip level for layers that were never compressed: fast, most of the gain.
+const PUBLISH_GZIP_LEVEL: u32 = 3;
+
+/// Layers stored uncompressed in images walt built itself (`docker:`
+/// imports; see `oci::ANNOTATION_WALT_BUILT`) are compressed before they
+/// leave the server, all at once on the blocking pool, and the image record
+/// is updated to the compressed blobs (same diff_ids, same config, a new
+/// manifest). Images pulled from registries keep their layers and digest.
+/// Returns the new record, or `None` when nothing changed.
+async fn compress_layers(
+    state: &Arc<State>,
+    rec: &ImageRecord,
+    events: &Events,
+) -> Result<Option<ImageRecord>, ServiceError> {
+    use walt_core::oci::{self, Compression};
+    let todo: Vec<usize> = (0..rec.layers.len())
+        .filter(|&i| {
+            Compression::from_media_type(&rec.layers[i].media_type) == Some(Compression::None)
+        })
+        .collect();
+    if todo.is_empty() {
+        return Ok(None);
+    }
+    let built_by_walt = {
+        let (store, digest) = (state.store.clone(), rec.manifest_digest.clone());
+        let bytes = blocking(move || Ok(store.read_blob(&digest)?)).await?;
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|m| {
+                m["annotations"][oci::ANNOTATION_WALT_BUILT]
+                    .as_str()
+                    .map(|v| v == "true")
+            })
+            .unwrap_or(false)
+    };
+    if !built_by_walt {
+        return Ok(None);
+    }
+    let _ = events
+        .send(Ok(pb::PublishEvent {
+            event: Some(Event::Message(format!(
+                "compressing {} layer{} stored uncompressed",
+                todo.len(),
+                if todo.len() == 1 { "" } else { "s" }
+            ))),
+        }))
+        .await;
+    let mut tasks = JoinSet::new();
+    for i in todo {
+        let (store, layer) = (state.store.clone(), rec.layers[i].clone());
+        tasks.spawn_blocking(move || -> Result<_, ServiceError> {
+            let path = store.blob_path(&layer.blob_digest)?;
+            let file = std::fs::File::open(&path).map_err(|e| {
+                ServiceError::Internal(format!("cannot read {}: {e}", path.display()))
+            })?;
+            let mut gz = flate2::read::GzEncoder::new(
+                std::io::BufReader::with_capacity(1 << 20, file),
+                flate2::Compression::new(PUBLISH_GZIP_LEVEL),
+            );
+            // Stored as a blob under its computed digest, its diff_id checked.
+            let imported = store.import_layer_unverified(
+                &mut gz,
+                Compression::Gzip,
+                &walt_store::ImportOptions {
+                    store_blob: true,
+                    unpack: false,
+                    expected_size: None,
+                    expected_diff_id: Some(layer.diff_id.clone()),
+                    progress: None,
+                },
+            )?;
+            Ok((i, imported))
+        });
+    }
+    let mut rec = rec.clone();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, imported) = joined??;
+        let l = &mut rec.layers[i];
+        l.blob_digest = imported.digest;
+        l.blob_size = imported.size;
+        l.media_type = if l.media_type == oci::DOCKER_LAYER_TAR {
+            oci::DOCKER_LAYER_GZIP.to_string()
+        } else {
+            oci::OCI_LAYER_GZIP.to_string()
+        };
+    }
+    let store = state.store.clone();
+    blocking(move || {
+        let bytes = store.read_blob(&rec.manifest_digest)?;
+        let doc = oci::ManifestDoc::parse(&bytes, Some(&rec.manifest_media_type))
+            .map_err(|e| ServiceError::Internal(format!("stored manifest of {}: {e}", rec.name)))?;
+        let oci::ManifestDoc::Image(mut manifest) = doc else {
+            return Err(ServiceError::Internal(format!(
+                "stored manifest of {} is an index",
+                rec.name
+            )));
+        };
+        for (desc, layer) in manifest.layers.iter_mut().zip(&rec.layers) {
+            desc.media_type = layer.media_type.clone();
+            desc.digest = layer.blob_digest.clone();
+            desc.size = layer.blob_size;
+        }
+        let bytes = serde_json::to_vec(&manifest)
+            .map_err(|e| ServiceError::Internal(format!("manifest of {}: {e}", rec.name)))?;
+        let manifest_digest = store.put_blob(None, &bytes)?;
+        store.put_image(
+            &walt_store::NewImage {
+                name: rec.name.clone(),
+                manifest_digest,
+                manifest_media_type: rec.manifest_media_type.clone(),
+                config_digest: rec.config_digest.clone(),
+                layers: rec.layers.clone(),
+                node_models: rec.node_models.clone(),
+                created: rec.created,
+            },
+            true,
+        )?;
+        Ok(store.get_image(&rec.name)?)
+    })
+    .await
+}
+
 /// Performs a planned publish, sending progress on `events`.
 pub async fn run(
     state: Arc<State>,
-    plan: Plan,
+    mut plan: Plan,
     events: Events,
 ) -> Result<pb::PublishResult, ServiceError> {
     let started = Instant::now();
     let store = state.store.clone();
     // Keeps a concurrent removal from collecting the blobs being sent.
     let guard = store.begin_import();
-    let mut result = publish(&state, &plan, &events).await;
+    let mut result = match compress_layers(&state, &plan.image, &events).await {
+        Ok(Some(rec)) => {
+            plan.image = rec;
+            publish(&state, &plan, &events).await
+        }
+        Ok(None) => publish(&state, &plan, &events).await,
+        Err(e) => Err(e),
+    };
     if let (Ok(_), Some(hub_user)) = (&result, &plan.hub_user) {
         // Makes the image findable by WalT searches of the hub.
         if let Err(e) = publish_hub_metadata(&state, &plan, hub_user).await {
