@@ -201,20 +201,12 @@ impl RegistryClient {
                     what: what.clone(),
                     ..Default::default()
                 };
-                match self.send(&req).await {
-                    Ok(resp) if resp.status().is_success() => return Ok(()),
-                    Ok(resp) => {
-                        return Err(self
-                            .status_error(resp, &req, &format!("repository '{repo}'"))
-                            .await);
-                    }
-                    Err(e) => {
-                        self.backoff(e, &mut failures).await?;
-                        if self.blob_exists(repo, digest).await.unwrap_or(false) {
-                            return Ok(());
-                        }
-                        continue 'upload;
-                    }
+                match self
+                    .finish_upload(&req, repo, digest, &mut failures)
+                    .await?
+                {
+                    Uploaded::Done => return Ok(()),
+                    Uploaded::Retry => continue 'upload,
                 }
             }
             let mut offset = 0u64;
@@ -305,26 +297,43 @@ impl RegistryClient {
                 what: what.clone(),
                 ..Default::default()
             };
-            match self.send(&req).await {
-                Ok(resp) if resp.status().is_success() => return Ok(()),
-                Ok(resp) => {
-                    return Err(self
-                        .status_error(resp, &req, &format!("repository '{repo}'"))
-                        .await);
-                }
-                Err(e) => {
-                    self.backoff(e, &mut failures).await?;
-                    if self.blob_exists(repo, digest).await.unwrap_or(false) {
-                        return Ok(());
-                    }
-                    continue 'upload;
-                }
+            match self
+                .finish_upload(&req, repo, digest, &mut failures)
+                .await?
+            {
+                Uploaded::Done => return Ok(()),
+                Uploaded::Retry => continue 'upload,
             }
         }
     }
 
     /// Returns `err` when it is not transient or no try is left; else
     /// sleeps before the next try.
+    /// Sends the request that completes an upload. A transport failure is
+    /// retried from the start, unless the registry got the blob after all.
+    async fn finish_upload(
+        &self,
+        req: &Req<'_>,
+        repo: &str,
+        digest: &str,
+        failures: &mut u32,
+    ) -> Result<Uploaded, RegistryError> {
+        match self.send(req).await {
+            Ok(resp) if resp.status().is_success() => Ok(Uploaded::Done),
+            Ok(resp) => Err(self
+                .status_error(resp, req, &format!("repository '{repo}'"))
+                .await),
+            Err(e) => {
+                self.backoff(e, failures).await?;
+                if self.blob_exists(repo, digest).await.unwrap_or(false) {
+                    Ok(Uploaded::Done)
+                } else {
+                    Ok(Uploaded::Retry)
+                }
+            }
+        }
+    }
+
     async fn backoff(&self, err: RegistryError, failures: &mut u32) -> Result<(), RegistryError> {
         if !err.is_transient() || *failures + 1 >= self.inner.retry.attempts() {
             return Err(err);
@@ -503,6 +512,12 @@ impl RegistryClient {
 
 fn octet_stream() -> Vec<(HeaderName, String)> {
     vec![(header::CONTENT_TYPE, "application/octet-stream".into())]
+}
+
+/// How the request completing an upload ended.
+enum Uploaded {
+    Done,
+    Retry,
 }
 
 #[cfg(test)]
