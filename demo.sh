@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Self-contained walt demo: a local registry seeded with an image built offline
-# from busybox-static, the walt server, and the walt CLI cloning and showing it.
+# from busybox-static, the walt server, and the walt CLI cloning, showing, copying into and opening a shell in it.
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x ./scripts/install-deps.sh ] && ./scripts/install-deps.sh
@@ -58,4 +58,11 @@ run "$BIN/walt" image duplicate experiment experiment:v2
 printf 'walt:\n    server: 127.0.0.1:%s\n    username: bob\n' "$SP" > "$W/bob.conf"
 echo "(as user bob)"; WALT_CONFIG=$W/bob.conf run "$BIN/walt" image clone walt:demo/experiment:v2 from-demo
 run "$BIN/walt" image show --all
+echo "== 5. inside the image: cp and shell (interactive on a terminal; here its input is piped)"
+echo "hello from the demo" > "$W/note.txt"
+run "$BIN/walt" image cp "$W/note.txt" experiment:/root/
+echo "\$ walt image shell experiment  <<< 'hostname; cat /root/note.txt; uname -m; exit'"
+printf 'hostname; cat /root/note.txt; uname -m; exit\n' | "$BIN/walt" image shell experiment
+run "$BIN/walt" image cp experiment:/etc/passwd "$W/passwd-from-image"
+run cat "$W/passwd-from-image"
 echo "== the demo worked; server log: $W/server.log (removed on exit)"

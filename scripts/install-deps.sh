@@ -6,7 +6,28 @@ set -euo pipefail
 log() { echo "install-deps: $*" >&2; }
 
 PACKAGES=(docker-registry busybox-static skopeo umoci apache2-utils openssl expect tmux curl
-          ca-certificates pkg-config docker.io)
+          ca-certificates pkg-config docker.io qemu-user-static binfmt-support podman)
+
+# Foreign-architecture busybox (for arm images), fetched without changing
+# the system's apt architectures.
+ARM_CACHE=${WALT_ARM_CACHE:-/var/cache/walt-e2e}
+fetch_arm_busybox() {
+    [ -x "$ARM_CACHE/busybox-arm64" ] && [ -x "$ARM_CACHE/busybox-armhf" ] && return 0
+    log "fetching busybox-static for arm64 and armhf into $ARM_CACHE"
+    local w; w=$(mktemp -d)
+    local o=(-o APT::Architectures::=amd64 -o APT::Architectures::=arm64 -o APT::Architectures::=armhf
+             -o "Dir::State::Lists=$w/lists" -o "Dir::Cache=$w/cache" -o APT::Sandbox::User=root)
+    mkdir -p "$w/lists/partial" "$w/cache/archives/partial" "$ARM_CACHE"
+    # A mirror caught mid-sync fails some index (e.g. security): what the
+    # download needs is the main one, so go on and let the download decide.
+    apt-get "${o[@]}" update >&2 || log "warning: apt-get update reported errors (see above)"
+    (cd "$w" && apt-get "${o[@]}" download busybox-static:arm64 busybox-static:armhf >&2)
+    for a in arm64 armhf; do
+        dpkg-deb -x "$w"/busybox-static_*_"$a".deb "$w/root-$a"
+        install -m 755 "$w/root-$a/bin/busybox" "$ARM_CACHE/busybox-$a"
+    done
+    rm -rf "$w"
+}
 
 missing=()
 check_cmd() { command -v "$1" >/dev/null 2>&1 || missing+=("$1"); }
@@ -15,9 +36,22 @@ for c in docker-registry skopeo umoci htpasswd openssl expect tmux curl pkg-conf
 done
 [ -x /bin/busybox ] || missing+=("/bin/busybox")
 [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=("ca-certificates")
+for c in qemu-aarch64-static qemu-arm-static update-binfmts podman; do
+    check_cmd "$c"
+done
+
+enable_binfmt() {
+    # Registers qemu-user for arm binaries (the F flag: no interpreter
+    # needed inside images). Idempotent.
+    for a in aarch64 arm; do
+        [ -e /proc/sys/fs/binfmt_misc/qemu-$a ] || update-binfmts --enable qemu-$a >&2 || true
+    done
+}
 
 if [ ${#missing[@]} -eq 0 ]; then
     log "all needed commands are present"
+    fetch_arm_busybox
+    enable_binfmt
     exit 0
 fi
 
@@ -27,7 +61,11 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 log "apt-get update"
-apt-get update >&2
+# A mirror caught mid-sync can fail one index; the install below says
+# whether what it needs was there.
+apt-get update >&2 || log "warning: apt-get update reported errors (see above)"
 log "apt-get install ${PACKAGES[*]}"
 DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${PACKAGES[@]}" >&2
+fetch_arm_busybox
+enable_binfmt
 log "done"

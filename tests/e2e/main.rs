@@ -18,6 +18,7 @@ mod registries;
 mod search;
 mod secrets;
 mod setup;
+mod shell;
 mod squash;
 mod users;
 mod workingset;

@@ -64,11 +64,50 @@ impl Tmux {
         Ok(())
     }
 
+    /// Resizes the terminal (the program gets SIGWINCH).
+    pub fn resize(&self, cols: u16, rows: u16) -> Result<()> {
+        self.tmux(&[
+            "resize-window",
+            "-t",
+            "main",
+            "-x",
+            &cols.to_string(),
+            "-y",
+            &rows.to_string(),
+        ])?;
+        std::thread::sleep(Duration::from_millis(150));
+        Ok(())
+    }
+
     /// Types `text` literally.
     pub fn text(&self, text: &str) -> Result<()> {
         self.tmux(&["send-keys", "-t", "main", "-l", text])?;
         std::thread::sleep(Duration::from_millis(150));
         Ok(())
+    }
+
+    /// Presses BSpace `n` times (erases what a prompt holds).
+    pub fn erase(&self, n: usize) -> Result<()> {
+        let n = n.to_string();
+        self.tmux(&["send-keys", "-t", "main", "-N", &n, "BSpace"])?;
+        std::thread::sleep(Duration::from_millis(150));
+        Ok(())
+    }
+
+    /// Types `text` literally, then presses Enter.
+    pub fn enter(&self, text: &str) -> Result<()> {
+        if !text.is_empty() {
+            self.text(text)?;
+        }
+        self.keys(&["Enter"])
+    }
+
+    /// Waits until the screen holds no line satisfying `f` any more.
+    pub fn wait_no_line(&self, what: &str, f: impl Fn(&str) -> bool) -> Result<()> {
+        wait_for(what, Duration::from_secs(20), || {
+            (!self.screen().lines().any(|l| f(l.trim_end()))).then_some(())
+        })
+        .with_context(|| format!("screen:\n{}", self.screen()))
     }
 
     /// The visible screen and the scrollback.

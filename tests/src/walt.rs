@@ -393,6 +393,45 @@ impl Walt {
         self.command(args).spawn().expect("cannot start walt")
     }
 
+    /// Runs a command with `input` on its stdin (a pipe, not a terminal).
+    pub fn run_with_input(&self, args: &[&str], input: &str) -> CmdOutput {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("cannot start walt");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let data = input.as_bytes().to_vec();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(&data);
+        });
+        wait_output(child, &format!("walt {}", args.join(" ")), self.timeout)
+    }
+
+    /// Runs `walt ARGS` (a shell-quoted string) in a tmux terminal; its exit
+    /// status is written to the returned file when it ends.
+    pub fn in_terminal(&self, args: &str) -> (crate::tmux::Tmux, PathBuf) {
+        let exit = self.dir.path().join(format!(
+            "exit-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let command = format!(
+            "env WALT_CONFIG={} HOME={} TERM=xterm {} {args}; echo $? > {}; sleep 600",
+            self.config_path().display(),
+            self.dir.path().display(),
+            workspace_bin("walt").display(),
+            exit.display()
+        );
+        (
+            crate::tmux::Tmux::start(&command).expect("cannot start tmux"),
+            exit,
+        )
+    }
+
     /// Runs a command to completion (killed after `self.timeout`).
     pub fn run(&self, args: &[&str]) -> CmdOutput {
         let child = self.spawn(args);

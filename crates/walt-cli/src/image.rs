@@ -22,6 +22,12 @@ mod search;
 #[path = "publish.rs"]
 mod publish;
 
+#[path = "shell.rs"]
+pub mod shell;
+
+#[path = "cp.rs"]
+mod cp;
+
 #[derive(Subcommand, Debug, Clone)]
 pub enum ImageCommand {
     /// Show your images (the working set).
@@ -67,6 +73,13 @@ pub enum ImageCommand {
     Duplicate { image: String, new_name: String },
     /// Merge all layers of an image of your working set into one.
     Squash { image: String },
+    /// Open a shell inside an image; on exit, save the changes.
+    Shell { image: String },
+    /// Copy files or directories between this machine and an image:
+    /// `cp <local> <image>:<path>` or `cp <image>:<path> <local>`
+    /// (relative image paths are relative to /root; copying into an image
+    /// saves it).
+    Cp { src: String, dst: String },
 }
 
 type Client = ImagesClient<InterceptedService<Channel, UserInterceptor>>;
@@ -251,6 +264,8 @@ async fn run_one(
             println!("Image {image} duplicated as {new_name}.");
             Ok(())
         }
+        ImageCommand::Shell { image } => shell::shell(client, &image).await,
+        ImageCommand::Cp { src, dst } => cp::cp(client, &src, &dst).await,
         ImageCommand::Squash { image } => {
             let reply = client
                 .squash(pb::SquashRequest { image })

@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Manage images: show, search, clone, publish, remove, rename, duplicate, squash.
+    /// Manage images: show, search, clone, publish, remove, rename, duplicate, squash, shell, cp.
     #[command(subcommand)]
     Image(image::ImageCommand),
 }
@@ -44,6 +44,10 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<image::shell::ExitWith>().is_some() => ExitCode::from(
+            e.downcast_ref::<image::shell::ExitWith>()
+                .map_or(1, |x| x.0),
+        ),
         Err(e) => {
             // One line, whatever the cause chain.
             let msg = format!("{e:#}").replace('\n', " ");

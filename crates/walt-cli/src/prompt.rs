@@ -70,3 +70,11 @@ pub fn ask_credentials(label: &str) -> anyhow::Result<RegistryCredentials> {
     };
     Ok(RegistryCredentials { username, password })
 }
+
+/// Asks `question` on stderr and reads one line (without its newline).
+pub fn ask_line(question: &str) -> anyhow::Result<String> {
+    let mut err = std::io::stderr();
+    write!(err, "{question}")?;
+    err.flush()?;
+    read_line()
+}

@@ -137,6 +137,7 @@ pub async fn plan(
             }
         }
     };
+    state.locks.ensure_free(&target)?;
     if !req.force {
         let store = state.store.clone();
         let t = target.clone();

@@ -14,7 +14,7 @@ use walt_proto::v1::{self as pb, images_server::Images, server_server};
 use walt_store::ImageRecord;
 
 use crate::error::ServiceError;
-use crate::{State, clone, publish};
+use crate::{State, clone, cp, publish, shell};
 
 /// The caller's walt username, from the request metadata.
 pub fn caller<T>(req: &Request<T>) -> Result<String, Status> {
@@ -184,6 +184,37 @@ impl Images for ImagesService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    type ShellStream = shell::ShellStream;
+
+    async fn shell(
+        &self,
+        req: Request<tonic::Streaming<pb::ShellInput>>,
+    ) -> Result<Response<Self::ShellStream>, Status> {
+        let user = caller(&req)?;
+        let stream = shell::start(self.state.clone(), user, req.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn copy_in(
+        &self,
+        req: Request<tonic::Streaming<pb::CopyInRequest>>,
+    ) -> Result<Response<pb::CopyInReply>, Status> {
+        let user = caller(&req)?;
+        let reply = cp::copy_in(self.state.clone(), user, req.into_inner()).await?;
+        Ok(Response::new(reply))
+    }
+
+    type CopyOutStream = cp::CopyOutStream;
+
+    async fn copy_out(
+        &self,
+        req: Request<pb::CopyOutRequest>,
+    ) -> Result<Response<Self::CopyOutStream>, Status> {
+        let user = caller(&req)?;
+        let stream = cp::copy_out(self.state.clone(), user, req.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+
     async fn remove(
         &self,
         req: Request<pb::RemoveRequest>,
@@ -195,6 +226,7 @@ impl Images for ImagesService {
         blocking(move || {
             ensure_exists(&state, &name)?;
             ensure_unused(&state, &name, "remove")?;
+            state.locks.ensure_free(&name)?;
             state.store.remove_image(&name)?;
             tracing::info!(image = %name, "image removed");
             Ok(())
@@ -213,6 +245,8 @@ impl Images for ImagesService {
         blocking(move || {
             ensure_exists(&state, &from)?;
             ensure_unused(&state, &from, "rename")?;
+            state.locks.ensure_free(&from)?;
+            state.locks.ensure_free(&to)?;
             ensure_free(&state, &to)?;
             state.store.rename_image(&from, &to)?;
             tracing::info!(from = %from, to = %to, "image renamed");
@@ -251,6 +285,7 @@ impl Images for ImagesService {
         let reply = blocking(move || {
             ensure_exists(&state, &name)?;
             ensure_unused(&state, &name, "squash")?;
+            state.locks.ensure_free(&name)?;
             let out = state.store.squash_image(&name)?;
             let short = name.short();
             let message = if out.squashed {

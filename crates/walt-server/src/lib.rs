@@ -3,12 +3,15 @@
 mod admin;
 mod clone;
 mod config;
+mod cp;
 mod docker;
 mod error;
 mod hub;
 mod images;
 mod publish;
 mod search;
+mod session;
+mod shell;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -41,6 +44,8 @@ pub struct State {
     pub shutdown: CancellationToken,
     /// Registry repositories known to hold blobs (cross-repository mounts).
     pub blob_sources: publish::BlobSources,
+    /// Images being modified (shell, cp): one session per image.
+    pub locks: Arc<session::Locks>,
 }
 
 impl State {
@@ -115,6 +120,7 @@ impl Server {
                 config_path: opts.config_path,
                 shutdown: CancellationToken::new(),
                 blob_sources: publish::BlobSources::default(),
+                locks: Arc::default(),
             }),
         })
     }

@@ -28,6 +28,11 @@ struct Args {
 }
 
 fn main() {
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(walt_container::SANDBOX_ARG))
+    {
+        walt_container::sandbox_main()
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

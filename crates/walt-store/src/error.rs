@@ -49,6 +49,9 @@ pub enum StoreError {
         what: &'static str,
         digest: String,
     },
+    /// A session's changes could not be saved as a new layer.
+    #[error("image '{image}': cannot save the session: {reason}")]
+    CommitFailed { image: String, reason: String },
     #[error("image '{image}': stored record is corrupt: {reason}")]
     Corrupt { image: String, reason: String },
     #[error("{context}: {source}")]

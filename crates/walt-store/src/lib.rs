@@ -18,6 +18,7 @@
 //! Every method is synchronous (call them from `spawn_blocking`).
 
 mod blobs;
+mod commit;
 mod db;
 mod error;
 mod gc;
@@ -35,6 +36,7 @@ use rusqlite::Connection;
 use walt_core::ImageName;
 use walt_core::oci::Compression;
 
+pub use commit::{CommitOutcome, SessionDir};
 pub use db::{ImageRecord, LayerRef, NewImage, PutOutcome};
 pub use error::{Result, StoreError};
 pub use gc::{GcReport, ImportGuard};
@@ -95,6 +97,7 @@ impl Store {
             fs::create_dir_all(&d).ctx("creating store directory", &d)?;
         }
         let tmp = data_dir.join("tmp");
+        commit::detach_mounts_below(&tmp);
         let leftovers = fs::read_dir(&tmp)
             .and_then(|it| it.collect::<io::Result<Vec<_>>>())
             .ctx("listing", &tmp)?;

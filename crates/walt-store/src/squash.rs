@@ -17,19 +17,19 @@ use std::path::{Path, PathBuf};
 
 use filetime::FileTime;
 use nix::sys::stat::{Mode, SFlag};
-use sha2::{Digest, Sha256};
 use walt_core::ImageName;
 use walt_core::oci;
 
-use crate::Store;
 use crate::db::{LayerRef, NewImage, PutOutcome};
 use crate::error::{IoContext, Result, StoreError};
 use crate::util::{
-    TmpPath, check_digest, finish_digest, fsync_dir, remove_any, syncfs, unique_name,
+    HashWriter, TmpPath, check_digest, finish_digest, fsync_dir, now_secs, remove_any, rfc3339,
+    syncfs, unique_name,
 };
+use crate::{Inner, Store};
 
-const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
-const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+pub(crate) const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
+pub(crate) const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// What `squash_image` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,18 +90,12 @@ impl Store {
         m.finish()?;
 
         // 2. Tar + gzip it into a staging blob, hashing both streams.
-        let blob_tmp = TmpPath::new(inner.tmp_dir().join(unique_name("blob")));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(blob_tmp.path())
-            .ctx("creating staging file", blob_tmp.path())?;
+        let (blob_tmp, file) = create_staging_blob(inner)?;
         let blob_w = HashWriter::new(io::BufWriter::with_capacity(crate::util::BUF_SIZE, file));
         let gz = flate2::write::GzEncoder::new(blob_w, flate2::Compression::default());
         let diff_w = HashWriter::new(gz);
         let mut builder = tar::Builder::new(diff_w);
-        write_tree(&mut builder, &merged).map_err(|e| StoreError::Io {
+        write_tree(&mut builder, &merged, TreeForm::Plain).map_err(|e| StoreError::Io {
             context: format!("image '{name}': writing the squashed layer"),
             source: e,
         })?;
@@ -115,48 +109,21 @@ impl Store {
             .inner
             .into_inner()
             .map_err(|e| io_err(e.into_error()))?;
-        file.sync_all().map_err(io_err)?;
-        drop(file);
 
         // 3. Publish the blob, then the layer directory.
-        let blob_dest = inner.blob_path(&digest)?;
-        if !blob_dest.is_file() {
-            fs::rename(blob_tmp.path(), &blob_dest).ctx("publishing blob", &blob_dest)?;
-            blob_tmp.keep();
-            fsync_dir(&inner.blobs_dir())?;
-        }
-        let layer_dest = inner.layers_dir().join(check_digest(&diff_id)?);
-        if !layer_dest.join("diff").is_dir() {
+        publish_blob(inner, blob_tmp, file, &digest)?;
+        if !inner.has_layer(&diff_id) {
             syncfs(staging.path())?;
-            match fs::rename(staging.path(), &layer_dest) {
-                Ok(()) => {
-                    staging.keep();
-                    fsync_dir(&inner.layers_dir())?;
-                }
-                Err(_) if layer_dest.join("diff").is_dir() => {}
-                Err(e) => return Err(StoreError::io_path("publishing layer", &layer_dest, e)),
-            }
         }
+        publish_layer_dir(inner, staging, &diff_id)?;
 
         // 4. Config and manifest.
-        let corrupt = |reason: String| StoreError::Corrupt {
-            image: name.to_string(),
-            reason,
-        };
-        let config_bytes = inner.read_blob(&rec.config_digest)?;
-        let mut config: serde_json::Value = serde_json::from_slice(&config_bytes)
-            .map_err(|e| corrupt(format!("cannot parse the image config: {e}")))?;
-        let obj = config
-            .as_object_mut()
-            .ok_or_else(|| corrupt("the image config is not a JSON object".into()))?;
+        let mut obj = read_config(inner, name, &rec.config_digest)?;
         obj.insert(
             "rootfs".into(),
             serde_json::json!({ "type": "layers", "diff_ids": [diff_id] }),
         );
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now = now_secs();
         let mut history = match obj.remove("history") {
             Some(serde_json::Value::Array(h)) => h,
             _ => Vec::new(),
@@ -173,37 +140,20 @@ impl Store {
             "comment": format!("{layers_before} layers merged into 1"),
         }));
         obj.insert("history".into(), serde_json::Value::Array(history));
-        let config_bytes = serde_json::to_vec(&config)
-            .map_err(|e| corrupt(format!("cannot write the image config: {e}")))?;
-        let config_digest = inner.put_blob(None, &config_bytes)?;
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": oci::OCI_MANIFEST,
-            "config": {
-                "mediaType": oci::OCI_CONFIG,
-                "digest": config_digest,
-                "size": config_bytes.len(),
-            },
-            "layers": [{
-                "mediaType": oci::OCI_LAYER_GZIP,
-                "digest": digest,
-                "size": size,
-            }],
-        });
-        let manifest_bytes = serde_json::to_vec(&manifest)
-            .map_err(|e| corrupt(format!("cannot write the manifest: {e}")))?;
-        let manifest_digest = inner.put_blob(None, &manifest_bytes)?;
+        let layers = vec![LayerRef {
+            diff_id: diff_id.clone(),
+            blob_digest: digest,
+            blob_size: size,
+            media_type: oci::OCI_LAYER_GZIP.to_string(),
+        }];
+        let (config_digest, manifest_digest) =
+            store_config_and_manifest(inner, name, obj, &layers, None)?;
         let new = NewImage {
             name: name.clone(),
             manifest_digest: manifest_digest.clone(),
             manifest_media_type: oci::OCI_MANIFEST.to_string(),
             config_digest,
-            layers: vec![LayerRef {
-                diff_id: diff_id.clone(),
-                blob_digest: digest,
-                blob_size: size,
-                media_type: oci::OCI_LAYER_GZIP.to_string(),
-            }],
+            layers,
             node_models: rec.node_models,
             created: now,
         };
@@ -220,34 +170,119 @@ impl Store {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` of unix seconds.
-fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil from days (H. Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if mo <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+/// Creates a staging file for a blob in `tmp/` (removed on drop unless
+/// published).
+pub(crate) fn create_staging_blob(inner: &Inner) -> Result<(TmpPath, File)> {
+    let tmp = TmpPath::new(inner.tmp_dir().join(unique_name("blob")));
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(tmp.path())
+        .ctx("creating staging file", tmp.path())?;
+    Ok((tmp, file))
+}
+
+/// fsyncs a complete staging blob and renames it to `blobs/sha256/<hex>`
+/// (dropping it when that blob is already stored).
+pub(crate) fn publish_blob(inner: &Inner, tmp: TmpPath, file: File, digest: &str) -> Result<()> {
+    file.sync_all().ctx("syncing", tmp.path())?;
+    drop(file);
+    let dest = inner.blob_path(digest)?;
+    if !dest.is_file() {
+        fs::rename(tmp.path(), &dest).ctx("publishing blob", &dest)?;
+        tmp.keep();
+        fsync_dir(&inner.blobs_dir())?;
+    }
+    Ok(())
+}
+
+/// Renames `staging` (a directory of `tmp/` holding a complete, durable
+/// `diff`) to `layers/<hex>`, unless that layer is already there (then the
+/// staging directory is dropped).
+pub(crate) fn publish_layer_dir(inner: &Inner, staging: TmpPath, diff_id: &str) -> Result<()> {
+    let dest = inner.layers_dir().join(check_digest(diff_id)?);
+    if dest.join("diff").is_dir() {
+        return Ok(());
+    }
+    match fs::rename(staging.path(), &dest) {
+        Ok(()) => {
+            staging.keep();
+            fsync_dir(&inner.layers_dir())
+        }
+        Err(_) if dest.join("diff").is_dir() => Ok(()),
+        Err(e) => Err(StoreError::io_path("publishing layer", &dest, e)),
+    }
+}
+
+/// The image config of `image` as a JSON object (unknown keys kept).
+pub(crate) fn read_config(
+    inner: &Inner,
+    image: &ImageName,
+    config_digest: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        image: image.to_string(),
+        reason,
+    };
+    let bytes = inner.read_blob(config_digest)?;
+    match serde_json::from_slice(&bytes) {
+        Ok(serde_json::Value::Object(o)) => Ok(o),
+        Ok(_) => Err(corrupt("the image config is not a JSON object".into())),
+        Err(e) => Err(corrupt(format!("cannot parse the image config: {e}"))),
+    }
+}
+
+/// Stores `config` and an OCI manifest referencing it and `layers` (with
+/// `annotations` when given); returns the config and manifest digests.
+pub(crate) fn store_config_and_manifest(
+    inner: &Inner,
+    image: &ImageName,
+    config: serde_json::Map<String, serde_json::Value>,
+    layers: &[LayerRef],
+    annotations: Option<serde_json::Value>,
+) -> Result<(String, String)> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        image: image.to_string(),
+        reason,
+    };
+    let config_bytes = serde_json::to_vec(&config)
+        .map_err(|e| corrupt(format!("cannot write the image config: {e}")))?;
+    let config_digest = inner.put_blob(None, &config_bytes)?;
+    let layers: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "mediaType": l.media_type,
+                "digest": l.blob_digest,
+                "size": l.blob_size,
+            })
+        })
+        .collect();
+    let mut manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": oci::OCI_MANIFEST,
+        "config": {
+            "mediaType": oci::OCI_CONFIG,
+            "digest": config_digest,
+            "size": config_bytes.len(),
+        },
+        "layers": layers,
+    });
+    if let Some(a) = annotations {
+        manifest["annotations"] = a;
+    }
+    let manifest_bytes = serde_json::to_vec(&manifest)
+        .map_err(|e| corrupt(format!("cannot write the manifest: {e}")))?;
+    let manifest_digest = inner.put_blob(None, &manifest_bytes)?;
+    Ok((config_digest, manifest_digest))
 }
 
 fn mtime_of(m: &fs::Metadata) -> FileTime {
     FileTime::from_last_modification_time(m)
 }
 
-fn is_whiteout(m: &fs::Metadata) -> bool {
+pub(crate) fn is_whiteout(m: &fs::Metadata) -> bool {
     m.file_type().is_char_device() && m.rdev() == 0
 }
 
@@ -427,64 +462,98 @@ impl Merger<'_> {
     }
 }
 
-/// Hashes and counts what goes through.
-struct HashWriter<W> {
-    inner: W,
-    hasher: Sha256,
-    count: u64,
-}
-
-impl<W> HashWriter<W> {
-    fn new(inner: W) -> Self {
-        HashWriter {
-            inner,
-            hasher: Sha256::new(),
-            count: 0,
-        }
-    }
-}
-
-impl<W: Write> Write for HashWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.count += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
+/// How [`write_tree`] reads the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TreeForm {
+    /// A plain tree: every entry is written as it is.
+    Plain,
+    /// An overlay layer (or upper) directory, converted to OCI form: a
+    /// whiteout (char device 0/0) `a/b` becomes an empty file `a/.wh.b`, an
+    /// opaque directory `d` is followed by an empty file `d/.wh..wh..opq`.
+    Overlay,
 }
 
 /// Writes the tree at `root` as a tar stream: the root as `.`, then every
 /// entry depth-first in byte order of names; files sharing an inode after
-/// the first become hard links.
-fn write_tree<W: Write>(b: &mut tar::Builder<W>, root: &Path) -> io::Result<()> {
-    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
-    write_entry(b, root, Path::new("."), &mut links)?;
-    write_dir(b, root, Path::new(""), &mut links)?;
-    b.finish()
+/// the first become hard links. `trusted.overlay.*` xattrs are never
+/// written; other xattrs become PAX `SCHILY.xattr.*` records.
+pub(crate) fn write_tree<W: Write>(
+    b: &mut tar::Builder<W>,
+    root: &Path,
+    form: TreeForm,
+) -> io::Result<()> {
+    let mut w = TreeWriter {
+        b,
+        form,
+        links: HashMap::new(),
+    };
+    w.write_entry(root, Path::new("."))?;
+    w.write_dir(root, Path::new(""))?;
+    w.b.finish()
 }
 
-fn write_dir<W: Write>(
-    b: &mut tar::Builder<W>,
-    dir: &Path,
-    rel_dir: &Path,
-    links: &mut HashMap<(u64, u64), PathBuf>,
-) -> io::Result<()> {
-    let mut names: Vec<OsString> = fs::read_dir(dir)?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<io::Result<_>>()?;
-    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    for n in names {
-        let path = dir.join(&n);
-        let rel = rel_dir.join(&n);
-        if write_entry(b, &path, &rel, links)? {
-            write_dir(b, &path, &rel, links)?;
+struct TreeWriter<'a, W: Write> {
+    b: &'a mut tar::Builder<W>,
+    form: TreeForm,
+    links: HashMap<(u64, u64), PathBuf>,
+}
+
+impl<W: Write> TreeWriter<'_, W> {
+    fn write_dir(&mut self, dir: &Path, rel_dir: &Path) -> io::Result<()> {
+        let mut names: Vec<OsString> = fs::read_dir(dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        for n in names {
+            let path = dir.join(&n);
+            let rel = rel_dir.join(&n);
+            if self.write_entry(&path, &rel)? {
+                self.write_dir(&path, &rel)?;
+            }
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Appends one entry (and, in overlay form, its opaque marker); true
+    /// when it is a directory.
+    fn write_entry(&mut self, path: &Path, rel: &Path) -> io::Result<bool> {
+        let meta = fs::symlink_metadata(path)?;
+        if self.form == TreeForm::Overlay {
+            if is_whiteout(&meta) {
+                let mut name = OsString::from(".wh.");
+                name.push(rel.file_name().unwrap_or_default());
+                self.write_marker(&meta, &rel.with_file_name(name))?;
+                return Ok(false);
+            }
+            if meta.is_dir() {
+                write_entry(self.b, path, rel, &meta, &mut self.links)?;
+                let opaque = xattr::get(path, OPAQUE_XATTR)?.is_some_and(|v| v == b"y");
+                if opaque {
+                    let marker = if rel == Path::new(".") {
+                        PathBuf::from(".wh..wh..opq")
+                    } else {
+                        rel.join(".wh..wh..opq")
+                    };
+                    self.write_marker(&meta, &marker)?;
+                }
+                return Ok(true);
+            }
+        }
+        write_entry(self.b, path, rel, &meta, &mut self.links)
+    }
+
+    /// An empty regular file (whiteout or opaque marker) with the owner and
+    /// mtime of `meta`.
+    fn write_marker(&mut self, meta: &fs::Metadata, rel: &Path) -> io::Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o600);
+        h.set_uid(meta.uid().into());
+        h.set_gid(meta.gid().into());
+        h.set_mtime(meta.mtime().max(0) as u64);
+        h.set_size(0);
+        self.b.append_data(&mut h, rel, io::empty())
+    }
 }
 
 /// Appends one entry; true when it is a directory.
@@ -492,9 +561,9 @@ fn write_entry<W: Write>(
     b: &mut tar::Builder<W>,
     path: &Path,
     rel: &Path,
+    meta: &fs::Metadata,
     links: &mut HashMap<(u64, u64), PathBuf>,
 ) -> io::Result<bool> {
-    let meta = fs::symlink_metadata(path)?;
     let ft = meta.file_type();
     let mut h = tar::Header::new_gnu();
     h.set_mode(meta.mode() & 0o7777);

@@ -1022,10 +1022,9 @@ fn owned(mut h: Header, uid: u64, gid: u64) -> Header {
     h
 }
 
-#[test]
-fn squash_merges_layers_with_overlay_semantics() {
-    let (_d, store) = new_store();
-    let img = name("alice", "layered");
+/// A layer with every kind of entry (hard links, devices, a fifo, an
+/// owned setuid file, a symlink).
+fn first_layer() -> Vec<u8> {
     let mut l1 = Tar::new();
     l1.dir("etc", 0o755)
         .file("etc/passwd", 0o644, b"root")
@@ -1052,7 +1051,14 @@ fn squash_merges_layers_with_overlay_semantics() {
     h.set_device_minor(3).unwrap();
     l1.push(h, b"");
     l1.push(Tar::header("dev/fifo", EntryType::Fifo, 0o600, 0), b"");
-    let l1 = l1.finish();
+    l1.finish()
+}
+
+#[test]
+fn squash_merges_layers_with_overlay_semantics() {
+    let (_d, store) = new_store();
+    let img = name("alice", "layered");
+    let l1 = first_layer();
 
     let l2 = Tar::new()
         .file("etc/.wh.gone", 0o644, b"")
@@ -1177,4 +1183,381 @@ fn squash_of_a_missing_image() {
         store.squash_image(&name("alice", "nope")),
         Err(StoreError::ImageNotFound(_))
     ));
+}
+
+// ---- commit_layer: a real overlay session saved as a new layer ----
+
+/// A new session of `what`, mounted on `rec`.
+fn mounted_session(store: &Store, rec: &ImageRecord, what: &str) -> SessionDir {
+    let s = store.session_dir(what).unwrap();
+    mount_session(store, rec, &s);
+    s
+}
+
+/// Mounts `s` as an overlay on `rec`'s layers, with the options walt uses.
+fn mount_session(store: &Store, rec: &ImageRecord, s: &SessionDir) {
+    let mut dirs = store.layer_dirs(rec).unwrap();
+    dirs.reverse(); // overlay lists the top layer first
+    let lower: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off,xino=off",
+        lower.join(":"),
+        s.upper().display(),
+        s.work().display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &s.merged(),
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .unwrap();
+}
+
+fn umount_session(s: &SessionDir) {
+    nix::mount::umount2(&s.merged(), nix::mount::MntFlags::empty()).unwrap();
+}
+
+/// `path type mode` of every entry of an uncompressed tar, in order.
+fn tar_entries(bytes: &[u8]) -> Vec<String> {
+    let mut a = tar::Archive::new(bytes);
+    a.entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let h = e.header();
+            let mut s = format!(
+                "{} {:?} {:o} {}",
+                String::from_utf8_lossy(&e.path_bytes()),
+                h.entry_type(),
+                h.mode().unwrap(),
+                h.size().unwrap()
+            );
+            if let Some(l) = e.link_name_bytes() {
+                s.push_str(&format!(" -> {}", String::from_utf8_lossy(&l)));
+            }
+            s
+        })
+        .collect()
+}
+
+fn base_image(store: &Store, n: &ImageName) -> ImageRecord {
+    let l1 = first_layer();
+    let l2 = Tar::new()
+        .file("etc/extra", 0o644, b"extra")
+        .file("etc/.wh.passwd", 0o644, b"")
+        .file("etc/passwd", 0o600, b"root1")
+        .finish();
+    make_layered_image(store, n, &[l1, l2]);
+    store.get_image(n).unwrap().unwrap()
+}
+
+#[test]
+fn commit_layer_saves_an_overlay_session() {
+    let (_d, store) = new_store();
+    let img = name("alice", "base");
+    let base = base_image(&store, &img);
+    let s = store.session_dir("walt image shell").unwrap();
+    assert!(s.path().starts_with(store.data_dir().join("tmp")));
+    assert!(Store::upper_is_empty(&s.upper()).unwrap());
+    assert_eq!(
+        fs::metadata(s.upper()).unwrap().mode() & 0o7777,
+        0o755,
+        "upper mode"
+    );
+    mount_session(&store, &base, &s);
+    let m = s.merged();
+    assert_eq!(fs::read(m.join("etc/passwd")).unwrap(), b"root1");
+    fs::write(m.join("etc/new"), b"new").unwrap();
+    fs::write(m.join("etc/passwd"), b"root2").unwrap();
+    fs::remove_file(m.join("etc/gone")).unwrap();
+    fs::remove_dir_all(m.join("deldir")).unwrap();
+    fs::remove_dir_all(m.join("opq")).unwrap();
+    fs::create_dir(m.join("opq")).unwrap();
+    fs::write(m.join("opq/c"), b"c").unwrap();
+    std::os::unix::fs::symlink("etc/new", m.join("lnk2")).unwrap();
+    fs::write(m.join("bin/h1"), b"hard").unwrap();
+    fs::hard_link(m.join("bin/h1"), m.join("bin/h2")).unwrap();
+    fs::set_permissions(
+        m.join("bin/tool"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    xattr::set(m.join("etc/new"), "user.walt-test", b"v").unwrap();
+    nix::unistd::mkfifo(
+        &m.join("dev/fifo2"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    let merged_view = listing(&m);
+    umount_session(&s);
+    assert!(!Store::upper_is_empty(&s.upper()).unwrap());
+    // What overlay left in the upper directory (reported, for the record).
+    for (p, names) in overlay_xattrs(&s.upper()) {
+        eprintln!("upper xattrs: {p}: {names:?}");
+    }
+
+    let t = std::time::Instant::now();
+    let out = store
+        .commit_layer(&base, &s.upper(), &img, true, "walt image shell")
+        .unwrap();
+    eprintln!("commit_layer: {:?}", t.elapsed());
+    assert!(out.replaced);
+    assert!(!s.upper().exists(), "the upper dir became the layer");
+
+    // One more layer, uncompressed, blob digest == diff_id == sha256(blob).
+    let after = store.get_image(&img).unwrap().unwrap();
+    assert_eq!(after.layers.len(), base.layers.len() + 1);
+    assert_eq!(after.layers[..2], base.layers[..]);
+    let top = after.layers.last().unwrap();
+    assert_eq!(top.diff_id, out.diff_id);
+    assert_eq!(top.blob_digest, out.diff_id);
+    assert_eq!(top.blob_size, out.layer_size);
+    assert_eq!(top.media_type, walt_core::oci::OCI_LAYER_TAR);
+    assert_eq!(after.manifest_digest, out.manifest_digest);
+    assert_eq!(after.node_models, base.node_models);
+    let blob = store.read_blob(&top.blob_digest).unwrap();
+    assert_eq!(sha256_digest(&blob), out.diff_id);
+    assert_eq!(blob.len() as u64, out.layer_size);
+
+    // The tar holds exactly the changes, in OCI form.
+    let got = tar_entries(&blob);
+    let expected = vec![
+        ". Directory 755 0",
+        "bin Directory 755 0",
+        "bin/h1 Regular 644 4",
+        "bin/h2 Link 644 0 -> bin/h1",
+        "bin/tool Regular 755 4",
+        ".wh.deldir Regular 600 0",
+        "dev Directory 755 0",
+        "dev/fifo2 Fifo 640 0",
+        "etc Directory 755 0",
+        "etc/.wh.gone Regular 600 0",
+        "etc/new Regular 644 3",
+        "etc/passwd Regular 600 5",
+        "lnk2 Symlink 777 0 -> etc/new",
+        "opq Directory 755 0",
+        "opq/.wh..wh..opq Regular 600 0",
+        "opq/c Regular 644 1",
+    ];
+    assert_eq!(got, expected);
+    // No overlay xattr in the tar; others kept.
+    let mut a = tar::Archive::new(&blob[..]);
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().display().to_string();
+        if let Some(exts) = e.pax_extensions().unwrap() {
+            for x in exts {
+                let x = x.unwrap();
+                let k = x.key().unwrap();
+                assert!(!k.contains("trusted.overlay"), "{path}: {k}");
+                if k.starts_with("SCHILY.xattr.") {
+                    assert_eq!(
+                        (path.as_str(), k),
+                        ("etc/new", "SCHILY.xattr.user.walt-test")
+                    );
+                }
+            }
+        }
+    }
+
+    // The upper dir is the unpacked layer: overlay form, only opaque kept.
+    let layer = store.layer_path(&out.diff_id).unwrap();
+    assert_eq!(
+        overlay_xattrs(&layer),
+        vec![(
+            "opq".to_string(),
+            vec!["trusted.overlay.opaque".to_string()]
+        )]
+    );
+    let ino = |p: &str| fs::metadata(layer.join(p)).unwrap().ino();
+    assert_eq!(ino("bin/h1"), ino("bin/h2"));
+    // Unpacking the blob elsewhere gives the same layer directory.
+    let (_d2, other) = new_store();
+    let l = import(&other, &blob, Compression::None).unwrap();
+    assert_eq!(l.diff_id, out.diff_id);
+    assert_eq!(
+        listing(&other.layer_path(&l.diff_id).unwrap()),
+        listing(&layer)
+    );
+
+    // Config: one more diff_id and history entry, the rest untouched.
+    let config: serde_json::Value =
+        serde_json::from_slice(&store.read_blob(&after.config_digest).unwrap()).unwrap();
+    let diff_ids: Vec<&str> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let want: Vec<&str> = after.layers.iter().map(|l| l.diff_id.as_str()).collect();
+    assert_eq!(diff_ids, want);
+    let history = config["history"].as_array().unwrap();
+    assert_eq!(history.len(), 3);
+    assert_eq!(history[2]["created_by"], "walt image shell");
+    assert!(config["created"].is_string());
+    assert_eq!(config["config"]["Labels"]["walt.node.models"], "pc-x86-64");
+    assert_eq!(config["config"]["Env"], serde_json::json!(["A=1"]));
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/bin/sh"])
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&store.read_blob(&after.manifest_digest).unwrap()).unwrap();
+    assert_eq!(manifest["mediaType"], walt_core::oci::OCI_MANIFEST);
+    assert_eq!(manifest["annotations"]["org.walt.built"], "true");
+    assert_eq!(manifest["config"]["digest"], after.config_digest.as_str());
+    let ml = manifest["layers"].as_array().unwrap();
+    assert_eq!(ml.len(), 3);
+    for (m, l) in ml.iter().zip(&after.layers) {
+        assert_eq!(m["digest"], l.blob_digest.as_str());
+        assert_eq!(m["mediaType"], l.media_type.as_str());
+        assert_eq!(m["size"], l.blob_size);
+    }
+
+    // Squashing a copy gives what the session saw.
+    let copy = name("alice", "copy");
+    store.duplicate_image(&img, &copy).unwrap();
+    let sq = store.squash_image(&copy).unwrap();
+    let squashed = store.layer_path(&sq.diff_id.unwrap()).unwrap();
+    assert_eq!(listing(&squashed), merged_view);
+    assert!(merged_view.contains(&"bin/tool file:tool 755 1000:100".to_string()));
+    assert!(merged_view.contains(&"bin/tool2 file:tool 4755 1000:100".to_string()));
+    assert!(merged_view.contains(&"dev/fifo2 fifo 640 0:0".to_string()));
+
+    drop(s);
+    assert_eq!(entries(&store.data_dir().join("tmp")), Vec::<String>::new());
+}
+
+/// `trusted.overlay.*` xattrs below `root` (relative path, names).
+fn overlay_xattrs(root: &Path) -> Vec<(String, Vec<String>)> {
+    fn walk(root: &Path, rel: &Path, out: &mut Vec<(String, Vec<String>)>) {
+        let p = root.join(rel);
+        let mut names: Vec<String> = xattr::list(&p)
+            .unwrap()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("trusted.overlay."))
+            .collect();
+        names.sort();
+        if !names.is_empty() {
+            let shown = if rel.as_os_str().is_empty() {
+                ".".to_string()
+            } else {
+                rel.display().to_string()
+            };
+            out.push((shown, names));
+        }
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            let mut kids: Vec<_> = fs::read_dir(&p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            kids.sort();
+            for k in kids {
+                walk(root, &rel.join(k), out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, Path::new(""), &mut out);
+    out
+}
+
+#[test]
+fn commit_layer_to_a_new_name_and_refusals() {
+    let (_d, store) = new_store();
+    let img = name("alice", "base");
+    let base = base_image(&store, &img);
+
+    // A one-file change saved under a new name keeps the base.
+    let s = mounted_session(&store, &base, "cp");
+    fs::write(s.merged().join("etc/hello"), b"hello").unwrap();
+    umount_session(&s);
+    let new = name("alice", "derived");
+    let t = std::time::Instant::now();
+    let out = store
+        .commit_layer(&base, &s.upper(), &new, false, "walt image cp /etc/hello")
+        .unwrap();
+    eprintln!("commit_layer of a 1-file change: {:?}", t.elapsed());
+    assert!(!out.replaced);
+    assert_eq!(store.get_image(&img).unwrap().unwrap(), base);
+    let derived = store.get_image(&new).unwrap().unwrap();
+    assert_eq!(derived.layers.len(), 3);
+    assert_eq!(
+        tar_entries(&store.read_blob(&out.diff_id).unwrap()),
+        vec![
+            ". Directory 755 0",
+            "etc Directory 755 0",
+            "etc/hello Regular 644 5"
+        ]
+    );
+    drop(s);
+
+    // The target exists and no replace: refused, nothing changes.
+    let s = store.session_dir("cp").unwrap();
+    fs::write(s.upper().join("x"), b"x").unwrap();
+    let blobs_before = entries(&store.data_dir().join("blobs/sha256"));
+    let layers_before = entries(&store.data_dir().join("layers"));
+    let images_before = store.list_images(None).unwrap();
+    let e = store
+        .commit_layer(&base, &s.upper(), &new, false, "walt image cp")
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::ImageExists(ref n) if *n == new.to_string()),
+        "{e}"
+    );
+    assert_eq!(store.list_images(None).unwrap(), images_before);
+    assert_eq!(
+        entries(&store.data_dir().join("blobs/sha256")),
+        blobs_before
+    );
+    assert_eq!(entries(&store.data_dir().join("layers")), layers_before);
+    assert!(s.upper().join("x").is_file(), "the session is kept");
+
+    // A redirect (not possible with walt's options) is refused.
+    fs::create_dir(s.upper().join("d")).unwrap();
+    xattr::set(s.upper().join("d"), "trusted.overlay.redirect", b"/x").unwrap();
+    let e = store
+        .commit_layer(&base, &s.upper(), &new, true, "walt image cp")
+        .unwrap_err();
+    assert!(matches!(e, StoreError::CommitFailed { .. }), "{e}");
+    assert!(e.to_string().starts_with("image 'alice/derived': cannot save the session: '/d' carries the overlay xattr trusted.overlay.redirect"), "{e}");
+    assert_eq!(store.list_images(None).unwrap(), images_before);
+    drop(s);
+    assert_eq!(entries(&store.data_dir().join("tmp")), Vec::<String>::new());
+}
+
+#[test]
+fn session_dir_left_mounted_is_detached() {
+    let (_d, store) = new_store();
+    let img = name("alice", "base");
+    let base = base_image(&store, &img);
+    let s = mounted_session(&store, &base, "shell");
+    let e = store
+        .commit_layer(&base, &s.upper(), &img, true, "walt image shell")
+        .unwrap_err();
+    assert!(
+        e.to_string().ends_with("the session is still mounted"),
+        "{e}"
+    );
+    let path = s.path().to_path_buf();
+    drop(s);
+    assert!(!path.exists());
+    // Layers untouched.
+    assert_eq!(
+        fs::read(store.layer_dirs(&base).unwrap()[1].join("etc/passwd")).unwrap(),
+        b"root1"
+    );
+    // A mount left by a crash is detached when the store opens.
+    let s = mounted_session(&store, &base, "shell");
+    let data = store.data_dir().to_path_buf();
+    std::mem::forget(s);
+    drop(store);
+    let store = Store::open(&data).unwrap();
+    assert_eq!(entries(&data.join("tmp")), Vec::<String>::new());
+    assert_eq!(
+        fs::read(store.layer_dirs(&base).unwrap()[1].join("etc/passwd")).unwrap(),
+        b"root1"
+    );
 }

@@ -1,0 +1,871 @@
+//! Integration tests of the real re-exec path. `harness = false`: this binary is also the
+//! sandbox (`/proc/self/exe __walt-sandbox <json>`), so `main` dispatches first. It speaks
+//! enough of the libtest CLI for `cargo test` and `cargo nextest run`
+//! (`--list --format terse`, `--exact NAME`). Needs root; skipped otherwise.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::unix::AsyncFd;
+use walt_container::{Job, Spec, clean_session_artifacts, command, spawn_shell};
+
+type TestFn = fn() -> futures_like::BoxFut;
+
+mod futures_like {
+    pub type BoxFut = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+}
+
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        &[$((stringify!($name), (|| Box::pin($name())) as TestFn)),*]
+    };
+}
+
+const TESTS: &[(&str, TestFn)] = tests![
+    exec_basics,
+    caps_dropped,
+    untouched_session_leaves_empty_upper,
+    shell_pty,
+    killing_sandbox_kills_shell,
+    tar_roundtrip,
+    tar_in_refuses_bad_archives,
+    tar_paths_stay_in_image,
+    too_many_layers,
+    many_layers,
+];
+
+fn main() {
+    if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(walt_container::SANDBOX_ARG)) {
+        walt_container::sandbox_main()
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let ignored = args.iter().any(|a| a == "--ignored");
+    if args.iter().any(|a| a == "--list") {
+        if !ignored {
+            for (name, _) in TESTS {
+                println!("{name}: test");
+            }
+        }
+        return;
+    }
+    if ignored {
+        return;
+    }
+    let exact = args.iter().any(|a| a == "--exact");
+    let filter: Option<&String> = args.iter().find(|a| !a.starts_with("--"));
+    // SAFETY: plain getter.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("walt-container sandbox tests: skipped (need root)");
+        return;
+    }
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    for (name, f) in TESTS {
+        if let Some(flt) = filter
+            && ((exact && name != flt) || (!exact && !name.contains(flt.as_str())))
+        {
+            continue;
+        }
+        ran += 1;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), f()).await })
+                .expect("test timed out")
+        }));
+        drop(rt);
+        match r {
+            Ok(()) => println!("test {name} ... ok"),
+            Err(_) => {
+                println!("test {name} ... FAILED");
+                failed.push(*name);
+            }
+        }
+    }
+    println!(
+        "\ntest result: {}. {} passed; {} failed",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        ran - failed.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        std::process::exit(101);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// fixture
+
+const APPLETS: &[&str] = &[
+    "sh", "ls", "cat", "echo", "uname", "sleep", "hostname", "id", "mount", "mknod", "stty",
+    "grep", "true", "false", "mkdir", "touch", "ps", "readlink", "stat",
+];
+const PASSWD: &str = "root:x:0:0:walt-test-image:/root:/bin/sh\n";
+
+/// A two-layer busybox image and a session, removed on drop after checking that no
+/// mount and no sandbox process of it remains.
+struct Fx {
+    dir: tempfile::TempDir,
+    layers: Vec<PathBuf>,
+    n: std::cell::Cell<u32>,
+}
+
+impl Fx {
+    fn new() -> Fx {
+        let dir = tempfile::Builder::new()
+            .prefix("walt-container-test")
+            .tempdir()
+            .unwrap();
+        let l1 = dir.path().join("layers/aaaa/diff");
+        let l2 = dir.path().join("layers/bbbb/diff");
+        for d in ["bin", "etc", "root", "mnt"] {
+            std::fs::create_dir_all(l1.join(d)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", l1.join("bin/busybox")).unwrap();
+        for a in APPLETS {
+            std::os::unix::fs::symlink("busybox", l1.join("bin").join(a)).unwrap();
+        }
+        std::fs::write(l1.join("etc/passwd"), PASSWD).unwrap();
+        std::fs::write(l1.join("etc/resolv.conf"), "nameserver 192.0.2.1\n").unwrap();
+        std::fs::write(l1.join("etc/hidden"), "lower").unwrap();
+        std::os::unix::fs::symlink("/", l1.join("root/evil")).unwrap();
+        std::os::unix::fs::symlink("../../..", l1.join("root/evil2")).unwrap();
+        std::fs::create_dir_all(l2.join("etc")).unwrap();
+        std::fs::write(l2.join("etc/added"), "added").unwrap();
+        mknod(&l2.join("etc/hidden"), libc::S_IFCHR | 0o600, 0, 0);
+        Fx {
+            dir,
+            layers: vec![l1, l2],
+            n: 0.into(),
+        }
+    }
+
+    fn l1(&self) -> &Path {
+        &self.layers[0]
+    }
+
+    /// A fresh session (upper/work/merged) for `job`.
+    fn spec(&self, job: Job) -> Spec {
+        let n = self.n.get() + 1;
+        self.n.set(n);
+        let s = self.dir.path().join(format!("sessions/{n}"));
+        for d in ["upper", "work", "merged"] {
+            std::fs::create_dir_all(s.join(d)).unwrap();
+        }
+        Spec {
+            layers: self.layers.clone(),
+            upper: s.join("upper"),
+            work: s.join("work"),
+            merged: s.join("merged"),
+            job,
+        }
+    }
+}
+
+impl Drop for Fx {
+    fn drop(&mut self) {
+        let root = self.dir.path().to_string_lossy().into_owned();
+        // Give the kernel a moment to tear down killed namespaces.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            let left_mounts = mounts.contains(&root);
+            let left_procs = processes_with(&root);
+            if !left_mounts && left_procs.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                if !std::thread::panicking() {
+                    panic!("left behind: mounts={left_mounts} processes={left_procs:?}");
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn mknod(p: &Path, mode: u32, major: u32, minor: u32) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid path.
+    let r = unsafe { libc::mknod(c.as_ptr(), mode, libc::makedev(major, minor)) };
+    assert_eq!(r, 0, "mknod {}", p.display());
+}
+
+/// pids whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains(needle) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+struct Out {
+    code: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Out {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+async fn run(spec: &Spec, stdin: Option<Vec<u8>>) -> Out {
+    let mut cmd = command(spec).unwrap();
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(data) = stdin {
+        use tokio::io::AsyncWriteExt;
+        let mut w = child.stdin.take().unwrap();
+        tokio::spawn(async move {
+            let _ = w.write_all(&data).await;
+        });
+    }
+    let o = child.wait_with_output().await.unwrap();
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: o.stdout,
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+async fn sh(fx: &Fx, script: &str) -> (Out, Spec) {
+    let spec = fx.spec(Job::Exec {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin".into(), "HOME=/root".into()],
+        cwd: "/root".into(),
+    });
+    (run(&spec, None).await, spec)
+}
+
+// ---------------------------------------------------------------------------------------
+// tests
+
+async fn exec_basics() {
+    let fx = Fx::new();
+    let (o, _) = sh(&fx, "hostname").await;
+    assert_eq!(
+        (o.code, o.text().trim()),
+        (0, "image-shell"),
+        "{}",
+        o.stderr
+    );
+
+    let (o, _) = sh(&fx, "cat /proc/1/cmdline").await;
+    assert!(
+        o.text().contains(walt_container::SANDBOX_ARG),
+        "{:?}",
+        o.text()
+    );
+
+    let (o, _) = sh(&fx, "echo $$; ps -o pid,comm | grep -c .").await;
+    assert_eq!(
+        o.text().lines().next(),
+        Some("2"),
+        "job is pid 2: {}",
+        o.text()
+    );
+
+    let (o, _) = sh(&fx, "cat /etc/hidden; echo; ls /etc; cat /etc/added").await;
+    assert!(!o.text().contains("lower"), "whiteout: {}", o.text());
+    assert!(!o.text().contains("hidden"), "whiteout: {}", o.text());
+    assert!(o.text().contains("added"), "{}", o.text());
+
+    let (o, spec) = sh(&fx, "echo data > /root/new").await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        std::fs::read_to_string(spec.upper.join("root/new")).unwrap(),
+        "data\n"
+    );
+    // The lower layer is untouched.
+    assert!(!fx.l1().join("root/new").exists());
+
+    let (o, _) = sh(&fx, "ls /dev; ls /dev/pts; stat -c '%a %t,%T' /dev/null").await;
+    let t = o.text();
+    for n in [
+        "null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm", "fd", "stdin",
+        "stdout", "stderr", "666 1,3",
+    ] {
+        assert!(
+            t.split_whitespace().any(|w| w == n) || t.contains(n),
+            "/dev lacks {n}: {t}"
+        );
+    }
+    let (o, _) = sh(
+        &fx,
+        "echo x > /dev/null && cat /dev/zero | head -c 3 | wc -c",
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let (o, spec) = sh(&fx, "cat /etc/resolv.conf").await;
+    if !host_resolv.is_empty() {
+        assert_eq!(o.text(), host_resolv);
+    }
+    // the bind mount did not copy the file up
+    assert!(!spec.upper.join("etc/resolv.conf").exists());
+
+    let (o, _) = sh(&fx, "exit 7").await;
+    assert_eq!(o.code, 7);
+    let (o, _) = sh(&fx, "kill -9 $$").await;
+    assert_eq!(o.code, 128 + 9);
+    let (o, _) = sh(&fx, "sleep 0.1 & sleep 0.1 & exit 0").await;
+    assert_eq!(o.code, 0);
+
+    // Exec errors: one line on stderr.
+    let spec = fx.spec(Job::Exec {
+        argv: vec!["nosuchcmd".into()],
+        env: vec![],
+        cwd: "/".into(),
+    });
+    let o = run(&spec, None).await;
+    assert_eq!(o.code, 1);
+    assert_eq!(o.stderr, "nosuchcmd: command not found\n");
+}
+
+async fn caps_dropped() {
+    let fx = Fx::new();
+    let (o, _) = sh(&fx, "mount -t tmpfs x /mnt").await;
+    assert_ne!(o.code, 0, "mount succeeded inside the sandbox");
+    let (o, _) = sh(&fx, "mknod /root/n c 1 3").await;
+    assert_ne!(o.code, 0, "mknod succeeded inside the sandbox");
+    let (o, _) = sh(&fx, "grep CapBnd /proc/self/status").await;
+    assert!(o.text().contains("00000000a00425fb"), "{}", o.text());
+    let (o, _) = sh(
+        &fx,
+        "id -u; touch /root/f && chown 12:34 /root/f 2>&1 || echo nochown",
+    )
+    .await;
+    assert!(o.text().starts_with("0\n"), "{}", o.text());
+}
+
+async fn untouched_session_leaves_empty_upper() {
+    let fx = Fx::new();
+    let (o, spec) = sh(&fx, "ls / > /dev/null").await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    clean_session_artifacts(&spec.upper);
+    let left: Vec<_> = std::fs::read_dir(&spec.upper)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "upper not empty: {left:?}");
+    // A real change survives the cleanup.
+    let (_, spec) = sh(&fx, "echo x > /tmp/kept").await;
+    clean_session_artifacts(&spec.upper);
+    assert!(spec.upper.join("tmp/kept").exists());
+}
+
+fn set_nonblocking(fd: &OwnedFd) {
+    // SAFETY: fcntl on our fd.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
+fn async_fd(fd: OwnedFd) -> AsyncFd<OwnedFd> {
+    // SAFETY: an OwnedFd stays open and the same for the AsyncFd's lifetime.
+    unsafe { AsyncFd::register(fd) }
+        .map_err(|e| e.to_string())
+        .unwrap()
+}
+
+async fn read_until(afd: &AsyncFd<OwnedFd>, buf: &mut Vec<u8>, needle: &str) {
+    while !String::from_utf8_lossy(buf).contains(needle) {
+        let mut g = afd.readable().await.unwrap();
+        let mut tmp = [0u8; 4096];
+        // SAFETY: reading into a local buffer.
+        let n = unsafe { libc::read(afd.as_raw_fd(), tmp.as_mut_ptr().cast(), tmp.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                g.clear_ready();
+                continue;
+            }
+            panic!("read pty: {e} (so far: {:?})", String::from_utf8_lossy(buf));
+        }
+        assert!(
+            n > 0,
+            "pty EOF before {needle:?}: {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&tmp[..n as usize]);
+    }
+}
+
+fn write_all(fd: &OwnedFd, data: &[u8]) {
+    let mut f = std::fs::File::from(fd.try_clone().unwrap());
+    f.write_all(data).unwrap();
+}
+
+async fn shell_pty() {
+    let fx = Fx::new();
+    let spec = fx.spec(Job::Shell {
+        term: "xterm".into(),
+    });
+    let t0 = Instant::now();
+    let shell = spawn_shell(&spec, 30, 100).await.unwrap();
+    let t_fd = t0.elapsed();
+    let mut child = shell.child;
+    set_nonblocking(&shell.master);
+    let afd = async_fd(shell.master);
+    let mut buf = Vec::new();
+    read_until(&afd, &mut buf, "#").await;
+    let t_prompt = t0.elapsed();
+    eprintln!("spawn_shell: master fd after {t_fd:?}, first prompt after {t_prompt:?}");
+    write_all(
+        afd.get_ref(),
+        b"stty size; echo $TERM:$HOME:$(pwd); echo hi-$((1+1))\n",
+    );
+    read_until(&afd, &mut buf, "hi-2\r\n").await;
+    let s = String::from_utf8_lossy(&buf).into_owned();
+    assert!(s.contains("30 100"), "{s}");
+    assert!(s.contains("xterm:/root:/root"), "{s}");
+    write_all(afd.get_ref(), b"exit 3\n");
+    let st = child.wait().await.unwrap();
+    assert_eq!(st.code(), Some(3));
+    assert!(
+        t_prompt < Duration::from_secs(2),
+        "slow prompt: {t_prompt:?}"
+    );
+
+    // A sandbox that fails before passing the pty: its one-line error.
+    let mut spec = fx.spec(Job::Shell {
+        term: "xterm".into(),
+    });
+    spec.layers.push(fx.dir.path().join("layers/missing/diff"));
+    let e = match spawn_shell(&spec, 24, 80).await {
+        Ok(_) => panic!("shell on a missing layer"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("layers/missing/diff") && e.contains("No such file"),
+        "{e}"
+    );
+}
+
+async fn killing_sandbox_kills_shell() {
+    let fx = Fx::new();
+    let spec = fx.spec(Job::Shell {
+        term: "dumb".into(),
+    });
+    let shell = spawn_shell(&spec, 24, 80).await.unwrap();
+    let mut child = shell.child;
+    set_nonblocking(&shell.master);
+    let afd = async_fd(shell.master);
+    let mut buf = Vec::new();
+    read_until(&afd, &mut buf, "#").await;
+    write_all(afd.get_ref(), b"sleep 987654\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pids = loop {
+        let p = processes_with("sleep 987654");
+        if !p.is_empty() {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "sleep never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "sleep survived the sandbox: {pids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Node {
+    kind: String,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    content: Vec<u8>,
+    xattrs: Vec<(String, Vec<u8>)>,
+    ino_group: Option<String>,
+}
+
+/// Everything we preserve, per relative path.
+fn snapshot(root: &Path) -> BTreeMap<String, Node> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, String> = BTreeMap::new();
+    fn walk(
+        root: &Path,
+        rel: &Path,
+        out: &mut BTreeMap<String, Node>,
+        inodes: &mut BTreeMap<u64, String>,
+    ) {
+        let p = root.join(rel);
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let ft = m.file_type();
+        use std::os::unix::fs::FileTypeExt;
+        let (kind, content) = if ft.is_dir() {
+            ("dir".to_string(), vec![])
+        } else if ft.is_symlink() {
+            (
+                "link".into(),
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes(),
+            )
+        } else if ft.is_file() {
+            ("file".into(), std::fs::read(&p).unwrap())
+        } else if ft.is_fifo() {
+            ("fifo".into(), vec![])
+        } else {
+            (format!("dev {}", m.rdev()), vec![])
+        };
+        let ino_group = (ft.is_file() && m.nlink() > 1).then(|| {
+            inodes
+                .entry(m.ino())
+                .or_insert_with(|| rel.to_string_lossy().into_owned())
+                .clone()
+        });
+        let mut xattrs: Vec<_> = xattr::list(&p)
+            .unwrap()
+            .filter(|n| n.to_string_lossy().starts_with("user."))
+            .map(|n| {
+                (
+                    n.to_string_lossy().into_owned(),
+                    xattr::get(&p, &n).unwrap().unwrap(),
+                )
+            })
+            .collect();
+        xattrs.sort();
+        out.insert(
+            rel.to_string_lossy().into_owned(),
+            Node {
+                kind,
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                mtime: if ft.is_symlink() { 0 } else { m.mtime() },
+                content,
+                xattrs,
+                ino_group,
+            },
+        );
+        if ft.is_dir() {
+            let mut names: Vec<_> = std::fs::read_dir(&p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            for n in names {
+                walk(root, &rel.join(n), out, inodes);
+            }
+        }
+    }
+    walk(root, Path::new(""), &mut out, &mut inodes);
+    out
+}
+
+fn make_tree(d: &Path) {
+    std::fs::create_dir_all(d.join("sub/deeper")).unwrap();
+    std::fs::write(d.join("a"), "file a").unwrap();
+    std::fs::write(d.join("sub/b"), vec![7u8; 100_000]).unwrap();
+    std::fs::write(d.join(format!("sub/{}", "long".repeat(40))), "long name").unwrap();
+    std::fs::hard_link(d.join("a"), d.join("sub/hard")).unwrap();
+    std::os::unix::fs::symlink("../a", d.join("sub/link")).unwrap();
+    std::os::unix::fs::symlink("/nowhere/dangling", d.join("dangling")).unwrap();
+    mknod(&d.join("fifo"), libc::S_IFIFO | 0o640, 0, 0);
+    mknod(&d.join("null"), libc::S_IFCHR | 0o600, 1, 3);
+    std::fs::set_permissions(d.join("a"), std::fs::Permissions::from_mode(0o4751)).unwrap();
+    std::os::unix::fs::lchown(d.join("sub/b"), Some(1234), Some(5678)).unwrap();
+    std::os::unix::fs::lchown(d.join("sub/link"), Some(42), Some(43)).unwrap();
+    xattr::set(d.join("sub/b"), "user.walt", b"value\0bin").unwrap();
+    xattr::set(d.join("sub"), "user.dir", b"d").unwrap();
+    std::fs::set_permissions(d.join("sub/deeper"), std::fs::Permissions::from_mode(0o500)).unwrap();
+    let t = filetime::FileTime::from_unix_time(1_500_000_000, 0);
+    for p in ["a", "sub/b", "fifo", "sub/deeper", "sub", ""] {
+        filetime::set_symlink_file_times(d.join(p), t, t).unwrap();
+    }
+}
+
+async fn tar_out(fx: &Fx, path: &str) -> Out {
+    let spec = fx.spec(Job::TarOut { path: path.into() });
+    run(&spec, None).await
+}
+
+async fn tar_in(fx: &Fx, dest: &str, data: Vec<u8>) -> (Out, Spec) {
+    let spec = fx.spec(Job::TarIn { dest: dest.into() });
+    (run(&spec, Some(data)).await, spec)
+}
+
+fn entry_names(tar: &[u8]) -> Vec<String> {
+    let mut ar = tar::Archive::new(tar);
+    ar.entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+async fn tar_roundtrip() {
+    let fx = Fx::new();
+    make_tree(&fx.l1().join("root/d"));
+    let o = tar_out(&fx, "d").await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    let names = entry_names(&o.stdout);
+    assert!(
+        names.iter().all(|n| n == "d" || n.starts_with("d/")),
+        "{names:?}"
+    );
+
+    // New name: dest missing, parent exists.
+    let (i, spec) = tar_in(&fx, "/root/copy", o.stdout.clone()).await;
+    assert_eq!((i.code, i.stderr.as_str()), (0, ""));
+    assert_eq!(
+        snapshot(&fx.l1().join("root/d")),
+        snapshot(&spec.upper.join("root/copy"))
+    );
+    // Into an existing dir.
+    let (i, spec) = tar_in(&fx, "/etc", o.stdout.clone()).await;
+    assert_eq!((i.code, i.stderr.as_str()), (0, ""));
+    assert_eq!(
+        snapshot(&fx.l1().join("root/d")),
+        snapshot(&spec.upper.join("etc/d"))
+    );
+    // A single file, followed symlink at the top, replaced file.
+    let o = tar_out(&fx, "/etc/added").await;
+    assert_eq!(entry_names(&o.stdout), ["added"]);
+    let (i, spec) = tar_in(&fx, "/etc/hostname-new", o.stdout.clone()).await;
+    assert_eq!(i.code, 0, "{}", i.stderr);
+    assert_eq!(
+        std::fs::read(spec.upper.join("etc/hostname-new")).unwrap(),
+        b"added"
+    );
+    let (i, spec) = tar_in(&fx, "/etc/passwd", o.stdout.clone()).await;
+    assert_eq!(i.code, 0, "{}", i.stderr);
+    assert_eq!(
+        std::fs::read(spec.upper.join("etc/passwd")).unwrap(),
+        b"added"
+    );
+    std::os::unix::fs::symlink("d/a", fx.l1().join("root/to-a")).unwrap();
+    let o = tar_out(&fx, "to-a").await;
+    let mut ar = tar::Archive::new(o.stdout.as_slice());
+    let mut e = ar.entries().unwrap().next().unwrap().unwrap();
+    assert_eq!(e.path().unwrap().to_str(), Some("to-a"));
+    assert_eq!(e.header().entry_type(), tar::EntryType::Regular);
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+    assert_eq!(s, "file a");
+
+    // Whole root.
+    let o = tar_out(&fx, "/").await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let names = entry_names(&o.stdout);
+    assert!(names.iter().all(|n| n.starts_with("rootfs")), "{names:?}");
+    assert!(names.iter().any(|n| n == "rootfs/etc/added"));
+    assert!(!names.iter().any(|n| n == "rootfs/etc/hidden"));
+
+    // Errors: one line, status 1.
+    let o = tar_out(&fx, "nope").await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "nope: No such file or directory\n")
+    );
+    let d = tar_out(&fx, "d").await.stdout;
+    let (i, _) = tar_in(&fx, "/no/such/dir", d.clone()).await;
+    assert_eq!(
+        (i.code, i.stderr.as_str()),
+        (1, "/no/such/dir: No such file or directory\n")
+    );
+    let (i, _) = tar_in(&fx, "/root/missing/", d.clone()).await;
+    assert_eq!(
+        (i.code, i.stderr.as_str()),
+        (1, "/root/missing/: Not a directory\n")
+    );
+    let (i, _) = tar_in(&fx, "/etc/passwd", d.clone()).await;
+    assert_eq!(i.code, 1);
+    assert!(
+        i.stderr.contains("cannot overwrite non-directory"),
+        "{}",
+        i.stderr
+    );
+    assert_eq!(i.stderr.lines().count(), 1);
+}
+
+/// A tar with raw (unchecked) names: (name, type, link target).
+fn raw_tar(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, kind, link) in entries {
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        let data: &[u8] = if *kind == tar::EntryType::Regular {
+            b"evil"
+        } else {
+            b""
+        };
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+async fn tar_in_refuses_bad_archives() {
+    use tar::EntryType::{Directory as D, Link as L, Regular as F};
+    let fx = Fx::new();
+    let cases: &[&[(&str, tar::EntryType, &str)]] = &[
+        &[("s/", D, ""), ("s/ok", F, ""), ("../x", F, "")],
+        &[("s/", D, ""), ("s/../../x", F, "")],
+        &[("/x", F, "")],
+        &[("a/", D, ""), ("a/x", F, ""), ("b/x", F, "")],
+        &[("s/", D, ""), ("s/x", L, "../../etc/passwd")],
+        &[("s/", D, ""), ("s/x", L, "other/passwd")],
+        &[("s/", D, ""), ("s/x", L, "/etc/passwd")],
+        &[("f", F, ""), ("f/x", F, "")],
+    ];
+    for case in cases {
+        let (o, spec) = tar_in(&fx, "/root", raw_tar(case)).await;
+        assert_eq!(o.code, 1, "{case:?} accepted");
+        assert_eq!(o.stderr.lines().count(), 1, "{case:?}: {}", o.stderr);
+        let written: Vec<_> = std::fs::read_dir(&spec.upper).unwrap().collect();
+        assert!(written.is_empty(), "{case:?} wrote {written:?}");
+        let session = spec.upper.parent().unwrap();
+        assert!(!session.join("x").exists() && !fx.dir.path().join("x").exists());
+    }
+    // A good one is accepted.
+    let (o, spec) = tar_in(
+        &fx,
+        "/root",
+        raw_tar(&[("s/", D, ""), ("s/ok", F, ""), ("s/h", L, "s/ok")]),
+    )
+    .await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    assert_eq!(std::fs::read(spec.upper.join("root/s/h")).unwrap(), b"evil");
+}
+
+async fn tar_paths_stay_in_image() {
+    let fx = Fx::new();
+    for p in [
+        "evil/etc/passwd",
+        "evil2/etc/passwd",
+        "/root/evil2/etc/passwd",
+    ] {
+        let o = tar_out(&fx, p).await;
+        assert_eq!(o.code, 0, "{p}: {}", o.stderr);
+        let mut ar = tar::Archive::new(o.stdout.as_slice());
+        let mut e = ar.entries().unwrap().next().unwrap().unwrap();
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+        assert_eq!(s, PASSWD, "{p} read outside the image");
+    }
+    let data = raw_tar(&[("walt-escape-test", tar::EntryType::Regular, "")]);
+    for dest in ["evil", "evil2", "evil/", "/root/evil/tmp-walt-escape"] {
+        let (o, spec) = tar_in(&fx, dest, data.clone()).await;
+        assert_eq!(o.code, 0, "{dest}: {}", o.stderr);
+        let inside = if dest.ends_with("tmp-walt-escape") {
+            spec.upper.join("tmp-walt-escape")
+        } else {
+            spec.upper.join("walt-escape-test")
+        };
+        assert!(inside.exists(), "{dest}: not written in the image");
+        assert!(!Path::new("/walt-escape-test").exists());
+        assert!(!Path::new("/tmp-walt-escape").exists());
+    }
+}
+
+async fn too_many_layers() {
+    let fx = Fx::new();
+    let mut spec = fx.spec(Job::TarOut { path: "/".into() });
+    spec.layers = (0..501).map(|_| fx.layers[0].clone()).collect();
+    let o = run(&spec, None).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("walt image squash"), "{}", o.stderr);
+    assert_eq!(o.stderr.lines().count(), 1);
+}
+
+async fn many_layers() {
+    many_layers_with(300, false).await;
+    // mount(2) fallback: relative lowerdirs (64-hex names: ~58 fit in one page)
+    many_layers_with(50, true).await;
+    // too many for one page of options: a clear error
+    let fx = Fx::new();
+    let mut spec = fx.spec(Job::TarOut { path: "/".into() });
+    spec.layers = (0..100)
+        .map(|i| {
+            let l = fx.dir.path().join(format!("layers/{i:064x}/diff"));
+            std::fs::create_dir_all(&l).unwrap();
+            l
+        })
+        .collect();
+    let mut cmd = command(&spec).unwrap();
+    cmd.env("WALT_SANDBOX_CLASSIC_MOUNT", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let o = cmd.output().await.unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("walt image squash"), "{err}");
+}
+
+async fn many_layers_with(n: usize, classic: bool) {
+    let fx = Fx::new();
+    let mut layers = vec![fx.layers[0].clone()];
+    for i in 0..n {
+        let l = fx.dir.path().join(format!("layers/{i:064x}/diff"));
+        std::fs::create_dir_all(l.join("etc")).unwrap();
+        std::fs::write(l.join("etc/layer"), format!("{i}")).unwrap();
+        layers.push(l);
+    }
+    layers.push(fx.layers[1].clone());
+    let mut spec = fx.spec(Job::Exec {
+        argv: vec!["cat".into(), "/etc/layer".into(), "/etc/added".into()],
+        env: vec![],
+        cwd: "/".into(),
+    });
+    spec.layers = layers;
+    let mut cmd = command(&spec).unwrap();
+    if classic {
+        cmd.env("WALT_SANDBOX_CLASSIC_MOUNT", "1");
+    }
+    let o = cmd.output().await.unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("{}added", n - 1)
+    );
+}

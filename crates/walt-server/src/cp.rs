@@ -1,0 +1,234 @@
+//! `Images.CopyIn` / `Images.CopyOut`: tar streams between the client and a
+//! sandbox chrooted in the image (so every path and link the image holds
+//! resolves inside it).
+
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use walt_container::Job;
+use walt_proto::v1::{self as pb, copy_in_request::Msg};
+
+use crate::State;
+use crate::error::ServiceError;
+use crate::session::Session;
+
+pub type CopyOutStream = Pin<Box<dyn Stream<Item = Result<pb::CopyOutChunk, Status>> + Send>>;
+
+const CHUNK: usize = 256 * 1024;
+
+/// The sandbox's one-line reason for failing (its stderr).
+async fn reason(
+    stderr: Option<impl AsyncRead + Unpin>,
+    status: std::process::ExitStatus,
+) -> String {
+    let mut text = String::new();
+    if let Some(mut e) = stderr {
+        let _ = e.read_to_string(&mut text).await;
+    }
+    let line = text
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or_default()
+        .to_string();
+    if line.is_empty() {
+        format!("the copy process failed ({status})")
+    } else {
+        line
+    }
+}
+
+fn spawn(session: &Session, job: Job) -> Result<tokio::process::Child, ServiceError> {
+    let mut cmd = walt_container::command(&session.spec(job))
+        .map_err(|e| ServiceError::Internal(format!("cannot start the copy process: {e}")))?;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.spawn()
+        .map_err(|e| ServiceError::Internal(format!("cannot start the copy process: {e}")))
+}
+
+pub async fn copy_in(
+    state: Arc<State>,
+    user: String,
+    mut input: Streaming<pb::CopyInRequest>,
+) -> Result<pb::CopyInReply, ServiceError> {
+    let start = match input.message().await {
+        Ok(Some(pb::CopyInRequest {
+            msg: Some(Msg::Start(s)),
+        })) => s,
+        Ok(_) => {
+            return Err(ServiceError::InvalidArgument(
+                "a copy into an image must start with the image and destination".into(),
+            ));
+        }
+        Err(s) => return Err(ServiceError::InvalidArgument(s.message().to_string())),
+    };
+    let session = Session::open(&state, &user, &start.image, "walt image cp", true).await?;
+    let short = session.short();
+    let mut child = spawn(
+        &session,
+        Job::TarIn {
+            dest: start.dest.clone(),
+        },
+    )?;
+    let mut stdin = child.stdin.take();
+    let stderr = child.stderr.take();
+    drop(child.stdout.take());
+    let mut failure = None;
+    loop {
+        tokio::select! {
+            m = input.message() => match m {
+                Ok(Some(pb::CopyInRequest { msg: Some(Msg::Tar(b)) })) => {
+                    if let Some(w) = stdin.as_mut()
+                        && w.write_all(&b).await.is_err()
+                    {
+                        // The sandbox stopped reading: its stderr says why.
+                        stdin = None;
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Ok(Some(_)) => {
+                    failure = Some(ServiceError::InvalidArgument("unexpected message in a copy stream".into()));
+                    break;
+                }
+                Err(s) => {
+                    failure = Some(ServiceError::InvalidArgument(format!("copy interrupted: {}", s.message())));
+                    break;
+                }
+            },
+            _ = state.shutdown.cancelled() => {
+                failure = Some(ServiceError::ShuttingDown);
+                break;
+            }
+        }
+    }
+    if let Some(mut w) = stdin {
+        let _ = w.shutdown().await;
+    }
+    if let Some(e) = failure {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        tracing::info!(image = %session.rec.name, "copy into the image abandoned: {e}");
+        return Err(e);
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| ServiceError::Internal(format!("copy process lost: {e}")))?;
+    if !status.success() {
+        let why = reason(stderr, status).await;
+        return Err(ServiceError::InvalidArgument(format!(
+            "cannot copy into image '{short}': {why}"
+        )));
+    }
+    if !session.changed().await? {
+        return Ok(pb::CopyInReply {
+            name: short.clone(),
+            message: format!("Image {short} unchanged."),
+        });
+    }
+    let name = session.rec.name.clone();
+    session
+        .save(name, true, format!("walt image cp {}", start.dest))
+        .await?;
+    Ok(pb::CopyInReply {
+        name: short.clone(),
+        message: format!("Image {short} updated."),
+    })
+}
+
+pub async fn copy_out(
+    state: Arc<State>,
+    user: String,
+    req: pb::CopyOutRequest,
+) -> Result<CopyOutStream, ServiceError> {
+    let session = Session::open(&state, &user, &req.image, "walt image cp", false).await?;
+    let short = session.short();
+    let mut child = spawn(&session, Job::TarOut { path: req.path })?;
+    drop(child.stdin.take());
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| ServiceError::Internal("copy process without output".into()))?;
+    let stderr = child.stderr.take();
+
+    // A path that does not exist fails before any byte: a plain error.
+    let mut first = vec![0u8; CHUNK];
+    let n = read_full(&mut stdout, &mut first).await;
+    if n == 0 {
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| ServiceError::Internal(format!("copy process lost: {e}")))?;
+        let why = reason(stderr, status).await;
+        return Err(ServiceError::InvalidArgument(format!(
+            "cannot copy from image '{short}': {why}"
+        )));
+    }
+    first.truncate(n);
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        let _session = session;
+        let mut chunk = first;
+        loop {
+            if tx.send(Ok(pb::CopyOutChunk { tar: chunk })).await.is_err() {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return;
+            }
+            let mut buf = vec![0u8; CHUNK];
+            let n = tokio::select! {
+                n = read_full(&mut stdout, &mut buf) => n,
+                _ = state.shutdown.cancelled() => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    let _ = tx.send(Err(Status::from(ServiceError::ShuttingDown))).await;
+                    return;
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            chunk = buf;
+        }
+        match child.wait().await {
+            Ok(st) if st.success() => {}
+            Ok(st) => {
+                let why = reason(stderr, st).await;
+                let _ = tx
+                    .send(Err(Status::from(ServiceError::InvalidArgument(format!(
+                        "cannot copy from image '{short}': {why}"
+                    )))))
+                    .await;
+            }
+            Err(e) => {
+                let _ = tx
+                    .send(Err(Status::internal(format!("copy process lost: {e}"))))
+                    .await;
+            }
+        }
+    });
+    Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// Fills `buf` as far as the stream allows; 0 at its end (or on error).
+async fn read_full(r: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    n
+}

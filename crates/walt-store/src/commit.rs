@@ -1,0 +1,418 @@
+//! `commit_layer`: saves the changes of a modifying session (`walt image
+//! shell`, `walt image cp`) as one new layer on top of the image.
+//!
+//! The session runs on an overlayfs mount whose lower directories are the
+//! image's unpacked layers and whose upper directory is in a
+//! [`SessionDir`] (under `tmp/`, mounted with
+//! `redirect_dir=off,metacopy=off,index=off,xino=off`, so that the upper
+//! directory is in plain overlay form). Once it is unmounted, the upper
+//! directory is cleaned of overlay bookkeeping xattrs, written once as an
+//! uncompressed tar (OCI form, hashed in the same pass: blob digest ==
+//! diff_id) and then itself renamed to `layers/<diff_id>/diff`. The lower
+//! layers are never read.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use walt_core::oci;
+use walt_core::{ImageName, oci::ANNOTATION_WALT_BUILT};
+
+use crate::Store;
+use crate::db::{ImageRecord, LayerRef, NewImage, PutOutcome};
+use crate::error::{IoContext, Result, StoreError};
+use crate::squash::{
+    OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, TreeForm, create_staging_blob, publish_blob,
+    publish_layer_dir, read_config, store_config_and_manifest, write_tree,
+};
+use crate::util::{
+    BUF_SIZE, HashWriter, TmpPath, finish_digest, fsync_dir, now_secs, remove_any, rfc3339,
+    unique_name,
+};
+
+/// Overlay xattrs that mean the upper directory depends on features walt
+/// does not mount with (its content would not stand on its own).
+const REFUSED_XATTRS: [&str; 2] = ["trusted.overlay.redirect", "trusted.overlay.metacopy"];
+
+/// A staging directory for a modifying session, under the store's `tmp/`
+/// (same filesystem as `layers/`, emptied when the store opens, so a crash
+/// leaves nothing). It holds `upper/`, `work/` and `merged/` (the mount
+/// point). Removed on drop (a mount left on `merged/` is detached first).
+#[derive(Debug)]
+pub struct SessionDir {
+    path: PathBuf,
+}
+
+impl SessionDir {
+    /// The session directory itself.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `<path>/upper` (mode 0755): the overlay upper directory, later
+    /// given to [`Store::commit_layer`].
+    pub fn upper(&self) -> PathBuf {
+        self.path.join("upper")
+    }
+
+    /// `<path>/work`: the overlay work directory.
+    pub fn work(&self) -> PathBuf {
+        self.path.join("work")
+    }
+
+    /// `<path>/merged`: the mount point.
+    pub fn merged(&self) -> PathBuf {
+        self.path.join("merged")
+    }
+}
+
+impl Drop for SessionDir {
+    fn drop(&mut self) {
+        let merged = self.merged();
+        if is_mount_point(&merged) {
+            tracing::warn!(path = %merged.display(), "session still mounted: detaching it");
+            if let Err(e) = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::warn!(path = %merged.display(), error = %e, "cannot detach the session mount: leaving the session directory");
+                return;
+            }
+        }
+        if let Err(e) = remove_any(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove session directory");
+        }
+    }
+}
+
+/// True when `path` is a directory on another filesystem than its parent.
+fn is_mount_point(path: &Path) -> bool {
+    let (Ok(m), Some(Ok(p))) = (
+        fs::symlink_metadata(path),
+        path.parent().map(fs::symlink_metadata),
+    ) else {
+        return false;
+    };
+    m.is_dir() && m.dev() != p.dev()
+}
+
+/// What [`Store::commit_layer`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// The digest of the new image's manifest.
+    pub manifest_digest: String,
+    /// The diff_id of the new layer (also its blob digest: uncompressed).
+    pub diff_id: String,
+    /// The size of the new layer's tar.
+    pub layer_size: u64,
+    /// True when `target` existed and was replaced.
+    pub replaced: bool,
+}
+
+impl Store {
+    /// Creates a [`SessionDir`] under `tmp/` (`what` only names it, for
+    /// debugging), with `upper/` (0755), `work/` and `merged/`.
+    pub fn session_dir(&self, what: &str) -> Result<SessionDir> {
+        let tag: String = what
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(32)
+            .collect();
+        let path = self
+            .inner
+            .tmp_dir()
+            .join(unique_name(&format!("session-{tag}")));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .ctx("creating session directory", &path)?;
+        let s = SessionDir { path };
+        for (p, mode) in [(s.upper(), 0o755), (s.work(), 0o700), (s.merged(), 0o755)] {
+            fs::DirBuilder::new()
+                .mode(mode)
+                .create(&p)
+                .ctx("creating session directory", &p)?;
+            // The umask may have cut the mode.
+            fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .ctx("setting the mode of", &p)?;
+        }
+        Ok(s)
+    }
+
+    /// The unpacked directories (`layers/<hex>/diff`) of the image's
+    /// layers, lowest first. Overlay's `lowerdir=` lists them the other way
+    /// round (top first).
+    pub fn layer_dirs(&self, rec: &ImageRecord) -> Result<Vec<PathBuf>> {
+        rec.layers
+            .iter()
+            .map(|l| {
+                let p = self.layer_path(&l.diff_id)?;
+                if p.is_dir() {
+                    Ok(p)
+                } else {
+                    Err(StoreError::LayerNotFound(l.diff_id.clone()))
+                }
+            })
+            .collect()
+    }
+
+    /// True when `upper` (a session's upper directory) holds no change at
+    /// all: it is empty.
+    pub fn upper_is_empty(upper: &Path) -> Result<bool> {
+        let mut it = fs::read_dir(upper).ctx("listing", upper)?;
+        Ok(it.next().is_none())
+    }
+
+    /// Saves the changes in `upper` (the overlay upper directory of a
+    /// finished, unmounted session on `base`; it must be in the store's
+    /// `tmp/`, e.g. [`SessionDir::upper`]) as one new uncompressed layer on
+    /// top of `base`, recorded as image `target`. An existing `target` is
+    /// refused ([`StoreError::ImageExists`]) unless `replace`. `created_by`
+    /// goes in the config history (e.g. `walt image shell`).
+    ///
+    /// `upper` is consumed on success: it becomes the unpacked layer. The
+    /// lower layers are not read, so the time depends on the size of the
+    /// change only.
+    pub fn commit_layer(
+        &self,
+        base: &ImageRecord,
+        upper: &Path,
+        target: &ImageName,
+        replace: bool,
+        created_by: &str,
+    ) -> Result<CommitOutcome> {
+        let start = Instant::now();
+        let _guard = self.begin_import();
+        let inner = &self.inner;
+        let fail = |reason: String| StoreError::CommitFailed {
+            image: target.to_string(),
+            reason,
+        };
+        if !replace && self.get_image(target)?.is_some() {
+            return Err(StoreError::ImageExists(target.to_string()));
+        }
+        self.layer_dirs(base)?;
+
+        // 1. Clean overlay xattrs, refuse what we cannot represent, make
+        //    the upper contents durable.
+        if !fs::symlink_metadata(upper).is_ok_and(|m| m.is_dir()) {
+            return Err(fail(format!(
+                "the session directory '{}' is missing",
+                upper.display()
+            )));
+        }
+        if upper
+            .parent()
+            .is_some_and(|p| is_mount_point(&p.join("merged")))
+        {
+            return Err(fail("the session is still mounted".into()));
+        }
+        sanitize_tree(upper, Path::new("")).map_err(|e| match e {
+            Sanitize::Refused(rel, xattr) => fail(format!(
+                "'/{}' carries the overlay xattr {xattr} (redirect_dir/metacopy must be off)",
+                rel.display()
+            )),
+            Sanitize::Io(rel, e) => fail(format!("reading '/{}': {e}", rel.display())),
+        })?;
+
+        // 2. The layer tar, hashed as it is written.
+        let (blob_tmp, file) = create_staging_blob(inner)?;
+        let mut builder = tar::Builder::new(HashWriter::new(io::BufWriter::with_capacity(
+            BUF_SIZE, file,
+        )));
+        write_tree(&mut builder, upper, TreeForm::Overlay)
+            .map_err(|e| fail(format!("writing the layer: {e}")))?;
+        let io_err = |e: io::Error| StoreError::io_path("writing", blob_tmp.path(), e);
+        let w = builder.into_inner().map_err(io_err)?;
+        let layer_size = w.count;
+        let diff_id = finish_digest(w.hasher);
+        let file = w.inner.into_inner().map_err(|e| io_err(e.into_error()))?;
+
+        // 3. Publish the blob, then the upper directory as the layer.
+        publish_blob(inner, blob_tmp, file, &diff_id)?;
+        if !inner.has_layer(&diff_id) {
+            let staging = TmpPath::new(inner.tmp_dir().join(unique_name("commit")));
+            fs::create_dir(staging.path()).ctx("creating staging directory", staging.path())?;
+            let diff = staging.path().join("diff");
+            fs::rename(upper, &diff).map_err(|e| {
+                fail(format!(
+                    "moving '{}' into the store: {e} (it must be in the store's tmp/)",
+                    upper.display()
+                ))
+            })?;
+            fsync_dir(staging.path())?;
+            publish_layer_dir(inner, staging, &diff_id)?;
+        }
+
+        // 4. Config and manifest.
+        let mut config = read_config(inner, &base.name, &base.config_digest)?;
+        let now = now_secs();
+        let rootfs = config
+            .entry("rootfs")
+            .or_insert_with(|| serde_json::json!({ "type": "layers" }));
+        if !rootfs.is_object() {
+            *rootfs = serde_json::json!({ "type": "layers" });
+        }
+        if let Some(rootfs) = rootfs.as_object_mut() {
+            push_to_array(rootfs, "diff_ids", diff_id.clone().into());
+        }
+        let entry = serde_json::json!({ "created": rfc3339(now), "created_by": created_by });
+        push_to_array(&mut config, "history", entry);
+        config.insert("created".into(), rfc3339(now).into());
+        let mut layers = base.layers.clone();
+        layers.push(LayerRef {
+            diff_id: diff_id.clone(),
+            blob_digest: diff_id.clone(),
+            blob_size: layer_size,
+            media_type: oci::OCI_LAYER_TAR.to_string(),
+        });
+        let annotations = serde_json::json!({ ANNOTATION_WALT_BUILT: "true" });
+        let (config_digest, manifest_digest) =
+            store_config_and_manifest(inner, target, config, &layers, Some(annotations))?;
+        let outcome = self.put_image(
+            &NewImage {
+                name: target.clone(),
+                manifest_digest: manifest_digest.clone(),
+                manifest_media_type: oci::OCI_MANIFEST.to_string(),
+                config_digest,
+                layers,
+                node_models: base.node_models.clone(),
+                created: now,
+            },
+            replace,
+        )?;
+        tracing::info!(image = %target, base = %base.name, %diff_id, layer_size,
+            elapsed_ms = start.elapsed().as_millis() as u64, "session saved as a new layer");
+        Ok(CommitOutcome {
+            manifest_digest,
+            diff_id,
+            layer_size,
+            replaced: outcome == PutOutcome::Replaced,
+        })
+    }
+}
+
+/// Appends `value` to the array `obj[key]` (created, or replaced when it is
+/// not an array).
+fn push_to_array(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    value: serde_json::Value,
+) {
+    let slot = obj
+        .entry(key)
+        .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+    match slot {
+        serde_json::Value::Array(a) => a.push(value),
+        other => *other = serde_json::Value::Array(vec![value]),
+    }
+}
+
+enum Sanitize {
+    Refused(PathBuf, String),
+    Io(PathBuf, io::Error),
+}
+
+/// Walks an upper directory: removes every `trusted.overlay.*` xattr but
+/// `opaque=y`, refuses redirects and metacopy, fsyncs files and
+/// directories (only what the session wrote: cheap for a small change).
+fn sanitize_tree(dir: &Path, rel: &Path) -> std::result::Result<(), Sanitize> {
+    let io = |e: io::Error| Sanitize::Io(rel.to_path_buf(), e);
+    sanitize_entry(dir, rel)?;
+    let mut names: Vec<OsString> = fs::read_dir(dir)
+        .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect())
+        .map_err(io)?;
+    names.sort();
+    for n in names {
+        let path = dir.join(&n);
+        let rel = rel.join(&n);
+        let meta = fs::symlink_metadata(&path).map_err(|e| Sanitize::Io(rel.clone(), e))?;
+        if meta.is_dir() {
+            sanitize_tree(&path, &rel)?;
+        } else {
+            sanitize_entry(&path, &rel)?;
+            if meta.is_file() {
+                File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Sanitize::Io(rel.clone(), e))?;
+            }
+        }
+    }
+    File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
+    Ok(())
+}
+
+fn sanitize_entry(path: &Path, rel: &Path) -> std::result::Result<(), Sanitize> {
+    let io = |e: io::Error| Sanitize::Io(rel.to_path_buf(), e);
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    for name in names {
+        let s = name.to_string_lossy();
+        if !s.starts_with(OVERLAY_XATTR_PREFIX) {
+            continue;
+        }
+        if REFUSED_XATTRS.contains(&s.as_ref()) {
+            return Err(Sanitize::Refused(rel.to_path_buf(), s.into_owned()));
+        }
+        if s == OPAQUE_XATTR && xattr::get(path, &name).map_err(io)?.as_deref() == Some(b"y") {
+            continue;
+        }
+        tracing::debug!(path = %rel.display(), xattr = %s, "removing overlay xattr");
+        match xattr::remove(path, &name) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Detaches mounts left below `tmp` (sessions of a server that died),
+/// deepest first, so that emptying `tmp/` never descends into an image.
+pub(crate) fn detach_mounts_below(tmp: &Path) {
+    let Ok(tmp) = tmp.canonicalize() else {
+        return;
+    };
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(&tmp) && p != &tmp)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        match nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => tracing::info!(path = %p.display(), "detached a leftover session mount"),
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "cannot detach a leftover mount")
+            }
+        }
+    }
+}
+
+/// Undoes the `\ooo` octal escapes of `/proc/self/mountinfo`.
+fn unescape_mountinfo(s: &str) -> OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    OsString::from_vec(out)
+}
