@@ -640,3 +640,46 @@ fn foreign_architecture_images_run_through_qemu() {
         );
     }
 }
+
+#[test]
+fn server_killed_mid_shell_leaves_nothing_after_restart() {
+    let mut env = env_with_image();
+    let (t, _exit) = env.alice.in_terminal("image shell img");
+    wait_shell_prompt(&t);
+    t.enter("echo lost > /root/lost; sleep 4545").unwrap();
+    wait_for("the sleep to run", Duration::from_secs(10), || {
+        (processes_with("sleep 4545").len() == 1).then_some(())
+    })
+    .unwrap();
+    env.server.kill9();
+    let data = env.server.data_dir();
+    let data_s = data.to_string_lossy().into_owned();
+    // The sandbox dies with the server (parent-death signal, pid namespace).
+    wait_for(
+        "the sandbox to die with the server",
+        Duration::from_secs(10),
+        || {
+            (processes_with("sleep 4545").is_empty()
+                && processes_with("__walt-sandbox").is_empty()
+                && mounts_with(&data_s).is_empty())
+            .then_some(())
+        },
+    )
+    .unwrap();
+    drop(t);
+    env.server.restart().unwrap();
+    assert_tmp_empty(&data);
+    // The image is as before, and free.
+    let dir = tempfile::tempdir().unwrap();
+    env.alice
+        .run(&[
+            "image",
+            "cp",
+            "img:/root/lost",
+            dir.path().to_str().unwrap(),
+        ])
+        .assert_failure("No such file or directory");
+    env.alice
+        .run_with_input(&["image", "shell", "img"], "exit\n")
+        .assert_success();
+}

@@ -158,8 +158,11 @@ async fn copy_in(client: &mut Client, local: &str, image: &str, path: &str) -> a
         .map_err(|e| anyhow!("copy task failed: {e}"))?
         .map_err(|_| anyhow!("copy task panicked"))?;
     // The server's reason comes first: it may have stopped reading.
-    call.map_err(status_error)?;
+    let reply = call.map_err(status_error)?.into_inner();
     produced?;
+    if !reply.message.is_empty() {
+        eprintln!("{}", reply.message);
+    }
     Ok(())
 }
 

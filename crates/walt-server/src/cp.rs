@@ -133,16 +133,22 @@ pub async fn copy_in(
     if !session.changed().await? {
         return Ok(pb::CopyInReply {
             name: short.clone(),
-            message: format!("Image {short} unchanged."),
+            message: String::new(),
         });
     }
     let name = session.rec.name.clone();
     session
-        .save(name, true, format!("walt image cp {}", start.dest))
+        .save(name.clone(), true, format!("walt image cp {}", start.dest))
         .await?;
+    let st = state.clone();
+    let in_use = crate::images::blocking(move || Ok(st.store.image_in_use(&name)?)).await?;
     Ok(pb::CopyInReply {
         name: short.clone(),
-        message: format!("Image {short} updated."),
+        message: if in_use {
+            format!("Image {short} updated: the nodes using it will reboot with the new version.")
+        } else {
+            String::new()
+        },
     })
 }
 
