@@ -121,6 +121,16 @@ pub struct FetchedManifest {
     pub digest: String,
 }
 
+/// The answer to [`RegistryClient::get_manifest_if_changed`].
+#[derive(Clone, Debug)]
+pub enum ManifestCheck {
+    /// The reference still points to the known manifest (`304`).
+    Unchanged,
+    /// The manifest as fetched (it may still be the known one when the
+    /// registry ignores `If-None-Match`: compare digests).
+    Changed(FetchedManifest),
+}
+
 /// An open blob download.
 pub struct BlobResponse {
     /// Where the body starts in the blob: the requested offset when the
@@ -341,6 +351,27 @@ impl RegistryClient {
         repo: &str,
         reference: &str,
     ) -> Result<FetchedManifest, RegistryError> {
+        match self.get_manifest_if_changed(repo, reference, None).await? {
+            ManifestCheck::Changed(m) => Ok(m),
+            // only answered to a conditional request
+            ManifestCheck::Unchanged => Err(self.protocol(
+                &format!("manifest {repo}:{reference}"),
+                "304 Not Modified to an unconditional request".into(),
+            )),
+        }
+    }
+
+    /// Like [`Self::get_manifest`], but when `known_digest` is given, asks
+    /// the registry to answer `304 Not Modified` (`If-None-Match`, the
+    /// manifest's digest being its `ETag`) if `reference` still points to
+    /// that manifest: the registry then sends no body. A registry ignoring
+    /// the condition answers the manifest as usual.
+    pub async fn get_manifest_if_changed(
+        &self,
+        repo: &str,
+        reference: &str,
+        known_digest: Option<&str>,
+    ) -> Result<ManifestCheck, RegistryError> {
         self.check_repo(repo)?;
         if reference.is_empty() || reference.contains('/') {
             return Err(self.invalid(format!("invalid manifest reference '{reference}'")));
@@ -364,11 +395,18 @@ impl RegistryClient {
             range_from: None,
             timeout: Some(SMALL_REQUEST_TIMEOUT),
             what: what.clone(),
+            headers: known_digest
+                .map(|d| (header::IF_NONE_MATCH, format!("\"{d}\"")))
+                .into_iter()
+                .collect(),
             ..Default::default()
         };
         let mut attempt = 0;
         loop {
             let resp = self.send(&req).await?;
+            if known_digest.is_some() && resp.status() == StatusCode::NOT_MODIFIED {
+                return Ok(ManifestCheck::Unchanged);
+            }
             if !resp.status().is_success() {
                 return Err(self.status_error(resp, &req, &not_found).await);
             }
@@ -411,11 +449,11 @@ impl RegistryClient {
             {
                 return Err(mismatch(h));
             }
-            return Ok(FetchedManifest {
+            return Ok(ManifestCheck::Changed(FetchedManifest {
                 bytes: bytes.to_vec(),
                 media_type,
                 digest,
-            });
+            }));
         }
     }
 

@@ -17,8 +17,8 @@ pub mod hub;
 
 pub use auth::{Challenge, Credentials, parse_www_authenticate};
 pub use client::{
-    BlobResponse, ClientOptions, DEFAULT_UPLOAD_CHUNK_SIZE, FetchedManifest, Progress,
-    RegistryClient, RetryPolicy,
+    BlobResponse, ClientOptions, DEFAULT_UPLOAD_CHUNK_SIZE, FetchedManifest, ManifestCheck,
+    Progress, RegistryClient, RetryPolicy,
 };
 pub use docker::{DEFAULT_DOCKER_SOCKET, DockerClient, DockerError};
 pub use error::{ApiError, RegistryError, parse_error_body, summarize_error_body};

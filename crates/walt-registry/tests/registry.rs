@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use walt_registry::{ClientOptions, Credentials, RegistryClient, RegistryError, RetryPolicy};
+use walt_registry::{
+    ClientOptions, Credentials, ManifestCheck, RegistryClient, RegistryError, RetryPolicy,
+};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
@@ -987,6 +989,74 @@ async fn catalog_and_tags_paginate_on_a_real_registry() {
     let e = c.tags("nothing/here").await.unwrap_err();
     assert!(matches!(e, RegistryError::NotFound { .. }), "{e:?}");
     assert!(c.tags("Bad/Name").await.is_err());
+}
+
+/// Pushes `repo:tag` with a config holding `label`; returns the manifest digest.
+async fn push_labelled(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    label: &str,
+) -> String {
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Labels":{{"walt.node.models":"{label}"}}}},"rootfs":{{"type":"layers","diff_ids":[]}}}}"#
+    );
+    let digest = push_blob(http, base, repo, config.as_bytes(), None).await;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest, "size": config.len()},
+        "layers": [],
+    }))
+    .unwrap();
+    let r = http
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", OCI_MANIFEST)
+        .body(manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
+    sha256(&manifest)
+}
+
+#[tokio::test]
+async fn conditional_manifest_on_a_real_registry() {
+    let reg = start_registry(None, None).await;
+    let http = test_http();
+    let c = RegistryClient::new(opts("local", &reg.base_url)).unwrap();
+    let first = push_labelled(&http, &reg.base_url, "u/img", "v1", "rpi-3-b").await;
+    let ManifestCheck::Changed(m) = c
+        .get_manifest_if_changed("u/img", "v1", None)
+        .await
+        .unwrap()
+    else {
+        panic!("unconditional request answered 304");
+    };
+    assert_eq!(m.digest, first);
+    // unchanged tag: 304, no body
+    let check = c
+        .get_manifest_if_changed("u/img", "v1", Some(&first))
+        .await
+        .unwrap();
+    assert!(matches!(check, ManifestCheck::Unchanged), "{check:?}");
+    // the tag is re-pushed with another image: the new manifest comes back
+    let second = push_labelled(&http, &reg.base_url, "u/img", "v1", "pc-x86-64").await;
+    assert_ne!(first, second);
+    let ManifestCheck::Changed(m) = c
+        .get_manifest_if_changed("u/img", "v1", Some(&first))
+        .await
+        .unwrap()
+    else {
+        panic!("a re-pushed tag answered 304");
+    };
+    assert_eq!(m.digest, second);
+    // and a missing tag is still an error
+    let e = c
+        .get_manifest_if_changed("u/img", "v9", Some(&first))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::NotFound { .. }), "{e:?}");
 }
 
 #[tokio::test]

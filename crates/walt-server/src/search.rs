@@ -13,13 +13,12 @@ use tonic::Status;
 
 use walt_core::config::{Registry, V2Registry};
 use walt_core::models::parse_models;
-use walt_core::oci::ImageConfig;
+use walt_core::oci::{self, ImageConfig, ManifestDoc};
 use walt_core::{CloneUrl, LABEL_NODE_MODELS, LABEL_SERVER_MINVERSION, Location};
 use walt_proto::v1::{self as pb, search_event::Event};
-use walt_registry::{Credentials, RegistryClient, RegistryError};
+use walt_registry::{Credentials, FetchedManifest, ManifestCheck, RegistryClient, RegistryError};
 
 use crate::State;
-use crate::clone::resolve_manifest;
 use crate::error::ServiceError;
 use crate::images::blocking;
 
@@ -32,6 +31,8 @@ const CATALOG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 const MAX_CONFIG_SIZE: u64 = 16 << 20;
 /// Configs remembered across searches (by digest; they never change).
 const MAX_CACHED_CONFIGS: usize = 100_000;
+/// Tags remembered across searches (revalidated by every search).
+const MAX_CACHED_TAGS: usize = 100_000;
 
 pub(crate) type Events = mpsc::Sender<Result<pb::SearchEvent, Status>>;
 
@@ -64,6 +65,33 @@ fn remember(digest: &str, labels: Option<Arc<WaltLabels>>) {
         c.clear();
     }
     c.insert(digest.to_string(), labels);
+}
+
+/// What a tag pointed to at the last search: `<registry URL> <repo>:<tag>`
+/// -> (manifest digest, labels of that image). Only a hint for a
+/// conditional request: never answered without asking the registry.
+type TagCache = Mutex<HashMap<String, TagEntry>>;
+type TagEntry = (String, Option<Arc<WaltLabels>>);
+
+fn tag_cache() -> &'static TagCache {
+    static CACHE: OnceLock<TagCache> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+fn cached_tag(key: &str) -> Option<TagEntry> {
+    tag_cache()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(key)
+        .cloned()
+}
+
+fn remember_tag(key: String, manifest_digest: String, labels: Option<Arc<WaltLabels>>) {
+    let mut c = tag_cache().lock().unwrap_or_else(|e| e.into_inner());
+    if c.len() >= MAX_CACHED_TAGS && !c.contains_key(&key) {
+        c.clear();
+    }
+    c.insert(key, (manifest_digest, labels));
 }
 
 /// The walt labels of a config document (`None`: not a walt image).
@@ -344,30 +372,91 @@ fn note_failure(failure: &Mutex<(usize, Option<String>)>, label: &str, e: &Servi
 }
 
 /// The walt labels of the image at `url` (`None`: not a walt image).
+///
+/// A tag seen by an earlier search is revalidated with a conditional GET
+/// (`If-None-Match: "<manifest digest>"`): an unchanged tag costs one
+/// bodiless `304` and neither the manifest nor the config is fetched again;
+/// a re-pushed tag gets its new manifest (and config) as usual.
 async fn inspect(
     client: &RegistryClient,
     pool: &Semaphore,
     url: &CloneUrl,
 ) -> Result<Option<Arc<WaltLabels>>, ServiceError> {
-    let manifest = {
+    let path = url.path();
+    let key = format!("{} {path}:{}", client.base_url(), url.tag);
+    let known = cached_tag(&key);
+    let (fetched, config_digest) = {
         let _permit = pool.acquire().await;
-        // resolve_manifest reports the platform it picks: nobody listens here.
-        let (quiet, _) = mpsc::channel(1);
-        resolve_manifest(client, url, &quiet).await?.0
+        let check = client
+            .get_manifest_if_changed(&path, &url.tag, known.as_ref().map(|k| k.0.as_str()))
+            .await?;
+        let fetched = match (check, &known) {
+            (ManifestCheck::Unchanged, Some((_, labels))) => return Ok(labels.clone()),
+            (ManifestCheck::Unchanged, None) => {
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "registry '{}': {url}: 304 to an unconditional request",
+                    client.label()
+                )));
+            }
+            (ManifestCheck::Changed(f), _) => f,
+        };
+        // A registry ignoring If-None-Match: same digest, same image.
+        if let Some((digest, labels)) = &known
+            && *digest == fetched.digest
+        {
+            return Ok(labels.clone());
+        }
+        let config = image_config_digest(client, url, &fetched).await?;
+        (fetched, config)
     };
-    let digest = &manifest.config.digest;
-    if let Some(labels) = cached(digest) {
-        return Ok(labels);
-    }
-    let bytes = {
-        let _permit = pool.acquire().await;
-        client
-            .get_blob_bytes(&url.path(), digest, MAX_CONFIG_SIZE)
-            .await?
+    let labels = match cached(&config_digest) {
+        Some(labels) => labels,
+        None => {
+            let bytes = {
+                let _permit = pool.acquire().await;
+                client
+                    .get_blob_bytes(&path, &config_digest, MAX_CONFIG_SIZE)
+                    .await?
+            };
+            let labels = parse_labels(&bytes);
+            remember(&config_digest, labels.clone());
+            labels
+        }
     };
-    let labels = parse_labels(&bytes);
-    remember(digest, labels.clone());
+    remember_tag(key, fetched.digest, labels.clone());
     Ok(labels)
+}
+
+/// The config digest of the image a tag's manifest designates (for an
+/// index, the image of this server's platform, fetched by digest).
+async fn image_config_digest(
+    client: &RegistryClient,
+    url: &CloneUrl,
+    fetched: &FetchedManifest,
+) -> Result<String, ServiceError> {
+    let bad = |e: oci::DocError| {
+        ServiceError::FailedPrecondition(format!("registry '{}': {url}: {e}", client.label()))
+    };
+    match ManifestDoc::parse(&fetched.bytes, fetched.media_type.as_deref()).map_err(bad)? {
+        ManifestDoc::Image(m) => Ok(m.config.digest),
+        ManifestDoc::Index(index) => {
+            let (arch, variant) = oci::oci_arch(std::env::consts::ARCH);
+            let Some(desc) = oci::pick_platform(&index, arch, variant) else {
+                return Err(ServiceError::NotFound(format!(
+                    "{url} has no image for linux/{arch}"
+                )));
+            };
+            let inner = client.get_manifest(&url.path(), &desc.digest).await?;
+            let media_type = inner.media_type.clone().or(Some(desc.media_type.clone()));
+            match ManifestDoc::parse(&inner.bytes, media_type.as_deref()).map_err(bad)? {
+                ManifestDoc::Image(m) => Ok(m.config.digest),
+                ManifestDoc::Index(_) => Err(ServiceError::FailedPrecondition(format!(
+                    "registry '{}': {url}: nested image indexes are not supported",
+                    client.label()
+                ))),
+            }
+        }
+    }
 }
 
 /// The Docker hub: the users publishing a `walt_metadata` image (found
@@ -477,6 +566,126 @@ mod tests {
                 .is_none()
         );
         assert!(parse_labels(b"junk").is_none());
+    }
+
+    /// A one-repository registry whose `u/img:v1` can be re-pushed; counts
+    /// the answers it sends by kind.
+    struct FakeRegistry {
+        base_url: String,
+        /// (manifest, config) served for `u/img:v1`.
+        image: Arc<Mutex<(Vec<u8>, Vec<u8>)>>,
+        /// "manifest 200", "manifest 304", "blob 200"...
+        answers: Arc<Mutex<Vec<&'static str>>>,
+    }
+
+    fn sha(data: &[u8]) -> String {
+        use sha2::Digest;
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+    }
+
+    fn image(models: &str) -> (Vec<u8>, Vec<u8>) {
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{"Labels":{{"walt.node.models":"{models}"}}}},"rootfs":{{"type":"layers","diff_ids":[]}}}}"#
+        )
+        .into_bytes();
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[]}}"#,
+            sha(&config),
+            config.len()
+        )
+        .into_bytes();
+        (manifest, config)
+    }
+
+    async fn fake_registry(models: &str) -> FakeRegistry {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let image = Arc::new(Mutex::new(image(models)));
+        let answers: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+        let (img, ans) = (image.clone(), answers.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let target = head.split(' ').nth(1).unwrap_or_default().to_string();
+                let (manifest, config) = img.lock().unwrap().clone();
+                let digest = sha(&manifest);
+                let (status, kind, body, ctype) = if target == "/v2/u/img/manifests/v1" {
+                    if head.contains(&format!("if-none-match: \"{digest}\"")) {
+                        ("304 Not Modified", "manifest 304", Vec::new(), "")
+                    } else {
+                        let t = "application/vnd.oci.image.manifest.v1+json";
+                        ("200 OK", "manifest 200", manifest, t)
+                    }
+                } else if target == format!("/v2/u/img/blobs/{}", sha(&config)) {
+                    ("200 OK", "blob 200", config, "application/octet-stream")
+                } else {
+                    ("404 Not Found", "404", Vec::new(), "")
+                };
+                ans.lock().unwrap().push(kind);
+                let mut out = format!(
+                    "HTTP/1.1 {status}\r\nConnection: close\r\nDocker-Content-Digest: {digest}\r\nETag: \"{digest}\"\r\n"
+                );
+                if !ctype.is_empty() {
+                    out.push_str(&format!("Content-Type: {ctype}\r\n"));
+                }
+                if !status.starts_with("304") {
+                    out.push_str(&format!("Content-Length: {}\r\n", body.len()));
+                }
+                out.push_str("\r\n");
+                let mut out = out.into_bytes();
+                out.extend_from_slice(&body);
+                let _ = conn.write_all(&out).await;
+                let _ = conn.shutdown().await;
+            }
+        });
+        FakeRegistry {
+            base_url,
+            image,
+            answers,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retagged_image_shows_its_new_labels() {
+        let reg = fake_registry("rpi-3-b").await;
+        let client = RegistryClient::new(walt_registry::ClientOptions::new(
+            "lab",
+            reg.base_url.clone(),
+        ))
+        .unwrap();
+        let pool = Semaphore::new(4);
+        let url = CloneUrl::parse("lab:u/img:v1").unwrap();
+        let models = |l: Option<Arc<WaltLabels>>| l.unwrap().models.clone();
+
+        let first = inspect(&client, &pool, &url).await.unwrap();
+        assert_eq!(models(first), ["rpi-3-b"]);
+        assert_eq!(*reg.answers.lock().unwrap(), ["manifest 200", "blob 200"]);
+
+        // unchanged: one conditional request, answered 304, nothing else
+        let again = inspect(&client, &pool, &url).await.unwrap();
+        assert_eq!(models(again), ["rpi-3-b"]);
+        assert_eq!(reg.answers.lock().unwrap()[2..], ["manifest 304"]);
+
+        // the tag is re-pushed with other labels: the next search sees them
+        *reg.image.lock().unwrap() = image("pc-x86-64");
+        let after = inspect(&client, &pool, &url).await.unwrap();
+        assert_eq!(models(after), ["pc-x86-64"]);
+        assert_eq!(
+            reg.answers.lock().unwrap()[3..],
+            ["manifest 200", "blob 200"]
+        );
     }
 
     #[test]
