@@ -434,7 +434,9 @@ fn cp_round_trips_files_and_directories() {
         ])
         .assert_success();
     assert_eq!(tree(&src), tree(&out.join("o")));
-    // Missing parents are refused on both sides.
+    // Missing parents are refused on both sides, and a refused copy into
+    // the image changes nothing.
+    let before = env.snapshot();
     env.alice
         .run(&[
             "image",
@@ -457,6 +459,10 @@ fn cp_round_trips_files_and_directories() {
     env.alice
         .run(&["image", "cp", "nope:/etc/passwd", out.to_str().unwrap()])
         .assert_failure("not found");
+    env.alice
+        .run(&["image", "cp", src.to_str().unwrap(), "img:/etc/passwd"])
+        .assert_failure("cannot overwrite non-directory");
+    assert_eq!(env.snapshot(), before);
     assert_tmp_empty(&env.server.data_dir());
 }
 

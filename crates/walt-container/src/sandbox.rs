@@ -113,11 +113,8 @@ fn run() -> Result<i32> {
             Ok(0)
         }
         Job::TarIn { dest } => {
-            let spool = tempfile::tempfile_in(&session).map_err(|e| {
-                ContainerError::sys(format!("temporary file in {}", session.display()), e)
-            })?;
             enter_chroot(&spec.merged)?;
-            crate::tario::tar_in(dest, spool).map_err(ContainerError::Job)?;
+            crate::tario::tar_in(dest).map_err(ContainerError::Job)?;
             Ok(0)
         }
         Job::Shell { .. } | Job::Exec { .. } => run_container(&spec, &session),

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Seek, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -235,148 +235,99 @@ fn components(p: &Path) -> Result<Vec<OsString>, String> {
     Ok(v)
 }
 
-pub(crate) fn tar_in(dest: &str, mut spool: File) -> Result<(), String> {
+/// Reads the archive from stdin and extracts it in one pass (no copy of
+/// it): each entry is checked before it is written. A refused archive may
+/// leave the entries before the bad one in the session's upper directory,
+/// which the caller discards when the job fails.
+pub(crate) fn tar_in(dest: &str) -> Result<(), String> {
     // SAFETY: plain syscall.
     unsafe {
         libc::umask(0);
     }
-    io::copy(&mut io::stdin().lock(), &mut spool)
-        .map_err(|e| format!("reading the archive: {}", errstr(&e)))?;
-
-    // Pass 1: validate everything before writing anything.
-    spool.rewind().map_err(|e| errstr(&e))?;
+    let stdin = io::stdin().lock();
+    let mut ar = tar::Archive::new(io::BufReader::with_capacity(1 << 20, stdin));
     let mut top: Option<OsString> = None;
     let mut source_is_dir = false;
-    let mut first = true;
+    let mut target = PathBuf::new();
+    let mut dirs: Vec<(PathBuf, u32, i64, Xattrs)> = Vec::new();
+    for entry in ar
+        .entries()
+        .map_err(|e| format!("bad archive: {}", errstr(&e)))?
     {
-        let mut ar = tar::Archive::new(&spool);
-        for entry in ar
-            .entries()
+        let mut entry = entry.map_err(|e| format!("bad archive: {}", errstr(&e)))?;
+        let path = entry
+            .path()
             .map_err(|e| format!("bad archive: {}", errstr(&e)))?
-        {
-            let entry = entry.map_err(|e| format!("bad archive: {}", errstr(&e)))?;
-            let path = entry
-                .path()
-                .map_err(|e| format!("bad archive: {}", errstr(&e)))?
-                .into_owned();
-            let comps = components(&path)?;
-            match &top {
-                None => top = Some(comps[0].clone()),
-                Some(t) if *t != comps[0] => {
-                    return Err(format!(
-                        "refusing archive: more than one top-level entry ('{}' and '{}')",
-                        Path::new(t).display(),
-                        Path::new(&comps[0]).display()
-                    ));
-                }
-                Some(_) => {}
-            }
-            let kind = entry.header().entry_type();
-            if first {
+            .into_owned();
+        let comps = components(&path)?;
+        let kind = entry.header().entry_type();
+        match &top {
+            None => {
+                top = Some(comps[0].clone());
                 source_is_dir = kind.is_dir() || comps.len() > 1;
-                first = false;
-            } else if !source_is_dir {
+                target = destination(dest, &comps[0], source_is_dir)?;
+            }
+            Some(t) if *t != comps[0] => {
+                return Err(format!(
+                    "refusing archive: more than one top-level entry ('{}' and '{}')",
+                    Path::new(t).display(),
+                    Path::new(&comps[0]).display()
+                ));
+            }
+            Some(t) if !source_is_dir => {
                 return Err(format!(
                     "refusing archive: '{}' follows the non-directory '{}'",
                     path.display(),
-                    Path::new(top.as_deref().unwrap_or_default()).display()
+                    Path::new(t).display()
                 ));
             }
-            if comps.len() == 1 && source_is_dir && !kind.is_dir() {
-                return Err(format!(
-                    "refusing archive: top-level entry '{}' is not a directory",
-                    path.display()
-                ));
-            }
-            match kind {
-                EntryType::Regular
-                | EntryType::Continuous
-                | EntryType::GNUSparse
-                | EntryType::Directory
-                | EntryType::Symlink
-                | EntryType::Char
-                | EntryType::Block
-                | EntryType::Fifo => {}
-                EntryType::Link => {
-                    let target = entry
-                        .link_name()
-                        .map_err(|e| format!("bad archive: {}", errstr(&e)))?
-                        .ok_or_else(|| {
-                            format!("hard link '{}' without a target", path.display())
-                        })?;
-                    let tc = components(&target)?;
-                    if Some(&tc[0]) != top.as_ref() || tc.len() < 2 && source_is_dir {
-                        return Err(format!(
-                            "refusing hard link '{}' -> '{}': target outside the copied tree",
-                            path.display(),
-                            target.display()
-                        ));
-                    }
-                }
-                EntryType::XGlobalHeader => {}
-                other => {
+            Some(_) => {}
+        }
+        if comps.len() == 1 && source_is_dir && !kind.is_dir() {
+            return Err(format!(
+                "refusing archive: top-level entry '{}' is not a directory",
+                path.display()
+            ));
+        }
+        match kind {
+            EntryType::Regular
+            | EntryType::Continuous
+            | EntryType::GNUSparse
+            | EntryType::Directory
+            | EntryType::Symlink
+            | EntryType::Char
+            | EntryType::Block
+            | EntryType::Fifo => {}
+            EntryType::XGlobalHeader => continue,
+            EntryType::Link => {
+                let t = entry
+                    .link_name()
+                    .map_err(|e| format!("bad archive: {}", errstr(&e)))?
+                    .ok_or_else(|| format!("hard link '{}' without a target", path.display()))?;
+                let tc = components(&t)?;
+                if Some(&tc[0]) != top.as_ref() || tc.len() < 2 && source_is_dir {
                     return Err(format!(
-                        "refusing archive entry '{}': unsupported type {other:?}",
-                        path.display()
+                        "refusing hard link '{}' -> '{}': target outside the copied tree",
+                        path.display(),
+                        t.display()
                     ));
                 }
             }
+            other => {
+                return Err(format!(
+                    "refusing archive entry '{}': unsupported type {other:?}",
+                    path.display()
+                ));
+            }
         }
-    }
-    let Some(top) = top else {
-        return Err("empty archive".into());
-    };
-
-    // Destination, like cp -r / scp.
-    let d = in_image(dest);
-    let target = match fs::metadata(&d) {
-        Ok(m) if m.is_dir() => d.join(&top),
-        Ok(_) if dest.ends_with('/') => return Err(format!("{dest}: Not a directory")),
-        Ok(_) => d.clone(),
-        Err(_) if dest.ends_with('/') => return Err(format!("{dest}: Not a directory")),
-        Err(_) => match d.parent().map(fs::metadata) {
-            Some(Ok(pm)) if pm.is_dir() => d.clone(),
-            _ => return Err(format!("{dest}: No such file or directory")),
-        },
-    };
-    match fs::metadata(&target) {
-        Ok(m) if source_is_dir && !m.is_dir() => {
-            return Err(format!(
-                "cannot overwrite non-directory '{}' with directory '{}'",
-                target.display(),
-                Path::new(&top).display()
-            ));
-        }
-        Ok(m) if !source_is_dir && m.is_dir() => {
-            return Err(format!(
-                "cannot overwrite directory '{}' with non-directory '{}'",
-                target.display(),
-                Path::new(&top).display()
-            ));
-        }
-        _ => {}
-    }
-
-    // Pass 2: extract.
-    spool.rewind().map_err(|e| errstr(&e))?;
-    let mut ar = tar::Archive::new(&spool);
-    let mut dirs: Vec<(PathBuf, u32, i64, Xattrs)> = Vec::new();
-    let map = |p: &Path| -> Result<PathBuf, String> {
-        let c = components(p)?;
-        let mut out = target.clone();
-        for x in &c[1..] {
-            out.push(x);
-        }
-        Ok(out)
-    };
-    for entry in ar.entries().map_err(|e| errstr(&e))? {
-        let mut entry = entry.map_err(|e| format!("bad archive: {}", errstr(&e)))?;
-        let path = entry.path().map_err(|e| errstr(&e))?.into_owned();
-        let dst = map(&path)?;
-        let kind = entry.header().entry_type();
-        if kind == EntryType::XGlobalHeader {
-            continue;
-        }
+        let map = |c: &[OsString]| -> PathBuf {
+            let mut out = target.clone();
+            for x in &c[1..] {
+                out.push(x);
+            }
+            out
+        };
+        let dst = map(&comps);
         let h = entry.header().clone();
         let mode = h.mode().unwrap_or(0o644) & 0o7777;
         let uid = h.uid().unwrap_or(0) as u32;
@@ -434,7 +385,7 @@ pub(crate) fn tar_in(dest: &str, mut spool: File) -> Result<(), String> {
                     .link_name()
                     .map_err(|e| errstr(&e))?
                     .ok_or_else(|| format!("hard link '{}' without a target", path.display()))?;
-                let src = map(&t)?;
+                let src = map(&components(&t)?);
                 fs::hard_link(&src, &dst).map_err(|e| fail("link", e))?;
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
@@ -480,6 +431,9 @@ pub(crate) fn tar_in(dest: &str, mut spool: File) -> Result<(), String> {
             }
         }
     }
+    if top.is_none() {
+        return Err("empty archive".into());
+    }
     // Directories last: their children changed their mtime, and a read-only mode must
     // not get in the way of filling them.
     for (dst, mode, mtime, xattrs) in dirs.into_iter().rev() {
@@ -494,6 +448,36 @@ pub(crate) fn tar_in(dest: &str, mut spool: File) -> Result<(), String> {
 }
 
 type Xattrs = Vec<(OsString, Vec<u8>)>;
+
+/// Where the top entry `top` lands for destination `dest`, like `cp -r` /
+/// `scp`: inside `dest` when it is a directory, else `dest` itself (its
+/// parent must exist).
+fn destination(dest: &str, top: &OsStr, source_is_dir: bool) -> Result<PathBuf, String> {
+    let d = in_image(dest);
+    let target = match fs::metadata(&d) {
+        Ok(m) if m.is_dir() => d.join(top),
+        Ok(_) if dest.ends_with('/') => return Err(format!("{dest}: Not a directory")),
+        Ok(_) => d.clone(),
+        Err(_) if dest.ends_with('/') => return Err(format!("{dest}: Not a directory")),
+        Err(_) => match d.parent().map(fs::metadata) {
+            Some(Ok(pm)) if pm.is_dir() => d.clone(),
+            _ => return Err(format!("{dest}: No such file or directory")),
+        },
+    };
+    match fs::metadata(&target) {
+        Ok(m) if source_is_dir && !m.is_dir() => Err(format!(
+            "cannot overwrite non-directory '{}' with directory '{}'",
+            target.display(),
+            Path::new(top).display()
+        )),
+        Ok(m) if !source_is_dir && m.is_dir() => Err(format!(
+            "cannot overwrite directory '{}' with non-directory '{}'",
+            target.display(),
+            Path::new(top).display()
+        )),
+        _ => Ok(target),
+    }
+}
 
 fn lchown(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
     std::os::unix::fs::lchown(p, Some(uid), Some(gid))

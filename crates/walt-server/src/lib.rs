@@ -98,6 +98,22 @@ pub struct Server {
     state: Arc<State>,
 }
 
+/// Accepted connections, with Nagle's algorithm off: interactive streams
+/// (a shell's keystrokes and echoes) and small replies must not wait for
+/// the peer's delayed ACK (40 ms).
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        if let Err(e) = s.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+        Ok(s)
+    })
+}
+
 impl Server {
     pub async fn open(opts: ServerOptions) -> anyhow::Result<Self> {
         let config = config::load(&opts.config_path)?;
@@ -148,7 +164,7 @@ impl Server {
             .add_service(ImagesServer::new(images::ImagesService::new(state.clone())))
             .add_service(ServerServer::new(images::ServerService::new(state.clone())))
             .add_service(AdminServer::new(admin::AdminService::new(state.clone())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+            .serve_with_incoming_shutdown(incoming(listener), stop)
             .await
             .context("gRPC server failed")?;
         // Cancelled clones remove their staging files from their blocking

@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Shell and cp benchmark. In one run, on the same images and the same disk:
+#   time to the first prompt: `walt image shell busybox`  vs  `podman run --rm -it … /bin/sh`
+#   save after changing one small file: ~430 MB image and busybox image (client and server side)
+#   `walt image cp` of a ~200 MB directory into an image and back  vs  two `tar c | tar x`
+# Both interactive tools are driven through a pseudo-terminal (python3 pty driver below).
+# Usage: bench/shell.sh [prompt-runs] [cp-runs]   (needs root; builds walt in release mode)
+source "$(dirname "$0")/lib.sh"
+RUNS=${1:-10}
+CP_RUNS=${2:-3}
+command -v pigz >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q pigz >/dev/null
+command -v podman >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman >/dev/null
+[ -x /bin/busybox ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static >/dev/null
+[ -n "${WALT_BENCH_NOBUILD:-}" ] || (cd "$ROOT" && cargo build --release --bins -q)
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+settle() { sync; sleep "${WALT_BENCH_SETTLE:-31}"; }
+last_ms() { grep "$1" "$W/server.log" | grep -o 'elapsed_ms=[0-9.]*' | tail -1 | cut -d= -f2; }
+
+# The busybox image: one layer, in the $CACHE/NAME layout of make_layers.
+make_busybox() {
+  local dir=$CACHE/busybox root=$W/bbroot a
+  [ -f "$dir/done" ] && return 0
+  rm -rf "$dir" "$root"; mkdir -p "$dir" "$root"/{bin,etc,root,tmp,proc,sys,dev}
+  chmod 1777 "$root/tmp"; chmod 700 "$root/root"
+  cp /bin/busybox "$root/bin/"
+  for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$root/bin/$a"; done
+  printf 'root:x:0:0:root:/root:/bin/sh\n' > "$root/etc/passwd"
+  printf 'root:x:0:\n' > "$root/etc/group"
+  tar -C "$root" --numeric-owner --owner=0 --group=0 -cf "$dir/1.tar" .
+  sha256sum "$dir/1.tar" | cut -d' ' -f1 > "$dir/1.diffid"
+  pigz -6 -c "$dir/1.tar" > "$dir/1.tar.gz"; rm -f "$dir/1.tar"; rm -rf "$root"
+  echo 1 > "$dir/count"; touch "$dir/done"
+}
+
+# The ~200 MB directory for cp: regular files of /usr/share (many small ones) then of
+# /usr/lib/x86_64-linux-gnu (fewer, larger), in find order, 100 MB of each.
+make_tree() {
+  local dir=$CACHE/cp200
+  [ -f "$dir/done" ] && return 0
+  echo "building the 200 MB tree" >&2
+  rm -rf "$dir"; mkdir -p "$dir/tree200"
+  local d
+  for d in /usr/share /usr/lib/x86_64-linux-gnu; do
+    { find "$d" -xdev -type f -printf '%s %p\n' || true; } \
+      | awk '{ if (t >= 100000000) exit; t += $1; print substr($0, index($0, " ") + 2) }'
+  done > "$W/tree.list"
+  tar -C / --no-recursion -cf - -T "$W/tree.list" | tar -C "$dir/tree200" -xf -
+  touch "$dir/done"
+}
+
+cat > "$W/ptydrive.py" <<'PY'
+# pty driver. prompt CMD...: ms from spawn to the first "# " on the pty, then `exit`.
+# save CMD...: at the prompt changes one file and exits, answers Enter then y;
+# prints ms from sending "y\n" to "updated.".
+import os, pty, sys, time, select, struct, fcntl, termios
+mode, cmd = sys.argv[1], sys.argv[2:]
+buf = b""
+def read_until(fd, pat, timeout=60):
+    global buf
+    end = time.monotonic() + timeout
+    while pat not in buf:
+        r, _, _ = select.select([fd], [], [], max(0, end - time.monotonic()))
+        if not r:
+            sys.exit(f"timeout waiting for {pat!r}; output so far: {buf[-2000:]!r}")
+        try:
+            d = os.read(fd, 65536)
+        except OSError:
+            d = b""
+        if not d:
+            sys.exit(f"EOF waiting for {pat!r}; output: {buf[-2000:]!r}")
+        buf += d
+    i = buf.index(pat) + len(pat)
+    buf = buf[i:]
+def drain(fd):
+    global buf
+    while True:
+        r, _, _ = select.select([fd], [], [], 60)
+        if not r:
+            return
+        try:
+            d = os.read(fd, 65536)
+        except OSError:
+            return
+        if not d:
+            return
+        buf += d
+os.environ["TERM"] = "xterm"
+t0 = time.monotonic()
+pid, fd = pty.fork()
+if pid == 0:
+    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    os.execvp(cmd[0], cmd)
+read_until(fd, b"# ")
+t1 = time.monotonic()
+if mode == "prompt":
+    os.write(fd, b"exit\n")
+    drain(fd)
+    _, st = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(st) != 0:
+        sys.exit(f"exit status {st}; output: {buf!r}")
+    if "walt" in os.path.basename(cmd[0]) and b"No changes" not in buf:
+        sys.exit(f"walt did not say 'No changes': {buf!r}")
+    print(f"{(t1 - t0) * 1000:.1f}")
+else:
+    os.write(fd, b"echo x > /root/f; exit\n")
+    read_until(fd, b"(Enter: ")
+    read_until(fd, b": ")
+    os.write(fd, b"\n")
+    read_until(fd, b"(y/n): ")
+    t2 = time.monotonic()
+    os.write(fd, b"y\n")
+    read_until(fd, b"updated.")
+    t3 = time.monotonic()
+    drain(fd)
+    _, st = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(st) != 0:
+        sys.exit(f"exit status {st}; output: {buf!r}")
+    print(f"{(t3 - t2) * 1000:.1f}")
+PY
+drive() { python3 "$W/ptydrive.py" "$@"; }
+
+make_busybox
+make_layers usr430 rand:100 rand:100 rand:100 dir:/usr/lib/gcc+/usr/share/doc+/usr/include
+make_tree
+# The ~430 MB image of bench/clone.sh has no shell: the busybox layer goes on top.
+mkdir -p "$CACHE/usr430bb"
+for i in 1 2 3 4; do for f in tar.gz diffid; do ln -f "$CACHE/usr430/$i.$f" "$CACHE/usr430bb/$i.$f"; done; done
+for f in tar.gz diffid; do ln -f "$CACHE/busybox/1.$f" "$CACHE/usr430bb/5.$f"; done
+echo 5 > "$CACHE/usr430bb/count"
+start_registry
+push_image busybox bench/busybox
+push_image usr430bb bench/big430
+start_walt "$W/data"
+"$BIN/walt" image clone bench:bench/busybox >/dev/null
+podman_env "$W/podman"
+# crun refuses this machine's hybrid cgroup v1/v2 layout ("cgroups in hybrid mode not
+# supported"): podman runs with runc. The overlay podman mounts must go before $W is removed.
+trap 'podman rm -af >/dev/null 2>&1; podman rmi -af >/dev/null 2>&1; umount "$W/podman/root/overlay" 2>/dev/null || true; cleanup' EXIT
+PIMG=127.0.0.1:$REG_PORT/bench/busybox:latest
+podman pull -q --tls-verify=false "$PIMG" >/dev/null
+
+# 1. Time to the first prompt (one untimed warm-up each, then RUNS alternating runs).
+drive prompt "$BIN/walt" image shell busybox >/dev/null
+drive prompt podman run --rm -it --network=none --runtime runc "$PIMG" /bin/sh >/dev/null
+wp=(); pp=(); ws=()
+for r in $(seq "$RUNS"); do
+  wp+=("$(drive prompt "$BIN/walt" image shell busybox)")
+  ws+=("$(last_ms 'shell started')")
+  pp+=("$(drive prompt podman run --rm -it --network=none --runtime runc "$PIMG" /bin/sh)")
+  echo "prompt run $r: walt ${wp[-1]} ms (server ${ws[-1]} ms)  podman ${pp[-1]} ms" >&2
+done
+
+# 2. Save after changing one small file, ~430 MB image and busybox image.
+"$BIN/walt" image clone bench:bench/big430 big430 >/dev/null
+"$BIN/walt" image clone bench:bench/busybox bbsave >/dev/null
+bsc=(); bss=(); ssc=(); sss=()
+for r in $(seq 5); do
+  sync; bsc+=("$(drive save "$BIN/walt" image shell big430)"); bss+=("$(last_ms 'session saved')")
+  sync; ssc+=("$(drive save "$BIN/walt" image shell bbsave)"); sss+=("$(last_ms 'session saved')")
+  echo "save run $r: big430 ${bsc[-1]} ms (server ${bss[-1]} ms)  busybox ${ssc[-1]} ms (server ${sss[-1]} ms)" >&2
+done
+
+# 3. cp of a ~200 MB directory into an image and back, vs tar c | tar x twice.
+tree_mb=$(du -sm "$CACHE/cp200/tree200" | cut -f1)
+tree_files=$(find "$CACHE/cp200/tree200" -type f | wc -l)
+wi=(); wo=(); wt=(); t1s=(); t2s=(); tt=(); cr=()
+for r in $(seq "$CP_RUNS"); do
+  [ "$r" -gt 1 ] && "$BIN/walt" image remove "cp$((r-1))" >/dev/null
+  rm -rf "$W/wout" "$W/t1" "$W/t2"; mkdir -p "$W/wout" "$W/t1" "$W/t2"
+  "$BIN/walt" image clone bench:bench/busybox "cp$r" >/dev/null
+  settle
+  sync; t0=$(now); "$BIN/walt" image cp "$CACHE/cp200/tree200" "cp$r:/root/" >/dev/null 2>"$W/cp.err" || { cat "$W/cp.err" >&2; exit 1; }; t1=$(now)
+  sync; t2=$(now); "$BIN/walt" image cp "cp$r:/root/tree200" "$W/wout/" >/dev/null; t3=$(now)
+  sync; t4=$(now); tar -C "$CACHE/cp200" -cf - tree200 | tar -C "$W/t1" -xf -; t5=$(now)
+  sync; t6=$(now); tar -C "$W/t1" -cf - tree200 | tar -C "$W/t2" -xf -; t7=$(now)
+  wi+=("$(elapsed "$t0" "$t1")"); wo+=("$(elapsed "$t2" "$t3")"); t1s+=("$(elapsed "$t4" "$t5")"); t2s+=("$(elapsed "$t6" "$t7")")
+  wt+=("$(python3 -c "print(f'{${wi[-1]}+${wo[-1]}:.3f}')")"); tt+=("$(python3 -c "print(f'{${t1s[-1]}+${t2s[-1]}:.3f}')")")
+  cr+=("$(ratio "${tt[-1]}" "${wt[-1]}")")
+  echo "cp run $r: walt in ${wi[-1]}s out ${wo[-1]}s = ${wt[-1]}s; tar ${t1s[-1]}s + ${t2s[-1]}s = ${tt[-1]}s; speed ${cr[-1]}" >&2
+done
+if diff -r "$CACHE/cp200/tree200" "$W/wout/tree200" >/dev/null; then same=identical; else same=DIFFERENT; fi
+echo "round trip through the image: $same to the source" >&2
+# Floor of any CLI command: process start + gRPC connection + one small call.
+fl=(); for r in $(seq "$RUNS"); do t0=$(now); "$BIN/walt" image show >/dev/null; t1=$(now); fl+=("$(elapsed "$t0" "$t1")"); done
+[ -z "${WALT_BENCH_LOG:-}" ] || cp "$W/server.log" "$WALT_BENCH_LOG"
+stop_walt
+
+wtb=$(best "${wt[@]}"); ttb=$(best "${tt[@]}")
+cat <<OUT
+| measure | walt | reference | ratio | target |
+| --- | --- | --- | --- | --- |
+| time to prompt, busybox (median of $RUNS) | $(median "${wp[@]}") ms | podman run --rm -it $(median "${pp[@]}") ms | $(ratio "$(median "${wp[@]}")" "$(median "${pp[@]}")") | <= 0.25, < 100 ms |
+| time to prompt, busybox (best of $RUNS) | $(best "${wp[@]}") ms | $(best "${pp[@]}") ms | $(ratio "$(best "${wp[@]}")" "$(best "${pp[@]}")") | |
+| shell started, server side (median) | $(median "${ws[@]}") ms | — | — | |
+| save after one small change, ~430 MB image (median of 5, client: y to updated.) | $(median "${bsc[@]}") ms (server $(median "${bss[@]}") ms) | — | — | < 150 ms |
+| same, busybox image | $(median "${ssc[@]}") ms (server $(median "${sss[@]}") ms) | — | — | same as above |
+| cp ${tree_mb} MB / ${tree_files} files in + out (best of $CP_RUNS) | $wtb s | tar c \| tar x twice $ttb s | speed $(ratio "$ttb" "$wtb") | >= 0.8 |
+| walt image show (CLI floor, median of $RUNS) | $(python3 -c "print(f'{$(median "${fl[@]}")*1000:.1f}')") ms | — | — | |
+| cp speed per run (tar time / walt time, same run) | ${cr[*]} | — | — | >= 0.8 |
+| cp in / out (best) | $(best "${wi[@]}") s / $(best "${wo[@]}") s | $(best "${t1s[@]}") s / $(best "${t2s[@]}") s | | |
+OUT
