@@ -163,7 +163,7 @@ done
 # 3. cp of a ~200 MB directory into an image and back, vs tar c | tar x twice.
 tree_mb=$(du -sm "$CACHE/cp200/tree200" | cut -f1)
 tree_files=$(find "$CACHE/cp200/tree200" -type f | wc -l)
-wi=(); wo=(); wt=(); t1s=(); t2s=(); tt=(); cr=()
+wi=(); wo=(); wt=(); t1s=(); t2s=(); tt=(); cr=(); tds=()
 for r in $(seq "$CP_RUNS"); do
   [ "$r" -gt 1 ] && "$BIN/walt" image remove "cp$((r-1))" >/dev/null
   rm -rf "$W/wout" "$W/t1" "$W/t2"; mkdir -p "$W/wout" "$W/t1" "$W/t2"
@@ -171,12 +171,15 @@ for r in $(seq "$CP_RUNS"); do
   settle
   sync; t0=$(now); "$BIN/walt" image cp "$CACHE/cp200/tree200" "cp$r:/root/" >/dev/null 2>"$W/cp.err" || { cat "$W/cp.err" >&2; exit 1; }; t1=$(now)
   sync; t2=$(now); "$BIN/walt" image cp "cp$r:/root/tree200" "$W/wout/" >/dev/null; t3=$(now)
-  sync; t4=$(now); tar -C "$CACHE/cp200" -cf - tree200 | tar -C "$W/t1" -xf -; t5=$(now)
-  sync; t6=$(now); tar -C "$W/t1" -cf - tree200 | tar -C "$W/t2" -xf -; t7=$(now)
+  sync; t4=$(now); tar -C "$CACHE/cp200" -cf - tree200 | tar -C "$W/t1" -xf -; t5=$(now); sync; t5s=$(now)
+  t6=$(now); tar -C "$W/t1" -cf - tree200 | tar -C "$W/t2" -xf -; t7=$(now); sync; t7s=$(now)
+  # walt's copy into an image is durable when it returns (the layer is
+  # recorded): tar followed by sync is the like-for-like figure.
+  tds+=("$(python3 -c "print(f'{$t5s-$t4+$t7s-$t6:.3f}')")")
   wi+=("$(elapsed "$t0" "$t1")"); wo+=("$(elapsed "$t2" "$t3")"); t1s+=("$(elapsed "$t4" "$t5")"); t2s+=("$(elapsed "$t6" "$t7")")
   wt+=("$(python3 -c "print(f'{${wi[-1]}+${wo[-1]}:.3f}')")"); tt+=("$(python3 -c "print(f'{${t1s[-1]}+${t2s[-1]}:.3f}')")")
   cr+=("$(ratio "${tt[-1]}" "${wt[-1]}")")
-  echo "cp run $r: walt in ${wi[-1]}s out ${wo[-1]}s = ${wt[-1]}s; tar ${t1s[-1]}s + ${t2s[-1]}s = ${tt[-1]}s; speed ${cr[-1]}" >&2
+  echo "cp run $r: walt in ${wi[-1]}s out ${wo[-1]}s = ${wt[-1]}s; tar ${t1s[-1]}s + ${t2s[-1]}s = ${tt[-1]}s (with sync ${tds[-1]}s); speed ${cr[-1]}, vs tar+sync $(ratio "${tds[-1]}" "${wt[-1]}")" >&2
 done
 if diff -r "$CACHE/cp200/tree200" "$W/wout/tree200" >/dev/null; then same=identical; else same=DIFFERENT; fi
 echo "round trip through the image: $same to the source" >&2
@@ -197,5 +200,6 @@ cat <<OUT
 | cp ${tree_mb} MB / ${tree_files} files in + out (best of $CP_RUNS) | $wtb s | tar c \| tar x twice $ttb s | speed $(ratio "$ttb" "$wtb") | >= 0.8 |
 | walt image show (CLI floor, median of $RUNS) | $(python3 -c "print(f'{$(median "${fl[@]}")*1000:.1f}')") ms | — | — | |
 | cp speed per run (tar time / walt time, same run) | ${cr[*]} | — | — | >= 0.8 |
+| cp speed per run vs tar + sync (both durable) | $(for i in "${!tds[@]}"; do printf '%s ' "$(ratio "${tds[$i]}" "${wt[$i]}")"; done) | tar + sync: ${tds[*]} s | — | |
 | cp in / out (best) | $(best "${wi[@]}") s / $(best "${wo[@]}") s | $(best "${t1s[@]}") s / $(best "${t2s[@]}") s | | |
 OUT

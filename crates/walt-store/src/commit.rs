@@ -207,13 +207,30 @@ impl Store {
         {
             return Err(fail("the session is still mounted".into()));
         }
-        sanitize_tree(upper, Path::new("")).map_err(|e| match e {
+        let mut to_sync = Vec::new();
+        sanitize_tree(upper, Path::new(""), &mut to_sync).map_err(|e| match e {
             Sanitize::Refused(rel, xattr) => fail(format!(
                 "'/{}' carries the overlay xattr {xattr} (redirect_dir/metacopy must be off)",
                 rel.display()
             )),
             Sanitize::Io(rel, e) => fail(format!("reading '/{}': {e}", rel.display())),
         })?;
+        // Made durable while the tar is written: file by file for a small
+        // change (independent of unrelated dirty data), the whole
+        // filesystem at once for a large one (one flush instead of many).
+        let durable = {
+            let upper = upper.to_path_buf();
+            std::thread::spawn(move || -> io::Result<()> {
+                if to_sync.len() > SYNC_EACH_MAX {
+                    let f = File::open(&upper)?;
+                    return nix::unistd::syncfs(&f).map_err(io::Error::from);
+                }
+                for p in &to_sync {
+                    File::open(p)?.sync_all()?;
+                }
+                Ok(())
+            })
+        };
 
         // 2. The layer tar, hashed as it is written.
         let (blob_tmp, file) = create_staging_blob(inner)?;
@@ -227,6 +244,10 @@ impl Store {
         let layer_size = w.count;
         let diff_id = finish_digest(w.hasher);
         let file = w.inner.into_inner().map_err(|e| io_err(e.into_error()))?;
+        durable
+            .join()
+            .map_err(|_| fail("the sync thread panicked".into()))?
+            .map_err(|e| fail(format!("making the changes durable: {e}")))?;
 
         // 3. Publish the blob, then the upper directory as the layer.
         publish_blob(inner, blob_tmp, file, &diff_id)?;
@@ -313,10 +334,18 @@ enum Sanitize {
     Io(PathBuf, io::Error),
 }
 
+/// Above this many files and directories, a commit syncs the filesystem
+/// once instead of each of them.
+const SYNC_EACH_MAX: usize = 256;
+
 /// Walks an upper directory: removes every `trusted.overlay.*` xattr but
-/// `opaque=y`, refuses redirects and metacopy, fsyncs files and
-/// directories (only what the session wrote: cheap for a small change).
-fn sanitize_tree(dir: &Path, rel: &Path) -> std::result::Result<(), Sanitize> {
+/// `opaque=y`, refuses redirects and metacopy, and lists the files and
+/// directories to make durable (only what the session wrote).
+fn sanitize_tree(
+    dir: &Path,
+    rel: &Path,
+    to_sync: &mut Vec<PathBuf>,
+) -> std::result::Result<(), Sanitize> {
     let io = |e: io::Error| Sanitize::Io(rel.to_path_buf(), e);
     sanitize_entry(dir, rel)?;
     let mut names: Vec<OsString> = fs::read_dir(dir)
@@ -328,17 +357,15 @@ fn sanitize_tree(dir: &Path, rel: &Path) -> std::result::Result<(), Sanitize> {
         let rel = rel.join(&n);
         let meta = fs::symlink_metadata(&path).map_err(|e| Sanitize::Io(rel.clone(), e))?;
         if meta.is_dir() {
-            sanitize_tree(&path, &rel)?;
+            sanitize_tree(&path, &rel, to_sync)?;
         } else {
             sanitize_entry(&path, &rel)?;
             if meta.is_file() {
-                File::open(&path)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| Sanitize::Io(rel.clone(), e))?;
+                to_sync.push(path);
             }
         }
     }
-    File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
+    to_sync.push(dir.to_path_buf());
     Ok(())
 }
 
