@@ -6,7 +6,7 @@ set -euo pipefail
 log() { echo "install-deps: $*" >&2; }
 
 PACKAGES=(docker-registry busybox-static skopeo umoci apache2-utils openssl expect tmux curl
-          ca-certificates pkg-config docker.io qemu-user-static binfmt-support podman)
+          ca-certificates pkg-config docker.io qemu-user-static binfmt-support)
 
 # Foreign-architecture busybox (for arm images), fetched without changing
 # the system's apt architectures.
@@ -36,7 +36,7 @@ for c in docker-registry skopeo umoci htpasswd openssl expect tmux curl pkg-conf
 done
 [ -x /bin/busybox ] || missing+=("/bin/busybox")
 [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=("ca-certificates")
-for c in qemu-aarch64-static qemu-arm-static update-binfmts podman; do
+for c in qemu-aarch64-static qemu-arm-static update-binfmts; do
     check_cmd "$c"
 done
 
