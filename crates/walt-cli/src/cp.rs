@@ -18,6 +18,9 @@ use super::{Client, status_error};
 
 const CHUNK: usize = 256 * 1024;
 
+/// What the tar producer says when the server no longer reads the stream.
+const SERVER_STOPPED: &str = "the server stopped the copy";
+
 /// Which side of the copy the image is on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -92,7 +95,7 @@ impl ChunkWriter {
             .blocking_send(pb::CopyInRequest {
                 msg: Some(Msg::Tar(chunk)),
             })
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the server stopped the copy"))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, SERVER_STOPPED))
     }
 }
 
@@ -113,8 +116,13 @@ impl Write for ChunkWriter {
     }
 }
 
-/// The name of the top entry for a source path.
+/// The name of the top entry for a source path: its own last component
+/// (a symlink keeps its name, as with `cp`), resolved only for `.`, `..`
+/// and `/`.
 fn top_name(path: &Path) -> anyhow::Result<String> {
+    if let Some(Component::Normal(n)) = path.components().next_back() {
+        return Ok(n.to_string_lossy().into_owned());
+    }
     let resolved =
         fs::canonicalize(path).with_context(|| format!("{}: cannot resolve", path.display()))?;
     Ok(resolved
@@ -150,6 +158,13 @@ async fn copy_in(client: &mut Client, local: &str, image: &str, path: &str) -> a
         w.add(&mut b, &resolved, Path::new(&top), &meta)?;
         let mut writer = b.into_inner()?;
         writer.flush()?;
+        // Only a complete archive is saved by the server.
+        writer
+            .tx
+            .blocking_send(pb::CopyInRequest {
+                msg: Some(Msg::End(true)),
+            })
+            .map_err(|_| anyhow!(SERVER_STOPPED))?;
         Ok(())
     });
     let call = client.copy_in(ReceiverStream::new(rx)).await;
@@ -157,9 +172,15 @@ async fn copy_in(client: &mut Client, local: &str, image: &str, path: &str) -> a
         .await
         .map_err(|e| anyhow!("copy task failed: {e}"))?
         .map_err(|_| anyhow!("copy task panicked"))?;
-    // The server's reason comes first: it may have stopped reading.
-    let reply = call.map_err(status_error)?.into_inner();
-    produced?;
+    // A local failure (an unreadable file...) explains the server's
+    // "interrupted"; otherwise the server's reason comes first: it may have
+    // stopped reading (and then our side only saw a closed stream).
+    let reply = match (call, produced) {
+        (Ok(reply), Ok(())) => reply.into_inner(),
+        (Err(s), Ok(())) => return Err(status_error(s)),
+        (Err(s), Err(e)) if e.to_string().contains(SERVER_STOPPED) => return Err(status_error(s)),
+        (_, Err(e)) => return Err(e),
+    };
     if !reply.message.is_empty() {
         eprintln!("{}", reply.message);
     }
@@ -240,7 +261,11 @@ impl Walker {
                 self.links.insert(key, name.to_path_buf());
             }
             let f = fs::File::open(path).with_context(ctx)?;
-            b.append_data(&mut h, name, f).with_context(ctx)?;
+            // Exactly the size in the header, even if the file changes
+            // meanwhile (a longer or shorter body would corrupt the stream).
+            let len = meta.len();
+            let body = f.take(len).chain(io::repeat(0)).take(len);
+            b.append_data(&mut h, name, body).with_context(ctx)?;
         } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
             h.set_size(0);
             b.append_data(&mut h, name, io::empty()).with_context(ctx)?;
@@ -363,6 +388,19 @@ fn landing(dest: &Path, top: &std::ffi::OsStr) -> anyhow::Result<PathBuf> {
     Ok(dest.to_path_buf())
 }
 
+/// Whether a directory on the way from `base` to `base/parts` (the last
+/// part excluded) is a symlink.
+fn through_symlink(base: &Path, parts: &[&std::ffi::OsStr]) -> bool {
+    let mut cur = base.to_path_buf();
+    for p in parts.iter().take(parts.len().saturating_sub(1)) {
+        cur.push(p);
+        if fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink()) {
+            return true;
+        }
+    }
+    false
+}
+
 /// Extracts the archive (one top entry) to `dest` with the `cp -r` rules.
 fn extract(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
     let mut archive = tar::Archive::new(reader);
@@ -372,6 +410,7 @@ fn extract(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
     archive.set_preserve_ownerships(root);
     archive.set_unpack_xattrs(root);
     let mut target: Option<(std::ffi::OsString, PathBuf)> = None;
+    let mut top_is_dir = false;
     let mut dirs: Vec<(PathBuf, tar::Header)> = Vec::new();
     let mut skipped_devices = 0usize;
     for entry in archive.entries().context("cannot read the archive")? {
@@ -398,6 +437,7 @@ fn extract(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
                         );
                     }
                 }
+                top_is_dir = kind.is_dir() || parts.len() > 1;
                 target = Some((top.clone(), base.clone()));
                 (top, base)
             }
@@ -416,16 +456,19 @@ fn extract(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
         } else {
             base.join(&rel)
         };
-        // Never write through a symlink the archive created.
-        let mut cur = base.clone();
-        for p in parts[1..].iter().take(parts.len().saturating_sub(2)) {
-            cur.push(p);
-            if fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink()) {
-                bail!(
-                    "refusing archive entry '{}': it goes through a symlink",
-                    name.display()
-                );
-            }
+        // Only a directory has entries below it; never write through a
+        // symlink the archive created.
+        if parts.len() > 1 && !top_is_dir {
+            bail!(
+                "refusing archive entry '{}': its top entry is not a directory",
+                name.display()
+            );
+        }
+        if through_symlink(&base, &parts[1..]) {
+            bail!(
+                "refusing archive entry '{}': it goes through a symlink",
+                name.display()
+            );
         }
         match kind {
             tar::EntryType::Link => {
@@ -435,7 +478,7 @@ fn extract(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
                     .ok_or_else(|| anyhow!("hard link without a target"))?
                     .into_owned();
                 let lp = entry_parts(&link)?;
-                if lp[0] != top {
+                if lp[0] != top || through_symlink(&base, &lp[1..]) {
                     bail!(
                         "refusing hard link '{}' to '{}'",
                         name.display(),
@@ -508,6 +551,75 @@ mod tests {
             }
         );
         assert!(direction("a", "b").is_err());
+    }
+
+    enum E<'a> {
+        Dir(&'a str),
+        File(&'a str),
+        Link(&'a str, &'a Path),
+        Hard(&'a str, &'a str),
+    }
+
+    fn archive(entries: &[E]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for e in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o755);
+            h.set_size(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_600_000_000);
+            match e {
+                E::Dir(p) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    b.append_data(&mut h, p, io::empty()).unwrap();
+                }
+                E::File(p) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(4);
+                    b.append_data(&mut h, p, &b"evil"[..]).unwrap();
+                }
+                E::Link(p, t) => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    b.append_link(&mut h, p, t).unwrap();
+                }
+                E::Hard(p, t) => {
+                    h.set_entry_type(tar::EntryType::Link);
+                    b.append_link(&mut h, p, t).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn extraction_never_writes_through_links() {
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), "s").unwrap();
+        let o = outside.path();
+        let cases: Vec<Vec<E>> = vec![
+            // A symlink as the top entry, then something below it.
+            vec![E::Link("t", o), E::File("t/x")],
+            // A symlink inside, then something below it.
+            vec![E::Dir("t"), E::Link("t/l", o), E::File("t/l/x")],
+            // A hard link to a file reached through a symlink.
+            vec![E::Dir("t"), E::Link("t/l", o), E::Hard("t/h", "t/l/secret")],
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let dest = tempfile::tempdir().unwrap();
+            let r = extract(&archive(c)[..], dest.path());
+            assert!(r.is_err(), "case {i} accepted");
+            assert!(!o.join("x").exists(), "case {i} wrote outside");
+            assert!(!dest.path().join("t/h").exists(), "case {i} linked outside");
+        }
+        // A plain tree is accepted.
+        let dest = tempfile::tempdir().unwrap();
+        extract(
+            &archive(&[E::Dir("t"), E::File("t/f"), E::Hard("t/g", "t/f")])[..],
+            dest.path(),
+        )
+        .unwrap();
+        assert_eq!(fs::read(dest.path().join("t/g")).unwrap(), b"evil");
     }
 
     #[test]

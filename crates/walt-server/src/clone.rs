@@ -38,6 +38,7 @@ enum Source {
 
 /// A validated clone request.
 pub struct Plan {
+    _lock: crate::session::LockGuard,
     url: CloneUrl,
     target: ImageName,
     notice: Option<String>,
@@ -137,7 +138,10 @@ pub async fn plan(
             }
         }
     };
-    state.locks.ensure_free(&target)?;
+    // Held until the clone ends: no session opens the image meanwhile.
+    let lock = state
+        .locks
+        .acquire(&target, "walt image clone".to_string())?;
     if !req.force {
         let store = state.store.clone();
         let t = target.clone();
@@ -149,6 +153,7 @@ pub async fn plan(
         }
     }
     Ok(Plan {
+        _lock: lock,
         url,
         target,
         notice,

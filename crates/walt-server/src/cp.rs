@@ -95,7 +95,13 @@ pub async fn copy_in(
                         break;
                     }
                 }
-                Ok(None) => break,
+                Ok(Some(pb::CopyInRequest { msg: Some(Msg::End(_)) })) => break,
+                Ok(None) => {
+                    // The client stopped without saying the archive was
+                    // complete (its side failed): save nothing.
+                    failure = Some(ServiceError::InvalidArgument("copy interrupted by the client".into()));
+                    break;
+                }
                 Ok(Some(_)) => {
                     failure = Some(ServiceError::InvalidArgument("unexpected message in a copy stream".into()));
                     break;
@@ -115,8 +121,7 @@ pub async fn copy_in(
         let _ = w.shutdown().await;
     }
     if let Some(e) = failure {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
+        crate::session::stop_sandbox(&mut child).await;
         tracing::info!(image = %session.rec.name, "copy into the image abandoned: {e}");
         return Err(e);
     }
@@ -187,16 +192,14 @@ pub async fn copy_out(
         let mut chunk = first;
         loop {
             if tx.send(Ok(pb::CopyOutChunk { tar: chunk })).await.is_err() {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
+                crate::session::stop_sandbox(&mut child).await;
                 return;
             }
             let mut buf = vec![0u8; CHUNK];
             let n = tokio::select! {
                 n = read_full(&mut stdout, &mut buf) => n,
                 _ = state.shutdown.cancelled() => {
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
+                    crate::session::stop_sandbox(&mut child).await;
                     let _ = tx.send(Err(Status::from(ServiceError::ShuttingDown))).await;
                     return;
                 }

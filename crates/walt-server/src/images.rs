@@ -226,7 +226,7 @@ impl Images for ImagesService {
         blocking(move || {
             ensure_exists(&state, &name)?;
             ensure_unused(&state, &name, "remove")?;
-            state.locks.ensure_free(&name)?;
+            let _lock = state.locks.acquire(&name, "walt image remove".into())?;
             state.store.remove_image(&name)?;
             tracing::info!(image = %name, "image removed");
             Ok(())
@@ -245,8 +245,10 @@ impl Images for ImagesService {
         blocking(move || {
             ensure_exists(&state, &from)?;
             ensure_unused(&state, &from, "rename")?;
-            state.locks.ensure_free(&from)?;
-            state.locks.ensure_free(&to)?;
+            let _from = state.locks.acquire(&from, "walt image rename".into())?;
+            let _to = (to != from)
+                .then(|| state.locks.acquire(&to, "walt image rename".into()))
+                .transpose()?;
             ensure_free(&state, &to)?;
             state.store.rename_image(&from, &to)?;
             tracing::info!(from = %from, to = %to, "image renamed");
@@ -285,7 +287,7 @@ impl Images for ImagesService {
         let reply = blocking(move || {
             ensure_exists(&state, &name)?;
             ensure_unused(&state, &name, "squash")?;
-            state.locks.ensure_free(&name)?;
+            let _lock = state.locks.acquire(&name, "walt image squash".into())?;
             let out = state.store.squash_image(&name)?;
             let short = name.short();
             let message = if out.squashed {

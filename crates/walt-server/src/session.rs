@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use walt_container::{Job, Spec};
 use walt_core::ImageName;
 use walt_core::oci::ImageConfig;
-use walt_store::{CommitOutcome, ImageRecord, SessionDir, Store};
+use walt_store::{CommitOutcome, ImageRecord, ImportGuard, SessionDir, Store};
 
 use crate::State;
 use crate::error::ServiceError;
@@ -38,15 +38,6 @@ impl Locks {
             locks: self.clone(),
             name: name.clone(),
         })
-    }
-
-    /// Fails when `name` is being modified.
-    pub fn ensure_free(&self, name: &ImageName) -> Result<(), ServiceError> {
-        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        match held.get(name) {
-            Some(h) => Err(busy(name, h)),
-            None => Ok(()),
-        }
     }
 }
 
@@ -97,6 +88,9 @@ pub struct Session {
     /// Removed (off the async threads) when the session is dropped.
     dir: Option<SessionDir>,
     layers: Vec<std::path::PathBuf>,
+    /// Keeps gc from removing the layers the sandbox mounts (an image
+    /// removed or replaced meanwhile), until the session is dropped.
+    import: Option<ImportGuard>,
     _lock: Option<LockGuard>,
 }
 
@@ -121,7 +115,7 @@ impl Session {
             None
         };
         let st = state.clone();
-        let (rec, config, dir, layers) = blocking(move || {
+        let (rec, config, dir, layers, import) = blocking(move || {
             let store: &Store = &st.store;
             let rec = store.get_image(&name)?.ok_or_else(|| {
                 ServiceError::NotFound(format!(
@@ -136,9 +130,10 @@ impl Session {
                         name.short()
                     ))
                 })?;
+            let import = store.begin_import();
             let layers = store.layer_dirs(&rec)?;
             let dir = store.session_dir("session")?;
-            Ok((rec, config, dir, layers))
+            Ok((rec, config, dir, layers, import))
         })
         .await?;
         Ok(Session {
@@ -147,6 +142,7 @@ impl Session {
             config,
             dir: Some(dir),
             layers,
+            import: Some(import),
             _lock: lock,
         })
     }
@@ -221,14 +217,46 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Some(dir) = self.dir.take() {
-            // A discarded upper directory can be large.
-            match tokio::runtime::Handle::try_current() {
-                Ok(h) => {
-                    h.spawn_blocking(move || drop(dir));
+        let (dir, import) = (self.dir.take(), self.import.take());
+        // A discarded upper directory can be large, and the last import
+        // guard runs a deferred gc: both off the async threads.
+        let cleanup = move || {
+            if let Some(dir) = dir {
+                let path = dir.path().to_path_buf();
+                drop(dir);
+                // Processes of a killed sandbox may still be exiting.
+                for _ in 0..20 {
+                    if !path.exists() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    let _ = std::fs::remove_dir_all(&path);
                 }
-                Err(_) => drop(dir),
             }
+            drop(import);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(cleanup);
+            }
+            Err(_) => cleanup(),
         }
     }
+}
+
+/// Stops a sandbox: SIGTERM (it kills its namespace and waits for it),
+/// then SIGKILL if it has not exited within 5 s. Returns once it is reaped.
+pub async fn stop_sandbox(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: signalling our own child, which is not reaped yet.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        if tokio::time::timeout(std::time::Duration::from_secs(5), child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
 }

@@ -191,7 +191,10 @@ async fn run(
 
     // Keystrokes go through their own task: a shell that does not read its
     // input must not stop its output from flowing.
-    let (keys_tx, mut keys_rx) = mpsc::channel::<Vec<u8>>(64);
+    // Unbounded: awaiting room here would stall the whole relay (output,
+    // exit, disconnect) behind a shell that does not read; what it holds is
+    // bounded by what the client sends.
+    let (keys_tx, mut keys_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = {
         let pty = pty.clone();
         tokio::spawn(async move {
@@ -225,7 +228,7 @@ async fn run(
             },
             m = input.message(), if input_open => match m {
                 Ok(Some(pb::ShellInput { input: Some(Input::Stdin(b)) })) => {
-                    let _ = keys_tx.send(b).await;
+                    let _ = keys_tx.send(b);
                 }
                 Ok(Some(pb::ShellInput { input: Some(Input::Resize(ws)) })) => pty.resize(&ws),
                 Ok(Some(_)) => {}
@@ -251,8 +254,7 @@ async fn run(
     let status = match outcome {
         Ok(s) => s,
         Err(why) => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+            crate::session::stop_sandbox(&mut child).await;
             tracing::info!(image = %session.rec.name, "shell ended: {why}; changes discarded");
             if why.contains("shutting down") {
                 return Err(ServiceError::ShuttingDown);
@@ -313,12 +315,21 @@ async fn save_dialogue(
                 }
             }
         };
-        if target != session.rec.name
-            && let Err(e) = state.locks.ensure_free(&target)
-        {
-            let _ = tx.send(out(Output::InvalidName(e.to_string()))).await;
-            continue;
-        }
+        // Another name is locked while this session writes it.
+        let _target_lock = if target == session.rec.name {
+            None
+        } else {
+            match state
+                .locks
+                .acquire(&target, format!("a shell of {user} saving into it"))
+            {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    let _ = tx.send(out(Output::InvalidName(e.to_string()))).await;
+                    continue;
+                }
+            }
+        };
         let (st, t) = (state.clone(), target.clone());
         let (exists, in_use) = blocking(move || {
             let exists = st.store.get_image(&t)?.is_some();
