@@ -97,6 +97,11 @@ impl ContainerError {
 /// The command that runs `spec` in a sandbox: `/proc/self/exe __walt-sandbox <json>`,
 /// killed when dropped, with an empty environment. The program is `$WALT_SANDBOX_EXE`
 /// when set (tools). stdio is left to the caller.
+///
+/// The sandbox is tied to its spawner with `PR_SET_PDEATHSIG`, which fires when the
+/// *thread* that forked it exits, not the process. Spawn it from a thread that lives as long
+/// as the sandbox: a tokio worker (an `async` task), never `spawn_blocking` (its threads
+/// are reaped when idle, which would SIGKILL a running sandbox).
 pub fn command(spec: &Spec) -> io::Result<tokio::process::Command> {
     let json = serde_json::to_string(spec).map_err(io::Error::other)?;
     let exe = std::env::var_os("WALT_SANDBOX_EXE").unwrap_or_else(|| "/proc/self/exe".into());
@@ -106,12 +111,18 @@ pub fn command(spec: &Spec) -> io::Result<tokio::process::Command> {
         .arg(json)
         .env_clear()
         .kill_on_drop(true);
-    // SAFETY: prctl is async-signal-safe. PDEATHSIG survives the exec (not setuid), so the
-    // sandbox dies with the server even if the server dies before sandbox_main runs.
+    let server = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe. PDEATHSIG survives the exec (not
+    // setuid), so the sandbox dies with the server even if the server dies before
+    // sandbox_main runs; if the server died between fork and prctl (getppid changed), no
+    // signal will come: leave at once.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != server {
+                libc::_exit(1);
             }
             Ok(())
         });

@@ -13,7 +13,8 @@ use crate::{ContainerError, Job, MAX_LAYERS, MOUNT_POINTS, Spec, WINSIZE_ENV};
 const HOSTNAME: &str = "image-shell";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Capabilities kept in the bounding set (podman's defaults).
+/// Capabilities kept in the bounding set: podman's current defaults (containers.conf
+/// `default_capabilities`), which no longer include NET_RAW and AUDIT_WRITE.
 const KEEP_CAPS: &[u32] = &[
     0,  // CHOWN
     1,  // DAC_OVERRIDE
@@ -24,9 +25,7 @@ const KEEP_CAPS: &[u32] = &[
     7,  // SETUID
     8,  // SETPCAP
     10, // NET_BIND_SERVICE
-    13, // NET_RAW
     18, // SYS_CHROOT
-    29, // AUDIT_WRITE
     31, // SETFCAP
 ];
 
@@ -142,6 +141,9 @@ const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+/// fsmount attr flag: device nodes of the image (layers, or created by a TarIn job from a
+/// client's archive) must not give access to host devices.
+const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
 
 const OVERLAY_OPTS: &[(&str, &str)] = &[
     ("redirect_dir", "off"),
@@ -284,7 +286,12 @@ fn overlay_new_api(spec: &Spec, layers: &[PathBuf]) -> Result<bool> {
                 format!("{e} {}", fs_log(fs.as_raw_fd())).trim().to_string(),
             ));
         }
-        let m = libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, 0);
+        let m = libc::syscall(
+            libc::SYS_fsmount,
+            fs.as_raw_fd(),
+            FSMOUNT_CLOEXEC,
+            MOUNT_ATTR_NODEV,
+        );
         if m < 0 {
             return Err(overlay_err(spec, format!("fsmount: {}", last_err())));
         }
@@ -358,7 +365,7 @@ fn overlay_classic(spec: &Spec, layers: &[PathBuf]) -> Result<()> {
             c"overlay".as_ptr(),
             target.as_ptr(),
             c"overlay".as_ptr(),
-            0,
+            libc::MS_NODEV,
             c_data.as_ptr().cast(),
         );
         let e = last_err();
@@ -397,6 +404,22 @@ fn decode_status(status: libc::c_int) -> i32 {
     }
 }
 
+/// pid 1 of the sandbox's pid namespace, for the SIGTERM handler.
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// SIGTERM in the outer sandbox process: SIGKILL the namespace's pid 1 (which takes every
+/// process of the namespace with it); the parent then reaps it and exits, so that when the
+/// server's wait() returns, nothing of the sandbox is left. Async-signal-safe only.
+extern "C" fn on_sigterm(_: libc::c_int) {
+    let pid = CHILD.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
 fn run_container(spec: &Spec, session: &Path) -> Result<i32> {
     // DNS: a copy of the host's resolv.conf in the session dir, bind-mounted later.
     let resolv = match std::fs::read("/etc/resolv.conf") {
@@ -408,19 +431,70 @@ fn run_container(spec: &Spec, session: &Path) -> Result<i32> {
         }
         Err(_) => None,
     };
+    // A pipe whose write end only this process holds: the child sees EOF on it once we are
+    // gone. (The child is pid 1 of a new pid namespace, where getppid() is always 0, so it
+    // cannot compare its parent's pid.)
+    let mut alive = [0 as RawFd; 2];
+    // SAFETY: pipe2 into a local array; the fds are wrapped at once.
+    let (alive_r, alive_w) = unsafe {
+        check(libc::pipe2(alive.as_mut_ptr(), libc::O_CLOEXEC), || {
+            "pipe".into()
+        })?;
+        (
+            OwnedFd::from_raw_fd(alive[0]),
+            OwnedFd::from_raw_fd(alive[1]),
+        )
+    };
+    // SIGTERM (the server stopping the session) is blocked across the fork: the parent
+    // handles it once it knows the child's pid, the child gets the default back.
+    // SAFETY: sigset manipulation on local structs.
+    let old_mask = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
+        old
+    };
     // SAFETY: this process is single-threaded.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(ContainerError::sys("fork", last_err()));
     }
     if pid > 0 {
-        return Ok(wait_status(pid));
+        drop(alive_r);
+        // SAFETY: installing an async-signal-safe handler, then restoring the mask.
+        unsafe {
+            CHILD.store(pid, std::sync::atomic::Ordering::SeqCst);
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigterm as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            // No SA_RESTART: waitpid returns EINTR and is simply retried.
+            sa.sa_flags = 0;
+            libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+            libc::sigprocmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut());
+        }
+        let status = wait_status(pid);
+        drop(alive_w);
+        return Ok(status);
     }
     // pid 1 of the new pid namespace.
-    // SAFETY: plain prctl.
+    drop(alive_w);
+    // SAFETY: plain prctl, poll and sigprocmask on our own fds / process.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        // The parent may have died between fork and prctl: then no signal would come.
+        let mut pfd = libc::pollfd {
+            fd: alive_r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        if libc::poll(&mut pfd, 1, 0) != 0 {
+            libc::_exit(1);
+        }
+        libc::sigprocmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut());
     }
+    drop(alive_r);
     let code = match init(spec, resolv.as_deref()) {
         Ok(code) => code,
         Err(e) => {
@@ -466,6 +540,58 @@ fn mount(
         )
     };
     if r < 0 { Err(err(last_err())) } else { Ok(()) }
+}
+
+/// Parts of /proc that reach the host kernel: the sandbox runs as real root (no user
+/// namespace), so like podman/runc they are read-only...
+const PROC_READONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus"];
+/// ...or masked (/dev/null over files, an empty read-only tmpfs over directories).
+const PROC_MASKED: &[&str] = &["kcore", "keys", "timer_list", "sched_debug", "acpi", "scsi"];
+
+/// Make the host-wide parts of a freshly mounted procfs read-only or masked; what this
+/// kernel does not have is skipped.
+fn harden_proc(proc: &Path) -> Result<()> {
+    let common = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    for name in PROC_READONLY {
+        let p = proc.join(name);
+        if std::fs::symlink_metadata(&p).is_err() {
+            continue;
+        }
+        let s = p.to_string_lossy();
+        mount(&s, &p, None, libc::MS_BIND | libc::MS_REC, None)?;
+        mount(
+            &s,
+            &p,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | common,
+            None,
+        )?;
+    }
+    for name in PROC_MASKED {
+        let p = proc.join(name);
+        match std::fs::symlink_metadata(&p) {
+            Err(_) => continue,
+            Ok(m) if m.is_dir() => mount(
+                "tmpfs",
+                &p,
+                Some("tmpfs"),
+                libc::MS_RDONLY | common,
+                Some("size=0,mode=555"),
+            )?,
+            Ok(_) => {
+                // Still the host's /dev/null: this runs before pivot_root.
+                mount("/dev/null", &p, None, libc::MS_BIND, None)?;
+                mount(
+                    "/dev/null",
+                    &p,
+                    None,
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | common,
+                    None,
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn mkdir(p: &Path, mode: u32) -> Result<()> {
@@ -695,6 +821,7 @@ fn init(spec: &Spec, resolv: Option<&Path>) -> Result<i32> {
     }
     let common = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount("proc", &merged.join("proc"), Some("proc"), common, None)?;
+    harden_proc(&merged.join("proc"))?;
     mount(
         "sysfs",
         &merged.join("sys"),

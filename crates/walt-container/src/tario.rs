@@ -255,6 +255,11 @@ pub(crate) fn tar_in(dest: &str) -> Result<(), String> {
         .map_err(|e| format!("bad archive: {}", errstr(&e)))?
     {
         let mut entry = entry.map_err(|e| format!("bad archive: {}", errstr(&e)))?;
+        // A pax global header (`git archive` starts with one) is not a file: skip it before
+        // it can be taken as the top entry.
+        if entry.header().entry_type() == EntryType::XGlobalHeader {
+            continue;
+        }
         let path = entry
             .path()
             .map_err(|e| format!("bad archive: {}", errstr(&e)))?
@@ -298,7 +303,6 @@ pub(crate) fn tar_in(dest: &str) -> Result<(), String> {
             | EntryType::Char
             | EntryType::Block
             | EntryType::Fifo => {}
-            EntryType::XGlobalHeader => continue,
             EntryType::Link => {
                 let t = entry
                     .link_name()

@@ -38,6 +38,10 @@ const TESTS: &[(&str, TestFn)] = tests![
     tar_paths_stay_in_image,
     too_many_layers,
     many_layers,
+    proc_is_hardened,
+    image_devices_unusable,
+    tar_in_skips_global_header,
+    sigterm_tears_down_namespace,
 ];
 
 fn main() {
@@ -357,7 +361,8 @@ async fn caps_dropped() {
     let (o, _) = sh(&fx, "mknod /root/n c 1 3").await;
     assert_ne!(o.code, 0, "mknod succeeded inside the sandbox");
     let (o, _) = sh(&fx, "grep CapBnd /proc/self/status").await;
-    assert!(o.text().contains("00000000a00425fb"), "{}", o.text());
+    // podman's defaults without NET_RAW (13) and AUDIT_WRITE (29)
+    assert!(o.text().contains("00000000800405fb"), "{}", o.text());
     let (o, _) = sh(
         &fx,
         "id -u; touch /root/f && chown 12:34 /root/f 2>&1 || echo nochown",
@@ -881,4 +886,202 @@ async fn many_layers_with(n: usize, classic: bool) {
         String::from_utf8_lossy(&o.stdout),
         format!("{}added", n - 1)
     );
+}
+
+async fn proc_is_hardened() {
+    let fx = Fx::new();
+    // (uts namespace: even without the fix this does not touch the host's hostname)
+    let (o, _) = sh(
+        &fx,
+        "echo walt-x > /proc/sys/kernel/hostname && echo WROTE; hostname",
+    )
+    .await;
+    assert!(
+        !o.text().contains("WROTE"),
+        "/proc/sys writable: {}",
+        o.text()
+    );
+    assert!(o.text().contains("image-shell"), "{}", o.text());
+    let (o, _) = sh(&fx, "echo x > /proc/sysrq-trigger && echo WROTE").await;
+    assert!(!o.text().contains("WROTE"), "/proc/sysrq-trigger writable");
+    let (o, _) = sh(
+        &fx,
+        "cat /proc/kcore | grep -c . ; cat /proc/keys; ls /proc/acpi 2>/dev/null",
+    )
+    .await;
+    assert!(
+        o.text().trim().is_empty() || o.text().trim() == "0",
+        "masked /proc entries readable: {:?}",
+        o.text()
+    );
+    let (o, _) = sh(&fx, "cat /proc/timer_list | grep -c .").await;
+    assert_eq!(o.text().trim(), "0", "timer_list not masked");
+    // Still usable.
+    let (o, _) = sh(
+        &fx,
+        "grep -c ^Name: /proc/self/status; cat /proc/sys/kernel/hostname",
+    )
+    .await;
+    assert_eq!(
+        (o.code, o.text().as_str()),
+        (0, "1\nimage-shell\n"),
+        "{}",
+        o.stderr
+    );
+}
+
+async fn image_devices_unusable() {
+    let fx = Fx::new();
+    mknod(&fx.l1().join("root/mem"), libc::S_IFCHR | 0o666, 1, 1);
+    mknod(&fx.l1().join("root/null"), libc::S_IFCHR | 0o666, 1, 3);
+    let (o, _) = sh(
+        &fx,
+        "cat /root/mem >/dev/null 2>&1 && echo MEM; cat /root/null && echo NULL; \
+         echo x > /root/null && echo WNULL; \
+         echo x > /dev/null && cat /dev/null && echo DEVOK",
+    )
+    .await;
+    let t = o.text();
+    for bad in ["MEM", "NULL\n", "WNULL"] {
+        assert!(
+            !t.contains(bad),
+            "image device node usable ({bad}): {t} {}",
+            o.stderr
+        );
+    }
+    assert!(t.contains("DEVOK"), "/dev/null broken: {t} {}", o.stderr);
+    assert!(o.stderr.contains("Permission denied"), "{}", o.stderr);
+    // Same with the mount(2) fallback.
+    let spec = fx.spec(Job::Exec {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "cat /root/null && echo NULL".into(),
+        ],
+        env: vec!["PATH=/bin".into()],
+        cwd: "/".into(),
+    });
+    let mut cmd = command(&spec).unwrap();
+    cmd.env("WALT_SANDBOX_CLASSIC_MOUNT", "1");
+    let o = cmd.output().await.unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(!out.contains("NULL"), "classic mount: {out} {err}");
+    assert!(err.contains("Permission denied"), "classic mount: {err}");
+
+    // TarIn still creates device entries (the image content is kept), but they cannot
+    // be opened in the sandbox.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Char);
+    h.set_mode(0o666);
+    h.set_size(0);
+    h.set_device_major(1).unwrap();
+    h.set_device_minor(3).unwrap();
+    b.append_data(&mut h, "devnode", std::io::empty()).unwrap();
+    let data = b.into_inner().unwrap();
+    let (i, spec) = tar_in(&fx, "/root", data).await;
+    assert_eq!((i.code, i.stderr.as_str()), (0, ""));
+    let m = std::fs::symlink_metadata(spec.upper.join("root/devnode")).unwrap();
+    assert_eq!(m.rdev(), libc::makedev(1, 3));
+    let mut spec = spec;
+    spec.job = Job::Exec {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "cat /root/devnode && echo OPENED".into(),
+        ],
+        env: vec!["PATH=/bin".into()],
+        cwd: "/".into(),
+    };
+    let o = run(&spec, None).await;
+    assert!(!o.text().contains("OPENED"), "{} {}", o.text(), o.stderr);
+    assert!(o.stderr.contains("Permission denied"), "{}", o.stderr);
+}
+
+async fn tar_in_skips_global_header() {
+    let fx = Fx::new();
+    // Like `git archive`: a pax global header first, then the tree.
+    let mut b = tar::Builder::new(Vec::new());
+    let rec = b"52 comment=0123456789abcdef0123456789abcdef01234567\n";
+    let mut g = tar::Header::new_ustar();
+    g.set_entry_type(tar::EntryType::XGlobalHeader);
+    g.set_path("pax_global_header").unwrap();
+    g.set_mode(0o666);
+    g.set_size(rec.len() as u64);
+    g.set_cksum();
+    b.append(&g, &rec[..]).unwrap();
+    let mut d = tar::Header::new_ustar();
+    d.set_entry_type(tar::EntryType::Directory);
+    d.set_mode(0o755);
+    d.set_size(0);
+    b.append_data(&mut d, "proj/", std::io::empty()).unwrap();
+    let mut f = tar::Header::new_ustar();
+    f.set_mode(0o644);
+    f.set_size(5);
+    b.append_data(&mut f, "proj/README", &b"hello"[..]).unwrap();
+    let data = b.into_inner().unwrap();
+    let (o, spec) = tar_in(&fx, "/root", data).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    assert_eq!(
+        std::fs::read(spec.upper.join("root/proj/README")).unwrap(),
+        b"hello"
+    );
+    assert!(!spec.upper.join("root/pax_global_header").exists());
+}
+
+/// pids (in our namespace) whose mountinfo mentions `needle`.
+fn mounts_with(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(m) = std::fs::read_to_string(e.path().join("mountinfo"))
+            && m.contains(needle)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+async fn sigterm_tears_down_namespace() {
+    for _ in 0..3 {
+        let fx = Fx::new();
+        let spec = fx.spec(Job::Exec {
+            argv: vec!["sleep".into(), "98765".into()],
+            env: vec![],
+            cwd: "/".into(),
+        });
+        let session = spec.upper.parent().unwrap().to_string_lossy().into_owned();
+        let mut cmd = command(&spec).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let pids = loop {
+            let p = processes_with("sleep 98765");
+            if !p.is_empty() {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "sleep never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(child.id().unwrap() as i32, libc::SIGTERM);
+        }
+        child.wait().await.unwrap();
+        let left: Vec<_> = pids
+            .iter()
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+            .collect();
+        assert!(left.is_empty(), "sleep still there after wait: {left:?}");
+        let m = mounts_with(&session);
+        assert!(m.is_empty(), "session mounts still there after wait: {m:?}");
+    }
 }

@@ -223,19 +223,48 @@ pub async fn run(
     }
 }
 
-/// The single-platform manifest of `url`, resolving an index for this
-/// server's architecture. Returns (manifest, its bytes, its digest, media type).
+/// Fetches the manifest of `url`, resolving an index to this server's
+/// platform: (manifest, its bytes, digest, media type).
 pub(crate) async fn resolve_manifest(
     client: &RegistryClient,
     url: &CloneUrl,
     events: &Events,
 ) -> Result<(Manifest, Vec<u8>, String, String), ServiceError> {
-    let path = url.path();
+    let fetched = client.get_manifest(&url.path(), &url.tag).await?;
+    let r = resolve_fetched(client, url, fetched).await?;
+    if r.from_index {
+        let (arch, _) = oci::oci_arch(std::env::consts::ARCH);
+        say(
+            events,
+            format!("multi-platform image: using the linux/{arch} variant"),
+        )
+        .await;
+    }
+    Ok((r.manifest, r.bytes, r.digest, r.media_type))
+}
+
+/// An image manifest, after resolving an index.
+pub(crate) struct Resolved {
+    pub manifest: Manifest,
+    pub bytes: Vec<u8>,
+    pub digest: String,
+    pub media_type: String,
+    /// It came from an index (one more request was made).
+    pub from_index: bool,
+}
+
+/// Parses a fetched manifest of `url`; an index is resolved to this
+/// server's platform (one more request).
+pub(crate) async fn resolve_fetched(
+    client: &RegistryClient,
+    url: &CloneUrl,
+    fetched: walt_registry::FetchedManifest,
+) -> Result<Resolved, ServiceError> {
     let bad = |e: oci::DocError| {
         ServiceError::FailedPrecondition(format!("registry '{}': {url}: {e}", client.label()))
     };
-    let fetched = client.get_manifest(&path, &url.tag).await?;
     let mut media_type = fetched.media_type.clone();
+    let mut from_index = false;
     let (manifest, bytes, digest) =
         match ManifestDoc::parse(&fetched.bytes, media_type.as_deref()).map_err(bad)? {
             ManifestDoc::Image(m) => (*m, fetched.bytes, fetched.digest),
@@ -253,12 +282,8 @@ pub(crate) async fn resolve_manifest(
                         platforms.join(", ")
                     )));
                 };
-                say(
-                    events,
-                    format!("multi-platform image: using the linux/{arch} variant"),
-                )
-                .await;
-                let inner = client.get_manifest(&path, &desc.digest).await?;
+                from_index = true;
+                let inner = client.get_manifest(&url.path(), &desc.digest).await?;
                 media_type = inner.media_type.clone().or(Some(desc.media_type.clone()));
                 match ManifestDoc::parse(&inner.bytes, media_type.as_deref()).map_err(bad)? {
                     ManifestDoc::Image(m) => (*m, inner.bytes, inner.digest),
@@ -271,12 +296,18 @@ pub(crate) async fn resolve_manifest(
                 }
             }
         };
-    let mt = manifest
+    let media_type = manifest
         .media_type
         .clone()
         .or(media_type)
         .unwrap_or_else(|| oci::OCI_MANIFEST.to_string());
-    Ok((manifest, bytes, digest, mt))
+    Ok(Resolved {
+        manifest,
+        bytes,
+        digest,
+        media_type,
+        from_index,
+    })
 }
 
 async fn pull(

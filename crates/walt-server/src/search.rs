@@ -13,10 +13,10 @@ use tonic::Status;
 
 use walt_core::config::{Registry, V2Registry};
 use walt_core::models::parse_models;
-use walt_core::oci::{self, ImageConfig, ManifestDoc};
+use walt_core::oci::ImageConfig;
 use walt_core::{CloneUrl, LABEL_NODE_MODELS, LABEL_SERVER_MINVERSION, Location};
 use walt_proto::v1::{self as pb, search_event::Event};
-use walt_registry::{Credentials, FetchedManifest, ManifestCheck, RegistryClient, RegistryError};
+use walt_registry::{Credentials, ManifestCheck, RegistryClient, RegistryError};
 
 use crate::State;
 use crate::error::ServiceError;
@@ -406,8 +406,13 @@ async fn inspect(
         {
             return Ok(labels.clone());
         }
-        let config = image_config_digest(client, url, &fetched).await?;
-        (fetched, config)
+        let digest = fetched.digest.clone();
+        let config = crate::clone::resolve_fetched(client, url, fetched)
+            .await?
+            .manifest
+            .config
+            .digest;
+        (digest, config)
     };
     let labels = match cached(&config_digest) {
         Some(labels) => labels,
@@ -423,40 +428,8 @@ async fn inspect(
             labels
         }
     };
-    remember_tag(key, fetched.digest, labels.clone());
+    remember_tag(key, fetched, labels.clone());
     Ok(labels)
-}
-
-/// The config digest of the image a tag's manifest designates (for an
-/// index, the image of this server's platform, fetched by digest).
-async fn image_config_digest(
-    client: &RegistryClient,
-    url: &CloneUrl,
-    fetched: &FetchedManifest,
-) -> Result<String, ServiceError> {
-    let bad = |e: oci::DocError| {
-        ServiceError::FailedPrecondition(format!("registry '{}': {url}: {e}", client.label()))
-    };
-    match ManifestDoc::parse(&fetched.bytes, fetched.media_type.as_deref()).map_err(bad)? {
-        ManifestDoc::Image(m) => Ok(m.config.digest),
-        ManifestDoc::Index(index) => {
-            let (arch, variant) = oci::oci_arch(std::env::consts::ARCH);
-            let Some(desc) = oci::pick_platform(&index, arch, variant) else {
-                return Err(ServiceError::NotFound(format!(
-                    "{url} has no image for linux/{arch}"
-                )));
-            };
-            let inner = client.get_manifest(&url.path(), &desc.digest).await?;
-            let media_type = inner.media_type.clone().or(Some(desc.media_type.clone()));
-            match ManifestDoc::parse(&inner.bytes, media_type.as_deref()).map_err(bad)? {
-                ManifestDoc::Image(m) => Ok(m.config.digest),
-                ManifestDoc::Index(_) => Err(ServiceError::FailedPrecondition(format!(
-                    "registry '{}': {url}: nested image indexes are not supported",
-                    client.label()
-                ))),
-            }
-        }
-    }
 }
 
 /// The Docker hub: the users publishing a `walt_metadata` image (found
