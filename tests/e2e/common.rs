@@ -1,5 +1,9 @@
 //! Helpers shared by the test modules.
 
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
 use walt_e2e::store::table_cells;
 use walt_e2e::*;
 
@@ -42,4 +46,54 @@ pub fn table(stdout: &str) -> (Vec<String>, Vec<Vec<String>>) {
             .map(table_cells)
             .collect(),
     )
+}
+
+/// One line per entry below `root`: path, type, mode, content (and the
+/// mtime with `mtimes`), in name order.
+pub fn listing(root: &Path, mtimes: bool) -> Vec<String> {
+    fn walk(root: &Path, rel: &Path, mtimes: bool, out: &mut Vec<String>) {
+        let mut names: Vec<_> = fs::read_dir(root.join(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            let rel = rel.join(&n);
+            let p = root.join(&rel);
+            let m = fs::symlink_metadata(&p).unwrap();
+            let ft = m.file_type();
+            let what = if ft.is_dir() {
+                "dir".to_string()
+            } else if ft.is_symlink() {
+                format!("link->{}", fs::read_link(&p).unwrap().display())
+            } else if ft.is_file() {
+                let data = fs::read(&p).unwrap();
+                if data.len() > 64 {
+                    format!("file:{} bytes", data.len())
+                } else {
+                    format!("file:{}", String::from_utf8_lossy(&data))
+                }
+            } else if ft.is_char_device() {
+                format!("char:{}", m.rdev())
+            } else {
+                "other".to_string()
+            };
+            let mode = if ft.is_symlink() {
+                0
+            } else {
+                m.mode() & 0o7777
+            };
+            if mtimes && !ft.is_symlink() {
+                out.push(format!("{} {what} {mode:o} {}", rel.display(), m.mtime()));
+            } else {
+                out.push(format!("{} {what} {mode:o}", rel.display()));
+            }
+            if ft.is_dir() {
+                walk(root, &rel, mtimes, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, Path::new(""), mtimes, &mut out);
+    out
 }

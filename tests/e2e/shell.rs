@@ -303,46 +303,6 @@ fn client_killed_mid_shell_leaks_no_mount_or_process() {
     out.assert_success();
 }
 
-/// `(relative path, kind, mode, content)` of a tree, for comparisons.
-fn tree(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    fn walk(root: &Path, rel: &Path, out: &mut Vec<String>) {
-        let mut names: Vec<_> = fs::read_dir(root.join(rel))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        for n in names {
-            let rel = rel.join(&n);
-            let p = root.join(&rel);
-            let m = fs::symlink_metadata(&p).unwrap();
-            let line = if m.file_type().is_symlink() {
-                format!(
-                    "{} -> {}",
-                    rel.display(),
-                    fs::read_link(&p).unwrap().display()
-                )
-            } else if m.is_dir() {
-                format!("{}/ {:o} {}", rel.display(), m.mode() & 0o7777, m.mtime())
-            } else {
-                format!(
-                    "{} {:o} {} {}",
-                    rel.display(),
-                    m.mode() & 0o7777,
-                    m.mtime(),
-                    String::from_utf8_lossy(&fs::read(&p).unwrap())
-                )
-            };
-            out.push(line);
-            if m.is_dir() {
-                walk(root, &rel, out);
-            }
-        }
-    }
-    walk(root, Path::new(""), &mut out);
-    out
-}
-
 fn sample_tree(dir: &Path) -> PathBuf {
     let src = dir.join("tree");
     fs::create_dir_all(src.join("sub/deeper")).unwrap();
@@ -384,7 +344,7 @@ fn cp_round_trips_files_and_directories() {
     env.alice
         .run(&["image", "cp", "img:/root/tree", back.to_str().unwrap()])
         .assert_success();
-    assert_eq!(tree(&src), tree(&back.join("tree")));
+    assert_eq!(listing(&src, true), listing(&back.join("tree"), true));
     let diff = Command::new("diff")
         .args(["-r", "--no-dereference"])
         .arg(&src)
@@ -433,7 +393,7 @@ fn cp_round_trips_files_and_directories() {
             out.join("o").to_str().unwrap(),
         ])
         .assert_success();
-    assert_eq!(tree(&src), tree(&out.join("o")));
+    assert_eq!(listing(&src, true), listing(&out.join("o"), true));
     // Missing parents are refused on both sides, and a refused copy into
     // the image changes nothing.
     let before = env.snapshot();

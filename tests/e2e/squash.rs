@@ -2,58 +2,13 @@
 
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
 use crate::common::*;
 use walt_e2e::*;
-
-/// One line per entry below `root`: path, type, mode, content.
-fn listing(root: &Path) -> Vec<String> {
-    fn walk(root: &Path, rel: &Path, out: &mut Vec<String>) {
-        let mut names: Vec<_> = fs::read_dir(root.join(rel))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        for n in names {
-            let rel = rel.join(&n);
-            let p = root.join(&rel);
-            let m = fs::symlink_metadata(&p).unwrap();
-            let ft = m.file_type();
-            let what = if ft.is_dir() {
-                "dir".to_string()
-            } else if ft.is_symlink() {
-                format!("link->{}", fs::read_link(&p).unwrap().display())
-            } else if ft.is_file() {
-                let data = fs::read(&p).unwrap();
-                if data.len() > 64 {
-                    format!("file:{} bytes", data.len())
-                } else {
-                    format!("file:{}", String::from_utf8_lossy(&data))
-                }
-            } else if ft.is_char_device() {
-                format!("char:{}", m.rdev())
-            } else {
-                "other".to_string()
-            };
-            let mode = if ft.is_symlink() {
-                0
-            } else {
-                m.mode() & 0o7777
-            };
-            out.push(format!("{} {what} {mode:o}", rel.display()));
-            if ft.is_dir() {
-                walk(root, &rel, out);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(root, Path::new(""), &mut out);
-    out
-}
 
 fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
@@ -163,7 +118,7 @@ fn squash_merges_layers() {
 
     // The merged tree.
     let root = data_dir.join("layers").join(diff_hex).join("diff");
-    let all = listing(&root);
+    let all = listing(&root, false);
     let mine: Vec<&str> = all
         .iter()
         .map(String::as_str)
