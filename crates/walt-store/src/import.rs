@@ -2,7 +2,7 @@
 //! decompress, hash the tar stream, unpack it, then publish atomically.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::sync::mpsc;
 
@@ -10,7 +10,9 @@ use sha2::{Digest, Sha256};
 use walt_core::oci::Compression;
 
 use crate::Inner;
+use crate::direct::{self, DirectWriter, O_DIRECT};
 use crate::error::{IoContext, Result, StoreError};
+use crate::gzip::GzipReader;
 use crate::util::{
     BUF_SIZE, TmpPath, check_digest, drain, finish_digest, fsync_dir, syncfs, unique_name,
 };
@@ -71,55 +73,10 @@ pub struct LayerImport {
     pub unpacked_size: u64,
 }
 
-/// Reads the raw (compressed) bytes: hashes, counts, tees them to the
-/// staging blob file, reports progress, refuses to go past the expected size.
-struct RawReader<'a> {
-    input: &'a mut dyn Read,
-    hasher: Sha256,
-    count: u64,
-    file: Option<File>,
-    limit: Option<u64>,
-    progress: Option<&'a (dyn Fn(u64) + Send)>,
-    last_progress: u64,
-}
-
-impl Read for RawReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.input.read(buf)?;
-        if n == 0 {
-            return Ok(0);
-        }
-        self.count += n as u64;
-        if let Some(limit) = self.limit
-            && self.count > limit
-        {
-            return Err(io::Error::other(format!(
-                "the blob is larger than the expected {limit} bytes"
-            )));
-        }
-        self.hasher.update(&buf[..n]);
-        if let Some(f) = &mut self.file {
-            f.write_all(&buf[..n]).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("writing the blob to the staging area: {e}"),
-                )
-            })?;
-        }
-        if let Some(p) = self.progress
-            && self.count - self.last_progress >= PROGRESS_STEP
-        {
-            self.last_progress = self.count;
-            p(self.count);
-        }
-        Ok(n)
-    }
-}
-
 /// The decompression stage.
 enum Decoder<R: BufRead> {
     Plain(R),
-    Gzip(Box<flate2::bufread::MultiGzDecoder<R>>),
+    Gzip(Box<GzipReader<R>>),
     Zstd(zstd::stream::read::Decoder<'static, R>),
 }
 
@@ -129,14 +86,6 @@ impl<R: BufRead> Decoder<R> {
             Decoder::Plain(r) => r,
             Decoder::Gzip(d) => d.get_mut(),
             Decoder::Zstd(d) => d.get_mut(),
-        }
-    }
-
-    fn into_inner(self) -> R {
-        match self {
-            Decoder::Plain(r) => r,
-            Decoder::Gzip(d) => d.into_inner(),
-            Decoder::Zstd(d) => d.finish(),
         }
     }
 }
@@ -151,29 +100,13 @@ impl<R: BufRead> Read for Decoder<R> {
     }
 }
 
-/// Hashes and counts the uncompressed tar stream.
-struct DiffReader<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
-}
-
-impl<R: Read> Read for DiffReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.count += n as u64;
-        Ok(n)
-    }
-}
-
-/// Size of the decompressed chunks handed to the unpacking thread.
+/// Size of the chunks handed from one stage to the next.
 const CHUNK: usize = 256 * 1024;
-/// Chunks in flight between the two threads.
+/// Chunks in flight between two stages.
 const CHUNKS_IN_FLIGHT: usize = 8;
 
-/// A `Read` over the chunks the decompressing thread sends; empty buffers
-/// go back to it for reuse.
+/// A reader over the chunks the previous stage sends (`BufRead` without a
+/// copy); empty buffers go back to it for reuse.
 struct ChunkReader {
     rx: mpsc::Receiver<Vec<u8>>,
     recycle: mpsc::SyncSender<Vec<u8>>,
@@ -181,89 +114,219 @@ struct ChunkReader {
     pos: usize,
 }
 
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl ChunkReader {
+    fn new(rx: mpsc::Receiver<Vec<u8>>, recycle: mpsc::SyncSender<Vec<u8>>) -> Self {
+        ChunkReader {
+            rx,
+            recycle,
+            current: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl BufRead for ChunkReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.pos == self.current.len() {
             let Ok(next) = self.rx.recv() else {
-                return Ok(0);
+                return Ok(&[]);
             };
             let done = std::mem::replace(&mut self.current, next);
             let _ = self.recycle.try_send(done);
             self.pos = 0;
         }
-        let n = buf.len().min(self.current.len() - self.pos);
-        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
-        self.pos += n;
+        Ok(&self.current[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.current.len());
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = buf.len().min(avail.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
         Ok(n)
     }
 }
 
-/// Hashes the whole decompressed stream and, when `layer_dir` is given,
-/// unpacks it there. Decompression and hashing run on this thread while a
-/// second thread unpacks, so the two overlap.
-fn run_pipeline<R: BufRead>(
-    diff: &mut DiffReader<Decoder<R>>,
-    layer_dir: Option<&std::path::Path>,
-    digest: &str,
-    buf: &mut [u8],
-) -> Result<()> {
-    let layer_err = |e: io::Error| StoreError::BadLayer {
-        layer: digest.to_string(),
-        reason: format!("cannot read the layer stream: {e}"),
+/// The sending side of a stage: fills recycled chunks and sends them on
+/// while the next stage lives.
+struct ChunkSender {
+    tx: Option<mpsc::SyncSender<Vec<u8>>>,
+    recycled: mpsc::Receiver<Vec<u8>>,
+}
+
+/// A channel between two stages.
+fn chunk_channel() -> (ChunkSender, ChunkReader) {
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+    let (recycle_tx, recycle_rx) = mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
+    (
+        ChunkSender {
+            tx: Some(tx),
+            recycled: recycle_rx,
+        },
+        ChunkReader::new(rx, recycle_tx),
+    )
+}
+
+impl ChunkSender {
+    /// An empty chunk of `CHUNK` bytes to fill.
+    fn take(&self) -> Vec<u8> {
+        let mut chunk = self
+            .recycled
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+        chunk.resize(CHUNK, 0);
+        chunk
+    }
+
+    /// Sends `chunk` on; once the next stage has gone (it failed or
+    /// finished), further chunks are dropped.
+    fn send(&mut self, chunk: Vec<u8>) {
+        if let Some(tx) = &self.tx
+            && tx.send(chunk).is_err()
+        {
+            self.tx = None;
+        }
+    }
+}
+
+/// Creates a staging blob file, written around the page cache when the
+/// filesystem allows it.
+fn create_direct(path: &std::path::Path) -> io::Result<DirectWriter> {
+    let open = |flags| {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(flags)
+            .open(path)
     };
-    let Some(dir) = layer_dir else {
-        drain(diff, buf).map_err(layer_err)?;
-        // Whatever follows the compressed stream is part of the blob too.
-        drain(diff.inner.get_mut(), buf).map_err(layer_err)?;
-        return Ok(());
-    };
-    std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
-        let (recycle_tx, recycle_rx) = mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
-        let unpacker = scope.spawn(move || {
-            let mut reader = ChunkReader {
-                rx,
-                recycle: recycle_tx,
-                current: Vec::new(),
-                pos: 0,
-            };
-            let result = crate::unpack::unpack(&mut reader, dir, digest).map(drop);
-            // Returning drops the receiver: the sender then only hashes.
-            result
-        });
-        // Feed the unpacker while it lives; hash to the end regardless
-        // (padding after the end-of-archive marker included).
-        let mut feeding = true;
-        let read_result = loop {
-            let mut chunk = recycle_rx
-                .try_recv()
-                .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-            chunk.resize(CHUNK, 0);
-            let n = match read_full(diff, &mut chunk) {
-                Ok(n) => n,
-                Err(e) => break Err(layer_err(e)),
-            };
-            if n == 0 {
-                break Ok(());
-            }
-            chunk.truncate(n);
-            if feeding && tx.send(chunk).is_err() {
-                feeding = false;
-            }
-        };
-        drop(tx);
-        let unpacked = unpacker
-            .join()
-            .unwrap_or_else(|_| Err(layer_err(io::Error::other("the unpacking thread panicked"))));
-        read_result?;
-        unpacked?;
-        drain(diff.inner.get_mut(), buf).map_err(layer_err)?;
-        Ok(())
+    match open(O_DIRECT) {
+        Ok(f) => Ok(DirectWriter::new(f, true)),
+        Err(e) if direct::unsupported(&e) => Ok(DirectWriter::new(open(0)?, false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// What the raw stage saw.
+struct RawOutcome {
+    hasher: Sha256,
+    count: u64,
+    file: Option<File>,
+}
+
+/// What went wrong on the raw stage.
+enum RawError {
+    /// Reading the input failed.
+    Read(io::Error),
+    /// More bytes than announced.
+    TooLong(u64),
+    /// Writing the staging blob failed.
+    Write(io::Error),
+}
+
+/// The first stage, on the calling thread: reads the raw (compressed)
+/// bytes, hashes and counts them, tees them to the staging blob file,
+/// reports progress, refuses to go past the expected size, and passes them
+/// on. It always reads to the end of the input (unless it fails), so that a
+/// corrupt blob is reported as such even when decompression fails first.
+fn raw_stage(
+    input: &mut dyn Read,
+    mut file: Option<DirectWriter>,
+    limit: Option<u64>,
+    progress: Option<&(dyn Fn(u64) + Send)>,
+    mut out: ChunkSender,
+) -> std::result::Result<RawOutcome, RawError> {
+    let mut hasher = Sha256::new();
+    let mut count = 0u64;
+    let mut last_progress = 0u64;
+    loop {
+        let mut chunk = out.take();
+        let n = read_full(input, &mut chunk).map_err(RawError::Read)?;
+        if n == 0 {
+            break;
+        }
+        chunk.truncate(n);
+        count += n as u64;
+        if let Some(limit) = limit
+            && count > limit
+        {
+            return Err(RawError::TooLong(count));
+        }
+        hasher.update(&chunk);
+        if let Some(f) = &mut file {
+            f.write_all(&chunk).map_err(RawError::Write)?;
+        }
+        if let Some(p) = progress
+            && count - last_progress >= PROGRESS_STEP
+        {
+            last_progress = count;
+            p(count);
+        }
+        out.send(chunk);
+    }
+    if let Some(p) = progress {
+        p(count);
+    }
+    let file = file
+        .map(DirectWriter::finish)
+        .transpose()
+        .map_err(RawError::Write)?;
+    Ok(RawOutcome {
+        hasher,
+        count,
+        file,
     })
 }
 
+/// The second stage: decompresses, hashes the tar stream (diff_id) to its
+/// very end (padding after the end-of-archive marker included) and passes
+/// it on to the unpacker while it lives. Returns the diff_id and size.
+fn decode_stage<R: BufRead>(
+    decoder: &mut Decoder<R>,
+    mut out: Option<ChunkSender>,
+) -> io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let mut count = 0u64;
+    let mut scratch = Vec::new();
+    loop {
+        let mut chunk = match &out {
+            Some(o) => o.take(),
+            None => {
+                scratch.resize(BUF_SIZE, 0);
+                std::mem::take(&mut scratch)
+            }
+        };
+        let n = read_full(decoder, &mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        chunk.truncate(n);
+        hasher.update(&chunk);
+        count += n as u64;
+        match &mut out {
+            Some(o) => o.send(chunk),
+            None => scratch = chunk,
+        }
+    }
+    // Whatever follows the compressed stream is part of the blob: let the
+    // raw stage finish without blocking on a full channel.
+    drop(out);
+    drain(decoder.get_mut(), &mut scratch_buf())?;
+    Ok((finish_digest(hasher), count))
+}
+
+fn scratch_buf() -> Vec<u8> {
+    vec![0u8; 64 * 1024]
+}
+
 /// Reads until `buf` is full or the stream ends.
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+fn read_full(r: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match r.read(&mut buf[filled..]) {
@@ -311,14 +374,7 @@ impl Inner {
         let tmp = self.tmp_dir();
         let blob_tmp = store_blob.then(|| TmpPath::new(tmp.join(unique_name("blob"))));
         let blob_file = match &blob_tmp {
-            Some(t) => Some(
-                OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o644)
-                    .open(t.path())
-                    .ctx("creating staging file", t.path())?,
-            ),
+            Some(t) => Some(create_direct(t.path()).ctx("creating staging file", t.path())?),
             None => None,
         };
         let layer_tmp = unpack.then(|| TmpPath::new(tmp.join(unique_name("layer"))));
@@ -330,74 +386,79 @@ impl Inner {
                 .ctx("creating staging directory", &diff)?;
         }
 
-        // The pipeline.
-        let raw = RawReader {
-            input,
-            hasher: Sha256::new(),
-            count: 0,
-            file: blob_file,
-            limit: opts.expected_size,
-            progress: opts.progress.as_deref(),
-            last_progress: 0,
-        };
-        let buffered = BufReader::with_capacity(BUF_SIZE, raw);
-        let decoder = match compression {
-            Compression::None => Decoder::Plain(buffered),
-            Compression::Gzip => {
-                Decoder::Gzip(Box::new(flate2::bufread::MultiGzDecoder::new(buffered)))
-            }
-            Compression::Zstd => Decoder::Zstd(
-                zstd::stream::read::Decoder::with_buffer(buffered)
-                    .map_err(|e| layer_err(format!("cannot start zstd decompression: {e}")))?,
-            ),
-        };
-        let mut diff = DiffReader {
-            inner: decoder,
-            hasher: Sha256::new(),
-            count: 0,
-        };
-        let mut buf = vec![0u8; BUF_SIZE];
+        // The pipeline: raw bytes (this thread) → decompression and
+        // diff_id → unpacking, each stage on its own thread.
         let layer_dir = layer_tmp.as_ref().map(|t| t.path().join("diff"));
-        if let Err(e) = run_pipeline(&mut diff, layer_dir.as_deref(), label, &mut buf) {
-            // A corrupt blob usually shows first as a decompression or tar
-            // error: read the rest and say what is really wrong when the
-            // content does not match its digest.
-            let mut raw = diff.inner.into_inner().into_inner();
-            let _ = drain(&mut raw, &mut buf);
-            let actual = finish_digest(raw.hasher);
-            if let Some(expected) = opts.expected_size
-                && expected != raw.count
-            {
-                return Err(StoreError::SizeMismatch {
-                    digest: label.to_string(),
-                    expected,
-                    actual: raw.count,
+        let (raw_out, decode_in) = chunk_channel();
+        let (raw, decoded, unpacked) = std::thread::scope(|scope| {
+            let (unpack_tx, unpacker) = match layer_dir.as_deref() {
+                Some(dir) => {
+                    let (tx, mut rx) = chunk_channel();
+                    let handle =
+                        scope.spawn(move || crate::unpack::unpack(&mut rx, dir, label).map(drop));
+                    (Some(tx), Some(handle))
+                }
+                None => (None, None),
+            };
+            let decoder = scope.spawn(move || -> io::Result<(String, u64)> {
+                let mut decoder = match compression {
+                    Compression::None => Decoder::Plain(decode_in),
+                    // The blob digest covers what the CRC would.
+                    Compression::Gzip => Decoder::Gzip(Box::new(GzipReader::new(
+                        decode_in,
+                        expected_digest.is_none(),
+                    ))),
+                    Compression::Zstd => {
+                        Decoder::Zstd(zstd::stream::read::Decoder::with_buffer(decode_in).map_err(
+                            |e| io::Error::other(format!("cannot start zstd decompression: {e}")),
+                        )?)
+                    }
+                };
+                decode_stage(&mut decoder, unpack_tx)
+            });
+            let raw = raw_stage(
+                input,
+                blob_file,
+                opts.expected_size,
+                opts.progress.as_deref(),
+                raw_out,
+            );
+            let decoded = decoder
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the decompressing thread panicked")));
+            let unpacked = unpacker.map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(layer_err(
+                        "cannot unpack: the unpacking thread panicked".to_string(),
+                    ))
+                })
+            });
+            (raw, decoded, unpacked)
+        });
+
+        // Verification, most telling first: a corrupt blob usually shows
+        // first as a decompression or tar error.
+        let mut raw = match raw {
+            Ok(r) => r,
+            Err(RawError::Read(e)) => {
+                return Err(layer_err(format!("cannot read the layer stream: {e}")));
+            }
+            Err(RawError::Write(e)) => {
+                return Err(StoreError::Io {
+                    context: format!("layer {label}: writing the blob to the staging area"),
+                    source: e,
                 });
             }
-            if let Some(expected_digest) = expected_digest
-                && actual != expected_digest
-            {
-                return Err(StoreError::DigestMismatch {
-                    digest: expected_digest.to_string(),
+            Err(RawError::TooLong(actual)) => {
+                return Err(StoreError::SizeMismatch {
+                    digest: label.to_string(),
+                    expected: opts.expected_size.unwrap_or_default(),
                     actual,
                 });
             }
-            return Err(e);
-        }
-        let DiffReader {
-            inner,
-            hasher: diff_hasher,
-            count: unpacked_size,
-        } = diff;
-        let mut raw = inner.into_inner().into_inner();
-        if let Some(p) = raw.progress {
-            p(raw.count);
-        }
+        };
         let size = raw.count;
-        let digest = finish_digest(raw.hasher);
-        let diff_id = finish_digest(diff_hasher);
-
-        // Verification.
+        let digest = finish_digest(std::mem::take(&mut raw.hasher));
         if let Some(expected) = opts.expected_size
             && expected != size
         {
@@ -414,6 +475,11 @@ impl Inner {
                 digest: expected_digest.to_string(),
                 actual: digest,
             });
+        }
+        let (diff_id, unpacked_size) =
+            decoded.map_err(|e| layer_err(format!("cannot read the layer stream: {e}")))?;
+        if let Some(r) = unpacked {
+            r?;
         }
         if let Some(expected) = &opts.expected_diff_id
             && *expected != diff_id

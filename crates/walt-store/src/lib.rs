@@ -20,8 +20,10 @@
 mod blobs;
 mod commit;
 mod db;
+mod direct;
 mod error;
 mod gc;
+mod gzip;
 mod import;
 mod squash;
 mod unpack;

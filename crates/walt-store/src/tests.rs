@@ -1561,3 +1561,37 @@ fn session_dir_left_mounted_is_detached() {
         b"root1"
     );
 }
+
+#[test]
+fn large_files_and_blobs_are_written_exactly() {
+    // Files of 4 MiB and more (and every blob) are written around the page
+    // cache in aligned blocks; the sizes here end mid-block.
+    let (_d, store) = new_store();
+    let big: Vec<u8> = (0..9 * 1024 * 1024 + 1234u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut t = Tar::new();
+    t.file("big.bin", 0o640, &big);
+    t.file("exact.bin", 0o600, &big[..4 * 1024 * 1024]);
+    t.file("small", 0o644, b"small");
+    let tar_bytes = t.finish();
+    for (c, blob) in [
+        (Compression::None, tar_bytes.clone()),
+        (Compression::Gzip, gzip(&tar_bytes)),
+    ] {
+        let r = import(&store, &blob, c).unwrap();
+        assert_eq!(store.read_blob(&r.digest).unwrap(), blob);
+        let root = store.layer_path(&r.diff_id).unwrap();
+        assert_eq!(fs::read(root.join("big.bin")).unwrap(), big);
+        assert_eq!(
+            fs::read(root.join("exact.bin")).unwrap(),
+            &big[..4 * 1024 * 1024]
+        );
+        assert_eq!(fs::read(root.join("small")).unwrap(), b"small");
+        let m = fs::metadata(root.join("big.bin")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777,
+            0o640
+        );
+    }
+}

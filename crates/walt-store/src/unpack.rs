@@ -17,6 +17,7 @@ use filetime::FileTime;
 use nix::sys::stat::{Mode, SFlag};
 use tar::EntryType;
 
+use crate::direct::{self, DIRECT_MIN_SIZE, DirectWriter, O_DIRECT};
 use crate::error::{Result, StoreError};
 use crate::util::BUF_SIZE;
 
@@ -217,14 +218,41 @@ impl Unpacker<'_> {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 self.remove_existing(&rel, &path)
                     .map_err(|e| self.fs_err("replacing", &raw, e))?;
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                    .open(&path)
-                    .map_err(|e| self.fs_err("creating file", &raw, e))?;
-                self.copy_data(entry, &mut file, &raw)?;
+                let open = |extra: i32| {
+                    OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | extra)
+                        .open(&path)
+                };
+                let file = if entry.size() >= DIRECT_MIN_SIZE {
+                    // Large files go around the page cache.
+                    let (file, direct) = match open(O_DIRECT) {
+                        Ok(f) => (f, true),
+                        Err(e) if direct::unsupported(&e) => (
+                            open(0).map_err(|e| self.fs_err("creating file", &raw, e))?,
+                            false,
+                        ),
+                        Err(e) => return Err(self.fs_err("creating file", &raw, e)),
+                    };
+                    let mut w = DirectWriter::new(file, direct);
+                    loop {
+                        match w.fill_from(entry) {
+                            Ok(0) => break,
+                            Ok(_) => w
+                                .write_full()
+                                .map_err(|e| self.fs_err("writing", &raw, e))?,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(self.stream_err(e)),
+                        }
+                    }
+                    w.finish().map_err(|e| self.fs_err("writing", &raw, e))?
+                } else {
+                    let mut file = open(0).map_err(|e| self.fs_err("creating file", &raw, e))?;
+                    self.copy_data(entry, &mut file, &raw)?;
+                    file
+                };
                 self.apply_file_meta(&file, &meta, &raw)?;
             }
             EntryType::Symlink => {

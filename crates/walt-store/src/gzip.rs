@@ -1,0 +1,282 @@
+//! A multi-member gzip reader (RFC 1952) over raw deflate.
+//!
+//! Registry layers are verified by the sha256 of their compressed bytes,
+//! which covers everything the gzip CRC-32 would: when the caller checks
+//! that digest, the CRC is skipped (it costs ~6% of a clone's CPU). The
+//! trailer's size field is always checked, and the CRC too when asked.
+
+use std::io::{self, BufRead, Read};
+
+use flate2::{Crc, Decompress, FlushDecompress, Status};
+
+const ID1: u8 = 0x1f;
+const ID2: u8 = 0x8b;
+const CM_DEFLATE: u8 = 8;
+const FHCRC: u8 = 0x02;
+const FEXTRA: u8 = 0x04;
+const FNAME: u8 = 0x08;
+const FCOMMENT: u8 = 0x10;
+const FRESERVED: u8 = 0xe0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Before a member header (the first, or after a trailer).
+    Header,
+    Body,
+    Done,
+}
+
+/// Decompresses a gzip stream of one or more members.
+pub(crate) struct GzipReader<R> {
+    inner: R,
+    inflate: Decompress,
+    state: State,
+    members: u64,
+    /// Bytes produced by the current member (ISIZE is this modulo 2^32).
+    member_out: u64,
+    crc: Option<Crc>,
+}
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("invalid gzip stream: {what}"),
+    )
+}
+
+impl<R: BufRead> GzipReader<R> {
+    /// `check_crc`: also verify each member's CRC-32 (when nothing else
+    /// verifies the compressed bytes).
+    pub(crate) fn new(inner: R, check_crc: bool) -> Self {
+        GzipReader {
+            inner,
+            inflate: Decompress::new(false),
+            state: State::Header,
+            members: 0,
+            member_out: 0,
+            crc: check_crc.then(Crc::new),
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    fn byte(&mut self) -> io::Result<Option<u8>> {
+        let b = match self.inner.fill_buf()?.first() {
+            Some(&b) => b,
+            None => return Ok(None),
+        };
+        self.inner.consume(1);
+        Ok(Some(b))
+    }
+
+    fn need(&mut self) -> io::Result<u8> {
+        self.byte()?
+            .ok_or_else(|| bad("the stream ends inside a member header or trailer"))
+    }
+
+    fn skip(&mut self, mut n: usize) -> io::Result<()> {
+        while n > 0 {
+            let avail = self.inner.fill_buf()?.len();
+            if avail == 0 {
+                return Err(bad("the stream ends inside a member header"));
+            }
+            let k = avail.min(n);
+            self.inner.consume(k);
+            n -= k;
+        }
+        Ok(())
+    }
+
+    fn skip_zero_terminated(&mut self) -> io::Result<()> {
+        while self.need()? != 0 {}
+        Ok(())
+    }
+
+    /// Reads a member header; `Ok(false)` at the clean end of the stream.
+    fn header(&mut self) -> io::Result<bool> {
+        let Some(id1) = self.byte()? else {
+            if self.members == 0 {
+                return Err(bad("it is empty"));
+            }
+            return Ok(false);
+        };
+        if id1 != ID1 || self.need()? != ID2 {
+            return Err(bad(if self.members == 0 {
+                "no gzip header (not gzip data)"
+            } else {
+                "unexpected data after the last member"
+            }));
+        }
+        if self.need()? != CM_DEFLATE {
+            return Err(bad("unknown compression method"));
+        }
+        let flags = self.need()?;
+        if flags & FRESERVED != 0 {
+            return Err(bad("reserved header flags are set"));
+        }
+        // MTIME (4), XFL, OS.
+        self.skip(6)?;
+        if flags & FEXTRA != 0 {
+            let len = u16::from_le_bytes([self.need()?, self.need()?]);
+            self.skip(len.into())?;
+        }
+        if flags & FNAME != 0 {
+            self.skip_zero_terminated()?;
+        }
+        if flags & FCOMMENT != 0 {
+            self.skip_zero_terminated()?;
+        }
+        if flags & FHCRC != 0 {
+            self.skip(2)?;
+        }
+        self.inflate.reset(false);
+        self.member_out = 0;
+        if let Some(c) = &mut self.crc {
+            c.reset();
+        }
+        Ok(true)
+    }
+
+    fn trailer(&mut self) -> io::Result<()> {
+        let mut t = [0u8; 8];
+        for b in &mut t {
+            *b = self.need()?;
+        }
+        let crc = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
+        let isize = u32::from_le_bytes([t[4], t[5], t[6], t[7]]);
+        if isize != self.member_out as u32 {
+            return Err(bad("the size in a member trailer does not match its data"));
+        }
+        if let Some(c) = &self.crc
+            && c.sum() != crc
+        {
+            return Err(bad("CRC-32 mismatch"));
+        }
+        self.members += 1;
+        Ok(())
+    }
+}
+
+impl<R: BufRead> Read for GzipReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self.state {
+                State::Done => return Ok(0),
+                State::Header => {
+                    self.state = if self.header()? {
+                        State::Body
+                    } else {
+                        State::Done
+                    };
+                }
+                State::Body => {
+                    let input = self.inner.fill_buf()?;
+                    let eof = input.is_empty();
+                    let (in0, out0) = (self.inflate.total_in(), self.inflate.total_out());
+                    let status = self
+                        .inflate
+                        .decompress(input, buf, FlushDecompress::None)
+                        .map_err(|e| bad(&e.to_string()))?;
+                    let used = (self.inflate.total_in() - in0) as usize;
+                    let produced = (self.inflate.total_out() - out0) as usize;
+                    self.inner.consume(used);
+                    self.member_out += produced as u64;
+                    if let Some(c) = &mut self.crc {
+                        c.update(&buf[..produced]);
+                    }
+                    if status == Status::StreamEnd {
+                        self.trailer()?;
+                        self.state = State::Header;
+                    } else if eof && produced == 0 {
+                        return Err(bad("the stream ends inside compressed data"));
+                    }
+                    if produced > 0 {
+                        return Ok(produced);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use flate2::write::GzEncoder;
+
+    use super::*;
+
+    fn gz(data: &[u8]) -> Vec<u8> {
+        let mut e = GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn read_all(bytes: &[u8], crc: bool) -> io::Result<Vec<u8>> {
+        // A tiny buffer size exercises headers split across refills.
+        let r = io::BufReader::with_capacity(3, bytes);
+        let mut out = Vec::new();
+        GzipReader::new(r, crc).read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    fn data() -> Vec<u8> {
+        (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn single_and_multi_member() {
+        let d = data();
+        assert_eq!(read_all(&gz(&d), true).unwrap(), d);
+        assert_eq!(read_all(&gz(&d), false).unwrap(), d);
+        let mut two = gz(&d[..1000]);
+        two.extend(gz(&d[1000..]));
+        assert_eq!(read_all(&two, true).unwrap(), d);
+        assert_eq!(read_all(&gz(b""), true).unwrap(), b"");
+    }
+
+    #[test]
+    fn optional_header_fields() {
+        let d = data();
+        let mut e = flate2::GzBuilder::new()
+            .filename("layer.tar")
+            .comment("a comment")
+            .extra(vec![1, 2, 3, 4, 5])
+            .write(Vec::new(), flate2::Compression::fast());
+        e.write_all(&d).unwrap();
+        let bytes = e.finish().unwrap();
+        assert_eq!(read_all(&bytes, true).unwrap(), d);
+    }
+
+    #[test]
+    fn corruption_is_an_error() {
+        let d = data();
+        let good = gz(&d);
+        let err = |b: &[u8], crc| read_all(b, crc).unwrap_err().to_string();
+        assert!(err(b"", true).contains("empty"));
+        assert!(err(b"hello world", true).contains("not gzip"));
+        assert!(err(&good[..good.len() / 2], true).contains("ends inside"));
+        assert!(err(&good[..good.len() - 3], true).contains("ends inside"));
+        let mut garbage = good.clone();
+        garbage.extend_from_slice(b"junk");
+        assert!(err(&garbage, true).contains("after the last member"));
+        // A flipped CRC byte: caught only when asked to check it.
+        let mut crc = good.clone();
+        let n = crc.len();
+        crc[n - 8] ^= 0xff;
+        assert!(err(&crc, true).contains("CRC-32"));
+        assert_eq!(read_all(&crc, false).unwrap(), d);
+        // A wrong size field is always caught.
+        let mut size = good.clone();
+        size[n - 1] ^= 0x01;
+        assert!(err(&size, false).contains("size"));
+    }
+}
