@@ -16,6 +16,7 @@ now() { date +%s.%N; }
 elapsed() { python3 -c "print(f'{$2-$1:.3f}')"; }
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 best() { printf '%s\n' "$@" | sort -g | head -1; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 start_registry() { # [NAME] [STORAGE_DIR] -> REG_PORT
   local name=${1:-main} storage=${2:-$W/registry-${1:-main}}

@@ -389,6 +389,7 @@ impl Inner {
         // The pipeline: raw bytes (this thread) → decompression and
         // diff_id → unpacking, each stage on its own thread.
         let layer_dir = layer_tmp.as_ref().map(|t| t.path().join("diff"));
+        let started = std::time::Instant::now();
         let (raw_out, decode_in) = chunk_channel();
         let (raw, decoded, unpacked) = std::thread::scope(|scope| {
             let (unpack_tx, unpacker) = match layer_dir.as_deref() {
@@ -492,6 +493,7 @@ impl Inner {
         }
 
         // Publication.
+        let streamed = started.elapsed();
         let blob_dest = match blob_dest {
             Some(d) => d,
             None => self
@@ -523,7 +525,9 @@ impl Inner {
                 Err(e) => return Err(StoreError::io_path("publishing layer", &dest, e)),
             }
         }
-        tracing::debug!(digest = %digest, diff_id = %diff_id, size, unpacked_size, "layer imported");
+        tracing::debug!(digest = %digest, diff_id = %diff_id, size, unpacked_size,
+            stream_ms = streamed.as_millis() as u64,
+            sync_ms = (started.elapsed() - streamed).as_millis() as u64, "layer imported");
         Ok(LayerImport {
             digest,
             diff_id,
