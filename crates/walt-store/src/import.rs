@@ -395,13 +395,24 @@ impl Inner {
             let (unpack_tx, unpacker) = match layer_dir.as_deref() {
                 Some(dir) => {
                     let (tx, mut rx) = chunk_channel();
-                    let handle =
-                        scope.spawn(move || crate::unpack::unpack(&mut rx, dir, label).map(drop));
+                    let handle = std::thread::Builder::new()
+                        .name("walt-unpack".into())
+                        .spawn_scoped(scope, move || {
+                            let r = crate::unpack::unpack(&mut rx, dir, label).map(drop);
+                            tracing::trace!(
+                                layer = label,
+                                ms = started.elapsed().as_millis() as u64,
+                                "unpacked"
+                            );
+                            r
+                        })
+                        // As `scope.spawn` does.
+                        .expect("cannot start the unpacking thread");
                     (Some(tx), Some(handle))
                 }
                 None => (None, None),
             };
-            let decoder = scope.spawn(move || -> io::Result<(String, u64)> {
+            let decoding = move || -> io::Result<(String, u64)> {
                 let mut decoder = match compression {
                     Compression::None => Decoder::Plain(decode_in),
                     // The blob digest covers what the CRC would.
@@ -415,14 +426,29 @@ impl Inner {
                         )?)
                     }
                 };
-                decode_stage(&mut decoder, unpack_tx)
-            });
+                let r = decode_stage(&mut decoder, unpack_tx);
+                tracing::trace!(
+                    layer = label,
+                    ms = started.elapsed().as_millis() as u64,
+                    "decoded"
+                );
+                r
+            };
+            let decoder = std::thread::Builder::new()
+                .name("walt-decode".into())
+                .spawn_scoped(scope, decoding)
+                .expect("cannot start the decompressing thread");
             let raw = raw_stage(
                 input,
                 blob_file,
                 opts.expected_size,
                 opts.progress.as_deref(),
                 raw_out,
+            );
+            tracing::trace!(
+                layer = label,
+                ms = started.elapsed().as_millis() as u64,
+                "downloaded"
             );
             let decoded = decoder
                 .join()
