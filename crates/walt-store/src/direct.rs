@@ -65,21 +65,23 @@ impl DirectWriter {
         if self.fill < DIRECT_CHUNK {
             return Ok(());
         }
-        let r = self
-            .file
-            .write_all(&self.mem[self.start..self.start + DIRECT_CHUNK]);
-        match r {
+        self.write_head(DIRECT_CHUNK)?;
+        self.fill = 0;
+        Ok(())
+    }
+
+    /// Writes the first `len` bytes of the buffer (a multiple of `ALIGN`).
+    fn write_head(&mut self, len: usize) -> io::Result<()> {
+        let head = self.start..self.start + len;
+        match self.file.write_all(&self.mem[head.clone()]) {
             Err(e) if self.direct && unsupported(&e) => {
                 // Alignment the device does not accept: go buffered. A
                 // direct write fails before writing anything.
                 self.clear_direct()?;
-                self.file
-                    .write_all(&self.mem[self.start..self.start + DIRECT_CHUNK])?;
+                self.file.write_all(&self.mem[head])
             }
-            r => r?,
+            r => r,
         }
-        self.fill = 0;
-        Ok(())
     }
 
     fn clear_direct(&mut self) -> io::Result<()> {
@@ -107,17 +109,7 @@ impl DirectWriter {
         if self.fill > 0 {
             let whole = self.fill / ALIGN * ALIGN;
             if whole > 0 {
-                let r = self
-                    .file
-                    .write_all(&self.mem[self.start..self.start + whole]);
-                match r {
-                    Err(e) if self.direct && unsupported(&e) => {
-                        self.clear_direct()?;
-                        self.file
-                            .write_all(&self.mem[self.start..self.start + whole])?;
-                    }
-                    r => r?,
-                }
+                self.write_head(whole)?;
             }
             self.clear_direct()?;
             self.file
