@@ -19,8 +19,8 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 const ALIGN: usize = 4096;
 /// Size of one direct write.
 pub(crate) const DIRECT_CHUNK: usize = 1 << 20;
-/// Regular files at least this large are worth writing directly.
-pub(crate) const DIRECT_MIN_SIZE: u64 = 4 << 20;
+/// Regular files of at least one direct write are written directly.
+pub(crate) const DIRECT_MIN_SIZE: u64 = DIRECT_CHUNK as u64;
 
 /// The `O_DIRECT` open flag, to add to `OpenOptions::custom_flags`.
 pub(crate) const O_DIRECT: i32 = libc::O_DIRECT;
@@ -45,7 +45,15 @@ pub(crate) struct DirectWriter {
 impl DirectWriter {
     /// `direct`: whether `file` was opened with `O_DIRECT`.
     pub(crate) fn new(file: File, direct: bool) -> Self {
-        let mem = vec![0u8; DIRECT_CHUNK + ALIGN];
+        Self::with_buffer(file, direct, Vec::new())
+    }
+
+    /// Like `new`, reusing the buffer a previous writer gave back from
+    /// `finish_reuse` (allocates one if `mem` is too small).
+    pub(crate) fn with_buffer(file: File, direct: bool, mut mem: Vec<u8>) -> Self {
+        if mem.len() < DIRECT_CHUNK + ALIGN {
+            mem = vec![0u8; DIRECT_CHUNK + ALIGN];
+        }
         let start = mem.as_ptr().align_offset(ALIGN);
         DirectWriter {
             file,
@@ -105,7 +113,12 @@ impl DirectWriter {
     }
 
     /// Writes what is left and returns the file (not synced).
-    pub(crate) fn finish(mut self) -> io::Result<File> {
+    pub(crate) fn finish(self) -> io::Result<File> {
+        self.finish_reuse().map(|(f, _)| f)
+    }
+
+    /// Like `finish`, also giving the buffer back for the next writer.
+    pub(crate) fn finish_reuse(mut self) -> io::Result<(File, Vec<u8>)> {
         if self.fill > 0 {
             let whole = self.fill / ALIGN * ALIGN;
             if whole > 0 {
@@ -116,7 +129,7 @@ impl DirectWriter {
                 .write_all(&self.mem[self.start + whole..self.start + self.fill])?;
             self.fill = 0;
         }
-        Ok(self.file)
+        Ok((self.file, self.mem))
     }
 }
 

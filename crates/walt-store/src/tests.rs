@@ -1564,7 +1564,7 @@ fn session_dir_left_mounted_is_detached() {
 
 #[test]
 fn large_files_and_blobs_are_written_exactly() {
-    // Files of 4 MiB and more (and every blob) are written around the page
+    // Files of 1 MiB and more (and every blob) are written around the page
     // cache in aligned blocks; the sizes here end mid-block.
     let (_d, store) = new_store();
     let big: Vec<u8> = (0..9 * 1024 * 1024 + 1234u32)
@@ -1573,6 +1573,7 @@ fn large_files_and_blobs_are_written_exactly() {
     let mut t = Tar::new();
     t.file("big.bin", 0o640, &big);
     t.file("exact.bin", 0o600, &big[..4 * 1024 * 1024]);
+    t.file("medium.bin", 0o600, &big[..1024 * 1024 + 1]);
     t.file("small", 0o644, b"small");
     let tar_bytes = t.finish();
     for (c, blob) in [
@@ -1586,6 +1587,10 @@ fn large_files_and_blobs_are_written_exactly() {
         assert_eq!(
             fs::read(root.join("exact.bin")).unwrap(),
             &big[..4 * 1024 * 1024]
+        );
+        assert_eq!(
+            fs::read(root.join("medium.bin")).unwrap(),
+            &big[..1024 * 1024 + 1]
         );
         assert_eq!(fs::read(root.join("small")).unwrap(), b"small");
         let m = fs::metadata(root.join("big.bin")).unwrap();

@@ -81,6 +81,8 @@ struct Unpacker<'a> {
     /// The last parent directory verified to be a real directory chain.
     known_dir: Option<PathBuf>,
     buf: Vec<u8>,
+    /// The aligned buffer of direct writes, kept from one file to the next.
+    direct_buf: Vec<u8>,
 }
 
 /// Unpacks the tar stream `reader` into `root` (an existing, empty
@@ -94,6 +96,7 @@ pub(crate) fn unpack<R: Read>(reader: R, root: &Path, layer: &str) -> Result<Unp
         dir_times: HashMap::new(),
         known_dir: None,
         buf: vec![0u8; BUF_SIZE],
+        direct_buf: Vec::new(),
     };
     let mut stats = UnpackStats::default();
     let entries = archive.entries().map_err(|e| u.stream_err(e))?;
@@ -236,7 +239,8 @@ impl Unpacker<'_> {
                         ),
                         Err(e) => return Err(self.fs_err("creating file", &raw, e)),
                     };
-                    let mut w = DirectWriter::new(file, direct);
+                    let buf = std::mem::take(&mut self.direct_buf);
+                    let mut w = DirectWriter::with_buffer(file, direct, buf);
                     loop {
                         match w.fill_from(entry) {
                             Ok(0) => break,
@@ -247,7 +251,11 @@ impl Unpacker<'_> {
                             Err(e) => return Err(self.stream_err(e)),
                         }
                     }
-                    w.finish().map_err(|e| self.fs_err("writing", &raw, e))?
+                    let (file, buf) = w
+                        .finish_reuse()
+                        .map_err(|e| self.fs_err("writing", &raw, e))?;
+                    self.direct_buf = buf;
+                    file
                 } else {
                     let mut file = open(0).map_err(|e| self.fs_err("creating file", &raw, e))?;
                     self.copy_data(entry, &mut file, &raw)?;
