@@ -80,16 +80,22 @@ impl DirectWriter {
 
     /// Writes the first `len` bytes of the buffer (a multiple of `ALIGN`).
     fn write_head(&mut self, len: usize) -> io::Result<()> {
-        let head = self.start..self.start + len;
-        match self.file.write_all(&self.mem[head.clone()]) {
-            Err(e) if self.direct && unsupported(&e) => {
-                // Alignment the device does not accept: go buffered. A
-                // direct write fails before writing anything.
-                self.clear_direct()?;
-                self.file.write_all(&self.mem[head])
+        let mut done = 0;
+        while done < len {
+            match self
+                .file
+                .write(&self.mem[self.start + done..self.start + len])
+            {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Alignment the device does not accept (or a short write
+                // left us unaligned): go on buffered from where it stopped.
+                Err(e) if self.direct && unsupported(&e) => self.clear_direct()?,
+                Err(e) => return Err(e),
             }
-            r => r,
         }
+        Ok(())
     }
 
     fn clear_direct(&mut self) -> io::Result<()> {
@@ -211,5 +217,25 @@ mod tests {
             w.finish().unwrap().sync_all().unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), &data[..len], "length {len}");
         }
+    }
+
+    #[test]
+    fn refused_direct_writes_go_on_buffered() {
+        // A buffer the device refuses for direct I/O (misaligned on
+        // purpose): the writer falls back to buffered writes, data intact.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let (f, direct) = open(&path);
+        let mut w = DirectWriter::new(f, direct);
+        w.start += 1;
+        let data: Vec<u8> = (0..DIRECT_CHUNK * 2 + 5000)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        w.write_all(&data).unwrap();
+        if direct {
+            assert!(!w.direct, "the misaligned direct write was not refused");
+        }
+        w.finish().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), data);
     }
 }
