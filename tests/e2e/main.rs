@@ -14,6 +14,7 @@ mod hub;
 mod install;
 mod manage;
 mod publish;
+mod races;
 mod registries;
 mod search;
 mod secrets;

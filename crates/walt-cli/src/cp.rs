@@ -178,7 +178,11 @@ async fn copy_in(client: &mut Client, local: &str, image: &str, path: &str) -> a
     let reply = match (call, produced) {
         (Ok(reply), Ok(())) => reply.into_inner(),
         (Err(s), Ok(())) => return Err(status_error(s)),
-        (Err(s), Err(e)) if e.to_string().contains(SERVER_STOPPED) => return Err(status_error(s)),
+        // The producer's error may wrap the closed stream in context
+        // ("<file>: cannot read"): look through the whole chain.
+        (Err(s), Err(e)) if e.chain().any(|c| c.to_string().contains(SERVER_STOPPED)) => {
+            return Err(status_error(s));
+        }
         (_, Err(e)) => return Err(e),
     };
     if !reply.message.is_empty() {
