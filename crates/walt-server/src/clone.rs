@@ -459,8 +459,12 @@ async fn fetch_layers(
     let _cancel_on_drop = cancel.clone().drop_guard();
     let limit = Arc::new(tokio::sync::Semaphore::new(LAYER_CONCURRENCY));
     let mut set = JoinSet::new();
-    for job in layers {
-        let job = job.clone();
+    // Largest first: it is the critical path. The others run in the
+    // background (lower CPU priority), filling the gaps it leaves.
+    let mut order: Vec<&LayerJob> = layers.iter().collect();
+    order.sort_by_key(|j| std::cmp::Reverse(j.size));
+    for (i, job) in order.into_iter().enumerate() {
+        let (job, background) = (job.clone(), i > 0);
         let (store, client, path, events, cancel, limit) = (
             store.clone(),
             client.clone(),
@@ -474,7 +478,7 @@ async fn fetch_layers(
                 p = limit.acquire_owned() => p.map_err(|_| ServiceError::ShuttingDown)?,
                 _ = cancel.cancelled() => return Ok(0),
             };
-            fetch_layer(&store, &client, &path, &job, &events, &cancel).await
+            fetch_layer(&store, &client, &path, &job, background, &events, &cancel).await
         });
     }
     let mut total = 0;
@@ -500,6 +504,7 @@ async fn fetch_layer(
     client: &RegistryClient,
     path: &str,
     job: &LayerJob,
+    background: bool,
     events: &Events,
     cancel: &CancellationToken,
 ) -> Result<u64, ServiceError> {
@@ -535,6 +540,7 @@ async fn fetch_layer(
         progress: Some(Box::new(move |done| {
             let _ = ptx.try_send(Ok(progress(&digest, done, total, false, false)));
         })),
+        background,
     };
     let (s, j) = (store.clone(), job.clone());
     let import = tokio::task::spawn_blocking(move || {

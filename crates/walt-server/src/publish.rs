@@ -312,6 +312,7 @@ async fn compress_layers(
                     expected_size: None,
                     expected_diff_id: Some(layer.diff_id.clone()),
                     progress: None,
+                    background: false,
                 },
             )?;
             Ok((i, imported))

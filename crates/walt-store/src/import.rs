@@ -14,7 +14,8 @@ use crate::direct::{self, DirectWriter, O_DIRECT};
 use crate::error::{IoContext, Result, StoreError};
 use crate::gzip::GzipReader;
 use crate::util::{
-    BUF_SIZE, TmpPath, check_digest, drain, finish_digest, fsync_dir, syncfs, unique_name,
+    BUF_SIZE, TmpPath, check_digest, drain, finish_digest, fsync_dir, lower_thread_priority,
+    syncfs, unique_name,
 };
 
 /// How often (in raw bytes) the progress callback is called at most.
@@ -34,6 +35,10 @@ pub struct ImportOptions {
     /// Called with the cumulative number of raw bytes read, at most every
     /// 256 KiB, and once at the end.
     pub progress: Option<Box<dyn Fn(u64) + Send>>,
+    /// Run the decompressing and unpacking threads at a lower scheduling
+    /// priority, so that the layer on the critical path of a clone (the
+    /// largest) gets the CPU first when several are imported at once.
+    pub background: bool,
 }
 
 impl Default for ImportOptions {
@@ -44,6 +49,7 @@ impl Default for ImportOptions {
             expected_size: None,
             expected_diff_id: None,
             progress: None,
+            background: false,
         }
     }
 }
@@ -56,6 +62,7 @@ impl std::fmt::Debug for ImportOptions {
             .field("expected_size", &self.expected_size)
             .field("expected_diff_id", &self.expected_diff_id)
             .field("progress", &self.progress.is_some())
+            .field("background", &self.background)
             .finish()
     }
 }
@@ -389,6 +396,7 @@ impl Inner {
         // The pipeline: raw bytes (this thread) → decompression and
         // diff_id → unpacking, each stage on its own thread.
         let layer_dir = layer_tmp.as_ref().map(|t| t.path().join("diff"));
+        let background = opts.background;
         let started = std::time::Instant::now();
         let (raw_out, decode_in) = chunk_channel();
         let (raw, decoded, unpacked) = std::thread::scope(|scope| {
@@ -398,6 +406,9 @@ impl Inner {
                     let handle = std::thread::Builder::new()
                         .name("walt-unpack".into())
                         .spawn_scoped(scope, move || {
+                            if background {
+                                lower_thread_priority();
+                            }
                             let r = crate::unpack::unpack(&mut rx, dir, label).map(drop);
                             tracing::trace!(
                                 layer = label,
@@ -413,6 +424,9 @@ impl Inner {
                 None => (None, None),
             };
             let decoding = move || -> io::Result<(String, u64)> {
+                if background {
+                    lower_thread_priority();
+                }
                 let mut decoder = match compression {
                     Compression::None => Decoder::Plain(decode_in),
                     // The blob digest covers what the CRC would.

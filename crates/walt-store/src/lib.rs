@@ -206,7 +206,7 @@ impl Store {
             unpack: true,
             expected_size: None,
             expected_diff_id: Some(expected_diff_id.to_string()),
-            progress: None,
+            ..Default::default()
         };
         self.inner
             .import_layer(&mut f, compression, Some(digest), &opts)

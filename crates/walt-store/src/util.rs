@@ -141,6 +141,17 @@ impl<W: Write> Write for HashWriter<W> {
     }
 }
 
+/// Lowers the scheduling priority of the calling thread (on Linux the nice
+/// value is per thread). Best effort: failing only costs speed.
+pub(crate) fn lower_thread_priority() {
+    const BACKGROUND_NICE: libc::c_int = 10;
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE) };
+    if r != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot lower a thread's priority");
+    }
+}
+
 /// Now, in unix seconds.
 pub(crate) fn now_secs() -> i64 {
     std::time::SystemTime::now()
