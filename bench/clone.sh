@@ -39,7 +39,7 @@ for r in $(seq "$RUNS"); do
   podman_env "$W/podman-$r"
   sync; t0=$(now); podman pull -q --tls-verify=false "127.0.0.1:$REG_PORT/bench/big430:latest" >/dev/null; t1=$(now)
   podman_t+=("$(elapsed "$t0" "$t1")")
-  echo "run $r: walt ${walt_t[-1]}s  skopeo ${skopeo_t[-1]}s  podman ${podman_t[-1]}s" >&2
+  echo "run $r: walt ${walt_t[-1]}s  skopeo ${skopeo_t[-1]}s  podman ${podman_t[-1]}s  (walt/skopeo $(ratio "${walt_t[-1]}" "${skopeo_t[-1]}"), walt/podman $(ratio "${walt_t[-1]}" "${podman_t[-1]}"))" >&2
 done
 wb=$(best "${walt_t[@]}"); sb=$(best "${skopeo_t[@]}"); pb=$(best "${podman_t[@]}")
 wm=$(median "${walt_t[@]}"); sm=$(median "${skopeo_t[@]}"); pm=$(median "${podman_t[@]}")
