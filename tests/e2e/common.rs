@@ -97,3 +97,14 @@ pub fn listing(root: &Path, mtimes: bool) -> Vec<String> {
     walk(root, Path::new(""), mtimes, &mut out);
     out
 }
+
+/// Mount entries of every process that mention `needle`.
+pub fn mounts_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(m) = std::fs::read_to_string(e.path().join("mountinfo")) {
+            found.extend(m.lines().filter(|l| l.contains(needle)).map(String::from));
+        }
+    }
+    found
+}

@@ -25,17 +25,6 @@ fn write_random(path: &Path, len: u64) {
     std::io::copy(&mut RandomReader::new(unique_seed(), len), &mut f).unwrap();
 }
 
-/// Mount entries of every process that mention `needle`.
-fn mounts_with(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(m) = fs::read_to_string(e.path().join("mountinfo")) {
-            found.extend(m.lines().filter(|l| l.contains(needle)).map(String::from));
-        }
-    }
-    found
-}
-
 /// Copies `img:/root` out to a new directory under `dir` and returns the
 /// relative path and size of every file (directories with size 0) in it.
 fn root_of_image(env: &Env, dir: &Path) -> BTreeMap<String, u64> {

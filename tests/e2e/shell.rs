@@ -241,17 +241,6 @@ fn processes_with(needle: &str) -> Vec<String> {
     found
 }
 
-/// Mount entries of every process that mention `needle`.
-fn mounts_with(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(m) = fs::read_to_string(e.path().join("mountinfo")) {
-            found.extend(m.lines().filter(|l| l.contains(needle)).map(String::from));
-        }
-    }
-    found
-}
-
 #[test]
 fn client_killed_mid_shell_leaks_no_mount_or_process() {
     let env = env_with_image();
