@@ -6,7 +6,8 @@ set -euo pipefail
 log() { echo "install-deps: $*" >&2; }
 
 PACKAGES=(docker-registry busybox-static skopeo umoci apache2-utils openssl expect tmux curl
-          ca-certificates pkg-config docker.io qemu-user-static binfmt-support)
+          ca-certificates pkg-config docker.io qemu-user-static binfmt-support
+          libisal-dev)
 
 # Foreign-architecture busybox (for arm images), fetched without changing
 # the system's apt architectures.
@@ -36,6 +37,8 @@ for c in docker-registry skopeo umoci htpasswd openssl expect tmux curl pkg-conf
 done
 [ -x /bin/busybox ] || missing+=("/bin/busybox")
 [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=("ca-certificates")
+# ISA-L's inflate (clone speed; without it walt builds and falls back to zlib-rs).
+[ -e /usr/include/isa-l/igzip_lib.h ] || missing+=("libisal-dev")
 for c in qemu-aarch64-static qemu-arm-static update-binfmts; do
     check_cmd "$c"
 done

@@ -25,6 +25,7 @@ mod error;
 mod gc;
 mod gzip;
 mod import;
+mod inflate;
 mod squash;
 mod unpack;
 mod util;
