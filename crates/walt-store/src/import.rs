@@ -14,8 +14,8 @@ use crate::direct::{self, DirectWriter, O_DIRECT};
 use crate::error::{IoContext, Result, StoreError};
 use crate::gzip::GzipReader;
 use crate::util::{
-    BUF_SIZE, TmpPath, check_digest, drain, finish_digest, fsync_dir, lower_thread_priority,
-    syncfs, unique_name,
+    TmpPath, check_digest, drain, finish_digest, fsync_dir, lower_thread_priority, syncfs,
+    unique_name,
 };
 
 /// How often (in raw bytes) the progress callback is called at most.
@@ -164,7 +164,9 @@ impl Read for ChunkReader {
 /// while the next stage lives.
 struct ChunkSender {
     tx: Option<mpsc::SyncSender<Vec<u8>>>,
-    recycled: mpsc::Receiver<Vec<u8>>,
+    recycled: Option<mpsc::Receiver<Vec<u8>>>,
+    /// A chunk nobody took (no next stage, or it has gone), reused.
+    spare: Option<Vec<u8>>,
 }
 
 /// A channel between two stages.
@@ -174,30 +176,44 @@ fn chunk_channel() -> (ChunkSender, ChunkReader) {
     (
         ChunkSender {
             tx: Some(tx),
-            recycled: recycle_rx,
+            recycled: Some(recycle_rx),
+            spare: None,
         },
         ChunkReader::new(rx, recycle_tx),
     )
 }
 
 impl ChunkSender {
+    /// A sender without a next stage: chunks are only reused.
+    fn detached() -> Self {
+        ChunkSender {
+            tx: None,
+            recycled: None,
+            spare: None,
+        }
+    }
+
     /// An empty chunk of `CHUNK` bytes to fill.
-    fn take(&self) -> Vec<u8> {
+    fn take(&mut self) -> Vec<u8> {
         let mut chunk = self
-            .recycled
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+            .spare
+            .take()
+            .or_else(|| self.recycled.as_ref().and_then(|r| r.try_recv().ok()))
+            .unwrap_or_else(|| Vec::with_capacity(CHUNK));
         chunk.resize(CHUNK, 0);
         chunk
     }
 
     /// Sends `chunk` on; once the next stage has gone (it failed or
-    /// finished), further chunks are dropped.
+    /// finished), chunks are kept for reuse instead.
     fn send(&mut self, chunk: Vec<u8>) {
-        if let Some(tx) = &self.tx
-            && tx.send(chunk).is_err()
-        {
+        let Some(tx) = &self.tx else {
+            self.spare = Some(chunk);
+            return;
+        };
+        if let Err(mpsc::SendError(chunk)) = tx.send(chunk) {
             self.tx = None;
+            self.spare = Some(chunk);
         }
     }
 }
@@ -296,19 +312,12 @@ fn raw_stage(
 /// it on to the unpacker while it lives. Returns the diff_id and size.
 fn decode_stage<R: BufRead>(
     decoder: &mut Decoder<R>,
-    mut out: Option<ChunkSender>,
+    mut out: ChunkSender,
 ) -> io::Result<(String, u64)> {
     let mut hasher = Sha256::new();
     let mut count = 0u64;
-    let mut scratch = Vec::new();
     loop {
-        let mut chunk = match &out {
-            Some(o) => o.take(),
-            None => {
-                scratch.resize(BUF_SIZE, 0);
-                std::mem::take(&mut scratch)
-            }
-        };
+        let mut chunk = out.take();
         let n = read_full(decoder, &mut chunk)?;
         if n == 0 {
             break;
@@ -316,20 +325,14 @@ fn decode_stage<R: BufRead>(
         chunk.truncate(n);
         hasher.update(&chunk);
         count += n as u64;
-        match &mut out {
-            Some(o) => o.send(chunk),
-            None => scratch = chunk,
-        }
+        out.send(chunk);
     }
     // Whatever follows the compressed stream is part of the blob: let the
     // raw stage finish without blocking on a full channel.
+    let mut buf = out.take();
     drop(out);
-    drain(decoder.get_mut(), &mut scratch_buf())?;
+    drain(decoder.get_mut(), &mut buf)?;
     Ok((finish_digest(hasher), count))
-}
-
-fn scratch_buf() -> Vec<u8> {
-    vec![0u8; 64 * 1024]
 }
 
 /// Reads until `buf` is full or the stream ends.
@@ -440,7 +443,10 @@ impl Inner {
                         )?)
                     }
                 };
-                let r = decode_stage(&mut decoder, unpack_tx);
+                let r = decode_stage(
+                    &mut decoder,
+                    unpack_tx.unwrap_or_else(ChunkSender::detached),
+                );
                 tracing::trace!(
                     layer = label,
                     ms = started.elapsed().as_millis() as u64,
