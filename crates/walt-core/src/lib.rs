@@ -3,11 +3,13 @@
 //! Nothing here performs I/O.
 
 pub mod config;
+pub mod digest;
 pub mod models;
 pub mod name;
 pub mod oci;
 pub mod url;
 
+pub use digest::{Digest, DigestError};
 pub use models::compact_models;
 pub use name::{ImageName, NameError};
 pub use url::{CloneUrl, Location, UrlError};
