@@ -37,8 +37,9 @@ for c in docker-registry skopeo umoci htpasswd openssl expect tmux curl pkg-conf
 done
 [ -x /bin/busybox ] || missing+=("/bin/busybox")
 [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=("ca-certificates")
-# ISA-L's inflate (clone speed; without it walt builds and falls back to zlib-rs).
-[ -e /usr/include/isa-l/igzip_lib.h ] || missing+=("libisal-dev")
+# ISA-L's inflate, found through pkg-config by the default build (the `isal`
+# feature of walt-store; --no-default-features builds with zlib-rs only).
+pkg-config --exists libisal 2>/dev/null || missing+=("libisal-dev")
 for c in qemu-aarch64-static qemu-arm-static update-binfmts; do
     check_cmd "$c"
 done

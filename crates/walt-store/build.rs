@@ -1,28 +1,27 @@
-//! Builds the small C layer over ISA-L's inflate when the library is
-//! installed (Debian: libisal-dev); without it, gzip layers are inflated
-//! with zlib-rs only. `WALT_NO_ISAL=1` forces the latter.
-
-use std::path::Path;
+//! With the `isal` feature (on by default), builds the small C layer over
+//! ISA-L's inflate and links the library, both found through pkg-config
+//! (`libisal.pc`, Debian: libisal-dev). Without the feature, gzip layers are
+//! inflated with zlib-rs only and nothing here runs.
 
 fn main() {
-    println!("cargo::rustc-check-cfg=cfg(walt_isal)");
+    println!("cargo::rerun-if-changed=build.rs");
+    #[cfg(feature = "isal")]
+    isal();
+}
+
+#[cfg(feature = "isal")]
+fn isal() {
     println!("cargo::rerun-if-changed=src/isal_shim.c");
-    println!("cargo::rerun-if-env-changed=WALT_NO_ISAL");
-    let header = Path::new("/usr/include/isa-l/igzip_lib.h");
-    println!("cargo::rerun-if-changed={}", header.display());
-    if std::env::var_os("WALT_NO_ISAL").is_some_and(|v| v == "1") {
-        return;
-    }
-    if !header.exists() {
+    // pkg-config prints the link flags and watches its own variables.
+    let Ok(lib) = pkg_config::Config::new().probe("libisal") else {
         println!(
-            "cargo::warning=ISA-L not found (apt-get install libisal-dev): gzip layers will be inflated with zlib-rs, ~1.5x slower"
+            "cargo::error=ISA-L not found through pkg-config (libisal): install libisal-dev and pkg-config, or build with --no-default-features to inflate with zlib-rs"
         );
         return;
-    }
+    };
     cc::Build::new()
         .file("src/isal_shim.c")
+        .includes(&lib.include_paths)
         .warnings(true)
         .compile("walt_isal_shim");
-    println!("cargo::rustc-link-lib=isal");
-    println!("cargo::rustc-cfg=walt_isal");
 }

@@ -1,28 +1,27 @@
 //! Plain text tables: columns separated by two spaces, no trailing blanks.
 
+use tabled::builder::Builder;
+use tabled::settings::object::Columns;
+use tabled::settings::{Padding, Style};
+
+/// Columns as wide as their widest cell (header included), left-aligned, two spaces
+/// between columns, no border or rule; each line ends without trailing blanks.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    let mut builder = Builder::with_capacity(rows.len() + 1, header.len());
+    builder.push_record(header.iter().copied());
     for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
+        builder.push_record(row.iter().map(String::as_str));
     }
-    let mut out = String::new();
-    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
-        let mut l = String::new();
-        for (i, (cell, w)) in cells.zip(&widths).enumerate() {
-            if i > 0 {
-                l.push_str("  ");
-            }
-            l.push_str(cell);
-            l.extend(std::iter::repeat_n(' ', w - cell.chars().count()));
-        }
-        out.push_str(l.trim_end());
+    let mut table = builder.build();
+    table
+        .with(Style::empty())
+        .with(Padding::new(0, 2, 0, 0))
+        .modify(Columns::last(), Padding::zero());
+    let text = table.to_string();
+    let mut out = String::with_capacity(text.len() + 1);
+    for line in text.lines() {
+        out.push_str(line.trim_end());
         out.push('\n');
-    };
-    line(&mut header.iter().copied());
-    for row in rows {
-        line(&mut row.iter().map(String::as_str));
     }
     out
 }
@@ -63,6 +62,113 @@ mod tests {
             ],
         );
         assert_eq!(t, "NAME       X\na          1\nlong-name\n");
+    }
+
+    /// The hand-written renderer that `render` replaced: widths in chars, two spaces
+    /// between columns, lines trimmed at the end.
+    fn by_hand(header: &[&str], rows: &[Vec<String>]) -> String {
+        let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+        for row in rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        let lines = std::iter::once(header.iter().map(|h| h.to_string()).collect::<Vec<_>>())
+            .chain(rows.iter().cloned());
+        for cells in lines {
+            let mut l = String::new();
+            for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+                if i > 0 {
+                    l.push_str("  ");
+                }
+                l.push_str(cell);
+                l.extend(std::iter::repeat_n(' ', w - cell.chars().count()));
+            }
+            out.push_str(l.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    fn rows(rows: &[&[&str]]) -> Vec<Vec<String>> {
+        rows.iter()
+            .map(|r| r.iter().map(|c| c.to_string()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn same_output_as_the_hand_written_tables() {
+        let cases: Vec<(Vec<&str>, Vec<Vec<String>>)> = vec![
+            // No rows: the header alone.
+            (vec!["NAME", "IN-USE", "CREATED", "COMPATIBILITY"], vec![]),
+            // The `walt image show` table.
+            (
+                vec!["NAME", "IN-USE", "CREATED", "COMPATIBILITY"],
+                rows(&[
+                    &[
+                        "pc-x86-64-default",
+                        "True",
+                        "2023-11-14 22:13:20",
+                        "pc-x86-64",
+                    ],
+                    &[
+                        "a",
+                        "False",
+                        "1970-01-01 00:00:00",
+                        "rpi-b, rpi-b-plus, rpi-2-b",
+                    ],
+                ]),
+            ),
+            // Empty cells, first, middle and last; a whole empty row.
+            (
+                vec![
+                    "USER",
+                    "IMAGE NAME",
+                    "LOCATION",
+                    "COMPATIBILITY",
+                    "CLONE URL",
+                ],
+                rows(&[
+                    &["", "img", "", "", "hub:u/img"],
+                    &["waltplatform", "", "docker hub", "", ""],
+                    &["", "", "", "", ""],
+                ]),
+            ),
+            // Cells wider than their header, header wider than its cells.
+            (
+                vec!["A", "LONG HEADER", "B"],
+                rows(&[&["a very long first cell", "x", "bb"], &["c", "", "d"]]),
+            ),
+            // Non-ASCII characters one column wide.
+            (
+                vec!["NAME", "OWNER"],
+                rows(&[
+                    &["caf\u{e9}-\u{e9}t\u{e9}", "j\u{fc}rgen"],
+                    &["ab", "\u{f8}"],
+                ]),
+            ),
+            // A single column.
+            (vec!["NAME"], rows(&[&["x"], &["longer"], &[""]])),
+        ];
+        for (header, rows) in &cases {
+            assert_eq!(
+                render(header, rows),
+                by_hand(header, rows),
+                "{header:?} {rows:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn wide_characters_align_on_screen() {
+        // Two columns per character on a terminal: the next column starts after the
+        // displayed width (the hand-written tables counted chars and misaligned here).
+        let t = render(
+            &["NAME", "X"],
+            &rows(&[&["\u{65e5}\u{672c}", "1"], &["abcdef", "2"]]),
+        );
+        assert_eq!(t, "NAME    X\n\u{65e5}\u{672c}    1\nabcdef  2\n");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Integration tests of the real re-exec path. `harness = false`: this binary is also the
 //! sandbox (`/proc/self/exe __walt-sandbox <json>`), so `main` dispatches first. It speaks
 //! enough of the libtest CLI for `cargo test` and `cargo nextest run`
-//! (`--list --format terse`, `--exact NAME`). Needs root; skipped otherwise.
+//! (`--list --format terse`, `--ignored`, `--exact NAME`). Needs root: without it each test
+//! fails, or is reported as ignored when `WALT_SKIP_ROOT_TESTS=1`.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -44,39 +45,59 @@ const TESTS: &[(&str, TestFn)] = tests![
     sigterm_tears_down_namespace,
 ];
 
+/// Set to `1` to run these tests without root: they are then reported as ignored (never as
+/// passed). Without it, a run that is not root fails each test it selects.
+const SKIP_VAR: &str = "WALT_SKIP_ROOT_TESTS";
+
 fn main() {
     if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(walt_container::SANDBOX_ARG)) {
         walt_container::sandbox_main()
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let ignored = args.iter().any(|a| a == "--ignored");
+    let only_ignored = args.iter().any(|a| a == "--ignored");
+    let include_ignored = args.iter().any(|a| a == "--include-ignored");
+    let root = nix::unistd::geteuid().is_root();
+    // Without root, and only when asked, every test counts as ignored.
+    let skip = !root && std::env::var_os(SKIP_VAR).is_some_and(|v| v == "1");
     if args.iter().any(|a| a == "--list") {
-        if !ignored {
+        if !only_ignored || skip {
             for (name, _) in TESTS {
                 println!("{name}: test");
             }
         }
         return;
     }
-    if ignored {
-        return;
-    }
     let exact = args.iter().any(|a| a == "--exact");
     let filter: Option<&String> = args.iter().find(|a| !a.starts_with("--"));
-    // SAFETY: plain getter.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("walt-container sandbox tests: skipped (need root)");
-        return;
+    let selected: Vec<&(&str, TestFn)> = TESTS
+        .iter()
+        .filter(|(name, _)| match filter {
+            Some(flt) if exact => name == flt,
+            Some(flt) => name.contains(flt.as_str()),
+            None => true,
+        })
+        .collect();
+    let (run, ignored): (Vec<_>, Vec<_>) = if only_ignored {
+        (if skip { selected } else { Vec::new() }, Vec::new())
+    } else if skip && !include_ignored {
+        (Vec::new(), selected)
+    } else {
+        (selected, Vec::new())
+    };
+    for (name, _) in &ignored {
+        println!("test {name} ... ignored, needs root ({SKIP_VAR}=1)");
     }
     let mut failed = Vec::new();
     let mut ran = 0;
-    for (name, f) in TESTS {
-        if let Some(flt) = filter
-            && ((exact && name != flt) || (!exact && !name.contains(flt.as_str())))
-        {
+    for (name, f) in run {
+        ran += 1;
+        if !root {
+            println!(
+                "test {name} ... FAILED: needs root (run as root, or set {SKIP_VAR}=1 to report the sandbox tests as ignored)"
+            );
+            failed.push(*name);
             continue;
         }
-        ran += 1;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -96,10 +117,11 @@ fn main() {
         }
     }
     println!(
-        "\ntest result: {}. {} passed; {} failed",
+        "\ntest result: {}. {} passed; {} failed; {} ignored",
         if failed.is_empty() { "ok" } else { "FAILED" },
         ran - failed.len(),
-        failed.len()
+        failed.len(),
+        ignored.len()
     );
     if !failed.is_empty() {
         std::process::exit(101);

@@ -1,5 +1,5 @@
-//! The body of a gzip member: ISA-L's inflate when the build found the
-//! library (about twice as fast as zlib's on layer data; it also reads and
+//! The body of a gzip member: ISA-L's inflate with the `isal` feature, on by
+//! default (about twice as fast as zlib's on layer data; it also reads and
 //! checks the member trailer, CRC-32 included, at little cost), zlib-rs's
 //! raw inflate otherwise (the trailer is then read by `GzipReader`).
 
@@ -19,14 +19,14 @@ pub(crate) struct Step {
 /// A raw deflate decompressor.
 pub(crate) enum Inflater {
     Zlib(Box<Decompress>),
-    #[cfg(walt_isal)]
+    #[cfg(feature = "isal")]
     Isal(isal::Isal),
 }
 
 impl Inflater {
     /// The fastest one this build has.
     pub(crate) fn new() -> Self {
-        #[cfg(walt_isal)]
+        #[cfg(feature = "isal")]
         if let Some(i) = isal::Isal::new() {
             return Inflater::Isal(i);
         }
@@ -42,7 +42,7 @@ impl Inflater {
     pub(crate) fn reads_trailer(&self) -> bool {
         match self {
             Inflater::Zlib(_) => false,
-            #[cfg(walt_isal)]
+            #[cfg(feature = "isal")]
             Inflater::Isal(_) => true,
         }
     }
@@ -51,7 +51,7 @@ impl Inflater {
     pub(crate) fn reset(&mut self) {
         match self {
             Inflater::Zlib(d) => d.reset(false),
-            #[cfg(walt_isal)]
+            #[cfg(feature = "isal")]
             Inflater::Isal(i) => i.reset(),
         }
     }
@@ -69,13 +69,13 @@ impl Inflater {
                     finished: status == Status::StreamEnd,
                 })
             }
-            #[cfg(walt_isal)]
+            #[cfg(feature = "isal")]
             Inflater::Isal(i) => i.inflate(input, out),
         }
     }
 }
 
-#[cfg(walt_isal)]
+#[cfg(feature = "isal")]
 mod isal {
     use std::ffi::{c_int, c_void};
     use std::io;

@@ -1,5 +1,9 @@
 /* A thin C layer over ISA-L's inflate, so that Rust never depends on the
- * layout of `struct inflate_state`: raw deflate, no checksum. */
+ * layout of `struct inflate_state`. It inflates the body of one gzip member
+ * whose header the caller (GzipReader) has already read: the deflate data,
+ * then the 8-byte member trailer, which ISA-L reads and checks itself
+ * (ISAL_GZIP_NO_HDR_VER: CRC-32 and size; a mismatch is
+ * ISAL_INCORRECT_CHECKSUM). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <isa-l/igzip_lib.h>
