@@ -131,7 +131,7 @@ fn missing_credentials_are_asked_for_checked_and_saved() {
     tmux.keys(&["Enter"]).unwrap();
     tmux.wait_line("the password question", |l| l.contains("Password for"))
         .unwrap();
-    tmux.text(SECURE_PASS).unwrap();
+    tmux.secret(SECURE_PASS).unwrap();
     tmux.keys(&["Enter"]).unwrap();
     assert_eq!(
         exit_status(dir.path(), &tmux),
@@ -179,7 +179,7 @@ fn rejected_credentials_are_not_saved() {
     tmux.keys(&["Enter"]).unwrap();
     tmux.wait_line("the password question", |l| l.contains("Password for"))
         .unwrap();
-    tmux.text("not-the-password").unwrap();
+    tmux.secret("not-the-password").unwrap();
     tmux.keys(&["Enter"]).unwrap();
     assert_ne!(exit_status(dir.path(), &tmux), 0);
     let screen = tmux.screen();

@@ -1,7 +1,25 @@
 //! Manifest formats, compressions and multi-arch indexes.
 
+use std::path::Path;
+
 use crate::common::*;
 use walt_e2e::*;
+
+/// The file at `path` in alice's image `image`, read back with `walt image cp`.
+fn read_back(env: &Env, image: &str, path: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    env.alice
+        .run(&[
+            "image",
+            "cp",
+            &format!("{image}:{path}"),
+            dir.path().to_str().unwrap(),
+        ])
+        .assert_success();
+    let name = Path::new(path).file_name().unwrap();
+    std::fs::read(dir.path().join(name))
+        .unwrap_or_else(|e| panic!("{image}:{path} copied out, but not readable: {e}"))
+}
 
 fn clone_format(format: Format, layers: &[Compression]) {
     let env = Env::start();
@@ -16,7 +34,10 @@ fn clone_format(format: Format, layers: &[Compression]) {
                 *c,
                 &[
                     RawEntry::dir("root/"),
-                    RawEntry::file(&format!("root/layer-{i}"), b"data\n"),
+                    RawEntry::file(
+                        &format!("root/layer-{i}"),
+                        format!("data of layer {i} ({c:?})\n").as_bytes(),
+                    ),
                 ],
             )
             .unwrap();
@@ -35,6 +56,18 @@ fn clone_format(format: Format, layers: &[Compression]) {
         assert!(
             store_has_layer(&env, &img, i),
             "layer {i} missing from the store"
+        );
+    }
+    // What each layer holds, read back from the cloned image.
+    assert_eq!(read_back(&env, "fmt", "/etc/walt-test-marker"), b"base\n");
+    assert!(
+        read_back(&env, "fmt", "/bin/busybox") == std::fs::read("/bin/busybox").unwrap(),
+        "/bin/busybox differs from the one in the layer"
+    );
+    for (i, c) in layers.iter().enumerate().skip(1) {
+        assert_eq!(
+            String::from_utf8(read_back(&env, "fmt", &format!("/root/layer-{i}"))).unwrap(),
+            format!("data of layer {i} ({c:?})\n")
         );
     }
     assert_tmp_empty(&env.server.data_dir());
@@ -112,6 +145,10 @@ fn multi_arch(format: Format) {
         "amd64 layer not in the store"
     );
     assert!(!store_has_layer(&env, &arm, 0), "arm64 layer in the store");
+    assert_eq!(
+        read_back(&env, "multi", "/etc/walt-test-marker"),
+        b"busybox pc-x86-64\n"
+    );
     assert_tmp_empty(&env.server.data_dir());
 }
 

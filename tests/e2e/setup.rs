@@ -229,7 +229,7 @@ fn edit_conf_in_tmux_adds_a_registry() {
     t.keys(&["Enter"]).unwrap();
     t.wait_line("label error", |l| l.contains("reserved"))
         .unwrap();
-    t.keys(&["BSpace", "BSpace", "BSpace", "BSpace"]).unwrap();
+    t.erase(4).unwrap();
     t.text("newlabel").unwrap();
     t.keys(&["Enter"]).unwrap();
     t.wait_prompt("Description:").unwrap();
@@ -239,7 +239,7 @@ fn edit_conf_in_tmux_adds_a_registry() {
     t.text("localhost").unwrap();
     t.keys(&["Enter"]).unwrap();
     t.wait_prompt("Port: 443").unwrap();
-    t.keys(&["BSpace", "BSpace", "BSpace"]).unwrap();
+    t.erase(3).unwrap();
     t.text(&env.local.port().to_string()).unwrap();
     t.keys(&["Enter"]).unwrap();
     t.wait_prompt("Protocol:").unwrap();

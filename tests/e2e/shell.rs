@@ -62,9 +62,17 @@ fn scripted_shell_session_saves_and_cp_reads_back() {
     t.enter("hostname; pwd").unwrap();
     t.wait_line("hostname", |l| l == "image-shell").unwrap();
     t.wait_line("cwd", |l| l == "/root").unwrap();
-    // Keys reach the shell: Ctrl-C interrupts a command.
-    t.enter("sleep 100").unwrap();
+    // Keys reach the shell: Ctrl-C interrupts a running command.
+    t.enter("sleep 4141").unwrap();
+    wait_for("the sleep to run", Duration::from_secs(10), || {
+        (processes_with("sleep 4141").len() == 1).then_some(())
+    })
+    .unwrap();
     t.keys(&["C-c"]).unwrap();
+    wait_for("Ctrl-C to end the sleep", Duration::from_secs(10), || {
+        processes_with("sleep 4141").is_empty().then_some(())
+    })
+    .unwrap();
     t.enter("echo after-$((6*7))").unwrap();
     t.wait_line("the shell after Ctrl-C", |l| l == "after-42")
         .unwrap();
@@ -72,8 +80,23 @@ fn scripted_shell_session_saves_and_cp_reads_back() {
     t.enter("busybox stty size").unwrap();
     t.wait_line("the initial size", |l| l == "50 200").unwrap();
     t.resize(120, 40).unwrap();
-    t.enter("busybox stty size").unwrap();
-    t.wait_line("the new size", |l| l == "40 120").unwrap();
+    // The new size goes through the client (SIGWINCH) and the server: ask
+    // again, each answer waited for, until it shows.
+    let mut asked = 0;
+    wait_for("the new size in the shell", Duration::from_secs(20), || {
+        asked += 1;
+        let tag = format!("size-{asked}:");
+        t.enter(&format!("echo {tag} $(busybox stty size)"))
+            .unwrap();
+        t.wait_line(&format!("answer {asked}"), |l| l.starts_with(&tag))
+            .unwrap();
+        let want = format!("{tag} 40 120");
+        t.screen()
+            .lines()
+            .any(|l| l.trim_end() == want)
+            .then_some(())
+    })
+    .unwrap();
     t.enter("echo ok > /root/test").unwrap();
     t.enter("exit").unwrap();
     t.wait_line("the save prompt", |l| {
