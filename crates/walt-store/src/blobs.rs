@@ -1,13 +1,13 @@
 //! Content-addressed blobs: `blobs/sha256/<hex>`.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io;
 use std::path::PathBuf;
 
 use crate::Inner;
-use crate::error::{IoContext, Result, StoreError};
-use crate::util::{TmpPath, check_digest, fsync_dir, sha256_digest, unique_name};
+use crate::error::{Result, StoreError};
+use crate::staging::{BlobWriter, Expected};
+use crate::util::{check_digest, sha256_digest};
 
 impl Inner {
     pub(crate) fn blob_path(&self, digest: &str) -> Result<PathBuf> {
@@ -27,36 +27,28 @@ impl Inner {
     }
 
     pub(crate) fn put_blob(&self, expected_digest: Option<&str>, bytes: &[u8]) -> Result<String> {
-        let digest = sha256_digest(bytes);
-        if let Some(expected) = expected_digest {
-            check_digest(expected)?;
-            if expected != digest {
-                return Err(StoreError::DigestMismatch {
-                    digest: expected.to_string(),
-                    actual: digest,
-                });
+        // Without an expected digest, whether the blob is stored is only
+        // known once it is hashed: then nothing is staged.
+        let computed;
+        let expected = match expected_digest {
+            Some(d) => d,
+            None => {
+                computed = sha256_digest(bytes);
+                if self.has_blob(&computed) {
+                    return Ok(computed);
+                }
+                &computed
             }
-        }
-        let dest = self.blob_path(&digest)?;
-        if dest.is_file() {
-            return Ok(digest);
-        }
-        let tmp = TmpPath::new(self.tmp_dir().join(unique_name("blob")));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(tmp.path())
-            .ctx("creating staging file", tmp.path())?;
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .ctx("writing staging file", tmp.path())?;
-        drop(f);
-        fs::rename(tmp.path(), &dest).ctx(&format!("publishing blob {digest} as"), &dest)?;
-        tmp.keep();
-        fsync_dir(&self.blobs_dir())?;
-        tracing::debug!(%digest, size = bytes.len(), "blob stored");
-        Ok(digest)
+        };
+        let mut w = BlobWriter::plain(
+            self,
+            Expected {
+                digest: Some(expected),
+                size: None,
+            },
+        )?;
+        w.write_chunk(bytes)?;
+        w.finish()?.publish(self)
     }
 
     pub(crate) fn layer_path(&self, diff_id: &str) -> Result<PathBuf> {

@@ -12,7 +12,7 @@
 //! layers are never read.
 
 use std::ffi::OsString;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -25,13 +25,11 @@ use crate::Store;
 use crate::db::{ImageRecord, LayerRef, NewImage, PutOutcome};
 use crate::error::{IoContext, Result, StoreError};
 use crate::squash::{
-    OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, TreeForm, create_staging_blob, publish_blob,
-    publish_layer_dir, read_config, store_config_and_manifest, write_tree,
+    OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, TreeForm, read_config, store_config_and_manifest,
+    write_tree,
 };
-use crate::util::{
-    BUF_SIZE, HashWriter, TmpPath, finish_digest, fsync_dir, now_secs, remove_any, rfc3339,
-    unique_name,
-};
+use crate::staging::{BlobWriter, Durability, Expected, StagedLayer, make_durable};
+use crate::util::{now_secs, remove_any, rfc3339, unique_name};
 
 /// Overlay xattrs that mean the upper directory depends on features walt
 /// does not mount with (its content would not stand on its own).
@@ -215,54 +213,38 @@ impl Store {
             )),
             Sanitize::Io(rel, e) => fail(format!("reading '/{}': {e}", rel.display())),
         })?;
-        // Made durable while the tar is written: file by file for a small
-        // change (independent of unrelated dirty data), the whole
-        // filesystem at once for a large one (one flush instead of many).
+        // Made durable while the tar is written.
         let durable = {
             let upper = upper.to_path_buf();
-            std::thread::spawn(move || -> io::Result<()> {
-                if to_sync.len() > SYNC_EACH_MAX {
-                    let f = File::open(&upper)?;
-                    return nix::unistd::syncfs(&f).map_err(io::Error::from);
-                }
-                for p in &to_sync {
-                    File::open(p)?.sync_all()?;
-                }
-                Ok(())
-            })
+            std::thread::spawn(move || make_durable(&upper, &to_sync))
         };
 
         // 2. The layer tar, hashed as it is written.
-        let (blob_tmp, file) = create_staging_blob(inner)?;
-        let mut builder = tar::Builder::new(HashWriter::new(io::BufWriter::with_capacity(
-            BUF_SIZE, file,
-        )));
+        let blob_w = BlobWriter::buffered(inner, Expected::default())?;
+        let mut builder = tar::Builder::new(blob_w);
         write_tree(&mut builder, upper, TreeForm::Overlay)
             .map_err(|e| fail(format!("writing the layer: {e}")))?;
-        let io_err = |e: io::Error| StoreError::io_path("writing", blob_tmp.path(), e);
-        let w = builder.into_inner().map_err(io_err)?;
-        let layer_size = w.count;
-        let diff_id = finish_digest(w.hasher);
-        let file = w.inner.into_inner().map_err(|e| io_err(e.into_error()))?;
+        let blob = builder
+            .into_inner()
+            .map_err(|e| fail(format!("writing the layer: {e}")))?
+            .finish()?;
+        let layer_size = blob.size();
+        let diff_id = blob.digest().to_string();
         durable
             .join()
             .map_err(|_| fail("the sync thread panicked".into()))?
             .map_err(|e| fail(format!("making the changes durable: {e}")))?;
 
         // 3. Publish the blob, then the upper directory as the layer.
-        publish_blob(inner, blob_tmp, file, &diff_id)?;
+        blob.publish(inner)?;
         if !inner.has_layer(&diff_id) {
-            let staging = TmpPath::new(inner.tmp_dir().join(unique_name("commit")));
-            fs::create_dir(staging.path()).ctx("creating staging directory", staging.path())?;
-            let diff = staging.path().join("diff");
-            fs::rename(upper, &diff).map_err(|e| {
+            let staging = StagedLayer::adopt(inner, "commit", upper, |e| {
                 fail(format!(
                     "moving '{}' into the store: {e} (it must be in the store's tmp/)",
                     upper.display()
                 ))
             })?;
-            fsync_dir(staging.path())?;
-            publish_layer_dir(inner, staging, &diff_id)?;
+            staging.publish(inner, &diff_id, Durability::AlreadyDurable)?;
         }
 
         // 4. Config and manifest.
@@ -333,10 +315,6 @@ enum Sanitize {
     Refused(PathBuf, String),
     Io(PathBuf, io::Error),
 }
-
-/// Above this many files and directories, a commit syncs the filesystem
-/// once instead of each of them.
-const SYNC_EACH_MAX: usize = 256;
 
 /// Walks an upper directory: removes every `trusted.overlay.*` xattr but
 /// `opaque=y`, refuses redirects and metacopy, and lists the files and

@@ -1,22 +1,32 @@
-//! The one-pass layer import: hash the raw blob, tee it to a staging file,
-//! decompress, hash the tar stream, unpack it, then publish atomically.
+//! The one-pass layer import, in four stages with clear hand-offs:
+//!
+//! 1. raw ([`raw_stage`], the calling thread): the compressed bytes as they
+//!    come, through a [`BlobWriter`] (blob digest and size, staged in
+//!    `tmp/` around the page cache) → a [`StagedBlob`];
+//! 2. decode ([`decode_stage`], `walt-decode`): decompression and the
+//!    diff_id → [`Decoded`];
+//! 3. unpack ([`unpack_stage`], `walt-unpack`): the tar stream into a
+//!    [`StagedLayer`];
+//! 4. finish ([`Streamed::verify`], then publication): every check, most
+//!    telling first, then the blob and the layer renamed into place.
+//!
+//! Stages 1–3 ([`Pipeline`]) run at once, linked by bounded channels of
+//! reused 256 KiB chunks.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{self, BufRead, Read};
+use std::path::Path;
 use std::sync::mpsc;
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use walt_core::oci::Compression;
 
 use crate::Inner;
-use crate::direct::{self, DirectWriter, O_DIRECT};
-use crate::error::{IoContext, Result, StoreError};
+use crate::direct::DirectWriter;
+use crate::error::{Result, StoreError};
 use crate::gzip::GzipReader;
-use crate::util::{
-    TmpPath, check_digest, drain, finish_digest, fsync_dir, lower_thread_priority, syncfs,
-    unique_name,
-};
+use crate::staging::{BlobWriter, Durability, Expected, StagedBlob, StagedLayer};
+use crate::util::{check_digest, drain, finish_digest, lower_thread_priority};
 
 /// How often (in raw bytes) the progress callback is called at most.
 const PROGRESS_STEP: u64 = 256 * 1024;
@@ -88,6 +98,20 @@ enum Decoder<R: BufRead> {
 }
 
 impl<R: BufRead> Decoder<R> {
+    /// A decoder of `compression` over `input`; `check_crc`: whether the
+    /// gzip CRC is checked (the blob digest covers what it would).
+    fn new(input: R, compression: Compression, check_crc: bool) -> io::Result<Self> {
+        Ok(match compression {
+            Compression::None => Decoder::Plain(input),
+            Compression::Gzip => Decoder::Gzip(Box::new(GzipReader::new(input, check_crc))),
+            Compression::Zstd => Decoder::Zstd(
+                zstd::stream::read::Decoder::with_buffer(input).map_err(|e| {
+                    io::Error::other(format!("cannot start zstd decompression: {e}"))
+                })?,
+            ),
+        })
+    }
+
     fn get_mut(&mut self) -> &mut R {
         match self {
             Decoder::Plain(r) => r,
@@ -218,54 +242,33 @@ impl ChunkSender {
     }
 }
 
-/// Creates a staging blob file, written around the page cache when the
-/// filesystem allows it.
-fn create_direct(path: &std::path::Path) -> io::Result<DirectWriter> {
-    let open = |flags| {
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(flags)
-            .open(path)
-    };
-    match open(O_DIRECT) {
-        Ok(f) => Ok(DirectWriter::new(f, true)),
-        Err(e) if direct::unsupported(&e) => Ok(DirectWriter::new(open(0)?, false)),
-        Err(e) => Err(e),
-    }
-}
-
-/// What the raw stage saw.
-struct RawOutcome {
-    hasher: Sha256,
-    count: u64,
-    file: Option<File>,
-}
-
 /// What went wrong on the raw stage.
 enum RawError {
     /// Reading the input failed.
     Read(io::Error),
-    /// More bytes than announced.
-    TooLong(u64),
-    /// Writing the staging blob failed.
-    Write(io::Error),
+    /// Staging the blob failed, or it is not what was expected.
+    Blob(StoreError),
 }
 
-/// The first stage, on the calling thread: reads the raw (compressed)
-/// bytes, hashes and counts them, tees them to the staging blob file,
-/// reports progress, refuses to go past the expected size, and passes them
-/// on. It always reads to the end of the input (unless it fails), so that a
-/// corrupt blob is reported as such even when decompression fails first.
+/// What the decode stage computed: the diff_id and size of the tar stream.
+struct Decoded {
+    diff_id: String,
+    size: u64,
+}
+
+/// Stage 1, on the calling thread: reads the raw (compressed) bytes and
+/// stages them through `blob` (hashed, counted, written to `tmp/` unless
+/// only verified, refused past the expected size), reports progress and
+/// passes them on. It always reads to the end of the input (unless it
+/// fails), so that a corrupt blob is reported as such even when
+/// decompression fails first. Hands off the staged blob, verified against
+/// the expected size and digest.
 fn raw_stage(
     input: &mut dyn Read,
-    mut file: Option<DirectWriter>,
-    limit: Option<u64>,
+    mut blob: BlobWriter<DirectWriter>,
     progress: Option<&(dyn Fn(u64) + Send)>,
     mut out: ChunkSender,
-) -> std::result::Result<RawOutcome, RawError> {
-    let mut hasher = Sha256::new();
+) -> std::result::Result<StagedBlob, RawError> {
     let mut count = 0u64;
     let mut last_progress = 0u64;
     loop {
@@ -276,15 +279,7 @@ fn raw_stage(
         }
         chunk.truncate(n);
         count += n as u64;
-        if let Some(limit) = limit
-            && count > limit
-        {
-            return Err(RawError::TooLong(count));
-        }
-        hasher.update(&chunk);
-        if let Some(f) = &mut file {
-            f.write_all(&chunk).map_err(RawError::Write)?;
-        }
+        blob.write_chunk(&chunk).map_err(RawError::Blob)?;
         if let Some(p) = progress
             && count - last_progress >= PROGRESS_STEP
         {
@@ -296,35 +291,30 @@ fn raw_stage(
     if let Some(p) = progress {
         p(count);
     }
-    let file = file
-        .map(DirectWriter::finish)
-        .transpose()
-        .map_err(RawError::Write)?;
-    Ok(RawOutcome {
-        hasher,
-        count,
-        file,
-    })
+    blob.finish().map_err(RawError::Blob)
 }
 
-/// The second stage: decompresses, hashes the tar stream (diff_id) to its
-/// very end (padding after the end-of-archive marker included) and passes
-/// it on to the unpacker while it lives. Returns the diff_id and size.
-fn decode_stage<R: BufRead>(
-    decoder: &mut Decoder<R>,
+/// Stage 2: decompresses, hashes the tar stream (diff_id) to its very end
+/// (padding after the end-of-archive marker included) and passes it on to
+/// the unpacker while it lives.
+fn decode_stage(
+    input: ChunkReader,
+    compression: Compression,
+    check_crc: bool,
     mut out: ChunkSender,
-) -> io::Result<(String, u64)> {
+) -> io::Result<Decoded> {
+    let mut decoder = Decoder::new(input, compression, check_crc)?;
     let mut hasher = Sha256::new();
-    let mut count = 0u64;
+    let mut size = 0u64;
     loop {
         let mut chunk = out.take();
-        let n = read_full(decoder, &mut chunk)?;
+        let n = read_full(&mut decoder, &mut chunk)?;
         if n == 0 {
             break;
         }
         chunk.truncate(n);
         hasher.update(&chunk);
-        count += n as u64;
+        size += n as u64;
         out.send(chunk);
     }
     // Whatever follows the compressed stream is part of the blob: let the
@@ -332,7 +322,15 @@ fn decode_stage<R: BufRead>(
     let mut buf = out.take();
     drop(out);
     drain(decoder.get_mut(), &mut buf)?;
-    Ok((finish_digest(hasher), count))
+    Ok(Decoded {
+        diff_id: finish_digest(hasher),
+        size,
+    })
+}
+
+/// Stage 3: unpacks the tar stream into `dir` (a staged layer's `diff`).
+fn unpack_stage(mut input: ChunkReader, dir: &Path, label: &str) -> Result<()> {
+    crate::unpack::unpack(&mut input, dir, label).map(drop)
 }
 
 /// Reads until `buf` is full or the stream ends.
@@ -349,6 +347,145 @@ fn read_full(r: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> 
     Ok(filled)
 }
 
+/// The three stages of one import, linked by bounded chunk channels: raw
+/// bytes (calling thread) → decompression and diff_id (`walt-decode`) →
+/// unpacking (`walt-unpack`, when a layer directory is staged).
+struct Pipeline<'a> {
+    compression: Compression,
+    /// Check the gzip CRC (only when the blob digest is not: it covers it).
+    check_crc: bool,
+    /// Run the decode and unpack threads at a lower priority.
+    background: bool,
+    progress: Option<&'a (dyn Fn(u64) + Send)>,
+    /// Names the layer in errors and traces.
+    label: &'a str,
+    started: Instant,
+}
+
+/// What came out of the pipeline, each stage's result as it ended.
+struct Streamed {
+    raw: std::result::Result<StagedBlob, RawError>,
+    decoded: io::Result<Decoded>,
+    unpacked: Option<Result<()>>,
+}
+
+/// When a stage ended, for `RUST_LOG=walt_store=trace`.
+fn trace_stage(label: &str, started: Instant, what: &str) {
+    tracing::trace!(
+        layer = label,
+        ms = started.elapsed().as_millis() as u64,
+        "{what}"
+    );
+}
+
+impl Pipeline<'_> {
+    /// Runs the stages to their end (each one's result is kept, none is
+    /// checked here).
+    fn run(
+        &self,
+        input: &mut dyn Read,
+        blob: BlobWriter<DirectWriter>,
+        layer_dir: Option<&Path>,
+    ) -> Streamed {
+        // What the other threads need (the progress callback stays here).
+        let Pipeline {
+            compression,
+            check_crc,
+            background,
+            label,
+            started,
+            ..
+        } = *self;
+        let (raw_out, decode_in) = chunk_channel();
+        std::thread::scope(|scope| {
+            let (unpack_out, unpacker) = match layer_dir {
+                Some(dir) => {
+                    let (tx, rx) = chunk_channel();
+                    let handle = std::thread::Builder::new()
+                        .name("walt-unpack".into())
+                        .spawn_scoped(scope, move || {
+                            if background {
+                                lower_thread_priority();
+                            }
+                            let r = unpack_stage(rx, dir, label);
+                            trace_stage(label, started, "unpacked");
+                            r
+                        })
+                        // As `scope.spawn` does.
+                        .expect("cannot start the unpacking thread");
+                    (tx, Some(handle))
+                }
+                None => (ChunkSender::detached(), None),
+            };
+            let decoder = std::thread::Builder::new()
+                .name("walt-decode".into())
+                .spawn_scoped(scope, move || {
+                    if background {
+                        lower_thread_priority();
+                    }
+                    let r = decode_stage(decode_in, compression, check_crc, unpack_out);
+                    trace_stage(label, started, "decoded");
+                    r
+                })
+                .expect("cannot start the decompressing thread");
+            let raw = raw_stage(input, blob, self.progress, raw_out);
+            trace_stage(label, started, "downloaded");
+            let decoded = decoder
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the decompressing thread panicked")));
+            let unpacked = unpacker.map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(StoreError::BadLayer {
+                        layer: label.to_string(),
+                        reason: "cannot unpack: the unpacking thread panicked".to_string(),
+                    })
+                })
+            });
+            Streamed {
+                raw,
+                decoded,
+                unpacked,
+            }
+        })
+    }
+}
+
+impl Streamed {
+    /// Checks the stages' results, most telling first (a corrupt blob
+    /// usually shows first as a decompression or tar error): the raw
+    /// stream and the blob's size and digest, then decompression, then
+    /// unpacking, then the diff_id.
+    fn verify(self, label: &str, expected_diff_id: Option<&str>) -> Result<(StagedBlob, Decoded)> {
+        let layer_err = |reason: String| StoreError::BadLayer {
+            layer: label.to_string(),
+            reason,
+        };
+        let blob = match self.raw {
+            Ok(b) => b,
+            Err(RawError::Read(e)) => {
+                return Err(layer_err(format!("cannot read the layer stream: {e}")));
+            }
+            Err(RawError::Blob(e)) => return Err(e),
+        };
+        let decoded = self
+            .decoded
+            .map_err(|e| layer_err(format!("cannot read the layer stream: {e}")))?;
+        if let Some(r) = self.unpacked {
+            r?;
+        }
+        if let Some(expected) = expected_diff_id
+            && expected != decoded.diff_id
+        {
+            return Err(StoreError::DiffIdMismatch {
+                digest: label.to_string(),
+                expected: expected.to_string(),
+                actual: decoded.diff_id,
+            });
+        }
+        Ok((blob, decoded))
+    }
+}
+
 impl Inner {
     pub(crate) fn import_layer(
         &self,
@@ -357,228 +494,65 @@ impl Inner {
         expected_digest: Option<&str>,
         opts: &ImportOptions,
     ) -> Result<LayerImport> {
-        let blob_hex = match expected_digest {
-            Some(d) => Some(check_digest(d)?.to_string()),
-            None => None,
-        };
+        // What to stage: the blob unless it is stored (or not wanted: then
+        // it is only verified), the layer directory unless it is stored.
+        if let Some(d) = expected_digest {
+            check_digest(d)?;
+        }
         // Names the layer in errors.
         let label = expected_digest.unwrap_or("(layer without a known digest)");
-        let expected_diff_hex = match &opts.expected_diff_id {
-            Some(d) => Some(check_digest(d)?.to_string()),
-            None => None,
+        let expected_diff_id = opts.expected_diff_id.as_deref();
+        if let Some(d) = expected_diff_id {
+            check_digest(d)?;
+        }
+        let expected = Expected {
+            digest: expected_digest,
+            size: opts.expected_size,
         };
-        let blob_dest = blob_hex.as_ref().map(|h| self.blobs_dir().join(h));
-        // Without an expected digest, whether the blob is there is only
-        // known at the end: stage it anyway.
-        let store_blob = opts.store_blob && !blob_dest.as_ref().is_some_and(|d| d.is_file());
-        let unpack = opts.unpack
-            && !expected_diff_hex
-                .as_deref()
-                .is_some_and(|h| self.layers_dir().join(h).join("diff").is_dir());
-        let layer_err = |reason: String| StoreError::BadLayer {
-            layer: label.to_string(),
-            reason,
+        let blob = if opts.store_blob {
+            BlobWriter::direct(self, expected)?
+        } else {
+            BlobWriter::verify_only(expected)?
+        }
+        .label(label)
+        .io_context(format!(
+            "layer {label}: writing the blob to the staging area"
+        ));
+        let layer = match opts.unpack && !expected_diff_id.is_some_and(|d| self.has_layer(d)) {
+            true => Some(StagedLayer::create(self, "layer")?),
+            false => None,
         };
 
-        // Staging.
-        let tmp = self.tmp_dir();
-        let blob_tmp = store_blob.then(|| TmpPath::new(tmp.join(unique_name("blob"))));
-        let blob_file = match &blob_tmp {
-            Some(t) => Some(create_direct(t.path()).ctx("creating staging file", t.path())?),
-            None => None,
+        // Streaming, then verification.
+        let started = Instant::now();
+        let pipeline = Pipeline {
+            compression,
+            check_crc: expected_digest.is_none(),
+            background: opts.background,
+            progress: opts.progress.as_deref(),
+            label,
+            started,
         };
-        let layer_tmp = unpack.then(|| TmpPath::new(tmp.join(unique_name("layer"))));
-        if let Some(t) = &layer_tmp {
-            fs::create_dir(t.path()).ctx("creating staging directory", t.path())?;
-            let diff = t.path().join("diff");
-            fs::create_dir(&diff)
-                .and_then(|()| fs::set_permissions(&diff, fs::Permissions::from_mode(0o755)))
-                .ctx("creating staging directory", &diff)?;
-        }
+        let layer_dir = layer.as_ref().map(StagedLayer::diff);
+        let streamed = pipeline.run(input, blob, layer_dir.as_deref());
+        let (blob, decoded) = streamed.verify(label, expected_diff_id)?;
 
-        // The pipeline: raw bytes (this thread) → decompression and
-        // diff_id → unpacking, each stage on its own thread.
-        let layer_dir = layer_tmp.as_ref().map(|t| t.path().join("diff"));
-        let background = opts.background;
-        let started = std::time::Instant::now();
-        let (raw_out, decode_in) = chunk_channel();
-        let (raw, decoded, unpacked) = std::thread::scope(|scope| {
-            let (unpack_tx, unpacker) = match layer_dir.as_deref() {
-                Some(dir) => {
-                    let (tx, mut rx) = chunk_channel();
-                    let handle = std::thread::Builder::new()
-                        .name("walt-unpack".into())
-                        .spawn_scoped(scope, move || {
-                            if background {
-                                lower_thread_priority();
-                            }
-                            let r = crate::unpack::unpack(&mut rx, dir, label).map(drop);
-                            tracing::trace!(
-                                layer = label,
-                                ms = started.elapsed().as_millis() as u64,
-                                "unpacked"
-                            );
-                            r
-                        })
-                        // As `scope.spawn` does.
-                        .expect("cannot start the unpacking thread");
-                    (Some(tx), Some(handle))
-                }
-                None => (None, None),
-            };
-            let decoding = move || -> io::Result<(String, u64)> {
-                if background {
-                    lower_thread_priority();
-                }
-                let mut decoder = match compression {
-                    Compression::None => Decoder::Plain(decode_in),
-                    // The blob digest covers what the CRC would.
-                    Compression::Gzip => Decoder::Gzip(Box::new(GzipReader::new(
-                        decode_in,
-                        expected_digest.is_none(),
-                    ))),
-                    Compression::Zstd => {
-                        Decoder::Zstd(zstd::stream::read::Decoder::with_buffer(decode_in).map_err(
-                            |e| io::Error::other(format!("cannot start zstd decompression: {e}")),
-                        )?)
-                    }
-                };
-                let r = decode_stage(
-                    &mut decoder,
-                    unpack_tx.unwrap_or_else(ChunkSender::detached),
-                );
-                tracing::trace!(
-                    layer = label,
-                    ms = started.elapsed().as_millis() as u64,
-                    "decoded"
-                );
-                r
-            };
-            let decoder = std::thread::Builder::new()
-                .name("walt-decode".into())
-                .spawn_scoped(scope, decoding)
-                .expect("cannot start the decompressing thread");
-            let raw = raw_stage(
-                input,
-                blob_file,
-                opts.expected_size,
-                opts.progress.as_deref(),
-                raw_out,
-            );
-            tracing::trace!(
-                layer = label,
-                ms = started.elapsed().as_millis() as u64,
-                "downloaded"
-            );
-            let decoded = decoder
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("the decompressing thread panicked")));
-            let unpacked = unpacker.map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(layer_err(
-                        "cannot unpack: the unpacking thread panicked".to_string(),
-                    ))
-                })
-            });
-            (raw, decoded, unpacked)
-        });
-
-        // Verification, most telling first: a corrupt blob usually shows
-        // first as a decompression or tar error.
-        let mut raw = match raw {
-            Ok(r) => r,
-            Err(RawError::Read(e)) => {
-                return Err(layer_err(format!("cannot read the layer stream: {e}")));
-            }
-            Err(RawError::Write(e)) => {
-                return Err(StoreError::Io {
-                    context: format!("layer {label}: writing the blob to the staging area"),
-                    source: e,
-                });
-            }
-            Err(RawError::TooLong(actual)) => {
-                return Err(StoreError::SizeMismatch {
-                    digest: label.to_string(),
-                    expected: opts.expected_size.unwrap_or_default(),
-                    actual,
-                });
-            }
-        };
-        let size = raw.count;
-        let digest = finish_digest(std::mem::take(&mut raw.hasher));
-        if let Some(expected) = opts.expected_size
-            && expected != size
-        {
-            return Err(StoreError::SizeMismatch {
-                digest: label.to_string(),
-                expected,
-                actual: size,
-            });
-        }
-        if let Some(expected_digest) = expected_digest
-            && digest != expected_digest
-        {
-            return Err(StoreError::DigestMismatch {
-                digest: expected_digest.to_string(),
-                actual: digest,
-            });
-        }
-        let (diff_id, unpacked_size) =
-            decoded.map_err(|e| layer_err(format!("cannot read the layer stream: {e}")))?;
-        if let Some(r) = unpacked {
-            r?;
-        }
-        if let Some(expected) = &opts.expected_diff_id
-            && *expected != diff_id
-        {
-            return Err(StoreError::DiffIdMismatch {
-                digest: label.to_string(),
-                expected: expected.clone(),
-                actual: diff_id,
-            });
-        }
-
-        // Publication.
+        // Publication: the blob, then the layer directory.
         let streamed = started.elapsed();
-        let blob_dest = match blob_dest {
-            Some(d) => d,
-            None => self
-                .blobs_dir()
-                .join(digest.strip_prefix("sha256:").unwrap_or(&digest)),
-        };
-        if let (Some(t), Some(f)) = (blob_tmp, raw.file.take()) {
-            f.sync_all().ctx("syncing staging file", t.path())?;
-            drop(f);
-            // Already there is only possible without an expected digest
-            // (the staging file then goes away with `t`).
-            if !blob_dest.is_file() {
-                fs::rename(t.path(), &blob_dest).ctx("publishing blob", &blob_dest)?;
-                t.keep();
-                fsync_dir(&self.blobs_dir())?;
-            }
+        let size = blob.size();
+        let digest = blob.publish(self)?;
+        if let Some(layer) = layer {
+            layer.publish(self, &decoded.diff_id, Durability::SyncFs)?;
         }
-        if let Some(t) = layer_tmp {
-            let diff_hex = diff_id.strip_prefix("sha256:").unwrap_or(&diff_id);
-            let dest = self.layers_dir().join(diff_hex);
-            syncfs(t.path())?;
-            match fs::rename(t.path(), &dest) {
-                Ok(()) => {
-                    t.keep();
-                    fsync_dir(&self.layers_dir())?;
-                }
-                // Someone else published the same layer meanwhile.
-                Err(_) if dest.join("diff").is_dir() => {}
-                Err(e) => return Err(StoreError::io_path("publishing layer", &dest, e)),
-            }
-        }
-        tracing::debug!(digest = %digest, diff_id = %diff_id, size, unpacked_size,
+        tracing::debug!(digest = %digest, diff_id = %decoded.diff_id, size,
+            unpacked_size = decoded.size,
             stream_ms = streamed.as_millis() as u64,
             sync_ms = (started.elapsed() - streamed).as_millis() as u64, "layer imported");
         Ok(LayerImport {
             digest,
-            diff_id,
+            diff_id: decoded.diff_id,
             size,
-            unpacked_size,
+            unpacked_size: decoded.size,
         })
     }
 }

@@ -27,6 +27,7 @@ mod gzip;
 mod import;
 mod inflate;
 mod squash;
+mod staging;
 mod unpack;
 mod util;
 

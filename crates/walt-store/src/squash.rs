@@ -9,10 +9,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fs::{self, File, Permissions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use filetime::FileTime;
@@ -22,10 +22,8 @@ use walt_core::oci;
 
 use crate::db::{LayerRef, NewImage, PutOutcome};
 use crate::error::{IoContext, Result, StoreError};
-use crate::util::{
-    HashWriter, TmpPath, check_digest, finish_digest, fsync_dir, now_secs, remove_any, rfc3339,
-    syncfs, unique_name,
-};
+use crate::staging::{BlobWriter, Durability, Expected, StagedLayer};
+use crate::util::{HashWriter, finish_digest, now_secs, remove_any, rfc3339};
 use crate::{Inner, Store};
 
 pub(crate) const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
@@ -65,10 +63,8 @@ impl Store {
         let inner = &self.inner;
 
         // 1. Merge the layers into tmp/<staging>/diff.
-        let staging = TmpPath::new(inner.tmp_dir().join(unique_name("squash")));
-        fs::create_dir(staging.path()).ctx("creating staging directory", staging.path())?;
-        let merged = staging.path().join("diff");
-        fs::create_dir(&merged).ctx("creating staging directory", &merged)?;
+        let staging = StagedLayer::create(inner, "squash")?;
+        let merged = staging.diff();
         let mut m = Merger {
             dst_root: &merged,
             dir_times: BTreeMap::new(),
@@ -90,32 +86,23 @@ impl Store {
         m.finish()?;
 
         // 2. Tar + gzip it into a staging blob, hashing both streams.
-        let (blob_tmp, file) = create_staging_blob(inner)?;
-        let blob_w = HashWriter::new(io::BufWriter::with_capacity(crate::util::BUF_SIZE, file));
+        let blob_w = BlobWriter::buffered(inner, Expected::default())?;
         let gz = flate2::write::GzEncoder::new(blob_w, flate2::Compression::default());
         let diff_w = HashWriter::new(gz);
         let mut builder = tar::Builder::new(diff_w);
-        write_tree(&mut builder, &merged, TreeForm::Plain).map_err(|e| StoreError::Io {
+        let io_err = |e: io::Error| StoreError::Io {
             context: format!("image '{name}': writing the squashed layer"),
             source: e,
-        })?;
-        let io_err = |e: io::Error| StoreError::io_path("writing", blob_tmp.path(), e);
+        };
+        write_tree(&mut builder, &merged, TreeForm::Plain).map_err(io_err)?;
         let diff_w = builder.into_inner().map_err(io_err)?;
         let diff_id = finish_digest(diff_w.hasher);
-        let blob_w = diff_w.inner.finish().map_err(io_err)?;
-        let size = blob_w.count;
-        let digest = finish_digest(blob_w.hasher);
-        let file = blob_w
-            .inner
-            .into_inner()
-            .map_err(|e| io_err(e.into_error()))?;
+        let blob = diff_w.inner.finish().map_err(io_err)?.finish()?;
+        let size = blob.size();
 
         // 3. Publish the blob, then the layer directory.
-        publish_blob(inner, blob_tmp, file, &digest)?;
-        if !inner.has_layer(&diff_id) {
-            syncfs(staging.path())?;
-        }
-        publish_layer_dir(inner, staging, &diff_id)?;
+        let digest = blob.publish(inner)?;
+        staging.publish(inner, &diff_id, Durability::SyncFs)?;
 
         // 4. Config and manifest.
         let mut obj = read_config(inner, name, &rec.config_digest)?;
@@ -167,51 +154,6 @@ impl Store {
             manifest_digest,
             diff_id: Some(diff_id),
         })
-    }
-}
-
-/// Creates a staging file for a blob in `tmp/` (removed on drop unless
-/// published).
-pub(crate) fn create_staging_blob(inner: &Inner) -> Result<(TmpPath, File)> {
-    let tmp = TmpPath::new(inner.tmp_dir().join(unique_name("blob")));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(tmp.path())
-        .ctx("creating staging file", tmp.path())?;
-    Ok((tmp, file))
-}
-
-/// fsyncs a complete staging blob and renames it to `blobs/sha256/<hex>`
-/// (dropping it when that blob is already stored).
-pub(crate) fn publish_blob(inner: &Inner, tmp: TmpPath, file: File, digest: &str) -> Result<()> {
-    file.sync_all().ctx("syncing", tmp.path())?;
-    drop(file);
-    let dest = inner.blob_path(digest)?;
-    if !dest.is_file() {
-        fs::rename(tmp.path(), &dest).ctx("publishing blob", &dest)?;
-        tmp.keep();
-        fsync_dir(&inner.blobs_dir())?;
-    }
-    Ok(())
-}
-
-/// Renames `staging` (a directory of `tmp/` holding a complete, durable
-/// `diff`) to `layers/<hex>`, unless that layer is already there (then the
-/// staging directory is dropped).
-pub(crate) fn publish_layer_dir(inner: &Inner, staging: TmpPath, diff_id: &str) -> Result<()> {
-    let dest = inner.layers_dir().join(check_digest(diff_id)?);
-    if dest.join("diff").is_dir() {
-        return Ok(());
-    }
-    match fs::rename(staging.path(), &dest) {
-        Ok(()) => {
-            staging.keep();
-            fsync_dir(&inner.layers_dir())
-        }
-        Err(_) if dest.join("diff").is_dir() => Ok(()),
-        Err(e) => Err(StoreError::io_path("publishing layer", &dest, e)),
     }
 }
 

@@ -1,14 +1,14 @@
-//! Small helpers shared by the blob, layer and gc code: hashing, fsync,
-//! staging paths that clean up after themselves.
+//! Small helpers shared by the blob, layer and gc code: hashing, names,
+//! removal, thread priority, dates.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{IoContext, Result, StoreError};
+use crate::error::{Result, StoreError};
 
 /// Size of the buffers used on the data path.
 pub(crate) const BUF_SIZE: usize = 1 << 20;
@@ -30,22 +30,6 @@ pub(crate) fn check_digest(digest: &str) -> Result<&str> {
     walt_core::oci::digest_hex(digest).ok_or_else(|| StoreError::InvalidDigest(digest.to_string()))
 }
 
-/// fsyncs a directory (after a rename into it).
-pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .ctx("syncing directory", dir)
-}
-
-/// Flushes the whole filesystem holding `path` (cheaper than fsyncing
-/// every file of an unpacked layer one by one).
-pub(crate) fn syncfs(path: &Path) -> Result<()> {
-    let f = File::open(path).ctx("opening", path)?;
-    nix::unistd::syncfs(&f)
-        .map_err(io::Error::from)
-        .ctx("syncing the filesystem of", path)
-}
-
 /// A unique name for a staging file or directory in `tmp/`.
 pub(crate) fn unique_name(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -65,36 +49,6 @@ pub(crate) fn remove_any(path: &Path) -> io::Result<()> {
         Ok(_) => fs::remove_file(path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
-    }
-}
-
-/// A staging path that is removed on drop unless `keep()` was called.
-pub(crate) struct TmpPath {
-    path: Option<PathBuf>,
-}
-
-impl TmpPath {
-    pub(crate) fn new(path: PathBuf) -> Self {
-        TmpPath { path: Some(path) }
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        self.path.as_deref().expect("TmpPath used after keep()")
-    }
-
-    /// The path was published (renamed away): nothing left to clean.
-    pub(crate) fn keep(mut self) {
-        self.path = None;
-    }
-}
-
-impl Drop for TmpPath {
-    fn drop(&mut self) {
-        if let Some(p) = self.path.take()
-            && let Err(e) = remove_any(&p)
-        {
-            tracing::warn!(path = %p.display(), error = %e, "cannot remove staging path");
-        }
     }
 }
 
