@@ -211,7 +211,7 @@ impl Tmux {
                 list.items
                     .iter()
                     .any(|i| i == item)
-                    .then(|| (list.prompt, list.highlighted))
+                    .then_some((list.prompt, list.highlighted))
             })?;
         for _ in 0..50 {
             if highlighted.as_deref() == Some(item) {
