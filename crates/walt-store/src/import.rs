@@ -518,9 +518,10 @@ impl Inner {
         .io_context(format!(
             "layer {label}: writing the blob to the staging area"
         ));
-        let layer = match opts.unpack && !expected_diff_id.is_some_and(|d| self.has_layer(d)) {
-            true => Some(StagedLayer::create(self, "layer")?),
-            false => None,
+        let layer = if opts.unpack && !expected_diff_id.is_some_and(|d| self.has_layer(d)) {
+            Some(StagedLayer::create(self, "layer")?)
+        } else {
+            None
         };
 
         // Streaming, then verification.

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Nothing is ever half-visible: blobs and layers are staged in `tmp/` and
-//! renamed into place when complete and verified; an image record is
+//! renamed into place when complete and verified, always through the
+//! `staging` module (one way in); an image record is
 //! committed only once everything it references is on disk. Blobs and
 //! layers that no image references are collected by [`Store::gc`], which
 //! waits while an [`ImportGuard`] lives.

@@ -260,7 +260,8 @@ impl<W: StagingFile> BlobWriter<W> {
         self
     }
 
-    /// The context of write errors (default: the staging file's path).
+    /// The context of the errors of [`BlobWriter::write_chunk`] and
+    /// [`BlobWriter::finish`] writing the file (default: its path).
     pub(crate) fn io_context(mut self, context: String) -> Self {
         self.io_context = context;
         self
@@ -272,21 +273,24 @@ impl<W: StagingFile> BlobWriter<W> {
         self.file.is_some()
     }
 
-    fn too_long(&self) -> StoreError {
+    /// The error for a blob that would be `actual` bytes long, past its
+    /// expected size.
+    fn too_long(&self, actual: u64) -> StoreError {
         StoreError::SizeMismatch {
             digest: self.label.clone(),
             expected: self.expected_size.unwrap_or_default(),
-            actual: self.count,
+            actual,
         }
     }
 
     /// Hashes, counts and writes all of `buf`; refused (nothing written)
     /// when it would take the blob past its expected size.
     pub(crate) fn write_chunk(&mut self, buf: &[u8]) -> Result<()> {
-        self.count += buf.len() as u64;
-        if self.expected_size.is_some_and(|max| self.count > max) {
-            return Err(self.too_long());
+        let end = self.count + buf.len() as u64;
+        if self.expected_size.is_some_and(|max| end > max) {
+            return Err(self.too_long(end));
         }
+        self.count = end;
         self.hasher.update(buf);
         if let Some((_, f)) = &mut self.file {
             f.write_all(buf).map_err(|source| StoreError::Io {
@@ -340,15 +344,9 @@ impl<W: StagingFile> BlobWriter<W> {
 /// takes. Going past the expected size is an error.
 impl<W: StagingFile> Write for BlobWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self
-            .expected_size
-            .is_some_and(|max| self.count + buf.len() as u64 > max)
-        {
-            let mut e = self.too_long();
-            if let StoreError::SizeMismatch { actual, .. } = &mut e {
-                *actual += buf.len() as u64;
-            }
-            return Err(io::Error::other(e));
+        let end = self.count + buf.len() as u64;
+        if self.expected_size.is_some_and(|max| end > max) {
+            return Err(io::Error::other(self.too_long(end)));
         }
         let n = match &mut self.file {
             Some((_, f)) => f.write(buf)?,
