@@ -1,6 +1,7 @@
 //! The HTTP client proper.
 
 mod catalog;
+mod download;
 mod push;
 
 pub use push::Progress;

@@ -101,6 +101,19 @@ pub enum RegistryError {
         reason: String,
     },
 
+    /// A blob download kept breaking: resumed as often as the retry policy
+    /// allows, it still ended before its announced size.
+    #[error(
+        "registry '{label}': blob {digest} is truncated: received {received} of {expected} bytes ({reason})"
+    )]
+    Truncated {
+        label: String,
+        digest: String,
+        received: u64,
+        expected: u64,
+        reason: String,
+    },
+
     /// The registry answered something that does not follow the protocol.
     #[error("registry '{label}': invalid response for {what}: {reason}")]
     Protocol {
@@ -151,6 +164,7 @@ impl RegistryError {
             | RegistryError::DigestMismatch { label, .. }
             | RegistryError::TooLarge { label, .. }
             | RegistryError::Interrupted { label, .. }
+            | RegistryError::Truncated { label, .. }
             | RegistryError::Protocol { label, .. }
             | RegistryError::InvalidArgument { label, .. } => label,
         }

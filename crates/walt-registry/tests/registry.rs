@@ -1547,3 +1547,177 @@ async fn chunked_upload_survives_a_cut_connection_to_a_real_registry() {
     let b = direct.get_blob("alice/cut", &digest, 0).await.unwrap();
     assert_eq!(collect(b).await, data, "{log:?}");
 }
+
+// ----- resuming blob downloads -----
+
+/// A blob server that breaks its answers: request `n` (0-based) gets at most
+/// `cut(n)` bytes of its body (`None`: all of it) before the connection
+/// closes, each answer announcing its full length. A `Range: bytes=N-`
+/// request gets a 206 from `N` when `ranges`, else the whole blob again.
+async fn breaking_blob_server(
+    data: Vec<u8>,
+    ranges: bool,
+    cut: impl Fn(usize) -> Option<usize> + Send + Sync + 'static,
+) -> Mock {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log: Arc<Mutex<Vec<MockReq>>> = Arc::default();
+    let log2 = log.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut tmp).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&buf).to_string();
+            let mut lines = text.split("\r\n");
+            let target = lines.next().unwrap_or_default().split(' ').nth(1);
+            let headers: HashMap<String, String> = lines
+                .take_while(|l| !l.is_empty())
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            let req = MockReq {
+                target: target.unwrap_or("/").to_string(),
+                headers,
+            };
+            let n = {
+                let mut log = log2.lock().unwrap();
+                log.push(req.clone());
+                log.len() - 1
+            };
+            let from = req
+                .header("range")
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|r| r.parse::<usize>().ok())
+                .filter(|_| ranges);
+            let (head, body) = match from {
+                Some(from) => (
+                    format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nConnection: close\r\n\r\n",
+                        data.len() - from,
+                        data.len() - 1,
+                        data.len()
+                    ),
+                    &data[from..],
+                ),
+                None => (
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        data.len()
+                    ),
+                    &data[..],
+                ),
+            };
+            let body = &body[..cut(n).unwrap_or(body.len()).min(body.len())];
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body).await;
+            let _ = sock.shutdown().await;
+        }
+    });
+    Mock { port, log, task }
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Everything a blob stream gives, or its error.
+async fn drain(
+    mut s: futures::stream::BoxStream<'static, Result<bytes::Bytes, RegistryError>>,
+) -> Result<Vec<u8>, RegistryError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = s.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn blob_stream_resumes_from_the_missing_byte() {
+    let data = pattern(100_000);
+    // the first two answers break after 30 000 bytes each
+    let server = breaking_blob_server(data.clone(), true, |n| (n < 2).then_some(30_000)).await;
+    let c = RegistryClient::new(opts("mock", &server.url())).unwrap();
+    let got = drain(c.blob_stream("alice/foo", &sha256(&data), data.len() as u64))
+        .await
+        .unwrap();
+    assert!(got == data, "the resumed body differs from the blob");
+    let ranges: Vec<Option<String>> = server
+        .requests()
+        .iter()
+        .map(|r| r.header("range").map(str::to_string))
+        .collect();
+    assert_eq!(
+        ranges,
+        [
+            None,
+            Some("bytes=30000-".to_string()),
+            Some("bytes=60000-".to_string())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn blob_stream_skips_what_it_has_when_the_range_is_ignored() {
+    let data = pattern(50_000);
+    let server = breaking_blob_server(data.clone(), false, |n| (n == 0).then_some(20_000)).await;
+    let c = RegistryClient::new(opts("mock", &server.url())).unwrap();
+    let got = drain(c.blob_stream("alice/foo", &sha256(&data), data.len() as u64))
+        .await
+        .unwrap();
+    assert!(got == data, "bytes were given twice or lost");
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[1].header("range"), Some("bytes=20000-"));
+}
+
+#[tokio::test]
+async fn blob_stream_gives_up_after_the_retry_budget() {
+    let data = pattern(10_000);
+    // every answer breaks, each one 1 000 bytes further
+    let server = breaking_blob_server(data.clone(), true, |_| Some(1_000)).await;
+    let c = RegistryClient::new(opts("mock", &server.url())).unwrap();
+    let e = drain(c.blob_stream("alice/foo", &sha256(&data), data.len() as u64))
+        .await
+        .unwrap_err();
+    let tries = fast_retry().attempts as usize;
+    assert!(
+        matches!(e, RegistryError::Truncated { received, expected: 10_000, .. } if received == 1_000 * (tries + 1) as u64),
+        "{e:?}"
+    );
+    assert!(!e.is_transient());
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with(&format!(
+            "registry 'mock': blob {} is truncated: received {} of 10000 bytes (",
+            sha256(&data),
+            1_000 * (tries + 1)
+        )),
+        "{msg}"
+    );
+    // the first request, then one per resume
+    assert_eq!(server.requests().len(), tries + 1);
+}
+
+#[tokio::test]
+async fn blob_stream_stops_after_a_longer_body() {
+    let data = pattern(5_000);
+    let server = breaking_blob_server(data.clone(), true, |_| None).await;
+    let c = RegistryClient::new(opts("mock", &server.url())).unwrap();
+    // announced smaller than it is: the extra bytes reach the caller (its
+    // size check refuses them) and no second request is made
+    let got = drain(c.blob_stream("alice/foo", &sha256(&data), 1_000))
+        .await
+        .unwrap();
+    assert!(got.len() > 1_000 && data.starts_with(&got), "{}", got.len());
+    assert_eq!(server.requests().len(), 1);
+}

@@ -4,7 +4,6 @@
 
 use std::io::{self, Read};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures::StreamExt;
@@ -14,21 +13,48 @@ use tokio_util::sync::CancellationToken;
 
 use walt_core::config::Registry;
 use walt_core::oci::{self, Compression, ImageConfig, Manifest, ManifestDoc};
-use walt_core::{CloneUrl, ImageName, LABEL_NODE_MODELS, Location, models::parse_models};
-use walt_proto::v1::{self as pb, clone_event::Event};
+use walt_core::{CloneUrl, ImageName, LABEL_NODE_MODELS, Location};
 use walt_registry::{Credentials, RegistryClient};
-use walt_store::{ImportOptions, LayerRef, NewImage, PutOutcome, Store};
+use walt_store::{ImportOptions, LayerRef, PutOutcome, Store};
 
 use crate::State;
+use crate::accept::{self, Accepted};
 use crate::error::ServiceError;
 use crate::images::blocking;
+use crate::progress::{Event, LayerProgress, Reporter};
 
 /// Layers downloaded at once.
 const LAYER_CONCURRENCY: usize = 4;
 /// Largest image config accepted.
 const MAX_CONFIG_SIZE: u64 = 16 << 20;
-/// Times a blob download resumes after its connection broke.
-const RESUME_ATTEMPTS: u32 = 5;
+
+/// What the caller asks for.
+#[derive(Debug, Clone, Default)]
+pub struct CloneRequest {
+    /// `<location>:<user>/<name>[:<tag>]`.
+    pub url: String,
+    /// Name in the caller's working set; empty: derived from the URL.
+    pub name: String,
+    /// Overwrite an image of that name.
+    pub force: bool,
+    /// For the registry the URL points at.
+    pub credentials: Option<Credentials>,
+}
+
+/// What a clone did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneResult {
+    /// The new image's short name.
+    pub name: String,
+    pub manifest_digest: String,
+    pub layers: u64,
+    pub downloaded_bytes: u64,
+    /// An image of that name was replaced (`--force`).
+    pub replaced: bool,
+}
+
+/// The events of a clone.
+pub type Events = Reporter<Event<CloneResult>>;
 
 enum Source {
     Walt(ImageName),
@@ -46,21 +72,11 @@ pub struct Plan {
     source: Source,
 }
 
-type Events = mpsc::Sender<Result<pb::CloneEvent, tonic::Status>>;
-
-async fn say(events: &Events, text: String) {
-    let _ = events
-        .send(Ok(pb::CloneEvent {
-            event: Some(Event::Message(text)),
-        }))
-        .await;
-}
-
 /// Checks the request and resolves its source; fails before anything is fetched.
 pub async fn plan(
     state: &Arc<State>,
     user: &str,
-    req: &pb::CloneRequest,
+    req: &CloneRequest,
 ) -> Result<Plan, ServiceError> {
     let url = CloneUrl::parse(req.url.trim())?;
     let (target, notice) = if req.name.trim().is_empty() {
@@ -80,9 +96,9 @@ pub async fn plan(
     let source = match &url.location {
         Location::Walt => {
             if url.user == user {
-                return Err(ServiceError::FailedPrecondition(format!(
-                    "{url} is already in your working set (use walt image duplicate to copy it)"
-                )));
+                return Err(ServiceError::AlreadyYours {
+                    url: url.to_string(),
+                });
             }
             let src = ImageName {
                 owner: url.user.clone(),
@@ -95,45 +111,34 @@ pub async fn plan(
                 blocking(move || Ok(store.get_image(&src)?.is_some())).await?
             };
             if !exists {
-                return Err(ServiceError::NotFound(format!(
-                    "image {url} not found on this server"
-                )));
+                return Err(ServiceError::NotOnThisServer {
+                    url: url.to_string(),
+                });
             }
             Source::Walt(src)
         }
         Location::Hub => {
             let config = state.config();
             let hub = crate::hub::configured(&config)?;
-            let creds = req
-                .credentials
-                .as_ref()
-                .filter(|c| !c.username.is_empty() || !c.password.is_empty())
-                .map(|c| Credentials {
-                    username: c.username.clone(),
-                    password: c.password.clone(),
-                });
-            Source::Registry(RegistryClient::for_hub(hub, creds)?)
+            Source::Registry(RegistryClient::for_hub(hub, req.credentials.clone())?)
         }
         Location::Docker => Source::Docker(crate::docker::check(&state.config(), &url).await?),
         Location::Registry(label) => {
             let config = state.config();
             match config.registry(label) {
                 Some(Registry::V2(reg)) => {
-                    let creds = req.credentials.as_ref().map(|c| Credentials {
-                        username: c.username.clone(),
-                        password: c.password.clone(),
-                    });
-                    Source::Registry(RegistryClient::for_v2(reg, creds)?)
+                    Source::Registry(RegistryClient::for_v2(reg, req.credentials.clone())?)
                 }
                 _ => {
                     let known: Vec<&str> = ["walt", "docker"]
                         .into_iter()
                         .chain(config.registries.iter().map(|r| r.label()))
                         .collect();
-                    return Err(ServiceError::NotFound(format!(
-                        "unknown registry '{label}' in {url} (known locations: {})",
-                        known.join(", ")
-                    )));
+                    return Err(ServiceError::UnknownLocation {
+                        label: label.clone(),
+                        url: url.to_string(),
+                        known: known.join(", "),
+                    });
                 }
             }
         }
@@ -146,10 +151,10 @@ pub async fn plan(
         let store = state.store.clone();
         let t = target.clone();
         if blocking(move || Ok(store.get_image(&t)?.is_some())).await? {
-            return Err(ServiceError::AlreadyExists(format!(
-                "image '{}' already exists in your working set; rerun with --force to overwrite it, or give another name: walt image clone {url} <name>",
-                target.short()
-            )));
+            return Err(ServiceError::WouldOverwrite {
+                image: target.short(),
+                url: url.to_string(),
+            });
         }
     }
     Ok(Plan {
@@ -167,14 +172,18 @@ pub async fn run(
     state: Arc<State>,
     plan: Plan,
     events: Events,
-) -> Result<pb::CloneResult, ServiceError> {
+) -> Result<CloneResult, ServiceError> {
     if let Some(n) = &plan.notice {
-        say(&events, n.clone()).await;
+        events.say(n.clone()).await;
     }
     match &plan.source {
         Source::Docker(client) => {
             let (url, target) = (&plan.url, &plan.target);
-            crate::docker::clone(&state.store, client, url, target, plan.force, &events).await
+            accept::or_collect(
+                &state.store,
+                crate::docker::clone(&state.store, client, url, target, plan.force, &events),
+            )
+            .await
         }
         Source::Walt(src) => {
             let store = state.store.clone();
@@ -186,7 +195,7 @@ pub async fn run(
             })
             .await?;
             tracing::info!(from = %plan.url, to = %plan.target, "image copied");
-            Ok(pb::CloneResult {
+            Ok(CloneResult {
                 name: plan.target.short(),
                 manifest_digest: rec.map(|r| r.manifest_digest).unwrap_or_default(),
                 layers: 0,
@@ -196,7 +205,7 @@ pub async fn run(
         }
         Source::Registry(client) => {
             let store = state.store.clone();
-            let result = pull(&store, client, &plan, &events).await;
+            let result = accept::or_collect(&store, pull(&store, client, &plan, &events)).await;
             if result.is_ok() {
                 // Later publishes to this registry may mount these blobs.
                 let (s, t) = (store.clone(), plan.target.clone());
@@ -209,13 +218,6 @@ pub async fn run(
                             .map(|l| l.blob_digest.as_str())
                             .chain([rec.config_digest.as_str()]),
                     );
-                }
-            }
-            if result.is_err() {
-                // Leave the store as it was: drop what this clone added.
-                let s = store.clone();
-                if let Err(e) = blocking(move || Ok(s.gc()?)).await {
-                    tracing::warn!(error = %e, "cleanup after a failed clone failed");
                 }
             }
             result
@@ -234,11 +236,11 @@ pub(crate) async fn resolve_manifest(
     let r = resolve_fetched(client, url, fetched).await?;
     if r.from_index {
         let (arch, _) = oci::oci_arch(std::env::consts::ARCH);
-        say(
-            events,
-            format!("multi-platform image: using the linux/{arch} variant"),
-        )
-        .await;
+        events
+            .say(format!(
+                "multi-platform image: using the linux/{arch} variant"
+            ))
+            .await;
     }
     Ok((r.manifest, r.bytes, r.digest, r.media_type))
 }
@@ -260,8 +262,10 @@ pub(crate) async fn resolve_fetched(
     url: &CloneUrl,
     fetched: walt_registry::FetchedManifest,
 ) -> Result<Resolved, ServiceError> {
-    let bad = |e: oci::DocError| {
-        ServiceError::FailedPrecondition(format!("registry '{}': {url}: {e}", client.label()))
+    let bad = |e: oci::DocError| ServiceError::InvalidManifest {
+        registry: client.label().to_string(),
+        url: url.to_string(),
+        reason: e.to_string(),
     };
     let mut media_type = fetched.media_type.clone();
     let mut from_index = false;
@@ -277,10 +281,11 @@ pub(crate) async fn resolve_fetched(
                         .filter_map(|d| d.platform.as_ref())
                         .map(|p| format!("{}/{}", p.os, p.architecture))
                         .collect();
-                    return Err(ServiceError::NotFound(format!(
-                        "{url} has no image for linux/{arch} (it has: {})",
-                        platforms.join(", ")
-                    )));
+                    return Err(ServiceError::NoPlatform {
+                        url: url.to_string(),
+                        arch: arch.to_string(),
+                        available: platforms.join(", "),
+                    });
                 };
                 from_index = true;
                 let inner = client.get_manifest(&url.path(), &desc.digest).await?;
@@ -288,10 +293,11 @@ pub(crate) async fn resolve_fetched(
                 match ManifestDoc::parse(&inner.bytes, media_type.as_deref()).map_err(bad)? {
                     ManifestDoc::Image(m) => (*m, inner.bytes, inner.digest),
                     ManifestDoc::Index(_) => {
-                        return Err(ServiceError::FailedPrecondition(format!(
-                            "registry '{}': {url}: nested image indexes are not supported",
-                            client.label()
-                        )));
+                        return Err(ServiceError::InvalidManifest {
+                            registry: client.label().to_string(),
+                            url: url.to_string(),
+                            reason: "nested image indexes are not supported".into(),
+                        });
                     }
                 }
             }
@@ -315,7 +321,7 @@ async fn pull(
     client: &RegistryClient,
     plan: &Plan,
     events: &Events,
-) -> Result<pb::CloneResult, ServiceError> {
+) -> Result<CloneResult, ServiceError> {
     let url = &plan.url;
     let path = url.path();
     let (manifest, manifest_bytes, manifest_digest, manifest_media_type) =
@@ -323,23 +329,16 @@ async fn pull(
     let config_bytes = client
         .get_blob_bytes(&path, &manifest.config.digest, MAX_CONFIG_SIZE)
         .await?;
-    let config: ImageConfig = serde_json::from_slice(&config_bytes).map_err(|e| {
-        ServiceError::FailedPrecondition(format!(
-            "{url}: the image configuration is not valid: {e}"
-        ))
-    })?;
-    let Some(models) = config
-        .label(LABEL_NODE_MODELS)
-        .map(parse_models)
-        .filter(|m| !m.is_empty())
-    else {
-        return Err(ServiceError::FailedPrecondition(format!(
-            "{url} is not a walt image: it has no {LABEL_NODE_MODELS} label"
-        )));
+    let invalid = |reason: String| ServiceError::InvalidImage {
+        url: url.to_string(),
+        reason,
     };
+    let config: ImageConfig = serde_json::from_slice(&config_bytes)
+        .map_err(|e| invalid(format!("the image configuration is not valid: {e}")))?;
+    let models = accept::node_models(config.label(LABEL_NODE_MODELS), url)?;
     if config.rootfs.diff_ids.len() != manifest.layers.len() {
-        return Err(ServiceError::FailedPrecondition(format!(
-            "{url}: the manifest lists {} layers but the configuration {}",
+        return Err(invalid(format!(
+            "the manifest lists {} layers but the configuration {}",
             manifest.layers.len(),
             config.rootfs.diff_ids.len()
         )));
@@ -347,14 +346,14 @@ async fn pull(
     let mut layers = Vec::with_capacity(manifest.layers.len());
     for (desc, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
         let compression = Compression::from_media_type(&desc.media_type).ok_or_else(|| {
-            ServiceError::FailedPrecondition(format!(
-                "{url}: layer {} has the unsupported media type '{}'",
+            invalid(format!(
+                "layer {} has the unsupported media type '{}'",
                 desc.digest, desc.media_type
             ))
         })?;
         if oci::digest_hex(&desc.digest).is_none() || oci::digest_hex(diff_id).is_none() {
-            return Err(ServiceError::FailedPrecondition(format!(
-                "{url}: layer digest '{}' is not a sha256 digest",
+            return Err(invalid(format!(
+                "layer digest '{}' is not a sha256 digest",
                 desc.digest
             )));
         }
@@ -369,28 +368,29 @@ async fn pull(
 
     // Announce every layer, so the client can draw its bars at once.
     for l in &layers {
-        let _ = events
-            .send(Ok(progress(&l.digest, 0, l.size, false, false)))
+        events
+            .layer(LayerProgress::running(&l.digest, 0, l.size))
             .await;
     }
     // Held until the image row is committed, so that no collection runs
-    // between the layers landing and the row referencing them. Dropped on a
-    // blocking thread: the last guard runs any deferred collection.
+    // between the layers landing and the row referencing them.
     let guard = store.begin_import();
     let downloaded = match fetch_layers(store, client, &path, &layers, events).await {
         Ok(n) => n,
         Err(e) => {
-            let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
+            accept::release(guard).await;
             return Err(e);
         }
     };
 
-    let store2 = store.clone();
-    let new = NewImage {
-        name: plan.target.clone(),
-        manifest_digest: manifest_digest.clone(),
-        manifest_media_type,
-        config_digest: manifest.config.digest.clone(),
+    let image = Accepted {
+        config: config_bytes,
+        config_digest: Some(manifest.config.digest.clone()),
+        manifest: accept::Manifest::Fetched {
+            bytes: manifest_bytes,
+            digest: manifest_digest,
+            media_type: manifest_media_type,
+        },
         layers: layers
             .iter()
             .map(|l| LayerRef {
@@ -400,23 +400,12 @@ async fn pull(
                 media_type: l.media_type.clone(),
             })
             .collect(),
-        node_models: models,
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0),
+        models,
     };
-    let force = plan.force;
-    let config_digest = manifest.config.digest.clone();
-    let outcome = blocking(move || {
-        let _guard = guard;
-        store2.put_blob(Some(&config_digest), &config_bytes)?;
-        store2.put_blob(Some(&new.manifest_digest), &manifest_bytes)?;
-        Ok(store2.put_image(&new, force)?)
-    })
-    .await?;
+    let (outcome, manifest_digest) =
+        accept::record(store, guard, &plan.target, plan.force, image).await?;
     tracing::info!(url = %url, image = %plan.target, downloaded, "image cloned");
-    Ok(pb::CloneResult {
+    Ok(CloneResult {
         name: plan.target.short(),
         manifest_digest,
         layers: layers.len() as u64,
@@ -432,18 +421,6 @@ struct LayerJob {
     diff_id: String,
     compression: Compression,
     media_type: String,
-}
-
-fn progress(digest: &str, done: u64, total: u64, complete: bool, cached: bool) -> pb::CloneEvent {
-    pb::CloneEvent {
-        event: Some(Event::Progress(pb::LayerProgress {
-            digest: digest.to_string(),
-            done,
-            total,
-            complete,
-            cached,
-        })),
-    }
 }
 
 /// Fetches every missing layer, a few at a time. On the first failure the
@@ -511,8 +488,8 @@ async fn fetch_layer(
     let has_blob = store.has_blob(&job.digest);
     let has_layer = store.has_layer(&job.diff_id);
     if has_blob && has_layer {
-        let _ = events
-            .send(Ok(progress(&job.digest, job.size, job.size, true, true)))
+        events
+            .layer(LayerProgress::finished(&job.digest, job.size, true))
             .await;
         return Ok(0);
     }
@@ -523,8 +500,8 @@ async fn fetch_layer(
             Ok(s.unpack_stored_blob(&j.digest, j.compression, &j.diff_id)?)
         })
         .await?;
-        let _ = events
-            .send(Ok(progress(&job.digest, job.size, job.size, true, true)))
+        events
+            .layer(LayerProgress::finished(&job.digest, job.size, true))
             .await;
         return Ok(0);
     }
@@ -538,7 +515,7 @@ async fn fetch_layer(
         expected_size: Some(job.size),
         expected_diff_id: Some(job.diff_id.clone()),
         progress: Some(Box::new(move |done| {
-            let _ = ptx.try_send(Ok(progress(&digest, done, total, false, false)));
+            ptx.try_layer(LayerProgress::running(&digest, done, total));
         })),
         background,
     };
@@ -557,71 +534,28 @@ async fn fetch_layer(
     let imported = import.await?;
     pumped?;
     imported?;
-    let _ = events
-        .send(Ok(progress(&job.digest, job.size, job.size, true, false)))
+    events
+        .layer(LayerProgress::finished(&job.digest, job.size, false))
         .await;
     Ok(job.size)
 }
 
-/// Streams a blob into `tx`, resuming with a range request when the
-/// connection breaks or the body is cut short.
+/// Streams a blob into `tx`; the registry client resumes it where the
+/// connection breaks.
 async fn pump_blob(
     client: &RegistryClient,
     path: &str,
     job: &LayerJob,
     tx: mpsc::Sender<io::Result<Bytes>>,
 ) -> Result<(), ServiceError> {
-    let mut sent: u64 = 0;
-    let mut attempt = 0;
-    loop {
-        let mut resp = client.get_blob(path, &job.digest, sent).await?;
-        // A registry that ignores ranges restarts at 0: skip what we have.
-        let mut skip = sent.saturating_sub(resp.offset);
-        let mut failure = None;
-        while let Some(chunk) = resp.stream.next().await {
-            match chunk {
-                Ok(mut b) => {
-                    if skip > 0 {
-                        let n = skip.min(b.len() as u64);
-                        b.advance(n as usize);
-                        skip -= n;
-                        if b.is_empty() {
-                            continue;
-                        }
-                    }
-                    sent += b.len() as u64;
-                    if tx.send(Ok(b)).await.is_err() {
-                        // The importer stopped; its error tells why.
-                        return Ok(());
-                    }
-                    if sent > job.size {
-                        // Longer than announced: the importer's size check reports it.
-                        return Ok(());
-                    }
-                }
-                Err(e) if e.is_transient() => {
-                    failure = Some(e.to_string());
-                    break;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if failure.is_none() && sent >= job.size {
+    let mut blob = client.blob_stream(path, &job.digest, job.size);
+    while let Some(chunk) = blob.next().await {
+        if tx.send(Ok(chunk?)).await.is_err() {
+            // The importer stopped; its error tells why.
             return Ok(());
         }
-        attempt += 1;
-        let why = failure.unwrap_or_else(|| "connection closed early".to_string());
-        if attempt > RESUME_ATTEMPTS {
-            return Err(ServiceError::FailedPrecondition(format!(
-                "registry '{}': blob {} is truncated: received {sent} of {} bytes ({why})",
-                client.label(),
-                job.digest,
-                job.size
-            )));
-        }
-        tracing::warn!(digest = %job.digest, sent, attempt, reason = %why, "blob download interrupted, resuming");
-        tokio::time::sleep(Duration::from_millis(200 << attempt.min(4))).await;
     }
+    Ok(())
 }
 
 /// A blocking reader over the chunks an async task sends.

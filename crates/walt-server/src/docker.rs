@@ -9,18 +9,19 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Deserialize;
 use tokio::sync::mpsc;
-use tonic::Status;
 
 use walt_core::config::ServerConfig;
 use walt_core::models::parse_models;
 use walt_core::oci::{self, Compression, ImageConfig, Manifest};
 use walt_core::{CloneUrl, ImageName, LABEL_NODE_MODELS, LABEL_SERVER_MINVERSION, Location};
-use walt_proto::v1::{self as pb, clone_event, search_event};
 use walt_registry::{DEFAULT_DOCKER_SOCKET, DockerClient, DockerError};
-use walt_store::{ImportOptions, LayerImport, LayerRef, NewImage, PutOutcome, Store};
+use walt_store::{ImportOptions, LayerImport, LayerRef, PutOutcome, Store};
 
+use crate::accept::{self, Accepted};
+use crate::clone::{CloneResult, Events as CloneEvents};
 use crate::error::ServiceError;
-use crate::images::blocking;
+use crate::progress::LayerProgress;
+use crate::search::{Events as SearchEvents, SearchEvent, SearchHit};
 
 /// Longest wait for the daemon's image list or an image's details: a hung
 /// daemon must not hold a search or a clone forever.
@@ -28,18 +29,6 @@ const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Largest JSON document (config, manifest) read from the archive.
 const MAX_JSON: u64 = 16 << 20;
-
-type CloneEvents = mpsc::Sender<Result<pb::CloneEvent, Status>>;
-type SearchEvents = mpsc::Sender<Result<pb::SearchEvent, Status>>;
-
-impl From<DockerError> for ServiceError {
-    fn from(e: DockerError) -> Self {
-        match e {
-            DockerError::ImageNotFound { .. } => ServiceError::NotFound(e.to_string()),
-            _ => ServiceError::FailedPrecondition(e.to_string()),
-        }
-    }
-}
 
 /// The daemon of this configuration: `docker: { socket: PATH }` in
 /// server.conf, else the default socket.
@@ -80,11 +69,7 @@ pub(crate) async fn search(client: DockerClient, keyword: String, events: Search
         Err(e) => {
             let msg = format!("docker skipped: {e}");
             tracing::info!("search: {msg}");
-            let _ = events
-                .send(Ok(pb::SearchEvent {
-                    event: Some(search_event::Event::Warning(msg)),
-                }))
-                .await;
+            events.send(SearchEvent::Warning(msg)).await;
             return;
         }
     };
@@ -108,20 +93,8 @@ pub(crate) async fn search(client: DockerClient, keyword: String, events: Search
             if url.location != Location::Docker || !url.to_string().contains(&keyword) {
                 continue;
             }
-            let result = pb::SearchResult {
-                user: url.user.clone(),
-                name: url.repository.clone(),
-                tag: url.tag.clone(),
-                location: url.location.label().to_string(),
-                node_models: models.clone(),
-                clone_url: url.to_string(),
-                server_minversion: minversion,
-            };
-            let _ = events
-                .send(Ok(pb::SearchEvent {
-                    event: Some(search_event::Event::Result(result)),
-                }))
-                .await;
+            let hit = SearchHit::new(&url, models.clone(), minversion);
+            events.send(SearchEvent::Found(hit)).await;
         }
     }
 }
@@ -134,22 +107,11 @@ pub(crate) async fn check(
     let client = client(config);
     let info = tokio::time::timeout(API_TIMEOUT, client.inspect(&reference(url)))
         .await
-        .map_err(|_| {
-            ServiceError::FailedPrecondition(format!(
-                "the Docker daemon (socket {}) did not answer within {}s",
-                client.socket().display(),
-                API_TIMEOUT.as_secs()
-            ))
+        .map_err(|_| ServiceError::DockerTimeout {
+            socket: client.socket().display().to_string(),
+            secs: API_TIMEOUT.as_secs(),
         })??;
-    if info
-        .label(LABEL_NODE_MODELS)
-        .map(parse_models)
-        .is_none_or(|m| m.is_empty())
-    {
-        return Err(ServiceError::FailedPrecondition(format!(
-            "{url} is not a walt image: it has no {LABEL_NODE_MODELS} label"
-        )));
-    }
+    accept::node_models(info.label(LABEL_NODE_MODELS), url)?;
     Ok(client)
 }
 
@@ -191,10 +153,9 @@ fn read_archive(
     image: &str,
     events: Option<&CloneEvents>,
 ) -> Result<Archive, ServiceError> {
-    let bad = |e: &dyn std::fmt::Display| {
-        ServiceError::FailedPrecondition(format!(
-            "docker: cannot read the archive of image '{image}': {e}"
-        ))
+    let bad = |e: &dyn std::fmt::Display| ServiceError::DockerArchive {
+        image: image.to_string(),
+        reason: e.to_string(),
     };
     let mut out = Archive::default();
     let mut ar = tar::Archive::new(input);
@@ -230,7 +191,7 @@ fn read_archive(
             let progress = events.map(|ev| {
                 let (ev, key) = (ev.clone(), key.clone());
                 Box::new(move |done| {
-                    let _ = ev.try_send(Ok(layer_progress(&key, done, size, false)));
+                    ev.try_layer(LayerProgress::running(&key, done, size));
                 }) as Box<dyn Fn(u64) + Send>
             });
             let opts = ImportOptions {
@@ -241,7 +202,9 @@ fn read_archive(
             let mut input = Read::chain(head, &mut entry);
             let imported = store.import_layer_unverified(&mut input, compression, &opts)?;
             if let Some(ev) = events {
-                let _ = ev.blocking_send(Ok(layer_progress(&key, size, size, true)));
+                ev.blocking_send(crate::progress::Event::Layer(LayerProgress::finished(
+                    &key, size, false,
+                )));
             }
             tracing::debug!(image, path = %path, digest = %imported.digest, "docker layer imported");
             out.layers.insert(path, (imported, compression));
@@ -270,11 +233,9 @@ fn blob_path(digest: &str) -> Option<String> {
 
 /// (config path, layer paths) of the (single) image in the archive.
 fn image_paths(archive: &Archive, url: &CloneUrl) -> Result<(String, Vec<String>), ServiceError> {
-    let bad = |what: String| {
-        ServiceError::FailedPrecondition(format!(
-            "docker: the archive of {} is not usable: {what}",
-            reference(url)
-        ))
+    let bad = |reason: String| ServiceError::DockerUnusable {
+        image: reference(url),
+        reason,
     };
     if let Some(m) = archive.files.get("manifest.json") {
         let list: Vec<SaveManifest> =
@@ -318,28 +279,8 @@ fn layer_media_type(c: Compression) -> &'static str {
     }
 }
 
-fn layer_progress(key: &str, done: u64, total: u64, complete: bool) -> pb::CloneEvent {
-    pb::CloneEvent {
-        event: Some(clone_event::Event::Progress(pb::LayerProgress {
-            digest: key.to_string(),
-            done,
-            total,
-            complete,
-            cached: false,
-        })),
-    }
-}
-
-async fn say(events: &CloneEvents, text: String) {
-    let _ = events
-        .send(Ok(pb::CloneEvent {
-            event: Some(clone_event::Event::Message(text)),
-        }))
-        .await;
-}
-
-/// Clones `url` from the daemon into `target`. On failure, what was added
-/// to the store is collected again.
+/// Clones `url` from the daemon into `target` (the caller collects what a
+/// failed clone added to the store).
 pub(crate) async fn clone(
     store: &Arc<Store>,
     client: &DockerClient,
@@ -347,28 +288,12 @@ pub(crate) async fn clone(
     target: &ImageName,
     force: bool,
     events: &CloneEvents,
-) -> Result<pb::CloneResult, ServiceError> {
-    let result = import(store, client, url, target, force, events).await;
-    if result.is_err() {
-        let s = store.clone();
-        if let Err(e) = blocking(move || Ok(s.gc()?)).await {
-            tracing::warn!(error = %e, "cleanup after a failed clone failed");
-        }
-    }
-    result
-}
-
-async fn import(
-    store: &Arc<Store>,
-    client: &DockerClient,
-    url: &CloneUrl,
-    target: &ImageName,
-    force: bool,
-    events: &CloneEvents,
-) -> Result<pb::CloneResult, ServiceError> {
+) -> Result<CloneResult, ServiceError> {
     let image = reference(url);
     let mut save = client.save(&image).await?;
-    say(events, format!("reading {url} from the Docker daemon")).await;
+    events
+        .say(format!("reading {url} from the Docker daemon"))
+        .await;
     let guard = store.begin_import();
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(16);
     let (s, name, ev) = (store.clone(), image.clone(), events.clone());
@@ -397,74 +322,22 @@ async fn import(
     }
     drop(tx);
     let (archive, guard) = reader.await?;
-    if let Some(e) = stream_error {
-        let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
-        return Err(e.into());
-    }
-    let archive = match archive {
+    let assembled = match (stream_error, archive) {
+        (Some(e), _) => Err(e.into()),
+        (None, Err(e)) => Err(e),
+        (None, Ok(archive)) => assemble(&archive, url),
+    };
+    let image = match assembled {
         Ok(a) => a,
         Err(e) => {
-            let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
+            accept::release(guard).await;
             return Err(e);
         }
     };
-
-    let assembled = assemble(&archive, url);
-    let (config_bytes, layers, models) = match assembled {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
-            return Err(e);
-        }
-    };
-    let s = store.clone();
-    let (target2, n_layers) = (target.clone(), layers.len());
-    let (outcome, manifest_digest) = blocking(move || {
-        let _guard = guard;
-        let config_digest = s.put_blob(None, &config_bytes)?;
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": oci::OCI_MANIFEST,
-            "config": {
-                "mediaType": oci::OCI_CONFIG,
-                "digest": config_digest,
-                "size": config_bytes.len(),
-            },
-            "layers": layers.iter().map(|(l, c)| serde_json::json!({
-                "mediaType": layer_media_type(*c),
-                "digest": l.digest,
-                "size": l.size,
-            })).collect::<Vec<_>>(),
-            "annotations": { oci::ANNOTATION_WALT_BUILT: "true" },
-        });
-        let manifest_bytes = serde_json::to_vec(&manifest)
-            .map_err(|e| ServiceError::Internal(format!("cannot write the manifest: {e}")))?;
-        let manifest_digest = s.put_blob(None, &manifest_bytes)?;
-        let new = NewImage {
-            name: target2,
-            manifest_digest: manifest_digest.clone(),
-            manifest_media_type: oci::OCI_MANIFEST.to_string(),
-            config_digest,
-            layers: layers
-                .iter()
-                .map(|(l, c)| LayerRef {
-                    diff_id: l.diff_id.clone(),
-                    blob_digest: l.digest.clone(),
-                    blob_size: l.size,
-                    media_type: layer_media_type(*c).to_string(),
-                })
-                .collect(),
-            node_models: models,
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0),
-        };
-        Ok((s.put_image(&new, force)?, manifest_digest))
-    })
-    .await?;
+    let n_layers = image.layers.len();
+    let (outcome, manifest_digest) = accept::record(store, guard, target, force, image).await?;
     tracing::info!(url = %url, image = %target, received, "image cloned from the Docker daemon");
-    Ok(pb::CloneResult {
+    Ok(CloneResult {
         name: target.short(),
         manifest_digest,
         layers: n_layers as u64,
@@ -473,17 +346,12 @@ async fn import(
     })
 }
 
-/// The config bytes, the layers in order, and the node models.
-#[allow(clippy::type_complexity)]
-fn assemble(
-    archive: &Archive,
-    url: &CloneUrl,
-) -> Result<(Vec<u8>, Vec<(LayerImport, Compression)>, Vec<String>), ServiceError> {
-    let bad = |what: String| {
-        ServiceError::FailedPrecondition(format!(
-            "docker: the archive of {} is not usable: {what}",
-            reference(url)
-        ))
+/// The image the archive holds: its config, its layers in order (all in the
+/// store by now), its node models.
+fn assemble(archive: &Archive, url: &CloneUrl) -> Result<Accepted, ServiceError> {
+    let bad = |reason: String| ServiceError::DockerUnusable {
+        image: reference(url),
+        reason,
     };
     let (config_path, layer_paths) = image_paths(archive, url)?;
     let config_bytes = archive
@@ -493,22 +361,13 @@ fn assemble(
         .clone();
     let config: ImageConfig = serde_json::from_slice(&config_bytes)
         .map_err(|e| bad(format!("the image configuration is not valid: {e}")))?;
-    let Some(models) = config
-        .label(LABEL_NODE_MODELS)
-        .map(parse_models)
-        .filter(|m| !m.is_empty())
-    else {
-        return Err(ServiceError::FailedPrecondition(format!(
-            "{url} is not a walt image: it has no {LABEL_NODE_MODELS} label"
-        )));
-    };
-    let layers: Vec<(LayerImport, Compression)> = layer_paths
+    let models = accept::node_models(config.label(LABEL_NODE_MODELS), url)?;
+    let layers: Vec<&(LayerImport, Compression)> = layer_paths
         .iter()
         .map(|p| {
             archive
                 .layers
                 .get(p)
-                .cloned()
                 .ok_or_else(|| bad(format!("layer '{p}' is missing")))
         })
         .collect::<Result<_, _>>()?;
@@ -527,7 +386,21 @@ fn assemble(
             config.rootfs.diff_ids.join(", ")
         )));
     }
-    Ok((config_bytes, layers, models))
+    Ok(Accepted {
+        config: config_bytes,
+        config_digest: None,
+        manifest: accept::Manifest::Written,
+        layers: layers
+            .iter()
+            .map(|(l, c)| LayerRef {
+                diff_id: l.diff_id.clone(),
+                blob_digest: l.digest.clone(),
+                blob_size: l.size,
+                media_type: layer_media_type(*c).to_string(),
+            })
+            .collect(),
+        models,
+    })
 }
 
 #[cfg(test)]
@@ -607,12 +480,12 @@ mod tests {
             ("cfg.json", &cfg),
         ]);
         let a = read_archive(&store, &mut &tar[..], "u/n:t", None).unwrap();
-        let (c, layers, models) = assemble(&a, &url()).unwrap();
-        assert_eq!(c, cfg);
-        assert_eq!(models, ["pc-x86-64"]);
-        assert_eq!(layers[0].0.digest, digest(&l1));
-        assert_eq!(layers[1].0.diff_id, digest(&l2));
-        assert_eq!(layers[1].1, Compression::None);
+        let image = assemble(&a, &url()).unwrap();
+        assert_eq!(image.config, cfg);
+        assert_eq!(image.models, ["pc-x86-64"]);
+        assert_eq!(image.layers[0].blob_digest, digest(&l1));
+        assert_eq!(image.layers[1].diff_id, digest(&l2));
+        assert_eq!(image.layers[1].media_type, oci::OCI_LAYER_TAR);
         assert!(store.has_blob(&digest(&l1)) && store.has_layer(&digest(&l2)));
     }
 
@@ -643,10 +516,10 @@ mod tests {
             (&p(&cfg), &cfg),
         ]);
         let a = read_archive(&store, &mut &tar[..], "u/n:t", None).unwrap();
-        let (_, layers, _) = assemble(&a, &url()).unwrap();
-        assert_eq!(layers[0].0.digest, digest(&gz));
-        assert_eq!(layers[0].0.diff_id, digest(&l));
-        assert_eq!(layers[0].1, Compression::Gzip);
+        let image = assemble(&a, &url()).unwrap();
+        assert_eq!(image.layers[0].blob_digest, digest(&gz));
+        assert_eq!(image.layers[0].diff_id, digest(&l));
+        assert_eq!(image.layers[0].media_type, oci::OCI_LAYER_GZIP);
 
         // Without the label: refused.
         let cfg = config(&[digest(&l)], false);

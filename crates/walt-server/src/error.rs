@@ -1,12 +1,15 @@
-//! Errors of the services, and their mapping to gRPC status codes. The
-//! status message is the one line the CLI shows to the user.
+//! Errors of the server: what failed, and for which image, registry or
+//! request. Each message is the one line the CLI shows to the user after
+//! `error: `. The engines (clone, publish, search, the Docker import) know
+//! nothing of gRPC: the service layer turns these errors into status codes
+//! in one place, [`ServiceError::kind`] (see `grpc.rs`).
 
-use tonic::{Code, Status};
-use walt_registry::RegistryError;
+use walt_registry::{DockerError, RegistryError};
 use walt_store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
+    // ----- generic, for the sessions (shell, cp) and the working set -----
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0}")]
@@ -17,6 +20,97 @@ pub enum ServiceError {
     FailedPrecondition(String),
     #[error("{0}")]
     Unimplemented(String),
+
+    // ----- the working set -----
+    /// `image` (short form) is not in the caller's working set.
+    #[error("image '{image}' not found in your working set (see walt image show)")]
+    NoSuchImage { image: String },
+
+    // ----- clone -----
+    /// A `walt:` URL of the caller's own image.
+    #[error("{url} is already in your working set (use walt image duplicate to copy it)")]
+    AlreadyYours { url: String },
+    /// A `walt:` URL naming no image of this server.
+    #[error("image {url} not found on this server")]
+    NotOnThisServer { url: String },
+    /// The URL's location is neither `walt`, `docker` nor a configured registry.
+    #[error("unknown registry '{label}' in {url} (known locations: {known})")]
+    UnknownLocation {
+        label: String,
+        url: String,
+        known: String,
+    },
+    /// The clone would overwrite `image` without `--force`.
+    #[error(
+        "image '{image}' already exists in your working set; rerun with --force to overwrite it, or give another name: walt image clone {url} <name>"
+    )]
+    WouldOverwrite { image: String, url: String },
+    /// The image at `url` has no (or an empty) `walt.node.models` label.
+    #[error(
+        "{url} is not a walt image: it has no {} label",
+        walt_core::LABEL_NODE_MODELS
+    )]
+    NotWaltImage { url: String },
+    /// The image at `url` cannot be used as it is (its configuration,
+    /// layers or manifest); `reason` says what.
+    #[error("{url}: {reason}")]
+    InvalidImage { url: String, reason: String },
+    /// Registry `registry` answered a document for `url` that is not usable.
+    #[error("registry '{registry}': {url}: {reason}")]
+    InvalidManifest {
+        registry: String,
+        url: String,
+        reason: String,
+    },
+    /// A multi-platform image without this server's platform.
+    #[error("{url} has no image for linux/{arch} (it has: {available})")]
+    NoPlatform {
+        url: String,
+        arch: String,
+        available: String,
+    },
+
+    // ----- the Docker daemon -----
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    /// The daemon at `socket` did not answer in time.
+    #[error("the Docker daemon (socket {socket}) did not answer within {secs}s")]
+    DockerTimeout { socket: String, secs: u64 },
+    /// The `docker save` archive of `image` cannot be read.
+    #[error("docker: cannot read the archive of image '{image}': {reason}")]
+    DockerArchive { image: String, reason: String },
+    /// The `docker save` archive of `image` was read but does not describe a usable image.
+    #[error("docker: the archive of {image} is not usable: {reason}")]
+    DockerUnusable { image: String, reason: String },
+
+    // ----- registries, publish -----
+    /// The hub is not among the configured registries.
+    #[error("the Docker hub is not enabled on this server (see walt-server-setup --edit-conf)")]
+    HubNotEnabled,
+    /// No registry to publish to.
+    #[error(
+        "no registry is configured on this server, nowhere to publish (see walt-server-setup --edit-conf)"
+    )]
+    NoRegistry,
+    /// `auto` with several registries to publish to.
+    #[error("several registries are configured ({registries}): choose one with --registry <label>")]
+    SeveralRegistries { registries: String },
+    /// `walt` or `docker` named as a publish target.
+    #[error("'{label}' is not a registry one can publish to (registries: {registries})")]
+    NotATarget { label: String, registries: String },
+    /// An unknown publish target.
+    #[error("unknown registry '{label}' (registries: {registries})")]
+    UnknownRegistry { label: String, registries: String },
+    /// The repository `<owner>/<name>` is not a valid name `where` (on registry '...', on the Docker hub).
+    #[error(
+        "cannot publish as '{owner}/{name}' {place}: '{owner}' is not usable as a repository name"
+    )]
+    BadOwner {
+        owner: String,
+        name: String,
+        place: String,
+    },
+
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -25,6 +119,79 @@ pub enum ServiceError {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// The class of a failure, which the service layer maps to a status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    Unimplemented,
+    /// Credentials are missing or refused by the registry the error names.
+    Unauthenticated,
+    Unavailable,
+    Internal,
+}
+
+impl ServiceError {
+    /// The class of this failure: the one place that decides it.
+    pub fn kind(&self) -> Kind {
+        use ServiceError as E;
+        match self {
+            E::InvalidArgument(_)
+            | E::SeveralRegistries { .. }
+            | E::NotATarget { .. }
+            | E::BadOwner { .. } => Kind::InvalidArgument,
+            E::NotFound(_)
+            | E::NoSuchImage { .. }
+            | E::NotOnThisServer { .. }
+            | E::UnknownLocation { .. }
+            | E::NoPlatform { .. }
+            | E::UnknownRegistry { .. } => Kind::NotFound,
+            E::AlreadyExists(_) | E::WouldOverwrite { .. } => Kind::AlreadyExists,
+            E::FailedPrecondition(_)
+            | E::AlreadyYours { .. }
+            | E::NotWaltImage { .. }
+            | E::InvalidImage { .. }
+            | E::InvalidManifest { .. }
+            | E::DockerTimeout { .. }
+            | E::DockerArchive { .. }
+            | E::DockerUnusable { .. }
+            | E::HubNotEnabled
+            | E::NoRegistry => Kind::FailedPrecondition,
+            E::Unimplemented(_) => Kind::Unimplemented,
+            E::Docker(d) => match d {
+                DockerError::ImageNotFound { .. } => Kind::NotFound,
+                _ => Kind::FailedPrecondition,
+            },
+            E::Registry(r) => match r {
+                RegistryError::Unauthorized { .. } | RegistryError::CredentialsRequired { .. } => {
+                    Kind::Unauthenticated
+                }
+                RegistryError::NotFound { .. } => Kind::NotFound,
+                RegistryError::Truncated { .. } => Kind::FailedPrecondition,
+                _ => Kind::Unavailable,
+            },
+            E::Store(s) => match s {
+                StoreError::ImageNotFound(_) => Kind::NotFound,
+                StoreError::ImageExists(_) => Kind::AlreadyExists,
+                _ => Kind::Internal,
+            },
+            E::ShuttingDown => Kind::Unavailable,
+            E::Internal(_) => Kind::Internal,
+        }
+    }
+
+    /// The label of the registry that wants credentials, for an
+    /// [`Kind::Unauthenticated`] error: the client asks its user for them.
+    pub fn registry_wanting_credentials(&self) -> Option<&str> {
+        match self {
+            ServiceError::Registry(r) if self.kind() == Kind::Unauthenticated => Some(r.label()),
+            _ => None,
+        }
+    }
 }
 
 impl From<walt_core::UrlError> for ServiceError {
@@ -42,44 +209,5 @@ impl From<walt_core::NameError> for ServiceError {
 impl From<tokio::task::JoinError> for ServiceError {
     fn from(e: tokio::task::JoinError) -> Self {
         ServiceError::Internal(format!("worker task failed: {e}"))
-    }
-}
-
-impl From<ServiceError> for Status {
-    fn from(e: ServiceError) -> Self {
-        let code = match &e {
-            ServiceError::InvalidArgument(_) => Code::InvalidArgument,
-            ServiceError::NotFound(_) => Code::NotFound,
-            ServiceError::AlreadyExists(_) => Code::AlreadyExists,
-            ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ServiceError::Unimplemented(_) => Code::Unimplemented,
-            ServiceError::Registry(r) => match r {
-                RegistryError::Unauthorized { .. } | RegistryError::CredentialsRequired { .. } => {
-                    Code::Unauthenticated
-                }
-                RegistryError::NotFound { .. } => Code::NotFound,
-                _ => Code::Unavailable,
-            },
-            ServiceError::Store(s) => match s {
-                StoreError::ImageNotFound(_) => Code::NotFound,
-                StoreError::ImageExists(_) => Code::AlreadyExists,
-                _ => Code::Internal,
-            },
-            ServiceError::ShuttingDown => Code::Unavailable,
-            ServiceError::Internal(_) => Code::Internal,
-        };
-        // One line, whatever the source said.
-        let msg = e.to_string().replace('\n', " ");
-        let mut status = Status::new(code, msg);
-        // Tell the client which registry wants credentials, so that it can
-        // ask its user for them and retry.
-        if let (Code::Unauthenticated, ServiceError::Registry(r)) = (code, &e)
-            && let Ok(v) = r.label().parse()
-        {
-            status
-                .metadata_mut()
-                .insert(walt_proto::REGISTRY_METADATA_KEY, v);
-        }
-        status
     }
 }

@@ -20,12 +20,7 @@ pub fn configured(config: &ServerConfig) -> Result<&HubRegistry, ServiceError> {
             Registry::Hub(h) => Some(h),
             Registry::V2(_) => None,
         })
-        .ok_or_else(|| {
-            ServiceError::FailedPrecondition(
-                "the Docker hub is not enabled on this server (see walt-server-setup --edit-conf)"
-                    .into(),
-            )
-        })
+        .ok_or(ServiceError::HubNotEnabled)
 }
 
 /// Adds (or replaces) `<name>:<tag>` with `labels` in the metadata image

@@ -3,8 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
-use tokio::sync::mpsc;
+use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -14,6 +13,7 @@ use walt_proto::v1::{self as pb, images_server::Images, server_server};
 use walt_store::ImageRecord;
 
 use crate::error::ServiceError;
+use crate::progress::{self, Event, Reporter};
 use crate::{State, clone, cp, publish, shell};
 
 /// The caller's walt username, from the request metadata.
@@ -72,6 +72,15 @@ type CloneStream = Pin<Box<dyn Stream<Item = Result<pb::CloneEvent, Status>> + S
 type SearchStream = Pin<Box<dyn Stream<Item = Result<pb::SearchEvent, Status>> + Send>>;
 type PublishStream = Pin<Box<dyn Stream<Item = Result<pb::PublishEvent, Status>> + Send>>;
 
+/// The gRPC stream of an operation's events and outcome.
+fn stream<E, M>(rx: progress::Receiver<E>) -> Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>
+where
+    E: Send + 'static,
+    M: From<E> + Send + 'static,
+{
+    Box::pin(ReceiverStream::new(rx).map(|item| item.map(M::from).map_err(Status::from)))
+}
+
 #[tonic::async_trait]
 impl Images for ImagesService {
     async fn show(&self, req: Request<pb::ShowRequest>) -> Result<Response<pb::ShowReply>, Status> {
@@ -95,37 +104,30 @@ impl Images for ImagesService {
     async fn clone(&self, req: Request<pb::CloneRequest>) -> Result<Response<CloneStream>, Status> {
         let started = std::time::Instant::now();
         let user = caller(&req)?;
-        let req = req.into_inner();
+        let req = clone::CloneRequest::from(req.into_inner());
         // Refuse bad input before starting the stream: a plain error status.
         let plan = clone::plan(&self.state, &user, &req).await?;
-        let (tx, rx) = mpsc::channel(64);
+        let (events, rx) = Reporter::channel(64);
         let state = self.state.clone();
         tokio::spawn(async move {
-            let events = tx.clone();
             let outcome = tokio::select! {
-                r = clone::run(state.clone(), plan, events) => r,
-                _ = tx.closed() => {
+                r = clone::run(state.clone(), plan, events.clone()) => r,
+                _ = events.closed() => {
                     tracing::info!("client went away, clone cancelled");
                     return;
                 }
                 _ = state.shutdown.cancelled() => Err(ServiceError::ShuttingDown),
             };
-            let msg = match outcome {
+            match &outcome {
                 Ok(result) => {
                     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
                     tracing::info!(image = %result.name, user = %user, elapsed_ms, "clone finished");
-                    Ok(pb::CloneEvent {
-                        event: Some(pb::clone_event::Event::Result(result)),
-                    })
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "clone failed");
-                    Err(Status::from(e))
-                }
-            };
-            let _ = tx.send(msg).await;
+                Err(e) => tracing::warn!(error = %e, "clone failed"),
+            }
+            events.finish(outcome.map(Event::Done)).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream(rx)))
     }
 
     type SearchStream = SearchStream;
@@ -135,18 +137,19 @@ impl Images for ImagesService {
         req: Request<pb::SearchRequest>,
     ) -> Result<Response<SearchStream>, Status> {
         let user = caller(&req)?;
-        let (tx, rx) = mpsc::channel(64);
+        let req = crate::search::SearchRequest::from(req.into_inner());
+        let (events, rx) = Reporter::channel(64);
         let state = self.state.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = crate::search::run(state.clone(), user, req.into_inner(), tx.clone()) => {}
-                _ = tx.closed() => tracing::debug!("client went away, search cancelled"),
+                _ = crate::search::run(state.clone(), user, req, events.clone()) => {}
+                _ = events.closed() => tracing::debug!("client went away, search cancelled"),
                 _ = state.shutdown.cancelled() => {
-                    let _ = tx.send(Err(ServiceError::ShuttingDown.into())).await;
+                    events.finish(Err(ServiceError::ShuttingDown)).await;
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream(rx)))
     }
 
     type PublishStream = PublishStream;
@@ -156,32 +159,26 @@ impl Images for ImagesService {
         req: Request<pb::PublishRequest>,
     ) -> Result<Response<PublishStream>, Status> {
         let user = caller(&req)?;
-        let req = req.into_inner();
+        let req = publish::PublishRequest::from(req.into_inner());
         // Refuse bad input before starting the stream: a plain error status.
         let plan = publish::plan(&self.state, &user, &req).await?;
-        let (tx, rx) = mpsc::channel(64);
+        let (events, rx) = Reporter::channel(64);
         let state = self.state.clone();
         tokio::spawn(async move {
             let outcome = tokio::select! {
-                r = publish::run(state.clone(), plan, tx.clone()) => r,
-                _ = tx.closed() => {
+                r = publish::run(state.clone(), plan, events.clone()) => r,
+                _ = events.closed() => {
                     tracing::info!("client went away, publish cancelled");
                     return;
                 }
                 _ = state.shutdown.cancelled() => Err(ServiceError::ShuttingDown),
             };
-            let msg = match outcome {
-                Ok(result) => Ok(pb::PublishEvent {
-                    event: Some(pb::publish_event::Event::Result(result)),
-                }),
-                Err(e) => {
-                    tracing::warn!(error = %e, "publish failed");
-                    Err(Status::from(e))
-                }
-            };
-            let _ = tx.send(msg).await;
+            if let Err(e) = &outcome {
+                tracing::warn!(error = %e, "publish failed");
+            }
+            events.finish(outcome.map(Event::Done)).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream(rx)))
     }
 
     type ShellStream = shell::ShellStream;
@@ -327,10 +324,9 @@ fn two_names<T>(
 
 fn ensure_exists(state: &State, name: &ImageName) -> Result<(), ServiceError> {
     if state.store.get_image(name)?.is_none() {
-        return Err(ServiceError::NotFound(format!(
-            "image '{}' not found in your working set (see walt image show)",
-            name.short()
-        )));
+        return Err(ServiceError::NoSuchImage {
+            image: name.short(),
+        });
     }
     Ok(())
 }

@@ -1,13 +1,16 @@
 //! The walt server: configuration, the gRPC services and the clone engine.
 
+mod accept;
 mod admin;
 mod clone;
 mod config;
 mod cp;
 mod docker;
 mod error;
+mod grpc;
 mod hub;
 mod images;
+mod progress;
 mod publish;
 mod search;
 mod session;
@@ -46,6 +49,8 @@ pub struct State {
     pub blob_sources: publish::BlobSources,
     /// Images being modified (shell, cp): one session per image.
     pub locks: Arc<session::Locks>,
+    /// What searches remember between calls (configs, tags).
+    pub search_caches: Arc<search::Caches>,
 }
 
 impl State {
@@ -137,6 +142,7 @@ impl Server {
                 shutdown: CancellationToken::new(),
                 blob_sources: publish::BlobSources::default(),
                 locks: Arc::default(),
+                search_caches: Arc::default(),
             }),
         })
     }

@@ -8,18 +8,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use walt_core::config::{Auth, Registry, V2Registry};
 use walt_core::{CloneUrl, ImageName};
-use walt_proto::v1::{self as pb, publish_event::Event};
 use walt_registry::{Credentials, Progress, RegistryClient, RegistryError};
 use walt_store::ImageRecord;
 
 use crate::State;
 use crate::error::ServiceError;
 use crate::images::blocking;
+use crate::progress::{Event, LayerProgress, Reporter};
 
 /// Blobs uploaded at once.
 const UPLOAD_CONCURRENCY: usize = 3;
@@ -29,7 +28,32 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 /// Most blobs remembered per registry.
 const MAX_SOURCES: usize = 100_000;
 
-type Events = mpsc::Sender<Result<pb::PublishEvent, tonic::Status>>;
+/// What the caller asks for.
+#[derive(Debug, Clone, Default)]
+pub struct PublishRequest {
+    /// An image of the caller's working set.
+    pub image: String,
+    /// The target's label; empty or `auto`: the only one there is.
+    pub registry: String,
+    /// By registry label.
+    pub credentials: HashMap<String, Credentials>,
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishResult {
+    /// Where others clone it from.
+    pub clone_url: String,
+    /// The label of the registry it went to.
+    pub registry: String,
+    pub manifest_digest: String,
+    pub uploaded_blobs: u64,
+    pub uploaded_bytes: u64,
+    pub skipped_blobs: u64,
+}
+
+/// The events of a publish.
+pub type Events = Reporter<Event<PublishResult>>;
 
 /// For each registry label, a repository known to hold each blob, learnt
 /// from clones and publishes: the source of cross-repository mounts. In
@@ -72,25 +96,26 @@ pub struct Plan {
 /// credentials required.
 async fn plan_hub(
     config: &walt_core::config::ServerConfig,
-    req: &pb::PublishRequest,
+    req: &PublishRequest,
     image: ImageRecord,
 ) -> Result<Plan, ServiceError> {
     let hub = crate::hub::configured(config)?;
+    // The repository is named after the hub user, and the hub takes no
+    // anonymous push: both fields are needed.
     let creds = req
         .credentials
         .get("hub")
         .filter(|c| !c.username.is_empty() && !c.password.is_empty())
-        .map(|c| Credentials::new(c.username.clone(), c.password.clone()))
+        .cloned()
         .ok_or_else(|| RegistryError::CredentialsRequired {
             label: "hub".into(),
         })?;
     let owner = creds.username.to_lowercase();
     let text = format!("hub:{owner}/{}:{}", image.name.name, image.name.tag);
-    let url = CloneUrl::parse(&text).map_err(|_| {
-        ServiceError::InvalidArgument(format!(
-            "cannot publish as '{owner}/{}' on the Docker hub: '{owner}' is not usable as a repository name",
-            image.name.name
-        ))
+    let url = CloneUrl::parse(&text).map_err(|_| ServiceError::BadOwner {
+        owner: owner.clone(),
+        name: image.name.name.clone(),
+        place: "on the Docker hub".into(),
     })?;
     let client = RegistryClient::for_hub(hub, Some(creds))?;
     Ok(Plan {
@@ -119,7 +144,7 @@ fn targets(regs: &[&V2Registry]) -> String {
 pub async fn plan(
     state: &Arc<State>,
     user: &str,
-    req: &pb::PublishRequest,
+    req: &PublishRequest,
 ) -> Result<Plan, ServiceError> {
     let name = ImageName::parse_user(user, req.image.trim())?;
     let store = state.store.clone();
@@ -127,11 +152,8 @@ pub async fn plan(
         let name = name.clone();
         blocking(move || Ok(store.get_image(&name)?)).await?
     }
-    .ok_or_else(|| {
-        ServiceError::NotFound(format!(
-            "image '{}' not found in your working set (see walt image show)",
-            name.short()
-        ))
+    .ok_or_else(|| ServiceError::NoSuchImage {
+        image: name.short(),
     })?;
 
     let config = state.config();
@@ -148,42 +170,32 @@ pub async fn plan(
         "" | "auto" => match (v2.as_slice(), crate::hub::configured(&config).is_ok()) {
             ([only], false) => only,
             ([], true) => return plan_hub(&config, req, image).await,
-            ([], false) => {
-                return Err(ServiceError::FailedPrecondition(
-                    "no registry is configured on this server, nowhere to publish (see walt-server-setup --edit-conf)".into(),
-                ));
-            }
+            ([], false) => return Err(ServiceError::NoRegistry),
             (_, hub) => {
-                return Err(ServiceError::InvalidArgument(format!(
-                    "several registries are configured ({}{}): choose one with --registry <label>",
-                    if hub { "hub, " } else { "" },
-                    targets(&v2)
-                )));
+                return Err(ServiceError::SeveralRegistries {
+                    registries: format!("{}{}", if hub { "hub, " } else { "" }, targets(&v2)),
+                });
             }
         },
         "walt" | "docker" => {
-            return Err(ServiceError::InvalidArgument(format!(
-                "'{wanted}' is not a registry one can publish to (registries: {})",
-                targets(&v2)
-            )));
+            return Err(ServiceError::NotATarget {
+                label: wanted.to_string(),
+                registries: targets(&v2),
+            });
         }
         "hub" => return plan_hub(&config, req, image).await,
         label => match config.registry(label) {
             Some(Registry::V2(r)) => r,
             Some(Registry::Hub(_)) | None => {
-                return Err(ServiceError::NotFound(format!(
-                    "unknown registry '{label}' (registries: {})",
-                    targets(&v2)
-                )));
+                return Err(ServiceError::UnknownRegistry {
+                    label: label.to_string(),
+                    registries: targets(&v2),
+                });
             }
         },
     };
 
-    let creds = req
-        .credentials
-        .get(&reg.label)
-        .filter(|c| !c.username.is_empty() || !c.password.is_empty())
-        .map(|c| Credentials::new(c.username.clone(), c.password.clone()));
+    let creds = req.credentials.get(&reg.label).cloned();
     if reg.auth == Auth::Basic && creds.is_none() {
         return Err(RegistryError::CredentialsRequired {
             label: reg.label.clone(),
@@ -199,11 +211,10 @@ pub async fn plan(
         "{}:{owner}/{}:{}",
         reg.label, image.name.name, image.name.tag
     );
-    let url = CloneUrl::parse(&text).map_err(|_| {
-        ServiceError::InvalidArgument(format!(
-            "cannot publish as '{owner}/{}' on registry '{}': '{owner}' is not usable as a repository name",
-            image.name.name, reg.label
-        ))
+    let url = CloneUrl::parse(&text).map_err(|_| ServiceError::BadOwner {
+        owner: owner.clone(),
+        name: image.name.name.clone(),
+        place: format!("on registry '{}'", reg.label),
     })?;
     let client = RegistryClient::for_v2(reg, creds)?;
     Ok(Plan {
@@ -213,18 +224,6 @@ pub async fn plan(
         url,
         hub_user: None,
     })
-}
-
-fn progress(digest: &str, done: u64, total: u64, complete: bool, cached: bool) -> pb::PublishEvent {
-    pb::PublishEvent {
-        event: Some(Event::Progress(pb::LayerProgress {
-            digest: digest.to_string(),
-            done,
-            total,
-            complete,
-            cached,
-        })),
-    }
 }
 
 /// One blob to make present in the registry.
@@ -281,14 +280,12 @@ async fn compress_layers(
     if !built_by_walt {
         return Ok(None);
     }
-    let _ = events
-        .send(Ok(pb::PublishEvent {
-            event: Some(Event::Message(format!(
-                "compressing {} layer{} stored uncompressed",
-                todo.len(),
-                if todo.len() == 1 { "" } else { "s" }
-            ))),
-        }))
+    events
+        .say(format!(
+            "compressing {} layer{} stored uncompressed",
+            todo.len(),
+            if todo.len() == 1 { "" } else { "s" }
+        ))
         .await;
     let mut tasks = JoinSet::new();
     for i in todo {
@@ -371,7 +368,7 @@ pub async fn run(
     state: Arc<State>,
     mut plan: Plan,
     events: Events,
-) -> Result<pb::PublishResult, ServiceError> {
+) -> Result<PublishResult, ServiceError> {
     let started = Instant::now();
     let store = state.store.clone();
     // Keeps a concurrent removal from collecting the blobs being sent.
@@ -417,7 +414,7 @@ async fn publish(
     state: &Arc<State>,
     plan: &Plan,
     events: &Events,
-) -> Result<pb::PublishResult, ServiceError> {
+) -> Result<PublishResult, ServiceError> {
     let store = &state.store;
     let rec = &plan.image;
     let (layers, config, manifest) = {
@@ -467,8 +464,8 @@ async fn publish(
     let mut config = config;
     config.mount_from = source(&config.digest);
     for l in &layers {
-        let _ = events
-            .send(Ok(progress(&l.digest, 0, l.size, false, false)))
+        events
+            .layer(LayerProgress::running(&l.digest, 0, l.size))
             .await;
     }
     let mut uploaded_blobs = 0;
@@ -520,7 +517,7 @@ async fn publish(
     plan.client
         .put_manifest(&plan.repo, &plan.url.tag, media_type, &manifest)
         .await?;
-    Ok(pb::PublishResult {
+    Ok(PublishResult {
         clone_url: plan.url.to_string(),
         registry: plan.client.label().to_string(),
         manifest_digest: rec.manifest_digest.clone(),
@@ -566,8 +563,7 @@ async fn send_blob(
 ) -> Result<Sent, ServiceError> {
     if client.blob_exists(repo, &job.digest).await? {
         if let Some(ev) = events {
-            let _ = ev
-                .send(Ok(progress(&job.digest, job.size, job.size, true, true)))
+            ev.layer(LayerProgress::finished(&job.digest, job.size, true))
                 .await;
         }
         return Ok(Sent::Present);
@@ -577,8 +573,7 @@ async fn send_blob(
             Ok(true) => {
                 tracing::debug!(digest = %job.digest, from = %from, "blob mounted");
                 if let Some(ev) = events {
-                    let _ = ev
-                        .send(Ok(progress(&job.digest, job.size, job.size, true, true)))
+                    ev.layer(LayerProgress::finished(&job.digest, job.size, true))
                         .await;
                 }
                 return Ok(Sent::Present);
@@ -600,7 +595,7 @@ async fn send_blob(
             }
             *last = Some(Instant::now());
             // Progress is best effort: never wait for a slow client here.
-            let _ = ev.try_send(Ok(progress(&digest, done, total, false, false)));
+            ev.try_layer(LayerProgress::running(&digest, done, total));
         });
         p
     });
@@ -608,8 +603,7 @@ async fn send_blob(
         .push_blob(repo, &job.digest, job.size, &job.path, reporter)
         .await?;
     if let Some(ev) = events {
-        let _ = ev
-            .send(Ok(progress(&job.digest, job.size, job.size, true, false)))
+        ev.layer(LayerProgress::finished(&job.digest, job.size, false))
             .await;
     }
     Ok(Sent::Uploaded(job.size))

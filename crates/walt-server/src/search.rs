@@ -4,23 +4,22 @@
 //! they are found.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use tokio::sync::{Semaphore, mpsc};
-use tonic::Status;
+use tokio::sync::Semaphore;
 
 use walt_core::config::{Registry, V2Registry};
 use walt_core::models::parse_models;
 use walt_core::oci::ImageConfig;
 use walt_core::{CloneUrl, LABEL_NODE_MODELS, LABEL_SERVER_MINVERSION, Location};
-use walt_proto::v1::{self as pb, search_event::Event};
 use walt_registry::{Credentials, ManifestCheck, RegistryClient, RegistryError};
 
 use crate::State;
 use crate::error::ServiceError;
 use crate::images::blocking;
+use crate::progress::Reporter;
 
 /// Requests in flight per registry.
 const REGISTRY_CONCURRENCY: usize = 16;
@@ -34,7 +33,52 @@ const MAX_CACHED_CONFIGS: usize = 100_000;
 /// Tags remembered across searches (revalidated by every search).
 const MAX_CACHED_TAGS: usize = 100_000;
 
-pub(crate) type Events = mpsc::Sender<Result<pb::SearchEvent, Status>>;
+/// What the caller asks for.
+#[derive(Debug, Clone, Default)]
+pub struct SearchRequest {
+    /// Kept when the clone URL contains it; empty: everything.
+    pub keyword: String,
+    /// By registry label.
+    pub credentials: HashMap<String, Credentials>,
+}
+
+/// One image found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchHit {
+    pub user: String,
+    pub name: String,
+    pub tag: String,
+    /// The label of the location (`walt`, `docker`, a registry).
+    pub location: String,
+    pub node_models: Vec<String>,
+    pub clone_url: String,
+    /// `walt.server.minversion`, when the image has it.
+    pub server_minversion: Option<u32>,
+}
+
+impl SearchHit {
+    pub fn new(url: &CloneUrl, node_models: Vec<String>, server_minversion: Option<u32>) -> Self {
+        Self {
+            user: url.user.clone(),
+            name: url.repository.clone(),
+            tag: url.tag.clone(),
+            location: url.location.label().to_string(),
+            node_models,
+            clone_url: url.to_string(),
+            server_minversion,
+        }
+    }
+}
+
+/// What a search reports, as it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SearchEvent {
+    Found(SearchHit),
+    /// A source was skipped, or answered only in part.
+    Warning(String),
+}
+
+pub(crate) type Events = Reporter<SearchEvent>;
 
 /// What search needs of an image config.
 #[derive(Debug, Clone)]
@@ -43,55 +87,53 @@ struct WaltLabels {
     minversion: Option<u32>,
 }
 
-/// Parsed configs by digest; `None`: not a walt image.
-type ConfigCache = Mutex<HashMap<String, Option<Arc<WaltLabels>>>>;
-
-fn cache() -> &'static ConfigCache {
-    static CACHE: OnceLock<ConfigCache> = OnceLock::new();
-    CACHE.get_or_init(Default::default)
-}
-
-fn cached(digest: &str) -> Option<Option<Arc<WaltLabels>>> {
-    cache()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(digest)
-        .cloned()
-}
-
-fn remember(digest: &str, labels: Option<Arc<WaltLabels>>) {
-    let mut c = cache().lock().unwrap_or_else(|e| e.into_inner());
-    if c.len() >= MAX_CACHED_CONFIGS {
-        c.clear();
-    }
-    c.insert(digest.to_string(), labels);
-}
-
-/// What a tag pointed to at the last search: `<registry URL> <repo>:<tag>`
-/// -> (manifest digest, labels of that image). Only a hint for a
-/// conditional request: never answered without asking the registry.
-type TagCache = Mutex<HashMap<String, TagEntry>>;
+/// What a tag pointed to at the last search: (manifest digest, labels of
+/// that image).
 type TagEntry = (String, Option<Arc<WaltLabels>>);
 
-fn tag_cache() -> &'static TagCache {
-    static CACHE: OnceLock<TagCache> = OnceLock::new();
-    CACHE.get_or_init(Default::default)
+/// What searches remember across calls, one per server: image configs by
+/// digest (they never change), and what each tag pointed to, only a hint
+/// for a conditional request (never answered without asking the registry).
+#[derive(Default)]
+pub struct Caches {
+    /// Parsed configs by digest; `None`: not a walt image.
+    configs: Mutex<HashMap<String, Option<Arc<WaltLabels>>>>,
+    /// `<registry URL> <repo>:<tag>` -> what it pointed to.
+    tags: Mutex<HashMap<String, TagEntry>>,
 }
 
-fn cached_tag(key: &str) -> Option<TagEntry> {
-    tag_cache()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(key)
-        .cloned()
-}
-
-fn remember_tag(key: String, manifest_digest: String, labels: Option<Arc<WaltLabels>>) {
-    let mut c = tag_cache().lock().unwrap_or_else(|e| e.into_inner());
-    if c.len() >= MAX_CACHED_TAGS && !c.contains_key(&key) {
-        c.clear();
+impl Caches {
+    fn config(&self, digest: &str) -> Option<Option<Arc<WaltLabels>>> {
+        self.configs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+            .cloned()
     }
-    c.insert(key, (manifest_digest, labels));
+
+    fn remember_config(&self, digest: &str, labels: Option<Arc<WaltLabels>>) {
+        let mut c = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+        if c.len() >= MAX_CACHED_CONFIGS {
+            c.clear();
+        }
+        c.insert(digest.to_string(), labels);
+    }
+
+    fn tag(&self, key: &str) -> Option<TagEntry> {
+        self.tags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn remember_tag(&self, key: String, manifest_digest: String, labels: Option<Arc<WaltLabels>>) {
+        let mut c = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+        if c.len() >= MAX_CACHED_TAGS && !c.contains_key(&key) {
+            c.clear();
+        }
+        c.insert(key, (manifest_digest, labels));
+    }
 }
 
 /// The walt labels of a config document (`None`: not a walt image).
@@ -107,26 +149,20 @@ fn parse_labels(bytes: &[u8]) -> Option<Arc<WaltLabels>> {
     Some(Arc::new(WaltLabels { models, minversion }))
 }
 
-async fn send(events: &Events, event: Event) {
-    let _ = events
-        .send(Ok(pb::SearchEvent { event: Some(event) }))
-        .await;
+async fn send(events: &Events, event: SearchEvent) {
+    events.send(event).await
 }
 
-fn result(url: &CloneUrl, labels: &WaltLabels) -> Event {
-    Event::Result(pb::SearchResult {
-        user: url.user.clone(),
-        name: url.repository.clone(),
-        tag: url.tag.clone(),
-        location: url.location.label().to_string(),
-        node_models: labels.models.clone(),
-        clone_url: url.to_string(),
-        server_minversion: labels.minversion,
-    })
+fn result(url: &CloneUrl, labels: &WaltLabels) -> SearchEvent {
+    SearchEvent::Found(SearchHit::new(
+        url,
+        labels.models.clone(),
+        labels.minversion,
+    ))
 }
 
 /// Runs a search for `user`, sending results and warnings on `events`.
-pub(crate) async fn run(state: Arc<State>, user: String, req: pb::SearchRequest, events: Events) {
+pub(crate) async fn run(state: Arc<State>, user: String, req: SearchRequest, events: Events) {
     let started = std::time::Instant::now();
     let keyword = req.keyword.trim().to_string();
     let config = state.config();
@@ -146,26 +182,19 @@ pub(crate) async fn run(state: Arc<State>, user: String, req: pb::SearchRequest,
         let reg = match reg {
             Registry::V2(reg) => reg,
             Registry::Hub(hub) => {
-                let creds = req.credentials.get("hub").map(|c| Credentials {
-                    username: c.username.clone(),
-                    password: c.password.clone(),
-                });
                 sources.push(Box::pin(search_hub(
                     hub.clone(),
-                    creds,
+                    req.credentials.get("hub").cloned(),
                     keyword.clone(),
                     events.clone(),
                 )));
                 continue;
             }
         };
-        let creds = req.credentials.get(&reg.label).map(|c| Credentials {
-            username: c.username.clone(),
-            password: c.password.clone(),
-        });
         sources.push(Box::pin(search_registry(
+            state.search_caches.clone(),
             reg.clone(),
-            creds,
+            req.credentials.get(&reg.label).cloned(),
             keyword.clone(),
             events.clone(),
         )));
@@ -177,7 +206,7 @@ pub(crate) async fn run(state: Arc<State>, user: String, req: pb::SearchRequest,
 
 /// Other users' images in the store.
 async fn search_store(state: Arc<State>, user: String, keyword: String, events: Events) {
-    let store = state.store.clone();
+    let (store, caches) = (state.store.clone(), state.search_caches.clone());
     let found = blocking(move || {
         let mut out = Vec::new();
         for rec in store.list_images(None)? {
@@ -193,14 +222,14 @@ async fn search_store(state: Arc<State>, user: String, keyword: String, events: 
             if !url.to_string().contains(&keyword) {
                 continue;
             }
-            let labels = match cached(&rec.config_digest) {
+            let labels = match caches.config(&rec.config_digest) {
                 Some(l) => l,
                 None => {
                     let l = store
                         .read_blob(&rec.config_digest)
                         .ok()
                         .and_then(|b| parse_labels(&b));
-                    remember(&rec.config_digest, l.clone());
+                    caches.remember_config(&rec.config_digest, l.clone());
                     l
                 }
             };
@@ -227,7 +256,7 @@ async fn search_store(state: Arc<State>, user: String, keyword: String, events: 
             tracing::warn!(error = %e, "search: cannot list the store");
             send(
                 &events,
-                Event::Warning(format!("this server's images skipped: {e}")),
+                SearchEvent::Warning(format!("this server's images skipped: {e}")),
             )
             .await;
         }
@@ -271,6 +300,7 @@ fn registry_wide(e: &ServiceError) -> bool {
 /// One docker-registry-v2 registry: catalog, tags of each `<user>/...`
 /// repository, then the manifest and config of each tag.
 async fn search_registry(
+    caches: Arc<Caches>,
     reg: V2Registry,
     creds: Option<Credentials>,
     keyword: String,
@@ -284,14 +314,14 @@ async fn search_registry(
     };
     let client = match RegistryClient::for_v2(&reg, creds) {
         Ok(c) => c,
-        Err(e) => return send(&events, Event::Warning(warn(&e))).await,
+        Err(e) => return send(&events, SearchEvent::Warning(warn(&e))).await,
     };
     let repos = match tokio::time::timeout(CATALOG_TIMEOUT, client.catalog()).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return send(&events, Event::Warning(warn(&e))).await,
+        Ok(Err(e)) => return send(&events, SearchEvent::Warning(warn(&e))).await,
         Err(_) => {
             let e = format!("no catalog after {}s", CATALOG_TIMEOUT.as_secs());
-            return send(&events, Event::Warning(warn(&e))).await;
+            return send(&events, SearchEvent::Warning(warn(&e))).await;
         }
     };
     let pool = Arc::new(Semaphore::new(REGISTRY_CONCURRENCY));
@@ -303,12 +333,13 @@ async fn search_registry(
             continue;
         };
         let (user, name) = (user.to_string(), name.to_string());
-        let (client, pool, keyword, events, failure) = (
+        let (client, pool, keyword, events, failure, caches) = (
             client.clone(),
             pool.clone(),
             keyword.clone(),
             events.clone(),
             failure.clone(),
+            caches.clone(),
         );
         let label = label.clone();
         repo_tasks.push(async move {
@@ -333,11 +364,11 @@ async fn search_registry(
                 if !url.to_string().contains(&keyword) {
                     continue;
                 }
-                let (client, pool, events, failure, label) = (
-                    &client, &pool, &events, &failure, &label,
+                let (client, pool, events, failure, label, caches) = (
+                    &client, &pool, &events, &failure, &label, &caches,
                 );
                 image_tasks.push(async move {
-                    match inspect(client, pool, &url).await {
+                    match inspect(caches, client, pool, &url).await {
                         Ok(Some(labels)) => send(events, result(&url, &labels)).await,
                         Ok(None) => {}
                         Err(e) => note_failure(failure, label, &e),
@@ -352,7 +383,7 @@ async fn search_registry(
     if let Some(first) = first {
         send(
             &events,
-            Event::Warning(format!(
+            SearchEvent::Warning(format!(
                 "registry '{label}': {count} request(s) failed, results may be incomplete: {first}"
             )),
         )
@@ -378,13 +409,14 @@ fn note_failure(failure: &Mutex<(usize, Option<String>)>, label: &str, e: &Servi
 /// bodiless `304` and neither the manifest nor the config is fetched again;
 /// a re-pushed tag gets its new manifest (and config) as usual.
 async fn inspect(
+    caches: &Caches,
     client: &RegistryClient,
     pool: &Semaphore,
     url: &CloneUrl,
 ) -> Result<Option<Arc<WaltLabels>>, ServiceError> {
     let path = url.path();
     let key = format!("{} {path}:{}", client.base_url(), url.tag);
-    let known = cached_tag(&key);
+    let known = caches.tag(&key);
     let (fetched, config_digest) = {
         let _permit = pool.acquire().await;
         let check = client
@@ -393,10 +425,11 @@ async fn inspect(
         let fetched = match (check, &known) {
             (ManifestCheck::Unchanged, Some((_, labels))) => return Ok(labels.clone()),
             (ManifestCheck::Unchanged, None) => {
-                return Err(ServiceError::FailedPrecondition(format!(
-                    "registry '{}': {url}: 304 to an unconditional request",
-                    client.label()
-                )));
+                return Err(ServiceError::InvalidManifest {
+                    registry: client.label().to_string(),
+                    url: url.to_string(),
+                    reason: "304 to an unconditional request".into(),
+                });
             }
             (ManifestCheck::Changed(f), _) => f,
         };
@@ -414,7 +447,7 @@ async fn inspect(
             .digest;
         (digest, config)
     };
-    let labels = match cached(&config_digest) {
+    let labels = match caches.config(&config_digest) {
         Some(labels) => labels,
         None => {
             let bytes = {
@@ -424,11 +457,11 @@ async fn inspect(
                     .await?
             };
             let labels = parse_labels(&bytes);
-            remember(&config_digest, labels.clone());
+            caches.remember_config(&config_digest, labels.clone());
             labels
         }
     };
-    remember_tag(key, fetched, labels.clone());
+    caches.remember_tag(key, fetched, labels.clone());
     Ok(labels)
 }
 
@@ -451,15 +484,15 @@ async fn search_hub(
         RegistryClient::for_hub(&hub, creds),
     ) {
         (Ok(i), Ok(c)) => (i, c),
-        (Err(e), _) | (_, Err(e)) => return send(&events, Event::Warning(warn(&e))).await,
+        (Err(e), _) | (_, Err(e)) => return send(&events, SearchEvent::Warning(warn(&e))).await,
     };
     let repos = match tokio::time::timeout(CATALOG_TIMEOUT, index.repositories(METADATA_REPO)).await
     {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return send(&events, Event::Warning(warn(&e))).await,
+        Ok(Err(e)) => return send(&events, SearchEvent::Warning(warn(&e))).await,
         Err(_) => {
             let e = format!("no search results after {}s", CATALOG_TIMEOUT.as_secs());
-            return send(&events, Event::Warning(warn(&e))).await;
+            return send(&events, SearchEvent::Warning(warn(&e))).await;
         }
     };
     let pool = Arc::new(Semaphore::new(REGISTRY_CONCURRENCY));
@@ -513,7 +546,7 @@ async fn search_hub(
     if let Some(first) = first {
         send(
             &events,
-            Event::Warning(format!(
+            SearchEvent::Warning(format!(
                 "registry 'hub': {count} request(s) failed, results may be incomplete: {first}"
             )),
         )
@@ -639,26 +672,52 @@ mod tests {
         ))
         .unwrap();
         let pool = Semaphore::new(4);
+        let caches = Caches::default();
         let url = CloneUrl::parse("lab:u/img:v1").unwrap();
         let models = |l: Option<Arc<WaltLabels>>| l.unwrap().models.clone();
 
-        let first = inspect(&client, &pool, &url).await.unwrap();
+        let first = inspect(&caches, &client, &pool, &url).await.unwrap();
         assert_eq!(models(first), ["rpi-3-b"]);
         assert_eq!(*reg.answers.lock().unwrap(), ["manifest 200", "blob 200"]);
 
         // unchanged: one conditional request, answered 304, nothing else
-        let again = inspect(&client, &pool, &url).await.unwrap();
+        let again = inspect(&caches, &client, &pool, &url).await.unwrap();
         assert_eq!(models(again), ["rpi-3-b"]);
         assert_eq!(reg.answers.lock().unwrap()[2..], ["manifest 304"]);
 
         // the tag is re-pushed with other labels: the next search sees them
         *reg.image.lock().unwrap() = image("pc-x86-64");
-        let after = inspect(&client, &pool, &url).await.unwrap();
+        let after = inspect(&caches, &client, &pool, &url).await.unwrap();
         assert_eq!(models(after), ["pc-x86-64"]);
         assert_eq!(
             reg.answers.lock().unwrap()[3..],
             ["manifest 200", "blob 200"]
         );
+    }
+
+    #[tokio::test]
+    async fn two_servers_do_not_share_their_caches() {
+        let reg = fake_registry("rpi-3-b").await;
+        let client = RegistryClient::new(walt_registry::ClientOptions::new(
+            "lab",
+            reg.base_url.clone(),
+        ))
+        .unwrap();
+        let pool = Semaphore::new(4);
+        let url = CloneUrl::parse("lab:u/img:v1").unwrap();
+        let (one, two) = (Caches::default(), Caches::default());
+        inspect(&one, &client, &pool, &url).await.unwrap();
+        // the second server has seen nothing: it asks unconditionally and
+        // reads the config itself
+        let labels = inspect(&two, &client, &pool, &url).await.unwrap();
+        assert_eq!(labels.unwrap().models, ["rpi-3-b"]);
+        assert_eq!(
+            *reg.answers.lock().unwrap(),
+            ["manifest 200", "blob 200", "manifest 200", "blob 200"]
+        );
+        // while the first one revalidates what it knows
+        inspect(&one, &client, &pool, &url).await.unwrap();
+        assert_eq!(reg.answers.lock().unwrap()[4..], ["manifest 304"]);
     }
 
     #[test]
