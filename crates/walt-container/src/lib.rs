@@ -115,18 +115,20 @@ pub fn command(spec: &Spec) -> io::Result<tokio::process::Command> {
     let server = nix::unistd::getpid();
     // PDEATHSIG survives the exec (not setuid), so the sandbox dies with the server even if
     // the server dies before sandbox_main runs; if the server died between fork and prctl
-    // (getppid changed), no signal will come: leave at once.
+    // (getppid changed), no signal will come: leave at once. (Not through an error: std
+    // would report it on a pipe whose reader is gone, and abort.)
     let tie_to_server = move || {
         nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
         if nix::unistd::getppid() != server {
-            // SAFETY: _exit takes a plain integer and never returns (no wrapper in nix).
+            // SAFETY: _exit takes a plain integer, touches no memory of ours and never
+            // returns; neither nix nor rustix wrap it.
             unsafe { libc::_exit(1) }
         }
         Ok(())
     };
     // SAFETY: the hook runs between fork and exec in a copy of a multi-threaded process:
-    // it only makes the prctl and getppid system calls (async-signal-safe, no allocation,
-    // no lock) and _exit.
+    // it only makes the prctl and getppid system calls (async-signal-safe), allocates
+    // nothing (errors are raw errno values) and takes no lock.
     unsafe { cmd.pre_exec(tie_to_server) };
     Ok(cmd)
 }
