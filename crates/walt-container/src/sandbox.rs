@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
 use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, sigprocmask};
 use nix::sys::stat::Mode;
 use rustix::io::Errno;
@@ -96,7 +97,6 @@ fn run() -> Result<i32> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/"));
 
-    use nix::sched::CloneFlags;
     nix::sched::unshare(
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID
