@@ -193,3 +193,62 @@ fn rejected_credentials_are_not_saved() {
     );
     assert!(carol.show_row("busybox").is_none());
 }
+
+/// Ctrl-C at the hidden password prompt: walt ends as killed by SIGINT, as
+/// before, and leaves the terminal exactly as it found it (echo and
+/// canonical mode back on), not without echo.
+#[test]
+fn ctrl_c_at_the_password_prompt_restores_the_terminal() {
+    let (env, _) = crate::registries::secure_env(EnvOpts::default());
+    let carol = env.server.cli("carol", &[]);
+    let config_before = std::fs::read_to_string(carol.config_path()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // The trap keeps `sh` (in walt's process group, which gets the SIGINT)
+    // alive to report; it is reset to the default in walt at exec.
+    let command = format!(
+        "trap : INT; stty -a > {d}/before; env WALT_CONFIG={} HOME={d} {} image clone secure:walter/busybox; echo $? > {d}/exit; stty -a > {d}/after.tmp; mv {d}/after.tmp {d}/after; sleep 60",
+        carol.config_path().display(),
+        workspace_bin("walt").display(),
+    );
+    let tmux = Tmux::start(&command).unwrap();
+    tmux.wait_line("the username question", |l| {
+        l.contains("Username for registry 'secure'")
+    })
+    .unwrap();
+    tmux.text(SECURE_USER).unwrap();
+    tmux.keys(&["Enter"]).unwrap();
+    tmux.wait_line("the password question", |l| l.contains("Password for"))
+        .unwrap();
+    tmux.text("half-typed").unwrap();
+    tmux.keys(&["C-c"]).unwrap();
+    assert_eq!(
+        exit_status(dir.path(), &tmux),
+        130,
+        "killed by SIGINT; screen:\n{}",
+        tmux.screen()
+    );
+    let after = wait_for("stty -a after walt", Duration::from_secs(20), || {
+        std::fs::read_to_string(dir.path().join("after")).ok()
+    })
+    .unwrap();
+    let settings: Vec<&str> = after.split_whitespace().collect();
+    for on in ["echo", "icanon", "isig"] {
+        assert!(
+            settings.contains(&on) && !settings.contains(&format!("-{on}").as_str()),
+            "{on} is off after Ctrl-C:\n{after}"
+        );
+    }
+    let before = std::fs::read_to_string(dir.path().join("before")).unwrap();
+    assert_eq!(after, before, "the terminal settings changed");
+    let screen = tmux.screen();
+    assert!(
+        !screen.contains("half-typed"),
+        "the password was echoed:\n{screen}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(carol.config_path()).unwrap(),
+        config_before,
+        "nothing saved"
+    );
+}

@@ -2,10 +2,14 @@
 //! the save dialogue.
 
 use std::io::{IsTerminal, Write};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{anyhow, bail};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::termios::{self, SetArg, Termios};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -28,46 +32,38 @@ impl std::error::Error for ExitWith {}
 
 /// Puts the terminal on stdin in raw mode until dropped.
 struct RawMode {
-    saved: libc::termios,
+    saved: Termios,
 }
 
 impl RawMode {
     fn enter() -> Option<Self> {
-        // SAFETY: termios is plain data that tcgetattr fills.
-        let mut t: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: valid fd, pointer to a termios we own.
-        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut t) } != 0 {
-            return None;
-        }
-        let saved = t;
-        // SAFETY: cfmakeraw edits the termios we own.
-        unsafe { libc::cfmakeraw(&mut t) };
-        // SAFETY: as above; restored in Drop.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) };
+        let saved = termios::tcgetattr(std::io::stdin()).ok()?;
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, &raw);
         Some(Self { saved })
     }
 }
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        // SAFETY: restoring the attributes read in `enter`.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) };
+        let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved);
     }
 }
 
 fn window_size() -> Option<pb::WindowSize> {
-    for fd in [libc::STDOUT_FILENO, libc::STDIN_FILENO, libc::STDERR_FILENO] {
-        // SAFETY: winsize is plain data filled by the ioctl.
-        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-        // SAFETY: TIOCGWINSZ writes into the winsize we own.
-        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
-            return Some(pb::WindowSize {
+    let out = std::io::stdout();
+    let inp = std::io::stdin();
+    let err = std::io::stderr();
+    [out.as_fd(), inp.as_fd(), err.as_fd()]
+        .into_iter()
+        .find_map(|fd| match rustix::termios::tcgetwinsize(fd) {
+            Ok(ws) if ws.ws_row > 0 => Some(pb::WindowSize {
                 rows: u32::from(ws.ws_row),
                 cols: u32::from(ws.ws_col),
-            });
-        }
-    }
-    None
+            }),
+            _ => None,
+        })
 }
 
 fn input(i: Input) -> pb::ShellInput {
@@ -78,35 +74,24 @@ fn input(i: Input) -> pb::ShellInput {
 /// without having consumed what the user types at the save prompt.
 fn pump_stdin(tx: mpsc::Sender<pb::ShellInput>, stop: Arc<AtomicBool>, tty: bool) {
     let mut buf = [0u8; 8192];
+    let stdin = std::io::stdin();
     while !stop.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd {
-            fd: libc::STDIN_FILENO,
-            events: libc::POLLIN,
-            revents: 0,
+        let mut pfd = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+        let r = match poll(&mut pfd, PollTimeout::from(50u8)) {
+            Ok(r) => r,
+            Err(Errno::EINTR) => continue,
+            Err(_) => return,
         };
-        // SAFETY: one pollfd we own.
-        let r = unsafe { libc::poll(&mut pfd, 1, 50) };
-        if r < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return;
-        }
         if r == 0 || stop.load(Ordering::Relaxed) {
             continue;
         }
-        // SAFETY: reading into a buffer we own, of its length.
-        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
-            ) {
-                continue;
-            }
-            return;
-        }
+        // Straight from the descriptor: std's buffered stdin could keep bytes that
+        // belong to the save prompt.
+        let n = match nix::unistd::read(&stdin, &mut buf) {
+            Ok(n) => n,
+            Err(Errno::EINTR | Errno::EAGAIN) => continue,
+            Err(_) => return,
+        };
         if n == 0 {
             // End of a piped input: the terminal's end-of-file character.
             if !tty {
@@ -115,7 +100,7 @@ fn pump_stdin(tx: mpsc::Sender<pb::ShellInput>, stop: Arc<AtomicBool>, tty: bool
             return;
         }
         if tx
-            .blocking_send(input(Input::Stdin(buf[..n as usize].to_vec())))
+            .blocking_send(input(Input::Stdin(buf[..n].to_vec())))
             .is_err()
         {
             return;

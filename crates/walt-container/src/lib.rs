@@ -8,11 +8,12 @@
 //! mount namespace: it disappears with the sandbox, nothing is left mounted on the host.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use serde::{Deserialize, Serialize};
+use walt_core::arch::Arch;
 
 mod sandbox;
 mod tario;
@@ -111,22 +112,24 @@ pub fn command(spec: &Spec) -> io::Result<tokio::process::Command> {
         .arg(json)
         .env_clear()
         .kill_on_drop(true);
-    let server = std::process::id() as libc::pid_t;
-    // SAFETY: prctl and getppid are async-signal-safe. PDEATHSIG survives the exec (not
-    // setuid), so the sandbox dies with the server even if the server dies before
-    // sandbox_main runs; if the server died between fork and prctl (getppid changed), no
-    // signal will come: leave at once.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != server {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
+    let server = nix::unistd::getpid();
+    // PDEATHSIG survives the exec (not setuid), so the sandbox dies with the server even if
+    // the server dies before sandbox_main runs; if the server died between fork and prctl
+    // (getppid changed), no signal will come: leave at once. (Not through an error: std
+    // would report it on a pipe whose reader is gone, and abort.)
+    let tie_to_server = move || {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+        if nix::unistd::getppid() != server {
+            // SAFETY: _exit takes a plain integer, touches no memory of ours and never
+            // returns; neither nix nor rustix wrap it.
+            unsafe { libc::_exit(1) }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec in a copy of a multi-threaded process:
+    // it only makes the prctl and getppid system calls (async-signal-safe), allocates
+    // nothing (errors are raw errno values) and takes no lock.
+    unsafe { cmd.pre_exec(tie_to_server) };
     Ok(cmd)
 }
 
@@ -158,19 +161,27 @@ pub async fn spawn_shell(spec: &Spec, rows: u16, cols: u16) -> Result<Shell, Con
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let child_fd = theirs.as_raw_fd();
-    // SAFETY: only dup2/fcntl (async-signal-safe) after fork.
-    unsafe {
-        cmd.pre_exec(move || {
+    // The socket becomes the sandbox's fd 3, without close-on-exec.
+    let pass_socket = move || {
+        // SAFETY: plain fcntl/dup2 on descriptor numbers (no safe API duplicates onto a
+        // bare number): child_fd is `theirs`, open until spawn returns, so open in this
+        // forked copy too; the fd 3 that dup2 replaces is the child's own, and nothing in
+        // the child uses it before the exec.
+        let r = unsafe {
             if child_fd == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            } else if libc::dup2(child_fd, 3) < 0 {
-                return Err(io::Error::last_os_error());
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(child_fd, 3)
             }
-            Ok(())
-        });
-    }
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec in a copy of a multi-threaded process: it
+    // only makes the fcntl or dup2 system call (async-signal-safe, no allocation, no lock).
+    unsafe { cmd.pre_exec(pass_socket) };
     let mut child = cmd.spawn().map_err(ContainerError::Spawn)?;
     drop(theirs);
     let std_sock = std::os::unix::net::UnixStream::from(ours);
@@ -183,7 +194,7 @@ pub async fn spawn_shell(spec: &Spec, rows: u16, cols: u16) -> Result<Shell, Con
         sock.readable()
             .await
             .map_err(|e| ContainerError::sys("socket", e))?;
-        match sock.try_io(tokio::io::Interest::READABLE, || recv_fd(sock.as_raw_fd())) {
+        match sock.try_io(tokio::io::Interest::READABLE, || recv_fd(&sock)) {
             Ok(fd) => break fd,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
@@ -210,22 +221,20 @@ pub async fn spawn_shell(spec: &Spec, rows: u16, cols: u16) -> Result<Shell, Con
     Ok(Shell { child, master })
 }
 
-fn recv_fd(sock: std::os::fd::RawFd) -> io::Result<OwnedFd> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    use std::os::fd::FromRawFd;
+fn recv_fd(sock: impl AsFd) -> io::Result<OwnedFd> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    use std::mem::MaybeUninit;
     let mut buf = [0u8; 1];
     let mut iov = [io::IoSliceMut::new(&mut buf)];
-    let mut cmsg = nix::cmsg_space!(std::os::fd::RawFd);
-    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(io::Error::from)?;
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+    let msg = recvmsg(sock, &mut iov, &mut cmsg, RecvFlags::CMSG_CLOEXEC)?;
     let mut got = None;
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(fds) = c {
+    for c in cmsg.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = c {
             for fd in fds {
-                // SAFETY: the kernel just gave us this fd.
-                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
                 if got.is_none() {
-                    got = Some(owned);
+                    got = Some(fd);
                 }
             }
         }
@@ -274,60 +283,30 @@ pub fn check_emulation(
     )
 }
 
-/// OCI architecture name of a Rust `std::env::consts::ARCH`.
-fn oci_arch(host: &str) -> &str {
-    match host {
-        "x86_64" => "amd64",
-        "x86" => "386",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        "powerpc64" => "ppc64le",
-        "s390x" => "s390x",
-        "riscv64" => "riscv64",
-        "mips64" => "mips64le",
-        other => other,
-    }
-}
-
-fn qemu_name(oci: &str) -> Option<&'static str> {
-    Some(match oci {
-        "amd64" => "x86_64",
-        "386" => "i386",
-        "arm64" => "aarch64",
-        "arm" => "arm",
-        "ppc64le" => "ppc64le",
-        "s390x" => "s390x",
-        "riscv64" => "riscv64",
-        "mips64le" => "mips64el",
-        _ => return None,
-    })
-}
-
 pub(crate) fn check_emulation_in(
     image_arch: &str,
     image_variant: Option<&str>,
     host_arch: &str,
     binfmt_dir: &Path,
 ) -> Result<(), ContainerError> {
-    let host_oci = oci_arch(host_arch);
-    if image_arch == host_oci {
-        return Ok(());
-    }
-    // 64-bit hosts run their 32-bit siblings natively (arm64 runs armv7/armv6 code only
-    // with the CPU's aarch32 support, which is not guaranteed: go through qemu there).
-    if host_oci == "amd64" && image_arch == "386" {
-        return Ok(());
+    match Arch::from_machine(host_arch) {
+        // 64-bit hosts run their 32-bit siblings natively (see `Arch::also_runs`).
+        Some(host) if host.runs_natively(image_arch) => return Ok(()),
+        Some(_) => {}
+        // A host walt has no name for runs what is named like it.
+        None if image_arch == host_arch => return Ok(()),
+        None => {}
     }
     let shown = match image_variant {
         Some(v) if !v.is_empty() => format!("{image_arch}/{v}"),
         _ => image_arch.to_string(),
     };
-    let Some(q) = qemu_name(image_arch) else {
+    let Some(image) = Arch::from_oci(image_arch) else {
         return Err(ContainerError::Emulation(format!(
             "image is {shown} but this server is {host_arch}, and there is no known qemu-user emulator for {image_arch}"
         )));
     };
-    let handler = format!("qemu-{q}");
+    let handler = image.qemu_handler();
     let fix = format!(
         "install qemu-user-static and binfmt-support (apt-get install qemu-user-static binfmt-support), then run update-binfmts --enable {handler}"
     );
@@ -383,6 +362,26 @@ mod tests {
             .to_string();
         assert!(e.contains("image is arm/v7"), "{e}");
         assert!(e.contains("update-binfmts --enable qemu-arm"), "{e}");
+    }
+
+    #[test]
+    fn native_siblings_and_unknown_arches() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(check_emulation_in("386", None, "x86_64", d.path()).is_ok());
+        let e = check_emulation_in("amd64", None, "x86", d.path()).unwrap_err();
+        assert!(
+            e.to_string().contains("qemu-x86_64 is not registered"),
+            "{e}"
+        );
+        let e = check_emulation_in("arm", Some("v7"), "aarch64", d.path()).unwrap_err();
+        assert!(e.to_string().contains("qemu-arm is not registered"), "{e}");
+        // A host walt has no table entry for runs images of its own name.
+        assert!(check_emulation_in("sparc64", None, "sparc64", d.path()).is_ok());
+        let e = check_emulation_in("wasm", None, "x86_64", d.path()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "image is wasm but this server is x86_64, and there is no known qemu-user emulator for wasm"
+        );
     }
 
     #[test]

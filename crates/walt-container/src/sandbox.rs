@@ -1,12 +1,23 @@
 //! The re-exec'd side: `<exe> __walt-sandbox <spec-json>`.
 //!
 //! This process is single-threaded (it is a fresh exec), so fork is safe here.
+//! System calls go through `nix` and `rustix` (the new mount API, capabilities, pty,
+//! wait statuses); `unsafe` is left where no safe wrapper exists: fork, a signal handler,
+//! SIG_DFL, close_range and _exit.
 
-use std::ffi::{CString, OsStr};
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ffi::{CStr, CString, OsStr};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::stat::Mode;
+use rustix::io::Errno;
+use rustix::thread::CapabilitySet;
 
 use crate::{ContainerError, Job, MAX_LAYERS, MOUNT_POINTS, Spec, WINSIZE_ENV};
 
@@ -15,29 +26,35 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 
 /// Capabilities kept in the bounding set: podman's current defaults (containers.conf
 /// `default_capabilities`), which no longer include NET_RAW and AUDIT_WRITE.
-const KEEP_CAPS: &[u32] = &[
-    0,  // CHOWN
-    1,  // DAC_OVERRIDE
-    3,  // FOWNER
-    4,  // FSETID
-    5,  // KILL
-    6,  // SETGID
-    7,  // SETUID
-    8,  // SETPCAP
-    10, // NET_BIND_SERVICE
-    18, // SYS_CHROOT
-    31, // SETFCAP
-];
+const KEEP_CAPS: CapabilitySet = CapabilitySet::CHOWN
+    .union(CapabilitySet::DAC_OVERRIDE)
+    .union(CapabilitySet::FOWNER)
+    .union(CapabilitySet::FSETID)
+    .union(CapabilitySet::KILL)
+    .union(CapabilitySet::SETGID)
+    .union(CapabilitySet::SETUID)
+    .union(CapabilitySet::SETPCAP)
+    .union(CapabilitySet::NET_BIND_SERVICE)
+    .union(CapabilitySet::SYS_CHROOT)
+    .union(CapabilitySet::SETFCAP);
 
 type Result<T> = std::result::Result<T, ContainerError>;
+
+/// `ContainerError::Sys` naming what failed, for the errors of std, nix and rustix.
+trait OrSys<T> {
+    fn or_sys(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: Into<io::Error>> OrSys<T> for std::result::Result<T, E> {
+    fn or_sys(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| ContainerError::sys(what(), e.into()))
+    }
+}
 
 /// Entry point of the sandbox process; never returns. Errors go to stderr as one line,
 /// exit status 1; otherwise the exit status is the job's (128+signal when killed).
 pub fn sandbox_main() -> ! {
-    // SAFETY: plain prctl.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-    }
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     let code = match run() {
         Ok(code) => code,
         Err(e) => {
@@ -52,21 +69,17 @@ fn one_line(s: &str) -> String {
     s.replace('\n', " ")
 }
 
-fn last_err() -> io::Error {
-    io::Error::last_os_error()
+/// `_exit(2)`: leaves at once, without exit handlers or flushing stdio buffers (which a
+/// forked copy of this process must not flush twice).
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit takes a plain integer, touches no memory of ours and never returns;
+    // neither nix nor rustix wrap it.
+    unsafe { libc::_exit(code) }
 }
 
 fn cstr(p: impl AsRef<OsStr>) -> Result<CString> {
     CString::new(p.as_ref().as_bytes())
         .map_err(|_| ContainerError::Job(format!("path with a NUL byte: {:?}", p.as_ref())))
-}
-
-fn check(r: libc::c_int, what: impl FnOnce() -> String) -> Result<libc::c_int> {
-    if r < 0 {
-        Err(ContainerError::sys(what(), last_err()))
-    } else {
-        Ok(r)
-    }
 }
 
 fn run() -> Result<i32> {
@@ -84,25 +97,21 @@ fn run() -> Result<i32> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/"));
 
-    // SAFETY: plain syscalls on our own process.
-    unsafe {
-        check(
-            libc::unshare(
-                libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC,
-            ),
-            || "unshare(mount, pid, uts, ipc namespaces)".into(),
-        )?;
-        check(
-            libc::mount(
-                c"none".as_ptr(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ),
-            || "making / private in the sandbox".into(),
-        )?;
-    }
+    nix::sched::unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC,
+    )
+    .or_sys(|| "unshare(mount, pid, uts, ipc namespaces)".into())?;
+    nix::mount::mount(
+        Some("none"),
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .or_sys(|| "making / private in the sandbox".into())?;
     mount_overlay(&spec, &session)?;
 
     match &spec.job {
@@ -122,28 +131,14 @@ fn run() -> Result<i32> {
 
 fn enter_chroot(merged: &Path) -> Result<()> {
     let m = cstr(merged)?;
-    // SAFETY: plain syscalls.
-    unsafe {
-        check(libc::chroot(m.as_ptr()), || {
-            format!("chroot {}", merged.display())
-        })?;
-        check(libc::chdir(c"/".as_ptr()), || "chdir /".into())?;
-        libc::umask(0o022);
-    }
+    nix::unistd::chroot(m.as_c_str()).or_sys(|| format!("chroot {}", merged.display()))?;
+    nix::unistd::chdir("/").or_sys(|| "chdir /".into())?;
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
 // overlay
-
-const FSOPEN_CLOEXEC: libc::c_uint = 1;
-const FSCONFIG_SET_STRING: libc::c_uint = 1;
-const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
-/// fsmount attr flag: device nodes of the image (layers, or created by a TarIn job from a
-/// client's archive) must not give access to host devices.
-const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
 
 const OVERLAY_OPTS: &[(&str, &str)] = &[
     ("redirect_dir", "off"),
@@ -196,119 +191,89 @@ fn overlay_err(spec: &Spec, msg: String) -> ContainerError {
 }
 
 /// Messages the kernel logged on an fs context ("e overlayfs: ...").
-fn fs_log(fd: RawFd) -> String {
+fn fs_log(fs: &OwnedFd) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 1024];
-    loop {
-        // SAFETY: reading into a local buffer.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            break;
-        }
-        out.push(
-            String::from_utf8_lossy(&buf[..n as usize])
-                .trim()
-                .to_string(),
-        );
+    while let Ok(n @ 1..) = rustix::io::read(fs, &mut buf) {
+        out.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
     }
     out.join("; ")
 }
 
 /// New mount API; Ok(false) when it is not available (fall back to mount(2)).
 fn overlay_new_api(spec: &Spec, layers: &[PathBuf]) -> Result<bool> {
-    // SAFETY: raw syscalls with valid NUL-terminated strings; fds are wrapped at once.
-    unsafe {
-        let fd = libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC);
-        if fd < 0 {
-            let e = last_err();
-            if e.raw_os_error() == Some(libc::ENOSYS) {
-                return Ok(false);
-            }
-            return Err(overlay_err(spec, format!("fsopen(overlay): {e}")));
-        }
-        let fs = OwnedFd::from_raw_fd(fd as RawFd);
-        let set = |key: &str, val: &OsStr| -> std::result::Result<(), io::Error> {
-            let k = CString::new(key).map_err(io::Error::other)?;
-            let v = CString::new(val.as_bytes()).map_err(io::Error::other)?;
-            let r = libc::syscall(
-                libc::SYS_fsconfig,
-                fs.as_raw_fd(),
-                FSCONFIG_SET_STRING,
-                k.as_ptr(),
-                v.as_ptr(),
-                0,
-            );
-            if r < 0 { Err(last_err()) } else { Ok(()) }
-        };
-        // lowerdir+ appends below the previous ones: top layer first.
-        for (i, l) in layers.iter().rev().enumerate() {
-            if let Err(e) = set("lowerdir+", l.as_os_str()) {
-                if i == 0 && e.raw_os_error() == Some(libc::EINVAL) {
-                    // kernel < 6.8: no lowerdir+
-                    let _ = fs_log(fs.as_raw_fd());
-                    return Ok(false);
-                }
-                return Err(ContainerError::Layer {
-                    layer: l.clone(),
-                    msg: format!("overlay lowerdir: {e} {}", fs_log(fs.as_raw_fd())),
-                });
-            }
-        }
-        let mut opts: Vec<(&str, &OsStr)> = vec![
-            ("upperdir", spec.upper.as_os_str()),
-            ("workdir", spec.work.as_os_str()),
-        ];
-        opts.extend(OVERLAY_OPTS.iter().map(|(k, v)| (*k, OsStr::new(v))));
-        for (k, v) in opts {
-            set(k, v).map_err(|e| {
-                overlay_err(
-                    spec,
-                    format!(
-                        "{k}={}: {e} {}",
-                        Path::new(v).display(),
-                        fs_log(fs.as_raw_fd())
-                    ),
-                )
-            })?;
-        }
-        let r = libc::syscall(
-            libc::SYS_fsconfig,
-            fs.as_raw_fd(),
-            FSCONFIG_CMD_CREATE,
-            std::ptr::null::<libc::c_char>(),
-            std::ptr::null::<libc::c_char>(),
-            0,
-        );
-        if r < 0 {
-            let e = last_err();
+    use rustix::mount::{
+        FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create,
+        fsconfig_set_string, fsmount, fsopen, move_mount,
+    };
+    let fs = match fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
+        Ok(fs) => fs,
+        Err(Errno::NOSYS) => return Ok(false),
+        Err(e) => {
             return Err(overlay_err(
                 spec,
-                format!("{e} {}", fs_log(fs.as_raw_fd())).trim().to_string(),
+                format!("fsopen(overlay): {}", io::Error::from(e)),
             ));
         }
-        let m = libc::syscall(
-            libc::SYS_fsmount,
-            fs.as_raw_fd(),
-            FSMOUNT_CLOEXEC,
-            MOUNT_ATTR_NODEV,
-        );
-        if m < 0 {
-            return Err(overlay_err(spec, format!("fsmount: {}", last_err())));
-        }
-        let mnt = OwnedFd::from_raw_fd(m as RawFd);
-        let target = cstr(&spec.merged)?;
-        let r = libc::syscall(
-            libc::SYS_move_mount,
-            mnt.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            target.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        );
-        if r < 0 {
-            return Err(overlay_err(spec, format!("move_mount: {}", last_err())));
+    };
+    let set = |key: &str, val: &OsStr| fsconfig_set_string(&fs, key, val);
+    // lowerdir+ appends below the previous ones: top layer first.
+    for (i, l) in layers.iter().rev().enumerate() {
+        if let Err(e) = set("lowerdir+", l.as_os_str()) {
+            if i == 0 && e == Errno::INVAL {
+                // kernel < 6.8: no lowerdir+
+                let _ = fs_log(&fs);
+                return Ok(false);
+            }
+            return Err(ContainerError::Layer {
+                layer: l.clone(),
+                msg: format!("overlay lowerdir: {} {}", io::Error::from(e), fs_log(&fs)),
+            });
         }
     }
+    let mut opts: Vec<(&str, &OsStr)> = vec![
+        ("upperdir", spec.upper.as_os_str()),
+        ("workdir", spec.work.as_os_str()),
+    ];
+    opts.extend(OVERLAY_OPTS.iter().map(|(k, v)| (*k, OsStr::new(v))));
+    for (k, v) in opts {
+        set(k, v).map_err(|e| {
+            overlay_err(
+                spec,
+                format!(
+                    "{k}={}: {} {}",
+                    Path::new(v).display(),
+                    io::Error::from(e),
+                    fs_log(&fs)
+                ),
+            )
+        })?;
+    }
+    fsconfig_create(&fs).map_err(|e| {
+        overlay_err(
+            spec,
+            format!("{} {}", io::Error::from(e), fs_log(&fs))
+                .trim()
+                .to_string(),
+        )
+    })?;
+    // MOUNT_ATTR_NODEV: device nodes of the image (layers, or created by a TarIn job from
+    // a client's archive) must not give access to host devices.
+    let mnt = fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_NODEV,
+    )
+    .map_err(|e| overlay_err(spec, format!("fsmount: {}", io::Error::from(e))))?;
+    let target = cstr(&spec.merged)?;
+    move_mount(
+        &mnt,
+        c"",
+        rustix::fs::CWD,
+        target.as_c_str(),
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| overlay_err(spec, format!("move_mount: {}", io::Error::from(e))))?;
     Ok(true)
 }
 
@@ -356,71 +321,66 @@ fn overlay_classic(spec: &Spec, layers: &[PathBuf]) -> Result<()> {
     let c_common = cstr(&common)?;
     let target = cstr(&spec.merged)?;
     let c_data = CString::new(data).map_err(|e| overlay_err(spec, e.to_string()))?;
-    // SAFETY: plain syscalls with valid strings.
-    unsafe {
-        check(libc::chdir(c_common.as_ptr()), || {
-            format!("chdir {}", common.display())
-        })?;
-        let r = libc::mount(
-            c"overlay".as_ptr(),
-            target.as_ptr(),
-            c"overlay".as_ptr(),
-            libc::MS_NODEV,
-            c_data.as_ptr().cast(),
-        );
-        let e = last_err();
-        libc::chdir(c"/".as_ptr());
-        if r < 0 {
-            return Err(overlay_err(spec, e.to_string()));
-        }
-    }
-    Ok(())
+    nix::unistd::chdir(c_common.as_c_str()).or_sys(|| format!("chdir {}", common.display()))?;
+    let r = nix::mount::mount(
+        Some(c"overlay"),
+        target.as_c_str(),
+        Some(c"overlay"),
+        MsFlags::MS_NODEV,
+        Some(c_data.as_c_str()),
+    );
+    let _ = nix::unistd::chdir("/");
+    r.map_err(|e| overlay_err(spec, io::Error::from(e).to_string()))
 }
 
 // ---------------------------------------------------------------------------------------
 // Shell / Exec: a pid namespace with a tiny init
 
-fn wait_status(pid: libc::pid_t) -> i32 {
-    let mut status = 0;
-    loop {
-        // SAFETY: waiting for our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            return decode_status(status);
-        }
-        if r < 0 && last_err().raw_os_error() != Some(libc::EINTR) {
-            return 1;
-        }
-    }
-}
-
-fn decode_status(status: libc::c_int) -> i32 {
-    if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else if libc::WIFSIGNALED(status) {
-        128 + libc::WTERMSIG(status)
+/// The exit status of a job: its code, or 128+signal when a signal killed it.
+fn decode_status(status: rustix::process::WaitStatus) -> i32 {
+    if let Some(code) = status.exit_status() {
+        code
+    } else if let Some(sig) = status.terminating_signal() {
+        128 + sig
     } else {
         1
     }
 }
 
+/// Waits for child `pid` to end; Err on a wait error other than EINTR.
+fn wait_child(pid: i32) -> std::result::Result<i32, Errno> {
+    use rustix::process::{Pid, WaitOptions, waitpid};
+    let Some(want) = Pid::from_raw(pid) else {
+        return Err(Errno::CHILD);
+    };
+    loop {
+        match waitpid(Some(want), WaitOptions::empty()) {
+            Ok(Some((p, status))) if p == want => return Ok(decode_status(status)),
+            Ok(_) | Err(Errno::INTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// pid 1 of the sandbox's pid namespace, for the SIGTERM handler.
-static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+static CHILD: AtomicI32 = AtomicI32::new(0);
 
 /// SIGTERM in the outer sandbox process: SIGKILL the namespace's pid 1 (which takes every
 /// process of the namespace with it); the parent then reaps it and exits, so that when the
 /// server's wait() returns, nothing of the sandbox is left. Async-signal-safe only.
 extern "C" fn on_sigterm(_: libc::c_int) {
-    let pid = CHILD.load(std::sync::atomic::Ordering::SeqCst);
+    let pid = CHILD.load(Ordering::SeqCst);
     if pid > 0 {
-        // SAFETY: kill is async-signal-safe.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 
 fn run_container(spec: &Spec, session: &Path) -> Result<i32> {
+    use nix::fcntl::OFlag;
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::signal::{SaFlags, SigAction, sigaction};
+    use nix::unistd::{ForkResult, fork};
+
     // DNS: a copy of the host's resolv.conf in the session dir, bind-mounted later.
     let resolv = match std::fs::read("/etc/resolv.conf") {
         Ok(content) => {
@@ -434,66 +394,44 @@ fn run_container(spec: &Spec, session: &Path) -> Result<i32> {
     // A pipe whose write end only this process holds: the child sees EOF on it once we are
     // gone. (The child is pid 1 of a new pid namespace, where getppid() is always 0, so it
     // cannot compare its parent's pid.)
-    let mut alive = [0 as RawFd; 2];
-    // SAFETY: pipe2 into a local array; the fds are wrapped at once.
-    let (alive_r, alive_w) = unsafe {
-        check(libc::pipe2(alive.as_mut_ptr(), libc::O_CLOEXEC), || {
-            "pipe".into()
-        })?;
-        (
-            OwnedFd::from_raw_fd(alive[0]),
-            OwnedFd::from_raw_fd(alive[1]),
-        )
-    };
+    let (alive_r, alive_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).or_sys(|| "pipe".into())?;
     // SIGTERM (the server stopping the session) is blocked across the fork: the parent
     // handles it once it knows the child's pid, the child gets the default back.
-    // SAFETY: sigset manipulation on local structs.
-    let old_mask = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
-        old
-    };
-    // SAFETY: this process is single-threaded.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(ContainerError::sys("fork", last_err()));
-    }
-    if pid > 0 {
+    let mut old_mask = SigSet::empty();
+    sigprocmask(
+        SigmaskHow::SIG_BLOCK,
+        Some(&SigSet::from(Signal::SIGTERM)),
+        Some(&mut old_mask),
+    )
+    .or_sys(|| "blocking SIGTERM".into())?;
+    // SAFETY: this process is single-threaded (a fresh exec that started no thread), so
+    // the child may run any code, allocation included.
+    let forked = unsafe { fork() }.or_sys(|| "fork".into())?;
+    if let ForkResult::Parent { child } = forked {
         drop(alive_r);
-        // SAFETY: installing an async-signal-safe handler, then restoring the mask.
-        unsafe {
-            CHILD.store(pid, std::sync::atomic::Ordering::SeqCst);
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_sigterm as *const () as libc::sighandler_t;
-            libc::sigemptyset(&mut sa.sa_mask);
-            // No SA_RESTART: waitpid returns EINTR and is simply retried.
-            sa.sa_flags = 0;
-            libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
-            libc::sigprocmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut());
-        }
-        let status = wait_status(pid);
+        CHILD.store(child.as_raw(), Ordering::SeqCst);
+        // No SA_RESTART: waitpid returns EINTR and is simply retried.
+        let on_term = SigAction::new(
+            SigHandler::Handler(on_sigterm),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: on_sigterm is async-signal-safe: it loads an atomic and calls kill(2).
+        let _ = unsafe { sigaction(Signal::SIGTERM, &on_term) };
+        let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+        let status = wait_child(child.as_raw()).unwrap_or(1);
         drop(alive_w);
         return Ok(status);
     }
     // pid 1 of the new pid namespace.
     drop(alive_w);
-    // SAFETY: plain prctl, poll and sigprocmask on our own fds / process.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        // The parent may have died between fork and prctl: then no signal would come.
-        let mut pfd = libc::pollfd {
-            fd: alive_r.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        if libc::poll(&mut pfd, 1, 0) != 0 {
-            libc::_exit(1);
-        }
-        libc::sigprocmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut());
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // The parent may have died between fork and prctl: then no signal would come.
+    let mut alive = [PollFd::new(alive_r.as_fd(), PollFlags::POLLIN)];
+    if !matches!(poll(&mut alive, PollTimeout::ZERO), Ok(0)) {
+        exit_now(1);
     }
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
     drop(alive_r);
     let code = match init(spec, resolv.as_deref()) {
         Ok(code) => code,
@@ -509,7 +447,7 @@ fn mount(
     src: &str,
     target: &Path,
     fstype: Option<&str>,
-    flags: libc::c_ulong,
+    flags: MsFlags,
     data: Option<&str>,
 ) -> Result<()> {
     let err = |source: io::Error| ContainerError::Mount {
@@ -527,19 +465,14 @@ fn mount(
         .map(CString::new)
         .transpose()
         .map_err(|e| err(io::Error::other(e)))?;
-    // SAFETY: valid NUL-terminated strings or NULL.
-    let r = unsafe {
-        libc::mount(
-            c_src.as_ptr(),
-            c_target.as_ptr(),
-            c_type.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
-            flags,
-            c_data
-                .as_ref()
-                .map_or(std::ptr::null(), |c| c.as_ptr().cast()),
-        )
-    };
-    if r < 0 { Err(err(last_err())) } else { Ok(()) }
+    nix::mount::mount(
+        Some(c_src.as_c_str()),
+        c_target.as_c_str(),
+        c_type.as_deref(),
+        flags,
+        c_data.as_deref(),
+    )
+    .map_err(|e| err(e.into()))
 }
 
 /// Parts of /proc that reach the host kernel: the sandbox runs as real root (no user
@@ -551,19 +484,19 @@ const PROC_MASKED: &[&str] = &["kcore", "keys", "timer_list", "sched_debug", "ac
 /// Make the host-wide parts of a freshly mounted procfs read-only or masked; what this
 /// kernel does not have is skipped.
 fn harden_proc(proc: &Path) -> Result<()> {
-    let common = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     for name in PROC_READONLY {
         let p = proc.join(name);
         if std::fs::symlink_metadata(&p).is_err() {
             continue;
         }
         let s = p.to_string_lossy();
-        mount(&s, &p, None, libc::MS_BIND | libc::MS_REC, None)?;
+        mount(&s, &p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
         mount(
             &s,
             &p,
             None,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | common,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | common,
             None,
         )?;
     }
@@ -575,17 +508,17 @@ fn harden_proc(proc: &Path) -> Result<()> {
                 "tmpfs",
                 &p,
                 Some("tmpfs"),
-                libc::MS_RDONLY | common,
+                MsFlags::MS_RDONLY | common,
                 Some("size=0,mode=555"),
             )?,
             Ok(_) => {
                 // Still the host's /dev/null: this runs before pivot_root.
-                mount("/dev/null", &p, None, libc::MS_BIND, None)?;
+                mount("/dev/null", &p, None, MsFlags::MS_BIND, None)?;
                 mount(
                     "/dev/null",
                     &p,
                     None,
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | common,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | common,
                     None,
                 )?;
             }
@@ -608,7 +541,7 @@ fn symlink(target: &str, link: &Path) -> Result<()> {
 }
 
 fn setup_dev(dev: &Path) -> Result<()> {
-    let nosuid_noexec = libc::MS_NOSUID | libc::MS_NOEXEC;
+    let nosuid_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     mount(
         "tmpfs",
         dev,
@@ -624,22 +557,15 @@ fn setup_dev(dev: &Path) -> Result<()> {
         ("urandom", 1, 9),
         ("tty", 5, 0),
     ] {
+        use nix::sys::stat::{SFlag, makedev, mknod};
+        use std::os::unix::fs::PermissionsExt;
         let p = dev.join(name);
         let c = cstr(&p)?;
-        // SAFETY: plain syscalls.
-        unsafe {
-            check(
-                libc::mknod(
-                    c.as_ptr(),
-                    libc::S_IFCHR | 0o666,
-                    libc::makedev(major, minor),
-                ),
-                || format!("mknod {}", p.display()),
-            )?;
-            check(libc::chmod(c.as_ptr(), 0o666), || {
-                format!("chmod {}", p.display())
-            })?;
-        }
+        let rw = Mode::from_bits_truncate(0o666);
+        mknod(c.as_c_str(), SFlag::S_IFCHR, rw, makedev(major, minor))
+            .or_sys(|| format!("mknod {}", p.display()))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666))
+            .or_sys(|| format!("chmod {}", p.display()))?;
     }
     let pts = dev.join("pts");
     mkdir(&pts, 0o755)?;
@@ -657,7 +583,7 @@ fn setup_dev(dev: &Path) -> Result<()> {
         "shm",
         &shm,
         Some("tmpfs"),
-        nosuid_noexec | libc::MS_NODEV,
+        nosuid_noexec | MsFlags::MS_NODEV,
         Some("mode=1777,size=65536k"),
     )?;
     symlink("/proc/self/fd", &dev.join("fd"))?;
@@ -672,139 +598,78 @@ fn setup_dev(dev: &Path) -> Result<()> {
 fn bind_resolv(merged: &Path, resolv: &Path) -> Result<()> {
     let root = std::fs::File::open(merged)
         .map_err(|e| ContainerError::sys(format!("open {}", merged.display()), e))?;
-    // SAFETY: open_how is plain data; zeroed is valid.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: valid pointers and size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            c"etc/resolv.conf".as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let Ok(target) = openat2(&root, c"etc/resolv.conf", how) else {
+        return Ok(());
     };
-    if fd < 0 {
-        return Ok(());
-    }
-    // SAFETY: the kernel just gave us this fd.
-    let target = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat into a local struct.
-    if unsafe { libc::fstat(target.as_raw_fd(), &mut st) } < 0
-        || st.st_mode & libc::S_IFMT != libc::S_IFREG
-    {
-        return Ok(());
+    match nix::sys::stat::fstat(&target) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {}
+        _ => return Ok(()),
     }
     let src = resolv.to_string_lossy();
     mount(
         &src,
         Path::new(&format!("/proc/self/fd/{}", target.as_raw_fd())),
         None,
-        libc::MS_BIND,
+        MsFlags::MS_BIND,
         None,
     )
 }
 
 fn pivot(merged: &Path) -> Result<()> {
+    use nix::unistd::chdir;
     let m = cstr(merged)?;
-    // SAFETY: plain syscalls. pivot_root(".", ".") stacks the old root on top of the new
-    // one; detaching it leaves the image as the root, without a put_old dir in the image.
-    unsafe {
-        check(libc::chdir(m.as_ptr()), || {
-            format!("chdir {}", merged.display())
-        })?;
-        let r = libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr());
-        if r < 0 {
-            return Err(ContainerError::sys(
-                format!("pivot_root {}", merged.display()),
-                last_err(),
-            ));
-        }
-        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH), || {
-            "detaching the old root".into()
-        })?;
-        check(libc::chdir(c"/".as_ptr()), || "chdir /".into())?;
-    }
+    chdir(m.as_c_str()).or_sys(|| format!("chdir {}", merged.display()))?;
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves
+    // the image as the root, without a put_old dir in the image.
+    nix::unistd::pivot_root(".", ".").or_sys(|| format!("pivot_root {}", merged.display()))?;
+    nix::mount::umount2(".", MntFlags::MNT_DETACH).or_sys(|| "detaching the old root".into())?;
+    chdir("/").or_sys(|| "chdir /".into())?;
     Ok(())
 }
 
 fn drop_caps() -> Result<()> {
+    use rustix::thread::{
+        capabilities, clear_ambient_capability_set, remove_capability_from_bounding_set,
+        set_capabilities,
+    };
     let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(63);
-    for cap in 0..=last {
-        if KEEP_CAPS.contains(&cap) {
+    // Capabilities past 63 do not exist (a capability set has 64 bits).
+    for cap in 0..=last.min(63) {
+        let one = CapabilitySet::from_bits_retain(1 << cap);
+        if KEEP_CAPS.contains(one) {
             continue;
         }
-        // SAFETY: plain prctl.
-        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        if r < 0 && last_err().raw_os_error() != Some(libc::EINVAL) {
-            return Err(ContainerError::sys(
-                format!("dropping capability {cap}"),
-                last_err(),
-            ));
+        match remove_capability_from_bounding_set(one) {
+            // EINVAL: not a capability of this kernel.
+            Ok(()) | Err(Errno::INVAL) => {}
+            Err(e) => {
+                return Err(ContainerError::sys(
+                    format!("dropping capability {cap}"),
+                    e.into(),
+                ));
+            }
         }
     }
-    // SAFETY: plain prctl.
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        );
-    }
+    let _ = clear_ambient_capability_set();
     // The inheritable set also feeds root's caps at exec: keep only the allowed ones.
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut hdr = Header {
-        version: 0x2008_0522,
-        pid: 0,
-    };
-    let mut data = [Data::default(); 2];
-    let mut keep = [0u32; 2];
-    for c in KEEP_CAPS {
-        keep[(c / 32) as usize] |= 1 << (c % 32);
-    }
-    // SAFETY: capget/capset with v3 header and two data structs.
-    unsafe {
-        if libc::syscall(libc::SYS_capget, &mut hdr as *mut Header, data.as_mut_ptr()) == 0 {
-            for i in 0..2 {
-                data[i].inheritable &= keep[i];
-            }
-            if libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) < 0 {
-                return Err(ContainerError::sys("capset", last_err()));
-            }
-        }
+    if let Ok(mut sets) = capabilities(None) {
+        sets.inheritable &= KEEP_CAPS;
+        set_capabilities(None, sets).or_sys(|| "capset".into())?;
     }
     Ok(())
 }
 
 /// pid 1: set up the container, start the job, reap zombies, exit with the job's status.
 fn init(spec: &Spec, resolv: Option<&Path>) -> Result<i32> {
-    // SAFETY: plain syscalls.
-    unsafe {
-        libc::umask(0);
-        check(
-            libc::sethostname(HOSTNAME.as_ptr().cast(), HOSTNAME.len()),
-            || "sethostname".into(),
-        )?;
-    }
+    nix::sys::stat::umask(Mode::empty());
+    nix::unistd::sethostname(HOSTNAME).or_sys(|| "sethostname".into())?;
     let merged = &spec.merged;
     for name in MOUNT_POINTS {
         let p = merged.join(name);
@@ -819,14 +684,14 @@ fn init(spec: &Spec, resolv: Option<&Path>) -> Result<i32> {
             Err(_) => mkdir(&p, if *name == "tmp" { 0o1777 } else { 0o755 })?,
         }
     }
-    let common = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount("proc", &merged.join("proc"), Some("proc"), common, None)?;
     harden_proc(&merged.join("proc"))?;
     mount(
         "sysfs",
         &merged.join("sys"),
         Some("sysfs"),
-        common | libc::MS_RDONLY,
+        common | MsFlags::MS_RDONLY,
         None,
     )?;
     setup_dev(&merged.join("dev"))?;
@@ -834,10 +699,7 @@ fn init(spec: &Spec, resolv: Option<&Path>) -> Result<i32> {
         bind_resolv(merged, r)?;
     }
     pivot(merged)?;
-    // SAFETY: plain syscall.
-    unsafe {
-        libc::umask(0o022);
-    }
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
 
     let (prog, argv, env, cwd, pty) = match &spec.job {
         Job::Shell { term } => {
@@ -891,28 +753,25 @@ fn init(spec: &Spec, resolv: Option<&Path>) -> Result<i32> {
     };
     drop_caps()?;
 
-    // SAFETY: single-threaded process.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(ContainerError::sys("fork", last_err()));
-    }
-    if pid == 0 {
+    // SAFETY: this process is single-threaded (the outer sandbox process forked it, and it
+    // started no thread), so the child may run any code, allocation included.
+    let forked = unsafe { nix::unistd::fork() }.or_sys(|| "fork".into())?;
+    let nix::unistd::ForkResult::Parent { child } = forked else {
         exec_job(&c_prog, &c_argv, &c_env, &c_cwd, slave_name.as_deref());
-    }
+    };
     if let Some((master, _)) = pty {
         send_master(&master)?;
         drop(master);
     }
     // Reap everything; leave when the job exits (the kernel then kills the rest).
+    use rustix::process::{Pid, WaitOptions, wait};
+    let job = Pid::from_raw(child.as_raw());
     loop {
-        let mut status = 0;
-        // SAFETY: waiting for children.
-        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if r == pid {
-            return Ok(decode_status(status));
-        }
-        if r < 0 && last_err().raw_os_error() == Some(libc::ECHILD) {
-            return Ok(1);
+        // wait(): any child (rustix's waitpid(None) is only those of our process group).
+        match wait(WaitOptions::empty()) {
+            Ok(Some((p, status))) if Some(p) == job => return Ok(decode_status(status)),
+            Err(Errno::CHILD) => return Ok(1),
+            _ => {}
         }
     }
 }
@@ -932,121 +791,98 @@ fn find_program(name: &str, path: &str) -> Option<String> {
 }
 
 fn open_pty() -> Result<(OwnedFd, String)> {
-    // SAFETY: plain syscalls on fds we own.
-    unsafe {
-        let fd = check(
-            libc::open(
-                c"/dev/ptmx".as_ptr(),
-                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-            ),
-            || "open /dev/ptmx".into(),
-        )?;
-        let master = OwnedFd::from_raw_fd(fd);
-        check(libc::grantpt(fd), || "grantpt".into())?;
-        check(libc::unlockpt(fd), || "unlockpt".into())?;
-        let mut buf = [0 as libc::c_char; 128];
-        if libc::ptsname_r(fd, buf.as_mut_ptr(), buf.len()) != 0 {
-            return Err(ContainerError::sys("ptsname", last_err()));
-        }
-        let name = std::ffi::CStr::from_ptr(buf.as_ptr())
-            .to_string_lossy()
-            .into_owned();
-        let (rows, cols) = std::env::var(WINSIZE_ENV)
-            .ok()
-            .and_then(|s| {
-                let (r, c) = s.split_once(',')?;
-                Some((r.parse().ok()?, c.parse().ok()?))
-            })
-            .unwrap_or((24u16, 80u16));
-        let ws = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        check(libc::ioctl(fd, libc::TIOCSWINSZ, &ws), || {
-            "TIOCSWINSZ".into()
-        })?;
-        Ok((master, name))
-    }
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+        .or_sys(|| "open /dev/ptmx".into())?;
+    grantpt(&master).or_sys(|| "grantpt".into())?;
+    unlockpt(&master).or_sys(|| "unlockpt".into())?;
+    let name = ptsname(&master, Vec::new())
+        .or_sys(|| "ptsname".into())?
+        .to_string_lossy()
+        .into_owned();
+    let (rows, cols) = std::env::var(WINSIZE_ENV)
+        .ok()
+        .and_then(|s| {
+            let (r, c) = s.split_once(',')?;
+            Some((r.parse().ok()?, c.parse().ok()?))
+        })
+        .unwrap_or((24u16, 80u16));
+    let ws = rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    rustix::termios::tcsetwinsize(&master, ws).or_sys(|| "TIOCSWINSZ".into())?;
+    Ok((master, name))
 }
+
+/// The server's end of the socketpair it gives a Shell job as fd 3 (see `spawn_shell`).
+const SERVER_SOCKET: i32 = 3;
 
 fn send_master(master: &OwnedFd) -> Result<()> {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     let fds = [master.as_raw_fd()];
     let iov = [io::IoSlice::new(b"m")];
     let r = sendmsg::<()>(
-        3,
+        SERVER_SOCKET,
         &iov,
         &[ControlMessage::ScmRights(&fds)],
         MsgFlags::empty(),
         None,
     );
-    // SAFETY: fd 3 is the socket the server passed us; done with it.
-    unsafe {
-        libc::close(3);
-    }
+    // Done with the socket (nothing in this process owns it as an OwnedFd).
+    let _ = nix::unistd::close(SERVER_SOCKET);
     r.map_err(|e| ContainerError::sys("passing the pty master to the server (fd 3)", e.into()))?;
     Ok(())
 }
 
 /// In the forked job process: never returns.
-fn exec_job(
-    prog: &CString,
-    argv: &[CString],
-    env: &[CString],
-    cwd: &CString,
-    slave: Option<&std::ffi::CStr>,
-) -> ! {
-    // SAFETY: single-threaded child; plain syscalls, then exec or _exit.
-    unsafe {
-        let fail = |what: &str| -> ! {
-            let msg = format!("{what}: {}\n", last_err());
-            libc::write(2, msg.as_ptr().cast(), msg.len());
-            libc::_exit(127)
+fn exec_job(prog: &CStr, argv: &[CString], env: &[CString], cwd: &CStr, slave: Option<&CStr>) -> ! {
+    let fail = |what: &str, e: io::Error| -> ! {
+        let msg = format!("{what}: {e}\n");
+        let _ = io::stderr().write_all(msg.as_bytes());
+        exit_now(127)
+    };
+    // Rust ignores SIGPIPE; the job must get the default.
+    // SAFETY: SIG_DFL installs no handler: no code of ours runs on a signal.
+    let _ = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    if let Some(slave) = slave {
+        // fd 3 is the server socket: the shell must not keep it.
+        let _ = nix::unistd::close(SERVER_SOCKET);
+        if let Err(e) = nix::unistd::setsid() {
+            fail("setsid", e.into());
+        }
+        let fd = match nix::fcntl::open(slave, nix::fcntl::OFlag::O_RDWR, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) => fail("open pty slave", e.into()),
         };
-        // Rust ignores SIGPIPE; the job must get the default.
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        if slave.is_some() {
-            // fd 3 is the server socket: the shell must not keep it.
-            libc::close(3);
+        if let Err(e) = rustix::process::ioctl_tiocsctty(&fd) {
+            fail("TIOCSCTTY", e.into());
         }
-        if let Some(slave) = slave {
-            if libc::setsid() < 0 {
-                fail("setsid");
-            }
-            let fd = libc::open(slave.as_ptr(), libc::O_RDWR);
-            if fd < 0 {
-                fail("open pty slave");
-            }
-            if libc::ioctl(fd, libc::TIOCSCTTY, 0) < 0 {
-                fail("TIOCSCTTY");
-            }
-            for target in 0..3 {
-                libc::dup2(fd, target);
-            }
-            if fd > 2 {
-                libc::close(fd);
-            }
+        let _ = nix::unistd::dup2_stdin(&fd);
+        let _ = nix::unistd::dup2_stdout(&fd);
+        let _ = nix::unistd::dup2_stderr(&fd);
+        if fd.as_raw_fd() <= 2 {
+            // It is one of the job's stdio now: keep it open.
+            let _ = fd.into_raw_fd();
         }
-        // Nothing else leaks into the job.
+    }
+    // Nothing else leaks into the job.
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only marks descriptors (no wrapper in nix
+    // or rustix); it reads no memory of ours, and nothing here uses those fds after exec.
+    unsafe {
         libc::syscall(
             libc::SYS_close_range,
             3u32,
             u32::MAX,
-            4u32, /* CLOEXEC */
+            libc::CLOSE_RANGE_CLOEXEC,
         );
-        if libc::chdir(cwd.as_ptr()) < 0 {
-            fail(&format!("chdir {}", cwd.to_string_lossy()));
-        }
-        let mut a: Vec<*const libc::c_char> = argv.iter().map(|s| s.as_ptr()).collect();
-        a.push(std::ptr::null());
-        let mut e: Vec<*const libc::c_char> = env.iter().map(|s| s.as_ptr()).collect();
-        e.push(std::ptr::null());
-        libc::execve(prog.as_ptr(), a.as_ptr(), e.as_ptr());
-        fail(&prog.to_string_lossy())
     }
+    if let Err(e) = nix::unistd::chdir(cwd) {
+        fail(&format!("chdir {}", cwd.to_string_lossy()), e.into());
+    }
+    let Err(e) = nix::unistd::execve(prog, argv, env);
+    fail(&prog.to_string_lossy(), e.into())
 }

@@ -2,6 +2,7 @@
 //! models, labels, OCI documents and the server configuration model.
 //! Nothing here performs I/O.
 
+pub mod arch;
 pub mod config;
 pub mod digest;
 pub mod models;

@@ -194,16 +194,10 @@ impl ImageConfig {
     }
 }
 
-/// Maps a Rust/Linux machine name to the OCI architecture and variant.
+/// Maps a Rust/Linux machine name to the OCI architecture and variant
+/// ([`Arch`](crate::arch::Arch) table); `unknown` for a machine walt does not know.
 pub fn oci_arch(machine: &str) -> (&'static str, Option<&'static str>) {
-    match machine {
-        "x86_64" => ("amd64", None),
-        "aarch64" => ("arm64", Some("v8")),
-        "arm" | "armv7l" => ("arm", Some("v7")),
-        "x86" | "i686" | "i386" => ("386", None),
-        "riscv64" => ("riscv64", None),
-        _ => ("unknown", None),
-    }
+    crate::arch::Arch::from_machine(machine).map_or(("unknown", None), |a| (a.oci, a.variant))
 }
 
 /// Picks the manifest of an index to use: an exact architecture (and
@@ -270,6 +264,16 @@ mod tests {
         );
         assert!(pick_platform(&idx, "riscv64", None).is_none());
         assert!(ManifestDoc::parse(br#"{"schemaVersion":1,"fsLayers":[]}"#, None).is_err());
+    }
+
+    #[test]
+    fn machine_to_platform() {
+        assert_eq!(oci_arch("x86_64"), ("amd64", None));
+        assert_eq!(oci_arch("aarch64"), ("arm64", Some("v8")));
+        assert_eq!(oci_arch("armv7l"), ("arm", Some("v7")));
+        assert_eq!(oci_arch("i686"), ("386", None));
+        assert_eq!(oci_arch("riscv64"), ("riscv64", None));
+        assert_eq!(oci_arch("loongarch64"), ("unknown", None));
     }
 
     #[test]

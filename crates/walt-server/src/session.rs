@@ -248,8 +248,10 @@ impl Drop for Session {
 /// then SIGKILL if it has not exited within 5 s. Returns once it is reaped.
 pub async fn stop_sandbox(child: &mut tokio::process::Child) {
     if let Some(pid) = child.id() {
-        // SAFETY: signalling our own child, which is not reaped yet.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        // Our own child, not reaped yet: the pid is still its.
+        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
         if tokio::time::timeout(std::time::Duration::from_secs(5), child.wait())
             .await
             .is_ok()

@@ -3,7 +3,7 @@
 //! dialogue.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,13 +98,8 @@ struct Pty(AsyncFd<OwnedFd>);
 
 impl Pty {
     fn new(fd: OwnedFd) -> io::Result<Self> {
-        let raw = fd.as_raw_fd();
-        // SAFETY: fcntl on a descriptor we own.
-        let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
-        // SAFETY: as above.
-        if flags < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        use rustix::fs::{OFlags, fcntl_getfl, fcntl_setfl};
+        fcntl_setfl(&fd, fcntl_getfl(&fd)? | OFlags::NONBLOCK)?;
         // SAFETY: an OwnedFd stays open, and keeps its descriptor, for as
         // long as the AsyncFd that owns it.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| io::Error::other(e.to_string()))?;
@@ -115,15 +110,7 @@ impl Pty {
     async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.0.readable().await?;
-            match guard.try_io(|fd| {
-                // SAFETY: reading into a buffer we own, of its length.
-                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            }) {
+            match guard.try_io(|fd| Ok(rustix::io::read(fd, &mut *buf)?)) {
                 Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
                 Ok(r) => return r,
                 Err(_would_block) => continue,
@@ -134,15 +121,7 @@ impl Pty {
     async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let mut guard = self.0.writable().await?;
-            match guard.try_io(|fd| {
-                // SAFETY: writing from a buffer we own, of its length.
-                let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            }) {
+            match guard.try_io(|fd| Ok(rustix::io::write(fd, data)?)) {
                 Ok(Ok(n)) => data = &data[n..],
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
@@ -152,7 +131,7 @@ impl Pty {
     }
 
     fn resize(&self, size: &pb::WindowSize) {
-        let ws = libc::winsize {
+        let ws = rustix::termios::Winsize {
             ws_row: u16::try_from(size.rows).unwrap_or(u16::MAX),
             ws_col: u16::try_from(size.cols).unwrap_or(u16::MAX),
             ws_xpixel: 0,
@@ -161,9 +140,8 @@ impl Pty {
         if ws.ws_row == 0 || ws.ws_col == 0 {
             return;
         }
-        // SAFETY: TIOCSWINSZ reads a winsize we own; the kernel sends
-        // SIGWINCH to the terminal's foreground process group.
-        unsafe { libc::ioctl(self.0.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        // The kernel sends SIGWINCH to the terminal's foreground process group.
+        let _ = rustix::termios::tcsetwinsize(self.0.get_ref(), ws);
     }
 }
 
