@@ -220,7 +220,7 @@ fn ctrl_c_at_the_password_prompt_restores_the_terminal() {
     tmux.keys(&["Enter"]).unwrap();
     tmux.wait_line("the password question", |l| l.contains("Password for"))
         .unwrap();
-    tmux.text("half-typed").unwrap();
+    tmux.secret("half-typed").unwrap();
     tmux.keys(&["C-c"]).unwrap();
     assert_eq!(
         exit_status(dir.path(), &tmux),
