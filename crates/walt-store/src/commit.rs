@@ -25,8 +25,8 @@ use crate::Store;
 use crate::db::{ImageRecord, LayerRef, NewImage, PutOutcome};
 use crate::error::{IoContext, Result, StoreError};
 use crate::squash::{
-    OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, TreeForm, create_staging_blob, publish_blob,
-    publish_layer_dir, read_config, store_config_and_manifest, write_tree,
+    OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, create_staging_blob, layer_tree_options, publish_blob,
+    publish_layer_dir, read_config, store_config_and_manifest,
 };
 use crate::util::{
     BUF_SIZE, HashWriter, TmpPath, finish_digest, fsync_dir, now_secs, remove_any, rfc3339,
@@ -234,13 +234,10 @@ impl Store {
 
         // 2. The layer tar, hashed as it is written.
         let (blob_tmp, file) = create_staging_blob(inner)?;
-        let mut builder = tar::Builder::new(HashWriter::new(io::BufWriter::with_capacity(
-            BUF_SIZE, file,
-        )));
-        write_tree(&mut builder, upper, TreeForm::Overlay)
+        let out = HashWriter::new(io::BufWriter::with_capacity(BUF_SIZE, file));
+        let (w, _) = walt_tar::write_tree(out, upper, &layer_tree_options(true))
             .map_err(|e| fail(format!("writing the layer: {e}")))?;
         let io_err = |e: io::Error| StoreError::io_path("writing", blob_tmp.path(), e);
-        let w = builder.into_inner().map_err(io_err)?;
         let layer_size = w.count;
         let diff_id = finish_digest(w.hasher);
         let file = w.inner.into_inner().map_err(|e| io_err(e.into_error()))?;

@@ -32,6 +32,9 @@ pub enum Error {
     /// complete: "<dest>: No such file or directory").
     #[error("{0}")]
     Landing(String),
+    /// The archive holds no entry (`cp`: nothing to copy).
+    #[error("the archive is empty")]
+    Empty,
     /// Reading the tree to archive failed.
     #[error("{what} '{path}': {source}")]
     Tree {

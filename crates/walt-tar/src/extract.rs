@@ -142,6 +142,9 @@ pub struct ExtractOptions<'a> {
     /// How messages name the destination ("layer": "escapes the layer
     /// root", "is not in the layer").
     pub area: &'static str,
+    /// A non-directory entry replaces a directory of the same name (a
+    /// layer), instead of being refused (`cp`).
+    pub replace_dirs: bool,
 }
 
 impl Default for ExtractOptions<'_> {
@@ -155,6 +158,7 @@ impl Default for ExtractOptions<'_> {
             limit: None,
             skip_unknown: false,
             area: "destination",
+            replace_dirs: true,
         }
     }
 }
@@ -276,7 +280,7 @@ impl<'a> Extractor<'a> {
             self.stats.entries += 1;
         }
         if self.root.is_none() {
-            return Err(Error::Landing("the archive is empty".into()));
+            return Err(Error::Empty);
         }
         self.finish()?;
         Ok(self.stats)
@@ -539,6 +543,12 @@ impl<'a> Extractor<'a> {
             Err(e) => return Err(Error::fs("replacing", raw, e)),
         };
         if fsops::is_dir(&st) {
+            if !self.opts.replace_dirs {
+                return Err(Error::entry(
+                    raw,
+                    "cannot overwrite a directory with a non-directory",
+                ));
+            }
             let mut rel = dir_rel.to_vec();
             if !rel.is_empty() {
                 rel.push(b'/');

@@ -367,11 +367,10 @@ impl<W: Write> Builder<W> {
         self.out.write_all(&[0u8; BLOCK][..p as usize])
     }
 
-    /// Writes the end-of-archive marker (two zero blocks), flushes and
-    /// returns the output.
+    /// Writes the end-of-archive marker (two zero blocks) and returns the
+    /// output (not flushed).
     pub fn finish(mut self) -> io::Result<W> {
         self.out.write_all(&[0u8; 2 * BLOCK])?;
-        self.out.flush()?;
         Ok(self.out)
     }
 }
