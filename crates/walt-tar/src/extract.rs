@@ -198,7 +198,9 @@ pub struct Extractor<'a> {
     cache: Option<(Vec<u8>, File)>,
     dirs: Vec<DirMeta>,
     buf: Vec<u8>,
+    /// Reused buffers for directory keys (no allocation per entry).
     scratch: Vec<u8>,
+    resolved_key: Vec<u8>,
     stats: ExtractStats,
 }
 
@@ -268,6 +270,7 @@ impl<'a> Extractor<'a> {
             dirs: Vec::new(),
             buf: vec![0u8; BUF_SIZE],
             scratch: Vec::new(),
+            resolved_key: Vec::new(),
             stats: ExtractStats::default(),
         })
     }
@@ -375,6 +378,7 @@ impl<'a> Extractor<'a> {
         // Whiteouts.
         if self.opts.whiteouts == Whiteouts::Overlay && last.starts_with(WHITEOUT_PREFIX) {
             let (uid, gid) = self.owner(e.uid, e.gid, &raw)?;
+            let mtime = ts(e.mtime, e.mtime_nsec);
             let parent = self.parent(parents, &raw, true)?;
             if last == OPAQUE_MARKER {
                 xattr::FileExt::set_xattr(&parent, OPAQUE_XATTR, b"y")
@@ -392,8 +396,16 @@ impl<'a> Extractor<'a> {
                 mknodat(&parent, name, SFlag::S_IFCHR, Mode::empty(), 0)
                     .map_err(|e| Error::fs("creating the whiteout for", &raw, e.into()))?;
                 self.chown_at(&parent, name, uid, gid, &raw)?;
+                nix::sys::stat::utimensat(
+                    &parent,
+                    name,
+                    &mtime,
+                    &mtime,
+                    UtimensatFlags::NoFollowSymlink,
+                )
+                .map_err(|e| Error::fs("setting the times of", &raw, e.into()))?;
             }
-            self.cache = Some(self.cache_key(parents, parent));
+            self.put_cache(parent);
             return Ok(());
         }
 
@@ -422,37 +434,40 @@ impl<'a> Extractor<'a> {
         }
     }
 
-    fn cache_key(&self, parents: &[&[u8]], f: File) -> (Vec<u8>, File) {
-        let mut k = Vec::new();
-        join(parents, &mut k);
-        (k, f)
+    /// Caches `f`, the directory the last `parent` call resolved.
+    fn put_cache(&mut self, f: File) {
+        let key = std::mem::take(&mut self.resolved_key);
+        if let Some((old, _)) = self.cache.replace((key, f)) {
+            self.scratch = old;
+        }
     }
 
     /// The directory `parents` (created when missing if `create`), never
     /// through a symlink. Takes the cached descriptor when it is the same
     /// directory (or an ancestor: then only the rest is resolved). The
-    /// caller puts it back with `self.cache = Some(...)`.
+    /// caller puts it back with `put_cache`.
     fn parent(&mut self, parents: &[&[u8]], raw: &[u8], create: bool) -> Result<File> {
         let mut key = std::mem::take(&mut self.scratch);
         join(parents, &mut key);
-        let cached = self.cache.take();
-        let r = (|| {
-            if let Some((ck, cf)) = cached {
-                if ck == key {
-                    return Ok(cf);
-                }
-                if is_prefix(&ck, &key) && !ck.is_empty() {
-                    let skip = ck.split(|&b| b == b'/').count();
-                    return self.resolve(cf.as_fd(), &ck, &parents[skip..], raw, create);
-                }
+        let r = match self.cache.take() {
+            Some((ck, cf)) if ck == key => {
+                self.scratch = ck;
+                Ok(cf)
             }
-            let root = self
-                .root_fd()
-                .try_clone_to_owned()
-                .map_err(|e| Error::fs("opening the destination for", raw, e))?;
-            self.resolve(root.as_fd(), b"", parents, raw, create)
-        })();
-        self.scratch = key;
+            Some((ck, cf)) if !ck.is_empty() && is_prefix(&ck, &key) => {
+                let skip = ck.split(|&b| b == b'/').count();
+                let r = self.resolve(cf.as_fd(), &ck, &parents[skip..], raw, create);
+                self.scratch = ck;
+                r
+            }
+            other => {
+                if let Some((ck, _)) = other {
+                    self.scratch = ck;
+                }
+                self.resolve(self.root_fd(), b"", parents, raw, create)
+            }
+        };
+        self.resolved_key = key;
         r
     }
 
@@ -603,7 +618,7 @@ impl<'a> Extractor<'a> {
         }
         rel.extend_from_slice(last);
         self.dirs.push(DirMeta { rel, mode, mtime });
-        self.cache = Some(self.cache_key(parents, parent));
+        self.put_cache(parent);
         Ok(())
     }
 
@@ -699,7 +714,7 @@ impl<'a> Extractor<'a> {
         self.apply_xattrs_file(&file, &xattrs, raw)?;
         nix::sys::stat::futimens(&file, &mtime, &mtime)
             .map_err(|e| Error::fs("setting the times of", raw, e.into()))?;
-        self.cache = Some(self.cache_key(parents, parent));
+        self.put_cache(parent);
         Ok(())
     }
 
@@ -785,7 +800,7 @@ impl<'a> Extractor<'a> {
             UtimensatFlags::NoFollowSymlink,
         )
         .map_err(|e| Error::fs("setting the times of", raw, e.into()))?;
-        self.cache = Some(self.cache_key(parents, parent));
+        self.put_cache(parent);
         Ok(())
     }
 
@@ -830,11 +845,7 @@ impl<'a> Extractor<'a> {
         }
         let (&last, parents) = comps.split_last().expect("not the root");
         let parent = self.parent(parents, raw, true)?;
-        let root = self
-            .root_fd()
-            .try_clone_to_owned()
-            .map_err(|e| Error::fs("opening the destination for", raw, e))?;
-        let tparent = match self.resolve(root.as_fd(), b"", tparents, raw, false) {
+        let tparent = match self.resolve(self.root_fd(), b"", tparents, raw, false) {
             Ok(f) => f,
             Err(Error::Entry { reason, .. }) if reason.starts_with("refers to") => {
                 return Err(Error::entry(
@@ -876,7 +887,7 @@ impl<'a> Extractor<'a> {
             }
             Err(e) => return Err(Error::fs("creating hard link", raw, e.into())),
         }
-        self.cache = Some(self.cache_key(parents, parent));
+        self.put_cache(parent);
         Ok(())
     }
 
@@ -944,7 +955,7 @@ impl<'a> Extractor<'a> {
             UtimensatFlags::NoFollowSymlink,
         )
         .map_err(|e| Error::fs("setting the times of", raw, e.into()))?;
-        self.cache = Some(self.cache_key(parents, parent));
+        self.put_cache(parent);
         Ok(())
     }
 
