@@ -571,11 +571,19 @@ fn reads_what_gnu_tar_writes() {
     let tree = src.path().join("tree");
     make_tree(&tree);
     fs::write(tree.join("x".repeat(150)), "long").unwrap();
-    for format in ["gnu", "pax", "posix", "oldgnu"] {
+    for (format, sparse) in [
+        ("gnu", ""),
+        ("pax", "1.0"),
+        ("pax", "0.1"),
+        ("pax", "0.0"),
+        ("posix", "1.0"),
+        ("oldgnu", ""),
+    ] {
         let fmt = format!("--format={format}");
+        let sv = format!("--sparse-version={sparse}");
         let mut args = vec!["-c", "--sparse", &fmt, "-f", "-", "tree"];
         if format == "pax" || format == "posix" {
-            args.extend(["--xattrs", "--xattrs-include=*"]);
+            args.extend(["--xattrs", "--xattrs-include=*", &sv]);
         }
         let tar = gnu_tar(&args, src.path());
         let dest = tempfile::tempdir().unwrap();
@@ -595,8 +603,16 @@ fn reads_what_gnu_tar_writes() {
             assert_eq!(strip(a), strip(b), "{format}");
         }
         let m = fs::metadata(dest.path().join("tree/sparse")).unwrap();
-        assert!(m.blocks() * 512 < 1 << 20, "{format}: holes were written");
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "{format} {sparse}: holes were written"
+        );
         assert_eq!(m.len(), 4 << 20);
+        assert_eq!(
+            fs::read(dest.path().join("tree/sparse")).unwrap(),
+            fs::read(tree.join("sparse")).unwrap(),
+            "{format} {sparse}"
+        );
     }
 }
 
