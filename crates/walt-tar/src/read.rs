@@ -12,6 +12,9 @@ use crate::MAX_META;
 use crate::error::{Error, Result, lossy};
 
 const BLOCK: usize = 512;
+/// Most bytes of extended headers (PAX records, long name, long link)
+/// accepted before one entry.
+const MAX_META_TOTAL: u64 = 4 * MAX_META;
 /// Most sparse segments accepted for one entry.
 const MAX_SPARSE_SEGMENTS: usize = 65_536;
 
@@ -270,6 +273,7 @@ impl<R: Read> Reader<R> {
         std::mem::swap(&mut self.prev, &mut self.entry.path);
         self.pending = Pending::default();
         let mut first_offset = None;
+        let mut meta_total: u64 = 0;
         loop {
             let offset = self.pos;
             let mut h = [0u8; BLOCK];
@@ -293,6 +297,19 @@ impl<R: Read> Reader<R> {
             self.check_sum(&h, offset)?;
             let flag = h[156];
             let size = self.number(&h[124..136], offset, "size")?;
+            if matches!(flag, b'x' | b'X' | b'L' | b'K') && size <= MAX_META {
+                // Extended headers add up before their entry: bounded too
+                // (one over MAX_META is refused by `read_meta`).
+                meta_total = meta_total.saturating_add(size);
+                if meta_total > MAX_META_TOTAL {
+                    return Err(self.format(
+                        offset,
+                        format!(
+                            "the extended headers of one entry add up to more than {MAX_META_TOTAL} bytes: refused"
+                        ),
+                    ));
+                }
+            }
             match flag {
                 b'x' | b'X' => {
                     self.read_meta(size, offset, "PAX extended header")?;

@@ -374,6 +374,21 @@ pub fn hostile_archives(outside: &Path) -> Vec<Hostile> {
         None,
     );
     add(
+        "100 PAX headers of 60 KiB before one entry",
+        {
+            let rec = pax_record("SCHILY.xattr.user.x", &vec![b'x'; 60 * 1024]);
+            let n = rec.len() as u64;
+            let block = padded(rec);
+            let mut t = T::new();
+            for _ in 0..100 {
+                t.raw(b"PaxHeaders/x", b'x', n).bytes(&block);
+            }
+            t.file("t/f", b"x").finish()
+        },
+        When::Always,
+        None,
+    );
+    add(
         "PAX path with ..",
         {
             let rec = pax_record("path", b"t/../../x");
