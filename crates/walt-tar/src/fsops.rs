@@ -18,6 +18,12 @@ use nix::unistd::UnlinkatFlags;
 /// 0: unknown, 1: openat2 works, 2: it does not (ENOSYS).
 static OPENAT2: AtomicU8 = AtomicU8::new(0);
 
+/// Tests: behave as on a kernel without `openat2` (this process only).
+#[cfg(test)]
+pub(crate) fn disable_openat2() {
+    OPENAT2.store(2, Ordering::Relaxed);
+}
+
 pub(crate) const DIR_FLAGS: OFlag = OFlag::O_RDONLY
     .union(OFlag::O_DIRECTORY)
     .union(OFlag::O_NOFOLLOW)

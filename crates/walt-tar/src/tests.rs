@@ -59,6 +59,34 @@ fn hostile_table_every_policy() {
 }
 
 #[test]
+fn hostile_table_without_openat2() {
+    // The component-by-component rule alone (kernels before 5.6).
+    crate::fsops::disable_openat2();
+    let policy = Policy {
+        overlay_whiteouts: true,
+        devices_refused: false,
+        limit: None,
+    };
+    run_hostile_table(policy, |_case, tar| {
+        let dest = tempfile::tempdir().unwrap().keep();
+        extract_with(tar, &dest, layer_opts())
+            .map(|_| dest.clone())
+            .map_err(|e| e.to_string())
+    });
+    let src = tempfile::tempdir().unwrap();
+    make_tree(&src.path().join("tree"));
+    let (tar, _) = write_tree(
+        Vec::new(),
+        &src.path().join("tree"),
+        &TreeOptions::default(),
+    )
+    .unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    extract_with(&tar, dest.path(), ExtractOptions::default()).unwrap();
+    assert_eq!(snapshot(&src.path().join("tree")), snapshot(dest.path()));
+}
+
+#[test]
 fn hostile_table_cp_rule() {
     let policy = Policy {
         overlay_whiteouts: false,
