@@ -33,6 +33,9 @@ pub struct ProxyStats {
     pub injected_failures: u64,
     /// Blob GETs cut short.
     pub truncated: u64,
+    /// Chunks of rate-limited bodies the proxy held back because they were
+    /// ahead of the configured rate.
+    pub paced_chunks: u64,
 }
 
 #[derive(Default)]
@@ -276,6 +279,7 @@ fn handle(client: TcpStream, upstream_port: u16, shared: &Shared) -> std::io::Re
             let due = Duration::from_secs_f64(sent as f64 / r.max(1) as f64);
             let elapsed = start.elapsed();
             if due > elapsed {
+                shared.stats.lock().unwrap().paced_chunks += 1;
                 std::thread::sleep(due - elapsed);
             }
         }
