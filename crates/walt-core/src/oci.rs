@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::Digest;
+
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -52,7 +54,7 @@ impl Compression {
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
     pub media_type: String,
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
@@ -180,7 +182,7 @@ pub struct RootFs {
     #[serde(rename = "type", default)]
     pub kind: String,
     #[serde(default)]
-    pub diff_ids: Vec<String>,
+    pub diff_ids: Vec<Digest>,
 }
 
 impl ImageConfig {
@@ -229,38 +231,31 @@ pub fn pick_platform<'a>(
     candidates.iter().find(same_arch).copied()
 }
 
-/// Validates a `sha256:<64 hex>` digest and returns the hex part.
-pub fn digest_hex(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then_some(hex)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn parse_docs() {
-        let m = br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:aa","size":3},"layers":[]}"#;
+        let m = br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","size":3},"layers":[]}"#;
         assert!(matches!(
             ManifestDoc::parse(m, None).unwrap(),
             ManifestDoc::Image(_)
         ));
-        let i = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"x","digest":"sha256:1","size":1,"platform":{"architecture":"arm64","os":"linux","variant":"v8"}},{"mediaType":"x","digest":"sha256:2","size":1,"platform":{"architecture":"amd64","os":"linux"}}]}"#;
+        let i = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"x","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","size":1,"platform":{"architecture":"arm64","os":"linux","variant":"v8"}},{"mediaType":"x","digest":"sha256:2222222222222222222222222222222222222222222222222222222222222222","size":1,"platform":{"architecture":"amd64","os":"linux"}}]}"#;
         let ManifestDoc::Index(idx) = ManifestDoc::parse(i, None).unwrap() else {
             panic!()
         };
         assert_eq!(
-            pick_platform(&idx, "amd64", None).unwrap().digest,
-            "sha256:2"
+            pick_platform(&idx, "amd64", None).unwrap().digest.hex(),
+            "2".repeat(64)
         );
         assert_eq!(
-            pick_platform(&idx, "arm64", Some("v8")).unwrap().digest,
-            "sha256:1"
+            pick_platform(&idx, "arm64", Some("v8"))
+                .unwrap()
+                .digest
+                .hex(),
+            "1".repeat(64)
         );
         assert!(pick_platform(&idx, "riscv64", None).is_none());
         assert!(ManifestDoc::parse(br#"{"schemaVersion":1,"fsLayers":[]}"#, None).is_err());
@@ -277,10 +272,11 @@ mod tests {
     }
 
     #[test]
-    fn digests() {
-        let h = "a".repeat(64);
-        assert_eq!(digest_hex(&format!("sha256:{h}")), Some(h.as_str()));
-        assert!(digest_hex("sha256:../../etc").is_none());
-        assert!(digest_hex("md5:aa").is_none());
+    fn malformed_descriptor_digest_is_refused_at_parse() {
+        let m = br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:../../etc","size":3},"layers":[]}"#;
+        let e = ManifestDoc::parse(m, None).unwrap_err().to_string();
+        assert!(e.contains("sha256:../../etc"), "{e}");
+        let c = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["md5:aa"]}}"#;
+        assert!(serde_json::from_slice::<ImageConfig>(c).is_err());
     }
 }
