@@ -796,6 +796,13 @@ async fn digest_verification() {
                 MANIFEST,
             );
         }
+        if p.ends_with("/manifests/v2") {
+            // a malformed header; one of another algorithm is not checked
+            return resp(200, &[("Docker-Content-Digest", "sha256:zz")], MANIFEST);
+        }
+        if p.ends_with("/manifests/v3") {
+            return resp(200, &[("Docker-Content-Digest", "sha512:abcd")], MANIFEST);
+        }
         if p.contains("/manifests/sha256:") {
             return resp(200, &[("Content-Type", OCI_MANIFEST)], MANIFEST);
         }
@@ -814,6 +821,16 @@ async fn digest_verification() {
         )),
         "{e}"
     );
+    let e = c.get_manifest("alice/foo", "v2").await.unwrap_err();
+    assert!(matches!(e, RegistryError::Protocol { .. }), "{e:?}");
+    assert!(
+        e.to_string().starts_with(
+            "registry 'mock': invalid response for manifest alice/foo:v2: Docker-Content-Digest: 'sha256:zz' is not a digest"
+        ),
+        "{e}"
+    );
+    let m = c.get_manifest("alice/foo", "v3").await.unwrap();
+    assert_eq!(m.digest, sha256(MANIFEST));
     let asked = sha256(b"asked");
     let e = c.get_manifest("alice/foo", &asked).await.unwrap_err();
     assert!(
