@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::Digest;
+use crate::{Digest, DigestError};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -119,6 +119,39 @@ pub enum DocError {
         "unsupported manifest type '{0}' (walt accepts OCI and Docker schema 2 manifests and indexes)"
     )]
     Unsupported(String),
+    /// A descriptor's digest is malformed, or not sha256.
+    #[error("{what}: {source}")]
+    Digest {
+        /// Which descriptor: `manifest config`, `manifest layer 2`, `index entry 1`.
+        what: String,
+        source: DigestError,
+    },
+}
+
+/// Checks the descriptor digests of a manifest or index document before it
+/// is read into its types, so that a bad one is reported with its place.
+fn check_digests(v: &Value) -> Result<(), DocError> {
+    let check = |what: String, d: &Value| match d.get("digest").and_then(Value::as_str) {
+        Some(s) => Digest::parse(s)
+            .map(drop)
+            .map_err(|source| DocError::Digest { what, source }),
+        None => Ok(()),
+    };
+    if let Some(c) = v.get("config") {
+        check("manifest config".into(), c)?;
+    }
+    for (key, what) in [("layers", "manifest layer"), ("manifests", "index entry")] {
+        for (i, d) in v
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            check(format!("{what} {}", i + 1), d)?;
+        }
+    }
+    Ok(())
 }
 
 impl ManifestDoc {
@@ -143,6 +176,7 @@ impl ManifestDoc {
         if v.get("schemaVersion").and_then(Value::as_u64) == Some(1) {
             return Err(DocError::Unsupported("Docker schema 1".to_string()));
         }
+        check_digests(&v)?;
         Ok(if is_index {
             ManifestDoc::Index(serde_json::from_value(v)?)
         } else {
@@ -275,7 +309,16 @@ mod tests {
     fn malformed_descriptor_digest_is_refused_at_parse() {
         let m = br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:../../etc","size":3},"layers":[]}"#;
         let e = ManifestDoc::parse(m, None).unwrap_err().to_string();
-        assert!(e.contains("sha256:../../etc"), "{e}");
+        assert_eq!(
+            e,
+            "manifest config: 'sha256:../../etc' is not a digest (expected sha256:<64 hex digits>)"
+        );
+        let i = br#"{"schemaVersion":2,"manifests":[{"mediaType":"x","digest":"sha384:abc","size":1}]}"#;
+        let e = ManifestDoc::parse(i, None).unwrap_err().to_string();
+        assert!(
+            e.starts_with("index entry 1: digest 'sha384:abc' uses an algorithm"),
+            "{e}"
+        );
         let c = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["md5:aa"]}}"#;
         assert!(serde_json::from_slice::<ImageConfig>(c).is_err());
     }
