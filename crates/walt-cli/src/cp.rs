@@ -2,10 +2,8 @@
 //! image, streamed as tar. The archive always holds one top entry (the
 //! source's name); the receiving side applies the `cp -r` destination rules.
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
@@ -13,6 +11,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use walt_proto::v1::{self as pb, copy_in_request::Msg};
+use walt_tar::{
+    Devices, ExtractOptions, Extractor, Owners, PlainWriter, Reader, TreeOptions, TreeOwners,
+    TreeWhiteouts, Whiteouts,
+};
 
 use super::{Client, status_error};
 
@@ -133,7 +135,7 @@ fn top_name(path: &Path) -> anyhow::Result<String> {
 
 async fn copy_in(client: &mut Client, local: &str, image: &str, path: &str) -> anyhow::Result<()> {
     let src = PathBuf::from(local);
-    let meta = fs::metadata(&src).map_err(|e| anyhow!("{local}: {}", io_reason(&e)))?;
+    fs::metadata(&src).map_err(|e| anyhow!("{local}: {}", io_reason(&e)))?;
     let top = top_name(&src)?;
     let (tx, rx) = mpsc::channel(8);
     tx.send(pb::CopyInRequest {
@@ -150,13 +152,22 @@ async fn copy_in(client: &mut Client, local: &str, image: &str, path: &str) -> a
     };
     let producer = std::thread::spawn(move || -> anyhow::Result<()> {
         let resolved = fs::canonicalize(&src)?;
-        let mut b = tar::Builder::new(writer);
-        let mut w = Walker {
-            links: HashMap::new(),
-            keep_owner: is_root(),
+        let opts = TreeOptions {
+            whiteouts: TreeWhiteouts::Keep,
+            top: Some(top.into()),
+            follow_top: true,
+            owners: tree_owners(),
+            xattrs: false,
+            sparse: true,
         };
-        w.add(&mut b, &resolved, Path::new(&top), &meta)?;
-        let mut writer = b.into_inner()?;
+        let (mut writer, stats) = walt_tar::write_tree(writer, &resolved, &opts)?;
+        for s in &stats.skipped_sockets {
+            let below = s.split_once('/').map(|(_, r)| r).unwrap_or("");
+            eprintln!(
+                "warning: {}: socket skipped",
+                resolved.join(below).display()
+            );
+        }
         writer.flush()?;
         // Only a complete archive is saved by the server.
         writer
@@ -204,79 +215,18 @@ fn io_reason(e: &io::Error) -> String {
     }
 }
 
-/// Walks a local tree into a tar stream: modes, mtimes, symlinks, hard
-/// links, devices and fifos; owners kept when run by root, else root's
-/// (like `podman cp`: the image's files belong to its users, not ours).
-struct Walker {
-    links: HashMap<(u64, u64), PathBuf>,
-    keep_owner: bool,
-}
-
-impl Walker {
-    fn header(&self, meta: &fs::Metadata) -> tar::Header {
-        let mut h = tar::Header::new_gnu();
-        h.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
-        if !self.keep_owner {
-            h.set_uid(0);
-            h.set_gid(0);
-            let _ = h.set_username("root");
-            let _ = h.set_groupname("root");
+/// Owners in the archive: kept when run by root, else root's (like
+/// `podman cp`: the image's files belong to its users, not ours).
+fn tree_owners() -> TreeOwners {
+    if is_root() {
+        TreeOwners::Keep
+    } else {
+        TreeOwners::Fixed {
+            uid: 0,
+            gid: 0,
+            uname: "root".into(),
+            gname: "root".into(),
         }
-        h
-    }
-
-    fn add<W: Write>(
-        &mut self,
-        b: &mut tar::Builder<W>,
-        path: &Path,
-        name: &Path,
-        meta: &fs::Metadata,
-    ) -> anyhow::Result<()> {
-        let ft = meta.file_type();
-        let mut h = self.header(meta);
-        let ctx = || format!("{}: cannot read", path.display());
-        if ft.is_dir() {
-            h.set_size(0);
-            b.append_data(&mut h, name, io::empty()).with_context(ctx)?;
-            let mut entries: Vec<_> = fs::read_dir(path)
-                .with_context(ctx)?
-                .collect::<io::Result<Vec<_>>>()
-                .with_context(ctx)?;
-            entries.sort_by_key(|e| e.file_name());
-            for e in entries {
-                let p = e.path();
-                let m = fs::symlink_metadata(&p)
-                    .with_context(|| format!("{}: cannot read", p.display()))?;
-                self.add(b, &p, &name.join(e.file_name()), &m)?;
-            }
-        } else if ft.is_symlink() {
-            let target = fs::read_link(path).with_context(ctx)?;
-            h.set_size(0);
-            b.append_link(&mut h, name, &target).with_context(ctx)?;
-        } else if ft.is_file() {
-            if meta.nlink() > 1 {
-                let key = (meta.dev(), meta.ino());
-                if let Some(first) = self.links.get(&key) {
-                    h.set_entry_type(tar::EntryType::Link);
-                    h.set_size(0);
-                    b.append_link(&mut h, name, first).with_context(ctx)?;
-                    return Ok(());
-                }
-                self.links.insert(key, name.to_path_buf());
-            }
-            let f = fs::File::open(path).with_context(ctx)?;
-            // Exactly the size in the header, even if the file changes
-            // meanwhile (a longer or shorter body would corrupt the stream).
-            let len = meta.len();
-            let body = f.take(len).chain(io::repeat(0)).take(len);
-            b.append_data(&mut h, name, body).with_context(ctx)?;
-        } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
-            h.set_size(0);
-            b.append_data(&mut h, name, io::empty()).with_context(ctx)?;
-        } else {
-            eprintln!("warning: {}: socket skipped", path.display());
-        }
-        Ok(())
     }
 }
 
@@ -355,178 +305,43 @@ async fn copy_out(client: &mut Client, image: &str, path: &str, local: &str) -> 
     result
 }
 
-/// The path components of an archive entry, refusing anything that could
-/// leave the destination.
-fn entry_parts(path: &Path) -> anyhow::Result<Vec<&std::ffi::OsStr>> {
-    let mut parts = Vec::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(p) => parts.push(p),
-            Component::CurDir => {}
-            _ => bail!("refusing archive entry '{}'", path.display()),
-        }
-    }
-    if parts.is_empty() {
-        bail!("refusing an empty archive entry name");
-    }
-    Ok(parts)
-}
-
-/// Where the top entry lands: inside `dest` when it is a directory, else at
-/// `dest` itself (its parent must exist).
-fn landing(dest: &Path, top: &std::ffi::OsStr) -> anyhow::Result<PathBuf> {
-    if dest.is_dir() {
-        return Ok(dest.join(top));
-    }
-    let shown = dest.display();
-    if dest.as_os_str().to_string_lossy().ends_with('/') {
-        bail!("{shown}: not a directory");
-    }
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
-        bail!("{shown}: No such file or directory");
-    }
-    Ok(dest.to_path_buf())
-}
-
-/// Whether a directory on the way from `base` to `base/parts` (the last
-/// part excluded) is a symlink.
-fn through_symlink(base: &Path, parts: &[&std::ffi::OsStr]) -> bool {
-    let mut cur = base.to_path_buf();
-    for p in parts.iter().take(parts.len().saturating_sub(1)) {
-        cur.push(p);
-        if fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink()) {
-            return true;
-        }
-    }
-    false
-}
-
-/// Extracts the archive (one top entry) to `dest` with the `cp -r` rules.
+/// Extracts the archive (one top entry) to `dest` with the `cp -r` rules,
+/// confined to where the top entry lands. Run by root, owners, xattrs and
+/// device nodes are restored; otherwise files belong to the user and
+/// device nodes are skipped (with a warning).
 fn extract(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
-    let mut archive = tar::Archive::new(reader);
     let root = is_root();
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_mtime(true);
-    archive.set_preserve_ownerships(root);
-    archive.set_unpack_xattrs(root);
-    let mut target: Option<(std::ffi::OsString, PathBuf)> = None;
-    let mut top_is_dir = false;
-    let mut dirs: Vec<(PathBuf, tar::Header)> = Vec::new();
-    let mut skipped_devices = 0usize;
-    for entry in archive.entries().context("cannot read the archive")? {
-        let mut entry = entry.context("cannot read the archive")?;
-        let name = entry.path().context("bad archive entry name")?.into_owned();
-        let parts = entry_parts(&name)?;
-        let kind = entry.header().entry_type();
-        let (top, base) = match &target {
-            Some(t) => t.clone(),
-            None => {
-                let top = parts[0].to_os_string();
-                let base = landing(dest, &top)?;
-                if let Ok(m) = fs::symlink_metadata(&base) {
-                    if kind.is_dir() && !m.is_dir() {
-                        bail!(
-                            "cannot overwrite non-directory '{}' with a directory",
-                            base.display()
-                        );
-                    }
-                    if !kind.is_dir() && m.is_dir() {
-                        bail!(
-                            "cannot overwrite directory '{}' with a non-directory",
-                            base.display()
-                        );
-                    }
-                }
-                top_is_dir = kind.is_dir() || parts.len() > 1;
-                target = Some((top.clone(), base.clone()));
-                (top, base)
+    let shown = dest.display().to_string();
+    let dest = dest.to_path_buf();
+    let opts = ExtractOptions {
+        whiteouts: Whiteouts::Keep,
+        owners: if root { Owners::Keep } else { Owners::Ignore },
+        devices: if root { Devices::Create } else { Devices::Skip },
+        xattrs: root,
+        cp_top: Some(Box::new(move |top, is_dir| {
+            walt_tar::cp_landing(&shown, &dest, top, is_dir)
+        })),
+        limit: None,
+        skip_unknown: true,
+        area: "destination",
+        replace_dirs: false,
+    };
+    let mut writer = PlainWriter;
+    let mut reader = Reader::new(reader);
+    let stats = Extractor::new(None, opts, &mut writer)
+        .and_then(|x| x.extract(&mut reader))
+        .map_err(|e| match e {
+            walt_tar::Error::Empty => anyhow!("the server sent an empty archive"),
+            e @ walt_tar::Error::Entry { .. } => anyhow!("refusing archive {e}"),
+            e @ (walt_tar::Error::Read(_) | walt_tar::Error::Format { .. }) => {
+                anyhow!("cannot read the archive: {e}")
             }
-        };
-        if parts[0] != top {
-            bail!(
-                "refusing archive entry '{}' (outside '{}')",
-                name.display(),
-                top.to_string_lossy()
-            );
-        }
-        let rel: PathBuf = parts[1..].iter().collect();
-        // (`join("")` would add a trailing slash.)
-        let out = if rel.as_os_str().is_empty() {
-            base.clone()
-        } else {
-            base.join(&rel)
-        };
-        // Only a directory has entries below it; never write through a
-        // symlink the archive created.
-        if parts.len() > 1 && !top_is_dir {
-            bail!(
-                "refusing archive entry '{}': its top entry is not a directory",
-                name.display()
-            );
-        }
-        if through_symlink(&base, &parts[1..]) {
-            bail!(
-                "refusing archive entry '{}': it goes through a symlink",
-                name.display()
-            );
-        }
-        match kind {
-            tar::EntryType::Link => {
-                let link = entry
-                    .link_name()
-                    .context("bad hard link")?
-                    .ok_or_else(|| anyhow!("hard link without a target"))?
-                    .into_owned();
-                let lp = entry_parts(&link)?;
-                if lp[0] != top || through_symlink(&base, &lp[1..]) {
-                    bail!(
-                        "refusing hard link '{}' to '{}'",
-                        name.display(),
-                        link.display()
-                    );
-                }
-                let rest: PathBuf = lp[1..].iter().collect();
-                let src = if rest.as_os_str().is_empty() {
-                    base.clone()
-                } else {
-                    base.join(rest)
-                };
-                let _ = fs::remove_file(&out);
-                fs::hard_link(&src, &out)
-                    .with_context(|| format!("{}: cannot create hard link", out.display()))?;
-            }
-            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo
-                if !root && kind != tar::EntryType::Fifo =>
-            {
-                skipped_devices += 1;
-            }
-            _ => {
-                if kind.is_dir() {
-                    dirs.push((out.clone(), entry.header().clone()));
-                }
-                entry
-                    .unpack(&out)
-                    .with_context(|| format!("{}: cannot write", out.display()))?;
-            }
-        }
-    }
-    if target.is_none() {
-        bail!("the server sent an empty archive");
-    }
-    // Directory times last: their content changed them.
-    for (path, h) in dirs.iter().rev() {
-        if let Ok(mtime) = h.mtime() {
-            let t = filetime::FileTime::from_unix_time(mtime as i64, 0);
-            let _ = filetime::set_file_mtime(path, t);
-        }
-    }
-    if skipped_devices > 0 {
+            e => anyhow!(e),
+        })?;
+    if stats.skipped_devices > 0 {
         eprintln!(
-            "warning: {skipped_devices} device node(s) not copied (only root can create them)"
+            "warning: {} device node(s) not copied (only root can create them)",
+            stats.skipped_devices
         );
     }
     Ok(())
@@ -627,10 +442,18 @@ mod tests {
     }
 
     #[test]
-    fn refuses_escaping_entries() {
-        assert!(entry_parts(Path::new("../x")).is_err());
-        assert!(entry_parts(Path::new("/etc/passwd")).is_err());
-        assert!(entry_parts(Path::new("a/../../x")).is_err());
-        assert_eq!(entry_parts(Path::new("./a/b")).unwrap().len(), 2);
+    fn hostile_archives_are_refused() {
+        // walt-tar's table, through this extractor (`cp -r` rule).
+        let policy = walt_tar::testing::Policy {
+            overlay_whiteouts: false,
+            devices_refused: false,
+            limit: None,
+        };
+        walt_tar::testing::run_hostile_table(policy, |_case, tar| {
+            let dest = tempfile::tempdir().unwrap().keep();
+            extract(tar, &dest)
+                .map(|()| dest.clone())
+                .map_err(|e| format!("{e:#}"))
+        });
     }
 }

@@ -42,6 +42,7 @@ const TESTS: &[(&str, TestFn)] = tests![
     proc_is_hardened,
     image_devices_unusable,
     tar_in_skips_global_header,
+    tar_in_hostile_table,
     sigterm_tears_down_namespace,
 ];
 
@@ -815,6 +816,42 @@ async fn tar_in_refuses_bad_archives() {
     .await;
     assert_eq!((o.code, o.stderr.as_str()), (0, ""));
     assert_eq!(std::fs::read(spec.upper.join("root/s/h")).unwrap(), b"evil");
+}
+
+/// walt-tar's table of hostile archives, through the real TarIn job: each is refused (or
+/// safely extracted) and nothing reaches the "outside" directory of the image's lower
+/// layer, nor the host.
+async fn tar_in_hostile_table() {
+    use walt_tar::testing::{Policy, check_outside, hostile_archives, make_outside};
+    let fx = Fx::new();
+    let outside = fx.l1().join("walt-outside");
+    std::fs::create_dir(&outside).unwrap();
+    make_outside(&outside);
+    let policy = Policy {
+        overlay_whiteouts: false,
+        devices_refused: false,
+        limit: None,
+    };
+    for case in hostile_archives(Path::new("/walt-outside")) {
+        let (o, spec) = tar_in(&fx, "/root", case.tar.clone()).await;
+        if case.must_refuse(&policy) {
+            assert_eq!(o.code, 1, "{}: accepted", case.name);
+            assert_eq!(o.stderr.lines().count(), 1, "{}: {}", case.name, o.stderr);
+        } else {
+            assert_eq!((o.code, o.stderr.as_str()), (0, ""), "{}", case.name);
+            if let Some(check) = case.check {
+                check(&spec.upper.join("root/t"));
+            }
+        }
+        check_outside(&outside, case.name);
+        assert!(
+            !spec.upper.join("walt-outside").exists(),
+            "{}: wrote into the outside directory",
+            case.name
+        );
+        assert!(!Path::new("/x-walt-hostile").exists(), "{}", case.name);
+        assert!(!spec.upper.join("x-walt-hostile").exists(), "{}", case.name);
+    }
 }
 
 async fn tar_paths_stay_in_image() {

@@ -25,8 +25,7 @@ use crate::Store;
 use crate::db::{ImageRecord, LayerRef, NewImage, PutOutcome};
 use crate::error::{IoContext, Result, StoreError};
 use crate::squash::{
-    OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, TreeForm, read_config, store_config_and_manifest,
-    write_tree,
+    OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, layer_tree_options, read_config, store_config_and_manifest,
 };
 use crate::staging::{BlobWriter, Durability, Expected, StagedLayer, make_durable};
 use crate::util::{now_secs, remove_any, rfc3339, unique_name};
@@ -221,13 +220,9 @@ impl Store {
 
         // 2. The layer tar, hashed as it is written.
         let blob_w = BlobWriter::buffered(inner, Expected::default())?;
-        let mut builder = tar::Builder::new(blob_w);
-        write_tree(&mut builder, upper, TreeForm::Overlay)
+        let (blob_w, _) = walt_tar::write_tree(blob_w, upper, &layer_tree_options(true))
             .map_err(|e| fail(format!("writing the layer: {e}")))?;
-        let blob = builder
-            .into_inner()
-            .map_err(|e| fail(format!("writing the layer: {e}")))?
-            .finish()?;
+        let blob = blob_w.finish()?;
         let layer_size = blob.size();
         let diff_id = blob.digest().clone();
         durable

@@ -9,8 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
-use std::fs::{self, File, Permissions};
-use std::io::{self, Write};
+use std::fs::{self, Permissions};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -89,13 +89,15 @@ impl Store {
         let blob_w = BlobWriter::buffered(inner, Expected::default())?;
         let gz = flate2::write::GzEncoder::new(blob_w, flate2::Compression::default());
         let diff_w = HashWriter::new(gz);
-        let mut builder = tar::Builder::new(diff_w);
+        let (diff_w, _) = walt_tar::write_tree(diff_w, &merged, &layer_tree_options(false))
+            .map_err(|e| StoreError::Io {
+                context: format!("image '{name}': writing the squashed layer"),
+                source: e.into(),
+            })?;
         let io_err = |e: io::Error| StoreError::Io {
             context: format!("image '{name}': writing the squashed layer"),
             source: e,
         };
-        write_tree(&mut builder, &merged, TreeForm::Plain).map_err(io_err)?;
-        let diff_w = builder.into_inner().map_err(io_err)?;
         let diff_id = finish_digest(diff_w.hasher);
         let blob = diff_w.inner.finish().map_err(io_err)?.finish()?;
         let size = blob.size();
@@ -154,6 +156,26 @@ impl Store {
             manifest_digest,
             diff_id: Some(diff_id),
         })
+    }
+}
+
+/// How a layer directory is written as a tar stream: the root as `.`, then
+/// every entry depth-first in byte order of names, owners, modes, times and
+/// xattrs kept (`trusted.overlay.*` never written), files sharing an inode
+/// as hard links; an overlay-form tree (`overlay`: a session's upper
+/// directory) gets its whiteouts and opaque directories in OCI form.
+pub(crate) fn layer_tree_options(overlay: bool) -> walt_tar::TreeOptions {
+    walt_tar::TreeOptions {
+        whiteouts: if overlay {
+            walt_tar::TreeWhiteouts::OverlayToOci
+        } else {
+            walt_tar::TreeWhiteouts::Keep
+        },
+        top: None,
+        follow_top: false,
+        owners: walt_tar::TreeOwners::Keep,
+        xattrs: true,
+        sparse: true,
     }
 }
 
@@ -402,203 +424,4 @@ impl Merger<'_> {
         }
         Ok(())
     }
-}
-
-/// How [`write_tree`] reads the tree.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum TreeForm {
-    /// A plain tree: every entry is written as it is.
-    Plain,
-    /// An overlay layer (or upper) directory, converted to OCI form: a
-    /// whiteout (char device 0/0) `a/b` becomes an empty file `a/.wh.b`, an
-    /// opaque directory `d` is followed by an empty file `d/.wh..wh..opq`.
-    Overlay,
-}
-
-/// Writes the tree at `root` as a tar stream: the root as `.`, then every
-/// entry depth-first in byte order of names; files sharing an inode after
-/// the first become hard links. `trusted.overlay.*` xattrs are never
-/// written; other xattrs become PAX `SCHILY.xattr.*` records.
-pub(crate) fn write_tree<W: Write>(
-    b: &mut tar::Builder<W>,
-    root: &Path,
-    form: TreeForm,
-) -> io::Result<()> {
-    let mut w = TreeWriter {
-        b,
-        form,
-        links: HashMap::new(),
-    };
-    w.write_entry(root, Path::new("."))?;
-    w.write_dir(root, Path::new(""))?;
-    w.b.finish()
-}
-
-struct TreeWriter<'a, W: Write> {
-    b: &'a mut tar::Builder<W>,
-    form: TreeForm,
-    links: HashMap<(u64, u64), PathBuf>,
-}
-
-impl<W: Write> TreeWriter<'_, W> {
-    fn write_dir(&mut self, dir: &Path, rel_dir: &Path) -> io::Result<()> {
-        let mut names: Vec<OsString> = fs::read_dir(dir)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()?;
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        for n in names {
-            let path = dir.join(&n);
-            let rel = rel_dir.join(&n);
-            if self.write_entry(&path, &rel)? {
-                self.write_dir(&path, &rel)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Appends one entry (and, in overlay form, its opaque marker); true
-    /// when it is a directory.
-    fn write_entry(&mut self, path: &Path, rel: &Path) -> io::Result<bool> {
-        let meta = fs::symlink_metadata(path)?;
-        if self.form == TreeForm::Overlay {
-            if is_whiteout(&meta) {
-                let mut name = OsString::from(".wh.");
-                name.push(rel.file_name().unwrap_or_default());
-                self.write_marker(&meta, &rel.with_file_name(name))?;
-                return Ok(false);
-            }
-            if meta.is_dir() {
-                write_entry(self.b, path, rel, &meta, &mut self.links)?;
-                let opaque = xattr::get(path, OPAQUE_XATTR)?.is_some_and(|v| v == b"y");
-                if opaque {
-                    let marker = if rel == Path::new(".") {
-                        PathBuf::from(".wh..wh..opq")
-                    } else {
-                        rel.join(".wh..wh..opq")
-                    };
-                    self.write_marker(&meta, &marker)?;
-                }
-                return Ok(true);
-            }
-        }
-        write_entry(self.b, path, rel, &meta, &mut self.links)
-    }
-
-    /// An empty regular file (whiteout or opaque marker) with the owner and
-    /// mtime of `meta`.
-    fn write_marker(&mut self, meta: &fs::Metadata, rel: &Path) -> io::Result<()> {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o600);
-        h.set_uid(meta.uid().into());
-        h.set_gid(meta.gid().into());
-        h.set_mtime(meta.mtime().max(0) as u64);
-        h.set_size(0);
-        self.b.append_data(&mut h, rel, io::empty())
-    }
-}
-
-/// Appends one entry; true when it is a directory.
-fn write_entry<W: Write>(
-    b: &mut tar::Builder<W>,
-    path: &Path,
-    rel: &Path,
-    meta: &fs::Metadata,
-    links: &mut HashMap<(u64, u64), PathBuf>,
-) -> io::Result<bool> {
-    let ft = meta.file_type();
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(meta.mode() & 0o7777);
-    h.set_uid(meta.uid().into());
-    h.set_gid(meta.gid().into());
-    h.set_mtime(meta.mtime().max(0) as u64);
-    h.set_size(0);
-
-    // PAX records: xattrs and sub-second mtimes.
-    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
-    if meta.mtime_nsec() != 0 {
-        pax.push((
-            "mtime".into(),
-            format!("{}.{:09}", meta.mtime(), meta.mtime_nsec()).into_bytes(),
-        ));
-    }
-    if let Ok(names) = xattr::list(path) {
-        let mut names: Vec<OsString> = names.collect();
-        names.sort();
-        for name in names {
-            let s = name.to_string_lossy().into_owned();
-            if s.starts_with(OVERLAY_XATTR_PREFIX) {
-                continue;
-            }
-            if let Some(v) = xattr::get(path, &name)? {
-                pax.push((format!("SCHILY.xattr.{s}"), v));
-            }
-        }
-    }
-    if !pax.is_empty() {
-        let mut data = Vec::new();
-        for (k, v) in &pax {
-            let body = k.len() + v.len() + 3; // ' ', '=', '\n'
-            let mut len = body + 1;
-            while len.to_string().len() + body != len {
-                len = len.to_string().len() + body;
-            }
-            data.extend_from_slice(format!("{len} {k}=").as_bytes());
-            data.extend_from_slice(v);
-            data.push(b'\n');
-        }
-        let mut ph = tar::Header::new_ustar();
-        ph.set_entry_type(tar::EntryType::XHeader);
-        ph.set_mode(0o644);
-        ph.set_size(data.len() as u64);
-        let mut pname = b"PaxHeaders/".to_vec();
-        let base = rel.file_name().map(|n| n.as_bytes()).unwrap_or(b".");
-        pname.extend_from_slice(&base[..base.len().min(80)]);
-        ph.as_old_mut().name[..pname.len()].copy_from_slice(&pname);
-        ph.set_cksum();
-        b.append(&ph, &data[..])?;
-    }
-
-    if ft.is_dir() {
-        h.set_entry_type(tar::EntryType::Directory);
-        b.append_data(&mut h, rel, io::empty())?;
-        return Ok(true);
-    }
-    if ft.is_file() {
-        if meta.nlink() > 1 {
-            let key = (meta.dev(), meta.ino());
-            if let Some(first) = links.get(&key) {
-                h.set_entry_type(tar::EntryType::Link);
-                b.append_link(&mut h, rel, first)?;
-                return Ok(false);
-            }
-            links.insert(key, rel.to_path_buf());
-        }
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_size(meta.len());
-        let f = File::open(path)?;
-        b.append_data(&mut h, rel, f)?;
-    } else if ft.is_symlink() {
-        h.set_entry_type(tar::EntryType::Symlink);
-        let target = fs::read_link(path)?;
-        b.append_link(&mut h, rel, target)?;
-    } else {
-        let kind = if ft.is_char_device() {
-            tar::EntryType::Char
-        } else if ft.is_block_device() {
-            tar::EntryType::Block
-        } else if ft.is_fifo() {
-            tar::EntryType::Fifo
-        } else {
-            return Ok(false);
-        };
-        h.set_entry_type(kind);
-        if kind != tar::EntryType::Fifo {
-            let rdev = meta.rdev();
-            h.set_device_major(nix::sys::stat::major(rdev) as u32)?;
-            h.set_device_minor(nix::sys::stat::minor(rdev) as u32)?;
-        }
-        b.append_data(&mut h, rel, io::empty())?;
-    }
-    Ok(false)
 }

@@ -396,6 +396,34 @@ fn refuses_hostile_entries() {
 }
 
 #[test]
+fn hostile_archive_table() {
+    // walt-tar's table, through the whole import pipeline (a store per
+    // case, kept until the table checked it).
+    let mut stores = Vec::new();
+    let policy = walt_tar::testing::Policy {
+        overlay_whiteouts: true,
+        devices_refused: false,
+        limit: None,
+    };
+    walt_tar::testing::run_hostile_table(policy, |case, tar| {
+        stores.push(new_store());
+        let store = &stores.last().unwrap().1;
+        match import(store, tar, Compression::None) {
+            Ok(r) => Ok(store.layer_path(&r.diff_id)),
+            Err(e) => {
+                assert!(
+                    matches!(e, StoreError::BadEntry { .. } | StoreError::BadLayer { .. }),
+                    "{}: {e}",
+                    case.name
+                );
+                assert_nothing_published(store);
+                Err(e.to_string())
+            }
+        }
+    });
+}
+
+#[test]
 fn symlink_to_etc_then_file_through_it_leaves_etc_alone() {
     let (_d, store) = new_store();
     let before = fs::read("/etc/passwd").unwrap();
