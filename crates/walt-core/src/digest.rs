@@ -119,6 +119,12 @@ impl PartialEq<str> for Digest {
     }
 }
 
+impl PartialEq<String> for Digest {
+    fn eq(&self, other: &String) -> bool {
+        self.0 == *other
+    }
+}
+
 impl PartialEq<&str> for Digest {
     fn eq(&self, other: &&str) -> bool {
         self.0 == *other

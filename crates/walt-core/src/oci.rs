@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::{Digest, DigestError};
+
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -52,7 +54,7 @@ impl Compression {
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
     pub media_type: String,
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
@@ -117,6 +119,39 @@ pub enum DocError {
         "unsupported manifest type '{0}' (walt accepts OCI and Docker schema 2 manifests and indexes)"
     )]
     Unsupported(String),
+    /// A descriptor's digest is malformed, or not sha256.
+    #[error("{what}: {source}")]
+    Digest {
+        /// Which descriptor: `manifest config`, `manifest layer 2`, `index entry 1`.
+        what: String,
+        source: DigestError,
+    },
+}
+
+/// Checks the descriptor digests of a manifest or index document before it
+/// is read into its types, so that a bad one is reported with its place.
+fn check_digests(v: &Value) -> Result<(), DocError> {
+    let check = |what: String, d: &Value| match d.get("digest").and_then(Value::as_str) {
+        Some(s) => Digest::parse(s)
+            .map(drop)
+            .map_err(|source| DocError::Digest { what, source }),
+        None => Ok(()),
+    };
+    if let Some(c) = v.get("config") {
+        check("manifest config".into(), c)?;
+    }
+    for (key, what) in [("layers", "manifest layer"), ("manifests", "index entry")] {
+        for (i, d) in v
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            check(format!("{what} {}", i + 1), d)?;
+        }
+    }
+    Ok(())
 }
 
 impl ManifestDoc {
@@ -141,6 +176,7 @@ impl ManifestDoc {
         if v.get("schemaVersion").and_then(Value::as_u64) == Some(1) {
             return Err(DocError::Unsupported("Docker schema 1".to_string()));
         }
+        check_digests(&v)?;
         Ok(if is_index {
             ManifestDoc::Index(serde_json::from_value(v)?)
         } else {
@@ -180,7 +216,7 @@ pub struct RootFs {
     #[serde(rename = "type", default)]
     pub kind: String,
     #[serde(default)]
-    pub diff_ids: Vec<String>,
+    pub diff_ids: Vec<Digest>,
 }
 
 impl ImageConfig {
@@ -229,38 +265,31 @@ pub fn pick_platform<'a>(
     candidates.iter().find(same_arch).copied()
 }
 
-/// Validates a `sha256:<64 hex>` digest and returns the hex part.
-pub fn digest_hex(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then_some(hex)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn parse_docs() {
-        let m = br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:aa","size":3},"layers":[]}"#;
+        let m = br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","size":3},"layers":[]}"#;
         assert!(matches!(
             ManifestDoc::parse(m, None).unwrap(),
             ManifestDoc::Image(_)
         ));
-        let i = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"x","digest":"sha256:1","size":1,"platform":{"architecture":"arm64","os":"linux","variant":"v8"}},{"mediaType":"x","digest":"sha256:2","size":1,"platform":{"architecture":"amd64","os":"linux"}}]}"#;
+        let i = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"x","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","size":1,"platform":{"architecture":"arm64","os":"linux","variant":"v8"}},{"mediaType":"x","digest":"sha256:2222222222222222222222222222222222222222222222222222222222222222","size":1,"platform":{"architecture":"amd64","os":"linux"}}]}"#;
         let ManifestDoc::Index(idx) = ManifestDoc::parse(i, None).unwrap() else {
             panic!()
         };
         assert_eq!(
-            pick_platform(&idx, "amd64", None).unwrap().digest,
-            "sha256:2"
+            pick_platform(&idx, "amd64", None).unwrap().digest.hex(),
+            "2".repeat(64)
         );
         assert_eq!(
-            pick_platform(&idx, "arm64", Some("v8")).unwrap().digest,
-            "sha256:1"
+            pick_platform(&idx, "arm64", Some("v8"))
+                .unwrap()
+                .digest
+                .hex(),
+            "1".repeat(64)
         );
         assert!(pick_platform(&idx, "riscv64", None).is_none());
         assert!(ManifestDoc::parse(br#"{"schemaVersion":1,"fsLayers":[]}"#, None).is_err());
@@ -277,10 +306,20 @@ mod tests {
     }
 
     #[test]
-    fn digests() {
-        let h = "a".repeat(64);
-        assert_eq!(digest_hex(&format!("sha256:{h}")), Some(h.as_str()));
-        assert!(digest_hex("sha256:../../etc").is_none());
-        assert!(digest_hex("md5:aa").is_none());
+    fn malformed_descriptor_digest_is_refused_at_parse() {
+        let m = br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:../../etc","size":3},"layers":[]}"#;
+        let e = ManifestDoc::parse(m, None).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "manifest config: 'sha256:../../etc' is not a digest (expected sha256:<64 hex digits>)"
+        );
+        let i = br#"{"schemaVersion":2,"manifests":[{"mediaType":"x","digest":"sha384:abc","size":1}]}"#;
+        let e = ManifestDoc::parse(i, None).unwrap_err().to_string();
+        assert!(
+            e.starts_with("index entry 1: digest 'sha384:abc' uses an algorithm"),
+            "{e}"
+        );
+        let c = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["md5:aa"]}}"#;
+        assert!(serde_json::from_slice::<ImageConfig>(c).is_err());
     }
 }

@@ -14,9 +14,10 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use walt_core::config::{Protocol, V2Registry};
-use walt_core::oci::{MANIFEST_ACCEPT, digest_hex};
+use walt_core::oci::MANIFEST_ACCEPT;
+use walt_core::{Digest, DigestError};
 
 use crate::auth::{
     AuthState, CachedToken, Credentials, KnownScheme, TokenResponse, parse_www_authenticate,
@@ -119,7 +120,7 @@ pub struct FetchedManifest {
     /// The `Content-Type` of the answer, without parameters.
     pub media_type: Option<String>,
     /// `sha256:<hex>` of `bytes`, computed locally.
-    pub digest: String,
+    pub digest: Digest,
 }
 
 /// The answer to [`RegistryClient::get_manifest_if_changed`].
@@ -371,13 +372,19 @@ impl RegistryClient {
         &self,
         repo: &str,
         reference: &str,
-        known_digest: Option<&str>,
+        known_digest: Option<&Digest>,
     ) -> Result<ManifestCheck, RegistryError> {
         self.check_repo(repo)?;
         if reference.is_empty() || reference.contains('/') {
             return Err(self.invalid(format!("invalid manifest reference '{reference}'")));
         }
         let by_digest = reference.contains(':');
+        // A reference by digest is one walt can verify the answer against.
+        let reference_digest = if by_digest {
+            Some(self.parse_digest(reference)?)
+        } else {
+            None
+        };
         let (what, not_found) = if by_digest {
             (
                 format!("manifest {repo}@{reference}"),
@@ -414,8 +421,18 @@ impl RegistryClient {
             let media_type = header_str(resp.headers(), header::CONTENT_TYPE)
                 .map(|v| v.split(';').next().unwrap_or_default().trim().to_string())
                 .filter(|v| !v.is_empty());
-            let header_digest =
-                header_str(resp.headers(), "docker-content-digest").map(str::to_string);
+            // Checked against the content when it is a sha256 digest (other
+            // algorithms cannot be verified here); a malformed one is refused.
+            let header_digest = match header_str(resp.headers(), "docker-content-digest") {
+                None => None,
+                Some(h) => match Digest::parse(h) {
+                    Ok(d) => Some(d),
+                    Err(DigestError::Unsupported(_)) => None,
+                    Err(e @ DigestError::Malformed(_)) => {
+                        return Err(self.protocol(&what, format!("Docker-Content-Digest: {e}")));
+                    }
+                },
+            };
             let bytes = match read_limited(resp, MAX_MANIFEST_SIZE).await {
                 Ok(b) => b,
                 Err(ReadError::TooLarge) => {
@@ -435,20 +452,16 @@ impl RegistryClient {
                 }
             };
             let digest = sha256_digest(&bytes);
-            let mismatch = |expected: &str| RegistryError::DigestMismatch {
+            let mismatch = |expected: &Digest| RegistryError::DigestMismatch {
                 label: self.inner.label.clone(),
                 what: what.clone(),
-                expected: expected.to_string(),
+                expected: expected.clone(),
                 actual: digest.clone(),
             };
-            if by_digest && reference.starts_with("sha256:") && reference != digest {
-                return Err(mismatch(reference));
-            }
-            if let Some(h) = header_digest.as_deref()
-                && h.starts_with("sha256:")
-                && h != digest
-            {
-                return Err(mismatch(h));
+            for expected in [&reference_digest, &header_digest].into_iter().flatten() {
+                if *expected != digest {
+                    return Err(mismatch(expected));
+                }
             }
             return Ok(ManifestCheck::Changed(FetchedManifest {
                 bytes: bytes.to_vec(),
@@ -463,11 +476,10 @@ impl RegistryClient {
     pub async fn get_blob(
         &self,
         repo: &str,
-        digest: &str,
+        digest: &Digest,
         offset: u64,
     ) -> Result<BlobResponse, RegistryError> {
         self.check_repo(repo)?;
-        self.check_digest_syntax(digest)?;
         let what = format!("blob {digest} of {repo}");
         let req = Req {
             path: format!("/v2/{repo}/blobs/{digest}"),
@@ -530,15 +542,10 @@ impl RegistryClient {
     pub async fn get_blob_bytes(
         &self,
         repo: &str,
-        digest: &str,
+        digest: &Digest,
         max_size: u64,
     ) -> Result<Vec<u8>, RegistryError> {
         self.check_repo(repo)?;
-        if digest_hex(digest).is_none() {
-            return Err(self.invalid(format!(
-                "invalid or unsupported digest '{digest}' (expected sha256:<hex>)"
-            )));
-        }
         let what = format!("blob {digest} of {repo}");
         let req = Req {
             path: format!("/v2/{repo}/blobs/{digest}"),
@@ -578,11 +585,11 @@ impl RegistryClient {
                 }
             };
             let actual = sha256_digest(&bytes);
-            if actual != digest {
+            if actual != *digest {
                 return Err(RegistryError::DigestMismatch {
                     label: self.inner.label.clone(),
                     what,
-                    expected: digest.to_string(),
+                    expected: digest.clone(),
                     actual,
                 });
             }
@@ -988,25 +995,17 @@ impl RegistryClient {
         }
     }
 
-    fn check_digest_syntax(&self, digest: &str) -> Result<(), RegistryError> {
-        let ok = match digest.split_once(':') {
-            Some((alg, hex)) => {
-                !alg.is_empty()
-                    && alg.bytes().all(|b| {
-                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b)
-                    })
-                    && !hex.is_empty()
-                    && hex
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'=' || b == b'_' || b == b'-')
-            }
-            None => false,
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(self.invalid(format!("invalid digest '{digest}'")))
-        }
+    /// Parses a digest given to this client (a manifest reference, a
+    /// descriptor's digest): a malformed one is an invalid argument, as is
+    /// one of another algorithm than sha256 (the store addresses sha256
+    /// content only).
+    pub fn parse_digest(&self, digest: &str) -> Result<Digest, RegistryError> {
+        Digest::parse(digest).map_err(|e| match e {
+            DigestError::Malformed(d) => self.invalid(format!("invalid digest '{d}'")),
+            DigestError::Unsupported(d) => self.invalid(format!(
+                "digest '{d}' uses an algorithm walt does not support (only sha256)"
+            )),
+        })
     }
 
     /// A transport failure before any answer.
@@ -1154,8 +1153,8 @@ fn content_range_start(v: &str) -> Option<u64> {
     start.trim().parse().ok()
 }
 
-fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+fn sha256_digest(data: &[u8]) -> Digest {
+    Digest::from_sha256(Sha256::digest(data).into())
 }
 
 /// Reads a whole body, refusing more than `max` bytes.
@@ -1228,8 +1227,12 @@ mod tests {
         assert!(c.check_repo("alice/foo").is_ok());
         assert!(c.check_repo("alice/../foo").is_err());
         assert!(c.check_repo("Alice").is_err());
-        assert!(c.check_digest_syntax("sha256:abc").is_ok());
-        assert!(c.check_digest_syntax("sha256:../x").is_err());
+        let h = "ab".repeat(32);
+        assert_eq!(c.parse_digest(&format!("sha256:{h}")).unwrap().hex(), h);
+        let e = c.parse_digest("sha256:../x").unwrap_err().to_string();
+        assert_eq!(e, "registry 'local': invalid digest 'sha256:../x'");
+        let e = c.parse_digest("sha512:abcd").unwrap_err().to_string();
+        assert!(e.contains("only sha256"), "{e}");
         let mut o = ClientOptions::new("x", "ftp://a");
         assert!(RegistryClient::new(o.clone()).is_err());
         o.base_url = "https://a".into();

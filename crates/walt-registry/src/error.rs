@@ -1,6 +1,7 @@
 //! Errors of the registry client: one clear line each, naming the registry.
 
 use std::error::Error as StdError;
+use walt_core::Digest;
 
 /// A failure talking to a registry. Every message names the registry label
 /// and never contains a password or an `Authorization` header value.
@@ -81,8 +82,8 @@ pub enum RegistryError {
     DigestMismatch {
         label: String,
         what: String,
-        expected: String,
-        actual: String,
+        expected: Digest,
+        actual: Digest,
     },
 
     /// A small blob or manifest larger than allowed.
@@ -108,7 +109,7 @@ pub enum RegistryError {
     )]
     Truncated {
         label: String,
-        digest: String,
+        digest: Digest,
         received: u64,
         expected: u64,
         reason: String,

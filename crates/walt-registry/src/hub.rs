@@ -12,7 +12,8 @@ use base64::Engine;
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
+use walt_core::Digest;
 use walt_core::oci::{self, ImageConfig, ManifestDoc};
 
 use crate::{RegistryClient, RegistryError};
@@ -309,8 +310,8 @@ impl WaltMetadata {
     }
 }
 
-fn sha256(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+fn sha256(data: &[u8]) -> Digest {
+    Digest::from_sha256(Sha256::digest(data).into())
 }
 
 /// A tiny image whose config carries `metadata` as label `metadata`: one
@@ -318,9 +319,9 @@ fn sha256(data: &[u8]) -> String {
 /// layers.
 pub struct MetadataImage {
     pub layer: Vec<u8>,
-    pub layer_digest: String,
+    pub layer_digest: Digest,
     pub config: Vec<u8>,
-    pub config_digest: String,
+    pub config_digest: Digest,
     pub manifest: Vec<u8>,
 }
 
@@ -390,7 +391,7 @@ impl RegistryClient {
                 let desc = oci::pick_platform(&index, arch, variant)
                     .or_else(|| index.manifests.first())
                     .ok_or_else(|| bad("empty index".into()))?;
-                let f = self.get_manifest(&repo, &desc.digest).await?;
+                let f = self.get_manifest(&repo, desc.digest.as_str()).await?;
                 match ManifestDoc::parse(&f.bytes, f.media_type.as_deref())
                     .map_err(|e| bad(e.to_string()))?
                 {

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use walt_core::Digest;
 use walt_registry::{
     ClientOptions, Credentials, ManifestCheck, RegistryClient, RegistryError, RetryPolicy,
 };
@@ -20,6 +21,11 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// A digest the client takes, from one of the strings the tests build.
+fn dg(s: &str) -> Digest {
+    Digest::parse(s).unwrap()
 }
 
 fn free_port() -> u16 {
@@ -238,7 +244,7 @@ async fn plain_registry() {
 
     // whole blob
     let b = client
-        .get_blob("alice/foo", &img.layer_digest, 0)
+        .get_blob("alice/foo", &dg(&img.layer_digest), 0)
         .await
         .unwrap();
     assert_eq!(b.offset, 0);
@@ -246,7 +252,7 @@ async fn plain_registry() {
     assert_eq!(collect(b).await, img.layer);
     // from an offset
     let b = client
-        .get_blob("alice/foo", &img.layer_digest, 123_457)
+        .get_blob("alice/foo", &dg(&img.layer_digest), 123_457)
         .await
         .unwrap();
     assert_eq!(b.offset, 123_457);
@@ -255,12 +261,12 @@ async fn plain_registry() {
 
     // small blob, verified
     let c = client
-        .get_blob_bytes("alice/foo", &img.config_digest, 1 << 20)
+        .get_blob_bytes("alice/foo", &dg(&img.config_digest), 1 << 20)
         .await
         .unwrap();
     assert_eq!(c, img.config);
     let e = client
-        .get_blob_bytes("alice/foo", &img.layer_digest, 1000)
+        .get_blob_bytes("alice/foo", &dg(&img.layer_digest), 1000)
         .await
         .unwrap_err();
     assert!(matches!(e, RegistryError::TooLarge { .. }), "{e}");
@@ -284,12 +290,15 @@ async fn plain_registry() {
     assert!(e.to_string().contains("bob/nothing"), "{e}");
     let missing = sha256(b"missing");
     let e = client
-        .get_blob_bytes("alice/foo", &missing, 1000)
+        .get_blob_bytes("alice/foo", &dg(&missing), 1000)
         .await
         .unwrap_err();
     assert!(matches!(e, RegistryError::NotFound { .. }), "{e}");
     assert!(e.to_string().contains(&missing), "{e}");
-    let e = client.get_blob("alice/foo", &missing, 0).await.unwrap_err();
+    let e = client
+        .get_blob("alice/foo", &dg(&missing), 0)
+        .await
+        .unwrap_err();
     assert!(matches!(e, RegistryError::NotFound { .. }), "{e}");
     let e = client
         .get_manifest("alice/foo", &missing)
@@ -307,7 +316,7 @@ async fn plain_registry() {
         let c = client.clone();
         let d = img.layer_digest.clone();
         tasks.push(tokio::spawn(async move {
-            collect(c.get_blob("alice/foo", &d, i * 1000).await.unwrap()).await
+            collect(c.get_blob("alice/foo", &dg(&d), i * 1000).await.unwrap()).await
         }));
     }
     for (i, t) in tasks.into_iter().enumerate() {
@@ -432,13 +441,13 @@ async fn tls_and_basic_auth() {
     let m = c.get_manifest("alice/secret", "v1").await.unwrap();
     assert_eq!(m.digest, img.manifest_digest);
     let b = c
-        .get_blob("alice/secret", &img.layer_digest, 10)
+        .get_blob("alice/secret", &dg(&img.layer_digest), 10)
         .await
         .unwrap();
     assert_eq!(b.offset, 10);
     assert_eq!(collect(b).await, img.layer[10..]);
     assert_eq!(
-        c.get_blob_bytes("alice/secret", &img.config_digest, 4096)
+        c.get_blob_bytes("alice/secret", &dg(&img.config_digest), 4096)
             .await
             .unwrap(),
         img.config
@@ -757,7 +766,7 @@ async fn retries_and_server_errors() {
     );
 
     let e = c
-        .get_blob("alice/denied", &sha256(b"x"), 0)
+        .get_blob("alice/denied", &dg(&sha256(b"x")), 0)
         .await
         .unwrap_err();
     assert!(matches!(e, RegistryError::Denied { .. }), "{e:?}");
@@ -787,6 +796,13 @@ async fn digest_verification() {
                 MANIFEST,
             );
         }
+        if p.ends_with("/manifests/v2") {
+            // a malformed header; one of another algorithm is not checked
+            return resp(200, &[("Docker-Content-Digest", "sha256:zz")], MANIFEST);
+        }
+        if p.ends_with("/manifests/v3") {
+            return resp(200, &[("Docker-Content-Digest", "sha512:abcd")], MANIFEST);
+        }
         if p.contains("/manifests/sha256:") {
             return resp(200, &[("Content-Type", OCI_MANIFEST)], MANIFEST);
         }
@@ -805,6 +821,16 @@ async fn digest_verification() {
         )),
         "{e}"
     );
+    let e = c.get_manifest("alice/foo", "v2").await.unwrap_err();
+    assert!(matches!(e, RegistryError::Protocol { .. }), "{e:?}");
+    assert!(
+        e.to_string().starts_with(
+            "registry 'mock': invalid response for manifest alice/foo:v2: Docker-Content-Digest: 'sha256:zz' is not a digest"
+        ),
+        "{e}"
+    );
+    let m = c.get_manifest("alice/foo", "v3").await.unwrap();
+    assert_eq!(m.digest, sha256(MANIFEST));
     let asked = sha256(b"asked");
     let e = c.get_manifest("alice/foo", &asked).await.unwrap_err();
     assert!(
@@ -818,15 +844,18 @@ async fn digest_verification() {
         .await
         .unwrap();
     let e = c
-        .get_blob_bytes("alice/foo", &good, 1000)
+        .get_blob_bytes("alice/foo", &dg(&good), 1000)
         .await
         .unwrap_err();
     assert!(matches!(e, RegistryError::DigestMismatch { .. }), "{e:?}");
     assert!(e.to_string().contains(&good), "{e}");
-    let e = c
-        .get_blob_bytes("alice/foo", "md5:abc", 1000)
-        .await
-        .unwrap_err();
+    // a digest walt cannot verify or address is refused before any request
+    let e = c.get_manifest("alice/foo", "md5:abc").await.unwrap_err();
+    assert!(matches!(e, RegistryError::InvalidArgument { .. }), "{e:?}");
+    assert!(e.to_string().contains("only sha256"), "{e}");
+    let e = c.get_manifest("alice/foo", "sha256:zz").await.unwrap_err();
+    assert_eq!(e.to_string(), "registry 'mock': invalid digest 'sha256:zz'");
+    let e = c.parse_digest("md5:abc").unwrap_err();
     assert!(matches!(e, RegistryError::InvalidArgument { .. }), "{e:?}");
 }
 
@@ -861,9 +890,9 @@ async fn redirect_does_not_leak_credentials() {
     o.credentials = Some(Credentials::new("user", "pass"));
     let c = RegistryClient::new(o).unwrap();
     let d = sha256(&layer);
-    let b = c.get_blob("alice/foo", &d, 0).await.unwrap();
+    let b = c.get_blob("alice/foo", &dg(&d), 0).await.unwrap();
     assert_eq!(collect(b).await, layer);
-    let b = c.get_blob("alice/foo", &d, 99_000).await.unwrap();
+    let b = c.get_blob("alice/foo", &dg(&d), 99_000).await.unwrap();
     assert_eq!(b.offset, 99_000);
     assert_eq!(collect(b).await, layer[99_000..]);
     let store_reqs = store.requests();
@@ -888,7 +917,10 @@ async fn range_ignored_restarts_from_zero() {
     let d2 = data.clone();
     let server = mock(move |_, _| resp(200, &[], d2.clone())).await;
     let c = RegistryClient::new(opts("mock", &server.url())).unwrap();
-    let b = c.get_blob("alice/foo", &sha256(&data), 5).await.unwrap();
+    let b = c
+        .get_blob("alice/foo", &dg(&sha256(&data)), 5)
+        .await
+        .unwrap();
     assert_eq!(b.offset, 0);
     assert_eq!(b.length, Some(10));
     assert_eq!(collect(b).await, data);
@@ -914,7 +946,10 @@ async fn body_cut_short_is_transient() {
         }
     });
     let c = RegistryClient::new(opts("mock", &format!("http://127.0.0.1:{port}"))).unwrap();
-    let b = c.get_blob("alice/foo", &sha256(b"x"), 0).await.unwrap();
+    let b = c
+        .get_blob("alice/foo", &dg(&sha256(b"x")), 0)
+        .await
+        .unwrap();
     let mut s = b.stream;
     let mut err = None;
     while let Some(r) = s.next().await {
@@ -928,7 +963,7 @@ async fn body_cut_short_is_transient() {
     assert!(e.is_transient());
     // small blobs: retried, then reported as cut short
     let e = c
-        .get_blob_bytes("alice/foo", &sha256(b"x"), 4096)
+        .get_blob_bytes("alice/foo", &dg(&sha256(b"x")), 4096)
         .await
         .unwrap_err();
     assert!(matches!(e, RegistryError::Interrupted { .. }), "{e:?}");
@@ -1036,7 +1071,7 @@ async fn conditional_manifest_on_a_real_registry() {
     assert_eq!(m.digest, first);
     // unchanged tag: 304, no body
     let check = c
-        .get_manifest_if_changed("u/img", "v1", Some(&first))
+        .get_manifest_if_changed("u/img", "v1", Some(&dg(&first)))
         .await
         .unwrap();
     assert!(matches!(check, ManifestCheck::Unchanged), "{check:?}");
@@ -1044,7 +1079,7 @@ async fn conditional_manifest_on_a_real_registry() {
     let second = push_labelled(&http, &reg.base_url, "u/img", "v1", "pc-x86-64").await;
     assert_ne!(first, second);
     let ManifestCheck::Changed(m) = c
-        .get_manifest_if_changed("u/img", "v1", Some(&first))
+        .get_manifest_if_changed("u/img", "v1", Some(&dg(&first)))
         .await
         .unwrap()
     else {
@@ -1053,7 +1088,7 @@ async fn conditional_manifest_on_a_real_registry() {
     assert_eq!(m.digest, second);
     // and a missing tag is still an error
     let e = c
-        .get_manifest_if_changed("u/img", "v9", Some(&first))
+        .get_manifest_if_changed("u/img", "v9", Some(&dg(&first)))
         .await
         .unwrap_err();
     assert!(matches!(e, RegistryError::NotFound { .. }), "{e:?}");
@@ -1122,7 +1157,11 @@ async fn push_blobs_and_manifest_to_a_real_registry() {
     let mut o = opts("local", &reg.base_url);
     o.upload_chunk_size = 64 << 10;
     let c = RegistryClient::new(o).unwrap();
-    assert!(!c.blob_exists("alice/pushed", &layer_digest).await.unwrap());
+    assert!(
+        !c.blob_exists("alice/pushed", &dg(&layer_digest))
+            .await
+            .unwrap()
+    );
     let seen = Arc::new(Mutex::new(0u64));
     let s2 = seen.clone();
     let progress: walt_registry::Progress = Arc::new(move |p| {
@@ -1131,7 +1170,7 @@ async fn push_blobs_and_manifest_to_a_real_registry() {
     });
     c.push_blob(
         "alice/pushed",
-        &layer_digest,
+        &dg(&layer_digest),
         layer.len() as u64,
         &layer_path,
         Some(progress),
@@ -1139,15 +1178,22 @@ async fn push_blobs_and_manifest_to_a_real_registry() {
     .await
     .unwrap();
     assert_eq!(*seen.lock().unwrap(), layer.len() as u64);
-    assert!(c.blob_exists("alice/pushed", &layer_digest).await.unwrap());
-    let b = c.get_blob("alice/pushed", &layer_digest, 0).await.unwrap();
+    assert!(
+        c.blob_exists("alice/pushed", &dg(&layer_digest))
+            .await
+            .unwrap()
+    );
+    let b = c
+        .get_blob("alice/pushed", &dg(&layer_digest), 0)
+        .await
+        .unwrap();
     assert_eq!(collect(b).await, layer);
 
     // monolithic (default chunk size)
     let c = RegistryClient::new(opts("local", &reg.base_url)).unwrap();
     c.push_blob(
         "alice/pushed",
-        &config_digest,
+        &dg(&config_digest),
         config.len() as u64,
         &config_path,
         None,
@@ -1155,7 +1201,7 @@ async fn push_blobs_and_manifest_to_a_real_registry() {
     .await
     .unwrap();
     assert_eq!(
-        c.get_blob_bytes("alice/pushed", &config_digest, 4096)
+        c.get_blob_bytes("alice/pushed", &dg(&config_digest), 4096)
             .await
             .unwrap(),
         config
@@ -1164,7 +1210,7 @@ async fn push_blobs_and_manifest_to_a_real_registry() {
     let e = c
         .push_blob(
             "alice/pushed",
-            &sha256(b"other"),
+            &dg(&sha256(b"other")),
             config.len() as u64,
             &config_path,
             None,
@@ -1190,20 +1236,20 @@ async fn push_blobs_and_manifest_to_a_real_registry() {
     assert_eq!(m.bytes, manifest);
 
     // cross-repository mount
-    assert!(!c.blob_exists("bob/copy", &layer_digest).await.unwrap());
+    assert!(!c.blob_exists("bob/copy", &dg(&layer_digest)).await.unwrap());
     assert!(
-        c.mount_blob("bob/copy", &layer_digest, "alice/pushed")
+        c.mount_blob("bob/copy", &dg(&layer_digest), "alice/pushed")
             .await
             .unwrap()
     );
-    assert!(c.blob_exists("bob/copy", &layer_digest).await.unwrap());
+    assert!(c.blob_exists("bob/copy", &dg(&layer_digest)).await.unwrap());
     let unknown = sha256(b"nowhere");
     assert!(
-        !c.mount_blob("bob/copy", &unknown, "alice/pushed")
+        !c.mount_blob("bob/copy", &dg(&unknown), "alice/pushed")
             .await
             .unwrap()
     );
-    assert!(!c.blob_exists("bob/copy", &unknown).await.unwrap());
+    assert!(!c.blob_exists("bob/copy", &dg(&unknown)).await.unwrap());
 }
 
 #[tokio::test]
@@ -1227,7 +1273,7 @@ async fn push_with_tls_and_basic_auth() {
         RegistryClient::new(o).unwrap()
     };
     let e = with(None)
-        .push_blob("user/x", &digest, data.len() as u64, &path, None)
+        .push_blob("user/x", &dg(&digest), data.len() as u64, &path, None)
         .await
         .unwrap_err();
     assert!(
@@ -1235,16 +1281,16 @@ async fn push_with_tls_and_basic_auth() {
         "{e:?}"
     );
     let e = with(Some(("user", "bad")))
-        .blob_exists("user/x", &digest)
+        .blob_exists("user/x", &dg(&digest))
         .await
         .unwrap_err();
     assert!(matches!(e, RegistryError::Unauthorized { .. }), "{e:?}");
     let c = with(Some(("user", "pass")));
-    c.push_blob("user/x", &digest, data.len() as u64, &path, None)
+    c.push_blob("user/x", &dg(&digest), data.len() as u64, &path, None)
         .await
         .unwrap();
-    assert!(c.blob_exists("user/x", &digest).await.unwrap());
-    let b = c.get_blob("user/x", &digest, 0).await.unwrap();
+    assert!(c.blob_exists("user/x", &dg(&digest)).await.unwrap());
+    let b = c.get_blob("user/x", &dg(&digest), 0).await.unwrap();
     assert_eq!(collect(b).await, data);
 }
 
@@ -1394,7 +1440,7 @@ async fn chunked_upload_resumes_where_the_registry_stands() {
     let mut o = opts("mock", &format!("http://127.0.0.1:{port}"));
     o.upload_chunk_size = 100_000;
     let c = RegistryClient::new(o).unwrap();
-    c.push_blob("r", &digest, data.len() as u64, &path, None)
+    c.push_blob("r", &dg(&digest), data.len() as u64, &path, None)
         .await
         .unwrap();
     assert_eq!(*stored.lock().unwrap(), data);
@@ -1432,9 +1478,9 @@ async fn push_asks_for_push_tokens() {
     o.credentials = Some(Credentials::new("user", "pass"));
     let c = RegistryClient::new(o).unwrap();
     let d = sha256(b"x");
-    assert!(!c.blob_exists("alice/foo", &d).await.unwrap());
+    assert!(!c.blob_exists("alice/foo", &dg(&d)).await.unwrap());
     // known scheme: the token for another repository is asked for at once
-    assert!(!c.blob_exists("alice/bar", &d).await.unwrap());
+    assert!(!c.blob_exists("alice/bar", &dg(&d)).await.unwrap());
     let tokens: Vec<String> = server
         .requests()
         .into_iter()
@@ -1535,7 +1581,7 @@ async fn chunked_upload_survives_a_cut_connection_to_a_real_registry() {
     let mut o = opts("cut", &format!("http://127.0.0.1:{port}"));
     o.upload_chunk_size = 100_000;
     let c = RegistryClient::new(o).unwrap();
-    c.push_blob("alice/cut", &digest, data.len() as u64, &path, None)
+    c.push_blob("alice/cut", &dg(&digest), data.len() as u64, &path, None)
         .await
         .unwrap();
     let log = log.lock().unwrap().clone();
@@ -1544,7 +1590,7 @@ async fn chunked_upload_survives_a_cut_connection_to_a_real_registry() {
     // registries that report where the upload stands)
     assert!(log.iter().any(|l| l.ends_with("(cut)")), "{log:?}");
     let direct = RegistryClient::new(opts("local", &reg.base_url)).unwrap();
-    let b = direct.get_blob("alice/cut", &digest, 0).await.unwrap();
+    let b = direct.get_blob("alice/cut", &dg(&digest), 0).await.unwrap();
     assert_eq!(collect(b).await, data, "{log:?}");
 }
 
@@ -1647,7 +1693,7 @@ async fn blob_stream_resumes_from_the_missing_byte() {
     // the first two answers break after 30 000 bytes each
     let server = breaking_blob_server(data.clone(), true, |n| (n < 2).then_some(30_000)).await;
     let c = RegistryClient::new(opts("mock", &server.url())).unwrap();
-    let got = drain(c.blob_stream("alice/foo", &sha256(&data), data.len() as u64))
+    let got = drain(c.blob_stream("alice/foo", &dg(&sha256(&data)), data.len() as u64))
         .await
         .unwrap();
     assert!(got == data, "the resumed body differs from the blob");
@@ -1671,7 +1717,7 @@ async fn blob_stream_skips_what_it_has_when_the_range_is_ignored() {
     let data = pattern(50_000);
     let server = breaking_blob_server(data.clone(), false, |n| (n == 0).then_some(20_000)).await;
     let c = RegistryClient::new(opts("mock", &server.url())).unwrap();
-    let got = drain(c.blob_stream("alice/foo", &sha256(&data), data.len() as u64))
+    let got = drain(c.blob_stream("alice/foo", &dg(&sha256(&data)), data.len() as u64))
         .await
         .unwrap();
     assert!(got == data, "bytes were given twice or lost");
@@ -1686,7 +1732,7 @@ async fn blob_stream_gives_up_after_the_retry_budget() {
     // every answer breaks, each one 1 000 bytes further
     let server = breaking_blob_server(data.clone(), true, |_| Some(1_000)).await;
     let c = RegistryClient::new(opts("mock", &server.url())).unwrap();
-    let e = drain(c.blob_stream("alice/foo", &sha256(&data), data.len() as u64))
+    let e = drain(c.blob_stream("alice/foo", &dg(&sha256(&data)), data.len() as u64))
         .await
         .unwrap_err();
     let tries = fast_retry().attempts as usize;
@@ -1715,7 +1761,7 @@ async fn blob_stream_stops_after_a_longer_body() {
     let c = RegistryClient::new(opts("mock", &server.url())).unwrap();
     // announced smaller than it is: the extra bytes reach the caller (its
     // size check refuses them) and no second request is made
-    let got = drain(c.blob_stream("alice/foo", &sha256(&data), 1_000))
+    let got = drain(c.blob_stream("alice/foo", &dg(&sha256(&data)), 1_000))
         .await
         .unwrap();
     assert!(got.len() > 1_000 && data.starts_with(&got), "{}", got.len());

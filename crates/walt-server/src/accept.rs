@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use walt_core::models::parse_models;
 use walt_core::oci;
-use walt_core::{CloneUrl, ImageName};
+use walt_core::{CloneUrl, Digest, ImageName};
 use walt_store::{ImportGuard, LayerRef, NewImage, PutOutcome, Store};
 
 use crate::error::ServiceError;
@@ -34,7 +34,7 @@ pub(crate) enum Manifest {
     /// As the registry served it (its digest and media type stay).
     Fetched {
         bytes: Vec<u8>,
-        digest: String,
+        digest: Digest,
         media_type: String,
     },
     /// None to keep (a Docker archive): walt writes an OCI manifest for
@@ -46,7 +46,7 @@ pub(crate) enum Manifest {
 pub(crate) struct Accepted {
     pub config: Vec<u8>,
     /// The config's digest when known (it is then checked); else computed.
-    pub config_digest: Option<String>,
+    pub config_digest: Option<Digest>,
     pub manifest: Manifest,
     pub layers: Vec<LayerRef>,
     pub models: Vec<String>,
@@ -63,11 +63,11 @@ pub(crate) async fn record(
     target: &ImageName,
     force: bool,
     image: Accepted,
-) -> Result<(PutOutcome, String), ServiceError> {
+) -> Result<(PutOutcome, Digest), ServiceError> {
     let (store, target) = (store.clone(), target.clone());
     blocking(move || {
         let _guard = guard;
-        let config_digest = store.put_blob(image.config_digest.as_deref(), &image.config)?;
+        let config_digest = store.put_blob(image.config_digest.as_ref(), &image.config)?;
         let (manifest_digest, manifest_media_type) = match image.manifest {
             Manifest::Fetched {
                 bytes,
@@ -101,7 +101,7 @@ pub(crate) async fn record(
 
 /// An OCI manifest for a config and layers walt assembled itself.
 fn write_manifest(
-    config_digest: &str,
+    config_digest: &Digest,
     config_size: usize,
     layers: &[LayerRef],
 ) -> Result<Vec<u8>, ServiceError> {
@@ -167,17 +167,18 @@ mod tests {
 
     #[test]
     fn written_manifest_lists_config_and_layers() {
+        let d = |s: &[u8]| Digest::from_sha256(<sha2::Sha256 as sha2::Digest>::digest(s).into());
         let layers = [LayerRef {
-            diff_id: "sha256:d".into(),
-            blob_digest: "sha256:b".into(),
+            diff_id: d(b"d"),
+            blob_digest: d(b"b"),
             blob_size: 3,
             media_type: oci::OCI_LAYER_TAR.into(),
         }];
-        let bytes = write_manifest("sha256:c", 7, &layers).unwrap();
+        let bytes = write_manifest(&d(b"c"), 7, &layers).unwrap();
         let m: oci::Manifest = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(m.config.digest, "sha256:c");
+        assert_eq!(m.config.digest, d(b"c"));
         assert_eq!(m.config.size, 7);
-        assert_eq!(m.layers[0].digest, "sha256:b");
+        assert_eq!(m.layers[0].digest, d(b"b"));
         assert_eq!(m.layers[0].media_type, oci::OCI_LAYER_TAR);
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["annotations"][oci::ANNOTATION_WALT_BUILT], "true");

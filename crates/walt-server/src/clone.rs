@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use walt_core::config::Registry;
 use walt_core::oci::{self, Compression, ImageConfig, Manifest, ManifestDoc};
-use walt_core::{CloneUrl, ImageName, LABEL_NODE_MODELS, Location};
+use walt_core::{CloneUrl, Digest, ImageName, LABEL_NODE_MODELS, Location};
 use walt_registry::{Credentials, RegistryClient};
 use walt_store::{ImportOptions, LayerRef, PutOutcome, Store};
 
@@ -46,7 +46,7 @@ pub struct CloneRequest {
 pub struct CloneResult {
     /// The new image's short name.
     pub name: String,
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     pub layers: u64,
     pub downloaded_bytes: u64,
     /// An image of that name was replaced (`--force`).
@@ -190,14 +190,17 @@ pub async fn run(
             let (src, target, force) = (src.clone(), plan.target.clone(), plan.force);
             let (outcome, rec) = blocking(move || {
                 let outcome = store.copy_image(&src, &target, force)?;
-                let rec = store.get_image(&target)?;
+                // Removed again in the meantime: as if the copy never was.
+                let rec = store
+                    .get_image(&target)?
+                    .ok_or_else(|| walt_store::StoreError::ImageNotFound(target.to_string()))?;
                 Ok((outcome, rec))
             })
             .await?;
             tracing::info!(from = %plan.url, to = %plan.target, "image copied");
             Ok(CloneResult {
                 name: plan.target.short(),
-                manifest_digest: rec.map(|r| r.manifest_digest).unwrap_or_default(),
+                manifest_digest: rec.manifest_digest,
                 layers: 0,
                 downloaded_bytes: 0,
                 replaced: matches!(outcome, PutOutcome::Replaced),
@@ -215,8 +218,8 @@ pub async fn run(
                         &plan.url.path(),
                         rec.layers
                             .iter()
-                            .map(|l| l.blob_digest.as_str())
-                            .chain([rec.config_digest.as_str()]),
+                            .map(|l| &l.blob_digest)
+                            .chain([&rec.config_digest]),
                     );
                 }
             }
@@ -231,7 +234,7 @@ pub(crate) async fn resolve_manifest(
     client: &RegistryClient,
     url: &CloneUrl,
     events: &Events,
-) -> Result<(Manifest, Vec<u8>, String, String), ServiceError> {
+) -> Result<(Manifest, Vec<u8>, Digest, String), ServiceError> {
     let fetched = client.get_manifest(&url.path(), &url.tag).await?;
     let r = resolve_fetched(client, url, fetched).await?;
     if r.from_index {
@@ -249,7 +252,7 @@ pub(crate) async fn resolve_manifest(
 pub(crate) struct Resolved {
     pub manifest: Manifest,
     pub bytes: Vec<u8>,
-    pub digest: String,
+    pub digest: Digest,
     pub media_type: String,
     /// It came from an index (one more request was made).
     pub from_index: bool,
@@ -288,7 +291,9 @@ pub(crate) async fn resolve_fetched(
                     });
                 };
                 from_index = true;
-                let inner = client.get_manifest(&url.path(), &desc.digest).await?;
+                let inner = client
+                    .get_manifest(&url.path(), desc.digest.as_str())
+                    .await?;
                 media_type = inner.media_type.clone().or(Some(desc.media_type.clone()));
                 match ManifestDoc::parse(&inner.bytes, media_type.as_deref()).map_err(bad)? {
                     ManifestDoc::Image(m) => (*m, inner.bytes, inner.digest),
@@ -351,12 +356,6 @@ async fn pull(
                 desc.digest, desc.media_type
             ))
         })?;
-        if oci::digest_hex(&desc.digest).is_none() || oci::digest_hex(diff_id).is_none() {
-            return Err(invalid(format!(
-                "layer digest '{}' is not a sha256 digest",
-                desc.digest
-            )));
-        }
         layers.push(LayerJob {
             digest: desc.digest.clone(),
             size: desc.size,
@@ -369,7 +368,7 @@ async fn pull(
     // Announce every layer, so the client can draw its bars at once.
     for l in &layers {
         events
-            .layer(LayerProgress::running(&l.digest, 0, l.size))
+            .layer(LayerProgress::running(l.digest.as_str(), 0, l.size))
             .await;
     }
     // Held until the image row is committed, so that no collection runs
@@ -416,9 +415,9 @@ async fn pull(
 
 #[derive(Clone)]
 struct LayerJob {
-    digest: String,
+    digest: Digest,
     size: u64,
-    diff_id: String,
+    diff_id: Digest,
     compression: Compression,
     media_type: String,
 }
@@ -489,7 +488,7 @@ async fn fetch_layer(
     let has_layer = store.has_layer(&job.diff_id);
     if has_blob && has_layer {
         events
-            .layer(LayerProgress::finished(&job.digest, job.size, true))
+            .layer(LayerProgress::finished(job.digest.as_str(), job.size, true))
             .await;
         return Ok(0);
     }
@@ -501,7 +500,7 @@ async fn fetch_layer(
         })
         .await?;
         events
-            .layer(LayerProgress::finished(&job.digest, job.size, true))
+            .layer(LayerProgress::finished(job.digest.as_str(), job.size, true))
             .await;
         return Ok(0);
     }
@@ -515,7 +514,7 @@ async fn fetch_layer(
         expected_size: Some(job.size),
         expected_diff_id: Some(job.diff_id.clone()),
         progress: Some(Box::new(move |done| {
-            ptx.try_layer(LayerProgress::running(&digest, done, total));
+            ptx.try_layer(LayerProgress::running(digest.as_str(), done, total));
         })),
         background,
     };
@@ -535,7 +534,11 @@ async fn fetch_layer(
     pumped?;
     imported?;
     events
-        .layer(LayerProgress::finished(&job.digest, job.size, false))
+        .layer(LayerProgress::finished(
+            job.digest.as_str(),
+            job.size,
+            false,
+        ))
         .await;
     Ok(job.size)
 }

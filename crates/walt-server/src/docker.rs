@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 use walt_core::config::ServerConfig;
 use walt_core::models::parse_models;
 use walt_core::oci::{self, Compression, ImageConfig, Manifest};
-use walt_core::{CloneUrl, ImageName, LABEL_NODE_MODELS, LABEL_SERVER_MINVERSION, Location};
+use walt_core::{
+    CloneUrl, Digest, ImageName, LABEL_NODE_MODELS, LABEL_SERVER_MINVERSION, Location,
+};
 use walt_registry::{DEFAULT_DOCKER_SOCKET, DockerClient, DockerError};
 use walt_store::{ImportOptions, LayerImport, LayerRef, PutOutcome, Store};
 
@@ -227,8 +229,8 @@ struct SaveManifest {
 }
 
 /// The path of a blob in an OCI-layout archive.
-fn blob_path(digest: &str) -> Option<String> {
-    oci::digest_hex(digest).map(|h| format!("blobs/sha256/{h}"))
+fn blob_path(digest: &Digest) -> String {
+    format!("blobs/sha256/{}", digest.hex())
 }
 
 /// (config path, layer paths) of the (single) image in the archive.
@@ -256,18 +258,18 @@ fn image_paths(archive: &Archive, url: &CloneUrl) -> Result<(String, Vec<String>
         .manifests
         .first()
         .ok_or_else(|| bad("index.json lists no image".into()))?;
-    let manifest = blob_path(&desc.digest)
-        .and_then(|p| archive.files.get(&p))
+    let manifest = archive
+        .files
+        .get(&blob_path(&desc.digest))
         .ok_or_else(|| bad(format!("manifest {} missing", desc.digest)))?;
     let manifest: Manifest =
         serde_json::from_slice(manifest).map_err(|e| bad(format!("manifest: {e}")))?;
-    let config = blob_path(&manifest.config.digest)
-        .ok_or_else(|| bad(format!("bad config digest {}", manifest.config.digest)))?;
+    let config = blob_path(&manifest.config.digest);
     let layers = manifest
         .layers
         .iter()
-        .map(|l| blob_path(&l.digest).ok_or_else(|| bad(format!("bad layer digest {}", l.digest))))
-        .collect::<Result<_, _>>()?;
+        .map(|l| blob_path(&l.digest))
+        .collect();
     Ok((config, layers))
 }
 
@@ -371,19 +373,13 @@ fn assemble(archive: &Archive, url: &CloneUrl) -> Result<Accepted, ServiceError>
                 .ok_or_else(|| bad(format!("layer '{p}' is missing")))
         })
         .collect::<Result<_, _>>()?;
-    let diff_ids: Vec<&str> = layers.iter().map(|(l, _)| l.diff_id.as_str()).collect();
-    if diff_ids
-        != config
-            .rootfs
-            .diff_ids
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-    {
+    let diff_ids: Vec<&Digest> = layers.iter().map(|(l, _)| &l.diff_id).collect();
+    if diff_ids != config.rootfs.diff_ids.iter().collect::<Vec<_>>() {
+        let list = |d: &[&Digest]| d.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(", ");
         return Err(bad(format!(
             "its layers ({}) do not match its configuration ({})",
-            diff_ids.join(", "),
-            config.rootfs.diff_ids.join(", ")
+            list(&diff_ids),
+            list(&config.rootfs.diff_ids.iter().collect::<Vec<_>>())
         )));
     }
     Ok(Accepted {
@@ -406,10 +402,10 @@ fn assemble(archive: &Archive, url: &CloneUrl) -> Result<Accepted, ServiceError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sha2::{Digest, Sha256};
+    use sha2::Sha256;
 
-    fn digest(b: &[u8]) -> String {
-        format!("sha256:{}", hex::encode(Sha256::digest(b)))
+    fn digest(b: &[u8]) -> Digest {
+        Digest::from_sha256(<Sha256 as sha2::Digest>::digest(b).into())
     }
 
     fn layer_tar(marker: &str) -> Vec<u8> {
@@ -440,7 +436,7 @@ mod tests {
         b.into_inner().unwrap()
     }
 
-    fn config(diff_ids: &[String], labelled: bool) -> Vec<u8> {
+    fn config(diff_ids: &[Digest], labelled: bool) -> Vec<u8> {
         let labels = if labelled {
             serde_json::json!({ LABEL_NODE_MODELS: "pc-x86-64" })
         } else {
@@ -508,7 +504,7 @@ mod tests {
             "manifests": [{"mediaType": oci::OCI_MANIFEST, "digest": digest(&manifest), "size": manifest.len()}],
         }))
         .unwrap();
-        let p = |b: &[u8]| format!("blobs/sha256/{}", &digest(b)[7..]);
+        let p = |b: &[u8]| format!("blobs/sha256/{}", digest(b).hex());
         let tar = archive(&[
             (&p(&gz), &gz),
             ("index.json", &index),

@@ -77,7 +77,7 @@ impl From<CloneResult> for pb::CloneResult {
     fn from(r: CloneResult) -> Self {
         Self {
             name: r.name,
-            manifest_digest: r.manifest_digest,
+            manifest_digest: r.manifest_digest.into(),
             layers: r.layers,
             downloaded_bytes: r.downloaded_bytes,
             replaced: r.replaced,
@@ -102,7 +102,7 @@ impl From<PublishResult> for pb::PublishResult {
         Self {
             clone_url: r.clone_url,
             registry: r.registry,
-            manifest_digest: r.manifest_digest,
+            manifest_digest: r.manifest_digest.into(),
             uploaded_blobs: r.uploaded_blobs,
             uploaded_bytes: r.uploaded_bytes,
             skipped_blobs: r.skipped_blobs,
@@ -236,7 +236,7 @@ mod tests {
         );
         let s = Status::from(ServiceError::from(RegistryError::Truncated {
             label: "flaky".into(),
-            digest: "sha256:ab".into(),
+            digest: walt_core::Digest::from_sha256([0xab; 32]),
             received: 1,
             expected: 2,
             reason: "connection closed early".into(),

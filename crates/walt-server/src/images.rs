@@ -54,7 +54,7 @@ fn info(state: &State, rec: &ImageRecord) -> Result<pb::ImageInfo, ServiceError>
         node_models: rec.node_models.clone(),
         clone_url: url.to_string(),
         size: rec.size,
-        manifest_digest: rec.manifest_digest.clone(),
+        manifest_digest: rec.manifest_digest.to_string(),
     })
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use walt_core::config::{Auth, Registry, V2Registry};
-use walt_core::{CloneUrl, ImageName};
+use walt_core::{CloneUrl, Digest, ImageName};
 use walt_registry::{Credentials, Progress, RegistryClient, RegistryError};
 use walt_store::ImageRecord;
 
@@ -46,7 +46,7 @@ pub struct PublishResult {
     pub clone_url: String,
     /// The label of the registry it went to.
     pub registry: String,
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     pub uploaded_blobs: u64,
     pub uploaded_bytes: u64,
     pub skipped_blobs: u64,
@@ -59,23 +59,28 @@ pub type Events = Reporter<Event<PublishResult>>;
 /// from clones and publishes: the source of cross-repository mounts. In
 /// memory only (a restart forgets it; publishing then uploads).
 #[derive(Default)]
-pub struct BlobSources(Mutex<HashMap<String, HashMap<String, String>>>);
+pub struct BlobSources(Mutex<HashMap<String, HashMap<Digest, String>>>);
 
 impl BlobSources {
     /// Records that `repo` of registry `label` holds these blobs.
-    pub fn record<'a>(&self, label: &str, repo: &str, digests: impl IntoIterator<Item = &'a str>) {
+    pub fn record<'a>(
+        &self,
+        label: &str,
+        repo: &str,
+        digests: impl IntoIterator<Item = &'a Digest>,
+    ) {
         let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let known = all.entry(label.to_string()).or_default();
         for d in digests {
             if known.len() >= MAX_SOURCES {
                 known.clear();
             }
-            known.insert(d.to_string(), repo.to_string());
+            known.insert(d.clone(), repo.to_string());
         }
     }
 
     /// A repository of `label` known to hold `digest`.
-    pub fn find(&self, label: &str, digest: &str) -> Option<String> {
+    pub fn find(&self, label: &str, digest: &Digest) -> Option<String> {
         let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
         all.get(label)?.get(digest).cloned()
     }
@@ -229,7 +234,7 @@ pub async fn plan(
 /// One blob to make present in the registry.
 #[derive(Clone)]
 struct BlobJob {
-    digest: String,
+    digest: Digest,
     size: u64,
     path: std::path::PathBuf,
     /// Another repository of the registry known to hold it.
@@ -291,7 +296,7 @@ async fn compress_layers(
     for i in todo {
         let (store, layer) = (state.store.clone(), rec.layers[i].clone());
         tasks.spawn_blocking(move || -> Result<_, ServiceError> {
-            let path = store.blob_path(&layer.blob_digest)?;
+            let path = store.blob_path(&layer.blob_digest);
             let file = std::fs::File::open(&path).map_err(|e| {
                 ServiceError::Internal(format!("cannot read {}: {e}", path.display()))
             })?;
@@ -395,8 +400,8 @@ pub async fn run(
         &plan.repo,
         rec.layers
             .iter()
-            .map(|l| l.blob_digest.as_str())
-            .chain([rec.config_digest.as_str()]),
+            .map(|l| &l.blob_digest)
+            .chain([&rec.config_digest]),
     );
     tracing::info!(
         image = %plan.image.name,
@@ -426,11 +431,11 @@ async fn publish(
                 layers.push(BlobJob {
                     digest: l.blob_digest.clone(),
                     size: l.blob_size,
-                    path: store.blob_path(&l.blob_digest)?,
+                    path: store.blob_path(&l.blob_digest),
                     mount_from: None,
                 });
             }
-            let path = store.blob_path(&rec.config_digest)?;
+            let path = store.blob_path(&rec.config_digest);
             let size = std::fs::metadata(&path)
                 .map_err(|e| {
                     ServiceError::Internal(format!("cannot read {}: {e}", path.display()))
@@ -448,7 +453,7 @@ async fn publish(
         .await?
     };
     let label = plan.client.label();
-    let source = |digest: &str| {
+    let source = |digest: &Digest| {
         state
             .blob_sources
             .find(label, digest)
@@ -465,7 +470,7 @@ async fn publish(
     config.mount_from = source(&config.digest);
     for l in &layers {
         events
-            .layer(LayerProgress::running(&l.digest, 0, l.size))
+            .layer(LayerProgress::running(l.digest.as_str(), 0, l.size))
             .await;
     }
     let mut uploaded_blobs = 0;
@@ -563,7 +568,7 @@ async fn send_blob(
 ) -> Result<Sent, ServiceError> {
     if client.blob_exists(repo, &job.digest).await? {
         if let Some(ev) = events {
-            ev.layer(LayerProgress::finished(&job.digest, job.size, true))
+            ev.layer(LayerProgress::finished(job.digest.as_str(), job.size, true))
                 .await;
         }
         return Ok(Sent::Present);
@@ -573,7 +578,7 @@ async fn send_blob(
             Ok(true) => {
                 tracing::debug!(digest = %job.digest, from = %from, "blob mounted");
                 if let Some(ev) = events {
-                    ev.layer(LayerProgress::finished(&job.digest, job.size, true))
+                    ev.layer(LayerProgress::finished(job.digest.as_str(), job.size, true))
                         .await;
                 }
                 return Ok(Sent::Present);
@@ -595,7 +600,7 @@ async fn send_blob(
             }
             *last = Some(Instant::now());
             // Progress is best effort: never wait for a slow client here.
-            ev.try_layer(LayerProgress::running(&digest, done, total));
+            ev.try_layer(LayerProgress::running(digest.as_str(), done, total));
         });
         p
     });
@@ -603,8 +608,12 @@ async fn send_blob(
         .push_blob(repo, &job.digest, job.size, &job.path, reporter)
         .await?;
     if let Some(ev) = events {
-        ev.layer(LayerProgress::finished(&job.digest, job.size, false))
-            .await;
+        ev.layer(LayerProgress::finished(
+            job.digest.as_str(),
+            job.size,
+            false,
+        ))
+        .await;
     }
     Ok(Sent::Uploaded(job.size))
 }
@@ -616,14 +625,16 @@ mod tests {
     #[test]
     fn blob_sources_per_registry() {
         let s = BlobSources::default();
-        assert_eq!(s.find("local", "sha256:a"), None);
-        s.record("local", "eve/base", ["sha256:a", "sha256:b"]);
-        s.record("other", "x/y", ["sha256:a"]);
-        assert_eq!(s.find("local", "sha256:a").as_deref(), Some("eve/base"));
-        assert_eq!(s.find("other", "sha256:a").as_deref(), Some("x/y"));
-        assert_eq!(s.find("other", "sha256:b"), None);
+        let a = Digest::from_sha256([0xa; 32]);
+        let b = Digest::from_sha256([0xb; 32]);
+        assert_eq!(s.find("local", &a), None);
+        s.record("local", "eve/base", [&a, &b]);
+        s.record("other", "x/y", [&a]);
+        assert_eq!(s.find("local", &a).as_deref(), Some("eve/base"));
+        assert_eq!(s.find("other", &a).as_deref(), Some("x/y"));
+        assert_eq!(s.find("other", &b), None);
         // the latest holder wins
-        s.record("local", "alice/base", ["sha256:b"]);
-        assert_eq!(s.find("local", "sha256:b").as_deref(), Some("alice/base"));
+        s.record("local", "alice/base", [&b]);
+        assert_eq!(s.find("local", &b).as_deref(), Some("alice/base"));
     }
 }

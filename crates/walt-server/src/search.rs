@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use walt_core::config::{Registry, V2Registry};
 use walt_core::models::parse_models;
 use walt_core::oci::ImageConfig;
-use walt_core::{CloneUrl, LABEL_NODE_MODELS, LABEL_SERVER_MINVERSION, Location};
+use walt_core::{CloneUrl, Digest, LABEL_NODE_MODELS, LABEL_SERVER_MINVERSION, Location};
 use walt_registry::{Credentials, ManifestCheck, RegistryClient, RegistryError};
 
 use crate::State;
@@ -89,7 +89,7 @@ struct WaltLabels {
 
 /// What a tag pointed to at the last search: (manifest digest, labels of
 /// that image).
-type TagEntry = (String, Option<Arc<WaltLabels>>);
+type TagEntry = (Digest, Option<Arc<WaltLabels>>);
 
 /// What searches remember across calls, one per server: image configs by
 /// digest (they never change), and what each tag pointed to, only a hint
@@ -97,13 +97,13 @@ type TagEntry = (String, Option<Arc<WaltLabels>>);
 #[derive(Default)]
 pub struct Caches {
     /// Parsed configs by digest; `None`: not a walt image.
-    configs: Mutex<HashMap<String, Option<Arc<WaltLabels>>>>,
+    configs: Mutex<HashMap<Digest, Option<Arc<WaltLabels>>>>,
     /// `<registry URL> <repo>:<tag>` -> what it pointed to.
     tags: Mutex<HashMap<String, TagEntry>>,
 }
 
 impl Caches {
-    fn config(&self, digest: &str) -> Option<Option<Arc<WaltLabels>>> {
+    fn config(&self, digest: &Digest) -> Option<Option<Arc<WaltLabels>>> {
         self.configs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -111,12 +111,12 @@ impl Caches {
             .cloned()
     }
 
-    fn remember_config(&self, digest: &str, labels: Option<Arc<WaltLabels>>) {
+    fn remember_config(&self, digest: &Digest, labels: Option<Arc<WaltLabels>>) {
         let mut c = self.configs.lock().unwrap_or_else(|e| e.into_inner());
         if c.len() >= MAX_CACHED_CONFIGS {
             c.clear();
         }
-        c.insert(digest.to_string(), labels);
+        c.insert(digest.clone(), labels);
     }
 
     fn tag(&self, key: &str) -> Option<TagEntry> {
@@ -127,7 +127,7 @@ impl Caches {
             .cloned()
     }
 
-    fn remember_tag(&self, key: String, manifest_digest: String, labels: Option<Arc<WaltLabels>>) {
+    fn remember_tag(&self, key: String, manifest_digest: Digest, labels: Option<Arc<WaltLabels>>) {
         let mut c = self.tags.lock().unwrap_or_else(|e| e.into_inner());
         if c.len() >= MAX_CACHED_TAGS && !c.contains_key(&key) {
             c.clear();
@@ -420,7 +420,7 @@ async fn inspect(
     let (fetched, config_digest) = {
         let _permit = pool.acquire().await;
         let check = client
-            .get_manifest_if_changed(&path, &url.tag, known.as_ref().map(|k| k.0.as_str()))
+            .get_manifest_if_changed(&path, &url.tag, known.as_ref().map(|k| &k.0))
             .await?;
         let fetched = match (check, &known) {
             (ManifestCheck::Unchanged, Some((_, labels))) => return Ok(labels.clone()),

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use walt_core::oci;
-use walt_core::{ImageName, oci::ANNOTATION_WALT_BUILT};
+use walt_core::{Digest, ImageName, oci::ANNOTATION_WALT_BUILT};
 
 use crate::Store;
 use crate::db::{ImageRecord, LayerRef, NewImage, PutOutcome};
@@ -97,9 +97,9 @@ fn is_mount_point(path: &Path) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitOutcome {
     /// The digest of the new image's manifest.
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     /// The diff_id of the new layer (also its blob digest: uncompressed).
-    pub diff_id: String,
+    pub diff_id: Digest,
     /// The size of the new layer's tar.
     pub layer_size: u64,
     /// True when `target` existed and was replaced.
@@ -143,7 +143,7 @@ impl Store {
         rec.layers
             .iter()
             .map(|l| {
-                let p = self.layer_path(&l.diff_id)?;
+                let p = self.layer_path(&l.diff_id);
                 if p.is_dir() {
                     Ok(p)
                 } else {
@@ -224,7 +224,7 @@ impl Store {
             .map_err(|e| fail(format!("writing the layer: {e}")))?;
         let blob = blob_w.finish()?;
         let layer_size = blob.size();
-        let diff_id = blob.digest().to_string();
+        let diff_id = blob.digest().clone();
         durable
             .join()
             .map_err(|_| fail("the sync thread panicked".into()))?
@@ -252,7 +252,7 @@ impl Store {
             *rootfs = serde_json::json!({ "type": "layers" });
         }
         if let Some(rootfs) = rootfs.as_object_mut() {
-            push_to_array(rootfs, "diff_ids", diff_id.clone().into());
+            push_to_array(rootfs, "diff_ids", diff_id.to_string().into());
         }
         let entry = serde_json::json!({ "created": rfc3339(now), "created_by": created_by });
         push_to_array(&mut config, "history", entry);

@@ -4,15 +4,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use walt_core::ImageName;
+use walt_core::{Digest, ImageName};
 
 use crate::error::{DbContext, Result, StoreError};
 
 /// A layer of an image, as listed by its manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerRef {
-    pub diff_id: String,
-    pub blob_digest: String,
+    pub diff_id: Digest,
+    pub blob_digest: Digest,
     pub blob_size: u64,
     pub media_type: String,
 }
@@ -21,9 +21,9 @@ pub struct LayerRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewImage {
     pub name: ImageName,
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     pub manifest_media_type: String,
-    pub config_digest: String,
+    pub config_digest: Digest,
     pub layers: Vec<LayerRef>,
     pub node_models: Vec<String>,
     /// Unix seconds.
@@ -35,9 +35,9 @@ pub struct NewImage {
 pub struct ImageRecord {
     pub id: i64,
     pub name: ImageName,
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     pub manifest_media_type: String,
-    pub config_digest: String,
+    pub config_digest: Digest,
     pub layers: Vec<LayerRef>,
     pub node_models: Vec<String>,
     pub created: i64,
@@ -125,50 +125,90 @@ pub(crate) fn open(path: &Path) -> Result<Connection> {
 
 const IMAGE_COLUMNS: &str = "id, owner, name, tag, manifest_digest, manifest_media_type, config_digest, node_models, created, size";
 
-fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ImageRecord, String)> {
-    Ok((
-        ImageRecord {
-            id: r.get(0)?,
-            name: ImageName {
-                owner: r.get(1)?,
-                name: r.get(2)?,
-                tag: r.get(3)?,
-            },
-            manifest_digest: r.get(4)?,
-            manifest_media_type: r.get(5)?,
-            config_digest: r.get(6)?,
-            layers: Vec::new(),
-            node_models: Vec::new(),
-            created: r.get(8)?,
-            size: r.get::<_, i64>(9)? as u64,
-        },
-        r.get(7)?,
-    ))
+/// An `images` row as read, digests not yet validated.
+struct RawImage {
+    id: i64,
+    name: ImageName,
+    manifest_digest: String,
+    manifest_media_type: String,
+    config_digest: String,
+    node_models: String,
+    created: i64,
+    size: u64,
 }
 
-fn complete(conn: &Connection, (mut rec, models): (ImageRecord, String)) -> Result<ImageRecord> {
-    rec.node_models = serde_json::from_str(&models).map_err(|e| StoreError::Corrupt {
-        image: rec.name.to_string(),
+fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawImage> {
+    Ok(RawImage {
+        id: r.get(0)?,
+        name: ImageName {
+            owner: r.get(1)?,
+            name: r.get(2)?,
+            tag: r.get(3)?,
+        },
+        manifest_digest: r.get(4)?,
+        manifest_media_type: r.get(5)?,
+        config_digest: r.get(6)?,
+        node_models: r.get(7)?,
+        created: r.get(8)?,
+        size: r.get::<_, i64>(9)? as u64,
+    })
+}
+
+/// Parses a digest read from the database; a bad one is a corrupt record.
+fn stored_digest(image: &ImageName, what: &str, s: &str) -> Result<Digest> {
+    Digest::parse(s).map_err(|e| StoreError::Corrupt {
+        image: image.to_string(),
+        reason: format!("{what}: {e}"),
+    })
+}
+
+fn complete(conn: &Connection, raw: RawImage) -> Result<ImageRecord> {
+    let name = raw.name;
+    let node_models = serde_json::from_str(&raw.node_models).map_err(|e| StoreError::Corrupt {
+        image: name.to_string(),
         reason: format!("node models: {e}"),
     })?;
+    let manifest_digest = stored_digest(&name, "manifest digest", &raw.manifest_digest)?;
+    let config_digest = stored_digest(&name, "config digest", &raw.config_digest)?;
     let mut stmt = conn
         .prepare_cached(
             "SELECT diff_id, blob_digest, blob_size, media_type FROM image_layers
              WHERE image_id = ?1 ORDER BY position",
         )
         .db("reading image layers")?;
-    rec.layers = stmt
-        .query_map([rec.id], |r| {
-            Ok(LayerRef {
-                diff_id: r.get(0)?,
-                blob_digest: r.get(1)?,
-                blob_size: r.get::<_, i64>(2)? as u64,
-                media_type: r.get(3)?,
-            })
+    let rows = stmt
+        .query_map([raw.id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, String>(3)?,
+            ))
         })
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
         .db("reading image layers")?;
-    Ok(rec)
+    let layers = rows
+        .into_iter()
+        .map(|(diff_id, blob_digest, blob_size, media_type)| {
+            Ok(LayerRef {
+                diff_id: stored_digest(&name, "layer diff_id", &diff_id)?,
+                blob_digest: stored_digest(&name, "layer blob digest", &blob_digest)?,
+                blob_size,
+                media_type,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ImageRecord {
+        id: raw.id,
+        name,
+        manifest_digest,
+        manifest_media_type: raw.manifest_media_type,
+        config_digest,
+        layers,
+        node_models,
+        created: raw.created,
+        size: raw.size,
+    })
 }
 
 pub(crate) fn get_image(conn: &Connection, name: &ImageName) -> Result<Option<ImageRecord>> {
@@ -226,9 +266,9 @@ pub(crate) fn put_image(
                  node_models = ?5, created = ?6, size = ?7 WHERE id = ?1",
                 params![
                     id,
-                    rec.manifest_digest,
+                    rec.manifest_digest.as_str(),
                     rec.manifest_media_type,
-                    rec.config_digest,
+                    rec.config_digest.as_str(),
                     models,
                     rec.created,
                     size as i64
@@ -247,9 +287,9 @@ pub(crate) fn put_image(
                     rec.name.owner,
                     rec.name.name,
                     rec.name.tag,
-                    rec.manifest_digest,
+                    rec.manifest_digest.as_str(),
                     rec.manifest_media_type,
-                    rec.config_digest,
+                    rec.config_digest.as_str(),
                     models,
                     rec.created,
                     size as i64
@@ -270,8 +310,8 @@ pub(crate) fn put_image(
             stmt.execute(params![
                 outcome.0,
                 i as i64,
-                l.diff_id,
-                l.blob_digest,
+                l.diff_id.as_str(),
+                l.blob_digest.as_str(),
                 l.blob_size as i64,
                 l.media_type
             ])

@@ -3,18 +3,20 @@
 use std::io;
 use std::path::Path;
 
+use walt_core::Digest;
+
 /// Everything that can go wrong in the store. Messages name the image,
 /// digest or path concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("invalid digest '{0}' (expected sha256:<64 lowercase hex digits>)")]
-    InvalidDigest(String),
     #[error("blob {0} is not in the store")]
-    BlobNotFound(String),
+    BlobNotFound(Digest),
     #[error("layer {0} is not in the store")]
-    LayerNotFound(String),
+    LayerNotFound(Digest),
     #[error("blob {digest}: content does not match its digest (got {actual})")]
-    DigestMismatch { digest: String, actual: String },
+    DigestMismatch { digest: Digest, actual: Digest },
+    /// `digest` names the blob: its expected digest, or what the caller
+    /// knows it as when the digest is not known beforehand.
     #[error("blob {digest}: size does not match (expected {expected} bytes, got {actual})")]
     SizeMismatch {
         digest: String,
@@ -25,9 +27,10 @@ pub enum StoreError {
         "layer {digest}: uncompressed content does not match its diff_id {expected} (got {actual})"
     )]
     DiffIdMismatch {
+        /// The layer's label (its blob digest when known).
         digest: String,
-        expected: String,
-        actual: String,
+        expected: Digest,
+        actual: Digest,
     },
     /// A tar entry that would be unsafe or impossible to unpack.
     #[error("layer {layer}: entry '{entry}' {reason}")]
@@ -47,7 +50,7 @@ pub enum StoreError {
     MissingContent {
         image: String,
         what: &'static str,
-        digest: String,
+        digest: Digest,
     },
     /// A session's changes could not be saved as a new layer.
     #[error("image '{image}': cannot save the session: {reason}")]

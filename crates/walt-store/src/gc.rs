@@ -92,7 +92,7 @@ impl Inner {
         for entry in read_dir(&blobs_dir)? {
             let name = entry.file_name();
             let digest = format!("sha256:{}", name.to_string_lossy());
-            let valid = walt_core::oci::digest_hex(&digest).is_some();
+            let valid = walt_core::Digest::parse(&digest).is_ok();
             if valid && blobs.contains(&digest) {
                 continue;
             }
@@ -109,7 +109,7 @@ impl Inner {
             let name = entry.file_name();
             let diff_id = format!("sha256:{}", name.to_string_lossy());
             let path = entry.path();
-            let keep = walt_core::oci::digest_hex(&diff_id).is_some()
+            let keep = walt_core::Digest::parse(&diff_id).is_ok()
                 && layers.contains(&diff_id)
                 && fs::symlink_metadata(path.join("diff")).is_ok_and(|m| m.is_dir());
             if keep {

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use walt_core::oci::Compression;
 
 use crate::Inner;
@@ -26,7 +26,8 @@ use crate::direct::DirectWriter;
 use crate::error::{Result, StoreError};
 use crate::gzip::GzipReader;
 use crate::staging::{BlobWriter, Durability, Expected, StagedBlob, StagedLayer};
-use crate::util::{check_digest, drain, finish_digest, lower_thread_priority};
+use crate::util::{drain, finish_digest, lower_thread_priority};
+use walt_core::Digest;
 
 /// How often (in raw bytes) the progress callback is called at most.
 const PROGRESS_STEP: u64 = 256 * 1024;
@@ -41,7 +42,7 @@ pub struct ImportOptions {
     /// used to stop reading a stream that goes beyond it).
     pub expected_size: Option<u64>,
     /// The diff_id announced by the image config, checked at the end.
-    pub expected_diff_id: Option<String>,
+    pub expected_diff_id: Option<Digest>,
     /// Called with the cumulative number of raw bytes read, at most every
     /// 256 KiB, and once at the end.
     pub progress: Option<Box<dyn Fn(u64) + Send>>,
@@ -81,9 +82,9 @@ impl std::fmt::Debug for ImportOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerImport {
     /// Digest of the compressed blob.
-    pub digest: String,
+    pub digest: Digest,
     /// Digest of the uncompressed tar stream.
-    pub diff_id: String,
+    pub diff_id: Digest,
     /// Size of the compressed blob.
     pub size: u64,
     /// Size of the uncompressed tar stream.
@@ -252,7 +253,7 @@ enum RawError {
 
 /// What the decode stage computed: the diff_id and size of the tar stream.
 struct Decoded {
-    diff_id: String,
+    diff_id: Digest,
     size: u64,
 }
 
@@ -455,7 +456,11 @@ impl Streamed {
     /// usually shows first as a decompression or tar error): the raw
     /// stream and the blob's size and digest, then decompression, then
     /// unpacking, then the diff_id.
-    fn verify(self, label: &str, expected_diff_id: Option<&str>) -> Result<(StagedBlob, Decoded)> {
+    fn verify(
+        self,
+        label: &str,
+        expected_diff_id: Option<&Digest>,
+    ) -> Result<(StagedBlob, Decoded)> {
         let layer_err = |reason: String| StoreError::BadLayer {
             layer: label.to_string(),
             reason,
@@ -474,11 +479,11 @@ impl Streamed {
             r?;
         }
         if let Some(expected) = expected_diff_id
-            && expected != decoded.diff_id
+            && *expected != decoded.diff_id
         {
             return Err(StoreError::DiffIdMismatch {
                 digest: label.to_string(),
-                expected: expected.to_string(),
+                expected: expected.clone(),
                 actual: decoded.diff_id,
             });
         }
@@ -491,20 +496,14 @@ impl Inner {
         &self,
         input: &mut dyn Read,
         compression: Compression,
-        expected_digest: Option<&str>,
+        expected_digest: Option<&Digest>,
         opts: &ImportOptions,
     ) -> Result<LayerImport> {
         // What to stage: the blob unless it is stored (or not wanted: then
         // it is only verified), the layer directory unless it is stored.
-        if let Some(d) = expected_digest {
-            check_digest(d)?;
-        }
         // Names the layer in errors.
-        let label = expected_digest.unwrap_or("(layer without a known digest)");
-        let expected_diff_id = opts.expected_diff_id.as_deref();
-        if let Some(d) = expected_diff_id {
-            check_digest(d)?;
-        }
+        let label = expected_digest.map_or("(layer without a known digest)", Digest::as_str);
+        let expected_diff_id = opts.expected_diff_id.as_ref();
         let expected = Expected {
             digest: expected_digest,
             size: opts.expected_size,

@@ -38,8 +38,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::Connection;
-use walt_core::ImageName;
 use walt_core::oci::Compression;
+use walt_core::{Digest, ImageName};
 
 pub use commit::{CommitOutcome, SessionDir};
 pub use db::{ImageRecord, LayerRef, NewImage, PutOutcome};
@@ -49,7 +49,7 @@ pub use import::{ImportOptions, LayerImport};
 pub use squash::SquashOutcome;
 
 use error::IoContext;
-use util::{check_digest, remove_any};
+use util::remove_any;
 
 /// The image store. `Send + Sync`; share it as `Arc<Store>`.
 pub struct Store {
@@ -128,33 +128,33 @@ impl Store {
         &self.inner.data_dir
     }
 
-    /// True when the blob is in the store (false for an invalid digest).
-    pub fn has_blob(&self, digest: &str) -> bool {
+    /// True when the blob is in the store.
+    pub fn has_blob(&self, digest: &Digest) -> bool {
         self.inner.has_blob(digest)
     }
 
-    /// Where the blob is (or would be) stored; validates the digest.
-    pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+    /// Where the blob is (or would be) stored.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.inner.blob_path(digest)
     }
 
-    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
         self.inner.read_blob(digest)
     }
 
     /// Stores `bytes` (verified against `expected_digest` when given);
     /// returns their digest. Storing a blob already present is a no-op.
-    pub fn put_blob(&self, expected_digest: Option<&str>, bytes: &[u8]) -> Result<String> {
+    pub fn put_blob(&self, expected_digest: Option<&Digest>, bytes: &[u8]) -> Result<Digest> {
         self.inner.put_blob(expected_digest, bytes)
     }
 
     /// True when the layer is unpacked in the store.
-    pub fn has_layer(&self, diff_id: &str) -> bool {
+    pub fn has_layer(&self, diff_id: &Digest) -> bool {
         self.inner.has_layer(diff_id)
     }
 
-    /// `layers/<hex>/diff`; validates the diff_id.
-    pub fn layer_path(&self, diff_id: &str) -> Result<PathBuf> {
+    /// `layers/<hex>/diff`.
+    pub fn layer_path(&self, diff_id: &Digest) -> PathBuf {
         self.inner.layer_path(diff_id)
     }
 
@@ -171,7 +171,7 @@ impl Store {
         &self,
         input: &mut dyn Read,
         compression: Compression,
-        expected_digest: &str,
+        expected_digest: &Digest,
         opts: &ImportOptions,
     ) -> Result<LayerImport> {
         self.inner
@@ -194,21 +194,20 @@ impl Store {
     /// Unpacks a layer whose blob is already in the store.
     pub fn unpack_stored_blob(
         &self,
-        digest: &str,
+        digest: &Digest,
         compression: Compression,
-        expected_diff_id: &str,
+        expected_diff_id: &Digest,
     ) -> Result<LayerImport> {
-        let path = self.blob_path(digest)?;
-        check_digest(expected_diff_id)?;
+        let path = self.blob_path(digest);
         let mut f = File::open(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => StoreError::BlobNotFound(digest.to_string()),
+            io::ErrorKind::NotFound => StoreError::BlobNotFound(digest.clone()),
             _ => StoreError::io_path(&format!("opening blob {digest} at"), &path, e),
         })?;
         let opts = ImportOptions {
             store_blob: false,
             unpack: true,
             expected_size: None,
-            expected_diff_id: Some(expected_diff_id.to_string()),
+            expected_diff_id: Some(expected_diff_id.clone()),
             ..Default::default()
         };
         self.inner
@@ -220,17 +219,15 @@ impl Store {
     /// `replace` (the record keeps its id, so nodes follow the name).
     pub fn put_image(&self, rec: &NewImage, replace: bool) -> Result<PutOutcome> {
         let image = rec.name.to_string();
-        let missing = |what: &'static str, digest: &str| StoreError::MissingContent {
+        let missing = |what: &'static str, digest: &Digest| StoreError::MissingContent {
             image: image.clone(),
             what,
-            digest: digest.to_string(),
+            digest: digest.clone(),
         };
         // Hold the gc lock from the check to the commit, so that nothing
         // checked here can be collected before it is referenced.
         let outcome = {
             let _gc = self.inner.gc_state();
-            check_digest(&rec.manifest_digest)?;
-            check_digest(&rec.config_digest)?;
             if !self.has_blob(&rec.manifest_digest) {
                 return Err(missing("manifest", &rec.manifest_digest));
             }
@@ -238,8 +235,6 @@ impl Store {
                 return Err(missing("config", &rec.config_digest));
             }
             for l in &rec.layers {
-                check_digest(&l.blob_digest)?;
-                check_digest(&l.diff_id)?;
                 if !self.has_blob(&l.blob_digest) {
                     return Err(missing("layer blob", &l.blob_digest));
                 }

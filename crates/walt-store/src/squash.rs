@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 
 use filetime::FileTime;
 use nix::sys::stat::{Mode, SFlag};
-use walt_core::ImageName;
 use walt_core::oci;
+use walt_core::{Digest, ImageName};
 
 use crate::db::{LayerRef, NewImage, PutOutcome};
 use crate::error::{IoContext, Result, StoreError};
@@ -37,9 +37,9 @@ pub struct SquashOutcome {
     /// False when there was nothing to do (one layer or none).
     pub squashed: bool,
     /// The new manifest digest (the old one when nothing was done).
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     /// The diff_id of the single layer (None for an image without layers).
-    pub diff_id: Option<String>,
+    pub diff_id: Option<Digest>,
 }
 
 impl Store {
@@ -71,7 +71,7 @@ impl Store {
             links: HashMap::new(),
         };
         for l in &rec.layers {
-            let src = inner.layer_path(&l.diff_id)?;
+            let src = inner.layer_path(&l.diff_id);
             if !src.is_dir() {
                 return Err(StoreError::LayerNotFound(l.diff_id.clone()));
             }
@@ -183,7 +183,7 @@ pub(crate) fn layer_tree_options(overlay: bool) -> walt_tar::TreeOptions {
 pub(crate) fn read_config(
     inner: &Inner,
     image: &ImageName,
-    config_digest: &str,
+    config_digest: &Digest,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let corrupt = |reason: String| StoreError::Corrupt {
         image: image.to_string(),
@@ -205,7 +205,7 @@ pub(crate) fn store_config_and_manifest(
     config: serde_json::Map<String, serde_json::Value>,
     layers: &[LayerRef],
     annotations: Option<serde_json::Value>,
-) -> Result<(String, String)> {
+) -> Result<(Digest, Digest)> {
     let corrupt = |reason: String| StoreError::Corrupt {
         image: image.to_string(),
         reason,

@@ -6,28 +6,20 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sha2::{Digest, Sha256};
-
-use crate::error::{Result, StoreError};
+use sha2::{Digest as _, Sha256};
+use walt_core::Digest;
 
 /// Size of the buffers used on the data path.
 pub(crate) const BUF_SIZE: usize = 1 << 20;
 
-/// `sha256:<hex>` of a finished hasher.
-pub(crate) fn finish_digest(hasher: Sha256) -> String {
-    format!("sha256:{}", hex::encode(hasher.finalize()))
+/// The digest of a finished hasher.
+pub(crate) fn finish_digest(hasher: Sha256) -> Digest {
+    Digest::from_sha256(hasher.finalize().into())
 }
 
-/// `sha256:<hex>` of some bytes.
-pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(bytes);
-    finish_digest(h)
-}
-
-/// Validates a digest and returns its hex part.
-pub(crate) fn check_digest(digest: &str) -> Result<&str> {
-    walt_core::oci::digest_hex(digest).ok_or_else(|| StoreError::InvalidDigest(digest.to_string()))
+/// The digest of some bytes.
+pub(crate) fn sha256_digest(bytes: &[u8]) -> Digest {
+    Digest::from_sha256(Sha256::digest(bytes).into())
 }
 
 /// A unique name for a staging file or directory in `tmp/`.

@@ -6,6 +6,8 @@ use bytes::{Buf, Bytes};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
+use walt_core::Digest;
+
 use super::RegistryClient;
 use crate::error::RegistryError;
 
@@ -13,7 +15,7 @@ use crate::error::RegistryError;
 struct Download {
     client: RegistryClient,
     repo: String,
-    digest: String,
+    digest: Digest,
     /// Size the manifest announces.
     size: u64,
     /// Bytes given to the caller so far.
@@ -44,13 +46,13 @@ impl RegistryClient {
     pub fn blob_stream(
         &self,
         repo: &str,
-        digest: &str,
+        digest: &Digest,
         size: u64,
     ) -> BoxStream<'static, Result<Bytes, RegistryError>> {
         let start = Download {
             client: self.clone(),
             repo: repo.to_string(),
-            digest: digest.to_string(),
+            digest: digest.clone(),
             size,
             sent: 0,
             resumes: 0,

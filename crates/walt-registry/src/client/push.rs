@@ -12,7 +12,7 @@ use futures::Stream;
 use reqwest::header::{self, HeaderName};
 use reqwest::{Method, StatusCode, Url};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use walt_core::oci::digest_hex;
+use walt_core::Digest;
 
 use super::{
     RegistryClient, Req, ReqBody, SMALL_REQUEST_TIMEOUT, header_str, read_limited, sha256_digest,
@@ -96,9 +96,8 @@ fn range_end(v: &str) -> Option<u64> {
 impl RegistryClient {
     /// Whether `repo` holds blob `digest` (`HEAD`). Asks for push access:
     /// it is the first step of an upload.
-    pub async fn blob_exists(&self, repo: &str, digest: &str) -> Result<bool, RegistryError> {
+    pub async fn blob_exists(&self, repo: &str, digest: &Digest) -> Result<bool, RegistryError> {
         self.check_repo(repo)?;
-        self.check_digest_syntax(digest)?;
         let req = Req {
             path: format!("/v2/{repo}/blobs/{digest}"),
             repo: Some(repo),
@@ -124,16 +123,15 @@ impl RegistryClient {
     pub async fn mount_blob(
         &self,
         repo: &str,
-        digest: &str,
+        digest: &Digest,
         from_repo: &str,
     ) -> Result<bool, RegistryError> {
         self.check_repo(repo)?;
         self.check_repo(from_repo)?;
-        self.check_digest_syntax(digest)?;
         let req = Req {
             path: format!(
                 "/v2/{repo}/blobs/uploads/?mount={}&from={}",
-                url_encode(digest),
+                url_encode(digest.as_str()),
                 url_encode(from_repo)
             ),
             repo: Some(repo),
@@ -167,17 +165,12 @@ impl RegistryClient {
     pub async fn push_blob(
         &self,
         repo: &str,
-        digest: &str,
+        digest: &Digest,
         size: u64,
         path: &Path,
         progress: Option<Progress>,
     ) -> Result<(), RegistryError> {
         self.check_repo(repo)?;
-        if digest_hex(digest).is_none() {
-            return Err(self.invalid(format!(
-                "invalid or unsupported digest '{digest}' (expected sha256:<hex>)"
-            )));
-        }
         let what = format!("upload of blob {digest} to {repo}");
         let chunk = self.inner.upload_chunk_size;
         let attempts = self.inner.retry.attempts();
@@ -186,7 +179,7 @@ impl RegistryClient {
             let mut loc = self.start_upload(repo).await?;
             if size <= chunk {
                 let req = Req {
-                    path: with_query(&loc, "digest", digest),
+                    path: with_query(&loc, "digest", digest.as_str()),
                     repo: Some(repo),
                     method: Method::PUT,
                     push: true,
@@ -288,7 +281,7 @@ impl RegistryClient {
                 }
             }
             let req = Req {
-                path: with_query(&loc, "digest", digest),
+                path: with_query(&loc, "digest", digest.as_str()),
                 repo: Some(repo),
                 method: Method::PUT,
                 push: true,
@@ -315,7 +308,7 @@ impl RegistryClient {
         &self,
         req: &Req<'_>,
         repo: &str,
-        digest: &str,
+        digest: &Digest,
         failures: &mut u32,
     ) -> Result<Uploaded, RegistryError> {
         match self.send(req).await {
@@ -350,11 +343,11 @@ impl RegistryClient {
     pub async fn push_blob_bytes(
         &self,
         repo: &str,
-        digest: &str,
+        digest: &Digest,
         bytes: &[u8],
     ) -> Result<(), RegistryError> {
         self.check_repo(repo)?;
-        if sha256_digest(bytes) != digest {
+        if sha256_digest(bytes) != *digest {
             return Err(self.invalid(format!("blob content does not match digest {digest}")));
         }
         if self.blob_exists(repo, digest).await? {
@@ -362,7 +355,7 @@ impl RegistryClient {
         }
         let loc = self.start_upload(repo).await?;
         let req = Req {
-            path: with_query(&loc, "digest", digest),
+            path: with_query(&loc, "digest", digest.as_str()),
             repo: Some(repo),
             method: Method::PUT,
             push: true,
@@ -389,7 +382,7 @@ impl RegistryClient {
         reference: &str,
         media_type: &str,
         bytes: &[u8],
-    ) -> Result<String, RegistryError> {
+    ) -> Result<Digest, RegistryError> {
         self.check_repo(repo)?;
         if reference.is_empty() || reference.contains('/') {
             return Err(self.invalid(format!("invalid manifest reference '{reference}'")));
