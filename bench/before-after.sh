@@ -19,6 +19,6 @@ for r in $(seq "$rounds"); do
   for side in before after; do
     dir=$ROOT; [ $side = before ] && dir=$base
     echo "=== round $r, $side ($(git -C "$dir" rev-parse --short HEAD)): bench/$script $*"
-    "$dir/bench/$script" "$@"
+    bash "$dir/bench/$script" "$@"
   done
 done
