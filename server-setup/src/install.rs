@@ -214,14 +214,16 @@ impl Step {
 fn check_dirs(opts: &Options) -> Result<Check, String> {
     let mut todo = Vec::new();
     let mut actions = Vec::new();
-    for dir in [DATA_DIR, CONF_DIR] {
+    // The store holds images as they are (setuid files, device nodes): only
+    // root may enter it. The server tightens a looser data dir at start too.
+    for (dir, mode) in [(DATA_DIR, 0o700), (CONF_DIR, 0o755)] {
         let path = opts.path(dir);
         match fs::metadata(&path) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => return Err(format!("{} exists and is not a directory", path.display())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                todo.push(format!("{} (mode 0755)", path.display()));
-                actions.push(Action::CreateDir { path, mode: 0o755 });
+                todo.push(format!("{} (mode {mode:04o})", path.display()));
+                actions.push(Action::CreateDir { path, mode });
             }
             Err(e) => return Err(format!("cannot access {}: {e}", path.display())),
         }
@@ -724,6 +726,14 @@ mod tests {
         let data = root.path().join("var/lib/walt");
         assert_eq!(
             fs::metadata(&data).unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
+        assert_eq!(
+            fs::metadata(root.path().join("etc/walt"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777,
             0o755
         );
         assert!(root.path().join("etc/walt").is_dir());

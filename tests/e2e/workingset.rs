@@ -206,3 +206,61 @@ fn server_stops_on_sigterm_and_images_survive_a_restart() {
         .run(&["image", "duplicate", "second:v1", "third"])
         .assert_success();
 }
+
+/// The store keeps images as they are (setuid files, device nodes): no
+/// local account but root may list or open anything in it, even when the
+/// directory above it is open to everyone.
+#[test]
+fn the_store_is_closed_to_other_local_accounts() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::start();
+    let img = push_busybox(&env, "walt-test/busybox", "latest");
+    assert_cloned(&env.alice.clone_ok(&["local:walt-test/busybox"]), "busybox");
+    let data = env.server.data_dir();
+    let parent = data.parent().unwrap();
+    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let hex = img.layers[0]
+        .digest
+        .trim_start_matches("sha256:")
+        .to_string();
+    let blob = data.join("blobs/sha256").join(&hex);
+    assert!(blob.is_file(), "the layer blob should be stored");
+    for dir in ["", "blobs", "blobs/sha256", "layers", "tmp"] {
+        let mode = std::fs::metadata(data.join(dir))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o700, "{}/{dir} has mode {mode:o}", data.display());
+    }
+    let as_nobody = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux) runs")
+    };
+    // The check itself works: nobody can read what is open to everyone.
+    let probe = parent.join("probe");
+    std::fs::write(&probe, "x").unwrap();
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(
+        as_nobody(&["cat", probe.to_str().unwrap()])
+            .status
+            .success()
+    );
+    for args in [
+        vec!["ls", data.to_str().unwrap()],
+        vec!["cat", blob.to_str().unwrap()],
+        vec!["ls", data.join("layers").to_str().unwrap()],
+        vec!["cat", data.join("walt.db").to_str().unwrap()],
+    ] {
+        let out = as_nobody(&args);
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "{args:?} as nobody: {out:?}"
+        );
+    }
+}

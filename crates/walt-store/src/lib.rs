@@ -101,6 +101,15 @@ impl Store {
         ] {
             fs::create_dir_all(&d).ctx("creating store directory", &d)?;
         }
+        for d in [
+            data_dir.to_path_buf(),
+            data_dir.join("blobs"),
+            data_dir.join("blobs").join("sha256"),
+            data_dir.join("layers"),
+            data_dir.join("tmp"),
+        ] {
+            restrict_to_owner(&d)?;
+        }
         let tmp = data_dir.join("tmp");
         commit::detach_mounts_below(&tmp);
         let leftovers = fs::read_dir(&tmp)
@@ -335,3 +344,28 @@ impl Store {
 
 #[cfg(test)]
 mod tests;
+
+/// Mode of the store's directories: images keep setuid files and device
+/// nodes exactly as they are, so no local account may reach them.
+pub const STORE_DIR_MODE: u32 = 0o700;
+
+/// Makes `dir` accessible to its owner only, saying so when it was not.
+fn restrict_to_owner(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(dir)
+        .ctx("inspecting", dir)?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode != STORE_DIR_MODE {
+        fs::set_permissions(dir, fs::Permissions::from_mode(STORE_DIR_MODE))
+            .ctx("restricting the mode of", dir)?;
+        tracing::warn!(
+            path = %dir.display(),
+            was = format!("{mode:04o}"),
+            now = format!("{STORE_DIR_MODE:04o}"),
+            "store directory was reachable by other accounts: mode tightened"
+        );
+    }
+    Ok(())
+}

@@ -1634,3 +1634,24 @@ fn corrupt_stored_digest_is_reported_with_the_image() {
     );
     assert!(store.list_images(None).is_err());
 }
+
+#[test]
+fn open_closes_a_store_found_open_to_other_accounts() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for d in ["", "blobs", "blobs/sha256", "layers", "tmp"] {
+        fs::create_dir_all(data.join(d)).unwrap();
+        fs::set_permissions(data.join(d), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    drop(Store::open(&data).unwrap());
+    for d in ["", "blobs", "blobs/sha256", "layers", "tmp"] {
+        let mode = fs::metadata(data.join(d)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, STORE_DIR_MODE, "{d}: {mode:o}");
+    }
+    // A new store is created closed too.
+    let fresh = dir.path().join("fresh");
+    drop(Store::open(&fresh).unwrap());
+    let mode = fs::metadata(&fresh).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700);
+}
