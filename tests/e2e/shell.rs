@@ -661,3 +661,35 @@ fn server_killed_mid_shell_leaves_nothing_after_restart() {
         .run_with_input(&["image", "shell", "img"], "exit\n")
         .assert_success();
 }
+
+/// A device node from the client would reach the host's hardware from any
+/// image that keeps it: `walt image cp` into an image refuses it with one
+/// clear line, and the image and the store are as before.
+#[test]
+fn cp_into_an_image_refuses_device_nodes() {
+    let env = env_with_image();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("withdev");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("plain"), "x").unwrap();
+    let status = Command::new("mknod")
+        .arg(src.join("null"))
+        .args(["c", "1", "3"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mknod (the tests run as root)");
+    let layers_before = layer_count(&env, "img");
+    let before = store_snapshot(&env.server.data_dir(), &env.alice);
+
+    let out = env
+        .alice
+        .run(&["image", "cp", src.to_str().unwrap(), "img:"]);
+    assert!(!out.success, "{out}");
+    assert!(out.stdout.is_empty(), "{out}");
+    let err = out.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "{out}");
+    assert!(err.contains("device node") && err.contains("null"), "{out}");
+    assert_eq!(layer_count(&env, "img"), layers_before);
+    assert_eq!(store_snapshot(&env.server.data_dir(), &env.alice), before);
+    assert_tmp_empty(&env.server.data_dir());
+}

@@ -306,9 +306,9 @@ async fn copy_out(client: &mut Client, image: &str, path: &str, local: &str) -> 
 }
 
 /// Extracts the archive (one top entry) to `dest` with the `cp -r` rules,
-/// confined to where the top entry lands. Run by root, owners, xattrs and
-/// device nodes are restored; otherwise files belong to the user and
-/// device nodes are skipped (with a warning).
+/// confined to where the top entry lands. Run by root, owners and xattrs
+/// are restored; otherwise files belong to the user. Device nodes are never
+/// created (skipped with a warning).
 fn extract(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
     let root = is_root();
     let shown = dest.display().to_string();
@@ -316,7 +316,8 @@ fn extract(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
     let opts = ExtractOptions {
         whiteouts: Whiteouts::Keep,
         owners: if root { Owners::Keep } else { Owners::Ignore },
-        devices: if root { Devices::Create } else { Devices::Skip },
+        // Never, even for root: an image's device nodes are the image's.
+        devices: Devices::Skip,
         xattrs: root,
         cp_top: Some(Box::new(move |top, is_dir| {
             walt_tar::cp_landing(&shown, &dest, top, is_dir)
@@ -340,7 +341,7 @@ fn extract(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
         })?;
     if stats.skipped_devices > 0 {
         eprintln!(
-            "warning: {} device node(s) not copied (only root can create them)",
+            "warning: {} device node(s) not copied (walt image cp never creates device nodes)",
             stats.skipped_devices
         );
     }

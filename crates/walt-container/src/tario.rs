@@ -89,7 +89,9 @@ pub(crate) fn tar_in(dest: &str) -> Result<(), String> {
     let opts = ExtractOptions {
         whiteouts: Whiteouts::Keep,
         owners: Owners::Keep,
-        devices: Devices::Create,
+        // A device node from a client would give every local account of the
+        // server a way to the host's hardware once the image is used.
+        devices: Devices::Refuse,
         xattrs: true,
         cp_top: Some(Box::new(move |top, is_dir| {
             walt_tar::cp_landing(&shown, &in_image(&shown), top, is_dir)
