@@ -663,14 +663,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_retagged_image_shows_its_new_labels() {
-        let reg = fake_registry("rpi-3-b").await;
-        let client = RegistryClient::new(walt_registry::ClientOptions::new(
+    fn lab_client(reg: &FakeRegistry) -> RegistryClient {
+        RegistryClient::new(walt_registry::ClientOptions::new(
             "lab",
             reg.base_url.clone(),
         ))
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_retagged_image_shows_its_new_labels() {
+        let reg = fake_registry("rpi-3-b").await;
+        let client = lab_client(&reg);
         let pool = Semaphore::new(4);
         let caches = Caches::default();
         let url = CloneUrl::parse("lab:u/img:v1").unwrap();
@@ -698,11 +702,7 @@ mod tests {
     #[tokio::test]
     async fn two_servers_do_not_share_their_caches() {
         let reg = fake_registry("rpi-3-b").await;
-        let client = RegistryClient::new(walt_registry::ClientOptions::new(
-            "lab",
-            reg.base_url.clone(),
-        ))
-        .unwrap();
+        let client = lab_client(&reg);
         let pool = Semaphore::new(4);
         let url = CloneUrl::parse("lab:u/img:v1").unwrap();
         let (one, two) = (Caches::default(), Caches::default());

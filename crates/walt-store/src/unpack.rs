@@ -5,7 +5,7 @@
 //! written around the page cache (`direct.rs`).
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::Path;
 
 use walt_tar::{Devices, ExtractOptions, Extractor, FileWriter, Owners, Reader, Whiteouts};
@@ -34,22 +34,14 @@ impl FileWriter for StoreWriter {
 
     fn write(
         &mut self,
-        mut file: File,
+        file: File,
         flags: i32,
         size: u64,
         data: &mut dyn Read,
         buf: &mut [u8],
     ) -> io::Result<File> {
         if size < DIRECT_MIN_SIZE {
-            loop {
-                let n = match data.read(buf) {
-                    Ok(0) => return Ok(file),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                };
-                file.write_all(&buf[..n])?;
-            }
+            return walt_tar::PlainWriter.write(file, flags, size, data, buf);
         }
         let mut w = DirectWriter::with_buffer(
             file,
