@@ -117,11 +117,13 @@ fn run() -> Result<i32> {
     match &spec.job {
         Job::TarOut { path } => {
             enter_chroot(&spec.merged)?;
+            drop_caps_here()?;
             crate::tario::tar_out(path).map_err(ContainerError::Job)?;
             Ok(0)
         }
         Job::TarIn { dest } => {
             enter_chroot(&spec.merged)?;
+            drop_caps_here()?;
             crate::tario::tar_in(dest).map_err(ContainerError::Job)?;
             Ok(0)
         }
@@ -629,6 +631,18 @@ fn pivot(merged: &Path) -> Result<()> {
     nix::mount::umount2(".", MntFlags::MNT_DETACH).or_sys(|| "detaching the old root".into())?;
     chdir("/").or_sys(|| "chdir /".into())?;
     Ok(())
+}
+
+/// For the jobs that run in this process (no exec follows): the shell's
+/// capabilities, in the effective and permitted sets as well as in the
+/// bounding set.
+fn drop_caps_here() -> Result<()> {
+    use rustix::thread::{capabilities, set_capabilities};
+    drop_caps()?;
+    let mut sets = capabilities(None).or_sys(|| "capget".into())?;
+    sets.effective &= KEEP_CAPS;
+    sets.permitted &= KEEP_CAPS;
+    set_capabilities(None, sets).or_sys(|| "capset".into())
 }
 
 fn drop_caps() -> Result<()> {
