@@ -123,14 +123,7 @@ fn missing_credentials_are_asked_for_checked_and_saved() {
         dir.path(),
         "image clone secure:walter/busybox",
     );
-    tmux.wait_line("the username question", |l| {
-        l.contains("Username for registry 'secure'")
-    })
-    .unwrap();
-    tmux.text(SECURE_USER).unwrap();
-    tmux.keys(&["Enter"]).unwrap();
-    tmux.wait_line("the password question", |l| l.contains("Password for"))
-        .unwrap();
+    answer_username(&tmux);
     tmux.secret(SECURE_PASS).unwrap();
     tmux.keys(&["Enter"]).unwrap();
     assert_eq!(
@@ -171,14 +164,7 @@ fn rejected_credentials_are_not_saved() {
         dir.path(),
         "image clone secure:walter/busybox",
     );
-    tmux.wait_line("the username question", |l| {
-        l.contains("Username for registry 'secure'")
-    })
-    .unwrap();
-    tmux.text(SECURE_USER).unwrap();
-    tmux.keys(&["Enter"]).unwrap();
-    tmux.wait_line("the password question", |l| l.contains("Password for"))
-        .unwrap();
+    answer_username(&tmux);
     tmux.secret("not-the-password").unwrap();
     tmux.keys(&["Enter"]).unwrap();
     assert_ne!(exit_status(dir.path(), &tmux), 0);
@@ -212,14 +198,7 @@ fn ctrl_c_at_the_password_prompt_restores_the_terminal() {
         workspace_bin("walt").display(),
     );
     let tmux = Tmux::start(&command).unwrap();
-    tmux.wait_line("the username question", |l| {
-        l.contains("Username for registry 'secure'")
-    })
-    .unwrap();
-    tmux.text(SECURE_USER).unwrap();
-    tmux.keys(&["Enter"]).unwrap();
-    tmux.wait_line("the password question", |l| l.contains("Password for"))
-        .unwrap();
+    answer_username(&tmux);
     tmux.secret("half-typed").unwrap();
     tmux.keys(&["C-c"]).unwrap();
     assert_eq!(
@@ -251,4 +230,17 @@ fn ctrl_c_at_the_password_prompt_restores_the_terminal() {
         config_before,
         "nothing saved"
     );
+}
+
+/// Answers walt's username question for registry `secure` and waits for
+/// the (hidden) password question.
+fn answer_username(tmux: &Tmux) {
+    tmux.wait_line("the username question", |l| {
+        l.contains("Username for registry 'secure'")
+    })
+    .unwrap();
+    tmux.text(SECURE_USER).unwrap();
+    tmux.keys(&["Enter"]).unwrap();
+    tmux.wait_line("the password question", |l| l.contains("Password for"))
+        .unwrap();
 }
