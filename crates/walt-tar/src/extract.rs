@@ -661,25 +661,14 @@ impl<'a> Extractor<'a> {
                 Mode::from_bits_truncate(0o600),
             )
         };
-        let create = |this: &mut Self, flags: i32| -> Result<(File, i32)> {
+        // Without the extra flags where the filesystem refuses them (EINVAL),
+        // and once over what stands in the way (EEXIST).
+        let create = |this: &mut Self, mut flags: i32| -> Result<(File, i32)> {
             let mut replaced = false;
             loop {
                 match open(flags) {
                     Ok(fd) => return Ok((File::from(fd), flags)),
-                    Err(Errno::EINVAL) if flags != 0 => {
-                        return match open(0) {
-                            Ok(fd) => Ok((File::from(fd), 0)),
-                            Err(Errno::EEXIST) if !replaced => {
-                                let mut rel = Vec::new();
-                                join(parents, &mut rel);
-                                this.replace(&parent, last, &rel, raw)?;
-                                open(0)
-                                    .map(|fd| (File::from(fd), 0))
-                                    .map_err(|e| Error::fs("creating file", raw, e.into()))
-                            }
-                            Err(e) => Err(Error::fs("creating file", raw, e.into())),
-                        };
-                    }
+                    Err(Errno::EINVAL) if flags != 0 => flags = 0,
                     Err(Errno::EEXIST) if !replaced => {
                         let mut rel = Vec::new();
                         join(parents, &mut rel);
