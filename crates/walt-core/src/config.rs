@@ -123,11 +123,224 @@ impl Registry {
 /// Labels that name the built-in sources and cannot be used for a registry.
 pub const RESERVED_LABELS: [&str; 3] = ["hub", "walt", "docker"];
 
-/// The loaded configuration: the file as written plus validated registries.
+/// The loaded configuration: the file as written plus validated registries
+/// and limits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub file: ServerConfigFile,
     pub registries: Vec<Registry>,
+    /// The `limits:` section (a walt extension), defaults for what it omits.
+    pub limits: Limits,
+}
+
+/// Free space kept on the data dir's filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    Bytes(u64),
+    /// A percentage of the filesystem's size.
+    Percent(u8),
+}
+
+impl Reserve {
+    /// The bytes to keep free on a filesystem of `total` bytes.
+    pub fn bytes(self, total: u64) -> u64 {
+        match self {
+            Reserve::Bytes(b) => b,
+            Reserve::Percent(p) => (u128::from(total) * u128::from(p) / 100) as u64,
+        }
+    }
+}
+
+impl std::fmt::Display for Reserve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reserve::Bytes(b) => f.write_str(&format_size(*b)),
+            Reserve::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// The bounds of the `limits:` section of `server.conf` (walt extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `layer-unpacked-size`: bytes of file data in one unpacked layer
+    /// (apparent sizes: the holes of sparse files count).
+    pub layer_unpacked_size: u64,
+    /// `image-unpacked-size`: the same for all the layers of an image.
+    pub image_unpacked_size: u64,
+    /// `free-space-reserve`: what clone, cp and save leave free on the data
+    /// dir's filesystem.
+    pub free_space_reserve: Reserve,
+    /// `grpc-receive-size`: largest gRPC message the server decodes.
+    pub grpc_receive_size: u64,
+    /// `grpc-send-size`: largest gRPC message the server encodes.
+    pub grpc_send_size: u64,
+    /// `shells-per-user`: shells one user may have open at once.
+    pub shells_per_user: u32,
+    /// `save-prompt-timeout`: how long the server waits for the answer to
+    /// the save prompt after a shell, before discarding the changes.
+    pub save_prompt_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            layer_unpacked_size: 64 << 30,
+            image_unpacked_size: 256 << 30,
+            free_space_reserve: Reserve::Bytes(2 << 30),
+            grpc_receive_size: 4 << 20,
+            grpc_send_size: 64 << 20,
+            shells_per_user: 8,
+            save_prompt_timeout: std::time::Duration::from_secs(600),
+        }
+    }
+}
+
+/// The keys of the `limits:` section.
+pub const LIMIT_KEYS: [&str; 7] = [
+    "layer-unpacked-size",
+    "image-unpacked-size",
+    "free-space-reserve",
+    "grpc-receive-size",
+    "grpc-send-size",
+    "shells-per-user",
+    "save-prompt-timeout",
+];
+
+/// `n` bytes in the largest binary unit that divides it (`64G`, `512M`, `100`).
+pub fn format_size(n: u64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if n != 0 && n % (1u64 << shift) == 0 {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    n.to_string()
+}
+
+/// Parses a size: an integer of bytes, or followed by `K`, `M`, `G` or `T`
+/// (binary units; `KiB`, `MB`... accepted as the same).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = t.split_at(digits);
+    let bad = || format!("'{text}' is not a size (e.g. 512M, 64G, or a number of bytes)");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let unit = unit.trim();
+    let unit = unit
+        .strip_suffix("iB")
+        .or_else(|| unit.strip_suffix('B'))
+        .unwrap_or(unit);
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+/// Parses a duration: an integer followed by `ms`, `s`, `m` or `h` (a bare
+/// integer is seconds).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = t.split_at(digits);
+    let bad = || format!("'{text}' is not a duration (e.g. 10m, 90s, 1h)");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" | "min" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(bad()),
+    };
+    ms.map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("'{text}' is too long"))
+}
+
+/// Validates the `limits:` section (absent: the defaults).
+fn validate_limits(file: &str, section: Option<&Value>) -> Result<Limits, ConfigError> {
+    let mut limits = Limits::default();
+    let err = |key: &str, message: String| ConfigError::Invalid {
+        file: file.to_string(),
+        key: format!("limits.{key}"),
+        message,
+    };
+    let map = match section {
+        None | Some(Value::Null) => return Ok(limits),
+        Some(Value::Object(m)) => m,
+        Some(v) => {
+            return Err(ConfigError::Invalid {
+                file: file.to_string(),
+                key: "limits".into(),
+                message: format!("{v} is not a section of keys"),
+            });
+        }
+    };
+    // A value as text (YAML numbers and strings alike).
+    let text = |key: &str, v: &Value| -> Result<String, ConfigError> {
+        match v {
+            Value::String(s) => Ok(s.clone()),
+            Value::Number(n) => Ok(n.to_string()),
+            v => Err(err(key, format!("{v} is not a value"))),
+        }
+    };
+    let size = |key: &str, v: &Value, min: u64| -> Result<u64, ConfigError> {
+        let n = parse_size(&text(key, v)?).map_err(|m| err(key, m))?;
+        if n < min {
+            return Err(err(key, format!("must be at least {}", format_size(min))));
+        }
+        Ok(n)
+    };
+    for (key, v) in map {
+        match key.as_str() {
+            "layer-unpacked-size" => limits.layer_unpacked_size = size(key, v, 1)?,
+            "image-unpacked-size" => limits.image_unpacked_size = size(key, v, 1)?,
+            "free-space-reserve" => {
+                let t = text(key, v)?;
+                limits.free_space_reserve = match t.trim().strip_suffix('%') {
+                    Some(p) => Reserve::Percent(
+                        p.trim()
+                            .parse::<u8>()
+                            .ok()
+                            .filter(|p| *p < 100)
+                            .ok_or_else(|| {
+                                err(key, format!("'{t}' is not a percentage below 100%"))
+                            })?,
+                    ),
+                    None => Reserve::Bytes(size(key, v, 0)?),
+                }
+            }
+            "grpc-receive-size" => limits.grpc_receive_size = size(key, v, 1 << 20)?,
+            "grpc-send-size" => limits.grpc_send_size = size(key, v, 1 << 20)?,
+            "shells-per-user" => {
+                let t = text(key, v)?;
+                limits.shells_per_user = t
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| err(key, format!("'{t}' is not a positive integer")))?;
+            }
+            "save-prompt-timeout" => {
+                let d = parse_duration(&text(key, v)?).map_err(|m| err(key, m))?;
+                if d.is_zero() {
+                    return Err(err(key, "must be longer than 0s".into()));
+                }
+                limits.save_prompt_timeout = d;
+            }
+            _ => {
+                return Err(err(
+                    key,
+                    format!("unknown key (known: {})", LIMIT_KEYS.join(", ")),
+                ));
+            }
+        }
+    }
+    Ok(limits)
 }
 
 impl ServerConfig {
@@ -139,6 +352,7 @@ impl ServerConfig {
                 description: "Public registry at hub.docker.com".into(),
                 other: BTreeMap::new(),
             })],
+            limits: Limits::default(),
         }
     }
 
@@ -156,7 +370,12 @@ impl ServerConfig {
             None => Self::default_config().registries,
             Some(entries) => validate_registries(file_name, entries)?,
         };
-        Ok(Self { file, registries })
+        let limits = validate_limits(file_name, file.other.get("limits"))?;
+        Ok(Self {
+            file,
+            registries,
+            limits,
+        })
     }
 
     pub fn registry(&self, label: &str) -> Option<&Registry> {
@@ -349,5 +568,83 @@ vpn:
         )
         .unwrap_err();
         assert!(e.to_string().contains("reserved"), "{e}");
+    }
+
+    #[test]
+    fn limits_section() {
+        let c = ServerConfig::parse("f", WALT_FILE).unwrap();
+        assert_eq!(c.limits, Limits::default());
+        let text = "limits:\n  layer-unpacked-size: 1G\n  image-unpacked-size: 3GiB\n  \
+                    free-space-reserve: 5%\n  grpc-send-size: 16M\n  shells-per-user: 2\n  \
+                    save-prompt-timeout: 2s\n";
+        let c = ServerConfig::parse("f", text).unwrap();
+        assert_eq!(c.limits.layer_unpacked_size, 1 << 30);
+        assert_eq!(c.limits.image_unpacked_size, 3 << 30);
+        assert_eq!(c.limits.free_space_reserve, Reserve::Percent(5));
+        assert_eq!(c.limits.free_space_reserve.bytes(1000), 50);
+        assert_eq!(c.limits.grpc_send_size, 16 << 20);
+        assert_eq!(c.limits.grpc_receive_size, 4 << 20);
+        assert_eq!(c.limits.shells_per_user, 2);
+        assert_eq!(
+            c.limits.save_prompt_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        // Kept as written, for walt-server-setup.
+        assert!(c.file.other.contains_key("limits"));
+        let c = ServerConfig::parse("f", "limits:\n  free-space-reserve: 0\n").unwrap();
+        assert_eq!(c.limits.free_space_reserve, Reserve::Bytes(0));
+
+        for (text, key) in [
+            (
+                "limits:\n  layer-unpacked-size: 12X\n",
+                "limits.layer-unpacked-size:",
+            ),
+            (
+                "limits:\n  image-unpacked-size: 0\n",
+                "limits.image-unpacked-size:",
+            ),
+            (
+                "limits:\n  free-space-reserve: 120%\n",
+                "limits.free-space-reserve:",
+            ),
+            (
+                "limits:\n  grpc-receive-size: 10K\n",
+                "limits.grpc-receive-size:",
+            ),
+            (
+                "limits:\n  shells-per-user: -1\n",
+                "limits.shells-per-user:",
+            ),
+            (
+                "limits:\n  save-prompt-timeout: soon\n",
+                "limits.save-prompt-timeout:",
+            ),
+            ("limits:\n  shells: 3\n", "limits.shells:"),
+            ("limits: 3\n", "limits:"),
+        ] {
+            let e = ServerConfig::parse("f", text).unwrap_err();
+            assert!(e.to_string().starts_with(&format!("f: {key}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("100"), Ok(100));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("64G"), Ok(64 << 30));
+        assert_eq!(parse_size("2 MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(format_size(64 << 30), "64G");
+        assert_eq!(format_size(1000), "1000");
+        use std::time::Duration;
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("").is_err());
     }
 }
