@@ -371,6 +371,17 @@ async fn pull(
             .layer(LayerProgress::running(l.digest.as_str(), 0, l.size))
             .await;
     }
+    // The blobs to download must fit above the free-space reserve (what
+    // they unpack to is checked as it is written).
+    let to_download: u64 = layers
+        .iter()
+        .filter(|l| !store.has_blob(&l.digest))
+        .map(|l| l.size)
+        .sum();
+    {
+        let s = store.clone();
+        blocking(move || Ok(s.check_space(to_download)?)).await?;
+    }
     // Held until the image row is committed, so that no collection runs
     // between the layers landing and the row referencing them.
     let guard = store.begin_import();
@@ -452,16 +463,30 @@ async fn fetch_layers(
         set.spawn(async move {
             let _permit = tokio::select! {
                 p = limit.acquire_owned() => p.map_err(|_| ServiceError::ShuttingDown)?,
-                _ = cancel.cancelled() => return Ok(0),
+                _ = cancel.cancelled() => return Ok((0, 0)),
             };
             fetch_layer(&store, &client, &path, &job, background, &events, &cancel).await
         });
     }
     let mut total = 0;
+    // What the layers unpacked here add up to, bounded as an image.
+    let image_limit = store.limits().image_unpacked_size;
+    let mut unpacked = 0u64;
     let mut first_error = None;
     while let Some(joined) = set.join_next().await {
         match joined.map_err(ServiceError::from).and_then(|r| r) {
-            Ok(n) => total += n,
+            Ok((n, bytes)) => {
+                total += n;
+                unpacked = unpacked.saturating_add(bytes);
+                if unpacked > image_limit && first_error.is_none() {
+                    cancel.cancel();
+                    first_error = Some(ServiceError::Store(walt_store::StoreError::TooLarge {
+                        what: "the image".into(),
+                        limit: walt_core::config::format_size(image_limit),
+                        key: "image-unpacked-size",
+                    }));
+                }
+            }
             Err(e) => {
                 cancel.cancel();
                 first_error.get_or_insert(e);
@@ -474,7 +499,8 @@ async fn fetch_layers(
     }
 }
 
-/// Brings one layer into the store; returns the bytes downloaded.
+/// Brings one layer into the store; returns the bytes downloaded and the
+/// bytes of file data unpacked.
 async fn fetch_layer(
     store: &Arc<Store>,
     client: &RegistryClient,
@@ -483,18 +509,18 @@ async fn fetch_layer(
     background: bool,
     events: &Events,
     cancel: &CancellationToken,
-) -> Result<u64, ServiceError> {
+) -> Result<(u64, u64), ServiceError> {
     let has_blob = store.has_blob(&job.digest);
     let has_layer = store.has_layer(&job.diff_id);
     if has_blob && has_layer {
         events
             .layer(LayerProgress::finished(job.digest.as_str(), job.size, true))
             .await;
-        return Ok(0);
+        return Ok((0, 0));
     }
     if has_blob {
         let (s, j) = (store.clone(), job.clone());
-        blocking(move || {
+        let imported = blocking(move || {
             let _guard = s.begin_import();
             Ok(s.unpack_stored_blob(&j.digest, j.compression, &j.diff_id)?)
         })
@@ -502,7 +528,7 @@ async fn fetch_layer(
         events
             .layer(LayerProgress::finished(job.digest.as_str(), job.size, true))
             .await;
-        return Ok(0);
+        return Ok((0, imported.unpacked_bytes));
     }
 
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(16);
@@ -517,6 +543,8 @@ async fn fetch_layer(
             ptx.try_layer(LayerProgress::running(digest.as_str(), done, total));
         })),
         background,
+        // One layer cannot be larger than the image either.
+        unpacked_limit: Some((store.limits().image_unpacked_size, "image-unpacked-size")),
     };
     let (s, j) = (store.clone(), job.clone());
     let import = tokio::task::spawn_blocking(move || {
@@ -532,7 +560,7 @@ async fn fetch_layer(
     // so that its staging files are removed before we report anything.
     let imported = import.await?;
     pumped?;
-    imported?;
+    let imported = imported?;
     events
         .layer(LayerProgress::finished(
             job.digest.as_str(),
@@ -540,7 +568,7 @@ async fn fetch_layer(
             false,
         ))
         .await;
-    Ok(job.size)
+    Ok((job.size, imported.unpacked_bytes))
 }
 
 /// Streams a blob into `tx`; the registry client resumes it where the

@@ -177,6 +177,9 @@ impl ServiceError {
             E::Store(s) => match s {
                 StoreError::ImageNotFound(_) => Kind::NotFound,
                 StoreError::ImageExists(_) => Kind::AlreadyExists,
+                StoreError::NoSpace { .. } | StoreError::TooLarge { .. } => {
+                    Kind::FailedPrecondition
+                }
                 _ => Kind::Internal,
             },
             E::ShuttingDown => Kind::Unavailable,

@@ -69,6 +69,7 @@ impl State {
     pub fn reload(&self) -> Result<Arc<ServerConfig>, String> {
         match config::load(&self.config_path) {
             Ok(new) => {
+                self.store.set_limits(new.limits);
                 let new = Arc::new(new);
                 *self.config.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
                 tracing::info!(
@@ -134,6 +135,7 @@ impl Server {
             registries = ?registry_labels(&config),
             "store open"
         );
+        store.set_limits(config.limits);
         Ok(Self {
             state: Arc::new(State {
                 store: Arc::new(store),
@@ -162,14 +164,32 @@ impl Server {
         tracing::info!(%addr, "walt-server listening");
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
+        // Fixed for the life of the process (a reload does not change them).
+        let limits = state.config().limits;
+        let (receive, send) = (
+            usize::try_from(limits.grpc_receive_size).unwrap_or(usize::MAX),
+            usize::try_from(limits.grpc_send_size).unwrap_or(usize::MAX),
+        );
         let stop = async move {
             signal.await;
             shutdown.cancel();
         };
         tonic::transport::Server::builder()
-            .add_service(ImagesServer::new(images::ImagesService::new(state.clone())))
-            .add_service(ServerServer::new(images::ServerService::new(state.clone())))
-            .add_service(AdminServer::new(admin::AdminService::new(state.clone())))
+            .add_service(
+                ImagesServer::new(images::ImagesService::new(state.clone()))
+                    .max_decoding_message_size(receive)
+                    .max_encoding_message_size(send),
+            )
+            .add_service(
+                ServerServer::new(images::ServerService::new(state.clone()))
+                    .max_decoding_message_size(receive)
+                    .max_encoding_message_size(send),
+            )
+            .add_service(
+                AdminServer::new(admin::AdminService::new(state.clone()))
+                    .max_decoding_message_size(receive)
+                    .max_encoding_message_size(send),
+            )
             .serve_with_incoming_shutdown(incoming(listener), stop)
             .await
             .context("gRPC server failed")?;

@@ -315,6 +315,7 @@ async fn compress_layers(
                     expected_diff_id: Some(layer.diff_id.clone()),
                     progress: None,
                     background: false,
+                    unpacked_limit: None,
                 },
             )?;
             Ok((i, imported))

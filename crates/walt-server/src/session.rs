@@ -15,10 +15,11 @@ use crate::State;
 use crate::error::ServiceError;
 use crate::images::blocking;
 
-/// Who holds each image being modified, by image.
+/// Who holds each image being modified, by image; shells open, by user.
 #[derive(Default)]
 pub struct Locks {
     held: Mutex<HashMap<ImageName, String>>,
+    shells: Mutex<HashMap<String, u32>>,
 }
 
 impl Locks {
@@ -38,6 +39,44 @@ impl Locks {
             locks: self.clone(),
             name: name.clone(),
         })
+    }
+}
+
+impl Locks {
+    /// Counts a shell of `user`, refused when `user` already has `max`
+    /// open (`limits.shells-per-user`).
+    pub fn open_shell(self: &Arc<Self>, user: &str, max: u32) -> Result<ShellSlot, ServiceError> {
+        let mut shells = self.shells.lock().unwrap_or_else(|e| e.into_inner());
+        let n = shells.entry(user.to_string()).or_insert(0);
+        if *n >= max {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "cannot open a shell: {user} already has {n} shells open, the limit \
+                 (limits.shells-per-user in the server configuration): exit one first"
+            )));
+        }
+        *n += 1;
+        Ok(ShellSlot {
+            locks: self.clone(),
+            user: user.to_string(),
+        })
+    }
+}
+
+/// One of a user's open shells, counted until dropped.
+pub struct ShellSlot {
+    locks: Arc<Locks>,
+    user: String,
+}
+
+impl Drop for ShellSlot {
+    fn drop(&mut self) {
+        let mut shells = self.locks.shells.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = shells.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                shells.remove(&self.user);
+            }
+        }
     }
 }
 

@@ -27,6 +27,10 @@ pub type ShellStream = Pin<Box<dyn Stream<Item = Result<pb::ShellOutput, Status>
 
 type Tx = mpsc::Sender<Result<pb::ShellOutput, Status>>;
 
+/// Keystroke messages queued for a shell that does not read them (each at
+/// most one gRPC message).
+const KEYS_IN_FLIGHT: usize = 16;
+
 fn out(o: Output) -> Result<pb::ShellOutput, Status> {
     Ok(pb::ShellOutput { output: Some(o) })
 }
@@ -50,6 +54,9 @@ pub async fn start(
         Err(s) => return Err(ServiceError::InvalidArgument(s.message().to_string())),
     };
     let started = std::time::Instant::now();
+    let slot = state
+        .locks
+        .open_shell(&user, state.config().limits.shells_per_user)?;
     let session = Session::open(&state, &user, &start.image, "a shell", true).await?;
     session.check_runnable()?;
     let size = start.size.unwrap_or_default();
@@ -89,6 +96,9 @@ pub async fn start(
             tracing::warn!(image = %image, error = %e, "shell session failed");
             let _ = tx.send(Err(Status::from(e))).await;
         }
+        // The session (and with it the image lock and the gc guard) is
+        // dropped by now: the shell no longer counts.
+        drop(slot);
     });
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
@@ -145,6 +155,18 @@ impl Pty {
     }
 }
 
+/// `10m`, `90s`, `1500ms`: a duration as the configuration writes it.
+fn humantime(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status
@@ -168,11 +190,11 @@ async fn run(
         })?);
 
     // Keystrokes go through their own task: a shell that does not read its
-    // input must not stop its output from flowing.
-    // Unbounded: awaiting room here would stall the whole relay (output,
-    // exit, disconnect) behind a shell that does not read; what it holds is
-    // bounded by what the client sends.
-    let (keys_tx, mut keys_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    // input must not stop its output from flowing. The queue is bounded:
+    // when it is full, the client's stream is not read until the shell
+    // takes some (HTTP/2 flow control then holds the client back), while
+    // output, exit, disconnect and shutdown are still watched.
+    let (keys_tx, mut keys_rx) = mpsc::channel::<Vec<u8>>(KEYS_IN_FLIGHT);
     let writer = {
         let pty = pty.clone();
         tokio::spawn(async move {
@@ -189,6 +211,8 @@ async fn run(
     let mut pty_open = true;
     let mut input_open = true;
     let mut drain_deadline = None;
+    // Keystrokes received while the queue was full.
+    let mut pending: Option<Vec<u8>> = None;
     let outcome: Result<i32, &'static str> = loop {
         if let Some(st) = status
             && !pty_open
@@ -204,9 +228,17 @@ async fn run(
                     }
                 }
             },
-            m = input.message(), if input_open => match m {
+            permit = keys_tx.reserve(), if pending.is_some() => {
+                if let (Ok(permit), Some(k)) = (permit, pending.take()) {
+                    permit.send(k);
+                }
+            },
+            _ = tx.closed(), if pending.is_some() => break Err("the client went away"),
+            m = input.message(), if input_open && pending.is_none() => match m {
                 Ok(Some(pb::ShellInput { input: Some(Input::Stdin(b)) })) => {
-                    let _ = keys_tx.send(b);
+                    if let Err(mpsc::error::TrySendError::Full(b)) = keys_tx.try_send(b) {
+                        pending = Some(b);
+                    }
                 }
                 Ok(Some(pb::ShellInput { input: Some(Input::Resize(ws)) })) => pty.resize(&ws),
                 Ok(Some(_)) => {}
@@ -269,7 +301,10 @@ async fn save_dialogue(
     mut input: Streaming<pb::ShellInput>,
     tx: &Tx,
 ) -> Result<(), ServiceError> {
+    let timeout = state.config().limits.save_prompt_timeout;
     loop {
+        // Each question gets the whole timeout.
+        let deadline = tokio::time::sleep(timeout);
         let save = tokio::select! {
             m = input.message() => match m {
                 Ok(Some(pb::ShellInput { input: Some(Input::Save(s)) })) => s,
@@ -280,6 +315,16 @@ async fn save_dialogue(
                 Ok(Some(_)) => continue,
             },
             _ = state.shutdown.cancelled() => return Err(ServiceError::ShuttingDown),
+            _ = deadline => {
+                tracing::info!(image = %session.rec.name, ?timeout,
+                    "save prompt not answered in time: shell changes discarded");
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "image '{}': the save prompt was not answered within {} \
+                     (limits.save-prompt-timeout in the server configuration): changes discarded",
+                    session.short(),
+                    humantime(timeout)
+                )));
+            }
         };
         let answer = save.name.trim();
         let target = if answer.is_empty() {

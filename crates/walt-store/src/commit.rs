@@ -219,9 +219,15 @@ impl Store {
         };
 
         // 2. The layer tar, hashed as it is written.
-        let blob_w = BlobWriter::buffered(inner, Expected::default())?;
-        let (blob_w, _) = walt_tar::write_tree(blob_w, upper, &layer_tree_options(true))
-            .map_err(|e| fail(format!("writing the layer: {e}")))?;
+        // Bounded by the layer limit; the free space checked as it grows.
+        let blob_w = BlobWriter::buffered(inner, Expected::default())?
+            .label(&format!("of the new layer of '{}'", target.short()))
+            .limit(inner.limits().layer_unpacked_size, "layer-unpacked-size");
+        let (blob_w, _) =
+            walt_tar::write_tree(blob_w, upper, &layer_tree_options(true)).map_err(|e| {
+                crate::unpack::store_error_in_tar(e)
+                    .unwrap_or_else(|e| fail(format!("writing the layer: {e}")))
+            })?;
         let blob = blob_w.finish()?;
         let layer_size = blob.size();
         let diff_id = blob.digest().clone();

@@ -57,6 +57,20 @@ pub enum StoreError {
     CommitFailed { image: String, reason: String },
     #[error("image '{image}': stored record is corrupt: {reason}")]
     Corrupt { image: String, reason: String },
+    /// Writing more would leave less than the configured reserve free on
+    /// the store's filesystem (sizes as `64G`, `512M`).
+    #[error(
+        "not enough free space on the server: {available} left, {reserve} must stay free \
+         (limits.free-space-reserve in the server configuration)"
+    )]
+    NoSpace { available: String, reserve: String },
+    /// Unpacked content past a configured limit (`key` of `limits:`).
+    #[error("{what}: more than {limit} unpacked (limits.{key} in the server configuration)")]
+    TooLarge {
+        what: String,
+        limit: String,
+        key: &'static str,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,

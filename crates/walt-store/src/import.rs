@@ -25,7 +25,8 @@ use crate::Inner;
 use crate::direct::DirectWriter;
 use crate::error::{Result, StoreError};
 use crate::gzip::GzipReader;
-use crate::staging::{BlobWriter, Durability, Expected, StagedBlob, StagedLayer};
+use crate::staging::{BlobWriter, Durability, Expected, SpaceWatch, StagedBlob, StagedLayer};
+use crate::unpack::{UnpackLimit, UnpackStats, store_error_in};
 use crate::util::{drain, finish_digest, lower_thread_priority};
 use walt_core::Digest;
 
@@ -50,6 +51,10 @@ pub struct ImportOptions {
     /// priority, so that the layer on the critical path of a clone (the
     /// largest) gets the CPU first when several are imported at once.
     pub background: bool,
+    /// A bound on the layer's unpacked bytes tighter than the store's
+    /// `layer-unpacked-size` (what is left of an image's), with the
+    /// `limits:` key that sets it.
+    pub unpacked_limit: Option<(u64, &'static str)>,
 }
 
 impl Default for ImportOptions {
@@ -61,6 +66,7 @@ impl Default for ImportOptions {
             expected_diff_id: None,
             progress: None,
             background: false,
+            unpacked_limit: None,
         }
     }
 }
@@ -74,6 +80,7 @@ impl std::fmt::Debug for ImportOptions {
             .field("expected_diff_id", &self.expected_diff_id)
             .field("progress", &self.progress.is_some())
             .field("background", &self.background)
+            .field("unpacked_limit", &self.unpacked_limit)
             .finish()
     }
 }
@@ -89,6 +96,9 @@ pub struct LayerImport {
     pub size: u64,
     /// Size of the uncompressed tar stream.
     pub unpacked_size: u64,
+    /// Bytes of file data unpacked (apparent sizes: holes count); 0 when
+    /// the layer was not unpacked (already stored, or not asked for).
+    pub unpacked_bytes: u64,
 }
 
 /// The decompression stage.
@@ -302,6 +312,7 @@ fn decode_stage(
     input: ChunkReader,
     compression: Compression,
     check_crc: bool,
+    cap: StreamCap,
     mut out: ChunkSender,
 ) -> io::Result<Decoded> {
     let mut decoder = Decoder::new(input, compression, check_crc)?;
@@ -316,6 +327,9 @@ fn decode_stage(
         chunk.truncate(n);
         hasher.update(&chunk);
         size += n as u64;
+        if size > cap.bytes {
+            return Err(io::Error::other(cap.error()));
+        }
         out.send(chunk);
     }
     // Whatever follows the compressed stream is part of the blob: let the
@@ -329,9 +343,43 @@ fn decode_stage(
     })
 }
 
+/// The bound on the uncompressed stream of a layer: twice its unpacked
+/// bound (tar headers and padding), plus 1 MiB. It stops a bomb whose
+/// files stay small (zeros after the end of the archive, endless headers).
+#[derive(Debug)]
+struct StreamCap {
+    bytes: u64,
+    limit: UnpackLimit,
+    label: String,
+}
+
+impl StreamCap {
+    fn new(limit: UnpackLimit, label: &str) -> Self {
+        StreamCap {
+            bytes: limit.bytes.saturating_mul(2).saturating_add(1 << 20),
+            limit,
+            label: label.to_string(),
+        }
+    }
+
+    fn error(&self) -> StoreError {
+        StoreError::TooLarge {
+            what: format!("layer {}: its uncompressed stream", self.label),
+            limit: walt_core::config::format_size(self.bytes),
+            key: self.limit.key,
+        }
+    }
+}
+
 /// Stage 3: unpacks the tar stream into `dir` (a staged layer's `diff`).
-fn unpack_stage(mut input: ChunkReader, dir: &Path, label: &str) -> Result<()> {
-    crate::unpack::unpack(&mut input, dir, label).map(drop)
+fn unpack_stage(
+    mut input: ChunkReader,
+    dir: &Path,
+    label: &str,
+    limit: UnpackLimit,
+    space: SpaceWatch,
+) -> Result<UnpackStats> {
+    crate::unpack::unpack(&mut input, dir, label, limit, space)
 }
 
 /// Reads until `buf` is full or the stream ends.
@@ -361,13 +409,17 @@ struct Pipeline<'a> {
     /// Names the layer in errors and traces.
     label: &'a str,
     started: Instant,
+    /// The bound on the unpacked bytes.
+    limit: UnpackLimit,
+    /// Free-space checks of the unpacking.
+    space: SpaceWatch,
 }
 
 /// What came out of the pipeline, each stage's result as it ended.
 struct Streamed {
     raw: std::result::Result<StagedBlob, RawError>,
     decoded: io::Result<Decoded>,
-    unpacked: Option<Result<()>>,
+    unpacked: Option<Result<UnpackStats>>,
 }
 
 /// When a stage ended, for `RUST_LOG=walt_store=trace`.
@@ -383,7 +435,7 @@ impl Pipeline<'_> {
     /// Runs the stages to their end (each one's result is kept, none is
     /// checked here).
     fn run(
-        &self,
+        self,
         input: &mut dyn Read,
         blob: BlobWriter<DirectWriter>,
         layer_dir: Option<&Path>,
@@ -395,8 +447,11 @@ impl Pipeline<'_> {
             background,
             label,
             started,
-            ..
-        } = *self;
+            limit,
+            space,
+            progress,
+        } = self;
+        let cap = StreamCap::new(limit, label);
         let (raw_out, decode_in) = chunk_channel();
         std::thread::scope(|scope| {
             let (unpack_out, unpacker) = match layer_dir {
@@ -408,7 +463,7 @@ impl Pipeline<'_> {
                             if background {
                                 lower_thread_priority();
                             }
-                            let r = unpack_stage(rx, dir, label);
+                            let r = unpack_stage(rx, dir, label, limit, space);
                             trace_stage(label, started, "unpacked");
                             r
                         })
@@ -424,12 +479,12 @@ impl Pipeline<'_> {
                     if background {
                         lower_thread_priority();
                     }
-                    let r = decode_stage(decode_in, compression, check_crc, unpack_out);
+                    let r = decode_stage(decode_in, compression, check_crc, cap, unpack_out);
                     trace_stage(label, started, "decoded");
                     r
                 })
                 .expect("cannot start the decompressing thread");
-            let raw = raw_stage(input, blob, self.progress, raw_out);
+            let raw = raw_stage(input, blob, progress, raw_out);
             trace_stage(label, started, "downloaded");
             let decoded = decoder
                 .join()
@@ -460,7 +515,7 @@ impl Streamed {
         self,
         label: &str,
         expected_diff_id: Option<&Digest>,
-    ) -> Result<(StagedBlob, Decoded)> {
+    ) -> Result<(StagedBlob, Decoded, Option<UnpackStats>)> {
         let layer_err = |reason: String| StoreError::BadLayer {
             layer: label.to_string(),
             reason,
@@ -472,12 +527,11 @@ impl Streamed {
             }
             Err(RawError::Blob(e)) => return Err(e),
         };
-        let decoded = self
-            .decoded
-            .map_err(|e| layer_err(format!("cannot read the layer stream: {e}")))?;
-        if let Some(r) = self.unpacked {
-            r?;
-        }
+        let decoded = self.decoded.map_err(|e| match store_error_in(e) {
+            Ok(e) => e,
+            Err(e) => layer_err(format!("cannot read the layer stream: {e}")),
+        })?;
+        let stats = self.unpacked.transpose()?;
         if let Some(expected) = expected_diff_id
             && *expected != decoded.diff_id
         {
@@ -487,7 +541,7 @@ impl Streamed {
                 actual: decoded.diff_id,
             });
         }
-        Ok((blob, decoded))
+        Ok((blob, decoded, stats))
     }
 }
 
@@ -525,6 +579,14 @@ impl Inner {
 
         // Streaming, then verification.
         let started = Instant::now();
+        let layer_limit = self.limits().layer_unpacked_size;
+        let limit = match opts.unpacked_limit {
+            Some((bytes, key)) if bytes < layer_limit => UnpackLimit { bytes, key },
+            _ => UnpackLimit {
+                bytes: layer_limit,
+                key: "layer-unpacked-size",
+            },
+        };
         let pipeline = Pipeline {
             compression,
             check_crc: expected_digest.is_none(),
@@ -532,10 +594,12 @@ impl Inner {
             progress: opts.progress.as_deref(),
             label,
             started,
+            limit,
+            space: SpaceWatch::new(self),
         };
         let layer_dir = layer.as_ref().map(StagedLayer::diff);
         let streamed = pipeline.run(input, blob, layer_dir.as_deref());
-        let (blob, decoded) = streamed.verify(label, expected_diff_id)?;
+        let (blob, decoded, stats) = streamed.verify(label, expected_diff_id)?;
 
         // Publication: the blob, then the layer directory.
         let streamed = started.elapsed();
@@ -553,6 +617,7 @@ impl Inner {
             diff_id: decoded.diff_id,
             size,
             unpacked_size: decoded.size,
+            unpacked_bytes: stats.map_or(0, |s| s.bytes),
         })
     }
 }

@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::Connection;
+use walt_core::config::Limits;
 use walt_core::oci::Compression;
 use walt_core::{Digest, ImageName};
 
@@ -61,6 +62,8 @@ pub(crate) struct Inner {
     db: Mutex<Connection>,
     /// Serialises gc with imports starting and images being recorded.
     gc: Mutex<gc::GcState>,
+    /// The bounds in force (the server's `limits:`), read at each import.
+    limits: Mutex<Limits>,
 }
 
 impl Inner {
@@ -78,6 +81,10 @@ impl Inner {
 
     pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn limits(&self) -> Limits {
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -126,6 +133,7 @@ impl Store {
                 data_dir: data_dir.to_path_buf(),
                 db: Mutex::new(conn),
                 gc: Mutex::new(gc::GcState::default()),
+                limits: Mutex::new(Limits::default()),
             }),
         };
         store.gc()?;
@@ -135,6 +143,28 @@ impl Store {
 
     pub fn data_dir(&self) -> &Path {
         &self.inner.data_dir
+    }
+
+    /// Sets the bounds applied from now on (imports, commits): the
+    /// unpacked size of a layer and the free space kept on the store's
+    /// filesystem. Running operations keep the ones they started with.
+    pub fn set_limits(&self, limits: Limits) {
+        *self.inner.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits;
+    }
+
+    /// The bounds in force.
+    pub fn limits(&self) -> Limits {
+        self.inner.limits()
+    }
+
+    /// Checks that writing `needed` more bytes would leave the configured
+    /// reserve free on the store's filesystem ([`StoreError::NoSpace`]).
+    pub fn check_space(&self, needed: u64) -> Result<()> {
+        staging::check_free_space(
+            &self.inner.data_dir,
+            self.inner.limits().free_space_reserve,
+            needed,
+        )
     }
 
     /// True when the blob is in the store.

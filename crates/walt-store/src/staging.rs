@@ -30,6 +30,76 @@ use crate::direct::{self, DirectWriter, O_DIRECT};
 use crate::error::{IoContext, Result, StoreError};
 use crate::util::{BUF_SIZE, finish_digest, remove_any, unique_name};
 use walt_core::Digest;
+use walt_core::config::Reserve;
+
+/// Bytes written into the store between two checks of its free space (one
+/// `statvfs` per 64 MiB: what a writer may go past the reserve by).
+pub(crate) const SPACE_CHECK_EVERY: u64 = 64 << 20;
+
+/// Checks that `needed` more bytes leave `reserve` free on the filesystem
+/// of `root`.
+pub(crate) fn check_free_space(root: &Path, reserve: Reserve, needed: u64) -> Result<()> {
+    let st = nix::sys::statvfs::statvfs(root)
+        .map_err(io::Error::from)
+        .ctx("checking the free space of", root)?;
+    let frsize = st.fragment_size() as u64;
+    let available = (st.blocks_available() as u64).saturating_mul(frsize);
+    let total = (st.blocks() as u64).saturating_mul(frsize);
+    let keep = reserve.bytes(total);
+    if available < keep.saturating_add(needed) {
+        tracing::warn!(path = %root.display(), available, needed, reserve = keep,
+            "refused: the store's filesystem would go below its free-space reserve");
+        return Err(StoreError::NoSpace {
+            available: human_size(available),
+            reserve: reserve.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// `n` bytes for people (`1.5G`, `300M`, `12K`).
+pub(crate) fn human_size(n: u64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if n >= 1 << shift {
+            let v = n as f64 / (1u64 << shift) as f64;
+            return if v < 10.0 {
+                format!("{v:.1}{unit}")
+            } else {
+                format!("{v:.0}{unit}")
+            };
+        }
+    }
+    format!("{n}B")
+}
+
+/// Counts what a writer puts in the store and checks the free space every
+/// [`SPACE_CHECK_EVERY`] bytes (and before the first write).
+pub(crate) struct SpaceWatch {
+    root: PathBuf,
+    reserve: Reserve,
+    since_check: u64,
+}
+
+impl SpaceWatch {
+    pub(crate) fn new(inner: &Inner) -> Self {
+        SpaceWatch {
+            root: inner.data_dir.clone(),
+            reserve: inner.limits().free_space_reserve,
+            since_check: SPACE_CHECK_EVERY,
+        }
+    }
+
+    /// Called before `n` more bytes are written.
+    #[inline]
+    pub(crate) fn will_write(&mut self, n: u64) -> Result<()> {
+        if self.since_check >= SPACE_CHECK_EVERY {
+            self.since_check = 0;
+            check_free_space(&self.root, self.reserve, 0)?;
+        }
+        self.since_check += n;
+        Ok(())
+    }
+}
 
 /// A staging path that is removed on drop unless `keep()` was called.
 pub(crate) struct TmpPath {
@@ -169,6 +239,10 @@ pub(crate) struct BlobWriter<W> {
     label: String,
     /// Context of write errors.
     io_context: String,
+    /// Free-space checks while a staging file is written.
+    space: Option<SpaceWatch>,
+    /// Largest size accepted when none is expected: (bytes, `limits:` key).
+    limit: Option<(u64, &'static str)>,
 }
 
 impl BlobWriter<File> {
@@ -226,6 +300,7 @@ impl<W: StagingFile> BlobWriter<W> {
         let file = open(tmp.path()).ctx("creating staging file", tmp.path())?;
         w.io_context = format!("writing staging file '{}'", tmp.path().display());
         w.file = Some((tmp, file));
+        w.space = Some(SpaceWatch::new(inner));
         Ok(w)
     }
 
@@ -243,7 +318,37 @@ impl<W: StagingFile> BlobWriter<W> {
             expected_digest,
             expected_size: expected.size,
             io_context: "writing a staging file".into(),
+            space: None,
+            limit: None,
         })
+    }
+
+    /// Refuses to grow past `max` bytes ([`StoreError::TooLarge`] naming
+    /// `key` of `limits:`).
+    pub(crate) fn limit(mut self, max: u64, key: &'static str) -> Self {
+        self.limit = Some((max, key));
+        self
+    }
+
+    /// Checks a write taking the blob to `end` bytes: expected size,
+    /// limit, free space.
+    fn check_growth(&mut self, end: u64, n: u64) -> Result<()> {
+        if self.expected_size.is_some_and(|max| end > max) {
+            return Err(self.too_long(end));
+        }
+        if let Some((max, key)) = self.limit
+            && end > max
+        {
+            return Err(StoreError::TooLarge {
+                what: format!("blob {}", self.label),
+                limit: walt_core::config::format_size(max),
+                key,
+            });
+        }
+        if let Some(s) = &mut self.space {
+            s.will_write(n)?;
+        }
+        Ok(())
     }
 
     /// Names the blob in size errors when its digest is not known
@@ -282,9 +387,7 @@ impl<W: StagingFile> BlobWriter<W> {
     /// when it would take the blob past its expected size.
     pub(crate) fn write_chunk(&mut self, buf: &[u8]) -> Result<()> {
         let end = self.count + buf.len() as u64;
-        if self.expected_size.is_some_and(|max| end > max) {
-            return Err(self.too_long(end));
-        }
+        self.check_growth(end, buf.len() as u64)?;
         self.count = end;
         self.hasher.update(buf);
         if let Some((_, f)) = &mut self.file {
@@ -340,9 +443,8 @@ impl<W: StagingFile> BlobWriter<W> {
 impl<W: StagingFile> Write for BlobWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let end = self.count + buf.len() as u64;
-        if self.expected_size.is_some_and(|max| end > max) {
-            return Err(io::Error::other(self.too_long(end)));
-        }
+        self.check_growth(end, buf.len() as u64)
+            .map_err(io::Error::other)?;
         let n = match &mut self.file {
             Some((_, f)) => f.write(buf)?,
             None => buf.len(),

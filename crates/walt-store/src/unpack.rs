@@ -12,12 +12,23 @@ use walt_tar::{Devices, ExtractOptions, Extractor, FileWriter, Owners, Reader, W
 
 use crate::direct::{DIRECT_MIN_SIZE, DirectWriter, O_DIRECT};
 use crate::error::{Result, StoreError};
+use crate::staging::SpaceWatch;
 
 /// What unpacking produced.
 #[derive(Debug, Default)]
 pub(crate) struct UnpackStats {
     #[allow(dead_code)]
     pub entries: u64,
+    /// Bytes of file data (apparent sizes: holes count).
+    pub bytes: u64,
+}
+
+/// The bound on a layer's unpacked bytes: (bytes, the `limits:` key that
+/// sets it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UnpackLimit {
+    pub bytes: u64,
+    pub key: &'static str,
 }
 
 /// Files of at least `DIRECT_MIN_SIZE` go through a `DirectWriter` (with
@@ -25,6 +36,8 @@ pub(crate) struct UnpackStats {
 /// one file to the next.
 struct StoreWriter {
     direct_buf: Vec<u8>,
+    /// Free-space checks as file data is written.
+    space: SpaceWatch,
 }
 
 impl FileWriter for StoreWriter {
@@ -40,6 +53,7 @@ impl FileWriter for StoreWriter {
         data: &mut dyn Read,
         buf: &mut [u8],
     ) -> io::Result<File> {
+        self.space.will_write(size).map_err(io::Error::other)?;
         if size < DIRECT_MIN_SIZE {
             return walt_tar::PlainWriter.write(file, flags, size, data, buf);
         }
@@ -64,9 +78,16 @@ impl FileWriter for StoreWriter {
 
 /// Unpacks the tar stream `reader` into `root` (an existing, empty
 /// directory). `layer` names the layer in error messages.
-pub(crate) fn unpack<R: Read>(reader: R, root: &Path, layer: &str) -> Result<UnpackStats> {
+pub(crate) fn unpack<R: Read>(
+    reader: R,
+    root: &Path,
+    layer: &str,
+    limit: UnpackLimit,
+    space: SpaceWatch,
+) -> Result<UnpackStats> {
     let mut writer = StoreWriter {
         direct_buf: Vec::new(),
+        space,
     };
     let opts = ExtractOptions {
         whiteouts: Whiteouts::Overlay,
@@ -74,7 +95,7 @@ pub(crate) fn unpack<R: Read>(reader: R, root: &Path, layer: &str) -> Result<Unp
         devices: Devices::Create,
         xattrs: true,
         cp_top: None,
-        limit: None,
+        limit: Some(limit.bytes),
         skip_unknown: true,
         area: "layer",
         replace_dirs: true,
@@ -82,16 +103,46 @@ pub(crate) fn unpack<R: Read>(reader: R, root: &Path, layer: &str) -> Result<Unp
     let mut reader = Reader::new(reader);
     let stats = Extractor::new(Some(root), opts, &mut writer)
         .and_then(|x| x.extract(&mut reader))
-        .map_err(|e| layer_error(layer, e))?;
+        .map_err(|e| layer_error(layer, limit, e))?;
     tracing::trace!(layer, entries = stats.entries, "layer unpacked");
     Ok(UnpackStats {
         entries: stats.entries,
+        bytes: stats.bytes,
     })
 }
 
-/// walt-tar's errors as the store's.
-fn layer_error(layer: &str, e: walt_tar::Error) -> StoreError {
+/// The store's own error carried through an `io::Error` (a free-space
+/// check in the writer), if that is what `e` is.
+pub(crate) fn store_error_in(e: io::Error) -> std::result::Result<StoreError, io::Error> {
+    if e.get_ref().is_some_and(|i| i.is::<StoreError>()) {
+        let inner = e.into_inner().expect("checked above");
+        return Ok(*inner.downcast::<StoreError>().expect("checked above"));
+    }
+    Err(e)
+}
+
+/// The store's own error carried through a walt-tar writing error, if that
+/// is what `e` is.
+pub(crate) fn store_error_in_tar(
+    e: walt_tar::Error,
+) -> std::result::Result<StoreError, walt_tar::Error> {
     match e {
+        walt_tar::Error::Write(io) => store_error_in(io).map_err(walt_tar::Error::Write),
+        walt_tar::Error::Tree { what, path, source } => {
+            store_error_in(source).map_err(|source| walt_tar::Error::Tree { what, path, source })
+        }
+        e => Err(e),
+    }
+}
+
+/// walt-tar's errors as the store's.
+fn layer_error(layer: &str, limit: UnpackLimit, e: walt_tar::Error) -> StoreError {
+    match e {
+        walt_tar::Error::Limit { entry, .. } => StoreError::TooLarge {
+            what: format!("layer {layer} (at entry '{entry}')"),
+            limit: walt_core::config::format_size(limit.bytes),
+            key: limit.key,
+        },
         walt_tar::Error::Read(e) => StoreError::BadLayer {
             layer: layer.to_string(),
             reason: format!("cannot read the layer stream: {e}"),
@@ -105,9 +156,12 @@ fn layer_error(layer: &str, e: walt_tar::Error) -> StoreError {
             what,
             entry,
             source,
-        } => StoreError::Io {
-            context: format!("layer {layer}: {what} '{entry}'"),
-            source,
+        } => match store_error_in(source) {
+            Ok(e) => e,
+            Err(source) => StoreError::Io {
+                context: format!("layer {layer}: {what} '{entry}'"),
+                source,
+            },
         },
         other => StoreError::BadLayer {
             layer: layer.to_string(),
