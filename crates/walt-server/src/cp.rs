@@ -23,6 +23,15 @@ pub type CopyOutStream = Pin<Box<dyn Stream<Item = Result<pb::CopyOutChunk, Stat
 
 const CHUNK: usize = 256 * 1024;
 
+/// Bytes of archive received between two checks of the free space.
+const SPACE_CHECK_EVERY: u64 = 64 << 20;
+
+/// Whether the store's filesystem still has its reserve free.
+async fn check_space(store: &Arc<walt_store::Store>) -> Result<(), ServiceError> {
+    let s = store.clone();
+    crate::images::blocking(move || Ok(s.check_space(0)?)).await
+}
+
 /// The sandbox's one-line reason for failing (its stderr).
 async fn reason(
     stderr: Option<impl AsyncRead + Unpin>,
@@ -73,6 +82,13 @@ pub async fn copy_in(
     };
     let session = Session::open(&state, &user, &start.image, "walt image cp", true).await?;
     let short = session.short();
+    // The archive's size is not known beforehand: the reserve must be free
+    // now, and stays so while it comes (checked every 64 MiB); it is
+    // bounded as a layer.
+    let store = state.store.clone();
+    let limit = store.limits().layer_unpacked_size;
+    check_space(&store).await?;
+    let (mut received, mut since_check) = (0u64, 0u64);
     let mut child = spawn(
         &session,
         Job::TarIn {
@@ -87,6 +103,23 @@ pub async fn copy_in(
         tokio::select! {
             m = input.message() => match m {
                 Ok(Some(pb::CopyInRequest { msg: Some(Msg::Tar(b)) })) => {
+                    received += b.len() as u64;
+                    since_check += b.len() as u64;
+                    if received > limit {
+                        failure = Some(ServiceError::Store(walt_store::StoreError::TooLarge {
+                            what: format!("cannot copy into image '{short}': the archive"),
+                            limit: walt_core::config::format_size(limit),
+                            key: "layer-unpacked-size",
+                        }));
+                        break;
+                    }
+                    if since_check >= SPACE_CHECK_EVERY {
+                        since_check = 0;
+                        if let Err(e) = check_space(&store).await {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
                     if let Some(w) = stdin.as_mut()
                         && w.write_all(&b).await.is_err()
                     {
