@@ -4,6 +4,7 @@
 //! `harness` module checks the harness alone (registry, skopeo, proxy).
 
 mod bad_input;
+mod bounds;
 mod client_config;
 mod common;
 mod crash;

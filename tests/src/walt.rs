@@ -34,11 +34,21 @@ impl WaltServer {
 
     /// Starts a server with a whole config file text.
     pub fn start_with_config(config_yaml: &str) -> Result<Self> {
+        Self::start_with_data_dir(config_yaml, |_| Ok(()))
+    }
+
+    /// Like [`WaltServer::start_with_config`], with `prepare` called on the
+    /// (empty) data dir before the server starts (to mount something there).
+    pub fn start_with_data_dir(
+        config_yaml: &str,
+        prepare: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("walt-e2e-server-")
             .tempdir()?;
         std::fs::write(dir.path().join("server.conf"), config_yaml)?;
         std::fs::create_dir_all(dir.path().join("data"))?;
+        prepare(&dir.path().join("data"))?;
         let mut s = Self {
             dir,
             port: free_port(),

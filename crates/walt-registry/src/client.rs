@@ -226,7 +226,8 @@ enum ReqBody {
     },
 }
 
-enum ReadError {
+/// Why a body could not be read whole.
+pub(crate) enum ReadError {
     TooLarge,
     Transport(reqwest::Error),
 }
@@ -1157,8 +1158,13 @@ fn sha256_digest(data: &[u8]) -> Digest {
     Digest::from_sha256(Sha256::digest(data).into())
 }
 
-/// Reads a whole body, refusing more than `max` bytes.
-async fn read_limited(mut resp: reqwest::Response, max: u64) -> Result<Bytes, ReadError> {
+/// Reads a whole body, refusing more than `max` bytes: as it streams (a
+/// body is never read past `max`, whatever its `Content-Length` says). Every
+/// remote body read whole goes through here.
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    max: u64,
+) -> Result<Bytes, ReadError> {
     if resp.content_length().is_some_and(|l| l > max) {
         return Err(ReadError::TooLarge);
     }

@@ -33,6 +33,8 @@ const PAGE_SIZE: u32 = 100;
 const MAX_PAGES: usize = 1000;
 const SEARCH_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_PAGE_BYTES: usize = 8 << 20;
+/// Largest error body read (to summarise it).
+const MAX_ERROR_BODY: u64 = 64 << 10;
 /// Largest metadata config accepted.
 const MAX_CONFIG_SIZE: u64 = 16 << 20;
 
@@ -166,7 +168,10 @@ impl HubSearch {
         let status = resp.status();
         if status != StatusCode::OK {
             let path = url.path().to_string();
-            let body = resp.bytes().await.unwrap_or_default();
+            // An error body is only summarised: 64 KiB is plenty.
+            let body = crate::client::read_limited(resp, MAX_ERROR_BODY)
+                .await
+                .unwrap_or_default();
             let message = crate::error::summarize_error_body(&body);
             let err = if status.is_server_error() {
                 RegistryError::Server {
@@ -187,18 +192,20 @@ impl HubSearch {
             };
             return Err(err);
         }
-        let body = resp.bytes().await.map_err(|e| RegistryError::Interrupted {
-            label: "hub".into(),
-            what: "search results".into(),
-            reason: e.to_string(),
-        })?;
-        if body.len() > MAX_PAGE_BYTES {
-            return Err(RegistryError::TooLarge {
-                label: "hub".into(),
-                what: "search results page".into(),
-                max: MAX_PAGE_BYTES as u64,
-            });
-        }
+        let body = crate::client::read_limited(resp, MAX_PAGE_BYTES as u64)
+            .await
+            .map_err(|e| match e {
+                crate::client::ReadError::TooLarge => RegistryError::TooLarge {
+                    label: "hub".into(),
+                    what: "search results page".into(),
+                    max: MAX_PAGE_BYTES as u64,
+                },
+                crate::client::ReadError::Transport(e) => RegistryError::Interrupted {
+                    label: "hub".into(),
+                    what: "search results".into(),
+                    reason: e.to_string(),
+                },
+            })?;
         serde_json::from_slice(&body).map_err(|e| RegistryError::Protocol {
             label: "hub".into(),
             what: "search results".into(),

@@ -24,7 +24,7 @@ pub type CopyOutStream = Pin<Box<dyn Stream<Item = Result<pb::CopyOutChunk, Stat
 const CHUNK: usize = 256 * 1024;
 
 /// Bytes of archive received between two checks of the free space.
-const SPACE_CHECK_EVERY: u64 = 64 << 20;
+const SPACE_CHECK_EVERY: u64 = 16 << 20;
 
 /// Whether the store's filesystem still has its reserve free.
 async fn check_space(store: &Arc<walt_store::Store>) -> Result<(), ServiceError> {
@@ -83,7 +83,7 @@ pub async fn copy_in(
     let session = Session::open(&state, &user, &start.image, "walt image cp", true).await?;
     let short = session.short();
     // The archive's size is not known beforehand: the reserve must be free
-    // now, and stays so while it comes (checked every 64 MiB); it is
+    // now, and stays so while it comes (checked every 16 MiB); it is
     // bounded as a layer.
     let store = state.store.clone();
     let limit = store.limits().layer_unpacked_size;

@@ -33,8 +33,8 @@ use walt_core::Digest;
 use walt_core::config::Reserve;
 
 /// Bytes written into the store between two checks of its free space (one
-/// `statvfs` per 64 MiB: what a writer may go past the reserve by).
-pub(crate) const SPACE_CHECK_EVERY: u64 = 64 << 20;
+/// `statvfs` per 16 MiB: what a writer may go past the reserve by).
+pub(crate) const SPACE_CHECK_EVERY: u64 = 16 << 20;
 
 /// Checks that `needed` more bytes leave `reserve` free on the filesystem
 /// of `root`.
@@ -89,12 +89,13 @@ impl SpaceWatch {
         }
     }
 
-    /// Called before `n` more bytes are written.
+    /// Called before `n` more bytes are written: a write of 16 MiB or
+    /// more is checked as a whole before it starts.
     #[inline]
     pub(crate) fn will_write(&mut self, n: u64) -> Result<()> {
-        if self.since_check >= SPACE_CHECK_EVERY {
+        if self.since_check >= SPACE_CHECK_EVERY || n >= SPACE_CHECK_EVERY {
             self.since_check = 0;
-            check_free_space(&self.root, self.reserve, 0)?;
+            check_free_space(&self.root, self.reserve, n)?;
         }
         self.since_check += n;
         Ok(())

@@ -1,0 +1,342 @@
+//! Bounds of `server.conf`'s `limits:` section: unpacked sizes (gzip, zstd
+//! and sparse bombs, a 100 GiB long-name header), the free-space reserve
+//! (a small tmpfs data dir), shells per user and the save prompt timeout.
+//! Each refusal leaves the store as it was, `tmp/` empty, the server up.
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use walt_e2e::util::wait_for;
+use walt_e2e::*;
+
+/// An environment (registry `local`, alice, bob) whose server config ends
+/// with `limits` (a `limits:` section); `prepare` gets the data dir before
+/// the server starts.
+fn env_with(limits: &str, prepare: impl FnOnce(&Path) -> anyhow::Result<()>) -> Env {
+    let local = Registry::start(RegistryOpts::plain()).unwrap();
+    let config = format!("registries:\n{}{limits}", local.server_entry("local"));
+    let server = WaltServer::start_with_data_dir(&config, prepare).unwrap();
+    let alice = server.cli("alice", &[]);
+    let bob = server.cli("bob", &[]);
+    Env {
+        images: ImageBuilder::new().unwrap(),
+        local,
+        secure: None,
+        noverify: None,
+        proxy: None,
+        server,
+        alice,
+        bob,
+    }
+}
+
+/// A clone refused with one of `needles`, the store unchanged.
+fn refused(env: &Env, url: &str, needles: &[&str]) -> CmdOutput {
+    let before = env.snapshot();
+    let out = env.alice.clone(&[url]);
+    out.assert_failure_any(needles);
+    env.assert_unchanged(&before);
+    out
+}
+
+/// Pushes an image of `layers` (with the walt node models label) as `repo`.
+fn push(env: &Env, repo: &str, layers: &[Layer]) {
+    let img = env
+        .images
+        .image(Format::Oci, ImageConfig::amd64("pc-x86-64"), layers)
+        .unwrap();
+    env.push_local(repo, "latest", &img);
+}
+
+/// A layer with `files` files of `size` zero bytes each (`zeros-<i>`).
+fn zeros_layer(env: &Env, compression: Compression, files: usize, size: u64) -> Layer {
+    env.images
+        .layer_with(Format::Oci, compression, |b| {
+            for i in 0..files {
+                let mut h = tar::Header::new_ustar();
+                h.set_path(format!("zeros-{i}"))?;
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_mtime(1_700_000_000);
+                h.set_size(size);
+                h.set_cksum();
+                b.append(&h, io::repeat(0).take(size))?;
+            }
+            Ok(())
+        })
+        .unwrap()
+}
+
+/// A layer whose tar stream is `bytes` as they are.
+fn raw_layer(env: &Env, compression: Compression, bytes: &[u8]) -> Layer {
+    env.images
+        .layer_with(Format::Oci, compression, |b| b.get_mut().write_all(bytes))
+        .unwrap()
+}
+
+/// The archive named `name` of walt-tar's hostile table.
+fn hostile(name: &str) -> Vec<u8> {
+    let outside = tempfile::tempdir().unwrap();
+    walt_tar::testing::hostile_archives(outside.path())
+        .into_iter()
+        .find(|h| h.name == name)
+        .unwrap_or_else(|| panic!("no hostile archive named {name:?}"))
+        .tar
+}
+
+/// The server still answers, and clones what fits.
+fn server_still_works(env: &mut Env, repo: &str) {
+    assert!(env.server.is_running(), "walt-server died");
+    let img = env.busybox();
+    env.push_local(repo, "latest", &img);
+    env.alice
+        .clone_ok(&[&format!("local:{repo}"), "still-works"]);
+    assert_tmp_empty(&env.server.data_dir());
+}
+
+const SMALL: &str = "limits:\n  layer-unpacked-size: 16M\n  image-unpacked-size: 40M\n";
+
+#[test]
+fn bombs_and_oversized_layers_are_refused() {
+    let mut env = env_with(SMALL, |_| Ok(()));
+    let too_large = ["more than 16M unpacked (limits.layer-unpacked-size"];
+
+    // 256 MiB of zeros in a few hundred KiB, gzip and zstd.
+    let gzip = zeros_layer(&env, Compression::GzipFast, 1, 256 << 20);
+    assert!(gzip.blob.size < 1 << 20, "not a bomb: {}", gzip.blob.size);
+    push(&env, "walt-test/gzip-bomb", &[gzip]);
+    refused(&env, "local:walt-test/gzip-bomb", &too_large);
+
+    let zstd = zeros_layer(&env, Compression::Zstd, 1, 256 << 20);
+    assert!(zstd.blob.size < 1 << 20, "not a bomb: {}", zstd.blob.size);
+    push(&env, "walt-test/zstd-bomb", &[zstd]);
+    refused(&env, "local:walt-test/zstd-bomb", &too_large);
+
+    // Small files, then 256 MiB of zeros after the end of the archive: the
+    // uncompressed stream itself is bounded.
+    let mut tail = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut tail);
+        walt_e2e::image::append_raw(&mut b, &RawEntry::file("small", b"hello\n")).unwrap();
+        b.finish().unwrap();
+    }
+    let stream = env
+        .images
+        .layer_with(Format::Oci, Compression::Zstd, |b| {
+            b.get_mut().write_all(&tail)?;
+            io::copy(&mut io::repeat(0).take(256 << 20), b.get_mut()).map(drop)
+        })
+        .unwrap();
+    push(&env, "walt-test/zstd-tail-bomb", &[stream]);
+    refused(
+        &env,
+        "local:walt-test/zstd-tail-bomb",
+        &["its uncompressed stream: more than 33M unpacked (limits.layer-unpacked-size"],
+    );
+
+    // 1 TiB of holes: holes count.
+    let sparse = raw_layer(
+        &env,
+        Compression::Gzip,
+        &hostile("sparse bomb (1 TiB of holes)"),
+    );
+    push(&env, "walt-test/sparse-bomb", &[sparse]);
+    refused(&env, "local:walt-test/sparse-bomb", &too_large);
+
+    // A long-name header claiming 100 GiB: refused before anything is read.
+    let long = raw_layer(
+        &env,
+        Compression::Gzip,
+        &hostile("GNU long name claiming 100 GiB"),
+    );
+    push(&env, "walt-test/long-name", &[long]);
+    refused(&env, "local:walt-test/long-name", &["long name"]);
+
+    // Layers that fit one by one but not together.
+    let layers: Vec<Layer> = (0..3)
+        .map(|i| {
+            env.images
+                .big_random_layer(Format::Oci, Compression::None, 15 << 20, i)
+                .unwrap()
+        })
+        .collect();
+    push(&env, "walt-test/too-big-image", &layers);
+    refused(
+        &env,
+        "local:walt-test/too-big-image",
+        &["the image: more than 40M unpacked (limits.image-unpacked-size"],
+    );
+
+    server_still_works(&mut env, "walt-test/busybox");
+}
+
+/// A tmpfs mounted on a data dir, unmounted (and its directory removed)
+/// when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> anyhow::Result<Self> {
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()?;
+        anyhow::ensure!(st.success(), "cannot mount a tmpfs on {}", dir.display());
+        Ok(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        if let Some(p) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// `n` bytes that do not compress.
+fn random_bytes(n: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+#[test]
+fn free_space_reserve_is_kept() {
+    let mut tmpfs = None;
+    let mut env = env_with("limits:\n  free-space-reserve: 64M\n", |dir| {
+        tmpfs = Some(Tmpfs::mount(dir, "160m")?);
+        Ok(())
+    });
+    // Unmounted after the server stops.
+    let _tmpfs = tmpfs;
+    let no_space = ["not enough free space on the server"];
+
+    // Known beforehand: a 120 MiB blob does not fit above the reserve.
+    let big = env
+        .images
+        .big_random_layer(Format::Oci, Compression::None, 120 << 20, 7)
+        .unwrap();
+    push(&env, "walt-test/big", &[big]);
+    let out = refused(&env, "local:walt-test/big", &no_space);
+    assert!(
+        out.stderr
+            .contains("64M must stay free (limits.free-space-reserve"),
+        "{out}"
+    );
+
+    // Known only while unpacking: 5 × 20 MiB of zeros in a tiny blob,
+    // stopped when the reserve is reached.
+    let zeros = zeros_layer(&env, Compression::GzipFast, 5, 20 << 20);
+    push(&env, "walt-test/zeros", &[zeros]);
+    refused(&env, "local:walt-test/zeros", &no_space);
+
+    // What fits is still cloned.
+    server_still_works(&mut env, "walt-test/busybox");
+
+    // walt image cp: the archive's size is not known beforehand; stopped
+    // while it comes, nothing saved.
+    let local = tempfile::tempdir().unwrap();
+    let file = local.path().join("big.bin");
+    std::fs::write(&file, random_bytes(110 << 20, 42)).unwrap();
+    let before = env.snapshot();
+    env.alice
+        .run(&["image", "cp", file.to_str().unwrap(), "still-works:/root/"])
+        .assert_failure_any(&no_space);
+    env.assert_unchanged(&before);
+    assert!(env.server.is_running(), "walt-server died");
+}
+
+#[test]
+fn shells_per_user_are_bounded() {
+    let env = env_with("limits:\n  shells-per-user: 1\n", |_| Ok(()));
+    let img = env.busybox();
+    env.push_local("walt-test/busybox", "latest", &img);
+    env.alice.clone_ok(&["local:walt-test/busybox", "one"]);
+    env.alice.clone_ok(&["local:walt-test/busybox", "two"]);
+    env.bob.clone_ok(&["local:walt-test/busybox", "one"]);
+
+    let (t, _exit) = env.alice.in_terminal("image shell one");
+    t.wait_line("the shell prompt", |l| l.ends_with('#'))
+        .unwrap();
+    // A second shell of alice's, on another image, is refused.
+    let out = env
+        .alice
+        .run_with_input(&["image", "shell", "two"], "exit\n");
+    out.assert_failure("limits.shells-per-user");
+    assert!(
+        out.stderr.contains("alice already has 1 shells open"),
+        "{out}"
+    );
+    // bob's are counted apart.
+    let (tb, exit_b) = env.bob.in_terminal("image shell one");
+    tb.wait_line("bob's shell prompt", |l| l.ends_with('#'))
+        .unwrap();
+    tb.enter("exit").unwrap();
+    wait_for("bob's shell to end", Duration::from_secs(30), || {
+        std::fs::read_to_string(&exit_b)
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+    })
+    .unwrap();
+    // Once alice's first shell has ended, she may open another.
+    t.enter("exit").unwrap();
+    env.server.wait_log("shell exited", 2).unwrap();
+    let (t2, _exit2) = env.alice.in_terminal("image shell two");
+    t2.wait_line("the second shell prompt", |l| l.ends_with('#'))
+        .unwrap();
+    t2.enter("exit").unwrap();
+}
+
+#[test]
+fn unanswered_save_prompt_discards_and_releases_everything() {
+    let env = env_with("limits:\n  save-prompt-timeout: 2s\n", |_| Ok(()));
+    let img = env.busybox();
+    env.push_local("walt-test/busybox", "latest", &img);
+    env.alice.clone_ok(&["local:walt-test/busybox", "img"]);
+    let before = env.snapshot();
+
+    let (t, _exit) = env.alice.in_terminal("image shell img");
+    t.wait_line("the shell prompt", |l| l.ends_with('#'))
+        .unwrap();
+    t.enter("echo changed > /root/file; exit").unwrap();
+    t.wait_line("the save prompt", |l| {
+        l.starts_with("Name of the image to save")
+    })
+    .unwrap();
+    // Nobody answers.
+    env.server
+        .wait_log("save prompt not answered in time", 1)
+        .unwrap();
+    // Everything is released: the session's files, the image lock, and
+    // the gc guard (a removal collects the image's content at once).
+    env.assert_unchanged(&before);
+    env.alice
+        .run(&["image", "cp", "/etc/hostname", "img:/root/"])
+        .assert_success();
+    env.alice.run(&["image", "remove", "img"]).assert_success();
+    assert!(
+        !crate::common::store_has_layer(&env, &img, 0),
+        "the image's layer was not collected: a gc guard is still held"
+    );
+    // The late answer gets the reason.
+    t.keys(&["Enter"]).unwrap();
+    t.wait_line("the error", |l| {
+        l.starts_with("error: ") && l.contains("limits.save-prompt-timeout")
+    })
+    .unwrap();
+}
