@@ -221,12 +221,21 @@ pub async fn shell(client: &mut Client, image: &str) -> anyhow::Result<()> {
             name = answer.trim().to_string();
             overwrite = false;
         }
-        tx.send(input(Input::Save(pb::ShellSave {
-            name: name.clone(),
-            overwrite,
-        })))
-        .await
-        .map_err(|_| anyhow!("lost the connection to the walt server"))?;
+        if tx
+            .send(input(Input::Save(pb::ShellSave {
+                name: name.clone(),
+                overwrite,
+            })))
+            .await
+            .is_err()
+        {
+            // The server ended the dialogue (e.g. the prompt timed out):
+            // its status says why.
+            return Err(match outputs.message().await {
+                Err(s) => status_error(s),
+                _ => anyhow!("lost the connection to the walt server"),
+            });
+        }
         let reply = loop {
             match outputs.message().await {
                 Ok(Some(pb::ShellOutput { output: Some(o) })) => match o {

@@ -527,10 +527,20 @@ impl Streamed {
             }
             Err(RawError::Blob(e)) => return Err(e),
         };
-        let decoded = self.decoded.map_err(|e| match store_error_in(e) {
-            Ok(e) => e,
-            Err(e) => layer_err(format!("cannot read the layer stream: {e}")),
-        })?;
+        let decoded = match self.decoded {
+            Ok(d) => d,
+            Err(e) => {
+                return Err(match store_error_in(e) {
+                    // Past the stream's cap: the unpacker, when it stopped
+                    // first (a file past the limit), says more.
+                    Ok(cap) => match self.unpacked {
+                        Some(Err(e)) => e,
+                        _ => cap,
+                    },
+                    Err(e) => layer_err(format!("cannot read the layer stream: {e}")),
+                });
+            }
+        };
         let stats = self.unpacked.transpose()?;
         if let Some(expected) = expected_diff_id
             && *expected != decoded.diff_id
