@@ -210,7 +210,7 @@ pub const LIMIT_KEYS: [&str; 7] = [
 /// `n` bytes in the largest binary unit that divides it (`64G`, `512M`, `100`).
 pub fn format_size(n: u64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if n != 0 && n % (1u64 << shift) == 0 {
+        if n != 0 && n.is_multiple_of(1u64 << shift) {
             return format!("{}{unit}", n >> shift);
         }
     }
