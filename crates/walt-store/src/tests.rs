@@ -403,7 +403,8 @@ fn hostile_archive_table() {
     let policy = walt_tar::testing::Policy {
         overlay_whiteouts: true,
         devices_refused: false,
-        limit: None,
+        // The default `layer-unpacked-size`.
+        limit: Some(walt_core::config::Limits::default().layer_unpacked_size),
     };
     walt_tar::testing::run_hostile_table(policy, |case, tar| {
         stores.push(new_store());
@@ -412,7 +413,12 @@ fn hostile_archive_table() {
             Ok(r) => Ok(store.layer_path(&r.diff_id)),
             Err(e) => {
                 assert!(
-                    matches!(e, StoreError::BadEntry { .. } | StoreError::BadLayer { .. }),
+                    matches!(
+                        e,
+                        StoreError::BadEntry { .. }
+                            | StoreError::BadLayer { .. }
+                            | StoreError::TooLarge { .. }
+                    ),
                     "{}: {e}",
                     case.name
                 );
@@ -617,7 +623,13 @@ fn store_blob_and_unpack_options() {
     let r2 = store
         .unpack_stored_blob(&digest, Compression::Gzip, &r.diff_id)
         .unwrap();
-    assert_eq!(r2, r);
+    assert_eq!(
+        r2,
+        LayerImport {
+            unpacked_bytes: 1,
+            ..r.clone()
+        }
+    );
     assert!(store.has_layer(&r.diff_id));
     let err = store
         .unpack_stored_blob(&digest, Compression::Gzip, &sha256_digest(b"no"))
