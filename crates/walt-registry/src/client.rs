@@ -1195,6 +1195,71 @@ pub(crate) async fn read_limited(
 mod tests {
     use super::*;
 
+    /// A server answering one request with a 256 MiB chunked body (or,
+    /// with `length`, a body longer than its `Content-Length` says);
+    /// returns its address and what it managed to send before the client
+    /// hung up.
+    async fn endless_body(
+        length: Option<u64>,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<u64>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut req = [0u8; 4096];
+            let _ = s.read(&mut req).await;
+            let head = match length {
+                Some(n) => format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n"),
+                None => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".into(),
+            };
+            if s.write_all(head.as_bytes()).await.is_err() {
+                return 0;
+            }
+            let data = vec![b'x'; 64 << 10];
+            let mut sent = 0u64;
+            loop {
+                let r = match length {
+                    Some(_) => s.write_all(&data).await,
+                    None => {
+                        let mut c = format!("{:x}\r\n", data.len()).into_bytes();
+                        c.extend_from_slice(&data);
+                        c.extend_from_slice(b"\r\n");
+                        s.write_all(&c).await
+                    }
+                };
+                if r.is_err() {
+                    return sent;
+                }
+                sent += data.len() as u64;
+                // A reader that takes it all gets 256 MiB, then the end.
+                if sent >= 256 << 20 {
+                    if length.is_none() {
+                        let _ = s.write_all(b"0\r\n\r\n").await;
+                    }
+                    return sent;
+                }
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn bodies_are_capped_while_streaming() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::new();
+        // Chunked, no length: stopped once past the cap, the connection
+        // dropped (the server sees it go well before 1 GiB).
+        for length in [None, Some(1u64 << 20)] {
+            let (addr, server) = endless_body(length).await;
+            let resp = http.get(format!("http://{addr}/")).send().await.unwrap();
+            let r = read_limited(resp, 256 << 10).await;
+            assert!(matches!(r, Err(ReadError::TooLarge)), "{length:?}");
+            let sent = server.await.unwrap();
+            assert!(sent < 64 << 20, "{length:?}: the server sent {sent} bytes");
+        }
+    }
+
     #[test]
     fn retry_delays() {
         let p = RetryPolicy::default();
