@@ -340,3 +340,106 @@ fn unanswered_save_prompt_discards_and_releases_everything() {
     })
     .unwrap();
 }
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Pids of processes whose command line is `cmdline` (NUL-separated).
+fn pids_running(cmdline: &[u8]) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline))
+        .collect()
+}
+
+#[test]
+fn keystrokes_to_a_shell_that_does_not_read_are_held_back() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let mut env = env_with("", |_| Ok(()));
+    let img = env.busybox();
+    env.push_local("walt-test/busybox", "latest", &img);
+    env.alice.clone_ok(&["local:walt-test/busybox", "img"]);
+    let mut cli = env
+        .alice
+        .command(&["image", "shell", "img"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = cli.stdin.take().unwrap();
+    // The shell becomes a process that never reads its terminal, left in
+    // raw mode (in canonical mode the kernel drops what does not fit in a
+    // line, so the terminal itself would never be full).
+    stdin
+        .write_all(b"busybox stty raw -echo; exec sleep 4242\n")
+        .unwrap();
+    wait_for("the shell to exec sleep", Duration::from_secs(30), || {
+        (!pids_running(b"sleep\x004242\x00").is_empty()).then_some(())
+    })
+    .unwrap();
+    let server = env.server.pid().unwrap();
+    let rss_before = rss(server);
+
+    // Up to 256 MiB of keystrokes, as fast as the client takes them.
+    const TOTAL: u64 = 256 << 20;
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let written = written.clone();
+        std::thread::spawn(move || {
+            let chunk = vec![b'x'; 1 << 20];
+            while written.load(Ordering::Relaxed) < TOTAL {
+                if stdin.write_all(&chunk).is_err() {
+                    return;
+                }
+                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    // Until everything went through, or the client is held back (no
+    // progress over 40 looks in a row).
+    let (mut last, mut still) = (u64::MAX, 0);
+    wait_for(
+        "the keystrokes to go or stall",
+        Duration::from_secs(120),
+        || {
+            let now = written.load(Ordering::Relaxed);
+            still = if now == last && now > 0 { still + 1 } else { 0 };
+            last = now;
+            (now >= TOTAL || still >= 40).then_some(())
+        },
+    )
+    .unwrap();
+    let sent = written.load(Ordering::Relaxed);
+    let grown = rss(server).saturating_sub(rss_before);
+    assert!(
+        sent < TOTAL,
+        "the client could send all {TOTAL} bytes to a shell that reads nothing"
+    );
+    assert!(
+        grown < 64 << 20,
+        "walt-server grew by {grown} bytes holding keystrokes ({sent} sent)"
+    );
+
+    // The client going away ends the session, the server stays up.
+    let _ = cli.kill();
+    let _ = cli.wait();
+    drop(writer);
+    wait_for("the sandbox to go", Duration::from_secs(30), || {
+        pids_running(b"sleep\x004242\x00").is_empty().then_some(())
+    })
+    .unwrap();
+    assert_tmp_empty(&env.server.data_dir());
+    assert!(env.server.is_running(), "walt-server died");
+}
