@@ -373,9 +373,9 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod bounds_tests;
+#[cfg(test)]
+mod tests;
 
 /// Mode of the store's directories: images keep setuid files and device
 /// nodes exactly as they are, so no local account may reach them.
