@@ -299,6 +299,26 @@ fn shells_per_user_are_bounded() {
     let (t2, _exit2) = env.alice.in_terminal("image shell two");
     t2.wait_line("the second shell prompt", |l| l.ends_with('#'))
         .unwrap();
+    env.alice
+        .run_with_input(&["image", "shell", "one"], "exit\n")
+        .assert_failure("limits.shells-per-user");
+
+    // A reload raises the limit for the shells opened after it.
+    let conf = env.server.config_path();
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace("shells-per-user: 1", "shells-per-user: 2"),
+    )
+    .unwrap();
+    env.server.sighup();
+    env.server.wait_log("configuration reloaded", 1).unwrap();
+    let (t3, _exit3) = env.alice.in_terminal("image shell one");
+    t3.wait_line("a second shell of alice after the reload", |l| {
+        l.ends_with('#')
+    })
+    .unwrap();
+    t3.enter("exit").unwrap();
     t2.enter("exit").unwrap();
 }
 
