@@ -259,6 +259,27 @@ fn free_space_reserve_is_kept() {
         .assert_failure_any(&no_space);
     env.assert_unchanged(&before);
     assert!(env.server.is_running(), "walt-server died");
+
+    // Saving a shell: the changes fit, their layer does not; nothing saved.
+    let (t, _exit) = env.alice.in_terminal("image shell still-works");
+    t.wait_line("the shell prompt", |l| l.ends_with('#'))
+        .unwrap();
+    t.enter("head -c 83886080 /dev/urandom > /root/big; exit")
+        .unwrap();
+    t.wait_line("the save prompt", |l| {
+        l.starts_with("Name of the image to save")
+    })
+    .unwrap();
+    t.keys(&["Enter"]).unwrap();
+    t.wait_line("the overwrite question", |l| l.contains("(y/n)"))
+        .unwrap();
+    t.enter("y").unwrap();
+    t.wait_line("the error", |l| {
+        l.starts_with("error: ") && l.contains("not enough free space on the server")
+    })
+    .unwrap();
+    env.assert_unchanged(&before);
+    assert!(env.server.is_running(), "walt-server died");
 }
 
 #[test]
