@@ -203,3 +203,19 @@ fn http_registry_sends_credentials_to_a_realm_on_its_own_host() {
     assert!(!seen.is_empty());
     assert!(seen.iter().all(|p| p == TOKEN_PASS), "{seen:?}");
 }
+
+#[test]
+fn https_no_verify_registry_sends_credentials_to_a_realm_on_its_own_host() {
+    // The admin chose not to verify this host: its own token server is
+    // trusted as the registry is (reached unverified, with credentials).
+    let env = token_env(Setup {
+        issuer_tls: true,
+        realm_host: "127.0.0.1",
+        registry_tls: true,
+        protocol: "https-no-verify",
+    });
+    publish(&env.alice, "tok").assert_success();
+    let seen = env.issuer.passwords_seen();
+    assert!(!seen.is_empty());
+    assert!(seen.iter().all(|p| p == TOKEN_PASS), "{seen:?}");
+}

@@ -80,6 +80,20 @@ pub(super) fn credentials_for(
         .collect()
 }
 
+/// What a search sends: the credentials of the registries it queries
+/// that take credentials.
+fn search_credentials(
+    settings: &Settings,
+    registries: &pb::RegistriesReply,
+) -> HashMap<String, pb::Credentials> {
+    credentials_for(settings, |label| {
+        registries
+            .registries
+            .iter()
+            .any(|r| r.uses_credentials && r.label == label)
+    })
+}
+
 pub async fn search(
     client: &mut Client,
     settings: &Settings,
@@ -94,12 +108,7 @@ pub async fn search(
         .await
         .map_err(status_error)?
         .into_inner();
-    let credentials = credentials_for(settings, |label| {
-        registries
-            .registries
-            .iter()
-            .any(|r| r.uses_credentials && r.label == label)
-    });
+    let credentials = search_credentials(settings, &registries);
     let mut stream = client
         .search(pb::SearchRequest {
             keyword: keyword.clone(),
@@ -201,5 +210,20 @@ mod tests {
         assert!(credentials_for(&settings, |_| false).is_empty());
         let all = credentials_for(&settings, |_| true);
         assert_eq!(all.keys().collect::<Vec<_>>().len(), 2);
+
+        // A search: only the registries the server queries and that take
+        // credentials ("b" is configured `auth: none` there).
+        let info = |label: &str, uses_credentials| pb::RegistryInfo {
+            label: label.into(),
+            uses_credentials,
+        };
+        let reply = pb::RegistriesReply {
+            registries: vec![info("a", true), info("b", false), info("c", true)],
+            publish_auto: String::new(),
+        };
+        let sent = search_credentials(&settings, &reply);
+        assert_eq!(sent.keys().collect::<Vec<_>>(), vec!["a"]);
+        let none = pb::RegistriesReply::default();
+        assert!(search_credentials(&settings, &none).is_empty());
     }
 }

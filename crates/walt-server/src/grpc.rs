@@ -259,6 +259,31 @@ mod tests {
     }
 
     #[test]
+    fn registries_say_which_take_credentials_and_where_auto_goes() {
+        let entry = |label: &str, auth: &str| {
+            format!(
+                "-   label: {label}\n    api: docker-registry-v2\n    description: d\n    host: h\n    port: 5000\n    protocol: http\n    auth: {auth}\n"
+            )
+        };
+        let parse = |entries: &[String]| {
+            ServerConfig::parse("t", &format!("registries:\n{}", entries.concat())).unwrap()
+        };
+        let reply = registries(&parse(&[entry("open", "none"), entry("lab", "basic")]));
+        let got: Vec<(&str, bool)> = reply
+            .registries
+            .iter()
+            .map(|r| (r.label.as_str(), r.uses_credentials))
+            .collect();
+        assert_eq!(got, vec![("open", false), ("lab", true)]);
+        assert_eq!(reply.publish_auto, "");
+        let reply = registries(&parse(&[entry("lab", "basic")]));
+        assert_eq!(reply.publish_auto, "lab");
+        let reply = registries(&ServerConfig::default_config());
+        assert_eq!(reply.publish_auto, "hub");
+        assert!(reply.registries.iter().all(|r| r.uses_credentials));
+    }
+
+    #[test]
     fn statuses_keep_their_codes_and_the_registry_label() {
         let s = Status::from(ServiceError::from(RegistryError::CredentialsRequired {
             label: "secure".into(),
