@@ -10,6 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let fds = protox::compile(&files, [&root])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // `Credentials` gets a hand-written `Debug` that hides the password.
+    tonic_prost_build::configure()
+        .skip_debug([".walt.v1.Credentials"])
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -22,5 +22,6 @@ mod secrets;
 mod setup;
 mod shell;
 mod squash;
+mod tokens;
 mod users;
 mod workingset;

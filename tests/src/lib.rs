@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod registry;
 pub mod store;
 pub mod tmux;
+pub mod token_issuer;
 pub mod util;
 pub mod walt;
 
@@ -26,4 +27,5 @@ pub use registry::{Registry, RegistryOpts};
 pub use store::{
     StoreSnapshot, assert_store_unchanged, assert_tmp_empty, store_mentions, store_snapshot,
 };
+pub use token_issuer::{TokenAuth, TokenIssuer};
 pub use walt::{CmdOutput, Walt, WaltServer};

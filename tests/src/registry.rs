@@ -19,6 +19,8 @@ pub struct RegistryOpts {
     pub basic_auth: Option<(String, String)>,
     /// Serve HTTPS with the run's test certificate.
     pub tls: bool,
+    /// `auth: token` with this issuer (instead of htpasswd).
+    pub token: Option<crate::token_issuer::TokenAuth>,
 }
 
 impl RegistryOpts {
@@ -28,13 +30,22 @@ impl RegistryOpts {
     pub fn tls() -> Self {
         Self {
             tls: true,
-            basic_auth: None,
+            ..Self::default()
         }
     }
     pub fn tls_basic(user: &str, pass: &str) -> Self {
         Self {
             tls: true,
             basic_auth: Some((user.into(), pass.into())),
+            ..Self::default()
+        }
+    }
+    /// Bearer tokens from `token`'s issuer; `tls`: HTTPS.
+    pub fn token(tls: bool, token: crate::token_issuer::TokenAuth) -> Self {
+        Self {
+            tls,
+            token: Some(token),
+            ..Self::default()
         }
     }
 }
@@ -88,6 +99,15 @@ impl Registry {
             auth = format!(
                 "auth:\n  htpasswd:\n    realm: walt-e2e\n    path: {}\n",
                 htpasswd.display()
+            );
+        }
+        if let Some(t) = &opts.token {
+            auth = format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                t.realm,
+                t.service,
+                t.issuer,
+                t.rootcertbundle.display()
             );
         }
         let config = format!(
@@ -228,7 +248,7 @@ impl Registry {
             label,
             self.port,
             if self.opts.tls { "https" } else { "http" },
-            self.opts.basic_auth.is_some(),
+            self.takes_credentials(),
         );
         if let Some(ca) = self.ca_cert() {
             s += &format!("    ca-file: {}\n", ca.display());
@@ -242,8 +262,13 @@ impl Registry {
             label,
             self.port,
             "https-no-verify",
-            self.opts.basic_auth.is_some(),
+            self.takes_credentials(),
         )
+    }
+
+    /// Whether it wants credentials (htpasswd or token auth).
+    fn takes_credentials(&self) -> bool {
+        self.opts.basic_auth.is_some() || self.opts.token.is_some()
     }
 }
 

@@ -67,24 +67,64 @@ fn read(path: &PathBuf) -> anyhow::Result<ClientConfig> {
     }
 }
 
-/// Writes the file with mode 0600 (it may hold registry passwords).
+/// Writes the file with mode 0600 (it may hold registry passwords),
+/// through a temporary file of a fresh name in the same directory, created
+/// with `O_EXCL | O_NOFOLLOW`: a file or symlink planted there is never
+/// followed nor overwritten.
 fn write(path: &PathBuf, config: &ClientConfig) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let text = serde_saphyr::to_string(config).context("cannot serialise the client config")?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    let (tmp, mut f) = create_temp(path)?;
+    let written = f
+        .write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Creates `<path>.<pid>-<n>.tmp` (mode 0600) exclusively, never through a
+/// symlink; another name is tried when one is taken.
+fn create_temp(path: &std::path::Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut last = None;
+    for _ in 0..100 {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(
+            ".{name}.{}-{nanos:08x}-{n}.tmp",
+            std::process::id()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e).with_context(|| format!("cannot write {}", tmp.display())),
+        }
+    }
+    Err(last.expect("tried at least once")).with_context(|| {
+        format!(
+            "cannot write {}: no free temporary name next to it",
+            path.display()
+        )
+    })
 }
 
 fn ask(prompt: &str) -> anyhow::Result<String> {
@@ -189,7 +229,7 @@ pub fn endpoint(server: &str) -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::endpoint;
+    use super::{ClientConfig, endpoint, write};
 
     #[test]
     fn endpoints() {
@@ -198,5 +238,41 @@ mod tests {
         assert_eq!(endpoint("::1").unwrap(), "http://[::1]:12345");
         assert_eq!(endpoint("[::1]:5").unwrap(), "http://[::1]:5");
         assert!(endpoint("http://x/").is_err());
+    }
+
+    #[test]
+    fn write_never_follows_a_planted_temp_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        // The name the old code used, and names of this pid's scheme.
+        std::os::unix::fs::symlink(&victim, path.with_extension("tmp")).unwrap();
+        for n in 0..4 {
+            let _ = std::os::unix::fs::symlink(
+                &victim,
+                dir.path()
+                    .join(format!(".config.{}-x-{n}.tmp", std::process::id())),
+            );
+        }
+        let mut config = ClientConfig::default();
+        config.walt.server = Some("walt".into());
+        write(&path, &config).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("server: walt"), "{text}");
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // No temporary file is left behind (the planted symlinks stay).
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

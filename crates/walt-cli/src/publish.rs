@@ -1,7 +1,5 @@
 //! `walt image publish [--registry LABEL] <image>`.
 
-use std::collections::HashMap;
-
 use anyhow::anyhow;
 
 use walt_proto::v1::{self as pb, publish_event::Event};
@@ -10,27 +8,6 @@ use super::{Client, human, status_error};
 use crate::config::Settings;
 use crate::progress::Bars;
 
-/// The credentials to send: those of `registry`, or with `auto` every
-/// registry's (the server picks the one it publishes to).
-fn credentials(settings: &Settings, registry: &str) -> HashMap<String, pb::Credentials> {
-    settings
-        .config
-        .registries
-        .iter()
-        .filter(|(label, _)| registry == "auto" || label.as_str() == registry)
-        .filter(|(_, c)| !c.username.is_empty() || !c.password.is_empty())
-        .map(|(label, c)| {
-            (
-                label.clone(),
-                pb::Credentials {
-                    username: c.username.clone(),
-                    password: c.password.clone(),
-                },
-            )
-        })
-        .collect()
-}
-
 pub async fn publish(
     client: &mut Client,
     settings: &Settings,
@@ -38,11 +15,25 @@ pub async fn publish(
     registry: &str,
 ) -> anyhow::Result<()> {
     let registry = registry.trim();
+    // The credentials of the target only; with `auto`, the server says
+    // which registry that is.
+    let target = if registry.is_empty() || registry == "auto" {
+        client
+            .registries(pb::RegistriesRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .publish_auto
+    } else {
+        registry.to_string()
+    };
+    let credentials =
+        super::search::credentials_for(settings, |label| !target.is_empty() && label == target);
     let mut stream = client
         .publish(pb::PublishRequest {
             image: image.to_string(),
             registry: registry.to_string(),
-            credentials: credentials(settings, registry),
+            credentials,
         })
         .await
         .map_err(status_error)?

@@ -56,17 +56,17 @@ impl Found {
     }
 }
 
-pub async fn search(
-    client: &mut Client,
+/// The stored credentials of the registries `wanted` names (non-empty
+/// ones only), by label: what a call sends, and nothing more.
+pub(super) fn credentials_for(
     settings: &Settings,
-    keyword: Option<String>,
-    json: bool,
-) -> anyhow::Result<()> {
-    let keyword = keyword.unwrap_or_default();
-    let credentials: HashMap<String, pb::Credentials> = settings
+    wanted: impl Fn(&str) -> bool,
+) -> HashMap<String, pb::Credentials> {
+    settings
         .config
         .registries
         .iter()
+        .filter(|(label, _)| wanted(label))
         .filter(|(_, c)| !c.username.is_empty() || !c.password.is_empty())
         .map(|(label, c)| {
             (
@@ -77,7 +77,38 @@ pub async fn search(
                 },
             )
         })
-        .collect();
+        .collect()
+}
+
+/// What a search sends: the credentials of the registries it queries
+/// that take credentials.
+fn search_credentials(
+    settings: &Settings,
+    registries: &pb::RegistriesReply,
+) -> HashMap<String, pb::Credentials> {
+    credentials_for(settings, |label| {
+        registries
+            .registries
+            .iter()
+            .any(|r| r.uses_credentials && r.label == label)
+    })
+}
+
+pub async fn search(
+    client: &mut Client,
+    settings: &Settings,
+    keyword: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let keyword = keyword.unwrap_or_default();
+    // Only the credentials of the registries this search queries and that
+    // take credentials: the server says which.
+    let registries = client
+        .registries(pb::RegistriesRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let credentials = search_credentials(settings, &registries);
     let mut stream = client
         .search(pb::SearchRequest {
             keyword: keyword.clone(),
@@ -149,4 +180,50 @@ pub async fn search(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClientConfig, RegistryCredentials};
+
+    #[test]
+    fn only_the_wanted_registries_credentials_are_selected() {
+        let mut config = ClientConfig::default();
+        for (label, user, pass) in [("a", "alice", "pa"), ("b", "bob", "pb"), ("empty", "", "")] {
+            config.registries.insert(
+                label.into(),
+                RegistryCredentials {
+                    username: user.into(),
+                    password: pass.into(),
+                },
+            );
+        }
+        let settings = Settings {
+            server: "walt".into(),
+            username: "me".into(),
+            config,
+        };
+        let got = credentials_for(&settings, |l| l == "a" || l == "empty");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got["a"].password, "pa");
+        assert!(credentials_for(&settings, |_| false).is_empty());
+        let all = credentials_for(&settings, |_| true);
+        assert_eq!(all.keys().collect::<Vec<_>>().len(), 2);
+
+        // A search: only the registries the server queries and that take
+        // credentials ("b" is configured `auth: none` there).
+        let info = |label: &str, uses_credentials| pb::RegistryInfo {
+            label: label.into(),
+            uses_credentials,
+        };
+        let reply = pb::RegistriesReply {
+            registries: vec![info("a", true), info("b", false), info("c", true)],
+            publish_auto: String::new(),
+        };
+        let sent = search_credentials(&settings, &reply);
+        assert_eq!(sent.keys().collect::<Vec<_>>(), vec!["a"]);
+        let none = pb::RegistriesReply::default();
+        assert!(search_credentials(&settings, &none).is_empty());
+    }
 }

@@ -4,6 +4,33 @@
 
 pub mod v1 {
     tonic::include_proto!("walt.v1");
+
+    impl std::fmt::Debug for Credentials {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Credentials")
+                .field("username", &self.username)
+                .field("password", &"<hidden>")
+                .finish()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_debug_hides_the_password() {
+        let c = super::v1::Credentials {
+            username: "alice".into(),
+            password: "s3cret".into(),
+        };
+        let req = super::v1::CloneRequest {
+            url: "lab:a/b".into(),
+            credentials: Some(c),
+            ..Default::default()
+        };
+        let text = format!("{req:?}");
+        assert!(text.contains("alice") && !text.contains("s3cret"), "{text}");
+    }
 }
 
 /// Request metadata key carrying the caller's walt username.

@@ -146,6 +146,65 @@ pub fn parse_www_authenticate(header: &str) -> Vec<Challenge> {
     out
 }
 
+/// What a client may do with a token realm a registry names in its
+/// Bearer challenge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RealmPolicy {
+    /// Basic credentials may go to the realm.
+    pub credentials: bool,
+    /// The realm must be reached with certificate verification although
+    /// the registry itself is not verified (`https-no-verify`).
+    pub verify_separately: bool,
+    /// Why credentials may not go there (when they may not).
+    pub why_not: &'static str,
+}
+
+/// Where Basic credentials may go: to a realm over https with certificate
+/// verification, or to the registry's own host when the registry itself
+/// is reached so (plain `http`, or `https-no-verify`: the admin chose to
+/// trust that host). A realm on another host under `https-no-verify` is
+/// verified and gets no credentials; a plain-http realm gets none unless
+/// it is the `http` registry's own host.
+pub(crate) fn realm_policy(
+    registry: &reqwest::Url,
+    verify_tls: bool,
+    realm: &reqwest::Url,
+) -> RealmPolicy {
+    let same_host = match (registry.host(), realm.host()) {
+        (Some(a), Some(b)) => a.to_string().eq_ignore_ascii_case(&b.to_string()),
+        _ => false,
+    };
+    let registry_https = registry.scheme() == "https";
+    let ok = RealmPolicy {
+        credentials: true,
+        verify_separately: false,
+        why_not: "",
+    };
+    let refuse = |verify_separately, why_not| RealmPolicy {
+        credentials: false,
+        verify_separately,
+        why_not,
+    };
+    match (realm.scheme(), registry_https, verify_tls) {
+        ("https", true, false) if same_host => ok,
+        ("https", true, false) => refuse(
+            true,
+            "https-no-verify applies to the registry's own host, and the token server is on another one",
+        ),
+        ("https", _, _) => ok,
+        ("http", false, _) if same_host => ok,
+        ("http", _, _) => refuse(
+            false,
+            if registry_https {
+                "plain http"
+            } else {
+                "plain http, on another host than the registry"
+            },
+        ),
+        _ => refuse(false, "not an http(s) URL"),
+    }
+}
+
 /// What the client knows about how this registry authenticates.
 #[derive(Debug, Default)]
 pub(crate) struct AuthState {
@@ -289,5 +348,35 @@ mod tests {
         assert_eq!(t.into_cached().unwrap().token, "x");
         let t: TokenResponse = serde_json::from_str(r#"{"token":""}"#).unwrap();
         assert!(t.into_cached().is_none());
+    }
+    #[test]
+    fn realm_policy_sends_credentials_only_where_trusted() {
+        let u = |s: &str| reqwest::Url::parse(s).unwrap();
+        let https = u("https://reg.example:5000");
+        let http = u("http://reg.example:5000");
+        let p =
+            |reg: &reqwest::Url, verify: bool, realm: &str| realm_policy(reg, verify, &u(realm));
+        // https registry, verified: any https realm, no http one
+        assert!(p(&https, true, "https://auth.example/token").credentials);
+        assert!(p(&https, true, "https://REG.example:443/token").credentials);
+        assert!(!p(&https, true, "http://reg.example:5001/token").credentials);
+        assert!(!p(&https, true, "http://auth.example/token").credentials);
+        assert!(!p(&https, true, "https://auth.example/t").verify_separately);
+        // https-no-verify: its own host only; another host is verified
+        let own = p(&https, false, "https://reg.example:5001/token");
+        assert!(own.credentials && !own.verify_separately);
+        let other = p(&https, false, "https://auth.example/token");
+        assert!(!other.credentials && other.verify_separately);
+        assert!(other.why_not.contains("another"));
+        assert!(!p(&https, false, "http://reg.example/token").credentials);
+        // http registry: its own host over http, or https anywhere
+        assert!(p(&http, true, "http://reg.example:5001/token").credentials);
+        assert!(p(&http, true, "https://auth.example/token").credentials);
+        let far = p(&http, true, "http://auth.example/token");
+        assert!(!far.credentials && far.why_not.contains("another host"));
+        // hosts compare exactly: a suffix or an IP does not match a name
+        assert!(!p(&http, true, "http://reg.example.evil/token").credentials);
+        assert!(!p(&http, true, "http://127.0.0.1/token").credentials);
+        assert!(!p(&https, true, "ftp://auth.example/token").credentials);
     }
 }

@@ -21,6 +21,7 @@ use walt_core::{Digest, DigestError};
 
 use crate::auth::{
     AuthState, CachedToken, Credentials, KnownScheme, TokenResponse, parse_www_authenticate,
+    realm_policy,
 };
 use crate::error::{
     RegistryError, TransportKind, classify_transport, parse_error_body, summarize_error_body,
@@ -172,6 +173,10 @@ impl std::fmt::Debug for RegistryClient {
 struct Inner {
     label: String,
     base_url: String,
+    /// `base_url` parsed (for the token realm policy).
+    base: Url,
+    /// Whether `http` verifies certificates (false: `https-no-verify`).
+    verify_tls: bool,
     http: reqwest::Client,
     credentials: Option<Credentials>,
     retry: RetryPolicy,
@@ -274,6 +279,8 @@ impl RegistryClient {
             inner: Arc::new(Inner {
                 label,
                 base_url,
+                base: parsed,
+                verify_tls: opts.verify_tls,
                 http,
                 credentials: opts.credentials,
                 retry: opts.retry,
@@ -886,6 +893,8 @@ impl RegistryClient {
         if url.scheme() != "https" && url.scheme() != "http" {
             return Err(self.protocol("authentication", format!("invalid token realm '{realm}'")));
         }
+        let policy = realm_policy(&self.inner.base, self.inner.verify_tls, &url);
+        let origin_of_realm = origin(&url);
         if service.is_some() || !scopes.is_empty() {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
@@ -895,17 +904,56 @@ impl RegistryClient {
                 q.append_pair("scope", s);
             }
         }
-        let mut rb = self.inner.http.get(url).timeout(SMALL_REQUEST_TIMEOUT);
-        if let Some(c) = &self.inner.credentials {
+        let verified;
+        let http = if policy.verify_separately {
+            verified = reqwest::Client::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .read_timeout(READ_TIMEOUT)
+                .user_agent(concat!("walt/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| RegistryError::Config {
+                    label: self.inner.label.clone(),
+                    reason: format!("cannot create the HTTP client: {e}"),
+                })?;
+            &verified
+        } else {
+            &self.inner.http
+        };
+        let mut rb = http.get(url).timeout(SMALL_REQUEST_TIMEOUT);
+        // Credentials go only where they are safe; elsewhere an anonymous
+        // token may still do (public images).
+        if policy.credentials
+            && let Some(c) = &self.inner.credentials
+        {
             rb = rb.basic_auth(&c.username, Some(&c.password));
         }
-        tracing::debug!(registry = %self.inner.label, realm, "requesting a bearer token");
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| self.transport_error(&e, "token"))?;
+        let untrusted = |detail: String| RegistryError::Config {
+            label: self.inner.label.clone(),
+            reason: format!(
+                "its token server {origin_of_realm} is not trusted with credentials ({}){detail}",
+                policy.why_not
+            ),
+        };
+        tracing::debug!(registry = %self.inner.label, realm, credentials = policy.credentials, "requesting a bearer token");
+        let resp = match rb.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let err = self.transport_error(&e, "token");
+                return Err(match err {
+                    RegistryError::Tls { reason, .. } if policy.verify_separately => {
+                        untrusted(format!(": its certificate cannot be verified: {reason}"))
+                    }
+                    other => other,
+                });
+            }
+        };
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            if !policy.credentials {
+                return Err(untrusted(
+                    ": none were sent, and it refuses anonymous access".into(),
+                ));
+            }
             return Err(self.auth_failed());
         }
         if !status.is_success() {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
+use walt_core::config::{Auth, Registry, ServerConfig};
 use walt_proto::v1 as pb;
 use walt_registry::Credentials;
 
@@ -29,6 +30,42 @@ fn credentials_by_label(map: &HashMap<String, pb::Credentials>) -> HashMap<Strin
     map.iter()
         .filter_map(|(label, c)| Some((label.clone(), credentials(c)?)))
         .collect()
+}
+
+/// The registries a search queries, which of them use the caller's
+/// credentials, and where `publish --registry auto` goes (the rule of
+/// [`crate::publish::plan`]: the only docker-registry-v2 registry, or the
+/// hub when it is the only registry).
+pub fn registries(config: &ServerConfig) -> pb::RegistriesReply {
+    let registries = config
+        .registries
+        .iter()
+        .map(|r| pb::RegistryInfo {
+            label: r.label().to_string(),
+            uses_credentials: match r {
+                Registry::V2(v) => v.auth == Auth::Basic,
+                Registry::Hub(_) => true,
+            },
+        })
+        .collect();
+    let v2: Vec<&str> = config
+        .registries
+        .iter()
+        .filter_map(|r| match r {
+            Registry::V2(v) => Some(v.label.as_str()),
+            Registry::Hub(_) => None,
+        })
+        .collect();
+    let hub = crate::hub::configured(config).is_ok();
+    let publish_auto = match (v2.as_slice(), hub) {
+        ([only], false) => only.to_string(),
+        ([], true) => "hub".to_string(),
+        _ => String::new(),
+    };
+    pb::RegistriesReply {
+        registries,
+        publish_auto,
+    }
 }
 
 impl From<pb::CloneRequest> for CloneRequest {
@@ -219,6 +256,31 @@ mod tests {
             credentials: Some(pb_creds("", "")),
         });
         assert!(req.credentials.is_none());
+    }
+
+    #[test]
+    fn registries_say_which_take_credentials_and_where_auto_goes() {
+        let entry = |label: &str, auth: &str| {
+            format!(
+                "-   label: {label}\n    api: docker-registry-v2\n    description: d\n    host: h\n    port: 5000\n    protocol: http\n    auth: {auth}\n"
+            )
+        };
+        let parse = |entries: &[String]| {
+            ServerConfig::parse("t", &format!("registries:\n{}", entries.concat())).unwrap()
+        };
+        let reply = registries(&parse(&[entry("open", "none"), entry("lab", "basic")]));
+        let got: Vec<(&str, bool)> = reply
+            .registries
+            .iter()
+            .map(|r| (r.label.as_str(), r.uses_credentials))
+            .collect();
+        assert_eq!(got, vec![("open", false), ("lab", true)]);
+        assert_eq!(reply.publish_auto, "");
+        let reply = registries(&parse(&[entry("lab", "basic")]));
+        assert_eq!(reply.publish_auto, "lab");
+        let reply = registries(&ServerConfig::default_config());
+        assert_eq!(reply.publish_auto, "hub");
+        assert!(reply.registries.iter().all(|r| r.uses_credentials));
     }
 
     #[test]

@@ -308,6 +308,13 @@ impl Images for ImagesService {
         .await?;
         Ok(Response::new(reply))
     }
+
+    async fn registries(
+        &self,
+        _req: Request<pb::RegistriesRequest>,
+    ) -> Result<Response<pb::RegistriesReply>, Status> {
+        Ok(Response::new(crate::grpc::registries(&self.state.config())))
+    }
 }
 
 /// The caller's image and the new name a rename or duplicate gives it.

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::Semaphore;
 
-use walt_core::config::{Registry, V2Registry};
+use walt_core::config::{Auth, Registry, V2Registry};
 use walt_core::models::parse_models;
 use walt_core::oci::ImageConfig;
 use walt_core::{CloneUrl, Digest, LABEL_NODE_MODELS, LABEL_SERVER_MINVERSION, Location};
@@ -166,6 +166,8 @@ pub(crate) async fn run(state: Arc<State>, user: String, req: SearchRequest, eve
     let started = std::time::Instant::now();
     let keyword = req.keyword.trim().to_string();
     let config = state.config();
+    // The request (and the credentials it holds) lives for this call only:
+    // nothing below keeps it once the search ends.
     let mut sources = FuturesUnordered::new();
     sources.push(Box::pin(search_store(
         state.clone(),
@@ -191,10 +193,15 @@ pub(crate) async fn run(state: Arc<State>, user: String, req: SearchRequest, eve
                 continue;
             }
         };
+        // Credentials only for a registry configured to take them.
+        let creds = match reg.auth {
+            Auth::Basic => req.credentials.get(&reg.label).cloned(),
+            Auth::None => None,
+        };
         sources.push(Box::pin(search_registry(
             state.search_caches.clone(),
             reg.clone(),
-            req.credentials.get(&reg.label).cloned(),
+            creds,
             keyword.clone(),
             events.clone(),
         )));
