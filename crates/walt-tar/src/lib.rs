@@ -15,12 +15,15 @@
 //! - [`write_tree`]: the one tree writer (names in byte order, hard links
 //!   as links, PAX records for what a header cannot hold, whiteouts
 //!   optionally converted from overlay to OCI form).
+//! - [`remove_tree`]: the one tree removal (no recursion, one descriptor
+//!   however deep the tree, never through a symlink nor into a mount).
 
 mod cp;
 mod error;
 mod extract;
 mod fsops;
 mod read;
+mod remove;
 mod tree;
 mod write;
 
@@ -36,6 +39,7 @@ pub use extract::{
     Whiteouts,
 };
 pub use read::{Entry, Kind, Reader};
+pub use remove::{RemoveError, remove_tree, remove_tree_at};
 pub use tree::{TreeOptions, TreeOwners, TreeStats, TreeWhiteouts, write_tree};
 pub use write::{Builder, HeaderSpec};
 
