@@ -46,6 +46,13 @@ pub use write::{Builder, HeaderSpec};
 /// Largest PAX record set, GNU long name or long link accepted (bytes).
 pub const MAX_META: u64 = 64 * 1024;
 
+/// Longest path [`write_tree`] writes (bytes): a longer one is refused
+/// with [`Error::PathTooLong`] before the walk goes any deeper. Half of
+/// [`MAX_META`], so that an entry's path and its hard-link target fit in
+/// the PAX records a reader bounded by [`MAX_META`] accepts; a chain of
+/// one-byte directory names reaches it at 16 384 levels.
+pub const MAX_PATH: usize = (MAX_META / 2) as usize;
+
 /// The overlay xattr marking an opaque directory.
 pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 /// Prefix of overlay's own xattrs: never taken from an archive, never
