@@ -7,6 +7,7 @@ mod bad_input;
 mod client_config;
 mod common;
 mod crash;
+mod deep;
 mod docker;
 mod formats;
 mod harness;
