@@ -2,7 +2,8 @@
 //! one is discarded, or its server killed with SIGKILL, and the server
 //! restarts on a clean store; saving it is refused with the depth and the
 //! limit, the image unchanged; a layer with a ~32 000-level chain served by
-//! the real registry is cloned, removed and collected.
+//! the real registry is cloned, refused by squash (over its path limit),
+//! removed and collected.
 //!
 //! The data dir is a tmpfs mounted for each test: on the ext4 of the test
 //! machines (mounted with `discard`) every rmdir costs milliseconds, which
@@ -302,6 +303,21 @@ fn layer_with_a_deep_chain_is_cloned_removed_and_collected() {
         b"deep"
     );
     drop(cur);
+    // Squash refuses it with the depth and the limit, changing nothing.
+    let out = env.alice.run(&["image", "squash", "deepimg"]);
+    out.assert_failure("levels deep");
+    assert!(
+        out.stderr.contains("deepimg") && out.stderr.contains("at most"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("/tmp/"),
+        "a server path: {}",
+        out.stderr
+    );
+    assert_eq!(layer_count(&env, "deepimg"), 2, "the image changed");
+    wait_tmp_empty(&data);
     env.alice
         .run(&["image", "remove", "deepimg"])
         .assert_success();
