@@ -126,7 +126,7 @@ pub fn remove_tree(path: &Path) -> Result<(), RemoveError> {
 }
 
 /// Removes `name` in the directory `parent` (see the module doc); missing
-/// is fine. Messages show the path as `<parent>/<name>`-relative `name`.
+/// is fine. Messages show paths from `name` on.
 pub fn remove_tree_at(parent: BorrowedFd<'_>, name: &[u8]) -> Result<(), RemoveError> {
     remove_at_shown(parent, OsStr::from_bytes(name), name)
 }
