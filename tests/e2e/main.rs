@@ -8,6 +8,7 @@ mod bounds;
 mod client_config;
 mod common;
 mod crash;
+mod deep;
 mod docker;
 mod formats;
 mod harness;

@@ -269,7 +269,9 @@ impl Drop for Session {
                         break;
                     }
                     std::thread::sleep(std::time::Duration::from_millis(100));
-                    let _ = std::fs::remove_dir_all(&path);
+                    if let Err(e) = walt_store::remove_tree(&path) {
+                        tracing::debug!(error = %e, "session directory not removed yet");
+                    }
                 }
             }
             drop(import);

@@ -204,18 +204,25 @@ impl Store {
         {
             return Err(fail("the session is still mounted".into()));
         }
-        let mut to_sync = Vec::new();
-        sanitize_tree(upper, Path::new(""), &mut to_sync).map_err(|e| match e {
+        let to_sync = sanitize_tree(upper).map_err(|e| match e {
             Sanitize::Refused(rel, xattr) => fail(format!(
                 "'/{}' carries the overlay xattr {xattr} (redirect_dir/metacopy must be off)",
                 rel.display()
+            )),
+            Sanitize::TooDeep(rel, depth) => fail(format!(
+                "'/{rel}' is {depth} levels deep: a layer's paths are at most {} bytes (remove it, then save again)",
+                walt_tar::MAX_PATH
             )),
             Sanitize::Io(rel, e) => fail(format!("reading '/{}': {e}", rel.display())),
         })?;
         // Made durable while the tar is written.
         let durable = {
             let upper = upper.to_path_buf();
-            std::thread::spawn(move || make_durable(&upper, &to_sync))
+            std::thread::spawn(move || match to_sync {
+                ToSync::Each(paths) => make_durable(&upper, &paths),
+                ToSync::Filesystem => fs::File::open(&upper)
+                    .and_then(|f| nix::unistd::syncfs(&f).map_err(io::Error::from)),
+            })
         };
 
         // 2. The layer tar, hashed as it is written.
@@ -314,43 +321,214 @@ fn push_to_array(
 
 enum Sanitize {
     Refused(PathBuf, String),
+    /// A path longer than [`walt_tar::MAX_PATH`] (shortened) and its depth.
+    TooDeep(String, usize),
     Io(PathBuf, io::Error),
 }
 
+/// What to make durable once the upper directory is sanitized.
+enum ToSync {
+    /// These files and directories, one by one.
+    Each(Vec<PathBuf>),
+    /// Too many, or paths too long to open: the whole filesystem.
+    Filesystem,
+}
+
+/// Paths from this length on are not opened by path to be synced.
+const SYNC_PATH_MAX: usize = 3072;
+
+struct Frame {
+    names: Vec<Vec<u8>>,
+    next: usize,
+    rel_len: usize,
+    id: (u64, u64),
+}
+
+fn rel_path(rel: &[u8]) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    PathBuf::from(std::ffi::OsStr::from_bytes(rel))
+}
+
+/// `rel` shortened for a message: its first components.
+fn shorten(rel: &[u8]) -> String {
+    const SHOWN: usize = 60;
+    if rel.len() <= SHOWN {
+        return String::from_utf8_lossy(rel).into_owned();
+    }
+    let cut = rel[..SHOWN]
+        .iter()
+        .rposition(|&b| b == b'/')
+        .unwrap_or(SHOWN);
+    format!("{}/...", String::from_utf8_lossy(&rel[..cut]))
+}
+
 /// Walks an upper directory: removes every `trusted.overlay.*` xattr but
-/// `opaque=y`, refuses redirects and metacopy, and lists the files and
-/// directories to make durable (only what the session wrote).
-fn sanitize_tree(
-    dir: &Path,
-    rel: &Path,
-    to_sync: &mut Vec<PathBuf>,
-) -> std::result::Result<(), Sanitize> {
-    let io = |e: io::Error| Sanitize::Io(rel.to_path_buf(), e);
-    sanitize_entry(dir, rel)?;
-    let mut names: Vec<OsString> = fs::read_dir(dir)
-        .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect())
-        .map_err(io)?;
-    names.sort();
-    for n in names {
-        let path = dir.join(&n);
-        let rel = rel.join(&n);
-        let meta = fs::symlink_metadata(&path).map_err(|e| Sanitize::Io(rel.clone(), e))?;
-        if meta.is_dir() {
-            sanitize_tree(&path, &rel, to_sync)?;
+/// `opaque=y`, refuses redirects and metacopy, refuses a path longer than
+/// a layer may hold ([`walt_tar::MAX_PATH`]) before anything is written,
+/// and lists the files and directories to make durable (only what the
+/// session wrote). Iterative, one directory descriptor (down by name with
+/// `O_NOFOLLOW`, up with ".." checked by device and inode): a tree of any
+/// depth costs neither stack nor descriptors.
+fn sanitize_tree(upper: &Path) -> std::result::Result<ToSync, Sanitize> {
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::{Mode, SFlag, fstat, fstatat};
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    const DIR: OFlag = OFlag::O_RDONLY
+        .union(OFlag::O_DIRECTORY)
+        .union(OFlag::O_NOFOLLOW)
+        .union(OFlag::O_CLOEXEC);
+    let io_at = |rel: &[u8], e: io::Error| Sanitize::Io(rel_path(rel), e);
+    let list = |dir: &fs::File, rel: &[u8]| -> std::result::Result<Vec<Vec<u8>>, Sanitize> {
+        let fd = dir
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| io_at(rel, e))?;
+        let mut d = nix::dir::Dir::from_fd(fd).map_err(|e| io_at(rel, e.into()))?;
+        let mut names = Vec::new();
+        for ent in d.iter() {
+            let ent = ent.map_err(|e| io_at(rel, e.into()))?;
+            let n = ent.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                names.push(n.to_vec());
+            }
+        }
+        names.sort_unstable();
+        Ok(names)
+    };
+    let mut to_sync: Vec<PathBuf> = Vec::new();
+    let mut whole_fs = false;
+    let mut note = |rel: &[u8], whole_fs: &mut bool| {
+        if *whole_fs {
+            return;
+        }
+        let p = upper.join(rel_path(rel));
+        if to_sync.len() >= crate::staging::SYNC_EACH_MAX || p.as_os_str().len() >= SYNC_PATH_MAX {
+            *whole_fs = true;
+            to_sync = Vec::new();
         } else {
-            sanitize_entry(&path, &rel)?;
-            if meta.is_file() {
-                to_sync.push(path);
+            to_sync.push(p);
+        }
+    };
+
+    let mut cur = nix::fcntl::open(upper, DIR, Mode::empty())
+        .map(fs::File::from)
+        .map_err(|e| io_at(b"", e.into()))?;
+    let st = fstat(&cur).map_err(|e| io_at(b"", e.into()))?;
+    sanitize_entry(&XattrTarget::Dir(&cur), b"")?;
+    let mut rel: Vec<u8> = Vec::new();
+    let mut stack = vec![Frame {
+        names: list(&cur, b"")?,
+        next: 0,
+        rel_len: 0,
+        id: (st.st_dev, st.st_ino),
+    }];
+    while let Some(frame) = stack.last_mut() {
+        if frame.next == frame.names.len() {
+            rel.truncate(frame.rel_len);
+            note(&rel, &mut whole_fs);
+            stack.pop();
+            if let Some(up) = stack.last() {
+                let parent = openat(&cur, "..", DIR, Mode::empty())
+                    .map(fs::File::from)
+                    .map_err(|e| io_at(&rel, e.into()))?;
+                let got = fstat(&parent).map_err(|e| io_at(&rel, e.into()))?;
+                if (got.st_dev, got.st_ino) != up.id {
+                    return Err(io_at(
+                        &rel,
+                        io::Error::other("the directory was moved while it was read"),
+                    ));
+                }
+                cur = parent;
+            }
+            continue;
+        }
+        let name = std::mem::take(&mut frame.names[frame.next]);
+        frame.next += 1;
+        rel.truncate(frame.rel_len);
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(&name);
+        if rel.len() > walt_tar::MAX_PATH {
+            return Err(Sanitize::TooDeep(shorten(&rel), stack.len()));
+        }
+        let st = match fstatat(
+            &cur,
+            name.as_slice(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(st) => st,
+            Err(nix::errno::Errno::ENOENT) => continue,
+            Err(e) => return Err(io_at(&rel, e.into())),
+        };
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        if kind == SFlag::S_IFDIR {
+            let fd = openat(&cur, name.as_slice(), DIR, Mode::empty())
+                .map(fs::File::from)
+                .map_err(|e| io_at(&rel, e.into()))?;
+            sanitize_entry(&XattrTarget::Dir(&fd), &rel)?;
+            let names = list(&fd, &rel)?;
+            cur = fd;
+            stack.push(Frame {
+                names,
+                next: 0,
+                rel_len: rel.len(),
+                id: (st.st_dev, st.st_ino),
+            });
+        } else {
+            // By the descriptor's /proc link: l*xattr calls do not follow
+            // the last component (a symlink stays itself).
+            let mut at = format!("/proc/self/fd/{}/", cur.as_raw_fd()).into_bytes();
+            at.extend_from_slice(&name);
+            let at = PathBuf::from(std::ffi::OsStr::from_bytes(&at));
+            sanitize_entry(&XattrTarget::Path(&at), &rel)?;
+            if kind == SFlag::S_IFREG {
+                note(&rel, &mut whole_fs);
             }
         }
     }
-    to_sync.push(dir.to_path_buf());
-    Ok(())
+    Ok(if whole_fs {
+        ToSync::Filesystem
+    } else {
+        ToSync::Each(to_sync)
+    })
 }
 
-fn sanitize_entry(path: &Path, rel: &Path) -> std::result::Result<(), Sanitize> {
-    let io = |e: io::Error| Sanitize::Io(rel.to_path_buf(), e);
-    let names = match xattr::list(path) {
+/// Where the xattrs of an entry are read and removed.
+enum XattrTarget<'a> {
+    Dir(&'a fs::File),
+    /// A path whose last component is not followed.
+    Path(&'a Path),
+}
+
+impl XattrTarget<'_> {
+    fn list(&self) -> io::Result<Vec<OsString>> {
+        match self {
+            XattrTarget::Dir(f) => xattr::FileExt::list_xattr(*f).map(|l| l.collect()),
+            XattrTarget::Path(p) => xattr::list(p).map(|l| l.collect()),
+        }
+    }
+
+    fn get(&self, name: &OsString) -> io::Result<Option<Vec<u8>>> {
+        match self {
+            XattrTarget::Dir(f) => xattr::FileExt::get_xattr(*f, name),
+            XattrTarget::Path(p) => xattr::get(p, name),
+        }
+    }
+
+    fn remove(&self, name: &OsString) -> io::Result<()> {
+        match self {
+            XattrTarget::Dir(f) => xattr::FileExt::remove_xattr(*f, name),
+            XattrTarget::Path(p) => xattr::remove(p, name),
+        }
+    }
+}
+
+fn sanitize_entry(target: &XattrTarget<'_>, rel: &[u8]) -> std::result::Result<(), Sanitize> {
+    let io = |e: io::Error| Sanitize::Io(rel_path(rel), e);
+    let names = match target.list() {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
         Err(e) => return Err(io(e)),
@@ -361,13 +539,13 @@ fn sanitize_entry(path: &Path, rel: &Path) -> std::result::Result<(), Sanitize> 
             continue;
         }
         if REFUSED_XATTRS.contains(&s.as_ref()) {
-            return Err(Sanitize::Refused(rel.to_path_buf(), s.into_owned()));
+            return Err(Sanitize::Refused(rel_path(rel), s.into_owned()));
         }
-        if s == OPAQUE_XATTR && xattr::get(path, &name).map_err(io)?.as_deref() == Some(b"y") {
+        if s == OPAQUE_XATTR && target.get(&name).map_err(io)?.as_deref() == Some(b"y") {
             continue;
         }
-        tracing::debug!(path = %rel.display(), xattr = %s, "removing overlay xattr");
-        match xattr::remove(path, &name) {
+        tracing::debug!(path = %String::from_utf8_lossy(rel), xattr = %s, "removing overlay xattr");
+        match target.remove(&name) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
             Err(e) => return Err(io(e)),

@@ -48,6 +48,9 @@ pub use error::{Result, StoreError};
 pub use gc::{GcReport, ImportGuard};
 pub use import::{ImportOptions, LayerImport};
 pub use squash::SquashOutcome;
+/// Removes a tree however deep (no recursion, one descriptor), never
+/// through a symlink nor into a mount: for the server's session directories.
+pub use walt_tar::{RemoveError, remove_tree};
 
 use error::IoContext;
 use util::remove_any;
@@ -124,8 +127,17 @@ impl Store {
             .ctx("listing", &tmp)?;
         for e in leftovers {
             let p = e.path();
-            remove_any(&p).ctx("removing leftover staging path", &p)?;
-            tracing::info!(path = %p.display(), "removed leftover from an interrupted operation");
+            // A leftover that cannot go (a mount that could not be
+            // detached, an immutable file) must not keep the server from
+            // starting: it is in tmp/, where nothing reads it.
+            match remove_any(&p) {
+                Ok(()) => {
+                    tracing::info!(path = %p.display(), "removed leftover from an interrupted operation")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove a leftover from an interrupted operation: left in tmp/")
+                }
+            }
         }
         let conn = db::open(&data_dir.join("walt.db"))?;
         let store = Store {

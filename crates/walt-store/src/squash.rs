@@ -67,6 +67,7 @@ impl Store {
         let merged = staging.diff();
         let mut m = Merger {
             dst_root: &merged,
+            image: name.to_string(),
             dir_times: BTreeMap::new(),
             links: HashMap::new(),
         };
@@ -250,9 +251,18 @@ pub(crate) fn is_whiteout(m: &fs::Metadata) -> bool {
     m.file_type().is_char_device() && m.rdev() == 0
 }
 
+/// Longest absolute path the squash merge works on: the kernel's
+/// `PATH_MAX` (4096 bytes, with its NUL). A layer path that would be longer
+/// below the layer's or the merged tree's directory is refused with the
+/// image name, the depth and the limit, before the merged tree gets it
+/// (the staging directory in `tmp/` is removed, the image is unchanged).
+pub(crate) const SQUASH_PATH_MAX: usize = 4095;
+
 /// Merges layer trees into `dst_root`.
 struct Merger<'a> {
     dst_root: &'a Path,
+    /// The image squashed (for messages).
+    image: String,
     /// Directory mtimes (relative paths), applied at the end, deepest first.
     dir_times: BTreeMap<PathBuf, FileTime>,
     /// Source (dev, ino) of multiply-linked files of the current layer ->
@@ -284,14 +294,54 @@ impl Merger<'_> {
         Ok(())
     }
 
-    fn merge_dir(&mut self, src_dir: &Path, rel_dir: &Path) -> Result<()> {
+    fn list(&self, src_dir: &Path, rel_dir: &Path) -> Result<Vec<OsString>> {
         let mut names: Vec<OsString> = fs::read_dir(src_dir)
             .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect())
             .map_err(|e| self.io("listing", rel_dir, e))?;
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        for n in names {
+        Ok(names)
+    }
+
+    /// Merges the layer tree `src_root` into the merged tree. Iterative
+    /// (an explicit stack of directory listings, no descriptor held): the
+    /// depth costs no stack. The merge works on paths, so a path longer
+    /// than the kernel's `PATH_MAX` (4096 bytes) once joined to the layer's
+    /// or the merged tree's directory is refused before it is touched
+    /// (see [`SQUASH_PATH_MAX`]).
+    fn merge_dir(&mut self, src_root: &Path, rel_root: &Path) -> Result<()> {
+        let root_len = src_root
+            .as_os_str()
+            .len()
+            .max(self.dst_root.as_os_str().len());
+        let limit = SQUASH_PATH_MAX.saturating_sub(root_len + 1);
+        let mut stack: Vec<(PathBuf, PathBuf, Vec<OsString>, usize)> = vec![(
+            src_root.to_path_buf(),
+            rel_root.to_path_buf(),
+            self.list(src_root, rel_root)?,
+            0,
+        )];
+        while let Some((src_dir, rel_dir, names, next)) = stack.last_mut() {
+            if *next == names.len() {
+                stack.pop();
+                continue;
+            }
+            let n = std::mem::take(&mut names[*next]);
+            *next += 1;
             let src = src_dir.join(&n);
             let rel = rel_dir.join(&n);
+            if rel.as_os_str().len() > limit {
+                let shown: String = rel.to_string_lossy().chars().take(60).collect();
+                return Err(StoreError::Io {
+                    context: format!("image '{}' cannot be squashed", self.image),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "'/{shown}...' is {} levels deep: squash handles paths of at most {limit} bytes",
+                            rel.components().count()
+                        ),
+                    ),
+                });
+            }
             let dst = self.dst_root.join(&rel);
             let meta = fs::symlink_metadata(&src).map_err(|e| self.io("inspecting", &rel, e))?;
             if is_whiteout(&meta) {
@@ -310,7 +360,8 @@ impl Merger<'_> {
                 }
                 self.apply_meta(&src, &dst, true)?;
                 self.dir_times.insert(rel.clone(), mtime_of(&meta));
-                self.merge_dir(&src, &rel)?;
+                let names = self.list(&src, &rel)?;
+                stack.push((src, rel, names, 0));
                 continue;
             }
             self.remove(&rel)?;

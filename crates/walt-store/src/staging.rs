@@ -150,7 +150,7 @@ pub(crate) fn syncfs(path: &Path) -> Result<()> {
 
 /// Above this many files and directories, [`make_durable`] syncs the
 /// filesystem once instead of each of them.
-const SYNC_EACH_MAX: usize = 256;
+pub(crate) const SYNC_EACH_MAX: usize = 256;
 
 /// Makes `paths` (files and directories below `root`) durable: one by one
 /// for a few (independent of unrelated dirty data), the whole filesystem

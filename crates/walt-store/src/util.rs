@@ -1,7 +1,6 @@
 //! Small helpers shared by the blob, layer and gc code: hashing, names,
 //! removal, thread priority, dates.
 
-use std::fs;
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,14 +33,11 @@ pub(crate) fn unique_name(prefix: &str) -> String {
 }
 
 /// Removes whatever is at `path` (file, symlink or directory tree),
-/// without following symlinks. Missing is fine.
+/// without following symlinks nor crossing mounts, however deep the tree
+/// (walt-tar's [`walt_tar::remove_tree`]: no recursion, one descriptor).
+/// Missing is fine.
 pub(crate) fn remove_any(path: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
+    walt_tar::remove_tree(path).map_err(io::Error::from)
 }
 
 /// Reads `r` to its end, discarding the data; returns the byte count.

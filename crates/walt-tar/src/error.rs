@@ -43,6 +43,17 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The tree holds a path longer than [`crate::MAX_PATH`]: it cannot
+    /// become an archive that a reader bounded like ours accepts. `path`
+    /// is shortened to its first components.
+    #[error(
+        "'{path}' is {depth} levels deep: its path is longer than the {limit} bytes an archive may hold"
+    )]
+    PathTooLong {
+        path: String,
+        depth: usize,
+        limit: usize,
+    },
     /// Writing the archive failed.
     #[error("writing the archive: {0}")]
     Write(#[source] io::Error),

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat, openat2};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstatat, mkdirat};
-use nix::unistd::UnlinkatFlags;
 
 /// 0: unknown, 1: openat2 works, 2: it does not (ENOSYS).
 static OPENAT2: AtomicU8 = AtomicU8::new(0);
@@ -159,73 +158,10 @@ pub(crate) fn is_dir(st: &FileStat) -> bool {
 }
 
 /// Removes `name` in `dir` whatever it is (a directory with its whole
-/// content), never following a symlink; missing is fine. Iterative: deep
-/// trees take no stack.
+/// content), never following a symlink nor crossing a mount; missing is
+/// fine. See [`crate::remove`]: no recursion, one descriptor.
 pub(crate) fn remove_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
-    match nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => return Ok(()),
-        Err(Errno::EISDIR) | Err(Errno::EPERM) => {}
-        Err(e) => return Err(e.into()),
-    }
-    match lstat_at(dir, name) {
-        Ok(st) if is_dir(&st) => {}
-        Ok(_) => {
-            return nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)
-                .map_err(io::Error::from);
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    // A stack of open directories would hold one descriptor per level: go
-    // down one level at a time and come back up with "..", holding one.
-    let mut cur = openat(dir, name, DIR_FLAGS, Mode::empty())?;
-    let mut depth = 0usize;
-    loop {
-        let mut child_dir: Option<Vec<u8>> = None;
-        let mut saw_any = false;
-        {
-            let mut d = nix::dir::Dir::from_fd(cur.try_clone()?)?;
-            for ent in d.iter() {
-                let ent = ent?;
-                let n = ent.file_name().to_bytes();
-                if n == b"." || n == b".." {
-                    continue;
-                }
-                saw_any = true;
-                match nix::unistd::unlinkat(&cur, n, UnlinkatFlags::NoRemoveDir) {
-                    Ok(()) | Err(Errno::ENOENT) => {}
-                    Err(Errno::EISDIR) | Err(Errno::EPERM) => {
-                        match nix::unistd::unlinkat(&cur, n, UnlinkatFlags::RemoveDir) {
-                            Ok(()) | Err(Errno::ENOENT) => {}
-                            Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => {
-                                child_dir = Some(n.to_vec());
-                                break;
-                            }
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
-        if let Some(c) = child_dir {
-            cur = openat(&cur, c.as_slice(), DIR_FLAGS, Mode::empty())?;
-            depth += 1;
-            continue;
-        }
-        if saw_any {
-            // Entries removed while listing: list again until empty.
-            continue;
-        }
-        if depth == 0 {
-            drop(cur);
-            return nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir)
-                .map_err(io::Error::from);
-        }
-        // Up: the now-empty child goes on the next pass.
-        cur = openat(&cur, "..", DIR_FLAGS, Mode::empty())?;
-        depth -= 1;
-    }
+    crate::remove::remove_tree_at(dir, name).map_err(io::Error::from)
 }
 
 /// A path naming `name` in the directory `dir`, for the few calls that
@@ -253,4 +189,17 @@ pub(crate) fn at_path(
     } else {
         fallback()
     }
+}
+
+/// `fstat` of a descriptor (`O_PATH` ones included).
+pub(crate) fn fstat_path_fd(fd: BorrowedFd<'_>) -> io::Result<FileStat> {
+    nix::sys::stat::fstat(fd).map_err(io::Error::from)
+}
+
+/// Changes the mode of the inode an `O_PATH` descriptor names (through its
+/// `/proc/self/fd` link, which `fchmod` cannot take).
+pub(crate) fn chmod_path_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
 }

@@ -15,12 +15,15 @@
 //! - [`write_tree`]: the one tree writer (names in byte order, hard links
 //!   as links, PAX records for what a header cannot hold, whiteouts
 //!   optionally converted from overlay to OCI form).
+//! - [`remove_tree`]: the one tree removal (no recursion, one descriptor
+//!   however deep the tree, never through a symlink nor into a mount).
 
 mod cp;
 mod error;
 mod extract;
 mod fsops;
 mod read;
+mod remove;
 mod tree;
 mod write;
 
@@ -36,11 +39,19 @@ pub use extract::{
     Whiteouts,
 };
 pub use read::{Entry, Kind, Reader};
+pub use remove::{RemoveError, remove_tree, remove_tree_at};
 pub use tree::{TreeOptions, TreeOwners, TreeStats, TreeWhiteouts, write_tree};
 pub use write::{Builder, HeaderSpec};
 
 /// Largest PAX record set, GNU long name or long link accepted (bytes).
 pub const MAX_META: u64 = 64 * 1024;
+
+/// Longest path [`write_tree`] writes (bytes): a longer one is refused
+/// with [`Error::PathTooLong`] before the walk goes any deeper. Half of
+/// [`MAX_META`], so that an entry's path and its hard-link target fit in
+/// the PAX records a reader bounded by [`MAX_META`] accepts; a chain of
+/// one-byte directory names reaches it at 16 384 levels.
+pub const MAX_PATH: usize = (MAX_META / 2) as usize;
 
 /// The overlay xattr marking an opaque directory.
 pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";

@@ -95,6 +95,22 @@ struct Frame {
     next: usize,
     /// Length of the archive name prefix of this directory.
     rel_len: usize,
+    /// Device and inode of the directory, checked when the walk comes
+    /// back up to it with "..".
+    id: (u64, u64),
+}
+
+/// `rel` shortened for a message: its first components.
+fn shorten(rel: &[u8]) -> String {
+    const SHOWN: usize = 120;
+    if rel.len() <= SHOWN {
+        return lossy(rel);
+    }
+    let cut = rel[..SHOWN]
+        .iter()
+        .rposition(|&b| b == b'/')
+        .unwrap_or(SHOWN);
+    format!("{}/...", lossy(&rel[..cut]))
 }
 
 struct Walker<'o, W: Write> {
@@ -166,6 +182,7 @@ pub fn write_tree<W: Write>(out: W, root: &Path, opts: &TreeOptions) -> Result<(
         names: list(&cur).map_err(|e| tree("listing", root, e))?,
         next: 0,
         rel_len: rel.len(),
+        id: (st.st_dev, st.st_ino),
     }];
     if opts.top.is_none() {
         // Top-level names are written without "./".
@@ -178,6 +195,15 @@ pub fn write_tree<W: Write>(out: W, root: &Path, opts: &TreeOptions) -> Result<(
             if let Some(up) = stack.last() {
                 let parent = openat(&cur, "..", DIR_FLAGS, Mode::empty())
                     .map_err(|e| w.tree_err("going back up from", &rel, e.into()))?;
+                let got = fsops::fstat_path_fd(parent.as_fd())
+                    .map_err(|e| w.tree_err("going back up from", &rel, e))?;
+                if (got.st_dev, got.st_ino) != up.id {
+                    return Err(w.tree_err(
+                        "going back up from",
+                        &rel,
+                        io::Error::other("the tree was moved while it was read"),
+                    ));
+                }
                 cur = File::from(parent);
                 rel.truncate(up.rel_len);
             }
@@ -191,6 +217,13 @@ pub fn write_tree<W: Write>(out: W, root: &Path, opts: &TreeOptions) -> Result<(
             rel.push(b'/');
         }
         rel.extend_from_slice(&name);
+        if rel.len() > crate::MAX_PATH {
+            return Err(Error::PathTooLong {
+                path: shorten(&rel),
+                depth: stack.len(),
+                limit: crate::MAX_PATH,
+            });
+        }
         let st = match fsops::lstat_at(cur.as_fd(), &name) {
             Ok(st) => st,
             // Gone since the listing.
@@ -210,6 +243,7 @@ pub fn write_tree<W: Write>(out: W, root: &Path, opts: &TreeOptions) -> Result<(
                 names,
                 next: 0,
                 rel_len: rel.len(),
+                id: (st.st_dev, st.st_ino),
             });
         } else {
             w.entry(cur.as_fd(), &name, &st, &rel, false)?;
@@ -582,5 +616,84 @@ impl Read for Segments<'_> {
             return Ok(n);
         }
         Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::stat::mkdirat;
+    use std::os::fd::OwnedFd;
+
+    /// `levels` nested directories `d` in `root` (on tmpfs: see remove.rs).
+    fn chain(root: &Path, levels: usize) {
+        let mut cur: OwnedFd = nix::fcntl::open(root, DIR_FLAGS, Mode::empty()).unwrap();
+        for _ in 0..levels {
+            mkdirat(cur.as_fd(), "d", Mode::from_bits_truncate(0o755)).unwrap();
+            cur = openat(cur.as_fd(), "d", DIR_FLAGS, Mode::empty()).unwrap();
+        }
+        let f = openat(
+            cur.as_fd(),
+            "bottom",
+            OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        drop(f);
+    }
+
+    /// On a thread with a small stack: recursion would overflow it.
+    fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(f)
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    #[test]
+    fn deepest_tree_that_fits_is_written_and_read_back() {
+        let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+        // "d/" per level, "bottom" at the end: the longest path that fits.
+        let levels = (crate::MAX_PATH - "bottom".len()) / 2;
+        chain(tmp.path(), levels);
+        let root = tmp.path().to_path_buf();
+        let (tar, stats) =
+            on_small_stack(move || write_tree(Vec::new(), &root, &TreeOptions::default()).unwrap());
+        assert_eq!(stats.entries as usize, levels + 2);
+        let mut r = crate::Reader::new(tar.as_slice());
+        let mut n = 0;
+        let mut longest = 0;
+        while r.next_entry().unwrap() {
+            longest = longest.max(r.entry().path.len());
+            n += 1;
+        }
+        assert_eq!(n, levels + 2);
+        assert_eq!(longest, levels * 2 + "bottom".len());
+        assert!(longest <= crate::MAX_PATH);
+        // TempDir's own (recursive) removal would overflow the stack.
+        crate::remove_tree(&tmp.path().join("d")).unwrap();
+    }
+
+    #[test]
+    fn deeper_tree_is_refused_with_its_depth() {
+        let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+        chain(tmp.path(), crate::MAX_PATH / 2 + 10);
+        let root = tmp.path().to_path_buf();
+        let e = on_small_stack(move || {
+            write_tree(io::sink(), &root, &TreeOptions::default()).unwrap_err()
+        });
+        match &e {
+            Error::PathTooLong { path, depth, limit } => {
+                assert_eq!(*limit, crate::MAX_PATH);
+                assert_eq!(*depth, crate::MAX_PATH / 2 + 1);
+                assert!(path.starts_with("d/d/d/") && path.len() < 200, "{path}");
+            }
+            other => panic!("unexpected error: {other}"),
+        }
+        let msg = e.to_string();
+        assert!(msg.contains("16385 levels deep"), "{msg}");
+        crate::remove_tree(&tmp.path().join("d")).unwrap();
     }
 }
