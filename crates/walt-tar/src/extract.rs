@@ -174,6 +174,11 @@ pub struct ExtractStats {
     pub skipped_devices: u64,
 }
 
+/// Most bytes of directory paths one extraction keeps for the end (the
+/// directories' modes and times): a Debian root file system needs about
+/// 2 MiB; a deep chain with an entry at every level would need gigabytes.
+pub const MAX_DIR_NAMES: usize = 128 << 20;
+
 /// A directory whose mode and mtime are applied at the end.
 struct DirMeta {
     rel: Vec<u8>,
@@ -197,6 +202,8 @@ pub struct Extractor<'a> {
     /// The last parent directory resolved (relative path, '/'-joined).
     cache: Option<(Vec<u8>, File)>,
     dirs: Vec<DirMeta>,
+    /// Bytes of path names held in `dirs` (bounded by [`MAX_DIR_NAMES`]).
+    dir_bytes: usize,
     buf: Vec<u8>,
     /// Reused buffers for directory keys (no allocation per entry).
     scratch: Vec<u8>,
@@ -268,6 +275,7 @@ impl<'a> Extractor<'a> {
             cp: None,
             cache: None,
             dirs: Vec::new(),
+            dir_bytes: 0,
             buf: vec![0u8; BUF_SIZE],
             scratch: Vec::new(),
             resolved_key: Vec::new(),
@@ -617,6 +625,16 @@ impl<'a> Extractor<'a> {
             rel.push(b'/');
         }
         rel.extend_from_slice(last);
+        self.dir_bytes += rel.len();
+        if self.dir_bytes > MAX_DIR_NAMES {
+            return Err(Error::entry(
+                raw,
+                format!(
+                    "is one directory too many: the archive's directory paths add up to more than {} MiB",
+                    MAX_DIR_NAMES >> 20
+                ),
+            ));
+        }
         self.dirs.push(DirMeta { rel, mode, mtime });
         self.put_cache(parent);
         Ok(())
@@ -1023,20 +1041,19 @@ impl<'a> Extractor<'a> {
     fn finish(&mut self) -> Result<()> {
         self.cache = None;
         let mut dirs = std::mem::take(&mut self.dirs);
-        // Same directory twice: the later entry wins (applied last).
-        let keys: Vec<Vec<&[u8]>> = dirs
-            .iter()
-            .map(|d| {
-                if d.rel.is_empty() {
-                    Vec::new()
-                } else {
-                    d.rel.split(|&c| c == b'/').collect()
-                }
-            })
-            .collect();
+        // Children before parents: the reverse of the order of component
+        // lists, which is the byte order of the paths with '/' below every
+        // other byte (names hold neither '/' nor NUL). Same directory
+        // twice: the later entry wins (applied last).
+        let sep_low = |c: &u8| if *c == b'/' { 0 } else { *c };
         let mut order: Vec<usize> = (0..dirs.len()).collect();
-        order.sort_by(|&a, &b| keys[b].cmp(&keys[a]).then(a.cmp(&b)));
-        drop(keys);
+        order.sort_by(|&a, &b| {
+            let (ra, rb) = (&dirs[a].rel, &dirs[b].rel);
+            rb.iter()
+                .map(sep_low)
+                .cmp(ra.iter().map(sep_low))
+                .then(a.cmp(&b))
+        });
         let root = self
             .root_fd()
             .try_clone_to_owned()

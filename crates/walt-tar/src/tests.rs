@@ -737,3 +737,85 @@ fn reader_reads_data_in_any_piece_size() {
     assert_eq!(got, data);
     assert!(!r.next_entry().unwrap());
 }
+
+/// A chain of directory entries, one level deeper each, generated while
+/// it is read (the archive is larger than the memory it may take).
+struct DeepDirChain {
+    builder: Option<Builder<Vec<u8>>>,
+    level: usize,
+    levels: usize,
+    pos: usize,
+    chunk: Vec<u8>,
+}
+
+impl Read for DeepDirChain {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            let Some(b) = self.builder.as_mut() else {
+                return Ok(0);
+            };
+            if self.level < self.levels {
+                self.level += 1;
+                let path = vec!["ab"; self.level].join("/");
+                let h = HeaderSpec::new(path.as_bytes(), Kind::Directory);
+                b.append(&h, &mut std::io::empty())?;
+                self.chunk = std::mem::take(b.get_mut());
+            } else {
+                self.chunk = self.builder.take().expect("builder").finish()?;
+            }
+            self.pos = 0;
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn directory_paths_kept_for_the_end_are_bounded() {
+    // 1.5 × levels² bytes of paths: 10 000 levels cross the bound.
+    let levels = 10_000;
+    let dest = tempfile::tempdir().unwrap();
+    let mut chain = DeepDirChain {
+        builder: Some(Builder::new(Vec::new())),
+        level: 0,
+        levels,
+        pos: 0,
+        chunk: Vec::new(),
+    };
+    let mut w = PlainWriter;
+    let mut r = Reader::new(&mut chain);
+    let err = Extractor::new(Some(dest.path()), layer_opts(), &mut w)
+        .unwrap()
+        .extract(&mut r)
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("directory paths add up to more than 128 MiB"),
+        "{msg}"
+    );
+    assert!(
+        chain.level < levels,
+        "refused before the end: {}",
+        chain.level
+    );
+
+    // Below the bound, the same chain extracts and gets its modes.
+    let dest = tempfile::tempdir().unwrap();
+    let mut chain = DeepDirChain {
+        builder: Some(Builder::new(Vec::new())),
+        level: 0,
+        levels: 1_000,
+        pos: 0,
+        chunk: Vec::new(),
+    };
+    let mut r = Reader::new(&mut chain);
+    Extractor::new(Some(dest.path()), layer_opts(), &mut w)
+        .unwrap()
+        .extract(&mut r)
+        .unwrap();
+    let bottom = dest.path().join(vec!["ab"; 1_000].join("/"));
+    let mode = fs::metadata(bottom).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o644);
+}
