@@ -21,5 +21,6 @@ mod secrets;
 mod setup;
 mod shell;
 mod squash;
+mod tls;
 mod users;
 mod workingset;
