@@ -7,7 +7,7 @@ log() { echo "install-deps: $*" >&2; }
 
 PACKAGES=(docker-registry busybox-static skopeo umoci apache2-utils openssl expect tmux curl
           ca-certificates pkg-config docker.io qemu-user-static binfmt-support
-          libisal-dev)
+          libisal-dev tcpdump)
 
 # Foreign-architecture busybox (for arm images), fetched without changing
 # the system's apt architectures.
@@ -32,7 +32,8 @@ fetch_arm_busybox() {
 
 missing=()
 check_cmd() { command -v "$1" >/dev/null 2>&1 || missing+=("$1"); }
-for c in docker-registry skopeo umoci htpasswd openssl expect tmux curl pkg-config dockerd docker; do
+# tcpdump: the TLS test captures the loopback traffic of the walt API.
+for c in docker-registry skopeo umoci htpasswd openssl expect tmux curl pkg-config dockerd docker tcpdump; do
     check_cmd "$c"
 done
 [ -x /bin/busybox ] || missing+=("/bin/busybox")

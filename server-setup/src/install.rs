@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -18,6 +18,9 @@ use crate::model::Config;
 pub const DATA_DIR: &str = "/var/lib/walt";
 pub const CONF_DIR: &str = "/etc/walt";
 pub const CONF_FILE: &str = "/etc/walt/server.conf";
+/// The server's TLS key and certificate (walt-server's default `--tls-dir`:
+/// `tls/` next to its configuration file).
+pub const TLS_DIR: &str = "/etc/walt/tls";
 pub const UNIT_FILE: &str = "/etc/systemd/system/walt-server.service";
 pub const DEFAULT_SERVER_BIN: &str = "/usr/local/bin/walt-server";
 pub const DEFAULT_WALT_NET_IP: &str = "192.168.212.1/24";
@@ -181,15 +184,17 @@ pub enum Step {
     Binfmt,
     Docker,
     Nfs,
+    Tls,
 }
 
-pub const STEPS: [Step; 6] = [
+pub const STEPS: [Step; 7] = [
     Step::DataDirs,
     Step::Config,
     Step::Unit,
     Step::Binfmt,
     Step::Docker,
     Step::Nfs,
+    Step::Tls,
 ];
 
 impl Step {
@@ -202,6 +207,7 @@ impl Step {
             Step::Binfmt => Ok(check_binfmt(opts, host)),
             Step::Docker => Ok(check_docker(host)),
             Step::Nfs => Ok(check_nfs(host)),
+            Step::Tls => check_tls(opts),
         }
     }
 
@@ -240,6 +246,57 @@ fn check_dirs(opts: &Options) -> Result<Check, String> {
         actions,
         todo: format!("create {list}"),
         done: format!("created {list}"),
+    }))
+}
+
+/// The key and self-signed certificate the server presents to clients:
+/// created when there is no certificate (the key 0600 first, the
+/// certificate 0644 last, each written atomically).
+fn check_tls(opts: &Options) -> Result<Check, String> {
+    let dir = opts.path(TLS_DIR);
+    let key = dir.join(walt_tls::KEY_FILE);
+    let cert = dir.join(walt_tls::CERT_FILE);
+    match walt_tls::Fingerprint::of_dir(&dir)? {
+        Some(fp) if key.exists() => {
+            return Ok(Check::Ok(format!(
+                "TLS certificate {} exists (fingerprint {fp})",
+                cert.display()
+            )));
+        }
+        Some(_) => {
+            return Err(format!(
+                "{} has no key {}: remove the certificate to have both created",
+                cert.display(),
+                key.display()
+            ));
+        }
+        None => {}
+    }
+    let id = walt_tls::create().map_err(|e| e.to_string())?;
+    let what = format!(
+        "a TLS key and self-signed certificate in {} (fingerprint {})",
+        dir.display(),
+        id.fingerprint
+    );
+    Ok(Check::Todo(Plan {
+        actions: vec![
+            Action::CreateDir {
+                path: dir,
+                mode: 0o755,
+            },
+            Action::WriteFile {
+                path: key,
+                text: id.key_pem,
+                mode: 0o600,
+            },
+            Action::WriteFile {
+                path: cert,
+                text: id.cert_pem,
+                mode: 0o644,
+            },
+        ],
+        todo: format!("create {what}"),
+        done: format!("created {what}"),
     }))
 }
 
@@ -500,7 +557,14 @@ fn write_atomic(path: &Path, text: &str, mode: u32) -> io::Result<()> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let write = || -> io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
+        // Created with its final mode: a key is never readable by others,
+        // even for a moment.
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(text.as_bytes())?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
@@ -713,6 +777,10 @@ mod tests {
             "{l:?}"
         );
         assert!(l[5].starts_with("missing: NFS server"), "{l:?}");
+        assert!(
+            l[6].starts_with("would: create a TLS key and self-signed certificate"),
+            "{l:?}"
+        );
         assert!(files_under(root.path()).is_empty());
 
         let (ok, l) = lines(&opts(root.path(), false), &host);
@@ -737,6 +805,13 @@ mod tests {
             0o755
         );
         assert!(root.path().join("etc/walt").is_dir());
+        assert!(l[6].starts_with("done: created a TLS key"), "{l:?}");
+        let tls = root.path().join("etc/walt/tls");
+        let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(tls.join("key.pem")), 0o600);
+        assert_eq!(mode(tls.join("cert.pem")), 0o644);
+        let fp = walt_tls::Fingerprint::of_dir(&tls).unwrap().unwrap();
+        assert!(l[6].contains(&fp.to_string()), "{l:?}");
         let conf = fs::read_to_string(root.path().join("etc/walt/server.conf")).unwrap();
         assert_eq!(conf, default_config_text());
         let unit =
@@ -751,6 +826,10 @@ mod tests {
             assert!(line.starts_with("ok: "), "{l:?}");
         }
         assert!(l[1].contains("registries: hub"), "{l:?}");
+        assert!(
+            l[6].starts_with("ok: TLS certificate") && l[6].contains(&fp.to_string()),
+            "{l:?}"
+        );
         assert_eq!(files_under(root.path()), before);
     }
 

@@ -98,7 +98,7 @@ fn main() -> ExitCode {
     let result = match &args.command {
         Some(Cmd::Install { dry_run, root }) => run_install(&args, *dry_run, root.clone()),
         Some(Cmd::Registry(cmd)) => registry(&args, cmd),
-        Some(Cmd::Reload) => reload(&args.server),
+        Some(Cmd::Reload) => reload(&args.server, &tls_dir(&args)),
         None if args.edit_conf => edit_conf(&args),
         // `--config FILE` alone: check it, as before `install` was the default.
         None if args.check || args.config.is_some() => check(&args.config()),
@@ -209,10 +209,14 @@ fn save(path: &Path, config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Calls Admin.ReloadConfig; Err is the reason the server could not be reached.
-fn call_reload(server: &str) -> Result<walt_proto::v1::ReloadConfigReply, String> {
+/// Calls Admin.ReloadConfig; Err is the reason the server could not be
+/// reached. Over TLS when the server's certificate is in `tls_dir` (pinned:
+/// exactly that one), else in clear (a `--plaintext` server); the call
+/// carries no secret.
+fn call_reload(server: &str, tls_dir: &Path) -> Result<walt_proto::v1::ReloadConfigReply, String> {
     use walt_proto::v1::ReloadConfigRequest;
     use walt_proto::v1::admin_client::AdminClient;
+    use walt_tls::{ConnectError, Fingerprint, Transport};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -222,31 +226,45 @@ fn call_reload(server: &str) -> Result<walt_proto::v1::ReloadConfigReply, String
     } else {
         format!("http://{server}")
     };
+    let transport = match Fingerprint::of_dir(tls_dir)? {
+        Some(fp) => Transport::Tls(Some(fp)),
+        None => Transport::Plaintext,
+    };
     rt.block_on(async {
-        let endpoint = tonic::transport::Endpoint::from_shared(url)
-            .map_err(|e| format!("bad server address: {e}"))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(30));
-        let channel = endpoint.connect().await.map_err(|e| {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg = s.to_string();
-                src = s.source();
+        let timeout = Duration::from_secs(3);
+        let channel = match walt_tls::connect(&url, transport, timeout).await {
+            Ok(c) => c.channel,
+            // A server started with --plaintext despite its certificate.
+            Err(ConnectError::Handshake(_)) => {
+                walt_tls::connect(&url, Transport::Plaintext, timeout)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .channel
             }
-            msg
-        })?;
-        AdminClient::new(channel)
-            .reload_config(ReloadConfigRequest {})
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| s.message().to_string())
+            Err(e) => return Err(e.to_string()),
+        };
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            AdminClient::new(channel).reload_config(ReloadConfigRequest {}),
+        )
+        .await
+        .map_err(|_| "no answer within 30 s".to_string())?
+        .map(|r| r.into_inner())
+        .map_err(|s| s.message().to_string())
     })
 }
 
+/// Where the server keeps its certificate: `tls/` next to the configuration.
+fn tls_dir(args: &Args) -> PathBuf {
+    match args.config().parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.join("tls"),
+        _ => PathBuf::from("tls"),
+    }
+}
+
 /// After a change: asks the running server to reload and says what happened.
-fn notify_server(server: &str) -> anyhow::Result<()> {
-    match call_reload(server) {
+fn notify_server(server: &str, tls_dir: &Path) -> anyhow::Result<()> {
+    match call_reload(server, tls_dir) {
         Ok(r) if r.ok => {
             println!(
                 "walt-server reloaded its configuration (registries: {})",
@@ -265,8 +283,8 @@ fn notify_server(server: &str) -> anyhow::Result<()> {
 }
 
 /// `reload`: like `notify_server`, but an unreachable server is an error.
-fn reload(server: &str) -> anyhow::Result<()> {
-    match call_reload(server) {
+fn reload(server: &str, tls_dir: &Path) -> anyhow::Result<()> {
+    match call_reload(server, tls_dir) {
         Ok(r) if r.ok => {
             println!(
                 "walt-server reloaded its configuration (registries: {})",
@@ -324,7 +342,7 @@ fn registry(args: &Args, cmd: &RegistryCmd) -> anyhow::Result<()> {
             println!("registry '{label}' removed from {}", path.display());
         }
     }
-    notify_server(&args.server)
+    notify_server(&args.server, &tls_dir(args))
 }
 
 fn edit_conf(args: &Args) -> anyhow::Result<()> {
@@ -338,7 +356,7 @@ fn edit_conf(args: &Args) -> anyhow::Result<()> {
         editor::Outcome::Save(config) => {
             save(&path, &config)?;
             println!("Configuration written to {}.", path.display());
-            notify_server(&args.server)
+            notify_server(&args.server, &tls_dir(args))
         }
     }
 }

@@ -64,7 +64,7 @@ fn steps(out: &CmdOutput) -> Vec<&str> {
             "unexpected line {l:?}:\n{out}"
         );
     }
-    assert_eq!(lines.len(), 6, "one line per step:\n{out}");
+    assert_eq!(lines.len(), 7, "one line per step:\n{out}");
     lines
 }
 

@@ -24,5 +24,6 @@ mod setup;
 mod shell;
 mod squash;
 mod tokens;
+mod tls;
 mod users;
 mod workingset;

@@ -18,6 +18,8 @@ pub struct WaltServer {
     dir: TempDir,
     port: u16,
     child: Option<Child>,
+    /// Started with `--plaintext` (no TLS).
+    plaintext: bool,
 }
 
 impl WaltServer {
@@ -34,13 +36,31 @@ impl WaltServer {
 
     /// Starts a server with a whole config file text.
     pub fn start_with_config(config_yaml: &str) -> Result<Self> {
-        Self::start_with_data_dir(config_yaml, |_| Ok(()))
+        Self::start_with(config_yaml, false, |_| Ok(()))
     }
 
     /// Like [`WaltServer::start_with_config`], with `prepare` called on the
     /// (empty) data dir before the server starts (to mount something there).
     pub fn start_with_data_dir(
         config_yaml: &str,
+        prepare: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Self> {
+        Self::start_with(config_yaml, false, prepare)
+    }
+
+    /// Starts a server serving the API in clear (`--plaintext`).
+    pub fn start_plaintext(entries: &[String]) -> Result<Self> {
+        let yaml = if entries.is_empty() {
+            "registries: []\n".to_string()
+        } else {
+            format!("registries:\n{}", entries.concat())
+        };
+        Self::start_with(&yaml, true, |_| Ok(()))
+    }
+
+    fn start_with(
+        config_yaml: &str,
+        plaintext: bool,
         prepare: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<Self> {
         let dir = tempfile::Builder::new()
@@ -53,6 +73,7 @@ impl WaltServer {
             dir,
             port: free_port(),
             child: None,
+            plaintext,
         };
         // Retry on another port if the chosen one was taken meanwhile.
         let mut res = s.spawn();
@@ -80,9 +101,15 @@ impl WaltServer {
             .arg("--listen")
             .arg(self.addr())
             .env("NO_COLOR", "1")
+            .env_remove("WALT_TLS_DIR")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if self.plaintext {
+            cmd.arg("--plaintext");
+        } else {
+            cmd.arg("--tls-dir").arg(self.tls_dir());
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env(
                 "RUST_LOG",
@@ -123,6 +150,26 @@ impl WaltServer {
 
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("server.conf")
+    }
+
+    /// The server's TLS key and certificate (created at its first start):
+    /// `tls/` next to its config file, where walt-server-setup looks too.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    /// `SHA256:<hex>` of the certificate the server presents (None when it
+    /// runs in clear).
+    pub fn fingerprint(&self) -> Option<String> {
+        if self.plaintext {
+            return None;
+        }
+        let pem = std::fs::read_to_string(self.tls_dir().join("cert.pem")).ok()?;
+        Some(pem_fingerprint(&pem))
+    }
+
+    pub fn is_plaintext(&self) -> bool {
+        self.plaintext
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -225,9 +272,18 @@ impl WaltServer {
         )
     }
 
-    /// A CLI for `user` with registry credentials `(label, user, password)`.
+    /// A CLI for `user` with registry credentials `(label, user, password)`,
+    /// its config pinning this server's certificate (or opting in to
+    /// plaintext for a `--plaintext` server).
     pub fn cli(&self, user: &str, creds: &[(&str, &str, &str)]) -> Walt {
-        Walt::new(&self.addr(), user, creds).expect("cannot write the walt client config")
+        let mut w = Walt::new(&self.addr(), user, &[]).expect("cannot create the walt client dir");
+        w.pin = match self.fingerprint() {
+            Some(fp) => Pin::Fingerprint(fp),
+            None => Pin::Plaintext,
+        };
+        w.set_credentials(creds)
+            .expect("cannot write the walt client config");
+        w
     }
 }
 
@@ -338,6 +394,33 @@ impl CmdOutput {
     }
 }
 
+/// `SHA256:<hex>` of the DER certificate in a PEM text.
+pub fn pem_fingerprint(pem: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let b64: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .expect("a PEM certificate");
+    format!("SHA256:{}", hex::encode(sha2::Sha256::digest(&der)))
+}
+
+/// What a client config says about the server's transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pin {
+    /// Nothing: the first connection pins the certificate.
+    None,
+    /// `walt.server-fingerprints` holds this one for the server.
+    Fingerprint(String),
+    /// `walt.plaintext: true`.
+    Plaintext,
+}
+
 /// The `walt` CLI for one user, with its own client config and HOME.
 pub struct Walt {
     dir: TempDir,
@@ -345,6 +428,8 @@ pub struct Walt {
     server: String,
     /// Per-command timeout.
     pub timeout: Duration,
+    /// Written into the config by `set_credentials`.
+    pub pin: Pin,
 }
 
 impl Walt {
@@ -357,6 +442,7 @@ impl Walt {
             user: user.into(),
             server: server.into(),
             timeout: Duration::from_secs(300),
+            pin: Pin::None,
         };
         w.set_credentials(creds)?;
         Ok(w)
@@ -372,6 +458,16 @@ impl Walt {
             "walt:\n    server: {}\n    username: {}\n",
             self.server, self.user
         );
+        match &self.pin {
+            Pin::None => {}
+            Pin::Fingerprint(fp) => {
+                s += &format!(
+                    "    server-fingerprints:\n        \"{}\": {fp}\n",
+                    self.server
+                )
+            }
+            Pin::Plaintext => s += "    plaintext: true\n",
+        }
         if !creds.is_empty() {
             s += "registries:\n";
             for (label, u, p) in creds {

@@ -14,6 +14,19 @@ pub struct WaltSection {
     pub server: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    /// `true`: talk to the server in clear (a walt-server started with
+    /// `--plaintext`); otherwise TLS, always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plaintext: Option<bool>,
+    /// The certificate fingerprint pinned for each server address (as
+    /// `server` spells it), `SHA256:<hex>`: written at the first connection,
+    /// then required (ssh's known_hosts).
+    #[serde(
+        default,
+        rename = "server-fingerprints",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub server_fingerprints: BTreeMap<String, String>,
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
@@ -199,6 +212,26 @@ pub fn save_credentials(label: &str, creds: &RegistryCredentials) -> anyhow::Res
     let path = path()?;
     let mut config = read(&path)?;
     config.registries.insert(label.to_string(), creds.clone());
+    write(&path, &config)?;
+    Ok(path)
+}
+
+/// Pins `fingerprint` for `server` (None: forgets its pin) in the client
+/// config (0600). Returns the file's path.
+pub fn save_fingerprint(server: &str, fingerprint: Option<&str>) -> anyhow::Result<PathBuf> {
+    let path = path()?;
+    let mut config = read(&path)?;
+    match fingerprint {
+        Some(fp) => {
+            config
+                .walt
+                .server_fingerprints
+                .insert(server.to_string(), fp.to_string());
+        }
+        None => {
+            config.walt.server_fingerprints.remove(server);
+        }
+    }
     write(&path, &config)?;
     Ok(path)
 }

@@ -96,23 +96,7 @@ impl tonic::service::Interceptor for UserInterceptor {
 }
 
 async fn connect(settings: &Settings) -> anyhow::Result<Client> {
-    let endpoint = config::endpoint(&settings.server)?;
-    let channel = Channel::from_shared(endpoint.clone())
-        .map_err(|e| anyhow!("walt.server '{}' is not usable: {e}", settings.server))?
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| {
-            // The innermost cause says it best ("Connection refused (os error 111)").
-            let mut cause: &dyn std::error::Error = &e;
-            while let Some(inner) = cause.source() {
-                cause = inner;
-            }
-            anyhow!(
-                "cannot reach the walt server at {}: {cause}",
-                settings.server
-            )
-        })?;
+    let channel = crate::tls::connect(settings).await?;
     let user = MetadataValue::try_from(settings.username.as_str())
         .map_err(|_| anyhow!("invalid walt username '{}'", settings.username))?;
     Ok(

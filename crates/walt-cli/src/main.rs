@@ -5,6 +5,7 @@ mod image;
 mod progress;
 mod prompt;
 mod table;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -23,6 +24,16 @@ enum Command {
     /// Manage images: show, search, clone, publish, remove, rename, duplicate, squash, shell, cp.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Advanced commands.
+    #[command(subcommand)]
+    Advanced(AdvancedCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum AdvancedCommand {
+    /// Forget the certificate pinned for the walt server (to accept a new
+    /// one: the next command pins the certificate the server presents).
+    ForgetServer,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +51,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Image(cmd) => image::run(cmd).await,
+            Command::Advanced(AdvancedCommand::ForgetServer) => tls::forget_server(),
         }
     });
     match result {

@@ -102,6 +102,8 @@ pub fn registry_labels(config: &ServerConfig) -> Vec<String> {
 
 pub struct Server {
     state: Arc<State>,
+    /// The key and certificate the API is served with; None: in clear.
+    tls: Option<walt_tls::Identity>,
 }
 
 /// Accepted connections, with Nagle's algorithm off: interactive streams
@@ -146,7 +148,15 @@ impl Server {
                 locks: Arc::default(),
                 search_caches: Arc::default(),
             }),
+            tls: None,
         })
+    }
+
+    /// Serves the API over TLS with this key and certificate (the default
+    /// is in clear, for `--plaintext`).
+    pub fn with_tls(mut self, identity: walt_tls::Identity) -> Self {
+        self.tls = Some(identity);
+        self
     }
 
     pub fn state(&self) -> Arc<State> {
@@ -161,7 +171,27 @@ impl Server {
         signal: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, "walt-server listening");
+        let mut builder = tonic::transport::Server::builder();
+        match &self.tls {
+            Some(id) => {
+                tracing::info!(%addr, fingerprint = %id.fingerprint, "walt-server listening (TLS)");
+                // Handshakes run in their own tasks; one that stalls is
+                // dropped after this delay, never holding the others.
+                let config = tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(
+                        &id.cert_pem,
+                        &id.key_pem,
+                    ))
+                    .timeout(std::time::Duration::from_secs(10));
+                builder = builder
+                    .tls_config(config)
+                    .context("cannot use the TLS key and certificate")?;
+            }
+            None => tracing::warn!(
+                %addr,
+                "walt-server listening IN CLEAR (--plaintext): registry passwords cross the network unencrypted"
+            ),
+        }
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
         // Fixed for the life of the process (a reload does not change them).
@@ -174,7 +204,7 @@ impl Server {
             signal.await;
             shutdown.cancel();
         };
-        tonic::transport::Server::builder()
+        builder
             .add_service(
                 ImagesServer::new(images::ImagesService::new(state.clone()))
                     .max_decoding_message_size(receive)

@@ -8,6 +8,8 @@ use clap::Parser;
 
 use walt_server::{Server, ServerOptions};
 
+mod tls;
+
 /// The walt server daemon: image store, registries and the gRPC API.
 #[derive(Parser, Debug)]
 #[command(name = "walt-server", version, about)]
@@ -25,6 +27,16 @@ struct Args {
     /// Address the gRPC API listens on.
     #[arg(long, default_value = "0.0.0.0:12345")]
     listen: SocketAddr,
+    /// Directory of the server's TLS key and certificate (created at the
+    /// first start) [default: tls/ next to the configuration file, i.e.
+    /// /etc/walt/tls].
+    #[arg(long, env = "WALT_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Serve the API in clear, without TLS: registry passwords then cross
+    /// the network unencrypted (clients must opt in with `plaintext: true`
+    /// under `walt:` in their config).
+    #[arg(long, conflicts_with = "tls_dir")]
+    plaintext: bool,
 }
 
 fn main() {
@@ -62,11 +74,18 @@ fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let server = Server::open(ServerOptions {
+    let tls_dir = args
+        .tls_dir
+        .clone()
+        .unwrap_or_else(|| tls::default_dir(&args.config));
+    let mut server = Server::open(ServerOptions {
         config_path: args.config,
         data_dir: args.data_dir,
     })
     .await?;
+    if !args.plaintext {
+        server = server.with_tls(tls::identity(tls_dir).await?);
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
