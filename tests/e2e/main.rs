@@ -23,7 +23,7 @@ mod secrets;
 mod setup;
 mod shell;
 mod squash;
-mod tokens;
 mod tls;
+mod tokens;
 mod users;
 mod workingset;
