@@ -10,6 +10,7 @@ mod crash;
 mod docker;
 mod formats;
 mod harness;
+mod hostile_text;
 mod hub;
 mod install;
 mod manage;
