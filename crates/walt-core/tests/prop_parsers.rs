@@ -150,7 +150,8 @@ proptest! {
             prop_assert_eq!(d.as_str(), s.as_str());
             prop_assert_eq!(d.hex().len(), 64);
             prop_assert!(d.hex().bytes().all(|b| b.is_ascii_hexdigit()));
-            prop_assert_eq!(Digest::parse(&d.to_string()).ok(), Some(d));
+            let printed = d.to_string();
+            prop_assert_eq!(Digest::parse(&printed).ok(), Some(d));
         }
     }
 
