@@ -72,6 +72,56 @@ fn labels_from_a_registry_are_escaped_in_search_and_show() {
     assert!(out.stdout.contains("\\x1b[2J"), "{out}");
 }
 
+#[test]
+fn labels_from_the_hub_are_escaped_in_search() {
+    use base64::Engine;
+    let images = ImageBuilder::new().unwrap();
+    let hub = Registry::start(RegistryOpts::plain()).unwrap();
+    let search = HubFixture::start(hub.client(), 10).unwrap();
+    let entry = format!(
+        "-   label: hub\n    api: docker-hub\n    description: Test hub\n\
+         \x20   registry-url: http://127.0.0.1:{}\n    search-url: {}\n",
+        hub.port(),
+        search.url()
+    );
+    let server = WaltServer::start(&[entry]).unwrap();
+    // Carol's walt_metadata on the hub lists an image with hostile labels.
+    let layer = images
+        .layer(
+            Format::Oci,
+            Compression::Gzip,
+            &[RawEntry::file("marker", b"meta")],
+        )
+        .unwrap();
+    let meta = serde_json::json!({"images": {"tool:v2": {"labels": {
+        "walt.node.models": HOSTILE,
+        "walt.server.minversion": "4\u{1b}[2J"
+    }}}});
+    let b64 = base64::engine::general_purpose::STANDARD.encode(meta.to_string());
+    let meta_image = images
+        .image(
+            Format::Oci,
+            ImageConfig::amd64_unlabelled().label("metadata", &b64),
+            &[layer],
+        )
+        .unwrap();
+    hub.client()
+        .push_image("carol/walt_metadata", "latest", &meta_image)
+        .unwrap();
+
+    let out = server.cli("bob", &[]).run(&["image", "search", "hub:"]);
+    out.assert_success();
+    assert_no_raw(&out);
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("hub:carol/tool:v2"))
+        .unwrap_or_else(|| panic!("no result for carol/tool:\n{out}"));
+    for visible in ["\\x1b[2J", "\\u{202e}gnp.exe", "\\u{9b}31m"] {
+        assert!(row.contains(visible), "{visible} not in {row:?}\n{out}");
+    }
+}
+
 /// A registry that answers every request with `status` and a JSON error
 /// body holding control characters; serves until the test ends.
 fn hostile_registry(status: &'static str) -> u16 {
