@@ -12,6 +12,7 @@ mod deep;
 mod docker;
 mod formats;
 mod harness;
+mod hostile_text;
 mod hub;
 mod install;
 mod manage;

@@ -61,9 +61,10 @@ fn main() -> ExitCode {
                 .map_or(1, |x| x.0),
         ),
         Err(e) => {
-            // One line, whatever the cause chain.
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {msg}");
+            // One line, whatever the cause chain; text from the server or a
+            // registry may carry control characters, shown escaped.
+            let msg = format!("{e:#}");
+            eprintln!("error: {}", walt_core::text::one_line(&msg));
             ExitCode::FAILURE
         }
     }

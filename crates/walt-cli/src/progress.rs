@@ -36,8 +36,10 @@ impl Bars {
         }
     }
 
-    /// A line for the user, above the bars.
+    /// A line for the user, above the bars (its control characters shown
+    /// escaped: it may quote a registry).
     pub fn message(&self, text: &str) {
+        let text = walt_core::text::neutralize(text);
         match &self.bars {
             Some((mp, _)) => {
                 let _ = mp.println(text);
@@ -54,7 +56,9 @@ impl Bars {
             let b = mp.add(ProgressBar::new(p.total));
             b.set_style(self.style.clone());
             let hex = p.digest.strip_prefix("sha256:").unwrap_or(&p.digest);
-            b.set_prefix(hex.chars().take(12).collect::<String>());
+            b.set_prefix(
+                walt_core::text::one_line(&hex.chars().take(12).collect::<String>()).into_owned(),
+            );
             b
         });
         bar.set_position(p.done);

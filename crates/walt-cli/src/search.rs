@@ -122,7 +122,7 @@ pub async fn search(
         match stream.message().await {
             Ok(Some(pb::SearchEvent { event: Some(ev) })) => match ev {
                 Event::Result(r) => found.push(Found::from_result(r)),
-                Event::Warning(w) => eprintln!("warning: {}", w.replace('\n', " ")),
+                Event::Warning(w) => eprintln!("warning: {}", walt_core::text::one_line(&w)),
             },
             Ok(Some(_)) => {}
             Ok(None) => break,
@@ -148,7 +148,10 @@ pub async fn search(
         if keyword.trim().is_empty() {
             eprintln!("No image found.");
         } else {
-            eprintln!("No image matches '{}'.", keyword.trim());
+            eprintln!(
+                "No image matches '{}'.",
+                walt_core::text::one_line(keyword.trim())
+            );
         }
         return Ok(());
     }

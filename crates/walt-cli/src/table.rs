@@ -1,4 +1,6 @@
 //! Plain text tables: columns separated by two spaces, no trailing blanks.
+//! Cells are one line each, their control characters shown escaped
+//! (names, tags and labels may come from a registry).
 
 use tabled::builder::Builder;
 use tabled::settings::object::Columns;
@@ -10,7 +12,7 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut builder = Builder::with_capacity(rows.len() + 1, header.len());
     builder.push_record(header.iter().copied());
     for row in rows {
-        builder.push_record(row.iter().map(String::as_str));
+        builder.push_record(row.iter().map(|c| walt_core::text::one_line(c)));
     }
     let mut table = builder.build();
     table
@@ -169,6 +171,24 @@ mod tests {
             &rows(&[&["\u{65e5}\u{672c}", "1"], &["abcdef", "2"]]),
         );
         assert_eq!(t, "NAME    X\n\u{65e5}\u{672c}    1\nabcdef  2\n");
+    }
+
+    #[test]
+    fn cells_from_outside_are_escaped_on_one_line() {
+        let t = render(
+            &["NAME", "X"],
+            &rows(&[
+                &["a\u{1b}[2Jb", "two\nlines"],
+                &["\u{202e}gpj.exe", "\u{9b}1"],
+            ]),
+        );
+        assert_eq!(
+            t,
+            "NAME             X\n\
+             a\\x1b[2Jb        two lines\n\
+             \\u{202e}gpj.exe  \\u{9b}1\n"
+        );
+        assert!(!t.contains(['\u{1b}', '\u{202e}', '\u{9b}']));
     }
 
     #[test]

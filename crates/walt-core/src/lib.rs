@@ -8,6 +8,7 @@ pub mod digest;
 pub mod models;
 pub mod name;
 pub mod oci;
+pub mod text;
 pub mod url;
 
 pub use digest::{Digest, DigestError};

@@ -197,6 +197,49 @@ impl ServiceError {
     }
 }
 
+/// Directories of this server whose paths never reach a user (the data dir).
+static HIDDEN_ROOTS: std::sync::RwLock<Vec<std::path::PathBuf>> =
+    std::sync::RwLock::new(Vec::new());
+
+/// Keeps the paths under `dir` (as given and canonical) out of the messages
+/// that [`ServiceError::user_message`] makes.
+pub fn hide_paths_under(dir: &std::path::Path) {
+    let mut roots = HIDDEN_ROOTS.write().unwrap_or_else(|e| e.into_inner());
+    let canonical = std::fs::canonicalize(dir).ok();
+    for d in std::iter::once(dir.to_path_buf()).chain(canonical) {
+        if d.is_absolute() && d.parent().is_some() && !roots.contains(&d) {
+            roots.push(d);
+        }
+    }
+    // Longest first: a root inside another is replaced whole.
+    roots.sort_by_key(|d| std::cmp::Reverse(d.as_os_str().len()));
+}
+
+impl ServiceError {
+    /// The one line the user sees: this error's message with the server's
+    /// paths replaced (the full message goes to the server log) and the
+    /// control characters of the text it quotes (registry bodies, sandbox
+    /// output) escaped.
+    pub fn user_message(&self) -> String {
+        let full = self.to_string();
+        let roots = HIDDEN_ROOTS.read().unwrap_or_else(|e| e.into_inner());
+        let mut msg = std::borrow::Cow::Borrowed(full.as_str());
+        for root in roots.iter() {
+            let hidden = match walt_core::text::hide_paths(&msg, root) {
+                std::borrow::Cow::Owned(m) => Some(m),
+                std::borrow::Cow::Borrowed(_) => None,
+            };
+            if let Some(m) = hidden {
+                msg = std::borrow::Cow::Owned(m);
+            }
+        }
+        if matches!(msg, std::borrow::Cow::Owned(_)) {
+            tracing::warn!(error = %full, "error reported without its server paths");
+        }
+        walt_core::text::one_line(&msg).into_owned()
+    }
+}
+
 impl From<walt_core::UrlError> for ServiceError {
     fn from(e: walt_core::UrlError) -> Self {
         ServiceError::InvalidArgument(e.to_string())
@@ -212,5 +255,33 @@ impl From<walt_core::NameError> for ServiceError {
 impl From<tokio::task::JoinError> for ServiceError {
     fn from(e: tokio::task::JoinError) -> Self {
         ServiceError::Internal(format!("worker task failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_messages_hide_the_data_dir_and_escape_controls() {
+        let dir = std::path::Path::new("/srv/walt-error-test-data");
+        hide_paths_under(dir);
+        let e = ServiceError::from(StoreError::Io {
+            context: format!("opening '{}/layers/ab/diff'", dir.display()),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert!(
+            e.to_string()
+                .contains("/srv/walt-error-test-data/layers/ab")
+        );
+        assert_eq!(e.user_message(), "opening <server path>: entity not found");
+        let e = ServiceError::InvalidImage {
+            url: "lab:a/b".into(),
+            reason: "registry said \u{1b}[2J\nbye\u{202e}".into(),
+        };
+        assert_eq!(
+            e.user_message(),
+            "lab:a/b: registry said \\x1b[2J bye\\u{202e}"
+        );
     }
 }

@@ -199,8 +199,8 @@ fn code(kind: Kind) -> Code {
 
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
-        // One line, whatever the source said.
-        let msg = e.to_string().replace('\n', " ");
+        // One line, whatever the source said, without server paths.
+        let msg = e.user_message();
         let mut status = Status::new(code(e.kind()), msg);
         // Tell the client which registry wants credentials, so that it can
         // ask its user for them and retry.

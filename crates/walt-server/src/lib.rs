@@ -132,6 +132,7 @@ impl Server {
             .with_context(|| {
                 format!("cannot open the image store in {}", opts.data_dir.display())
             })?;
+        error::hide_paths_under(&opts.data_dir);
         tracing::info!(
             data_dir = %opts.data_dir.display(),
             registries = ?registry_labels(&config),

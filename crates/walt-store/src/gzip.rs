@@ -319,3 +319,7 @@ mod tests {
         assert!(err(&size, false).contains("size"));
     }
 }
+
+#[cfg(test)]
+#[path = "gzip_prop.rs"]
+mod prop;
