@@ -484,3 +484,44 @@ fn keystrokes_to_a_shell_that_does_not_read_are_held_back() {
     assert_tmp_empty(&env.server.data_dir());
     assert!(env.server.is_running(), "walt-server died");
 }
+
+/// The status of an `Images.Remove` call whose image name is `size` bytes
+/// long, made with the walt API directly (the CLI never sends such a
+/// message: a command-line argument is at most 128 KiB).
+fn remove_with_a_name_of(server: &WaltServer, size: usize) -> tonic::Status {
+    let pin: walt_tls::Fingerprint = server.fingerprint().expect("a TLS server").parse().unwrap();
+    let uri = format!("http://{}", server.addr());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = walt_tls::connect(
+            &uri,
+            walt_tls::Transport::Tls(Some(pin)),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let mut client = walt_proto::v1::images_client::ImagesClient::new(conn.channel);
+        let mut req = tonic::Request::new(walt_proto::v1::RemoveRequest {
+            image: "a".repeat(size),
+        });
+        req.metadata_mut()
+            .insert(walt_proto::USER_METADATA_KEY, "alice".parse().unwrap());
+        client.remove(req).await.expect_err("no such image")
+    })
+}
+
+#[test]
+fn grpc_message_sizes_are_bounded() {
+    // A 2 MiB message: over a 1M receive limit, refused by gRPC before the
+    // service sees it; under the default (4M), it reaches the service,
+    // which refuses the name.
+    let mut small = env_with("limits:\n  grpc-receive-size: 1M\n", |_| Ok(()));
+    let status = remove_with_a_name_of(&small.server, 2 << 20);
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(small.server.is_running(), "walt-server died");
+    server_still_works(&mut small, "walt-test/busybox");
+
+    let default = env_with("", |_| Ok(()));
+    let status = remove_with_a_name_of(&default.server, 2 << 20);
+    assert_ne!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+}
