@@ -56,8 +56,9 @@ pub enum Job {
     },
     /// Write a tar of `path` (relative paths are relative to /root) to stdout.
     TarOut { path: String },
-    /// Read a tar from stdin into `dest` (`cp -r` rules).
-    TarIn { dest: String },
+    /// Read a tar from stdin into `dest` (`cp -r` rules), writing at most
+    /// `limit` bytes of file data (apparent sizes: holes count).
+    TarIn { dest: String, limit: Option<u64> },
 }
 
 #[derive(Debug, thiserror::Error)]

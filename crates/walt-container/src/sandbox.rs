@@ -121,10 +121,10 @@ fn run() -> Result<i32> {
             crate::tario::tar_out(path).map_err(ContainerError::Job)?;
             Ok(0)
         }
-        Job::TarIn { dest } => {
+        Job::TarIn { dest, limit } => {
             enter_chroot(&spec.merged)?;
             drop_caps_here()?;
-            crate::tario::tar_in(dest).map_err(ContainerError::Job)?;
+            crate::tario::tar_in(dest, *limit).map_err(ContainerError::Job)?;
             Ok(0)
         }
         Job::Shell { .. } | Job::Exec { .. } => run_container(&spec, &session),

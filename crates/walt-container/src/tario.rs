@@ -78,7 +78,7 @@ fn top_name(p: &Path) -> OsString {
 /// is written. A refused archive may leave the entries before the bad one
 /// in the session's upper directory, which the caller discards when the
 /// job fails.
-pub(crate) fn tar_in(dest: &str) -> Result<(), String> {
+pub(crate) fn tar_in(dest: &str, limit: Option<u64>) -> Result<(), String> {
     // SAFETY: umask only changes this process's file mode creation mask.
     unsafe {
         libc::umask(0);
@@ -96,7 +96,7 @@ pub(crate) fn tar_in(dest: &str) -> Result<(), String> {
         cp_top: Some(Box::new(move |top, is_dir| {
             walt_tar::cp_landing(&shown, &in_image(&shown), top, is_dir)
         })),
-        limit: None,
+        limit,
         skip_unknown: false,
         area: "destination",
         replace_dirs: false,

@@ -36,6 +36,7 @@ const TESTS: &[(&str, TestFn)] = tests![
     killing_sandbox_kills_shell,
     tar_roundtrip,
     tar_in_refuses_bad_archives,
+    tar_in_is_bounded_by_its_limit,
     tar_paths_stay_in_image,
     too_many_layers,
     many_layers,
@@ -652,7 +653,10 @@ async fn tar_out(fx: &Fx, path: &str) -> Out {
 }
 
 async fn tar_in(fx: &Fx, dest: &str, data: Vec<u8>) -> (Out, Spec) {
-    let spec = fx.spec(Job::TarIn { dest: dest.into() });
+    let spec = fx.spec(Job::TarIn {
+        dest: dest.into(),
+        limit: None,
+    });
     (run(&spec, Some(data)).await, spec)
 }
 
@@ -823,6 +827,39 @@ async fn tar_in_refuses_bad_archives() {
     .await;
     assert_eq!((o.code, o.stderr.as_str()), (0, ""));
     assert_eq!(std::fs::read(spec.upper.join("root/s/h")).unwrap(), b"evil");
+}
+
+/// The TarIn job writes at most its limit of file data, counting holes: a
+/// sparse file of 1 GiB made of 4 KiB of data is refused under 1 MiB.
+async fn tar_in_is_bounded_by_its_limit() {
+    use walt_tar::{Builder, HeaderSpec, Kind};
+    let fx = Fx::new();
+    let mut b = Builder::new(Vec::new());
+    let mut h = HeaderSpec::new(b"holes", Kind::File);
+    h.size = 1 << 30;
+    let segments = [(0u64, 4096u64)];
+    h.sparse = Some(&segments);
+    b.append(&h, &mut &[7u8; 4096][..]).unwrap();
+    let tar = b.finish().unwrap();
+
+    let spec = fx.spec(Job::TarIn {
+        dest: "/root".into(),
+        limit: Some(1 << 20),
+    });
+    let o = run(&spec, Some(tar.clone())).await;
+    assert_eq!(o.code, 1, "accepted: {}", o.stderr);
+    assert!(
+        o.stderr.contains("goes over the limit of 1048576 bytes"),
+        "{}",
+        o.stderr
+    );
+    assert!(!spec.upper.join("root/holes").exists());
+
+    // Without a limit the same archive lands, holes kept.
+    let (o, spec) = tar_in(&fx, "/root", tar).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    let m = std::fs::metadata(spec.upper.join("root/holes")).unwrap();
+    assert_eq!(m.len(), 1 << 30);
 }
 
 /// walt-tar's table of hostile archives, through the real TarIn job: each is refused (or

@@ -93,6 +93,7 @@ pub async fn copy_in(
         &session,
         Job::TarIn {
             dest: start.dest.clone(),
+            limit: Some(limit),
         },
     )?;
     let mut stdin = child.stdin.take();
