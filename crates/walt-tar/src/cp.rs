@@ -43,6 +43,14 @@ pub fn cp_landing(
                 Path::new(top).display()
             )));
         }
+        // `cp` would write into a device or a fifo; replacing it (a client's
+        // /dev/null, say) would be worse than refusing.
+        Ok(m) if !m.is_dir() && !m.is_file() => {
+            return Err(Error::Landing(format!(
+                "will not replace '{}': it is not a regular file (a device, fifo or socket)",
+                target.display()
+            )));
+        }
         Ok(m) if !top_is_dir && m.is_dir() => {
             return Err(Error::Landing(format!(
                 "cannot overwrite directory '{}' with non-directory '{}'",

@@ -312,6 +312,16 @@ fn cp_rule_renames_the_top_entry_and_refuses_a_second() {
     // Into an existing directory: lands inside.
     cp(&one, &target).unwrap();
     assert!(target.join("src/f").is_file());
+    // A fifo (or a device, like a client's /dev/null) is never replaced.
+    let mut b = Builder::new(Vec::new());
+    b.append(&HeaderSpec::new(b"file", Kind::File), &mut std::io::empty())
+        .unwrap();
+    let file = b.finish().unwrap();
+    let fifo = dest.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let err = cp(&file, &fifo).unwrap_err();
+    assert!(err.to_string().contains("is not a regular file"), "{err}");
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
     let err = cp(&one, &dest.path().join("no/such")).unwrap_err();
     assert_eq!(
         err.to_string(),
