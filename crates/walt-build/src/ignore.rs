@@ -173,6 +173,23 @@ impl Pattern {
         Pattern::compile(&cleaned, exception, line).map(Some)
     }
 
+    /// A Go `filepath.Match` pattern for one path component, as COPY and
+    /// ADD sources use them (`**` is the same as `*` there).
+    pub fn component(text: &str) -> Result<Pattern, IgnoreError> {
+        let mut p = Pattern::compile(text, false, 0)?;
+        for t in &mut p.toks {
+            if matches!(t, Tok::DStar | Tok::DStarEnd) {
+                *t = Tok::Star;
+            }
+        }
+        Ok(p)
+    }
+
+    /// Whether `text` holds a wildcard (`*`, `?`, `[`) or an escape.
+    pub fn has_meta(text: &str) -> bool {
+        text.contains(['*', '?', '[', '\\'])
+    }
+
     pub fn is_exception(&self) -> bool {
         self.exception
     }
