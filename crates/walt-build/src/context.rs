@@ -804,10 +804,12 @@ pub fn git_clone(url: &str, dir: &Path, timeout: Duration) -> Result<(), Context
     match exited {
         Ok(true) => {}
         Ok(false) => {
-            return Err(fail(format!(
-                "git did not finish within {} seconds",
-                timeout.as_secs()
-            )));
+            let t = if timeout.as_secs() > 0 {
+                format!("{} seconds", timeout.as_secs())
+            } else {
+                format!("{} ms", timeout.as_millis())
+            };
+            return Err(fail(format!("git did not finish within {t}")));
         }
         Err(e) => return Err(fail(format!("cannot wait for git: {e}"))),
     }

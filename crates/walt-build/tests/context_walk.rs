@@ -46,7 +46,13 @@ fn entries(tar: &[u8]) -> (Vec<String>, BTreeMap<String, E>) {
     (order, map)
 }
 
-fn send(dir: &Path) -> (Vec<String>, BTreeMap<String, E>, walt_build::context::ContextStats) {
+fn send(
+    dir: &Path,
+) -> (
+    Vec<String>,
+    BTreeMap<String, E>,
+    walt_build::context::ContextStats,
+) {
     let m = context_matcher(dir).unwrap();
     let (out, stats) = write_context(Vec::new(), dir, &m).unwrap();
     let (o, e) = entries(&out);
@@ -70,7 +76,10 @@ fn tree_with_symlinks_modes_and_owners() {
     symlink("a", d.join("dirlink")).unwrap();
     std::os::unix::fs::chown(d.join("a/b/c.txt"), Some(1234), Some(1234)).unwrap();
     let (order, e, stats) = send(d);
-    assert_eq!(order, ["Dockerfile", "a", "a/b", "a/b/c.txt", "dirlink", "passwd"]);
+    assert_eq!(
+        order,
+        ["Dockerfile", "a", "a/b", "a/b/c.txt", "dirlink", "passwd"]
+    );
     let c = &e["a/b/c.txt"];
     assert_eq!((c.kind, c.mode, c.uid), (Kind::File, 0o751, 0));
     assert_eq!(c.data, b"hello");
@@ -137,7 +146,10 @@ fn excluded_dir_without_exceptions_is_not_read() {
 }
 
 fn nix_mkfifo(p: &Path) {
-    let st = std::process::Command::new("mkfifo").arg(p).status().unwrap();
+    let st = std::process::Command::new("mkfifo")
+        .arg(p)
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -189,7 +201,8 @@ fn bad_dockerignore_is_an_error_naming_the_line() {
     write(t.path(), ".dockerignore", "ok\n[oops\n");
     let err = context_matcher(t.path()).unwrap_err();
     assert!(
-        err.to_string().starts_with(".dockerignore line 2: syntax error"),
+        err.to_string()
+            .starts_with(".dockerignore line 2: syntax error"),
         "{err}"
     );
 }
