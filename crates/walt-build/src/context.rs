@@ -460,7 +460,7 @@ pub fn open_sub_dir(repo: &Path, sub: &str) -> Result<SubDir, ContextError> {
         Ok(fd) => fd,
         Err(e) => {
             return Err(match e.raw_os_error() {
-                Some(libc_exdev) if libc_exdev == rustix::io::Errno::XDEV.raw_os_error() => {
+                Some(n) if n == rustix::io::Errno::XDEV.raw_os_error() => {
                     refused("a symlink in it leads out of the repository")
                 }
                 Some(n) if n == rustix::io::Errno::NOENT.raw_os_error() => {
@@ -533,6 +533,47 @@ pub fn read_dockerfile(ctx: BorrowedFd<'_>, place: &str) -> Result<Dockerfile, C
     Err(ContextError::NoDockerfile {
         place: place.to_string(),
     })
+}
+
+/// On the server, once the Dockerfile is read: removes `.dockerignore`
+/// and the Dockerfile (`dockerfile`: its name in the context) from the
+/// unpacked context `ctx` when `.dockerignore` excludes them, as the
+/// docker daemon does. The client sends them whatever `.dockerignore`
+/// says ([`context_matcher`]); COPY and ADD must not see them then.
+pub fn trim_build_files(ctx: BorrowedFd<'_>, dockerfile: &str) -> Result<(), ContextError> {
+    let fd = match open2(
+        ctx,
+        b".dockerignore",
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+    ) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(read_err(b".dockerignore", e)),
+    };
+    let st = rustix::fs::fstat(&fd).map_err(|e| read_err(b".dockerignore", e.into()))?;
+    if file_type(&st) != FileType::RegularFile {
+        return Ok(());
+    }
+    let mut buf = Vec::new();
+    File::from(fd)
+        .take(crate::ignore::MAX_IGNORE_SIZE as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| read_err(b".dockerignore", e))?;
+    let m = Matcher::parse(&String::from_utf8_lossy(&buf))?;
+    for name in [".dockerignore", dockerfile] {
+        let clean = crate::ignore::clean(name);
+        if clean.contains('/') || clean.starts_with('.') && clean.len() <= 2 {
+            continue;
+        }
+        if m.excludes(clean.as_bytes()) {
+            match rustix::fs::unlinkat(ctx, clean.as_str(), AtFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(read_err(clean.as_bytes(), e.into())),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What a resolved COPY/ADD source is.

@@ -203,7 +203,7 @@ impl Pattern {
     /// relative, no `.` or `..`).
     pub fn matches(&self, path: &[u8]) -> bool {
         let mut seen = vec![false; (self.toks.len() + 1) * (path.len() + 1)];
-        self.m(0, 0, path, &mut seen, false)
+        self.m(0, 0, path, &mut seen)
     }
 
     /// Whether the pattern matches `path` or one of its parents.
@@ -217,52 +217,38 @@ impl Pattern {
             .any(|(i, _)| self.matches(&path[..i]))
     }
 
-    /// Whether the pattern could match something below the directory
-    /// `dir` (then an excluded `dir` must be walked into).
-    pub fn could_match_below(&self, dir: &[u8]) -> bool {
-        let mut p = Vec::with_capacity(dir.len() + 1);
-        p.extend_from_slice(dir);
-        p.push(b'/');
-        let mut seen = vec![false; (self.toks.len() + 1) * (p.len() + 1)];
-        self.m(0, 0, &p, &mut seen, true)
-    }
-
-    /// Matches tokens from `ti` against `path` from `pi`; `prefix`: the
-    /// path is only the beginning of the name (true when it runs out while
-    /// tokens are left). `seen` memoises failed states.
-    fn m(&self, ti: usize, pi: usize, path: &[u8], seen: &mut [bool], prefix: bool) -> bool {
+    /// Matches tokens from `ti` against `path` from `pi`; `seen` memoises
+    /// failed states.
+    fn m(&self, ti: usize, pi: usize, path: &[u8], seen: &mut [bool]) -> bool {
         let idx = ti * (path.len() + 1) + pi;
         if seen[idx] {
             return false;
         }
-        let r = self.m_inner(ti, pi, path, seen, prefix);
+        let r = self.m_inner(ti, pi, path, seen);
         if !r {
             seen[idx] = true;
         }
         r
     }
 
-    fn m_inner(&self, ti: usize, pi: usize, path: &[u8], seen: &mut [bool], prefix: bool) -> bool {
+    fn m_inner(&self, ti: usize, pi: usize, path: &[u8], seen: &mut [bool]) -> bool {
         let Some(t) = self.toks.get(ti) else {
-            return pi == path.len() && !prefix;
+            return pi == path.len();
         };
-        if prefix && pi == path.len() {
-            return true;
-        }
         match t {
             Tok::DStarEnd => true,
             Tok::DStar => {
-                if self.m(ti + 1, pi, path, seen, prefix) {
+                if self.m(ti + 1, pi, path, seen) {
                     return true;
                 }
                 (pi..path.len())
                     .filter(|&j| path[j] == b'/')
-                    .any(|j| self.m(ti + 1, j + 1, path, seen, prefix))
+                    .any(|j| self.m(ti + 1, j + 1, path, seen))
             }
             Tok::Star => {
                 let mut j = pi;
                 loop {
-                    if self.m(ti + 1, j, path, seen, prefix) {
+                    if self.m(ti + 1, j, path, seen) {
                         return true;
                     }
                     if j == path.len() || path[j] == b'/' {
@@ -271,18 +257,14 @@ impl Pattern {
                     j += 1;
                 }
             }
-            Tok::Quest => {
-                pi < path.len() && path[pi] != b'/' && self.m(ti + 1, pi + 1, path, seen, prefix)
-            }
+            Tok::Quest => pi < path.len() && path[pi] != b'/' && self.m(ti + 1, pi + 1, path, seen),
             Tok::Class { neg, ranges } => {
                 pi < path.len()
                     && path[pi] != b'/'
                     && ranges.iter().any(|&(lo, hi)| (lo..=hi).contains(&path[pi])) != *neg
-                    && self.m(ti + 1, pi + 1, path, seen, prefix)
+                    && self.m(ti + 1, pi + 1, path, seen)
             }
-            Tok::Lit(c) => {
-                pi < path.len() && path[pi] == *c && self.m(ti + 1, pi + 1, path, seen, prefix)
-            }
+            Tok::Lit(c) => pi < path.len() && path[pi] == *c && self.m(ti + 1, pi + 1, path, seen),
         }
     }
 }
@@ -376,14 +358,18 @@ impl Matcher {
         out
     }
 
-    /// For an excluded directory: whether an exception could bring back
-    /// something below it (then the walk goes in).
+    /// For an excluded directory: whether the walk must go in because an
+    /// exception may bring back something below it. As docker (the CLI's
+    /// archive walker and buildkit's fsutil): only when an exception's text
+    /// starts with the directory's path (`!docs/keep` for `docs`); an
+    /// exception such as `!**/*.rs` does not reach into an excluded
+    /// directory.
     pub fn walk_excluded_dir(&self, dir: &[u8]) -> bool {
         self.has_exceptions
-            && self
-                .patterns
-                .iter()
-                .any(|p| p.exception && p.could_match_below(dir))
+            && self.patterns.iter().any(|p| {
+                let t = p.text.as_bytes();
+                p.exception && t.len() > dir.len() && t.starts_with(dir) && t[dir.len()] == b'/'
+            })
     }
 }
 
@@ -549,15 +535,17 @@ mod tests {
         assert!(x.excludes(b"docs/other.md"));
         assert!(!x.excludes(b"docs/keep.md"));
         assert!(!x.walk_excluded_dir(b"logs"));
+        // Docker only walks into an excluded directory for an exception
+        // written below it: `!**/*.rs` does not bring back `a/b/c.rs`.
         let x = m("*\n!**/*.rs\n");
-        assert!(x.walk_excluded_dir(b"a/b"));
-        assert!(!x.excludes(b"a/b/c.rs"));
-        assert!(x.excludes(b"a/b/c.c"));
+        assert!(!x.walk_excluded_dir(b"a"));
+        assert!(!x.excludes(b"c.rs"));
         let x = m("a\n!b/x\n");
         assert!(!x.walk_excluded_dir(b"a"));
-        let x = m("a\n!a*/x\n");
+        let x = m("a\n!a/**/*.go\n");
         assert!(x.walk_excluded_dir(b"a"));
-        let x = m("a\n!a?/x\n");
+        assert!(!x.walk_excluded_dir(b"a/b"));
+        let x = m("a\n!ab/x\n");
         assert!(!x.walk_excluded_dir(b"a"));
     }
 

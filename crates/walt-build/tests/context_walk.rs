@@ -206,3 +206,152 @@ fn bad_dockerignore_is_an_error_naming_the_line() {
         "{err}"
     );
 }
+
+fn names(dir: &Path) -> Vec<String> {
+    let (mut o, e, _) = send(dir);
+    o.sort();
+    o.into_iter()
+        .map(|n| match e[&n].kind {
+            Kind::Directory => format!("{n}/"),
+            _ => n,
+        })
+        .collect()
+}
+
+/// The file lists below are what docker 20.10 (`docker build` with
+/// `COPY . /ctx`, legacy builder and BuildKit alike, exported with
+/// `docker export`) copied from these contexts, plus the Dockerfile and
+/// `.dockerignore` that the client sends and the daemon then trims
+/// (`trim_build_files`).
+#[test]
+fn same_files_as_docker_build() {
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path();
+    for f in [
+        "README.md",
+        "CHANGES.md",
+        "docs/keep/sub/k.txt",
+        "docs/other/z.txt",
+        "docs/k.md",
+        "node_modules/x/y.js",
+        "src/main.c",
+        "src/main.o",
+        "src/a/b/c.o",
+        "src/a/b/c.c",
+        "build/out/x.o",
+        "build/keep.txt",
+        "lib/temp1",
+        "lib/tempxx",
+        "temp1",
+        "tmpdir/x/f",
+        ".hidden",
+        "src/.env",
+        "sp ace",
+        "a[b]",
+        "Dockerfile",
+    ] {
+        write(c, f, f);
+    }
+    symlink("/etc/passwd", c.join("passwd")).unwrap();
+    symlink("src", c.join("srclink")).unwrap();
+    write(
+        c,
+        ".dockerignore",
+        "# comment\n  *.md  \n!README.md\nnode_modules\ndocs\n!docs/keep/**\n**/*.o\n/build/\n\
+         !build/keep.txt\n*/temp?\n./tmpdir/../tmpdir/x\n.hidden\nsrc/.env\na\\[b]\nDockerfile\n\
+         .dockerignore\n",
+    );
+    let docker = [
+        ".dockerignore",
+        "Dockerfile",
+        "README.md",
+        "build/",
+        "build/keep.txt",
+        "docs/",
+        "docs/keep/",
+        "docs/keep/sub/",
+        "docs/keep/sub/k.txt",
+        "lib/",
+        "lib/tempxx",
+        "passwd",
+        "sp ace",
+        "src/",
+        "src/a/",
+        "src/a/b/",
+        "src/a/b/c.c",
+        "src/main.c",
+        "srclink",
+        "temp1",
+        "tmpdir/",
+    ];
+    assert_eq!(names(c), docker);
+
+    // Exceptions reach into an excluded directory only when written
+    // below it, as docker's walkers do.
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path();
+    for f in [
+        "a/b/c/f.go",
+        "a/b/g.go",
+        "a/h.txt",
+        "x/y/z/w.txt",
+        "x/y/v.txt",
+        "src/deep/er/m.rs",
+        "src/deep/n.txt",
+        "keep/me/k",
+        "q/ab",
+        "q/bb",
+        "q/cb",
+        "top.go",
+        "abx",
+    ] {
+        write(c, f, f);
+    }
+    write(
+        c,
+        ".dockerignore",
+        "*\n!src\nsrc/deep/er\n!**/*.rs\n!a/**/*.go\na/b/c\n!  x/y\nx/y/z/**\n!keep/me/\n\
+         ![^a]b\n!q/[^a]b\n!abx\n",
+    );
+    let docker = [
+        ".dockerignore",
+        "abx",
+        "keep/",
+        "keep/me/",
+        "keep/me/k",
+        "q/",
+        "q/bb",
+        "q/cb",
+        "src/",
+        "src/deep/",
+        "src/deep/n.txt",
+        "x/",
+        "x/y/",
+        "x/y/v.txt",
+        "x/y/z/",
+    ];
+    assert_eq!(names(c), docker);
+}
+
+#[test]
+fn daemon_side_trim_of_build_files() {
+    use std::os::fd::AsFd;
+    use walt_build::context::trim_build_files;
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path();
+    write(c, "Dockerfile", "FROM scratch\n");
+    write(c, "Containerfile", "FROM scratch\n");
+    write(c, ".dockerignore", "Dockerfile\n.dockerignore\n");
+    let fd = fs::File::open(c).unwrap();
+    // The Containerfile is not the one used: left alone (not excluded).
+    trim_build_files(fd.as_fd(), "Dockerfile").unwrap();
+    assert!(!c.join("Dockerfile").exists());
+    assert!(!c.join(".dockerignore").exists());
+    assert!(c.join("Containerfile").exists());
+
+    write(c, ".dockerignore", "*.md\n");
+    write(c, "Dockerfile", "FROM scratch\n");
+    trim_build_files(fd.as_fd(), "Dockerfile").unwrap();
+    assert!(c.join("Dockerfile").exists());
+    assert!(c.join(".dockerignore").exists());
+}
