@@ -690,11 +690,23 @@ pub fn resolve_sources(root: &Path, srcs: &[String]) -> Result<Vec<Source>, Cont
             let mut next = Vec::new();
             if !Pattern::has_meta(comp) {
                 for c in cands {
-                    next.push(if c.is_empty() {
+                    let p = if c.is_empty() {
                         comp.to_string()
                     } else {
                         format!("{c}/{comp}")
-                    });
+                    };
+                    // Only paths that exist go on (`*/x` where a match has
+                    // no `x`).
+                    if open2(
+                        root_fd.as_fd(),
+                        p.as_bytes(),
+                        OFlags::PATH,
+                        ResolveFlags::IN_ROOT,
+                    )
+                    .is_ok()
+                    {
+                        next.push(p);
+                    }
                 }
             } else {
                 let pat = Pattern::component(comp).map_err(|e| ContextError::BadSource {
@@ -729,8 +741,15 @@ pub fn resolve_sources(root: &Path, srcs: &[String]) -> Result<Vec<Source>, Cont
             cands = next;
         }
         for c in cands {
-            if let Some(s) = resolve_one(root_fd.as_fd(), &root_path, src, &c)? {
-                out.push(s);
+            // As docker: a match that does not resolve (a symlink to
+            // nothing inside the root) fails the step.
+            match resolve_one(root_fd.as_fd(), &root_path, src, &c)? {
+                Some(s) => out.push(s),
+                None => {
+                    return Err(ContextError::NoSource {
+                        src: one_line(&c).into_owned(),
+                    });
+                }
             }
         }
         if out.len() == before {
