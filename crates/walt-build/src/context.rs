@@ -271,7 +271,7 @@ fn spec_of<'a>(rel: &'a [u8], kind: Kind, st: &Stat) -> HeaderSpec<'a> {
 /// Writes the context directory `root` as a tar stream to `out` (then the
 /// end-of-archive marker), leaving out what `ignore` excludes. Entries are
 /// owned by 0:0 as the docker CLI sends them; symlinks are sent as
-/// symlinks; FIFOs, sockets and devices are left out and listed in the
+/// symlinks, further names of a file already sent as hard links; FIFOs, sockets and devices are left out and listed in the
 /// stats (never opened). A directory excluded with an exception below it
 /// is walked and written only when something below it is.
 pub fn write_context<W: Write>(
@@ -289,6 +289,9 @@ pub fn write_context<W: Write>(
     let mut stats = ContextStats::default();
     let mut dirs: Vec<Pending> = Vec::new();
     let mut link = Vec::new();
+    // Files with several links already sent: (dev, ino) -> name.
+    let mut linked: std::collections::HashMap<(u64, u64), Vec<u8>> =
+        std::collections::HashMap::new();
     walk(root_fd, &mut |w| {
         while dirs.last().is_some_and(|d| !is_ancestor(&d.rel, w.rel)) {
             dirs.pop();
@@ -334,6 +337,18 @@ pub fn write_context<W: Write>(
                 .map_err(ContextError::Write)?;
             stats.entries += 1;
             return Ok(false);
+        }
+        if w.st.st_nlink > 1 {
+            let id = (w.st.st_dev, w.st.st_ino);
+            if let Some(first) = linked.get(&id) {
+                let mut h = spec_of(w.rel, Kind::HardLink, w.st);
+                h.link = first;
+                b.append(&h, &mut io::empty())
+                    .map_err(ContextError::Write)?;
+                stats.entries += 1;
+                return Ok(false);
+            }
+            linked.insert(id, w.rel.to_vec());
         }
         let Some((f, st)) = open_regular(w.dir, w.name).map_err(|e| read_err(w.rel, e))? else {
             stats.skipped.push((rel_str(w.rel), "not a regular file"));

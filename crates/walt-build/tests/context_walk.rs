@@ -75,11 +75,23 @@ fn tree_with_symlinks_modes_and_owners() {
     symlink("/etc/passwd", d.join("passwd")).unwrap();
     symlink("a", d.join("dirlink")).unwrap();
     std::os::unix::fs::chown(d.join("a/b/c.txt"), Some(1234), Some(1234)).unwrap();
+    fs::hard_link(d.join("a/b/c.txt"), d.join("hard")).unwrap();
     let (order, e, stats) = send(d);
     assert_eq!(
         order,
-        ["Dockerfile", "a", "a/b", "a/b/c.txt", "dirlink", "passwd"]
+        [
+            "Dockerfile",
+            "a",
+            "a/b",
+            "a/b/c.txt",
+            "dirlink",
+            "hard",
+            "passwd"
+        ]
     );
+    // A second name of a file is a hard link to the first one sent.
+    assert_eq!(e["hard"].kind, Kind::HardLink);
+    assert_eq!(e["hard"].link, b"a/b/c.txt");
     let c = &e["a/b/c.txt"];
     assert_eq!((c.kind, c.mode, c.uid), (Kind::File, 0o751, 0));
     assert_eq!(c.data, b"hello");
@@ -89,7 +101,7 @@ fn tree_with_symlinks_modes_and_owners() {
     assert_eq!(e["passwd"].link, b"/etc/passwd");
     assert!(e["passwd"].data.is_empty());
     assert_eq!(e["dirlink"].kind, Kind::Symlink);
-    assert_eq!(stats.entries, 6);
+    assert_eq!(stats.entries, 7, "{stats:?} {order:?}");
     assert_eq!(stats.bytes, 5 + 13);
     assert!(stats.skipped.is_empty());
 }
