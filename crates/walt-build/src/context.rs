@@ -578,7 +578,7 @@ pub fn trim_build_files(ctx: BorrowedFd<'_>, dockerfile: &str) -> Result<(), Con
     let m = Matcher::parse(&String::from_utf8_lossy(&buf))?;
     for name in [".dockerignore", dockerfile] {
         let clean = crate::ignore::clean(name);
-        if clean.contains('/') || clean.starts_with('.') && clean.len() <= 2 {
+        if clean.contains('/') || clean == "." || clean == ".." {
             continue;
         }
         if m.excludes(clean.as_bytes()) {
