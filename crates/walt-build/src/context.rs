@@ -898,7 +898,7 @@ pub fn git_clone(url: &str, dir: &Path, timeout: Duration) -> Result<(), Context
 /// Waits until `child` exits (true) or `timeout` passes (false), without
 /// reaping it.
 fn wait_exit(child: &std::process::Child, timeout: Duration) -> io::Result<bool> {
-    use rustix::event::{PollFd, PollFlags, Timespec};
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
     let pidfd = rustix::process::pidfd_open(
         rustix::process::Pid::from_child(child),
         rustix::process::PidfdFlags::empty(),
@@ -906,16 +906,16 @@ fn wait_exit(child: &std::process::Child, timeout: Duration) -> io::Result<bool>
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let ts = Timespec {
-            tv_sec: left.as_secs() as _,
-            tv_nsec: left.subsec_nanos() as _,
-        };
-        let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
-        match rustix::event::poll(&mut fds, Some(&ts)) {
+        // Rounded up to a millisecond so that the loop does not spin.
+        let ms = left.as_millis().min(3_600_000) as u32
+            + u32::from(!left.subsec_nanos().is_multiple_of(1_000_000));
+        let t = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, t) {
             Ok(0) if left.is_zero() => return Ok(false),
             Ok(0) => continue,
             Ok(_) => return Ok(true),
-            Err(rustix::io::Errno::INTR) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         }
     }
