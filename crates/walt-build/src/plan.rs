@@ -267,12 +267,10 @@ fn set_env(env: &mut Vec<String>, k: &str, v: &str) {
 }
 
 impl Settings {
-    /// The config of `FROM scratch` (docker gives it the default PATH).
+    /// The config of `FROM scratch`: empty ([`Plan::stage_steps`] adds the
+    /// default PATH to every stage whose base has none, as docker does).
     pub fn scratch() -> Self {
-        Settings {
-            env: vec![format!("PATH={DEFAULT_PATH}")],
-            ..Settings::default()
-        }
+        Settings::default()
     }
 
     /// The shell of shell-form instructions.
@@ -661,6 +659,10 @@ impl Plan {
         let stage = self.stages.get(index).ok_or(PlanError::NoStage(index))?;
         let esc = self.escape;
         let mut s = base.clone();
+        // Docker gives every stage a PATH when its base has none.
+        if !s.env_pairs().iter().any(|(k, _)| k == "PATH") {
+            s.env.push(format!("PATH={DEFAULT_PATH}"));
+        }
         let mut cmd_set = false;
         let mut author = None;
         // Declared ARGs of this stage: name → value (None: declared, unset).
