@@ -210,6 +210,26 @@ HEALTHCHECK NONE
         Some("walt-oracle/busybox:latest"),
     );
 
+    // Old forms, quoting inside values, WORKDIR from ENV, relative chains.
+    check(
+        &d,
+        dir.path(),
+        "oldforms",
+        r#"FROM scratch
+ENV OLD  spaced   value "q"  $PATH
+LABEL oldlabel one two
+ENV HOME=/home/u D="dq \$x \"in\"" S='sq $HOME' M=a"b c"d
+WORKDIR $HOME
+WORKDIR ./sub/../other
+LABEL home=$HOME d=$D s=$S m=$M
+EXPOSE 53/UDP 22
+STOPSIGNAL 9
+USER nobody
+"#,
+        &[("UNUSED", "x")],
+        None,
+    );
+
     // Multi-stage, escape directive, continuations, comments.
     check(
         &d,
