@@ -297,15 +297,15 @@ pub fn unquote(word: &str, escape: char) -> Result<String, ExpandError> {
                     if n == q {
                         break;
                     }
-                    if q == '"' && n == escape {
-                        if let Some(&e) = chars
+                    if q == '"'
+                        && n == escape
+                        && let Some(&e) = chars
                             .get(i)
                             .filter(|e| matches!(e, '"' | '$') || **e == escape)
-                        {
-                            out.push(e);
-                            i += 1;
-                            continue;
-                        }
+                    {
+                        out.push(e);
+                        i += 1;
+                        continue;
                     }
                     out.push(n);
                 }

@@ -986,10 +986,10 @@ fn check_signal(sig: &str) -> Result<(), String> {
         "USR2", "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU",
         "URG", "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "POLL", "PWR", "SYS",
     ];
-    if let Ok(n) = sig.parse::<u32>() {
-        if (1..=64).contains(&n) {
-            return Ok(());
-        }
+    if let Ok(n) = sig.parse::<u32>()
+        && (1..=64).contains(&n)
+    {
+        return Ok(());
     }
     let up = sig.to_ascii_uppercase();
     let name = up.strip_prefix("SIG").unwrap_or(&up);
