@@ -230,6 +230,24 @@ USER nobody
         None,
     );
 
+    // ONBUILD triggers of the base run in the child and are not inherited.
+    check(
+        &d,
+        dir.path(),
+        "onbase",
+        "FROM scratch\nENV X=fromenv\nONBUILD LABEL trig=$X\nONBUILD ENV X2=y\nONBUILD WORKDIR sub\n",
+        &[],
+        None,
+    );
+    check(
+        &d,
+        dir.path(),
+        "onchild",
+        "FROM walt-oracle/onbase:latest\nLABEL c=$X2\n",
+        &[],
+        Some("walt-oracle/onbase:latest"),
+    );
+
     // Multi-stage, escape directive, continuations, comments.
     check(
         &d,

@@ -654,7 +654,8 @@ impl Plan {
 
     /// Phase 2: the steps of stage `index`, on a base with `base` settings
     /// (`Settings::scratch()` for scratch, the result of the stage for a
-    /// stage, the image's config otherwise).
+    /// stage, the image's config otherwise). The base's ONBUILD triggers
+    /// come first (with the FROM line) and are not inherited.
     pub fn stage_steps(&self, index: usize, base: &Settings) -> Result<StagePlan, PlanError> {
         let stage = self.stages.get(index).ok_or(PlanError::NoStage(index))?;
         let esc = self.escape;
@@ -669,7 +670,14 @@ impl Plan {
         let mut args: Vec<(String, Option<String>)> = Vec::new();
         let platform = platform_args(&self.options);
         let mut steps = Vec::new();
-        for ins in &stage.instructions {
+        // The base image's ONBUILD triggers run first, and are consumed.
+        let mut all = Vec::new();
+        for t in std::mem::take(&mut s.on_build) {
+            let trig = onbuild_trigger(&self.file, stage.line, &t, esc)?;
+            all.push(trig);
+        }
+        all.extend(stage.instructions.iter().cloned());
+        for ins in &all {
             let at = |e: String| PlanError::At {
                 file: self.file.clone(),
                 line: ins.line,
@@ -857,6 +865,52 @@ impl Plan {
             settings: s,
             author,
         })
+    }
+}
+
+/// A base image's ONBUILD trigger as an instruction of the FROM line.
+fn onbuild_trigger(
+    file: &str,
+    line: usize,
+    trigger: &str,
+    escape: char,
+) -> Result<Instruction, PlanError> {
+    let at = |reason: String| PlanError::At {
+        file: file.to_string(),
+        line,
+        reason: format!("ONBUILD trigger '{trigger}' of the base image: {reason}"),
+    };
+    let text = if escape == '\\' {
+        trigger.to_string()
+    } else {
+        format!("# escape={escape}\n{trigger}")
+    };
+    let df = crate::dockerfile::parse(file, &text).map_err(|e| match e {
+        crate::dockerfile::DockerfileError::Syntax { reason, .. } => at(reason),
+        e => at(e.to_string()),
+    })?;
+    let [ins] = <[Instruction; 1]>::try_from(df.instructions)
+        .map_err(|_| at("not one instruction".into()))?;
+    match &ins.kind {
+        Kind::From { .. } | Kind::Onbuild { .. } | Kind::Maintainer(_) => Err(at(format!(
+            "{} is not allowed as a trigger",
+            ins.kind.keyword()
+        ))),
+        Kind::Copy(CopyArgs { from: Some(_), .. }) => {
+            Err(at("COPY --from is not supported in a trigger".into()))
+        }
+        Kind::Run { heredocs, .. }
+        | Kind::Copy(CopyArgs { heredocs, .. })
+        | Kind::Add(CopyArgs { heredocs, .. })
+            if !heredocs.is_empty() =>
+        {
+            Err(at("heredocs are not supported in a trigger".into()))
+        }
+        _ => Ok(Instruction {
+            line,
+            end_line: line,
+            ..ins
+        }),
     }
 }
 

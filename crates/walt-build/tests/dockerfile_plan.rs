@@ -453,3 +453,33 @@ fn workdir_join() {
     assert_eq!(join_clean("/x", "/abs/./p/"), "/abs/p");
     assert_eq!(join_clean("/", "../../.."), "/");
 }
+
+#[test]
+fn base_onbuild_triggers_run_first() {
+    let p = plan("FROM bob/img\nLABEL own=1\n", &[]).unwrap();
+    let base = Settings {
+        env: vec!["X=x".into()],
+        on_build: vec!["LABEL trig=$X".into(), "RUN make".into()],
+        ..Settings::default()
+    };
+    let sp = p.stage_steps(0, &base).unwrap();
+    assert_eq!(sp.steps.len(), 3);
+    assert_eq!(sp.steps[0].line, 1);
+    assert_eq!(sp.steps[0].text, "LABEL trig=$X");
+    assert!(matches!(sp.steps[1].action, Action::Run(_)));
+    assert_eq!(sp.settings.labels["trig"], "x");
+    assert!(sp.settings.on_build.is_empty(), "triggers are consumed");
+    for (bad, msg) in [
+        ("FROM x", "FROM is not allowed as a trigger"),
+        ("COPY --from=a b c", "COPY --from is not supported"),
+        ("BOGUS", "unknown instruction 'BOGUS'"),
+    ] {
+        let base = Settings {
+            on_build: vec![bad.into()],
+            ..Settings::default()
+        };
+        let e = p.stage_steps(0, &base).unwrap_err().to_string();
+        assert!(e.starts_with("Dockerfile, line 1: ONBUILD trigger"), "{e}");
+        assert!(e.contains(msg), "{e}");
+    }
+}
