@@ -5,8 +5,11 @@
 //! expansion and the escapes `\"`, `\$`, `\\`), the escape character (`\`, or
 //! the one of the `# escape=` directive) takes the next character literally,
 //! and `$NAME`, `${NAME}`, `${NAME:-w}`, `${NAME-w}`, `${NAME:+w}`,
-//! `${NAME+w}`, `${NAME:?w}`, `${NAME?w}` are replaced. No word splitting, no
-//! globbing, no command substitution. An unset variable expands to nothing.
+//! `${NAME+w}`, `${NAME:?w}`, `${NAME?w}` are replaced, as well as buildkit's
+//! patterns `${NAME#p}`, `${NAME##p}`, `${NAME%p}`, `${NAME%%p}`,
+//! `${NAME/p/r}`, `${NAME//p/r}` (`*`, `?`; not in the classic builder). No
+//! word splitting, no globbing, no command substitution. An unset variable
+//! expands to nothing.
 //!
 //! Which instructions expand: ADD COPY ENV EXPOSE FROM LABEL STOPSIGNAL USER
 //! VOLUME WORKDIR, and ARG defaults and ONBUILD triggers when they run; never
@@ -15,6 +18,10 @@
 /// Bound on the length of an expanded word (a hostile `ENV` chain doubling a
 /// variable at each line would otherwise grow without limit).
 pub const MAX_EXPANDED_LEN: usize = 1 << 20;
+
+/// Longest value a `${V#p}`, `${V%p}` or `${V/p/r}` works on (the matching
+/// is quadratic).
+pub const MAX_PATTERN_VALUE: usize = 4096;
 
 /// Why a word could not be expanded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +38,12 @@ pub enum ExpandError {
     Required { name: String, message: String },
     #[error("expanded value of '{0}' is too long (over 1 MiB)")]
     TooLong(String),
+    #[error("invalid pattern in '{word}': {reason}")]
+    BadPattern { word: String, reason: String },
+    #[error(
+        "value of '{0}' is too long for a pattern substitution (over {MAX_PATTERN_VALUE} characters)"
+    )]
+    PatternValueTooLong(String),
 }
 
 /// Where variables are looked up: `None` is unset (different from empty).
@@ -99,6 +112,11 @@ impl Lexer<'_> {
 
     /// Reads until `stop` (consumed) or the end of the word.
     fn until(&mut self, stop: Option<char>) -> Result<String, ExpandError> {
+        self.until_raw(stop, false)
+    }
+
+    /// As [`Self::until`]; `raw` keeps escape characters (patterns).
+    fn until_raw(&mut self, stop: Option<char>, raw: bool) -> Result<String, ExpandError> {
         let mut out = String::new();
         loop {
             let Some(c) = self.peek() else {
@@ -129,6 +147,9 @@ impl Lexer<'_> {
                 }
                 c if c == self.escape => {
                     self.pos += 1;
+                    if raw {
+                        out.push(c);
+                    }
                     // A trailing escape is dropped.
                     if let Some(n) = self.next() {
                         let mut b = [0u8; 4];
@@ -228,26 +249,52 @@ impl Lexer<'_> {
                 let m = self
                     .next()
                     .ok_or_else(|| ExpandError::MissingBrace(self.word.to_string()))?;
-                if !matches!(m, '-' | '+' | '?') {
+                if !matches!(m, '-' | '+' | '?' | '#' | '%') {
                     return Err(ExpandError::UnsupportedModifier {
                         modifier: m,
                         word: self.word.to_string(),
                     });
                 }
-                let w = self.until(Some('}'))?;
+                let w = self.until_raw(Some('}'), matches!(m, '#' | '%'))?;
                 let set = value.as_deref().is_some_and(|v| !v.is_empty());
                 self.apply(m, &name, value, set, w)
             }
-            Some(m @ ('-' | '+' | '?')) => {
-                let w = self.until(Some('}'))?;
+            Some(m @ ('-' | '+' | '?' | '#' | '%')) => {
+                let w = self.until_raw(Some('}'), matches!(m, '#' | '%'))?;
                 let set = value.is_some();
                 self.apply(m, &name, value, set, w)
+            }
+            Some('/') => {
+                let all = self.peek() == Some('/');
+                if all {
+                    self.pos += 1;
+                }
+                let pat = self.until_raw(Some('/'), true)?;
+                let rep = self.until_raw(Some('}'), true)?;
+                let value = value.unwrap_or_default();
+                let pat = Pattern::parse(&pat).map_err(|e| self.bad_pattern(e))?;
+                self.check_pattern_len(&name, &value)?;
+                Ok(pat.replace(&value, &rep, all))
             }
             Some(m) => Err(ExpandError::UnsupportedModifier {
                 modifier: m,
                 word: self.word.to_string(),
             }),
         }
+    }
+
+    fn bad_pattern(&self, reason: String) -> ExpandError {
+        ExpandError::BadPattern {
+            word: self.word.to_string(),
+            reason,
+        }
+    }
+
+    fn check_pattern_len(&self, name: &str, value: &str) -> Result<(), ExpandError> {
+        if value.chars().count() > MAX_PATTERN_VALUE {
+            return Err(ExpandError::PatternValueTooLong(name.to_string()));
+        }
+        Ok(())
     }
 
     fn apply(
@@ -258,6 +305,20 @@ impl Lexer<'_> {
         set: bool,
         word: String,
     ) -> Result<String, ExpandError> {
+        if matches!(m, '#' | '%') {
+            let value = value.unwrap_or_default();
+            let (greedy, w) = match word.strip_prefix(m) {
+                Some(w) => (true, w),
+                None => (false, word.as_str()),
+            };
+            let pat = Pattern::parse(w).map_err(|e| self.bad_pattern(e))?;
+            self.check_pattern_len(name, &value)?;
+            return Ok(if m == '#' {
+                pat.trim_prefix(&value, greedy)
+            } else {
+                pat.trim_suffix(&value, greedy)
+            });
+        }
         Ok(match m {
             '-' if set => value.unwrap_or_default(),
             '-' => word,
@@ -267,14 +328,164 @@ impl Lexer<'_> {
             _ => {
                 return Err(ExpandError::Required {
                     name: name.to_string(),
-                    message: if word.is_empty() {
-                        "is not allowed to be unset".to_string()
-                    } else {
+                    message: if !word.is_empty() {
                         word
+                    } else if value.is_some() {
+                        "is not allowed to be empty".to_string()
+                    } else {
+                        "is not allowed to be unset".to_string()
                     },
                 });
             }
         })
+    }
+}
+
+/// A shell pattern of `${V#p}` & co: `*`, `?`, `\*`, `\?`, `\\`, no brackets
+/// (as buildkit).
+#[derive(Debug)]
+struct Pattern(Vec<Tok>);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Tok {
+    Star,
+    Any,
+    Lit(char),
+}
+
+impl Pattern {
+    fn parse(p: &str) -> Result<Self, String> {
+        let mut out = Vec::new();
+        let mut it = p.chars().peekable();
+        while let Some(c) = it.next() {
+            match c {
+                '*' => out.push(Tok::Star),
+                '?' => out.push(Tok::Any),
+                '\\' => match it.peek() {
+                    // `\}` and `\/` escape the ${} syntax, not the pattern.
+                    Some('}' | '/') => {}
+                    Some(&n @ ('*' | '?' | '\\')) => {
+                        it.next();
+                        out.push(Tok::Lit(n));
+                    }
+                    Some(&n) => return Err(format!("invalid escape '\\{n}'")),
+                    None => return Err("invalid escape at the end".into()),
+                },
+                c => out.push(Tok::Lit(c)),
+            }
+        }
+        Ok(Pattern(out))
+    }
+
+    /// Whether the pattern matches all of `s`.
+    fn matches(&self, s: &[char]) -> bool {
+        // Iterative glob matching with one backtrack point: O(len * pattern).
+        let p = &self.0;
+        let (mut pi, mut si) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while si < s.len() {
+            match p.get(pi) {
+                Some(Tok::Star) => {
+                    star = Some((pi, si));
+                    pi += 1;
+                }
+                Some(Tok::Any) => {
+                    pi += 1;
+                    si += 1;
+                }
+                Some(Tok::Lit(c)) if *c == s[si] => {
+                    pi += 1;
+                    si += 1;
+                }
+                _ => match star {
+                    Some((sp, ss)) => {
+                        pi = sp + 1;
+                        si = ss + 1;
+                        star = Some((sp, ss + 1));
+                    }
+                    None => return false,
+                },
+            }
+        }
+        p[pi..].iter().all(|t| *t == Tok::Star)
+    }
+
+    fn trim_prefix(&self, v: &str, greedy: bool) -> String {
+        let c: Vec<char> = v.chars().collect();
+        let ends: Box<dyn Iterator<Item = usize>> = if greedy {
+            Box::new((0..=c.len()).rev())
+        } else {
+            Box::new(0..=c.len())
+        };
+        for end in ends {
+            if self.matches(&c[..end]) {
+                return c[end..].iter().collect();
+            }
+        }
+        v.to_string()
+    }
+
+    fn trim_suffix(&self, v: &str, greedy: bool) -> String {
+        let c: Vec<char> = v.chars().collect();
+        let starts: Box<dyn Iterator<Item = usize>> = if greedy {
+            Box::new(0..=c.len())
+        } else {
+            Box::new((0..=c.len()).rev())
+        };
+        for start in starts {
+            if self.matches(&c[start..]) {
+                return c[..start].iter().collect();
+            }
+        }
+        v.to_string()
+    }
+
+    /// The longest match starting at `start`, if any: its end.
+    fn match_at(&self, c: &[char], start: usize) -> Option<usize> {
+        (start..=c.len())
+            .rev()
+            .find(|&end| self.matches(&c[start..end]))
+    }
+
+    fn replace(&self, v: &str, rep: &str, all: bool) -> String {
+        let c: Vec<char> = v.chars().collect();
+        let mut out = String::new();
+        let mut i = 0;
+        let mut replaced = false;
+        let mut prev_end = None;
+        while i <= c.len() {
+            let m = if replaced && !all {
+                None
+            } else {
+                // No empty match right after a match (as Go's regexp).
+                self.match_at(&c, i)
+                    .filter(|&end| !(end == i && prev_end == Some(i)))
+            };
+            if let Some(end) = m {
+                prev_end = Some(end);
+            }
+            match m {
+                Some(end) => {
+                    out.push_str(rep);
+                    replaced = true;
+                    if end > i {
+                        i = end;
+                        continue;
+                    }
+                    if let Some(ch) = c.get(i) {
+                        out.push(*ch);
+                    }
+                    i += 1;
+                }
+                None => {
+                    if let Some(ch) = c.get(i) {
+                        out.push(*ch);
+                    }
+                    i += 1;
+                }
+            }
+        }
+        out
     }
 }
 
@@ -328,10 +539,17 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn vars() -> BTreeMap<String, String> {
-        [("V", "val"), ("E", ""), ("S", "a b"), ("U_1", "u")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        [
+            ("V", "val"),
+            ("E", ""),
+            ("S", "a b"),
+            ("U_1", "u"),
+            ("P", "/usr/local/bin/app.tar.gz"),
+            ("W", "a*b*c"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
     }
 
     #[test]
@@ -377,6 +595,25 @@ mod tests {
             ("$1", ""),
             ("trailing\\", "trailing"),
             ("${V:?oops}", "val"),
+            ("${P#*/}", "usr/local/bin/app.tar.gz"),
+            ("${P##*/}", "app.tar.gz"),
+            ("${P%.*}", "/usr/local/bin/app.tar"),
+            ("${P%%.*}", "/usr/local/bin/app"),
+            ("${P#nomatch}", "/usr/local/bin/app.tar.gz"),
+            ("${P#/usr}", "/local/bin/app.tar.gz"),
+            ("${P%?z}", "/usr/local/bin/app.tar."),
+            ("${P/local/LOCAL}", "/usr/LOCAL/bin/app.tar.gz"),
+            ("${P//\\//:}", ":usr:local:bin:app.tar.gz"),
+            ("${P/\\//}", "usr/local/bin/app.tar.gz"),
+            ("${P//a/}", "/usr/locl/bin/pp.tr.gz"),
+            ("${P/*bin/X}", "X/app.tar.gz"),
+            ("${W#*\\*}", "b*c"),
+            ("${W##*\\*}", "c"),
+            ("${W%\\**}", "a*b"),
+            ("${NOPE#x}", ""),
+            ("${NOPE/x/y}", ""),
+            ("${V//*/X}", "X"),
+            ("${V:#v}", "al"),
         ];
         for (word, want) in cases {
             assert_eq!(expand(word, '\\', &v).as_deref(), Ok(*want), "{word}");
@@ -425,6 +662,28 @@ mod tests {
             "NOPE: must be set"
         );
         assert!(expand("${E?x}", '\\', &v).is_ok());
+        assert_eq!(
+            expand("${E:?}", '\\', &v).unwrap_err().to_string(),
+            "E: is not allowed to be empty"
+        );
+        assert_eq!(
+            expand("${NOPE?}", '\\', &v).unwrap_err().to_string(),
+            "NOPE: is not allowed to be unset"
+        );
+        assert!(matches!(
+            expand("${V#\\a}", '\\', &v),
+            Err(ExpandError::BadPattern { .. })
+        ));
+        assert!(matches!(
+            expand("${V/a}", '\\', &v),
+            Err(ExpandError::MissingBrace(_))
+        ));
+        let mut big = BTreeMap::new();
+        big.insert("B".to_string(), "x".repeat(MAX_PATTERN_VALUE + 1));
+        assert!(matches!(
+            expand("${B#x}", '\\', &big),
+            Err(ExpandError::PatternValueTooLong(_))
+        ));
         assert!(expand("${E:?x}", '\\', &v).is_err());
     }
 
