@@ -42,6 +42,59 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// Most ports one EXPOSE range may open.
 const MAX_PORTS: usize = 1024;
 
+/// Largest image config (env, labels, ...) a Dockerfile may produce, so that
+/// hostile expansions (`ENV A=$A$A` chains) stay bounded.
+pub const MAX_CONFIG_SIZE: usize = 1 << 20;
+
+/// Largest total size of one stage's expanded steps (each RUN carries its
+/// environment).
+pub const MAX_STAGE_PLAN_SIZE: usize = 64 << 20;
+
+fn strings_size<'a>(v: impl IntoIterator<Item = &'a String>) -> usize {
+    v.into_iter().map(|x| x.len() + 1).sum()
+}
+
+/// Approximate size of the settings (strings only).
+fn settings_size(s: &Settings) -> usize {
+    strings_size(&s.env)
+        + s.labels
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>()
+        + s.cmd.as_ref().map_or(0, strings_size)
+        + s.entrypoint.as_ref().map_or(0, strings_size)
+        + s.working_dir.len()
+        + s.user.len()
+        + strings_size(&s.exposed_ports)
+        + strings_size(&s.volumes)
+        + s.stop_signal.as_ref().map_or(0, String::len)
+        + s.healthcheck.as_ref().map_or(0, |h| strings_size(&h.test))
+        + strings_size(&s.on_build)
+        + s.shell.as_ref().map_or(0, strings_size)
+}
+
+/// Approximate size of a step's expanded data.
+fn action_size(a: &Action) -> usize {
+    match a {
+        Action::Run(r) => {
+            strings_size(&r.argv)
+                + strings_size(&r.env)
+                + r.heredocs.iter().map(|h| h.body.len()).sum::<usize>()
+                + r.user.len()
+                + r.workdir.len()
+        }
+        Action::Copy(c) => {
+            strings_size(&c.sources)
+                + c.heredocs
+                    .iter()
+                    .map(|(n, b)| n.len() + b.len())
+                    .sum::<usize>()
+                + c.dest.len()
+        }
+        Action::Config(_) | Action::Arg => 0,
+    }
+}
+
 /// Why a plan could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -670,6 +723,7 @@ impl Plan {
         let mut args: Vec<(String, Option<String>)> = Vec::new();
         let platform = platform_args(&self.options);
         let mut steps = Vec::new();
+        let mut total = 0usize;
         // The base image's ONBUILD triggers run first, and are consumed.
         let mut all = Vec::new();
         for t in std::mem::take(&mut s.on_build) {
@@ -853,6 +907,15 @@ impl Plan {
             };
             if let Action::Config(c) = &action {
                 apply(&mut s, c, &mut cmd_set);
+                if settings_size(&s) > MAX_CONFIG_SIZE {
+                    return Err(at("the image config grows over 1 MiB".into()));
+                }
+            }
+            total += action_size(&action) + ins.text.len();
+            if total > MAX_STAGE_PLAN_SIZE {
+                return Err(at(
+                    "the steps of this stage grow over 64 MiB once expanded".into()
+                ));
             }
             steps.push(Step {
                 line: ins.line,

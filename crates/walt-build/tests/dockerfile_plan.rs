@@ -483,3 +483,29 @@ fn base_onbuild_triggers_run_first() {
         assert!(e.contains(msg), "{e}");
     }
 }
+
+#[test]
+fn hostile_expansion_is_bounded() {
+    // Doubling a variable: each word stops at 1 MiB, the config at 1 MiB.
+    let mut text = "FROM scratch\nENV A=xxxxxxxxxxxxxxxx\n".to_string();
+    for _ in 0..15 {
+        text.push_str("ENV A=$A$A\n");
+    }
+    text.push_str("ENV B=$A C=$A\n");
+    let p = plan(&text, &[]).unwrap();
+    let Err(e) = p.stage_steps(0, &Settings::scratch()) else {
+        panic!("not refused")
+    };
+    assert!(e.to_string().contains("grows over 1 MiB"), "{e}");
+    // Many RUNs each carrying a large environment.
+    let mut text = "FROM scratch\nENV A=xxxxxxxxxxxxxxxx\n".to_string();
+    for _ in 0..15 {
+        text.push_str("ENV A=$A$A\n");
+    }
+    text.push_str(&"RUN true\n".repeat(200));
+    let p = plan(&text, &[]).unwrap();
+    let Err(e) = p.stage_steps(0, &Settings::scratch()) else {
+        panic!("not refused")
+    };
+    assert!(e.to_string().contains("grow over 64 MiB"), "{e}");
+}
