@@ -557,6 +557,14 @@ impl Plan {
                             globals.insert(k.clone(), v);
                         }
                     }
+                    if globals
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>()
+                        > MAX_CONFIG_SIZE
+                    {
+                        return Err(at(ins.line, "the build arguments grow over 1 MiB".into()));
+                    }
                 }
                 _ if stages.is_empty() && !matches!(ins.kind, Kind::From { .. }) => {
                     return Err(at(
@@ -756,6 +764,13 @@ impl Plan {
                         };
                         args.retain(|(n, _)| n != k);
                         args.push((k.clone(), v));
+                    }
+                    let size: usize = args
+                        .iter()
+                        .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len))
+                        .sum();
+                    if size > MAX_CONFIG_SIZE {
+                        return Err(at("the build arguments grow over 1 MiB".into()));
                     }
                     Action::Arg
                 }

@@ -509,3 +509,31 @@ fn hostile_expansion_is_bounded() {
     };
     assert!(e.to_string().contains("grow over 64 MiB"), "{e}");
 }
+
+#[test]
+fn hostile_args_are_bounded() {
+    let mut doubling = "ARG A=xxxxxxxxxxxxxxxx\n".to_string();
+    for _ in 0..15 {
+        doubling.push_str("ARG A=$A$A\n");
+    }
+    let global = format!("{doubling}ARG B=$A C=$A\nFROM scratch\n");
+    match plan(&global, &[]) {
+        Err(PlanError::At { line, reason, .. }) => {
+            assert_eq!(line, 17);
+            assert!(
+                reason.contains("build arguments grow over 1 MiB"),
+                "{reason}"
+            );
+        }
+        _ => panic!("not refused"),
+    }
+    let local = format!("FROM scratch\n{doubling}ARG B=$A C=$A\n");
+    let p = plan(&local, &[]).unwrap();
+    let Err(e) = p.stage_steps(0, &Settings::scratch()) else {
+        panic!("not refused")
+    };
+    assert!(
+        e.to_string().contains("build arguments grow over 1 MiB"),
+        "{e}"
+    );
+}
