@@ -19,9 +19,12 @@
 /// variable at each line would otherwise grow without limit).
 pub const MAX_EXPANDED_LEN: usize = 1 << 20;
 
-/// Longest value a `${V#p}`, `${V%p}` or `${V/p/r}` works on (the matching
-/// is quadratic).
+/// Longest value a `${V#p}` or `${V%p}` works on (linear in value × pattern).
 pub const MAX_PATTERN_VALUE: usize = 4096;
+/// Longest value a `${V/p/r}` works on (quadratic).
+pub const MAX_REPLACE_VALUE: usize = 1024;
+/// Longest pattern of a substitution.
+pub const MAX_PATTERN: usize = 128;
 
 /// Why a word could not be expanded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,9 +43,7 @@ pub enum ExpandError {
     TooLong(String),
     #[error("invalid pattern in '{word}': {reason}")]
     BadPattern { word: String, reason: String },
-    #[error(
-        "value of '{0}' is too long for a pattern substitution (over {MAX_PATTERN_VALUE} characters)"
-    )]
+    #[error("value of '{0}' is too long for a pattern substitution")]
     PatternValueTooLong(String),
 }
 
@@ -273,7 +274,7 @@ impl Lexer<'_> {
                 let rep = self.until_raw(Some('}'), true)?;
                 let value = value.unwrap_or_default();
                 let pat = Pattern::parse(&pat).map_err(|e| self.bad_pattern(e))?;
-                self.check_pattern_len(&name, &value)?;
+                self.check_pattern_len(&name, &value, MAX_REPLACE_VALUE)?;
                 Ok(pat.replace(&value, &rep, all))
             }
             Some(m) => Err(ExpandError::UnsupportedModifier {
@@ -290,8 +291,8 @@ impl Lexer<'_> {
         }
     }
 
-    fn check_pattern_len(&self, name: &str, value: &str) -> Result<(), ExpandError> {
-        if value.chars().count() > MAX_PATTERN_VALUE {
+    fn check_pattern_len(&self, name: &str, value: &str, max: usize) -> Result<(), ExpandError> {
+        if value.chars().count() > max {
             return Err(ExpandError::PatternValueTooLong(name.to_string()));
         }
         Ok(())
@@ -312,7 +313,7 @@ impl Lexer<'_> {
                 None => (false, word.as_str()),
             };
             let pat = Pattern::parse(w).map_err(|e| self.bad_pattern(e))?;
-            self.check_pattern_len(name, &value)?;
+            self.check_pattern_len(name, &value, MAX_PATTERN_VALUE)?;
             return Ok(if m == '#' {
                 pat.trim_prefix(&value, greedy)
             } else {
@@ -343,7 +344,7 @@ impl Lexer<'_> {
 
 /// A shell pattern of `${V#p}` & co: `*`, `?`, `\*`, `\?`, `\\`, no brackets
 /// (as buildkit).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Pattern(Vec<Tok>);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -355,6 +356,9 @@ enum Tok {
 
 impl Pattern {
     fn parse(p: &str) -> Result<Self, String> {
+        if p.chars().count() > MAX_PATTERN {
+            return Err(format!("longer than {MAX_PATTERN} characters"));
+        }
         let mut out = Vec::new();
         let mut it = p.chars().peekable();
         while let Some(c) = it.next() {
@@ -377,74 +381,84 @@ impl Pattern {
         Ok(Pattern(out))
     }
 
-    /// Whether the pattern matches all of `s`.
-    fn matches(&self, s: &[char]) -> bool {
-        // Iterative glob matching with one backtrack point: O(len * pattern).
-        let p = &self.0;
-        let (mut pi, mut si) = (0, 0);
-        let mut star: Option<(usize, usize)> = None;
-        while si < s.len() {
-            match p.get(pi) {
-                Some(Tok::Star) => {
-                    star = Some((pi, si));
-                    pi += 1;
+    /// For each `i` in `0..=s.len()`, whether the pattern matches `s[..i]`
+    /// (an NFA over the pattern positions: O(len * pattern)). Stops early
+    /// when no position is alive.
+    fn match_ends(p: &[Tok], s: &[char]) -> Vec<bool> {
+        let m = p.len();
+        let close = |set: &mut Vec<bool>| {
+            // A star may match nothing.
+            for i in 0..m {
+                if set[i] && p[i] == Tok::Star {
+                    set[i + 1] = true;
                 }
-                Some(Tok::Any) => {
-                    pi += 1;
-                    si += 1;
-                }
-                Some(Tok::Lit(c)) if *c == s[si] => {
-                    pi += 1;
-                    si += 1;
-                }
-                _ => match star {
-                    Some((sp, ss)) => {
-                        pi = sp + 1;
-                        si = ss + 1;
-                        star = Some((sp, ss + 1));
-                    }
-                    None => return false,
-                },
             }
+        };
+        let mut out = vec![false; s.len() + 1];
+        let mut cur = vec![false; m + 1];
+        cur[0] = true;
+        close(&mut cur);
+        out[0] = cur[m];
+        for (i, ch) in s.iter().enumerate() {
+            let mut next = vec![false; m + 1];
+            for j in 0..m {
+                if !cur[j] {
+                    continue;
+                }
+                match p[j] {
+                    Tok::Star => next[j] = true,
+                    Tok::Any => next[j + 1] = true,
+                    Tok::Lit(c) if c == *ch => next[j + 1] = true,
+                    Tok::Lit(_) => {}
+                }
+            }
+            close(&mut next);
+            out[i + 1] = next[m];
+            if !next.iter().any(|v| *v) {
+                break;
+            }
+            cur = next;
         }
-        p[pi..].iter().all(|t| *t == Tok::Star)
+        out
     }
 
     fn trim_prefix(&self, v: &str, greedy: bool) -> String {
         let c: Vec<char> = v.chars().collect();
-        let ends: Box<dyn Iterator<Item = usize>> = if greedy {
-            Box::new((0..=c.len()).rev())
+        let ends = Self::match_ends(&self.0, &c);
+        let found = if greedy {
+            ends.iter().rposition(|&e| e)
         } else {
-            Box::new(0..=c.len())
+            ends.iter().position(|&e| e)
         };
-        for end in ends {
-            if self.matches(&c[..end]) {
-                return c[end..].iter().collect();
-            }
+        match found {
+            Some(end) => c[end..].iter().collect(),
+            None => v.to_string(),
         }
-        v.to_string()
     }
 
     fn trim_suffix(&self, v: &str, greedy: bool) -> String {
-        let c: Vec<char> = v.chars().collect();
-        let starts: Box<dyn Iterator<Item = usize>> = if greedy {
-            Box::new(0..=c.len())
+        let mut c: Vec<char> = v.chars().collect();
+        c.reverse();
+        let mut p = self.0.clone();
+        p.reverse();
+        let ends = Self::match_ends(&p, &c);
+        let found = if greedy {
+            ends.iter().rposition(|&e| e)
         } else {
-            Box::new((0..=c.len()).rev())
+            ends.iter().position(|&e| e)
         };
-        for start in starts {
-            if self.matches(&c[start..]) {
-                return c[..start].iter().collect();
-            }
+        match found {
+            Some(len) => c[len..].iter().rev().collect(),
+            None => v.to_string(),
         }
-        v.to_string()
     }
 
     /// The longest match starting at `start`, if any: its end.
     fn match_at(&self, c: &[char], start: usize) -> Option<usize> {
-        (start..=c.len())
-            .rev()
-            .find(|&end| self.matches(&c[start..end]))
+        Self::match_ends(&self.0, &c[start..])
+            .iter()
+            .rposition(|&e| e)
+            .map(|l| start + l)
     }
 
     fn replace(&self, v: &str, rep: &str, all: bool) -> String {
@@ -684,6 +698,30 @@ mod tests {
             expand("${B#x}", '\\', &big),
             Err(ExpandError::PatternValueTooLong(_))
         ));
+        big.insert("R".to_string(), "x".repeat(MAX_REPLACE_VALUE + 1));
+        assert!(matches!(
+            expand("${R/x/y}", '\\', &big),
+            Err(ExpandError::PatternValueTooLong(_))
+        ));
+        let long = format!("${{V#{}}}", "?".repeat(MAX_PATTERN + 1));
+        assert!(matches!(
+            expand(&long, '\\', &big),
+            Err(ExpandError::BadPattern { .. })
+        ));
+        // The largest allowed cases stay fast (no backtracking blow-up).
+        big.insert("L".to_string(), "a".repeat(MAX_PATTERN_VALUE));
+        big.insert("M".to_string(), "a".repeat(MAX_REPLACE_VALUE));
+        let star = "*a".repeat(MAX_PATTERN / 2 - 1) + "b";
+        assert_eq!(
+            expand(&format!("${{L#{star}}}"), '\\', &big).unwrap().len(),
+            MAX_PATTERN_VALUE
+        );
+        assert_eq!(
+            expand(&format!("${{M//{star}/x}}"), '\\', &big)
+                .unwrap()
+                .len(),
+            MAX_REPLACE_VALUE
+        );
         assert!(expand("${E:?x}", '\\', &v).is_err());
     }
 
