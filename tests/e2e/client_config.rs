@@ -25,18 +25,7 @@ fn walt_in_terminal(config: &Path, dir: &Path, args: &str) -> Tmux {
 }
 
 fn exit_status(dir: &Path, tmux: &Tmux) -> i32 {
-    let exit = dir.join("exit");
-    wait_for("the command to finish", Duration::from_secs(60), || {
-        std::fs::read_to_string(&exit)
-            .ok()
-            .filter(|s| !s.trim().is_empty())
-    })
-    .unwrap_or_else(|e| panic!("{e}\nscreen:\n{}", tmux.screen()));
-    std::fs::read_to_string(exit)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    tmux.exit_status(&dir.join("exit"), Duration::from_secs(60))
 }
 
 fn mode(path: &Path) -> u32 {

@@ -134,13 +134,7 @@ fn layer_count(env: &Env, name: &str) -> usize {
 }
 
 fn exit_status(exit: &Path, t: &Tmux) -> i32 {
-    wait_for("the command to finish", Duration::from_secs(120), || {
-        fs::read_to_string(exit)
-            .ok()
-            .filter(|s| !s.trim().is_empty())
-    })
-    .unwrap_or_else(|e| panic!("{e}\nscreen:\n{}", t.screen()));
-    fs::read_to_string(exit).unwrap().trim().parse().unwrap()
+    t.exit_status(exit, Duration::from_secs(120))
 }
 
 /// The server restarts on the store, whose tmp/ is then empty, with the

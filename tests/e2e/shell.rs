@@ -21,13 +21,7 @@ fn env_with_image() -> Env {
 }
 
 fn exit_status(exit: &Path, tmux: &Tmux) -> i32 {
-    wait_for("the command to finish", Duration::from_secs(60), || {
-        fs::read_to_string(exit)
-            .ok()
-            .filter(|s| !s.trim().is_empty())
-    })
-    .unwrap_or_else(|e| panic!("{e}\nscreen:\n{}", tmux.screen()));
-    fs::read_to_string(exit).unwrap().trim().parse().unwrap()
+    tmux.exit_status(exit, Duration::from_secs(60))
 }
 
 /// The shell prompt of busybox sh as root.

@@ -19,6 +19,23 @@ pub struct Tmux {
 }
 
 impl Tmux {
+    /// The exit status the command in the terminal wrote to `exit` (the
+    /// `; echo $? > exit` of its command line), waited for up to `timeout`;
+    /// panics with the screen when it does not come.
+    pub fn exit_status(&self, exit: &std::path::Path, timeout: Duration) -> i32 {
+        wait_for("the command to finish", timeout, || {
+            std::fs::read_to_string(exit)
+                .ok()
+                .filter(|s| !s.trim().is_empty())
+        })
+        .unwrap_or_else(|e| panic!("{e}\nscreen:\n{}", self.screen()));
+        std::fs::read_to_string(exit)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     /// Starts `shell_cmd` (run by `sh -c`) in a 200x50 pane.
     pub fn start(shell_cmd: &str) -> Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
