@@ -95,11 +95,15 @@ YML
   if [ -n "${2:-}" ]; then
     echo "-   {label: target, api: docker-registry-v2, description: Target registry, host: 127.0.0.1, port: $2, protocol: http, auth: none}" >> "$W/server.conf"
   fi
-  RUST_LOG=info "$BIN/walt-server" --config "$W/server.conf" --data-dir "$1" --listen "127.0.0.1:$WALT_PORT" 2>>"$W/server.log" &
+  # WALT_BENCH_PLAINTEXT=1: the API in clear (the path before TLS), for before/after figures.
+  local clear=()
+  [ -n "${WALT_BENCH_PLAINTEXT:-}" ] && clear=(--plaintext)
+  RUST_LOG=info "$BIN/walt-server" --config "$W/server.conf" --data-dir "$1" --listen "127.0.0.1:$WALT_PORT" "${clear[@]}" 2>>"$W/server.log" &
   WALT_PID=$!; pids+=($WALT_PID)
   wait_tcp "$WALT_PORT"
   export WALT_CONFIG=$W/walt.conf
   printf 'walt:\n    server: 127.0.0.1:%s\n    username: bench\n' "$WALT_PORT" > "$WALT_CONFIG"
+  [ -z "${WALT_BENCH_PLAINTEXT:-}" ] || printf '    plaintext: true\n' >> "$WALT_CONFIG"
 }
 stop_walt() { kill "$WALT_PID"; wait "$WALT_PID" 2>/dev/null || true; }
 peak_rss_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
