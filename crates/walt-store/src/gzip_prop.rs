@@ -163,6 +163,8 @@ fn damage() -> impl Strategy<Value = Damage> {
 fn apply(bytes: &mut Vec<u8>, d: &Damage) {
     let pos = |at: f64, len: usize| ((at * len as f64) as usize).min(len.saturating_sub(1));
     match d {
+        // An earlier truncation may have left nothing to flip.
+        Damage::Flip { .. } if bytes.is_empty() => {}
         Damage::Flip { at, mask } => {
             let i = pos(*at, bytes.len());
             bytes[i] ^= mask;
