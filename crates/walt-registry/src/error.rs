@@ -226,7 +226,7 @@ pub fn summarize_error_body(body: &[u8]) -> Option<String> {
                     e.message.clone()
                 }
             })
-            .filter(|s| !s.is_empty())
+            .filter(|s| !s.trim().is_empty())
             .collect();
         return (!parts.is_empty()).then(|| one_line(&parts.join("; "), 300));
     }
