@@ -201,6 +201,17 @@ impl Images for ImagesService {
         Ok(Response::new(reply))
     }
 
+    type BuildStream = crate::build::BuildStream;
+
+    async fn build(
+        &self,
+        req: Request<tonic::Streaming<pb::BuildRequest>>,
+    ) -> Result<Response<Self::BuildStream>, Status> {
+        let user = caller(&req)?;
+        let stream = crate::build::start(self.state.clone(), user, req.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+
     type CopyOutStream = cp::CopyOutStream;
 
     async fn copy_out(

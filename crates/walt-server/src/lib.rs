@@ -2,6 +2,7 @@
 
 mod accept;
 mod admin;
+mod build;
 mod clone;
 mod config;
 mod cp;
