@@ -32,6 +32,10 @@ pub struct CacheEntry {
 /// more); an entry naming more is treated as corrupt.
 const MAX_ENTRY_LAYERS: usize = 4096;
 
+/// The blobs an entry alone keeps (digest, size), none twice; None for a
+/// corrupt entry.
+type EntryBlobs = Option<Vec<(String, u64)>>;
+
 /// A `build_cache` row as read.
 struct RawEntry {
     layers: String,
@@ -278,7 +282,7 @@ impl Store {
             let ctx = "pruning the build cache";
             let tx = conn.transaction().db(ctx)?;
             let (image_blobs, _) = crate::db::image_references(&tx)?;
-            let mut entries: Vec<(String, Option<Vec<(String, u64)>>)> = Vec::new();
+            let mut entries: Vec<(String, EntryBlobs)> = Vec::new();
             {
                 let mut stmt = tx
                     .prepare(

@@ -401,6 +401,13 @@ fn record_built_image_is_deterministic_and_creates_no_blob_twice() {
         )
         .unwrap_err();
     assert!(matches!(e, StoreError::ImageExists(_)), "{e:?}");
+    let mut other = config_for(&layers);
+    other.insert("author".into(), "bob".into());
+    let e = store
+        .record_built_image(&img, other, layers.clone(), vec![], false, 1)
+        .unwrap_err();
+    assert!(matches!(e, StoreError::ImageExists(_)), "{e:?}");
+    assert_eq!(blob_count(&store), blobs, "a refusal writes no blob");
     let (m2, o2) = store
         .record_built_image(
             &img,

@@ -283,6 +283,10 @@ impl Store {
         created: i64,
     ) -> Result<(Digest, PutOutcome)> {
         let _guard = self.begin_import();
+        // Refused before any blob is written (put_image checks again).
+        if !replace && self.get_image(target)?.is_some() {
+            return Err(StoreError::ImageExists(target.to_string()));
+        }
         let annotations = serde_json::json!({ ANNOTATION_WALT_BUILT: "true" });
         let (config_digest, manifest_digest) =
             store_config_and_manifest(&self.inner, target, config, &layers, Some(annotations))?;
