@@ -17,6 +17,7 @@ use walt_core::arch::Arch;
 
 mod sandbox;
 mod tario;
+mod users;
 
 pub use sandbox::sandbox_main;
 
@@ -52,7 +53,12 @@ pub enum Job {
     Exec {
         argv: Vec<String>,
         env: Vec<String>,
+        /// Absolute; created (with its parents, 0755, root) when the image lacks it.
         cwd: String,
+        /// Docker's USER (`name`, `uid`, `name:group`, `uid:gid`...; empty: root),
+        /// resolved in the image's /etc/passwd and /etc/group. HOME is set from passwd
+        /// when `env` has none.
+        user: String,
     },
     /// Write a tar of `path` (relative paths are relative to /root) to stdout.
     TarOut { path: String },

@@ -30,6 +30,7 @@ macro_rules! tests {
 
 const TESTS: &[(&str, TestFn)] = tests![
     exec_basics,
+    exec_user_and_workdir,
     caps_dropped,
     untouched_session_leaves_empty_upper,
     shell_pty,
@@ -289,6 +290,7 @@ async fn sh(fx: &Fx, script: &str) -> (Out, Spec) {
         argv: vec!["sh".into(), "-c".into(), script.into()],
         env: vec!["PATH=/bin".into(), "HOME=/root".into()],
         cwd: "/root".into(),
+        user: String::new(),
     });
     (run(&spec, None).await, spec)
 }
@@ -373,10 +375,101 @@ async fn exec_basics() {
         argv: vec!["nosuchcmd".into()],
         env: vec![],
         cwd: "/".into(),
+        user: String::new(),
     });
     let o = run(&spec, None).await;
     assert_eq!(o.code, 1);
     assert_eq!(o.stderr, "nosuchcmd: command not found\n");
+}
+
+/// `sh -c script` as `user` in `cwd`, with no HOME in the environment.
+async fn sh_as(fx: &Fx, user: &str, cwd: &str, script: &str) -> (Out, Spec) {
+    let spec = fx.spec(Job::Exec {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin".into()],
+        cwd: cwd.into(),
+        user: user.into(),
+    });
+    (run(&spec, None).await, spec)
+}
+
+async fn exec_user_and_workdir() {
+    let fx = Fx::new();
+    std::fs::write(
+        fx.l1().join("etc/passwd"),
+        format!("{PASSWD}bob:x:1000:1001:Bob:/home/bob:/bin/sh\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        fx.l1().join("etc/group"),
+        "root:x:0:\nbob:x:1001:\nstaff:x:50:alice,bob\nwheel:x:10:root\n",
+    )
+    .unwrap();
+    let ids = "id -u; id -g; id -G; echo $HOME";
+    let cases = [
+        ("", "0\n0\n0 10\n/root\n"),
+        ("bob", "1000\n1001\n1001 50\n/home/bob\n"),
+        ("1000", "1000\n1001\n1001 50\n/home/bob\n"),
+        ("1000:50", "1000\n50\n50\n/home/bob\n"),
+        ("bob:staff", "1000\n50\n50\n/home/bob\n"),
+        ("4321", "4321\n0\n0\n/\n"),
+        ("4321:77", "4321\n77\n77\n/\n"),
+    ];
+    for (user, want) in cases {
+        let (o, _) = sh_as(&fx, user, "/", ids).await;
+        assert_eq!(
+            (o.code, o.text().as_str()),
+            (0, want),
+            "USER {user:?}: {}",
+            o.stderr
+        );
+    }
+    // HOME from the caller's env wins.
+    let spec = fx.spec(Job::Exec {
+        argv: vec!["sh".into(), "-c".into(), "echo $HOME".into()],
+        env: vec!["PATH=/bin".into(), "HOME=/elsewhere".into()],
+        cwd: "/".into(),
+        user: "bob".into(),
+    });
+    assert_eq!(run(&spec, None).await.text(), "/elsewhere\n");
+    // Not root any more: no writing to root's files.
+    let (o, _) = sh_as(&fx, "bob", "/", "touch /etc/passwd").await;
+    assert_ne!(o.code, 0, "bob wrote /etc/passwd");
+
+    for (user, line) in [
+        (
+            "alice",
+            "unable to find user alice: no matching entries in passwd file\n",
+        ),
+        (
+            "bob:nogroup",
+            "unable to find group nogroup: no matching entries in group file\n",
+        ),
+    ] {
+        let (o, _) = sh_as(&fx, user, "/", "echo ran").await;
+        assert_ne!(o.code, 0);
+        assert_eq!((o.text().as_str(), o.stderr.as_str()), ("", line));
+    }
+
+    // A missing workdir is created (root-owned, 0755) before the chdir.
+    let (o, spec) = sh_as(&fx, "bob", "/srv/app/data", "pwd").await;
+    assert_eq!(
+        (o.code, o.text().as_str()),
+        (0, "/srv/app/data\n"),
+        "{}",
+        o.stderr
+    );
+    for d in ["srv", "srv/app", "srv/app/data"] {
+        let m = std::fs::metadata(spec.upper.join(d)).unwrap();
+        assert!(m.is_dir(), "{d}");
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o755), "{d}");
+    }
+    // An image without passwd: numeric users only.
+    std::fs::remove_file(fx.l1().join("etc/passwd")).unwrap();
+    let (o, _) = sh_as(&fx, "12:34", "/", "id -u; id -g").await;
+    assert_eq!((o.code, o.text().as_str()), (0, "12\n34\n"), "{}", o.stderr);
+    let (o, _) = sh_as(&fx, "bob", "/", "true").await;
+    assert_ne!(o.code, 0);
 }
 
 async fn caps_dropped() {
@@ -976,6 +1069,7 @@ async fn many_layers_with(n: usize, classic: bool) {
         argv: vec!["cat".into(), "/etc/layer".into(), "/etc/added".into()],
         env: vec![],
         cwd: "/".into(),
+        user: String::new(),
     });
     spec.layers = layers;
     let mut cmd = command(&spec).unwrap();
@@ -1063,6 +1157,7 @@ async fn image_devices_unusable() {
         ],
         env: vec!["PATH=/bin".into()],
         cwd: "/".into(),
+        user: String::new(),
     });
     let mut cmd = command(&spec).unwrap();
     cmd.env("WALT_SANDBOX_CLASSIC_MOUNT", "1");
@@ -1162,6 +1257,7 @@ async fn sigterm_tears_down_namespace() {
             argv: vec!["sleep".into(), "98765".into()],
             env: vec![],
             cwd: "/".into(),
+            user: String::new(),
         });
         let session = spec.upper.parent().unwrap().to_string_lossy().into_owned();
         let mut cmd = command(&spec).unwrap();
