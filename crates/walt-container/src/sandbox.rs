@@ -127,6 +127,27 @@ fn run() -> Result<i32> {
             crate::tario::tar_in(dest, *limit).map_err(ContainerError::Job)?;
             Ok(0)
         }
+        Job::Place {
+            dest,
+            file_name,
+            owner,
+            limit,
+        } => {
+            enter_chroot(&spec.merged)?;
+            drop_caps_here()?;
+            crate::tario::place(dest, file_name.as_deref(), owner.as_deref(), *limit)
+                .map_err(ContainerError::Job)?;
+            Ok(0)
+        }
+        Job::CopySources { sources, chmod } => {
+            // Resolving reads /proc (the host's, here), which the image does not have.
+            let found =
+                crate::tario::resolve_from(&spec.merged, sources).map_err(ContainerError::Job)?;
+            enter_chroot(&spec.merged)?;
+            drop_caps_here()?;
+            crate::tario::copy_sources(&found, *chmod).map_err(ContainerError::Job)?;
+            Ok(0)
+        }
         Job::Shell { .. } | Job::Exec { .. } => run_container(&spec, &session),
     }
 }

@@ -196,7 +196,6 @@ pub(crate) fn exec_user(spec: &str, dbs: &Dbs) -> Result<ExecUser, String> {
 
 /// A `--chown` value: `user[:group]`, names or numbers. A user given by name takes its
 /// passwd gid when no group is given, a numeric one the same number as its uid.
-#[allow(dead_code)] // Place (--chown), next
 pub(crate) fn chown(spec: &str, dbs: &Dbs) -> Result<(u32, u32), String> {
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
