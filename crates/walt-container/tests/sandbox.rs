@@ -1558,6 +1558,27 @@ async fn place_file_mode() {
         o.stderr
     );
     assert!(fx.l1().join("srv/keep").is_dir());
+    // A directory entry never replaces a file, nor a symlink of the image.
+    use tar::EntryType::Directory as D;
+    let t = mk_tar(&[("replaced", D, 0o755, (0, 0), "")]);
+    let (o, _) = place(&fx, "/srv/keep", None, None, t).await;
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr
+            .contains("cannot overwrite a non-directory with a directory"),
+        "{}",
+        o.stderr
+    );
+    let t = mk_tar(&[
+        ("lib", D, 0o755, (0, 0), ""),
+        ("lib/x", F, 0o644, (0, 0), "x"),
+    ]);
+    let (o, spec) = place(&fx, "/", None, None, t).await;
+    assert_ne!(o.code, 0);
+    assert!(
+        std::fs::symlink_metadata(spec.upper.join("lib")).is_err(),
+        "/lib replaced"
+    );
     // The tar must hold the announced file.
     let (o, _) = place(&fx, "/etc", Some("other"), None, one()).await;
     assert_ne!(o.code, 0);
