@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use serde_json::{Map, Value, json};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -854,22 +854,54 @@ impl Builder<'_> {
         let owner = copy.chown.clone();
         match prepared.source {
             CopySource::Stage(layers) => {
-                let dir_mode = copy.dest.ends_with('/') || copy.sources.len() > 1;
-                let src_session = self.session().await?;
                 let chmod = match &copy.chmod {
                     Some(c) => Some(walt_build::copy::parse_chmod(c).map_err(bad)?),
                     None => None,
                 };
-                let src_job = Job::CopySources {
-                    sources: copy.sources.clone(),
-                    chmod,
-                };
-                // A single file lands at the destination's name unless it
-                // is a directory: the source job says what it wrote.
-                let file_name = if dir_mode || has_glob(&copy.sources) {
-                    None
-                } else {
-                    single_file_name(&copy.sources[0])
+                let src_session = self.session().await?;
+                let spec = self.spec(
+                    &layers,
+                    &src_session,
+                    Job::CopySources {
+                        sources: copy.sources.clone(),
+                        chmod,
+                    },
+                );
+                let mut cmd = walt_container::command(&spec).map_err(|e| {
+                    ServiceError::Internal(format!("cannot start the build sandbox: {e}"))
+                })?;
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let mut src = cmd.spawn().map_err(|e| {
+                    ServiceError::Internal(format!("cannot start the build sandbox: {e}"))
+                })?;
+                drop(cmd);
+                let stdout = src
+                    .stdout
+                    .take()
+                    .ok_or_else(|| ServiceError::Internal("no output from the copy".into()))?;
+                let mut stdout = tokio::io::BufReader::new(stdout);
+                // `F<name>\0`: one regular file; `D\0`: directory content
+                // (see Job::CopySources).
+                let mut head = Vec::new();
+                let got = (&mut stdout).take(4096).read_until(0, &mut head).await;
+                if !matches!(got, Ok(n) if n > 0 && head.last() == Some(&0)) {
+                    let err = src.stderr.take();
+                    let st = src
+                        .wait()
+                        .await
+                        .map_err(|e| ServiceError::Internal(format!("build sandbox lost: {e}")))?;
+                    return Err(ServiceError::InvalidArgument(
+                        crate::cp::reason(err, st).await,
+                    ));
+                }
+                head.pop();
+                let file_name = match head.split_first() {
+                    Some((b'F', name)) if !copy.dest.ends_with('/') => {
+                        Some(String::from_utf8_lossy(name).into_owned())
+                    }
+                    _ => None,
                 };
                 let job = Job::Place {
                     dest: copy.dest.clone(),
@@ -877,13 +909,8 @@ impl Builder<'_> {
                     owner,
                     limit,
                 };
-                self.place(
-                    out,
-                    &session,
-                    job,
-                    Feed::Sandbox(self.spec(&layers, &src_session, src_job)),
-                )
-                .await?;
+                self.place(out, &session, job, Feed::Sandbox(src, stdout))
+                    .await?;
             }
             CopySource::Dir {
                 root,
@@ -998,19 +1025,15 @@ impl Builder<'_> {
                 io::copy(&mut reader, &mut f).map_err(io_err("reading the archive"))?;
                 Ok(())
             }),
-            Feed::Sandbox(spec) => {
-                let mut cmd = walt_container::command(&spec).map_err(|e| {
-                    ServiceError::Internal(format!("cannot start the build sandbox: {e}"))
-                })?;
-                cmd.stdin(Stdio::null())
-                    .stdout(Stdio::from(w))
-                    .stderr(Stdio::piped());
-                let c = cmd.spawn().map_err(|e| {
-                    ServiceError::Internal(format!("cannot start the build sandbox: {e}"))
-                })?;
-                drop(cmd);
+            Feed::Sandbox(c, mut stdout) => {
                 source_child = Some(c);
-                tokio::spawn(async { Ok(()) })
+                tokio::spawn(async move {
+                    let mut sink = tokio::net::unix::pipe::Sender::from_owned_fd(w)
+                        .map_err(io_err("feeding the copy"))?;
+                    // The receiving job may stop early: its error says why.
+                    let _ = tokio::io::copy(&mut stdout, &mut sink).await;
+                    Ok(())
+                })
             }
         };
         let fed = feeder
@@ -1134,7 +1157,11 @@ enum Feed {
         chmod: Option<u32>,
     },
     Archive(PathBuf),
-    Sandbox(Spec),
+    /// A running `CopySources` job and its output (past its first byte).
+    Sandbox(
+        tokio::process::Child,
+        tokio::io::BufReader<tokio::process::ChildStdout>,
+    ),
 }
 
 /// Adds a step's result to the stage.
@@ -1246,19 +1273,6 @@ fn dir_dest(dest: &str) -> String {
     } else {
         format!("{dest}/")
     }
-}
-
-/// Whether a source of a COPY --from names exactly one file (no glob): its
-/// name, for the landing rule; the job checks it really is a file.
-fn single_file_name(src: &str) -> Option<String> {
-    let c = ctx::clean_source(src);
-    let name = c.rsplit('/').next()?;
-    (!name.is_empty() && name != ".").then(|| name.to_string())
-}
-
-fn has_glob(srcs: &[String]) -> bool {
-    srcs.iter()
-        .any(|s| walt_build::ignore::Pattern::has_meta(s))
 }
 
 fn is_archive(root: &Path, s: &Source) -> Result<bool, ServiceError> {
