@@ -181,7 +181,8 @@ async fn run(
         blocking(move || {
             let sub = if sub.is_empty() { "." } else { sub.as_str() };
             let dir = ctx::open_sub_dir(&context, sub).map_err(bad)?;
-            let df = ctx::read_dockerfile(std::os::fd::AsFd::as_fd(&dir.fd), &place).map_err(bad)?;
+            let df =
+                ctx::read_dockerfile(std::os::fd::AsFd::as_fd(&dir.fd), &place).map_err(bad)?;
             ctx::trim_build_files(std::os::fd::AsFd::as_fd(&dir.fd), df.name).map_err(bad)?;
             Ok((dir.path, df))
         })
@@ -261,10 +262,9 @@ async fn run(
     }
     let (config, created) = last.image_config();
     let (s, t, layers) = (store.clone(), target.clone(), last.layers.clone());
-    let (manifest, outcome) = blocking(move || {
-        Ok(s.record_built_image(&t, config, layers, models, exists, created)?)
-    })
-    .await?;
+    let (manifest, outcome) =
+        blocking(move || Ok(s.record_built_image(&t, config, layers, models, exists, created)?))
+            .await?;
     let s = store.clone();
     let max = store.limits().build_cache_size;
     let _ = blocking(move || Ok(s.prune_build_cache(max)?)).await;
@@ -409,15 +409,11 @@ impl Builder<'_> {
         let from_text = plan
             .stages
             .get(index)
-            .map(|s| {
-                df_line(&s.base_text, s.name.as_deref())
-            })
+            .map(|s| df_line(&s.base_text, s.name.as_deref()))
             .unwrap_or_default();
         self.announce(&from_text, false).await?;
         let mut out = self.base(&stage.base, outs).await?;
-        let steps = plan
-            .stage_steps(index, &out.settings)
-            .map_err(bad)?;
+        let steps = plan.stage_steps(index, &out.settings).map_err(bad)?;
         out.author = steps.author.clone().or(out.author);
         let mut cmd_set = false;
         let mut checked_arch = false;
@@ -470,7 +466,9 @@ impl Builder<'_> {
                     let r = match hit {
                         Some(r) => r,
                         None => {
-                            let r = self.run_step(&out, run, &step.text, step.line, &plan.file).await?;
+                            let r = self
+                                .run_step(&out, run, &step.text, step.line, &plan.file)
+                                .await?;
                             self.remember(&key, &r).await?;
                             r
                         }
@@ -482,19 +480,17 @@ impl Builder<'_> {
                         .prepare_copy(copy, outs)
                         .await
                         .map_err(|e| at_line(&plan.file, step.line, e))?;
-                    let key = cache::step_key(
-                        &out.chain(),
-                        &format!("{copy:?}"),
-                        Some(&prepared.inputs),
-                    );
+                    let key =
+                        cache::step_key(&out.chain(), &format!("{copy:?}"), Some(&prepared.inputs));
                     let hit = self.lookup(&key).await?;
                     self.announce(&step.text, hit.is_some()).await?;
                     let r = match hit {
                         Some(r) => r,
                         None => {
-                            let r = self.copy_step(&out, copy, prepared).await.map_err(|e| {
-                                at_line(&plan.file, step.line, e)
-                            })?;
+                            let r = self
+                                .copy_step(&out, copy, prepared)
+                                .await
+                                .map_err(|e| at_line(&plan.file, step.line, e))?;
                             self.remember(&key, &r).await?;
                             r
                         }
@@ -564,7 +560,9 @@ impl Builder<'_> {
                 let (s, n) = (self.store.clone(), name.clone());
                 let (rec, config) = blocking(move || {
                     let rec = s.get_image(&n)?.ok_or_else(|| {
-                        ServiceError::NotFound(format!("base image '{n}' is no longer in the store"))
+                        ServiceError::NotFound(format!(
+                            "base image '{n}' is no longer in the store"
+                        ))
                     })?;
                     let config = s.read_blob(&rec.config_digest)?;
                     Ok((rec, config))
@@ -591,7 +589,7 @@ impl Builder<'_> {
                 let say = move |line: String| {
                     let _ = say_tx.send(line);
                 };
-                let fetch = fetch_base_tmp(&self.state, reference, &say); // TMPBASE
+                let fetch = crate::clone::fetch_base(&self.state, reference, &say);
                 tokio::pin!(fetch);
                 let fetched = loop {
                     tokio::select! {
@@ -757,15 +755,14 @@ impl Builder<'_> {
         outs: &[Option<StageOut>],
     ) -> Result<Prepared, ServiceError> {
         if let Some(from) = &copy.from {
-            let src = match from {
-                BaseRef::Stage(j) => outs
-                    .get(*j)
-                    .cloned()
-                    .flatten()
-                    .ok_or_else(|| ServiceError::Internal(format!("stage {j} was not built")))?,
-                // An image: resolved as a FROM would be.
-                other => self.base(other, outs).await?,
-            };
+            let src =
+                match from {
+                    BaseRef::Stage(j) => outs.get(*j).cloned().flatten().ok_or_else(|| {
+                        ServiceError::Internal(format!("stage {j} was not built"))
+                    })?,
+                    // An image: resolved as a FROM would be.
+                    other => self.base(other, outs).await?,
+                };
             let inputs = cache::step_key("from", &src.chain(), None);
             return Ok(Prepared {
                 inputs,
@@ -909,7 +906,7 @@ impl Builder<'_> {
                     owner,
                     limit,
                 };
-                self.place(out, &session, job, Feed::Sandbox(src, stdout))
+                self.place(out, &session, job, Feed::Sandbox(Box::new((src, stdout))))
                     .await?;
             }
             CopySource::Dir {
@@ -1025,7 +1022,8 @@ impl Builder<'_> {
                 io::copy(&mut reader, &mut f).map_err(io_err("reading the archive"))?;
                 Ok(())
             }),
-            Feed::Sandbox(c, mut stdout) => {
+            Feed::Sandbox(b) => {
+                let (c, mut stdout) = *b;
                 source_child = Some(c);
                 tokio::spawn(async move {
                     let mut sink = tokio::net::unix::pipe::Sender::from_owned_fd(w)
@@ -1069,7 +1067,9 @@ impl Builder<'_> {
             return Err(ServiceError::InvalidArgument(why));
         }
         if !st.success() {
-            return Err(ServiceError::InvalidArgument(crate::cp::reason(stderr, st).await));
+            return Err(ServiceError::InvalidArgument(
+                crate::cp::reason(stderr, st).await,
+            ));
         }
         // The job read everything: a feeder error now is ours.
         fed?;
@@ -1082,7 +1082,10 @@ impl Builder<'_> {
         let fail = |why: String| ServiceError::FailedPrecondition(format!("ADD {shown}: {why}"));
         let name = if dest.ends_with('/') {
             url_file_name(url).ok_or_else(|| {
-                fail("cannot tell a file name from the URL: end the destination with the name".into())
+                fail(
+                    "cannot tell a file name from the URL: end the destination with the name"
+                        .into(),
+                )
             })?
         } else {
             dest.rsplit('/').next().unwrap_or("download").to_string()
@@ -1096,11 +1099,12 @@ impl Builder<'_> {
             .connect_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| fail(e.to_string()))?;
-        let mut resp = client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| fail(format!("cannot download it: {}", walt_core::text::one_line(&e.to_string()))))?;
+        let mut resp = client.get(url).send().await.map_err(|e| {
+            fail(format!(
+                "cannot download it: {}",
+                walt_core::text::one_line(&e.to_string())
+            ))
+        })?;
         if !resp.status().is_success() {
             return Err(fail(format!("the server answered {}", resp.status())));
         }
@@ -1119,7 +1123,8 @@ impl Builder<'_> {
                     walt_core::config::format_size(MAX_ADD_URL)
                 )));
             }
-            file.write_all(&chunk).map_err(io_err("saving the download"))?;
+            file.write_all(&chunk)
+                .map_err(io_err("saving the download"))?;
         }
         use std::os::unix::fs::PermissionsExt;
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
@@ -1159,8 +1164,10 @@ enum Feed {
     Archive(PathBuf),
     /// A running `CopySources` job and its output (past its first byte).
     Sandbox(
-        tokio::process::Child,
-        tokio::io::BufReader<tokio::process::ChildStdout>,
+        Box<(
+            tokio::process::Child,
+            tokio::io::BufReader<tokio::process::ChildStdout>,
+        )>,
     ),
 }
 
@@ -1181,17 +1188,24 @@ fn stage_from(
     name: &str,
 ) -> Result<StageOut, ServiceError> {
     let parsed: ImageConfig = serde_json::from_slice(config).map_err(|e| {
-        ServiceError::Internal(format!("base image '{name}': cannot read its configuration: {e}"))
+        ServiceError::Internal(format!(
+            "base image '{name}': cannot read its configuration: {e}"
+        ))
     })?;
     let base: Map<String, Value> = serde_json::from_slice(config).map_err(|e| {
-        ServiceError::Internal(format!("base image '{name}': cannot read its configuration: {e}"))
+        ServiceError::Internal(format!(
+            "base image '{name}': cannot read its configuration: {e}"
+        ))
     })?;
     let history = base
         .get("history")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    let author = base.get("author").and_then(Value::as_str).map(str::to_string);
+    let author = base
+        .get("author")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     Ok(StageOut {
         layers,
         settings: Settings::from_runtime(parsed.config.as_ref()),
@@ -1413,13 +1427,11 @@ async fn receive_context(
         return Err(f);
     }
     extracted.map_err(|e| match e {
-        walt_tar::Error::Limit { .. } => {
-            ServiceError::Store(walt_store::StoreError::TooLarge {
-                what: "the build context".into(),
-                limit: walt_core::config::format_size(limit),
-                key: "layer-unpacked-size",
-            })
-        }
+        walt_tar::Error::Limit { .. } => ServiceError::Store(walt_store::StoreError::TooLarge {
+            what: "the build context".into(),
+            limit: walt_core::config::format_size(limit),
+            key: "layer-unpacked-size",
+        }),
         e => ServiceError::InvalidArgument(format!("bad build context: {e}")),
     })
 }
@@ -1434,7 +1446,8 @@ async fn clone_context(events: &Events<'_>, url: &str, dir: &Path) -> Result<(),
     let repo = dir.join("repo");
     let r = repo.clone();
     blocking(move || {
-        ctx::git_clone(&url, &r, GIT_TIMEOUT).map_err(|e| ServiceError::FailedPrecondition(e.to_string()))?;
+        ctx::git_clone(&url, &r, GIT_TIMEOUT)
+            .map_err(|e| ServiceError::FailedPrecondition(e.to_string()))?;
         let git = r.join(".git");
         if git.exists() {
             walt_tar::remove_tree(&git)
@@ -1464,7 +1477,10 @@ mod tests {
 
     #[test]
     fn url_file_names() {
-        assert_eq!(url_file_name("https://h/a/b.tar.gz?x=1").as_deref(), Some("b.tar.gz"));
+        assert_eq!(
+            url_file_name("https://h/a/b.tar.gz?x=1").as_deref(),
+            Some("b.tar.gz")
+        );
         assert_eq!(url_file_name("https://h/"), None);
         assert_eq!(url_file_name("https://h"), None);
     }
@@ -1500,10 +1516,4 @@ mod tests {
         let r = run_with("cat <<EOF > /x", &[("EOF", "hello\n")]);
         assert_eq!(with_heredocs(&r)[2], "cat <<EOF > /x\nhello\nEOF\n");
     }
-}
-
-// TMPBASE
-struct TmpFetched { layers: Vec<LayerRef>, config_digest: walt_core::Digest, config: Vec<u8> }
-async fn fetch_base_tmp(_s: &Arc<State>, r: &str, _say: &(dyn Fn(String) + Send + Sync)) -> Result<TmpFetched, ServiceError> {
-    Err(ServiceError::NotFound(format!("base image '{r}' not found")))
 }
