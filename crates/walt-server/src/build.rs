@@ -1102,20 +1102,23 @@ impl Builder<'_> {
         let mut resp = client.get(url).send().await.map_err(|e| {
             fail(format!(
                 "cannot download it: {}",
-                walt_core::text::one_line(&e.to_string())
+                walt_registry::innermost_reason(&e)
             ))
         })?;
         if !resp.status().is_success() {
             return Err(fail(format!("the server answered {}", resp.status())));
         }
         let path = dir.join(&name);
-        let mut file = std::fs::File::create(&path).map_err(io_err("saving the download"))?;
-        let mut total = 0u64;
-        while let Some(chunk) = resp
-            .chunk()
+        let mut file = tokio::fs::File::create(&path)
             .await
-            .map_err(|e| fail(format!("the download broke: {e}")))?
-        {
+            .map_err(io_err("saving the download"))?;
+        let mut total = 0u64;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| {
+            fail(format!(
+                "the download broke: {}",
+                walt_registry::innermost_reason(&e)
+            ))
+        })? {
             total += chunk.len() as u64;
             if total > MAX_ADD_URL {
                 return Err(fail(format!(
@@ -1123,11 +1126,13 @@ impl Builder<'_> {
                     walt_core::config::format_size(MAX_ADD_URL)
                 )));
             }
-            file.write_all(&chunk)
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                .await
                 .map_err(io_err("saving the download"))?;
         }
         use std::os::unix::fs::PermissionsExt;
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .await
             .map_err(io_err("saving the download"))?;
         Ok(name)
     }
