@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod bounds;
+mod build_base;
 mod build_cli;
 mod build_oracle;
 mod client_config;
