@@ -274,6 +274,7 @@ pub fn write_copy_tar<W: Write>(
                     src: src.src.clone(),
                     rel: Path::new(std::ffi::OsStr::from_bytes(parent)).to_path_buf(),
                     kind: SourceKind::Dir,
+                    name: Default::default(),
                 };
                 let dir = open_source(&root_fd, &parent_src, OFlags::RDONLY | OFlags::DIRECTORY)?;
                 let st = rustix::fs::statat(&dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
@@ -284,7 +285,8 @@ pub fn write_copy_tar<W: Write>(
                     name,
                     st: &st,
                 };
-                t.entry(src, b"", name, &w)?;
+                // Under the name it was matched by (a symlink's own name).
+                t.entry(src, b"", src.file_name().as_bytes(), &w)?;
             }
         }
     }

@@ -601,6 +601,8 @@ impl Builder<'_> {
                 while let Ok(line) = say_rx.try_recv() {
                     self.events.say(line).await?;
                 }
+                tracing::info!(image = %self.image, base = %reference, from = %fetched.url,
+                    manifest = %fetched.manifest_digest, "build base fetched");
                 let created = now();
                 let entry = CacheEntry {
                     layers: fetched.layers.clone(),

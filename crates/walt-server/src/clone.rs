@@ -522,7 +522,6 @@ async fn pull(
 // ----- a build's base image -----
 
 /// A base image fetched for a build: its blobs and layers are in the store, no image is recorded.
-#[allow(dead_code)] // read by the build engine (build.rs)
 pub(crate) struct FetchedBase {
     /// Where it came from, as a clone URL (`hub:library/debian:bookworm`, `local:waltplatform/x:latest`, `docker:...`).
     pub url: String,
@@ -647,12 +646,6 @@ fn base_sources(config: &walt_core::config::ServerConfig) -> Vec<(String, BaseSo
     out
 }
 
-/// The labels of the sources of base images, in the order they are tried.
-#[allow(dead_code)] // for the build engine (build.rs)
-pub(crate) fn base_source_names(config: &walt_core::config::ServerConfig) -> Vec<String> {
-    base_sources(config).into_iter().map(|(l, _)| l).collect()
-}
-
 /// Why a registry that answered `e` to the manifest request is passed
 /// over. Anonymously, the hub answers 401 for a missing repository too.
 fn skip_reason(e: &walt_registry::RegistryError, hub: bool) -> String {
@@ -697,7 +690,6 @@ fn layers_text(n: usize) -> String {
 /// `say` gets lines for the user, e.g. "fetching debian:bookworm from hub:library/debian:bookworm (3 layers, 48.2 MB)".
 /// Not found anywhere: one error line naming the reference and, for every source, why it was not used
 /// (e.g. `base image 'debian:bookworm' not found: hub: not found; local: not found; docker: not configured`).
-#[allow(dead_code)] // called by the build engine (build.rs)
 pub(crate) async fn fetch_base(
     state: &Arc<State>,
     reference: &str,
@@ -1156,6 +1148,10 @@ mod tests {
             text.push_str("-   api: docker-hub\n    description: d\n");
         }
         ServerConfig::parse("t", &text).unwrap()
+    }
+
+    fn base_source_names(config: &ServerConfig) -> Vec<String> {
+        base_sources(config).into_iter().map(|(l, _)| l).collect()
     }
 
     #[test]
