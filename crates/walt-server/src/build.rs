@@ -320,7 +320,7 @@ impl StageOut {
     }
 
     fn add_history(&mut self, text: &str, empty: bool) {
-        let mut h = json!({ "created": rfc3339(self.created), "created_by": text });
+        let mut h = json!({ "created": walt_store::rfc3339(self.created), "created_by": text });
         if empty {
             h["empty_layer"] = Value::Bool(true);
         }
@@ -346,7 +346,7 @@ impl StageOut {
             }),
         );
         c.insert("history".into(), Value::Array(self.history.clone()));
-        c.insert("created".into(), rfc3339(self.created).into());
+        c.insert("created".into(), walt_store::rfc3339(self.created).into());
         if let Some(a) = &self.author {
             c.insert("author".into(), a.clone().into());
         }
@@ -603,7 +603,7 @@ impl Builder<'_> {
                 }
                 tracing::info!(image = %self.image, base = %reference, from = %fetched.url,
                     manifest = %fetched.manifest_digest, "build base fetched");
-                let created = now();
+                let created = walt_store::now_secs();
                 let entry = CacheEntry {
                     layers: fetched.layers.clone(),
                     config_digest: Some(fetched.config_digest.clone()),
@@ -651,7 +651,7 @@ impl Builder<'_> {
         .await?;
         Ok(StepResult {
             layer,
-            created: now(),
+            created: walt_store::now_secs(),
         })
     }
 
@@ -1325,40 +1325,6 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(1)
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// RFC 3339 UTC of Unix seconds.
-fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
-fn civil(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 /// Receives the context tar from the client into `dir`.
 async fn receive_context(
     state: &Arc<State>,
@@ -1474,13 +1440,6 @@ async fn clone_context(events: &Events<'_>, url: &str, dir: &Path) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_formats_unix_seconds() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-    }
 
     #[test]
     fn url_file_names() {
