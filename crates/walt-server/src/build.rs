@@ -153,7 +153,7 @@ async fn run(
     // from gc until the image or the cache references it.
     let guard = store.begin_import();
     let s = store.clone();
-    let work = blocking(move || Ok(s.session_dir("build")?)).await?;
+    let work = Scratch(Some(blocking(move || Ok(s.session_dir("build")?)).await?));
     let context = work.path().join("context");
     std::fs::create_dir(&context).map_err(|e| {
         ServiceError::Internal(format!("cannot create the build context directory: {e}"))
@@ -165,17 +165,17 @@ async fn run(
         "the directory given".to_string()
     } else {
         clone_context(&events, &start.url, &context).await?;
-        if start.sub_dir.trim_matches('/').is_empty() {
+        if start.sub_dir.trim_end_matches('/').is_empty() {
             format!("repository {}", ctx::redact_url(start.url.trim()))
         } else {
             format!(
                 "sub-directory '{}' of repository {}",
-                start.sub_dir.trim_matches('/'),
+                start.sub_dir.trim_end_matches('/'),
                 ctx::redact_url(start.url.trim())
             )
         }
     };
-    let sub = start.sub_dir.trim_matches('/').to_string();
+    let sub = start.sub_dir.trim_end_matches('/').to_string();
     let (root, dockerfile) = {
         let (context, place) = (context.clone(), place.clone());
         blocking(move || {
@@ -368,7 +368,7 @@ struct Builder<'a> {
     cached: u32,
     steps: u32,
     _guard: ImportGuard,
-    _work: SessionDir,
+    _work: Scratch,
 }
 
 /// How a filesystem step turned out.
@@ -617,7 +617,7 @@ impl Builder<'_> {
     }
 
     /// The sandbox spec of a job on `layers`, with `dir`'s session dirs.
-    fn spec(&self, layers: &[LayerRef], dir: &SessionDir, job: Job) -> Spec {
+    fn spec(&self, layers: &[LayerRef], dir: &Scratch, job: Job) -> Spec {
         Spec {
             layers: layers
                 .iter()
@@ -630,14 +630,16 @@ impl Builder<'_> {
         }
     }
 
-    async fn session(&self) -> Result<SessionDir, ServiceError> {
+    async fn session(&self) -> Result<Scratch, ServiceError> {
         let s = self.store.clone();
-        blocking(move || Ok(s.session_dir("build-step")?)).await
+        let dir = blocking(move || Ok(s.session_dir("build-step")?)).await?;
+        Ok(Scratch(Some(dir)))
     }
 
     /// Commits what the session changed as a layer (none when nothing).
-    async fn commit(&self, dir: SessionDir) -> Result<StepResult, ServiceError> {
+    async fn commit(&self, dir: Scratch) -> Result<StepResult, ServiceError> {
         let (s, label) = (self.store.clone(), self.label());
+        let dir = dir.take();
         let layer = blocking(move || {
             let upper = dir.upper();
             walt_container::clean_session_artifacts(&upper);
@@ -982,7 +984,7 @@ impl Builder<'_> {
     async fn place(
         &self,
         out: &StageOut,
-        session: &SessionDir,
+        session: &Scratch,
         job: Job,
         feed: Feed,
     ) -> Result<(), ServiceError> {
@@ -1140,6 +1142,33 @@ impl Builder<'_> {
     }
 }
 
+/// A session directory of the build, removed off the async threads when
+/// dropped (a failed step's upper directory can be large).
+struct Scratch(Option<SessionDir>);
+
+impl Scratch {
+    fn get(&self) -> &SessionDir {
+        self.0.as_ref().expect("present until dropped")
+    }
+
+    fn take(mut self) -> SessionDir {
+        self.0.take().expect("present until dropped")
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = SessionDir;
+    fn deref(&self) -> &SessionDir {
+        self.get()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        crate::session::release(self.0.take(), None);
+    }
+}
+
 /// Where a COPY/ADD takes its files from.
 enum CopySource {
     /// The context, or a directory of heredocs or downloads.
@@ -1157,7 +1186,7 @@ struct Prepared {
     inputs: CacheKey,
     source: CopySource,
     /// Keeps the heredoc/download directory until the step is done.
-    _tmp: Option<SessionDir>,
+    _tmp: Option<Scratch>,
 }
 
 /// What feeds a `Place` job.
