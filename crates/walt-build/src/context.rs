@@ -196,6 +196,50 @@ pub(crate) fn walk(
     Ok(())
 }
 
+/// A digest of the listing of the context directory `root`: for every
+/// entry below it (excluded ones too), its path, type, mode, owner, size,
+/// device and inode, and its modification and change times to the
+/// nanosecond; no content is read. Any write to a file changes its change
+/// time, which no one can set back: two equal digests mean the same
+/// context, so a server holding the context of the first need not receive
+/// it again. Costs one `stat` per entry.
+pub fn context_digest(root: &Path) -> Result<String, ContextError> {
+    use sha2::{Digest as _, Sha256};
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| read_err(b"", e.into()))?;
+    let st = rustix::fs::fstat(&root_fd).map_err(|e| read_err(b"", e.into()))?;
+    let mut h = Sha256::new();
+    let mut entry = |rel: &[u8], st: &Stat| {
+        h.update((rel.len() as u64).to_le_bytes());
+        h.update(rel);
+        for n in [
+            u64::from(st.st_mode),
+            u64::from(st.st_uid),
+            u64::from(st.st_gid),
+            st.st_size as u64,
+            st.st_dev,
+            st.st_ino,
+            st.st_rdev,
+            st.st_mtime as u64,
+            st.st_mtime_nsec,
+            st.st_ctime as u64,
+            st.st_ctime_nsec,
+        ] {
+            h.update(n.to_le_bytes());
+        }
+    };
+    entry(b"", &st);
+    walk(root_fd, &mut |w| {
+        entry(w.rel, w.st);
+        Ok(true)
+    })?;
+    Ok(crate::cache::CacheKey(h.finalize().into()).digest())
+}
+
 /// Opens a regular file of a walk for reading: never a FIFO or device
 /// (checked on the open file), never through a symlink. None when it is no
 /// longer a regular file.

@@ -331,6 +331,7 @@ impl<W: Write> Screen<W> {
                 self.end_line();
                 return Some(r);
             }
+            Event::Context(_) => {}
         }
         None
     }
@@ -371,6 +372,15 @@ pub async fn build(client: &mut Client, settings: &Settings, p: Prepared) -> any
         Source::Url { url, sub_dir } => (url.clone(), sub_dir.clone()),
         Source::Dir { .. } => (String::new(), String::new()),
     };
+    // The listing's digest: the server may still hold this context.
+    let context_digest = match &p.source {
+        Source::Dir { path, .. } => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || walt_build::context::context_digest(&path))
+                .await??
+        }
+        Source::Url { .. } => String::new(),
+    };
     let (tx, rx) = mpsc::channel(IN_FLIGHT);
     tx.send(pb::BuildRequest {
         msg: Some(Msg::Start(pb::BuildStart {
@@ -380,19 +390,18 @@ pub async fn build(client: &mut Client, settings: &Settings, p: Prepared) -> any
             build_args: p.build_args.into_iter().collect(),
             no_cache: p.no_cache,
             overwrite,
+            context_digest,
         })),
     })
     .await
     .map_err(|_| anyhow!("cannot start the build"))?;
-    let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
-    // With a URL, nothing follows the start: the request stream stays open
-    // until the build ends.
-    let _keep = match p.source {
-        Source::Dir { path, ignore } => {
-            spawn_context_writer(path, ignore, tx, done_tx);
-            None
-        }
-        Source::Url { .. } => Some(tx),
+    let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Result<(), ContextError>>(1);
+    // The context goes once the server says it does not hold it. With a
+    // URL, nothing follows the start: the request stream stays open until
+    // the build ends.
+    let (mut pending, _keep) = match p.source {
+        Source::Dir { path, ignore } => (Some((path, ignore, tx, done_tx)), None),
+        Source::Url { .. } => (None, Some(tx)),
     };
     // A local failure explains the server's "incomplete context"; a
     // writer stopped by the server does not.
@@ -420,6 +429,22 @@ pub async fn build(client: &mut Client, settings: &Settings, p: Prepared) -> any
             _ = sigint.recv() => return interrupted(&mut display),
         };
         match msg {
+            Ok(Some(pb::BuildEvent {
+                event: Some(Event::Context(c)),
+            })) => {
+                if let Some((path, ignore, tx, done_tx)) = pending.take() {
+                    if c.cached {
+                        let _ = done_tx.send(Ok(()));
+                        let _ = tx
+                            .send(pb::BuildRequest {
+                                msg: Some(Msg::End(true)),
+                            })
+                            .await;
+                    } else {
+                        spawn_context_writer(path, ignore, tx, done_tx);
+                    }
+                }
+            }
             Ok(Some(pb::BuildEvent { event: Some(ev) })) => {
                 if let Some(r) = display.event(ev) {
                     println!("{}", result_line(&r));

@@ -13,7 +13,7 @@
 //! `walt.node.models`.
 
 use std::io::{self, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
@@ -113,6 +113,53 @@ pub async fn start(
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
+/// Build contexts received with a digest ([`pb::BuildStart::context_digest`]),
+/// most recently used last, so that an unchanged rebuild does not send
+/// them again. They live in the store's `tmp/` (emptied at start).
+#[derive(Default)]
+pub struct Contexts(std::sync::Mutex<Vec<Arc<Context>>>);
+
+/// Contexts kept.
+const CONTEXTS_KEPT: usize = 4;
+/// Larger contexts are not kept.
+const CONTEXT_KEPT_MAX: u64 = 1 << 30;
+
+impl Contexts {
+    fn get(&self, user: &str, digest: &str) -> Option<Arc<Context>> {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let i = v
+            .iter()
+            .position(|c| c.user == user && c.digest.as_deref() == Some(digest))?;
+        let c = v.remove(i);
+        v.push(c.clone());
+        Some(c)
+    }
+
+    fn put(&self, c: Arc<Context>) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|o| !(o.user == c.user && o.digest == c.digest));
+        v.push(c);
+        while v.len() > CONTEXTS_KEPT {
+            // Removed once the last build using it ends.
+            v.remove(0);
+        }
+    }
+}
+
+/// A build context on the server: its directory (never changed once
+/// received), its Dockerfile, and the digests of COPY inputs already
+/// computed in it.
+struct Context {
+    user: String,
+    digest: Option<String>,
+    /// Removed when the last build holding the context drops it.
+    _dir: Scratch,
+    /// The context directory (after `--sub-dir`).
+    root: PathBuf,
+    dockerfile: ctx::Dockerfile,
+    inputs: std::sync::Mutex<std::collections::HashMap<String, CacheKey>>,
+}
+
 /// The events of a build; a send that fails means the client went away.
 struct Events<'a>(&'a Tx);
 
@@ -152,46 +199,13 @@ async fn run(
     // Everything the build writes (context, sessions, layers) is held
     // from gc until the image or the cache references it.
     let guard = store.begin_import();
-    let s = store.clone();
-    let work = Scratch(Some(blocking(move || Ok(s.session_dir("build")?)).await?));
-    let context = work.path().join("context");
-    std::fs::create_dir(&context).map_err(|e| {
-        ServiceError::Internal(format!("cannot create the build context directory: {e}"))
-    })?;
-
-    // 1. The context.
-    let place = if start.url.trim().is_empty() {
-        receive_context(state, &mut input, &context).await?;
-        "the directory given".to_string()
-    } else {
-        clone_context(&events, &start.url, &context).await?;
-        if start.sub_dir.trim_end_matches('/').is_empty() {
-            format!("repository {}", ctx::redact_url(start.url.trim()))
-        } else {
-            format!(
-                "sub-directory '{}' of repository {}",
-                start.sub_dir.trim_end_matches('/'),
-                ctx::redact_url(start.url.trim())
-            )
-        }
-    };
-    let sub = start.sub_dir.trim_end_matches('/').to_string();
-    let (root, dockerfile) = {
-        let (context, place) = (context.clone(), place.clone());
-        blocking(move || {
-            let sub = if sub.is_empty() { "." } else { sub.as_str() };
-            let dir = ctx::open_sub_dir(&context, sub).map_err(bad)?;
-            let df =
-                ctx::read_dockerfile(std::os::fd::AsFd::as_fd(&dir.fd), &place).map_err(bad)?;
-            ctx::trim_build_files(std::os::fd::AsFd::as_fd(&dir.fd), df.name).map_err(bad)?;
-            Ok((dir.path, df))
-        })
-        .await?
-    };
+    // 1. The context: the one the server still holds, received, or cloned.
+    let context = obtain_context(state, user, &start, &mut input, &events).await?;
 
     // 2. Parse and plan: a syntax error or an unknown instruction stops
     //    the build before anything runs.
-    let text = String::from_utf8(dockerfile.text).map_err(|_| {
+    let dockerfile = &context.dockerfile;
+    let text = String::from_utf8(dockerfile.text.clone()).map_err(|_| {
         ServiceError::InvalidArgument(format!("{} is not valid UTF-8 text", dockerfile.name))
     })?;
     let df = walt_build::dockerfile::parse(dockerfile.name, &text).map_err(bad)?;
@@ -224,14 +238,13 @@ async fn run(
         store: store.clone(),
         events,
         no_cache: start.no_cache,
-        context: root,
+        context,
         image: target.clone(),
         index: 0,
         count,
         cached: 0,
         steps: 0,
         _guard: guard,
-        _work: work,
     };
     let mut outs: Vec<Option<StageOut>> = Vec::with_capacity(plan.stages.len());
     for stage in &plan.stages {
@@ -360,15 +373,13 @@ struct Builder<'a> {
     store: Arc<Store>,
     events: Events<'a>,
     no_cache: bool,
-    /// The context directory (after `--sub-dir`).
-    context: PathBuf,
+    context: Arc<Context>,
     image: ImageName,
     index: u32,
     count: usize,
     cached: u32,
     steps: u32,
     _guard: ImportGuard,
-    _work: Scratch,
 }
 
 /// How a filesystem step turned out.
@@ -816,8 +827,19 @@ impl Builder<'_> {
             }
             (root, Some(tmp), names)
         } else {
-            (self.context.clone(), None, copy.sources.clone())
+            (self.context.root.clone(), None, copy.sources.clone())
         };
+        // The context never changes: the digest of the same sources in it
+        // is computed once.
+        let memo = tmp.is_none().then(|| format!("{sources:?} {chmod:?}"));
+        let known = memo.as_ref().and_then(|m| {
+            self.context
+                .inputs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(m)
+                .copied()
+        });
         let r = root.clone();
         let (resolved, inputs) = blocking(move || {
             let resolved = ctx::resolve_sources(&r, &sources).map_err(bad)?;
@@ -827,11 +849,21 @@ impl Builder<'_> {
                     s.src
                 )));
             }
-            let inputs = cache::digest_inputs(&r, &resolved, InputMeta { chown: None, chmod })
-                .map_err(bad)?;
+            let inputs = match known {
+                Some(k) => k,
+                None => cache::digest_inputs(&r, &resolved, InputMeta { chown: None, chmod })
+                    .map_err(bad)?,
+            };
             Ok((resolved, inputs))
         })
         .await?;
+        if let Some(m) = memo {
+            self.context
+                .inputs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(m, inputs);
+        }
         Ok(Prepared {
             inputs,
             source: CopySource::Dir {
@@ -1354,12 +1386,88 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(1)
 }
 
+/// The build context of `start`: held from an earlier build of the caller
+/// (same digest), received from the client, or cloned from `start.url`.
+async fn obtain_context(
+    state: &Arc<State>,
+    user: &str,
+    start: &pb::BuildStart,
+    input: &mut Streaming<pb::BuildRequest>,
+    events: &Events<'_>,
+) -> Result<Arc<Context>, ServiceError> {
+    let url = start.url.trim();
+    let digest =
+        (url.is_empty() && !start.context_digest.is_empty()).then(|| start.context_digest.clone());
+    if let Some(d) = &digest {
+        let held = state.build_contexts.get(user, d);
+        events
+            .send(Event::Context(pb::ContextStatus {
+                cached: held.is_some(),
+            }))
+            .await?;
+        if let Some(c) = held {
+            // Only `end` follows.
+            match input.message().await {
+                Ok(Some(pb::BuildRequest {
+                    msg: Some(Msg::End(_)),
+                })) => return Ok(c),
+                _ => {
+                    return Err(ServiceError::InvalidArgument(
+                        "build interrupted by the client".into(),
+                    ));
+                }
+            }
+        }
+    }
+    let s = state.store.clone();
+    let dir = Scratch(Some(
+        blocking(move || Ok(s.session_dir("build-context")?)).await?,
+    ));
+    let context = dir.path().join("context");
+    std::fs::create_dir(&context).map_err(io_err("creating the build context directory"))?;
+    let (place, size) = if url.is_empty() {
+        let size = receive_context(state, input, &context).await?;
+        ("the directory given".to_string(), size)
+    } else {
+        clone_context(events, url, &context).await?;
+        let shown = ctx::redact_url(url);
+        let sub = start.sub_dir.trim_end_matches('/');
+        let place = if sub.is_empty() {
+            format!("repository {shown}")
+        } else {
+            format!("sub-directory '{sub}' of repository {shown}")
+        };
+        (place, u64::MAX)
+    };
+    let sub = start.sub_dir.trim_end_matches('/').to_string();
+    let (root, dockerfile) = blocking(move || {
+        let sub = if sub.is_empty() { "." } else { sub.as_str() };
+        let dir = ctx::open_sub_dir(&context, sub).map_err(bad)?;
+        let df = ctx::read_dockerfile(dir.fd.as_fd(), &place).map_err(bad)?;
+        ctx::trim_build_files(dir.fd.as_fd(), df.name).map_err(bad)?;
+        Ok((dir.path, df))
+    })
+    .await?;
+    let c = Arc::new(Context {
+        user: user.to_string(),
+        digest,
+        _dir: dir,
+        root,
+        dockerfile,
+        inputs: Default::default(),
+    });
+    if c.digest.is_some() && size <= CONTEXT_KEPT_MAX {
+        state.build_contexts.put(c.clone());
+    }
+    Ok(c)
+}
+
 /// Receives the context tar from the client into `dir`.
 async fn receive_context(
     state: &Arc<State>,
     input: &mut Streaming<pb::BuildRequest>,
     dir: &Path,
-) -> Result<(), ServiceError> {
+) -> Result<u64, ServiceError> {
     let limit = state.store.limits().layer_unpacked_size;
     let (tx, rx) = mpsc::channel::<io::Result<bytes::Bytes>>(16);
     let d = dir.to_path_buf();
@@ -1380,9 +1488,7 @@ async fn receive_context(
             replace_dirs: false,
         };
         let mut writer = walt_tar::PlainWriter;
-        walt_tar::Extractor::new(Some(&d), opts, &mut writer)
-            .and_then(|x| x.extract(&mut reader))
-            .map(drop)
+        walt_tar::Extractor::new(Some(&d), opts, &mut writer).and_then(|x| x.extract(&mut reader))
     });
     let mut failure = None;
     loop {
@@ -1428,7 +1534,7 @@ async fn receive_context(
     if let Some(f) = failure {
         return Err(f);
     }
-    extracted.map_err(|e| match e {
+    extracted.map(|st| st.bytes).map_err(|e| match e {
         walt_tar::Error::Limit { .. } => ServiceError::Store(walt_store::StoreError::TooLarge {
             what: "the build context".into(),
             limit: walt_core::config::format_size(limit),

@@ -52,6 +52,8 @@ pub struct State {
     pub locks: Arc<session::Locks>,
     /// What searches remember between calls (configs, tags).
     pub search_caches: Arc<search::Caches>,
+    /// The last build contexts received, reused by unchanged rebuilds.
+    pub build_contexts: build::Contexts,
 }
 
 impl State {
@@ -148,6 +150,7 @@ impl Server {
                 shutdown: CancellationToken::new(),
                 blob_sources: publish::BlobSources::default(),
                 locks: Arc::default(),
+                build_contexts: build::Contexts::default(),
                 search_caches: Arc::default(),
             }),
             tls: None,
