@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod bounds;
+mod build;
 mod build_oracle;
 mod client_config;
 mod common;
