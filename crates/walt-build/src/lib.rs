@@ -5,10 +5,12 @@
 //! - [`plan`]: stages, base images, `COPY --from` references, the steps;
 //! - [`ignore`]: `.dockerignore` patterns;
 //! - [`context`]: the build context (confined paths, globs, tar stream);
+//! - [`copy`]: the tar stream of a COPY/ADD, `--chmod`, local archives for ADD;
 //! - [`cache`]: the layer cache keys.
 
 pub mod cache;
 pub mod context;
+pub mod copy;
 pub mod dockerfile;
 pub mod expand;
 pub mod ignore;

@@ -28,6 +28,9 @@ pub mod shell;
 #[path = "cp.rs"]
 mod cp;
 
+#[path = "build.rs"]
+pub mod build;
+
 #[derive(Subcommand, Debug, Clone)]
 pub enum ImageCommand {
     /// Show your images (the working set).
@@ -80,6 +83,10 @@ pub enum ImageCommand {
     /// (relative image paths are relative to /root; copying into an image
     /// saves it).
     Cp { src: String, dst: String },
+    /// Build an image of your working set from a Dockerfile:
+    /// `build --from-dir DIR <image>` or
+    /// `build --from-url GIT_URL [--sub-dir PATH] <image>`.
+    Build(build::BuildArgs),
 }
 
 type Client = ImagesClient<InterceptedService<Channel, UserInterceptor>>;
@@ -158,6 +165,13 @@ fn status_error(s: Status) -> anyhow::Error {
 }
 
 pub async fn run(cmd: ImageCommand) -> anyhow::Result<()> {
+    // What build can check alone is checked before anything else.
+    if let ImageCommand::Build(args) = cmd {
+        let prepared = build::prepare(args)?;
+        let settings = config::load()?;
+        let mut client = connect(&settings).await?;
+        return build::build(&mut client, &settings, prepared).await;
+    }
     let mut settings = config::load()?;
     let mut client = connect(&settings).await?;
     // Clone and publish may need registry credentials: when the registry
@@ -250,6 +264,7 @@ async fn run_one(
         }
         ImageCommand::Shell { image } => shell::shell(client, &image).await,
         ImageCommand::Cp { src, dst } => cp::cp(client, &src, &dst).await,
+        ImageCommand::Build(args) => build::build(client, settings, build::prepare(args)?).await,
         ImageCommand::Squash { image } => {
             let reply = client
                 .squash(pb::SquashRequest { image })

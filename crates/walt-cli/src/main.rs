@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Manage images: show, search, clone, publish, remove, rename, duplicate, squash, shell, cp.
+    /// Manage images: show, search, clone, publish, remove, rename, duplicate, squash, shell, cp, build.
     #[command(subcommand)]
     Image(image::ImageCommand),
     /// Advanced commands.
@@ -60,6 +60,10 @@ fn main() -> ExitCode {
             e.downcast_ref::<image::shell::ExitWith>()
                 .map_or(1, |x| x.0),
         ),
+        Err(e) if e.downcast_ref::<image::build::UsageError>().is_some() => {
+            eprintln!("error: {}", walt_core::text::one_line(&e.to_string()));
+            ExitCode::from(2)
+        }
         Err(e) => {
             // One line, whatever the cause chain; text from the server or a
             // registry may carry control characters, shown escaped.

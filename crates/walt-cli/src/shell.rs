@@ -110,7 +110,7 @@ fn pump_stdin(tx: mpsc::Sender<pb::ShellInput>, stop: Arc<AtomicBool>, tty: bool
 
 /// A line typed at the terminal, or None on Ctrl-C / end of input. Read on
 /// a thread of its own so that Ctrl-C can abandon it.
-async fn ask(question: String) -> anyhow::Result<Option<String>> {
+pub(super) async fn ask(question: String) -> anyhow::Result<Option<String>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let _ = tx.send(prompt::ask_line(&question));

@@ -17,6 +17,7 @@ use walt_core::arch::Arch;
 
 mod sandbox;
 mod tario;
+mod users;
 
 pub use sandbox::sandbox_main;
 
@@ -52,13 +53,39 @@ pub enum Job {
     Exec {
         argv: Vec<String>,
         env: Vec<String>,
+        /// Absolute; created (with its parents, 0755, root) when the image lacks it.
         cwd: String,
+        /// Docker's USER (`name`, `uid`, `name:group`, `uid:gid`...; empty: root),
+        /// resolved in the image's /etc/passwd and /etc/group. HOME is set from passwd
+        /// when `env` has none.
+        user: String,
     },
     /// Write a tar of `path` (relative paths are relative to /root) to stdout.
     TarOut { path: String },
     /// Read a tar from stdin into `dest` (`cp -r` rules), writing at most
     /// `limit` bytes of file data (apparent sizes: holes count).
     TarIn { dest: String, limit: Option<u64> },
+    /// Read a tar from stdin and place its entries for COPY/ADD (Docker's rules).
+    ///
+    /// `dest` is absolute, resolved in the image (its symlinks followed, never out of
+    /// it). `file_name: None`: dest is a directory (created with its missing parents),
+    /// the entries land beneath it. `Some(n)`: the tar holds the one file `n`, which
+    /// lands as dest/n when dest is a directory, else at dest (parents created).
+    /// `owner: None` keeps the tar's owners (created directories are 0:0); `Some`
+    /// is a `--chown` value, given to every entry and every directory created.
+    /// Devices are refused; `limit` as for TarIn.
+    Place {
+        dest: String,
+        file_name: Option<String>,
+        owner: Option<String>,
+        limit: Option<u64>,
+    },
+    /// Write to stdout the tar that `walt_build::copy::write_copy_tar` makes of
+    /// `sources` resolved in the image (COPY --from).
+    CopySources {
+        sources: Vec<String>,
+        chmod: Option<u32>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -127,6 +127,27 @@ fn run() -> Result<i32> {
             crate::tario::tar_in(dest, *limit).map_err(ContainerError::Job)?;
             Ok(0)
         }
+        Job::Place {
+            dest,
+            file_name,
+            owner,
+            limit,
+        } => {
+            enter_chroot(&spec.merged)?;
+            drop_caps_here()?;
+            crate::tario::place(dest, file_name.as_deref(), owner.as_deref(), *limit)
+                .map_err(ContainerError::Job)?;
+            Ok(0)
+        }
+        Job::CopySources { sources, chmod } => {
+            // Resolving reads /proc (the host's, here), which the image does not have.
+            let found =
+                crate::tario::resolve_from(&spec.merged, sources).map_err(ContainerError::Job)?;
+            enter_chroot(&spec.merged)?;
+            drop_caps_here()?;
+            crate::tario::copy_sources(&found, *chmod).map_err(ContainerError::Job)?;
+            Ok(0)
+        }
         Job::Shell { .. } | Job::Exec { .. } => run_container(&spec, &session),
     }
 }
@@ -715,6 +736,7 @@ fn init(spec: &Spec, resolv: Option<&Path>) -> Result<i32> {
     pivot(merged)?;
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
 
+    let mut ids = None;
     let (prog, argv, env, cwd, pty) = match &spec.job {
         Job::Shell { term } => {
             let shell = if Path::new("/bin/bash").exists() {
@@ -742,10 +764,22 @@ fn init(spec: &Spec, resolv: Option<&Path>) -> Result<i32> {
                 Some(pty),
             )
         }
-        Job::Exec { argv, env, cwd } => {
+        Job::Exec {
+            argv,
+            env,
+            cwd,
+            user,
+        } => {
             let first = argv
                 .first()
                 .ok_or_else(|| ContainerError::Job("empty command".into()))?;
+            let dbs = crate::users::Dbs::read().map_err(ContainerError::Job)?;
+            let who = crate::users::exec_user(user, &dbs).map_err(ContainerError::Job)?;
+            let mut env = env.clone();
+            if !env.iter().any(|e| e.starts_with("HOME=")) {
+                let home = who.home.as_deref().filter(|h| !h.is_empty()).unwrap_or("/");
+                env.push(format!("HOME={home}"));
+            }
             let path = env
                 .iter()
                 .find_map(|e| e.strip_prefix("PATH="))
@@ -753,7 +787,9 @@ fn init(spec: &Spec, resolv: Option<&Path>) -> Result<i32> {
             let prog = find_program(first, path)
                 .ok_or_else(|| ContainerError::Job(format!("{first}: command not found")))?;
             let cwd = if cwd.is_empty() { "/" } else { cwd.as_str() };
-            (prog, argv.clone(), env.clone(), cwd.to_string(), None)
+            make_workdir(cwd)?;
+            ids = Some(who);
+            (prog, argv.clone(), env, cwd.to_string(), None)
         }
         _ => unreachable!("tar jobs do not run an init"),
     };
@@ -771,7 +807,14 @@ fn init(spec: &Spec, resolv: Option<&Path>) -> Result<i32> {
     // started no thread), so the child may run any code, allocation included.
     let forked = unsafe { nix::unistd::fork() }.or_sys(|| "fork".into())?;
     let nix::unistd::ForkResult::Parent { child } = forked else {
-        exec_job(&c_prog, &c_argv, &c_env, &c_cwd, slave_name.as_deref());
+        exec_job(
+            &c_prog,
+            &c_argv,
+            &c_env,
+            &c_cwd,
+            slave_name.as_deref(),
+            ids.as_ref(),
+        );
     };
     if let Some((master, _)) = pty {
         send_master(&master)?;
@@ -788,6 +831,19 @@ fn init(spec: &Spec, resolv: Option<&Path>) -> Result<i32> {
             _ => {}
         }
     }
+}
+
+/// RUN's workdir: created with its missing parents (0755, root) as docker does.
+fn make_workdir(cwd: &str) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if std::fs::metadata(cwd).is_ok() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(cwd)
+        .map_err(|e| ContainerError::sys(format!("creating the working directory {cwd}"), e))
 }
 
 fn find_program(name: &str, path: &str) -> Option<String> {
@@ -852,7 +908,14 @@ fn send_master(master: &OwnedFd) -> Result<()> {
 }
 
 /// In the forked job process: never returns.
-fn exec_job(prog: &CStr, argv: &[CString], env: &[CString], cwd: &CStr, slave: Option<&CStr>) -> ! {
+fn exec_job(
+    prog: &CStr,
+    argv: &[CString],
+    env: &[CString],
+    cwd: &CStr,
+    slave: Option<&CStr>,
+    ids: Option<&crate::users::ExecUser>,
+) -> ! {
     let fail = |what: &str, e: io::Error| -> ! {
         let msg = format!("{what}: {e}\n");
         let _ = io::stderr().write_all(msg.as_bytes());
@@ -896,6 +959,19 @@ fn exec_job(prog: &CStr, argv: &[CString], env: &[CString], cwd: &CStr, slave: O
     }
     if let Err(e) = nix::unistd::chdir(cwd) {
         fail(&format!("chdir {}", cwd.to_string_lossy()), e.into());
+    }
+    if let Some(ids) = ids {
+        use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+        let groups: Vec<Gid> = ids.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        if let Err(e) = setgroups(&groups) {
+            fail("setgroups", e.into());
+        }
+        if let Err(e) = setgid(Gid::from_raw(ids.gid)) {
+            fail("setgid", e.into());
+        }
+        if let Err(e) = setuid(Uid::from_raw(ids.uid)) {
+            fail("setuid", e.into());
+        }
     }
     let Err(e) = nix::unistd::execve(prog, argv, env);
     fail(&prog.to_string_lossy(), e.into())

@@ -30,11 +30,16 @@ macro_rules! tests {
 
 const TESTS: &[(&str, TestFn)] = tests![
     exec_basics,
+    exec_user_and_workdir,
     caps_dropped,
     untouched_session_leaves_empty_upper,
     shell_pty,
     killing_sandbox_kills_shell,
     tar_roundtrip,
+    place_directory_mode,
+    place_file_mode,
+    place_refusals,
+    copy_sources_into_place,
     tar_in_refuses_bad_archives,
     tar_in_is_bounded_by_its_limit,
     tar_paths_stay_in_image,
@@ -289,6 +294,7 @@ async fn sh(fx: &Fx, script: &str) -> (Out, Spec) {
         argv: vec!["sh".into(), "-c".into(), script.into()],
         env: vec!["PATH=/bin".into(), "HOME=/root".into()],
         cwd: "/root".into(),
+        user: String::new(),
     });
     (run(&spec, None).await, spec)
 }
@@ -373,10 +379,101 @@ async fn exec_basics() {
         argv: vec!["nosuchcmd".into()],
         env: vec![],
         cwd: "/".into(),
+        user: String::new(),
     });
     let o = run(&spec, None).await;
     assert_eq!(o.code, 1);
     assert_eq!(o.stderr, "nosuchcmd: command not found\n");
+}
+
+/// `sh -c script` as `user` in `cwd`, with no HOME in the environment.
+async fn sh_as(fx: &Fx, user: &str, cwd: &str, script: &str) -> (Out, Spec) {
+    let spec = fx.spec(Job::Exec {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin".into()],
+        cwd: cwd.into(),
+        user: user.into(),
+    });
+    (run(&spec, None).await, spec)
+}
+
+async fn exec_user_and_workdir() {
+    let fx = Fx::new();
+    std::fs::write(
+        fx.l1().join("etc/passwd"),
+        format!("{PASSWD}bob:x:1000:1001:Bob:/home/bob:/bin/sh\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        fx.l1().join("etc/group"),
+        "root:x:0:\nbob:x:1001:\nstaff:x:50:alice,bob\nwheel:x:10:root\n",
+    )
+    .unwrap();
+    let ids = "id -u; id -g; id -G; echo $HOME";
+    let cases = [
+        ("", "0\n0\n0 10\n/root\n"),
+        ("bob", "1000\n1001\n1001 50\n/home/bob\n"),
+        ("1000", "1000\n1001\n1001 50\n/home/bob\n"),
+        ("1000:50", "1000\n50\n50\n/home/bob\n"),
+        ("bob:staff", "1000\n50\n50\n/home/bob\n"),
+        ("4321", "4321\n0\n0\n/\n"),
+        ("4321:77", "4321\n77\n77\n/\n"),
+    ];
+    for (user, want) in cases {
+        let (o, _) = sh_as(&fx, user, "/", ids).await;
+        assert_eq!(
+            (o.code, o.text().as_str()),
+            (0, want),
+            "USER {user:?}: {}",
+            o.stderr
+        );
+    }
+    // HOME from the caller's env wins.
+    let spec = fx.spec(Job::Exec {
+        argv: vec!["sh".into(), "-c".into(), "echo $HOME".into()],
+        env: vec!["PATH=/bin".into(), "HOME=/elsewhere".into()],
+        cwd: "/".into(),
+        user: "bob".into(),
+    });
+    assert_eq!(run(&spec, None).await.text(), "/elsewhere\n");
+    // Not root any more: no writing to root's files.
+    let (o, _) = sh_as(&fx, "bob", "/", "touch /etc/passwd").await;
+    assert_ne!(o.code, 0, "bob wrote /etc/passwd");
+
+    for (user, line) in [
+        (
+            "alice",
+            "unable to find user alice: no matching entries in passwd file\n",
+        ),
+        (
+            "bob:nogroup",
+            "unable to find group nogroup: no matching entries in group file\n",
+        ),
+    ] {
+        let (o, _) = sh_as(&fx, user, "/", "echo ran").await;
+        assert_ne!(o.code, 0);
+        assert_eq!((o.text().as_str(), o.stderr.as_str()), ("", line));
+    }
+
+    // A missing workdir is created (root-owned, 0755) before the chdir.
+    let (o, spec) = sh_as(&fx, "bob", "/srv/app/data", "pwd").await;
+    assert_eq!(
+        (o.code, o.text().as_str()),
+        (0, "/srv/app/data\n"),
+        "{}",
+        o.stderr
+    );
+    for d in ["srv", "srv/app", "srv/app/data"] {
+        let m = std::fs::metadata(spec.upper.join(d)).unwrap();
+        assert!(m.is_dir(), "{d}");
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o755), "{d}");
+    }
+    // An image without passwd: numeric users only.
+    std::fs::remove_file(fx.l1().join("etc/passwd")).unwrap();
+    let (o, _) = sh_as(&fx, "12:34", "/", "id -u; id -g").await;
+    assert_eq!((o.code, o.text().as_str()), (0, "12\n34\n"), "{}", o.stderr);
+    let (o, _) = sh_as(&fx, "bob", "/", "true").await;
+    assert_ne!(o.code, 0);
 }
 
 async fn caps_dropped() {
@@ -976,6 +1073,7 @@ async fn many_layers_with(n: usize, classic: bool) {
         argv: vec!["cat".into(), "/etc/layer".into(), "/etc/added".into()],
         env: vec![],
         cwd: "/".into(),
+        user: String::new(),
     });
     spec.layers = layers;
     let mut cmd = command(&spec).unwrap();
@@ -1063,6 +1161,7 @@ async fn image_devices_unusable() {
         ],
         env: vec!["PATH=/bin".into()],
         cwd: "/".into(),
+        user: String::new(),
     });
     let mut cmd = command(&spec).unwrap();
     cmd.env("WALT_SANDBOX_CLASSIC_MOUNT", "1");
@@ -1162,6 +1261,7 @@ async fn sigterm_tears_down_namespace() {
             argv: vec!["sleep".into(), "98765".into()],
             env: vec![],
             cwd: "/".into(),
+            user: String::new(),
         });
         let session = spec.upper.parent().unwrap().to_string_lossy().into_owned();
         let mut cmd = command(&spec).unwrap();
@@ -1235,4 +1335,406 @@ fn xattr_of(path: &Path, name: &str) -> Option<Vec<u8>> {
 
 fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     xattr::set(path, name, value).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Place (COPY/ADD) and CopySources (COPY --from)
+
+/// One entry of a tar built for a test: (name, kind, mode, uid:gid, data or link target).
+type T<'a> = (&'a str, tar::EntryType, u32, (u64, u64), &'a str);
+
+fn mk_tar(entries: &[T<'_>]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, mode, (uid, gid), data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_mode(*mode);
+        h.set_uid(*uid);
+        h.set_gid(*gid);
+        h.set_mtime(1_600_000_000);
+        match kind {
+            tar::EntryType::Regular => {
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, name, data.as_bytes()).unwrap();
+            }
+            tar::EntryType::Symlink | tar::EntryType::Link => {
+                h.set_size(0);
+                b.append_link(&mut h, name, data).unwrap();
+            }
+            _ => {
+                h.set_size(0);
+                b.append_data(&mut h, name, &[][..]).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+async fn place(
+    fx: &Fx,
+    dest: &str,
+    file_name: Option<&str>,
+    owner: Option<&str>,
+    data: Vec<u8>,
+) -> (Out, Spec) {
+    let spec = fx.spec(Job::Place {
+        dest: dest.into(),
+        file_name: file_name.map(Into::into),
+        owner: owner.map(Into::into),
+        limit: None,
+    });
+    (run(&spec, Some(data)).await, spec)
+}
+
+/// (kind, mode, uid, gid) of a path.
+fn meta(p: &Path) -> (&'static str, u32, u32, u32) {
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let kind = if m.is_dir() {
+        "dir"
+    } else if m.file_type().is_symlink() {
+        "link"
+    } else {
+        "file"
+    };
+    (kind, m.mode() & 0o7777, m.uid(), m.gid())
+}
+
+/// Users for --chown, a merged-usr style /lib -> usr/lib.
+fn place_fixture() -> Fx {
+    let fx = Fx::new();
+    std::fs::write(
+        fx.l1().join("etc/passwd"),
+        format!("{PASSWD}bob:x:1000:1001:Bob:/home/bob:/bin/sh\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        fx.l1().join("etc/group"),
+        "root:x:0:\nbob:x:1001:\nstaff:x:50:bob\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(fx.l1().join("usr/lib")).unwrap();
+    std::os::unix::fs::symlink("usr/lib", fx.l1().join("lib")).unwrap();
+    std::fs::create_dir_all(fx.l1().join("srv/keep")).unwrap();
+    std::fs::write(fx.l1().join("srv/keep/old"), "old").unwrap();
+    std::fs::write(fx.l1().join("srv/keep/replaced"), "old").unwrap();
+    fx
+}
+
+fn sample() -> Vec<u8> {
+    use tar::EntryType::{Directory as D, Link as L, Regular as F, Symlink as S};
+    mk_tar(&[
+        ("sub", D, 0o750, (0, 0), ""),
+        ("sub/f", F, 0o640, (5, 6), "sub file"),
+        ("top", F, 0o644, (0, 0), "top file"),
+        ("ln", S, 0o777, (0, 0), "top"),
+        ("hl", L, 0o644, (0, 0), "top"),
+    ])
+}
+
+async fn place_directory_mode() {
+    let fx = place_fixture();
+    // A missing destination: created with its parents, 0755 root; the tar's owners kept.
+    let (o, spec) = place(&fx, "/opt/app/", None, None, sample()).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    let up = &spec.upper;
+    for d in ["opt", "opt/app"] {
+        assert_eq!(meta(&up.join(d)), ("dir", 0o755, 0, 0), "{d}");
+    }
+    assert_eq!(meta(&up.join("opt/app/sub")), ("dir", 0o750, 0, 0));
+    assert_eq!(meta(&up.join("opt/app/sub/f")), ("file", 0o640, 5, 6));
+    assert_eq!(
+        std::fs::read(up.join("opt/app/sub/f")).unwrap(),
+        b"sub file"
+    );
+    assert_eq!(
+        std::fs::read_link(up.join("opt/app/ln")).unwrap(),
+        Path::new("top")
+    );
+    let (a, b) = (
+        std::fs::metadata(up.join("opt/app/top")).unwrap(),
+        std::fs::metadata(up.join("opt/app/hl")).unwrap(),
+    );
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "hard link");
+
+    // The image's symlinks are followed to the destination (/lib -> usr/lib).
+    let (o, spec) = place(&fx, "/lib/x", None, None, sample()).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    assert_eq!(
+        std::fs::read(spec.upper.join("usr/lib/x/top")).unwrap(),
+        b"top file"
+    );
+    assert!(std::fs::symlink_metadata(spec.upper.join("lib")).is_err());
+
+    // Files replaced, directories merged.
+    use tar::EntryType::{Directory as D, Regular as F};
+    let t = mk_tar(&[
+        ("keep", D, 0o755, (0, 0), ""),
+        ("keep/replaced", F, 0o600, (0, 0), "new"),
+        ("keep/added", F, 0o600, (0, 0), "added"),
+    ]);
+    let (o, spec) = place(&fx, "/srv", None, None, t).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    let merged_view = |p: &str| {
+        std::fs::read(spec.upper.join(p))
+            .unwrap_or_else(|_| std::fs::read(fx.l1().join(p)).unwrap())
+    };
+    assert_eq!(merged_view("srv/keep/replaced"), b"new");
+    assert_eq!(merged_view("srv/keep/added"), b"added");
+    assert_eq!(merged_view("srv/keep/old"), b"old");
+    assert!(
+        !spec.upper.join("srv/keep/old").exists(),
+        "untouched file copied up"
+    );
+
+    // --chown: every entry and every created directory; an existing one is left alone.
+    let (o, spec) = place(&fx, "/home/bob/app", None, Some("bob"), sample()).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    for p in ["home", "home/bob", "home/bob/app"] {
+        assert_eq!(meta(&spec.upper.join(p)), ("dir", 0o755, 1000, 1001), "{p}");
+    }
+    assert_eq!(
+        meta(&spec.upper.join("home/bob/app/sub")),
+        ("dir", 0o750, 1000, 1001)
+    );
+    assert_eq!(
+        meta(&spec.upper.join("home/bob/app/sub/f")),
+        ("file", 0o640, 1000, 1001)
+    );
+    assert_eq!(meta(&spec.upper.join("home/bob/app/ln")).2, 1000);
+    let (o, spec) = place(&fx, "/srv", None, Some("7:staff"), sample()).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    assert_eq!(meta(&spec.upper.join("srv/top")), ("file", 0o644, 7, 50));
+    assert_ne!(meta(&spec.upper.join("srv")).2, 7, "existing dir chowned");
+    let (o, spec) = place(&fx, "/srv", None, Some("1234"), sample()).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    assert_eq!(
+        meta(&spec.upper.join("srv/top")),
+        ("file", 0o644, 1234, 1234)
+    );
+}
+
+async fn place_file_mode() {
+    let fx = place_fixture();
+    use tar::EntryType::Regular as F;
+    let one = || mk_tar(&[("f.txt", F, 0o640, (3, 4), "content")]);
+    // Into an existing directory: dest/name.
+    let (o, spec) = place(&fx, "/etc", Some("f.txt"), None, one()).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    assert_eq!(meta(&spec.upper.join("etc/f.txt")), ("file", 0o640, 3, 4));
+    // Through a symlinked directory.
+    let (o, spec) = place(&fx, "/lib", Some("f.txt"), None, one()).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    assert_eq!(
+        std::fs::read(spec.upper.join("usr/lib/f.txt")).unwrap(),
+        b"content"
+    );
+    // At a missing path: parents created, the file takes the destination's name.
+    let (o, spec) = place(&fx, "/new/dir/name.conf", Some("f.txt"), Some("bob"), one()).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    assert_eq!(meta(&spec.upper.join("new")), ("dir", 0o755, 1000, 1001));
+    assert_eq!(
+        meta(&spec.upper.join("new/dir")),
+        ("dir", 0o755, 1000, 1001)
+    );
+    assert_eq!(
+        meta(&spec.upper.join("new/dir/name.conf")),
+        ("file", 0o640, 1000, 1001)
+    );
+    assert!(!spec.upper.join("new/dir/f.txt").exists());
+    // Over an existing file: replaced.
+    let (o, spec) = place(&fx, "/srv/keep/replaced", Some("f.txt"), None, one()).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    assert_eq!(
+        std::fs::read(spec.upper.join("srv/keep/replaced")).unwrap(),
+        b"content"
+    );
+    // Never over a directory.
+    let t = mk_tar(&[("keep", F, 0o640, (0, 0), "x")]);
+    let (o, _) = place(&fx, "/srv", Some("keep"), None, t).await;
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr.contains("cannot overwrite a directory"),
+        "{}",
+        o.stderr
+    );
+    assert!(fx.l1().join("srv/keep").is_dir());
+    // A directory entry never replaces a file, nor a symlink of the image.
+    use tar::EntryType::Directory as D;
+    let t = mk_tar(&[("replaced", D, 0o755, (0, 0), "")]);
+    let (o, _) = place(&fx, "/srv/keep", None, None, t).await;
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr
+            .contains("cannot overwrite a non-directory with a directory"),
+        "{}",
+        o.stderr
+    );
+    let t = mk_tar(&[
+        ("lib", D, 0o755, (0, 0), ""),
+        ("lib/x", F, 0o644, (0, 0), "x"),
+    ]);
+    let (o, spec) = place(&fx, "/", None, None, t).await;
+    assert_ne!(o.code, 0);
+    assert!(
+        std::fs::symlink_metadata(spec.upper.join("lib")).is_err(),
+        "/lib replaced"
+    );
+    // The tar must hold the announced file.
+    let (o, _) = place(&fx, "/etc", Some("other"), None, one()).await;
+    assert_ne!(o.code, 0);
+    assert_eq!(
+        o.stderr,
+        "refusing archive: it should hold the one file 'other'\n"
+    );
+}
+
+async fn place_refusals() {
+    let fx = place_fixture();
+    use tar::EntryType::{Char as C, Directory as D, Regular as F};
+    let (o, _) = place(&fx, "/etc/passwd", None, None, sample()).await;
+    assert_ne!(o.code, 0);
+    assert_eq!(o.stderr, "destination /etc/passwd is not a directory\n");
+    let (o, _) = place(&fx, "/etc/passwd/x", None, None, sample()).await;
+    assert_ne!(o.code, 0);
+    assert_eq!(
+        o.stderr,
+        "cannot create destination /etc/passwd/x: /etc/passwd is not a directory\n"
+    );
+    let (o, _) = place(&fx, "/srv", None, Some("alice"), sample()).await;
+    assert_ne!(o.code, 0);
+    assert_eq!(
+        o.stderr,
+        "unable to find user alice: no matching entries in passwd file\n"
+    );
+    // Device nodes are refused, paths never escape.
+    let t = mk_tar(&[
+        ("d", D, 0o755, (0, 0), ""),
+        ("d/null", C, 0o666, (0, 0), ""),
+    ]);
+    let (o, spec) = place(&fx, "/srv", None, None, t).await;
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr.contains("d/null") && o.stderr.contains("device node"),
+        "{}",
+        o.stderr
+    );
+    assert!(!spec.upper.join("srv/d/null").exists());
+    let evil = raw_tar(&[("../../escaped", F, "")]);
+    let (o, spec) = place(&fx, "/srv/keep", None, None, evil).await;
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("escapes"), "{}", o.stderr);
+    assert!(!spec.upper.join("escaped").exists());
+    assert!(!spec.upper.parent().unwrap().join("escaped").exists());
+    // A symlink of the archive is never followed by later entries.
+    use tar::EntryType::Symlink as S;
+    let t = mk_tar(&[
+        ("out", S, 0o777, (0, 0), "/"),
+        ("out/etc/pwned", F, 0o644, (0, 0), "x"),
+    ]);
+    let (o, spec) = place(&fx, "/srv", None, None, t).await;
+    assert_ne!(o.code, 0);
+    assert!(!spec.upper.join("etc/pwned").exists());
+    // The limit holds.
+    let spec = fx.spec(Job::Place {
+        dest: "/srv".into(),
+        file_name: None,
+        owner: None,
+        limit: Some(3),
+    });
+    let o = run(&spec, Some(sample())).await;
+    assert_ne!(o.code, 0, "limit not enforced");
+}
+
+/// Runs `from | to`, the first's stdout piped into the second's stdin.
+async fn pipe_jobs(from: &Spec, to: &Spec) -> (Out, Out) {
+    let mut c1 = command(from).unwrap();
+    c1.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut a = c1.spawn().unwrap();
+    let out: Stdio = a.stdout.take().unwrap().try_into().unwrap();
+    let mut c2 = command(to).unwrap();
+    c2.stdin(out).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let b = c2.spawn().unwrap();
+    let (oa, ob) = tokio::join!(a.wait_with_output(), b.wait_with_output());
+    let conv = |o: std::process::Output| Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: o.stdout,
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    };
+    (conv(oa.unwrap()), conv(ob.unwrap()))
+}
+
+async fn copy_sources_into_place() {
+    let fx = place_fixture();
+    let src = fx.l1().join("src");
+    std::fs::create_dir_all(src.join("app")).unwrap();
+    std::fs::create_dir_all(src.join("data/x")).unwrap();
+    for (p, c) in [
+        ("app/a.txt", "a"),
+        ("app/b.txt", "b"),
+        ("app/c.md", "c"),
+        ("data/x/y", "y"),
+    ] {
+        std::fs::write(src.join(p), c).unwrap();
+    }
+    // A symlink of the source image pointing out is resolved inside it.
+    std::os::unix::fs::symlink("/etc/group", src.join("data/grp")).unwrap();
+    std::os::unix::fs::symlink("/etc", src.join("etclink")).unwrap();
+    let from = fx.spec(Job::CopySources {
+        sources: vec![
+            "/src/app/*.txt".into(),
+            "/src/data".into(),
+            "src/etclink/group".into(),
+        ],
+        chmod: Some(0o600),
+    });
+    let to = fx.spec(Job::Place {
+        dest: "/dst/".into(),
+        file_name: None,
+        owner: None,
+        limit: None,
+    });
+    let (a, b) = pipe_jobs(&from, &to).await;
+    assert_eq!((a.code, a.stderr.as_str()), (0, ""));
+    assert_eq!((b.code, b.stderr.as_str()), (0, ""));
+    let dst = to.upper.join("dst");
+    assert_eq!(std::fs::read(dst.join("a.txt")).unwrap(), b"a");
+    assert_eq!(std::fs::read(dst.join("b.txt")).unwrap(), b"b");
+    assert!(!dst.join("c.md").exists());
+    assert!(!dst.join("app").exists() && !dst.join("data").exists());
+    assert_eq!(meta(&dst.join("x")), ("dir", 0o600, 0, 0));
+    assert_eq!(meta(&dst.join("x/y")), ("file", 0o600, 0, 0));
+    assert_eq!(std::fs::read(dst.join("x/y")).unwrap(), b"y");
+    // The symlink is copied as a symlink; the followed one is the image's file.
+    assert_eq!(
+        std::fs::read_link(dst.join("grp")).unwrap(),
+        Path::new("/etc/group")
+    );
+    assert_eq!(
+        std::fs::read_to_string(dst.join("group")).unwrap(),
+        std::fs::read_to_string(fx.l1().join("etc/group")).unwrap()
+    );
+    // The source stage is untouched.
+    assert_eq!(std::fs::read_dir(&from.upper).unwrap().count(), 0);
+
+    // A glob matching nothing, a missing path: one line, nothing placed.
+    for (srcs, line) in [
+        (
+            vec!["/src/*.none".to_string()],
+            "source '/src/*.none': no file in the build context matches it\n",
+        ),
+        (
+            vec!["/src/app/a.txt".to_string(), "/nothing".to_string()],
+            "source '/nothing': no such file or directory in the build context\n",
+        ),
+    ] {
+        let from = fx.spec(Job::CopySources {
+            sources: srcs,
+            chmod: None,
+        });
+        let o = run(&from, None).await;
+        assert_ne!(o.code, 0);
+        assert_eq!((o.stdout.len(), o.stderr.as_str()), (0, line));
+    }
 }

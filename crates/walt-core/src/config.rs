@@ -180,6 +180,9 @@ pub struct Limits {
     /// `save-prompt-timeout`: how long the server waits for the answer to
     /// the save prompt after a shell, before discarding the changes.
     pub save_prompt_timeout: std::time::Duration,
+    /// `build-cache-size`: what the layers only `walt image build`'s cache
+    /// keeps may add up to; the least recently used go first.
+    pub build_cache_size: u64,
 }
 
 impl Default for Limits {
@@ -192,12 +195,13 @@ impl Default for Limits {
             grpc_send_size: 64 << 20,
             shells_per_user: 8,
             save_prompt_timeout: std::time::Duration::from_secs(600),
+            build_cache_size: 20 << 30,
         }
     }
 }
 
 /// The keys of the `limits:` section.
-pub const LIMIT_KEYS: [&str; 7] = [
+pub const LIMIT_KEYS: [&str; 8] = [
     "layer-unpacked-size",
     "image-unpacked-size",
     "free-space-reserve",
@@ -205,6 +209,7 @@ pub const LIMIT_KEYS: [&str; 7] = [
     "grpc-send-size",
     "shells-per-user",
     "save-prompt-timeout",
+    "build-cache-size",
 ];
 
 /// `n` bytes in the largest binary unit that divides it (`64G`, `512M`, `100`).
@@ -316,6 +321,7 @@ fn validate_limits(file: &str, section: Option<&Value>) -> Result<Limits, Config
             }
             "grpc-receive-size" => limits.grpc_receive_size = size(key, v, 1 << 20)?,
             "grpc-send-size" => limits.grpc_send_size = size(key, v, 1 << 20)?,
+            "build-cache-size" => limits.build_cache_size = size(key, v, 0)?,
             "shells-per-user" => {
                 let t = text(key, v)?;
                 limits.shells_per_user = t

@@ -33,7 +33,7 @@ async fn check_space(store: &Arc<walt_store::Store>) -> Result<(), ServiceError>
 }
 
 /// The sandbox's one-line reason for failing (its stderr).
-async fn reason(
+pub(crate) async fn reason(
     stderr: Option<impl AsyncRead + Unpin>,
     status: std::process::ExitStatus,
 ) -> String {

@@ -104,7 +104,7 @@ impl Drop for LockGuard {
 }
 
 /// `HH:MM:SS` (UTC) of now, for lock holders.
-fn clock() -> String {
+pub(crate) fn clock() -> String {
     let secs = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -190,6 +190,136 @@ impl Store {
         }
         self.layer_dirs(base)?;
 
+        let blob_label = format!("of the new layer of '{}'", target.short());
+        let layer = self.save_upper(upper, &blob_label, &fail)?;
+        let diff_id = layer.diff_id.clone();
+        let layer_size = layer.blob_size;
+
+        // 4. Config and manifest.
+        let mut config = read_config(inner, &base.name, &base.config_digest)?;
+        let now = now_secs();
+        let rootfs = config
+            .entry("rootfs")
+            .or_insert_with(|| serde_json::json!({ "type": "layers" }));
+        if !rootfs.is_object() {
+            *rootfs = serde_json::json!({ "type": "layers" });
+        }
+        if let Some(rootfs) = rootfs.as_object_mut() {
+            push_to_array(rootfs, "diff_ids", diff_id.to_string().into());
+        }
+        let entry = serde_json::json!({ "created": rfc3339(now), "created_by": created_by });
+        push_to_array(&mut config, "history", entry);
+        config.insert("created".into(), rfc3339(now).into());
+        let mut layers = base.layers.clone();
+        layers.push(layer);
+        let (manifest_digest, outcome) = self.record_built_image(
+            target,
+            config,
+            layers,
+            base.node_models.clone(),
+            replace,
+            now,
+        )?;
+        tracing::info!(image = %target, base = %base.name, %diff_id, layer_size,
+            elapsed_ms = start.elapsed().as_millis() as u64, "session saved as a new layer");
+        Ok(CommitOutcome {
+            manifest_digest,
+            diff_id,
+            layer_size,
+            replaced: outcome == PutOutcome::Replaced,
+        })
+    }
+
+    /// Saves `upper` as one new uncompressed layer, for a build step:
+    /// removes the overlay bookkeeping xattrs (refusing redirects,
+    /// metacopy and paths too long for a layer), writes it once as an OCI
+    /// tar blob (hashed as it is written: blob digest == diff_id; bounded
+    /// by `limits.layer-unpacked-size`, the free space checked as it
+    /// grows), makes it durable, publishes the blob and adopts `upper` as
+    /// `layers/<diff_id>/diff`. `label` names what is built, for messages
+    /// (e.g. "the build of 'alice/img:latest', step 3"). Returns the layer
+    /// (blob_digest == diff_id, media type [`oci::OCI_LAYER_TAR`]).
+    ///
+    /// `upper` must be an unmounted directory in the store's `tmp/` (e.g.
+    /// [`SessionDir::upper`]); it is consumed when the layer is new, left
+    /// in place when the same layer is already stored.
+    ///
+    /// Nothing references the layer yet: hold an [`crate::ImportGuard`]
+    /// ([`Store::begin_import`]) from before this call until the layer is
+    /// referenced by [`Store::cache_put`] or [`Store::record_built_image`],
+    /// or a gc may collect it in between.
+    pub fn commit_upper(&self, upper: &Path, label: &str) -> Result<LayerRef> {
+        let start = Instant::now();
+        let _guard = self.begin_import();
+        let fail = |reason: String| StoreError::SaveLayerFailed {
+            what: label.to_string(),
+            reason,
+        };
+        let layer = self.save_upper(upper, &format!("of the layer of {label}"), &fail)?;
+        tracing::info!(what = label, diff_id = %layer.diff_id, layer_size = layer.blob_size,
+            elapsed_ms = start.elapsed().as_millis() as u64, "build step saved as a layer");
+        Ok(layer)
+    }
+
+    /// Records a built image: stores `config` (the complete OCI config
+    /// object: rootfs, history, created, config... as the caller made
+    /// them) as a blob, writes an OCI manifest over `layers` (annotated
+    /// [`ANNOTATION_WALT_BUILT`]) and records the image `target` with
+    /// `node_models` and `created` (Unix seconds). An existing `target` is
+    /// refused ([`StoreError::ImageExists`]) unless `replace`. Every layer
+    /// must be in the store (blob and unpacked directory).
+    ///
+    /// Deterministic: the same config and layers give the same config and
+    /// manifest digests, and a blob already stored is not written again
+    /// (a rebuild with everything cached creates no blob). Returns the
+    /// manifest digest.
+    pub fn record_built_image(
+        &self,
+        target: &ImageName,
+        config: serde_json::Map<String, serde_json::Value>,
+        layers: Vec<LayerRef>,
+        node_models: Vec<String>,
+        replace: bool,
+        created: i64,
+    ) -> Result<(Digest, PutOutcome)> {
+        let _guard = self.begin_import();
+        // Refused before any blob is written (put_image checks again).
+        if !replace && self.get_image(target)?.is_some() {
+            return Err(StoreError::ImageExists(target.to_string()));
+        }
+        let annotations = serde_json::json!({ ANNOTATION_WALT_BUILT: "true" });
+        let (config_digest, manifest_digest) =
+            store_config_and_manifest(&self.inner, target, config, &layers, Some(annotations))?;
+        let outcome = self.put_image(
+            &NewImage {
+                name: target.clone(),
+                manifest_digest: manifest_digest.clone(),
+                manifest_media_type: oci::OCI_MANIFEST.to_string(),
+                config_digest,
+                layers,
+                node_models,
+                created,
+            },
+            replace,
+        )?;
+        Ok((manifest_digest, outcome))
+    }
+
+    /// Steps 1-3 of a commit, shared by [`Store::commit_layer`] and
+    /// [`Store::commit_upper`]: sanitizes `upper`, writes it as an
+    /// uncompressed OCI tar blob (hashed as it is written, bounded by
+    /// `limits.layer-unpacked-size`, free space checked), makes it
+    /// durable, publishes the blob and adopts `upper` as the layer.
+    /// `blob_label` names the blob in size errors; `fail` makes the error
+    /// of every other failure from its reason. The caller holds an
+    /// [`crate::ImportGuard`].
+    fn save_upper(
+        &self,
+        upper: &Path,
+        blob_label: &str,
+        fail: &dyn Fn(String) -> StoreError,
+    ) -> Result<LayerRef> {
+        let inner = &self.inner;
         // 1. Clean overlay xattrs, refuse what we cannot represent, make
         //    the upper contents durable.
         if !fs::symlink_metadata(upper).is_ok_and(|m| m.is_dir()) {
@@ -228,7 +358,7 @@ impl Store {
         // 2. The layer tar, hashed as it is written.
         // Bounded by the layer limit; the free space checked as it grows.
         let blob_w = BlobWriter::buffered(inner, Expected::default())?
-            .label(&format!("of the new layer of '{}'", target.short()))
+            .label(blob_label)
             .limit(inner.limits().layer_unpacked_size, "layer-unpacked-size");
         let (blob_w, _) =
             walt_tar::write_tree(blob_w, upper, &layer_tree_options(true)).map_err(|e| {
@@ -255,50 +385,11 @@ impl Store {
             staging.publish(inner, &diff_id, Durability::AlreadyDurable)?;
         }
 
-        // 4. Config and manifest.
-        let mut config = read_config(inner, &base.name, &base.config_digest)?;
-        let now = now_secs();
-        let rootfs = config
-            .entry("rootfs")
-            .or_insert_with(|| serde_json::json!({ "type": "layers" }));
-        if !rootfs.is_object() {
-            *rootfs = serde_json::json!({ "type": "layers" });
-        }
-        if let Some(rootfs) = rootfs.as_object_mut() {
-            push_to_array(rootfs, "diff_ids", diff_id.to_string().into());
-        }
-        let entry = serde_json::json!({ "created": rfc3339(now), "created_by": created_by });
-        push_to_array(&mut config, "history", entry);
-        config.insert("created".into(), rfc3339(now).into());
-        let mut layers = base.layers.clone();
-        layers.push(LayerRef {
+        Ok(LayerRef {
             diff_id: diff_id.clone(),
-            blob_digest: diff_id.clone(),
+            blob_digest: diff_id,
             blob_size: layer_size,
             media_type: oci::OCI_LAYER_TAR.to_string(),
-        });
-        let annotations = serde_json::json!({ ANNOTATION_WALT_BUILT: "true" });
-        let (config_digest, manifest_digest) =
-            store_config_and_manifest(inner, target, config, &layers, Some(annotations))?;
-        let outcome = self.put_image(
-            &NewImage {
-                name: target.clone(),
-                manifest_digest: manifest_digest.clone(),
-                manifest_media_type: oci::OCI_MANIFEST.to_string(),
-                config_digest,
-                layers,
-                node_models: base.node_models.clone(),
-                created: now,
-            },
-            replace,
-        )?;
-        tracing::info!(image = %target, base = %base.name, %diff_id, layer_size,
-            elapsed_ms = start.elapsed().as_millis() as u64, "session saved as a new layer");
-        Ok(CommitOutcome {
-            manifest_digest,
-            diff_id,
-            layer_size,
-            replaced: outcome == PutOutcome::Replaced,
         })
     }
 }

@@ -1,5 +1,6 @@
 //! The SQLite metadata: images, their layers, nodes.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -83,6 +84,17 @@ const MIGRATIONS: &[&str] = &[
         model TEXT,
         image_id INTEGER
     );",
+    // 2: the build cache (`walt image build`): layers as a JSON array of
+    // {diff_id, blob_digest, blob_size, media_type}; `used` in Unix
+    // milliseconds, strictly increasing.
+    "CREATE TABLE build_cache (
+        key TEXT PRIMARY KEY,
+        layers TEXT NOT NULL,
+        config_digest TEXT,
+        created INTEGER NOT NULL,
+        used INTEGER NOT NULL
+    );
+    CREATE INDEX build_cache_used ON build_cache(used);",
 ];
 
 /// Opens (creating if needed) and migrates the database.
@@ -367,16 +379,19 @@ pub(crate) fn image_in_use(conn: &Connection, name: &ImageName) -> Result<bool> 
     .db(&ctx)
 }
 
+/// Every blob digest and diff_id referenced by an image or a build cache
+/// entry: what gc keeps.
+pub(crate) fn references(conn: &Connection) -> Result<(HashSet<String>, HashSet<String>)> {
+    let (mut blobs, mut layers) = image_references(conn)?;
+    crate::build_cache::references(conn, &mut blobs, &mut layers)?;
+    Ok((blobs, layers))
+}
+
 /// Every blob digest and diff_id referenced by an image.
-pub(crate) fn references(
-    conn: &Connection,
-) -> Result<(
-    std::collections::HashSet<String>,
-    std::collections::HashSet<String>,
-)> {
+pub(crate) fn image_references(conn: &Connection) -> Result<(HashSet<String>, HashSet<String>)> {
     let ctx = "listing referenced blobs and layers";
-    let mut blobs = std::collections::HashSet::new();
-    let mut layers = std::collections::HashSet::new();
+    let mut blobs = HashSet::new();
+    let mut layers = HashSet::new();
     let mut stmt = conn
         .prepare("SELECT manifest_digest, config_digest FROM images")
         .db(ctx)?;

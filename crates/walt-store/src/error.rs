@@ -55,6 +55,10 @@ pub enum StoreError {
     /// A session's changes could not be saved as a new layer.
     #[error("image '{image}': cannot save the session: {reason}")]
     CommitFailed { image: String, reason: String },
+    /// A build step's changes could not be saved as a layer (`what` names
+    /// the step, e.g. "the build of 'alice/img:latest', step 3").
+    #[error("{what}: cannot save the layer: {reason}")]
+    SaveLayerFailed { what: String, reason: String },
     #[error("image '{image}': stored record is corrupt: {reason}")]
     Corrupt { image: String, reason: String },
     /// Writing more would leave less than the configured reserve free on

@@ -1,5 +1,6 @@
-//! Garbage collection of blobs and layers no image references, and the
-//! import guards that defer it.
+//! Garbage collection of blobs and layers no image and no build cache
+//! entry references (`db::references`: the one place that lists them),
+//! and the import guards that defer it.
 
 use std::fs;
 use std::io;

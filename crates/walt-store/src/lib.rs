@@ -13,12 +13,13 @@
 //! renamed into place when complete and verified, always through the
 //! `staging` module (one way in); an image record is
 //! committed only once everything it references is on disk. Blobs and
-//! layers that no image references are collected by [`Store::gc`], which
-//! waits while an [`ImportGuard`] lives.
+//! layers that no image and no build cache entry references are collected
+//! by [`Store::gc`], which waits while an [`ImportGuard`] lives.
 //!
 //! Every method is synchronous (call them from `spawn_blocking`).
 
 mod blobs;
+mod build_cache;
 mod commit;
 mod db;
 mod direct;
@@ -42,6 +43,7 @@ use walt_core::config::Limits;
 use walt_core::oci::Compression;
 use walt_core::{Digest, ImageName};
 
+pub use build_cache::CacheEntry;
 pub use commit::{CommitOutcome, SessionDir};
 pub use db::{ImageRecord, LayerRef, NewImage, PutOutcome};
 pub use error::{Result, StoreError};
@@ -376,9 +378,9 @@ impl Store {
         }
     }
 
-    /// Removes blobs and layers no image references (and layer dirs without
-    /// a complete `diff`). Deferred, deleting nothing, while imports are in
-    /// flight.
+    /// Removes blobs and layers no image and no build cache entry
+    /// references (and layer dirs without a complete `diff`). Deferred,
+    /// deleting nothing, while imports are in flight.
     pub fn gc(&self) -> Result<GcReport> {
         self.inner.gc()
     }
@@ -386,6 +388,8 @@ impl Store {
 
 #[cfg(test)]
 mod bounds_tests;
+#[cfg(test)]
+mod build_cache_tests;
 #[cfg(test)]
 mod tests;
 

@@ -142,8 +142,9 @@ pub struct ExtractOptions<'a> {
     /// How messages name the destination ("layer": "escapes the layer
     /// root", "is not in the layer").
     pub area: &'static str,
-    /// A non-directory entry replaces a directory of the same name (a
-    /// layer), instead of being refused (`cp`).
+    /// A non-directory entry replaces a directory of the same name and a
+    /// directory entry a non-directory (a layer), instead of being refused
+    /// (`cp`, COPY/ADD).
     pub replace_dirs: bool,
 }
 
@@ -607,6 +608,12 @@ impl<'a> Extractor<'a> {
             Ok(()) => {}
             Err(Errno::EEXIST) => match fsops::lstat_at(parent.as_fd(), last) {
                 Ok(st) if fsops::is_dir(&st) => {}
+                _ if !self.opts.replace_dirs => {
+                    return Err(Error::entry(
+                        raw,
+                        "cannot overwrite a non-directory with a directory",
+                    ));
+                }
                 _ => {
                     self.replace(&parent, last, &rel, raw)?;
                     mkdirat(&parent, last, Mode::from_bits_truncate(0o700))
