@@ -398,6 +398,19 @@ fn built_trees_and_configs_match_docker() {
     let dir = tempfile::tempdir().unwrap();
     let mut diffs = Vec::new();
 
+    // The base, as docker has it and as walt cloned it: the same tree (the
+    // comparison's own check).
+    let base_theirs = walt_e2e::tree::docker_image_tree(&d, "oracle/busybox:latest").unwrap();
+    let base_ours = walt_e2e::tree::Merged::image(&data, "oracle", "busybox")
+        .unwrap()
+        .tree()
+        .unwrap();
+    assert!(base_ours.contains_key("bin/busybox") && base_ours.contains_key("etc/passwd"));
+    assert_eq!(
+        walt_e2e::tree::diff_trees(&base_ours, &base_theirs, |_| false),
+        Vec::<String>::new()
+    );
+
     let copy_ctx = Ctx {
         files: &[
             ("file.txt", b"file\n", 0o644),
