@@ -81,7 +81,9 @@ pub enum Job {
         limit: Option<u64>,
     },
     /// Write to stdout the tar that `walt_build::copy::write_copy_tar` makes of
-    /// `sources` resolved in the image (COPY --from).
+    /// `sources` resolved in the image (COPY --from), after a header ended by a
+    /// NUL byte: `F<name>` when it is exactly one regular file, `D` otherwise
+    /// (directory content).
     CopySources {
         sources: Vec<String>,
         chmod: Option<u32>,

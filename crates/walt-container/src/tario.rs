@@ -272,7 +272,22 @@ pub(crate) fn copy_sources(
     sources: &[walt_build::context::Source],
     chmod: Option<u32>,
 ) -> Result<(), String> {
-    let out = BufWriter::with_capacity(256 * 1024, io::stdout().lock());
+    let mut out = BufWriter::with_capacity(256 * 1024, io::stdout().lock());
+    // A header line before the archive tells the engine how it lands:
+    // `F<name>\0` for exactly one regular file (landing at the
+    // destination's own name unless that is a directory), `D\0` for
+    // directory content.
+    let head = match sources {
+        [s] if s.kind == walt_build::context::SourceKind::File => {
+            let mut h = b"F".to_vec();
+            h.extend_from_slice(s.file_name().as_encoded_bytes());
+            h
+        }
+        _ => b"D".to_vec(),
+    };
+    out.write_all(&head)
+        .and_then(|()| out.write_all(b"\0"))
+        .map_err(|e| format!("writing the archive: {}", errstr(&e)))?;
     let mut out = walt_build::copy::write_copy_tar(out, Path::new("/"), sources, chmod)
         .map_err(|e| e.to_string())?;
     out.flush()
