@@ -40,7 +40,7 @@ make_context() {
   for d in $(seq -w 0 19); do
     mkdir -p "$dir/data/d$d"
     for i in $(seq -w 0 99); do
-      tail -c +$(( (10#$d * 100 + 10#$i) * 25600 + 1 )) "$W/rand" | head -c 25600 > "$dir/data/d$d/f$i"
+      dd if="$W/rand" of="$dir/data/d$d/f$i" bs=25600 skip=$((10#$d * 100 + 10#$i)) count=1 status=none
     done
   done
   rm -f "$W/rand"
@@ -73,7 +73,7 @@ dockerd --data-root "$D/d" --exec-root "$D/e" --pidfile "$D/dockerd.pid" -H "uni
   --iptables=false --ip6tables=false --bridge=none >"$D/dockerd.log" 2>&1 & DOCKERD=$!; pids+=($DOCKERD)
 export DOCKER_HOST=unix://$D/docker.sock DOCKER_CONFIG=$D/client DOCKER_BUILDKIT=0
 for _ in $(seq 300); do docker version >/dev/null 2>&1 && break; sleep 0.1; done
-docker import -q --change 'LABEL walt.node.models=pc-x86-64' "$CACHE/busybox/1.tar.gz" busybox:latest >/dev/null
+docker import --change 'LABEL walt.node.models=pc-x86-64' "$CACHE/busybox/1.tar.gz" busybox:latest >/dev/null
 
 podman_env "$W/podman"
 # crun refuses this machine's hybrid cgroup layout: runc (see bench/shell.sh). Podman's

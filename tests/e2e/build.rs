@@ -302,7 +302,8 @@ fn walt_test_from_a_git_repository_with_sub_dir() {
     out.assert_failure("Dockerfile");
     assert!(out.stderr.contains("images/empty"), "{out}");
     assert!(
-        !out.stderr.contains(&repo.path().display().to_string()),
+        !out.stderr
+            .contains(&env.server.data_dir().display().to_string()),
         "no host path of the server in messages:\n{out}"
     );
     let out = env.alice.run(&[

@@ -520,8 +520,25 @@ fn built_trees_and_configs_match_docker() {
          FROM oracle/busybox\n\
          COPY --from=one /out /from-one/\n\
          COPY --from=one /out/x /single-from-one\n\
-         RUN rm /etc/walt-test-marker && rm -r /tmp && mkdir /tmp2 && echo changed > /etc/group\n\
-         RUN mkdir /tmp && chmod 1777 /tmp && rm -r /bin/cat /from-one/sub\n",
+         RUN rm /etc/walt-test-marker && rm -r /root && mkdir /tmp2 && echo changed > /etc/group\n\
+         RUN mkdir /root && echo new > /root/new && rm -r /bin/cat /from-one/sub\n",
+        &Ctx {
+            files: &[],
+            links: &[],
+        },
+    ));
+
+    // A RUN sees the image as it is: no /tmp when the image has none,
+    // and a RUN adds nothing of its sandbox to the layer.
+    diffs.extend(compare_build(
+        &d,
+        &alice,
+        &data,
+        dir.path(),
+        "notmp",
+        "FROM oracle/busybox\n\
+         RUN rm -r /tmp\n\
+         RUN if [ -e /tmp ]; then echo present; else echo absent; fi > /root/tmp-was\n",
         &Ctx {
             files: &[],
             links: &[],
