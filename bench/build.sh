@@ -72,6 +72,8 @@ D=$W/docker; mkdir -p "$D"
 dockerd --data-root "$D/d" --exec-root "$D/e" --pidfile "$D/dockerd.pid" -H "unix://$D/docker.sock" \
   --iptables=false --ip6tables=false --bridge=none >"$D/dockerd.log" 2>&1 & DOCKERD=$!; pids+=($DOCKERD)
 export DOCKER_HOST=unix://$D/docker.sock DOCKER_CONFIG=$D/client DOCKER_BUILDKIT=0
+# podman reads DOCKER_CONFIG too: an empty one.
+mkdir -p "$D/client"; echo "{}" > "$D/client/config.json"
 for _ in $(seq 300); do docker version >/dev/null 2>&1 && break; sleep 0.1; done
 docker import --change 'LABEL walt.node.models=pc-x86-64' "$CACHE/busybox/1.tar.gz" busybox:latest >/dev/null
 
@@ -79,8 +81,9 @@ podman_env "$W/podman"
 # crun refuses this machine's hybrid cgroup layout: runc (see bench/shell.sh). Podman's
 # overlay and the dockerd go before $W is removed.
 trap 'podman rmi -af >/dev/null 2>&1; umount "$W/podman/root/overlay" 2>/dev/null || true; kill $DOCKERD 2>/dev/null; wait $DOCKERD 2>/dev/null; cleanup' EXIT
-podman pull -q --tls-verify=false "127.0.0.1:$REG_PORT/bench/busybox:latest" >/dev/null
-podman tag "127.0.0.1:$REG_PORT/bench/busybox:latest" busybox:latest
+# Imported (as docker's), not pulled: buildah 1.28 cannot commit on a base whose config
+# has no history ("history lists 2 non-empty layers, but we have 3 layers on disk").
+podman import -q --change 'LABEL walt.node.models=pc-x86-64' "$CACHE/busybox/1.tar.gz" busybox:latest >/dev/null
 
 wb() { "$BIN/walt" image build --from-dir "$CTX" --yes "$@" bench-built >"$W/walt-build.out" 2>&1 || { cat "$W/walt-build.out" >&2; exit 1; }; }
 db() { docker build -q --network=none "$@" -t bench-built "$CTX" >"$W/docker-build.out" 2>&1 || { cat "$W/docker-build.out" >&2; exit 1; }; }
