@@ -60,7 +60,7 @@ RUN cat /data/d00/* /data/d01/* > /gen/concat && wc -c /gen/concat > /gen/size
 ENV BENCH=1
 RUN echo done > /root/done
 DF
-ctx_mb=$(du -sm "$CTX/data" | cut -f1); ctx_files=$(find "$CTX/data" -type f | wc -l)
+ctx_mb=$(du -s --apparent-size -B 1000000 "$CTX/data" | cut -f1); ctx_files=$(find "$CTX/data" -type f | wc -l)
 
 start_registry
 push_image busybox bench/busybox
