@@ -6,6 +6,8 @@
 mod bad_input;
 mod bounds;
 mod build;
+mod build_base;
+mod build_cli;
 mod build_oracle;
 mod client_config;
 mod common;

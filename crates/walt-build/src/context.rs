@@ -612,12 +612,20 @@ pub struct Source {
     /// with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` reaches it.
     pub rel: PathBuf,
     pub kind: SourceKind,
+    /// The last component of the path as matched, before symlinks are
+    /// resolved: a file source lands under this name (`link.txt`, not
+    /// the name of the file it points to), as with docker.
+    pub name: std::ffi::OsString,
 }
 
 impl Source {
     /// The name under which a file source lands in a destination directory.
     pub fn file_name(&self) -> &OsStr {
-        self.rel.file_name().unwrap_or(OsStr::new(""))
+        if self.name.is_empty() {
+            self.rel.file_name().unwrap_or(OsStr::new(""))
+        } else {
+            &self.name
+        }
     }
 }
 
@@ -638,6 +646,7 @@ fn resolve_one(
     src: &str,
     rel: &str,
 ) -> Result<Option<Source>, ContextError> {
+    let matched = rel;
     let fd = match open2(root, rel.as_bytes(), OFlags::PATH, ResolveFlags::IN_ROOT) {
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -665,10 +674,15 @@ fn resolve_one(
         FileType::Directory => SourceKind::Dir,
         _ => SourceKind::Other,
     };
+    let name = Path::new(matched)
+        .file_name()
+        .map(OsStr::to_os_string)
+        .unwrap_or_default();
     Ok(Some(Source {
         src: src.to_string(),
         rel,
         kind,
+        name,
     }))
 }
 

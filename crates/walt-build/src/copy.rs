@@ -93,6 +93,9 @@ struct CopyTar<W: Write> {
     /// Files with several links already written: (dev, ino) -> name.
     linked: HashMap<(u64, u64), Vec<u8>>,
     link: Vec<u8>,
+    /// The xattrs of the current file, and a buffer for reading them.
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    xbuf: Vec<u8>,
 }
 
 impl<W: Write> CopyTar<W> {
@@ -102,6 +105,40 @@ impl<W: Write> CopyTar<W> {
         h.mtime = st.st_mtime;
         h.mtime_nsec = st.st_mtime_nsec as u32;
         h
+    }
+
+    /// Reads the xattrs of a file to copy (file capabilities...), never
+    /// overlay's own.
+    fn read_xattrs(&mut self, f: &File) -> io::Result<()> {
+        use rustix::io::Errno;
+        self.xattrs.clear();
+        if self.xbuf.is_empty() {
+            // XATTR_LIST_MAX and XATTR_SIZE_MAX: no ERANGE below.
+            self.xbuf = vec![0u8; 64 * 1024];
+        }
+        let n = match rustix::fs::flistxattr(f, &mut self.xbuf[..]) {
+            Ok(n) => n,
+            Err(Errno::OPNOTSUPP) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let names = self.xbuf[..n].to_vec();
+        for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            if name.starts_with(walt_tar::OVERLAY_XATTR_PREFIX) {
+                continue;
+            }
+            let c = std::ffi::CString::new(name).map_err(io::Error::other)?;
+            let m = match rustix::fs::fgetxattr(f, c.as_c_str(), &mut self.xbuf[..]) {
+                Ok(m) => m,
+                Err(Errno::NODATA) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            self.xattrs.push((name.to_vec(), self.xbuf[..m].to_vec()));
+        }
+        self.xattrs.sort();
+        Ok(())
     }
 
     /// One walked entry (`name` in `dir`), written as `path`; true when it
@@ -155,8 +192,10 @@ impl<W: Write> CopyTar<W> {
                 else {
                     return Err(refused(src, rel, "no longer a regular file"));
                 };
+                self.read_xattrs(&f).map_err(|e| read_err(src, rel, e))?;
                 let mut h = self.spec(path, Kind::File, &st);
                 h.size = st.st_size as u64;
+                h.xattrs = &self.xattrs;
                 let mut data = ReadErr {
                     inner: f.take(h.size),
                     err: None,
@@ -192,8 +231,8 @@ fn open_source(root: &OwnedFd, src: &Source, flags: OFlags) -> Result<OwnedFd, C
 /// one entry under its own name. Entries are owned by 0:0 (no user or
 /// group names), modes as on disk or `chmod` (every entry, files and
 /// directories, as buildkit does), mtimes kept, symlinks as symlinks,
-/// further names of a file as hard links; FIFOs, sockets and devices are
-/// refused. Later sources are written after earlier ones (extraction makes
+/// further names of a file as hard links, the xattrs of regular files kept
+/// (not overlay's); FIFOs, sockets and devices are refused. Later sources are written after earlier ones (extraction makes
 /// the later win).
 pub fn write_copy_tar<W: Write>(
     out: W,
@@ -215,6 +254,8 @@ pub fn write_copy_tar<W: Write>(
         chmod,
         linked: HashMap::new(),
         link: Vec::new(),
+        xattrs: Vec::new(),
+        xbuf: Vec::new(),
     };
     for src in sources {
         match src.kind {
@@ -233,6 +274,7 @@ pub fn write_copy_tar<W: Write>(
                     src: src.src.clone(),
                     rel: Path::new(std::ffi::OsStr::from_bytes(parent)).to_path_buf(),
                     kind: SourceKind::Dir,
+                    name: Default::default(),
                 };
                 let dir = open_source(&root_fd, &parent_src, OFlags::RDONLY | OFlags::DIRECTORY)?;
                 let st = rustix::fs::statat(&dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
@@ -243,7 +285,8 @@ pub fn write_copy_tar<W: Write>(
                     name,
                     st: &st,
                 };
-                t.entry(src, b"", name, &w)?;
+                // Under the name it was matched by (a symlink's own name).
+                t.entry(src, b"", src.file_name().as_bytes(), &w)?;
             }
         }
     }

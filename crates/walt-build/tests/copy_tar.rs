@@ -167,6 +167,21 @@ fn glob_and_dot_sources() {
 }
 
 #[test]
+fn file_xattrs_are_kept() {
+    let d = tree();
+    let f = d.path().join("app/a.txt");
+    rustix::fs::setxattr(&f, "user.walt", b"v\0bin", rustix::fs::XattrFlags::empty()).unwrap();
+    let sources = resolve_sources(d.path(), &["app/a.txt".to_string()]).unwrap();
+    let tar = write_copy_tar(Vec::new(), d.path(), &sources, None).unwrap();
+    let mut r = Reader::new(&tar[..]);
+    assert!(r.next_entry().unwrap());
+    assert_eq!(
+        r.entry().xattrs,
+        [(b"user.walt".to_vec(), b"v\0bin".to_vec())]
+    );
+}
+
+#[test]
 fn chmod_applies_to_every_entry() {
     let d = tree();
     let got = copy_tar(d.path(), &["app", "top.txt"], Some(0o600));

@@ -146,12 +146,10 @@ pub fn prepare(args: BuildArgs) -> anyhow::Result<Prepared> {
             let ignore = check_dir(&dir)?;
             Source::Dir { path: dir, ignore }
         }
+        // As typed: the server refuses one that leaves the repository.
         (None, Some(url)) => Source::Url {
             url,
-            sub_dir: args
-                .sub_dir
-                .map(|s| s.trim_matches('/').to_string())
-                .unwrap_or_default(),
+            sub_dir: args.sub_dir.unwrap_or_default(),
         },
     };
     // The owner does not change the rules; the server checks again.
@@ -287,20 +285,25 @@ fn spawn_context_writer(
     });
 }
 
-/// Prints the events as they come, on stderr; the result line on stdout.
-struct Display {
+/// Shows the events as they come (on stderr); the result is returned.
+struct Screen<W: Write> {
+    out: W,
     /// The last output byte written ended a line (or nothing was written).
     at_line_start: bool,
 }
 
-impl Display {
-    fn line(&mut self, text: &str) {
-        let mut err = io::stderr().lock();
+impl<W: Write> Screen<W> {
+    /// Ends a line of RUN output left open.
+    fn end_line(&mut self) {
         if !self.at_line_start {
-            let _ = err.write_all(b"\n");
+            let _ = self.out.write_all(b"\n");
             self.at_line_start = true;
         }
-        let _ = writeln!(err, "{text}");
+    }
+
+    fn line(&mut self, text: &str) {
+        self.end_line();
+        let _ = writeln!(self.out, "{text}");
     }
 
     fn event(&mut self, ev: Event) -> Option<pb::BuildResult> {
@@ -318,14 +321,16 @@ impl Display {
             }
             Event::Output(b) => {
                 if let Some(&last) = b.last() {
-                    let mut err = io::stderr().lock();
-                    let _ = err.write_all(&b);
-                    let _ = err.flush();
+                    let _ = self.out.write_all(&b);
+                    let _ = self.out.flush();
                     self.at_line_start = last == b'\n';
                 }
             }
             Event::Message(m) => self.line(&neutralize(&m)),
-            Event::Result(r) => return Some(r),
+            Event::Result(r) => {
+                self.end_line();
+                return Some(r);
+            }
         }
         None
     }
@@ -393,8 +398,7 @@ pub async fn build(client: &mut Client, settings: &Settings, p: Prepared) -> any
     // writer stopped by the server does not.
     let failed = |s: tonic::Status| -> anyhow::Error {
         match done_rx.try_recv() {
-            Ok(Err(ContextError::Write(e))) if e.to_string() == SERVER_STOPPED => status_error(s),
-            Ok(Err(e)) => e.into(),
+            Ok(Err(e)) if !e.to_string().contains(SERVER_STOPPED) => e.into(),
             _ => status_error(s),
         }
     };
@@ -402,7 +406,8 @@ pub async fn build(client: &mut Client, settings: &Settings, p: Prepared) -> any
     // build. (Caught rather than left to kill: a prompt may have installed
     // a handler already.)
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut display = Display {
+    let mut display = Screen {
+        out: io::stderr(),
         at_line_start: true,
     };
     let mut stream = tokio::select! {
@@ -417,9 +422,6 @@ pub async fn build(client: &mut Client, settings: &Settings, p: Prepared) -> any
         match msg {
             Ok(Some(pb::BuildEvent { event: Some(ev) })) => {
                 if let Some(r) = display.event(ev) {
-                    if !display.at_line_start {
-                        eprintln!();
-                    }
                     println!("{}", result_line(&r));
                     return Ok(());
                 }
@@ -427,17 +429,15 @@ pub async fn build(client: &mut Client, settings: &Settings, p: Prepared) -> any
             Ok(Some(_)) => {}
             Ok(None) => return Err(anyhow!("the server ended the build without a result")),
             Err(s) => {
-                if !display.at_line_start {
-                    eprintln!();
-                }
+                display.end_line();
                 return Err(failed(s));
             }
         }
     }
 }
 
-fn interrupted(display: &mut Display) -> anyhow::Result<()> {
-    display.line("Build interrupted: nothing saved.");
+fn interrupted(display: &mut Screen<io::Stderr>) -> anyhow::Result<()> {
+    display.line("Build interrupted.");
     Err(ExitWith(130).into())
 }
 
@@ -479,7 +479,7 @@ mod tests {
         );
         let p = prepare(args(None, Some("file:///r"), Some("/a/b/"))).unwrap();
         assert!(
-            matches!(p.source, Source::Url { ref sub_dir, .. } if sub_dir == "a/b"),
+            matches!(p.source, Source::Url { ref sub_dir, .. } if sub_dir == "/a/b/"),
             "{p:?}"
         );
         assert!(matches!(
@@ -560,6 +560,36 @@ mod tests {
             }
         }
         assert_eq!(sizes, [CHUNK, CHUNK, 5]);
+    }
+
+    #[test]
+    fn events_on_screen() {
+        let mut sc = Screen {
+            out: Vec::new(),
+            at_line_start: true,
+        };
+        let step = |index, text: &str, cached| {
+            Event::Step(pb::BuildStep {
+                index,
+                count: 3,
+                text: text.into(),
+                cached,
+            })
+        };
+        assert!(sc.event(step(1, "FROM busybox", true)).is_none());
+        sc.event(Event::Output(b"line\npartial".to_vec()));
+        sc.event(step(2, "RUN a\tb\x1b[2J", false));
+        sc.event(Event::Output(b"done\n".to_vec()));
+        sc.event(Event::Message("Base image\x07 fetched.".into()));
+        sc.event(Event::Output(b"no end".to_vec()));
+        let r = sc.event(Event::Result(pb::BuildResult::default()));
+        assert!(r.is_some());
+        let text = String::from_utf8(sc.out).unwrap();
+        assert_eq!(
+            text,
+            "STEP 1/3: FROM busybox\n--> Using cache\nline\npartial\n\
+             STEP 2/3: RUN a b\\x1b[2J\ndone\nBase image\\x07 fetched.\nno end\n"
+        );
     }
 
     #[test]

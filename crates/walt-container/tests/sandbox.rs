@@ -1651,18 +1651,32 @@ async fn pipe_jobs(from: &Spec, to: &Spec) -> (Out, Out) {
     c1.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut a = c1.spawn().unwrap();
-    let out: Stdio = a.stdout.take().unwrap().try_into().unwrap();
+    let oa = c1.spawn().unwrap().wait_with_output().await.unwrap();
+    // The header the engine reads: `D\0` (directory content) here.
+    let tar = match oa.stdout.iter().position(|&b| b == 0) {
+        Some(i) => {
+            assert_eq!(&oa.stdout[..i], b"D", "CopySources header");
+            oa.stdout[i + 1..].to_vec()
+        }
+        None => Vec::new(),
+    };
     let mut c2 = command(to).unwrap();
-    c2.stdin(out).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let b = c2.spawn().unwrap();
-    let (oa, ob) = tokio::join!(a.wait_with_output(), b.wait_with_output());
+    c2.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut b = c2.spawn().unwrap();
+    let mut stdin = b.stdin.take().unwrap();
+    let feed = async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = stdin.write_all(&tar).await;
+    };
+    let ((), ob) = tokio::join!(feed, b.wait_with_output());
     let conv = |o: std::process::Output| Out {
         code: o.status.code().unwrap_or(-1),
         stdout: o.stdout,
         stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
     };
-    (conv(oa.unwrap()), conv(ob.unwrap()))
+    (conv(oa), conv(ob.unwrap()))
 }
 
 async fn copy_sources_into_place() {

@@ -306,7 +306,7 @@ fn find_rustls_error(err: &(dyn StdError + 'static)) -> Option<String> {
 }
 
 /// A short, lowercase reason from the deepest meaningful error of the chain.
-fn innermost_reason(err: &(dyn StdError + 'static)) -> String {
+pub fn innermost_reason(err: &(dyn StdError + 'static)) -> String {
     let mut cur: &(dyn StdError + 'static) = err;
     let mut io_kind = None;
     loop {

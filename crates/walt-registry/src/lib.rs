@@ -21,4 +21,6 @@ pub use client::{
     Progress, RegistryClient, RetryPolicy,
 };
 pub use docker::{DEFAULT_DOCKER_SOCKET, DockerClient, DockerError};
-pub use error::{ApiError, RegistryError, parse_error_body, summarize_error_body};
+pub use error::{
+    ApiError, RegistryError, innermost_reason, parse_error_body, summarize_error_body,
+};

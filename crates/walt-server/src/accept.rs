@@ -67,21 +67,13 @@ pub(crate) async fn record(
     let (store, target) = (store.clone(), target.clone());
     blocking(move || {
         let _guard = guard;
-        let config_digest = store.put_blob(image.config_digest.as_ref(), &image.config)?;
-        let (manifest_digest, manifest_media_type) = match image.manifest {
-            Manifest::Fetched {
-                bytes,
-                digest,
-                media_type,
-            } => {
-                store.put_blob(Some(&digest), &bytes)?;
-                (digest, media_type)
-            }
-            Manifest::Written => {
-                let bytes = write_manifest(&config_digest, image.config.len(), &image.layers)?;
-                (store.put_blob(None, &bytes)?, oci::OCI_MANIFEST.to_string())
-            }
-        };
+        let (config_digest, manifest_digest, manifest_media_type) = store_documents(
+            &store,
+            &image.config,
+            image.config_digest.as_ref(),
+            image.manifest,
+            &image.layers,
+        )?;
         let new = NewImage {
             name: target,
             manifest_digest: manifest_digest.clone(),
@@ -97,6 +89,34 @@ pub(crate) async fn record(
         Ok((store.put_image(&new, force)?, manifest_digest))
     })
     .await
+}
+
+/// Stores the config (checked against `config_digest` when given) and the
+/// manifest of an image whose layers are in the store, as blobs: returns
+/// the config digest, the manifest digest and its media type. Blocking.
+pub(crate) fn store_documents(
+    store: &Store,
+    config: &[u8],
+    config_digest: Option<&Digest>,
+    manifest: Manifest,
+    layers: &[LayerRef],
+) -> Result<(Digest, Digest, String), ServiceError> {
+    let config_digest = store.put_blob(config_digest, config)?;
+    let (manifest_digest, media_type) = match manifest {
+        Manifest::Fetched {
+            bytes,
+            digest,
+            media_type,
+        } => {
+            store.put_blob(Some(&digest), &bytes)?;
+            (digest, media_type)
+        }
+        Manifest::Written => {
+            let bytes = write_manifest(&config_digest, config.len(), layers)?;
+            (store.put_blob(None, &bytes)?, oci::OCI_MANIFEST.to_string())
+        }
+    };
+    Ok((config_digest, manifest_digest, media_type))
 }
 
 /// An OCI manifest for a config and layers walt assembled itself.

@@ -153,7 +153,7 @@ async fn run(
     // from gc until the image or the cache references it.
     let guard = store.begin_import();
     let s = store.clone();
-    let work = blocking(move || Ok(s.session_dir("build")?)).await?;
+    let work = Scratch(Some(blocking(move || Ok(s.session_dir("build")?)).await?));
     let context = work.path().join("context");
     std::fs::create_dir(&context).map_err(|e| {
         ServiceError::Internal(format!("cannot create the build context directory: {e}"))
@@ -165,23 +165,24 @@ async fn run(
         "the directory given".to_string()
     } else {
         clone_context(&events, &start.url, &context).await?;
-        if start.sub_dir.trim_matches('/').is_empty() {
+        if start.sub_dir.trim_end_matches('/').is_empty() {
             format!("repository {}", ctx::redact_url(start.url.trim()))
         } else {
             format!(
                 "sub-directory '{}' of repository {}",
-                start.sub_dir.trim_matches('/'),
+                start.sub_dir.trim_end_matches('/'),
                 ctx::redact_url(start.url.trim())
             )
         }
     };
-    let sub = start.sub_dir.trim_matches('/').to_string();
+    let sub = start.sub_dir.trim_end_matches('/').to_string();
     let (root, dockerfile) = {
         let (context, place) = (context.clone(), place.clone());
         blocking(move || {
             let sub = if sub.is_empty() { "." } else { sub.as_str() };
             let dir = ctx::open_sub_dir(&context, sub).map_err(bad)?;
-            let df = ctx::read_dockerfile(std::os::fd::AsFd::as_fd(&dir.fd), &place).map_err(bad)?;
+            let df =
+                ctx::read_dockerfile(std::os::fd::AsFd::as_fd(&dir.fd), &place).map_err(bad)?;
             ctx::trim_build_files(std::os::fd::AsFd::as_fd(&dir.fd), df.name).map_err(bad)?;
             Ok((dir.path, df))
         })
@@ -261,10 +262,9 @@ async fn run(
     }
     let (config, created) = last.image_config();
     let (s, t, layers) = (store.clone(), target.clone(), last.layers.clone());
-    let (manifest, outcome) = blocking(move || {
-        Ok(s.record_built_image(&t, config, layers, models, exists, created)?)
-    })
-    .await?;
+    let (manifest, outcome) =
+        blocking(move || Ok(s.record_built_image(&t, config, layers, models, exists, created)?))
+            .await?;
     let s = store.clone();
     let max = store.limits().build_cache_size;
     let _ = blocking(move || Ok(s.prune_build_cache(max)?)).await;
@@ -320,7 +320,7 @@ impl StageOut {
     }
 
     fn add_history(&mut self, text: &str, empty: bool) {
-        let mut h = json!({ "created": rfc3339(self.created), "created_by": text });
+        let mut h = json!({ "created": walt_store::rfc3339(self.created), "created_by": text });
         if empty {
             h["empty_layer"] = Value::Bool(true);
         }
@@ -346,7 +346,7 @@ impl StageOut {
             }),
         );
         c.insert("history".into(), Value::Array(self.history.clone()));
-        c.insert("created".into(), rfc3339(self.created).into());
+        c.insert("created".into(), walt_store::rfc3339(self.created).into());
         if let Some(a) = &self.author {
             c.insert("author".into(), a.clone().into());
         }
@@ -368,7 +368,7 @@ struct Builder<'a> {
     cached: u32,
     steps: u32,
     _guard: ImportGuard,
-    _work: SessionDir,
+    _work: Scratch,
 }
 
 /// How a filesystem step turned out.
@@ -409,15 +409,11 @@ impl Builder<'_> {
         let from_text = plan
             .stages
             .get(index)
-            .map(|s| {
-                df_line(&s.base_text, s.name.as_deref())
-            })
+            .map(|s| df_line(&s.base_text, s.name.as_deref()))
             .unwrap_or_default();
         self.announce(&from_text, false).await?;
         let mut out = self.base(&stage.base, outs).await?;
-        let steps = plan
-            .stage_steps(index, &out.settings)
-            .map_err(bad)?;
+        let steps = plan.stage_steps(index, &out.settings).map_err(bad)?;
         out.author = steps.author.clone().or(out.author);
         let mut cmd_set = false;
         let mut checked_arch = false;
@@ -470,7 +466,9 @@ impl Builder<'_> {
                     let r = match hit {
                         Some(r) => r,
                         None => {
-                            let r = self.run_step(&out, run, &step.text, step.line, &plan.file).await?;
+                            let r = self
+                                .run_step(&out, run, &step.text, step.line, &plan.file)
+                                .await?;
                             self.remember(&key, &r).await?;
                             r
                         }
@@ -482,19 +480,17 @@ impl Builder<'_> {
                         .prepare_copy(copy, outs)
                         .await
                         .map_err(|e| at_line(&plan.file, step.line, e))?;
-                    let key = cache::step_key(
-                        &out.chain(),
-                        &format!("{copy:?}"),
-                        Some(&prepared.inputs),
-                    );
+                    let key =
+                        cache::step_key(&out.chain(), &format!("{copy:?}"), Some(&prepared.inputs));
                     let hit = self.lookup(&key).await?;
                     self.announce(&step.text, hit.is_some()).await?;
                     let r = match hit {
                         Some(r) => r,
                         None => {
-                            let r = self.copy_step(&out, copy, prepared).await.map_err(|e| {
-                                at_line(&plan.file, step.line, e)
-                            })?;
+                            let r = self
+                                .copy_step(&out, copy, prepared)
+                                .await
+                                .map_err(|e| at_line(&plan.file, step.line, e))?;
                             self.remember(&key, &r).await?;
                             r
                         }
@@ -564,7 +560,9 @@ impl Builder<'_> {
                 let (s, n) = (self.store.clone(), name.clone());
                 let (rec, config) = blocking(move || {
                     let rec = s.get_image(&n)?.ok_or_else(|| {
-                        ServiceError::NotFound(format!("base image '{n}' is no longer in the store"))
+                        ServiceError::NotFound(format!(
+                            "base image '{n}' is no longer in the store"
+                        ))
                     })?;
                     let config = s.read_blob(&rec.config_digest)?;
                     Ok((rec, config))
@@ -591,7 +589,7 @@ impl Builder<'_> {
                 let say = move |line: String| {
                     let _ = say_tx.send(line);
                 };
-                let fetch = fetch_base_tmp(&self.state, reference, &say); // TMPBASE
+                let fetch = crate::clone::fetch_base(&self.state, reference, &say);
                 tokio::pin!(fetch);
                 let fetched = loop {
                     tokio::select! {
@@ -603,7 +601,9 @@ impl Builder<'_> {
                 while let Ok(line) = say_rx.try_recv() {
                     self.events.say(line).await?;
                 }
-                let created = now();
+                tracing::info!(image = %self.image, base = %reference, from = %fetched.url,
+                    manifest = %fetched.manifest_digest, "build base fetched");
+                let created = walt_store::now_secs();
                 let entry = CacheEntry {
                     layers: fetched.layers.clone(),
                     config_digest: Some(fetched.config_digest.clone()),
@@ -617,7 +617,7 @@ impl Builder<'_> {
     }
 
     /// The sandbox spec of a job on `layers`, with `dir`'s session dirs.
-    fn spec(&self, layers: &[LayerRef], dir: &SessionDir, job: Job) -> Spec {
+    fn spec(&self, layers: &[LayerRef], dir: &Scratch, job: Job) -> Spec {
         Spec {
             layers: layers
                 .iter()
@@ -630,14 +630,16 @@ impl Builder<'_> {
         }
     }
 
-    async fn session(&self) -> Result<SessionDir, ServiceError> {
+    async fn session(&self) -> Result<Scratch, ServiceError> {
         let s = self.store.clone();
-        blocking(move || Ok(s.session_dir("build-step")?)).await
+        let dir = blocking(move || Ok(s.session_dir("build-step")?)).await?;
+        Ok(Scratch(Some(dir)))
     }
 
     /// Commits what the session changed as a layer (none when nothing).
-    async fn commit(&self, dir: SessionDir) -> Result<StepResult, ServiceError> {
+    async fn commit(&self, dir: Scratch) -> Result<StepResult, ServiceError> {
         let (s, label) = (self.store.clone(), self.label());
+        let dir = dir.take();
         let layer = blocking(move || {
             let upper = dir.upper();
             walt_container::clean_session_artifacts(&upper);
@@ -651,7 +653,7 @@ impl Builder<'_> {
         .await?;
         Ok(StepResult {
             layer,
-            created: now(),
+            created: walt_store::now_secs(),
         })
     }
 
@@ -757,15 +759,14 @@ impl Builder<'_> {
         outs: &[Option<StageOut>],
     ) -> Result<Prepared, ServiceError> {
         if let Some(from) = &copy.from {
-            let src = match from {
-                BaseRef::Stage(j) => outs
-                    .get(*j)
-                    .cloned()
-                    .flatten()
-                    .ok_or_else(|| ServiceError::Internal(format!("stage {j} was not built")))?,
-                // An image: resolved as a FROM would be.
-                other => self.base(other, outs).await?,
-            };
+            let src =
+                match from {
+                    BaseRef::Stage(j) => outs.get(*j).cloned().flatten().ok_or_else(|| {
+                        ServiceError::Internal(format!("stage {j} was not built"))
+                    })?,
+                    // An image: resolved as a FROM would be.
+                    other => self.base(other, outs).await?,
+                };
             let inputs = cache::step_key("from", &src.chain(), None);
             return Ok(Prepared {
                 inputs,
@@ -909,7 +910,7 @@ impl Builder<'_> {
                     owner,
                     limit,
                 };
-                self.place(out, &session, job, Feed::Sandbox(src, stdout))
+                self.place(out, &session, job, Feed::Sandbox(Box::new((src, stdout))))
                     .await?;
             }
             CopySource::Dir {
@@ -983,7 +984,7 @@ impl Builder<'_> {
     async fn place(
         &self,
         out: &StageOut,
-        session: &SessionDir,
+        session: &Scratch,
         job: Job,
         feed: Feed,
     ) -> Result<(), ServiceError> {
@@ -1025,7 +1026,8 @@ impl Builder<'_> {
                 io::copy(&mut reader, &mut f).map_err(io_err("reading the archive"))?;
                 Ok(())
             }),
-            Feed::Sandbox(c, mut stdout) => {
+            Feed::Sandbox(b) => {
+                let (c, mut stdout) = *b;
                 source_child = Some(c);
                 tokio::spawn(async move {
                     let mut sink = tokio::net::unix::pipe::Sender::from_owned_fd(w)
@@ -1069,7 +1071,9 @@ impl Builder<'_> {
             return Err(ServiceError::InvalidArgument(why));
         }
         if !st.success() {
-            return Err(ServiceError::InvalidArgument(crate::cp::reason(stderr, st).await));
+            return Err(ServiceError::InvalidArgument(
+                crate::cp::reason(stderr, st).await,
+            ));
         }
         // The job read everything: a feeder error now is ours.
         fed?;
@@ -1082,7 +1086,10 @@ impl Builder<'_> {
         let fail = |why: String| ServiceError::FailedPrecondition(format!("ADD {shown}: {why}"));
         let name = if dest.ends_with('/') {
             url_file_name(url).ok_or_else(|| {
-                fail("cannot tell a file name from the URL: end the destination with the name".into())
+                fail(
+                    "cannot tell a file name from the URL: end the destination with the name"
+                        .into(),
+                )
             })?
         } else {
             dest.rsplit('/').next().unwrap_or("download").to_string()
@@ -1096,22 +1103,26 @@ impl Builder<'_> {
             .connect_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| fail(e.to_string()))?;
-        let mut resp = client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| fail(format!("cannot download it: {}", walt_core::text::one_line(&e.to_string()))))?;
+        let mut resp = client.get(url).send().await.map_err(|e| {
+            fail(format!(
+                "cannot download it: {}",
+                walt_registry::innermost_reason(&e)
+            ))
+        })?;
         if !resp.status().is_success() {
             return Err(fail(format!("the server answered {}", resp.status())));
         }
         let path = dir.join(&name);
-        let mut file = std::fs::File::create(&path).map_err(io_err("saving the download"))?;
-        let mut total = 0u64;
-        while let Some(chunk) = resp
-            .chunk()
+        let mut file = tokio::fs::File::create(&path)
             .await
-            .map_err(|e| fail(format!("the download broke: {e}")))?
-        {
+            .map_err(io_err("saving the download"))?;
+        let mut total = 0u64;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| {
+            fail(format!(
+                "the download broke: {}",
+                walt_registry::innermost_reason(&e)
+            ))
+        })? {
             total += chunk.len() as u64;
             if total > MAX_ADD_URL {
                 return Err(fail(format!(
@@ -1119,12 +1130,42 @@ impl Builder<'_> {
                     walt_core::config::format_size(MAX_ADD_URL)
                 )));
             }
-            file.write_all(&chunk).map_err(io_err("saving the download"))?;
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                .await
+                .map_err(io_err("saving the download"))?;
         }
         use std::os::unix::fs::PermissionsExt;
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .await
             .map_err(io_err("saving the download"))?;
         Ok(name)
+    }
+}
+
+/// A session directory of the build, removed off the async threads when
+/// dropped (a failed step's upper directory can be large).
+struct Scratch(Option<SessionDir>);
+
+impl Scratch {
+    fn get(&self) -> &SessionDir {
+        self.0.as_ref().expect("present until dropped")
+    }
+
+    fn take(mut self) -> SessionDir {
+        self.0.take().expect("present until dropped")
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = SessionDir;
+    fn deref(&self) -> &SessionDir {
+        self.get()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        crate::session::release(self.0.take(), None);
     }
 }
 
@@ -1145,7 +1186,7 @@ struct Prepared {
     inputs: CacheKey,
     source: CopySource,
     /// Keeps the heredoc/download directory until the step is done.
-    _tmp: Option<SessionDir>,
+    _tmp: Option<Scratch>,
 }
 
 /// What feeds a `Place` job.
@@ -1159,8 +1200,10 @@ enum Feed {
     Archive(PathBuf),
     /// A running `CopySources` job and its output (past its first byte).
     Sandbox(
-        tokio::process::Child,
-        tokio::io::BufReader<tokio::process::ChildStdout>,
+        Box<(
+            tokio::process::Child,
+            tokio::io::BufReader<tokio::process::ChildStdout>,
+        )>,
     ),
 }
 
@@ -1181,17 +1224,24 @@ fn stage_from(
     name: &str,
 ) -> Result<StageOut, ServiceError> {
     let parsed: ImageConfig = serde_json::from_slice(config).map_err(|e| {
-        ServiceError::Internal(format!("base image '{name}': cannot read its configuration: {e}"))
+        ServiceError::Internal(format!(
+            "base image '{name}': cannot read its configuration: {e}"
+        ))
     })?;
     let base: Map<String, Value> = serde_json::from_slice(config).map_err(|e| {
-        ServiceError::Internal(format!("base image '{name}': cannot read its configuration: {e}"))
+        ServiceError::Internal(format!(
+            "base image '{name}': cannot read its configuration: {e}"
+        ))
     })?;
     let history = base
         .get("history")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    let author = base.get("author").and_then(Value::as_str).map(str::to_string);
+    let author = base
+        .get("author")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     Ok(StageOut {
         layers,
         settings: Settings::from_runtime(parsed.config.as_ref()),
@@ -1304,40 +1354,6 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(1)
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// RFC 3339 UTC of Unix seconds.
-fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
-fn civil(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 /// Receives the context tar from the client into `dir`.
 async fn receive_context(
     state: &Arc<State>,
@@ -1413,13 +1429,11 @@ async fn receive_context(
         return Err(f);
     }
     extracted.map_err(|e| match e {
-        walt_tar::Error::Limit { .. } => {
-            ServiceError::Store(walt_store::StoreError::TooLarge {
-                what: "the build context".into(),
-                limit: walt_core::config::format_size(limit),
-                key: "layer-unpacked-size",
-            })
-        }
+        walt_tar::Error::Limit { .. } => ServiceError::Store(walt_store::StoreError::TooLarge {
+            what: "the build context".into(),
+            limit: walt_core::config::format_size(limit),
+            key: "layer-unpacked-size",
+        }),
         e => ServiceError::InvalidArgument(format!("bad build context: {e}")),
     })
 }
@@ -1434,7 +1448,8 @@ async fn clone_context(events: &Events<'_>, url: &str, dir: &Path) -> Result<(),
     let repo = dir.join("repo");
     let r = repo.clone();
     blocking(move || {
-        ctx::git_clone(&url, &r, GIT_TIMEOUT).map_err(|e| ServiceError::FailedPrecondition(e.to_string()))?;
+        ctx::git_clone(&url, &r, GIT_TIMEOUT)
+            .map_err(|e| ServiceError::FailedPrecondition(e.to_string()))?;
         let git = r.join(".git");
         if git.exists() {
             walt_tar::remove_tree(&git)
@@ -1456,15 +1471,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rfc3339_formats_unix_seconds() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-    }
-
-    #[test]
     fn url_file_names() {
-        assert_eq!(url_file_name("https://h/a/b.tar.gz?x=1").as_deref(), Some("b.tar.gz"));
+        assert_eq!(
+            url_file_name("https://h/a/b.tar.gz?x=1").as_deref(),
+            Some("b.tar.gz")
+        );
         assert_eq!(url_file_name("https://h/"), None);
         assert_eq!(url_file_name("https://h"), None);
     }
@@ -1500,10 +1511,4 @@ mod tests {
         let r = run_with("cat <<EOF > /x", &[("EOF", "hello\n")]);
         assert_eq!(with_heredocs(&r)[2], "cat <<EOF > /x\nhello\nEOF\n");
     }
-}
-
-// TMPBASE
-struct TmpFetched { layers: Vec<LayerRef>, config_digest: walt_core::Digest, config: Vec<u8> }
-async fn fetch_base_tmp(_s: &Arc<State>, r: &str, _say: &(dyn Fn(String) + Send + Sync)) -> Result<TmpFetched, ServiceError> {
-    Err(ServiceError::NotFound(format!("base image '{r}' not found")))
 }

@@ -15,7 +15,7 @@ use walt_core::config::Registry;
 use walt_core::oci::{self, Compression, ImageConfig, Manifest, ManifestDoc};
 use walt_core::{CloneUrl, Digest, ImageName, LABEL_NODE_MODELS, Location};
 use walt_registry::{Credentials, RegistryClient};
-use walt_store::{ImportOptions, LayerRef, PutOutcome, Store};
+use walt_store::{ImportGuard, ImportOptions, LayerRef, PutOutcome, Store};
 
 use crate::State;
 use crate::accept::{self, Accepted};
@@ -228,24 +228,24 @@ pub async fn run(
     }
 }
 
-/// Fetches the manifest of `url`, resolving an index to this server's
-/// platform: (manifest, its bytes, digest, media type).
-pub(crate) async fn resolve_manifest(
-    client: &RegistryClient,
-    url: &CloneUrl,
-    events: &Events,
-) -> Result<(Manifest, Vec<u8>, Digest, String), ServiceError> {
-    let fetched = client.get_manifest(&url.path(), &url.tag).await?;
-    let r = resolve_fetched(client, url, fetched).await?;
-    if r.from_index {
-        let (arch, _) = oci::oci_arch(std::env::consts::ARCH);
-        events
-            .say(format!(
-                "multi-platform image: using the linux/{arch} variant"
-            ))
-            .await;
+/// An image of a registry: where to ask for it, and how messages name it.
+pub(crate) struct Remote {
+    /// `<user>/<repository>`.
+    pub path: String,
+    /// A tag or a digest.
+    pub reference: String,
+    /// A clone URL, for messages.
+    pub shown: String,
+}
+
+impl Remote {
+    fn of(url: &CloneUrl) -> Self {
+        Self {
+            path: url.path(),
+            reference: url.tag.clone(),
+            shown: url.to_string(),
+        }
     }
-    Ok((r.manifest, r.bytes, r.digest, r.media_type))
 }
 
 /// An image manifest, after resolving an index.
@@ -265,9 +265,17 @@ pub(crate) async fn resolve_fetched(
     url: &CloneUrl,
     fetched: walt_registry::FetchedManifest,
 ) -> Result<Resolved, ServiceError> {
+    resolve_remote(client, &Remote::of(url), fetched).await
+}
+
+async fn resolve_remote(
+    client: &RegistryClient,
+    remote: &Remote,
+    fetched: walt_registry::FetchedManifest,
+) -> Result<Resolved, ServiceError> {
     let bad = |e: oci::DocError| ServiceError::InvalidManifest {
         registry: client.label().to_string(),
-        url: url.to_string(),
+        url: remote.shown.clone(),
         reason: e.to_string(),
     };
     let mut media_type = fetched.media_type.clone();
@@ -285,14 +293,14 @@ pub(crate) async fn resolve_fetched(
                         .map(|p| format!("{}/{}", p.os, p.architecture))
                         .collect();
                     return Err(ServiceError::NoPlatform {
-                        url: url.to_string(),
+                        url: remote.shown.clone(),
                         arch: arch.to_string(),
                         available: platforms.join(", "),
                     });
                 };
                 from_index = true;
                 let inner = client
-                    .get_manifest(&url.path(), desc.digest.as_str())
+                    .get_manifest(&remote.path, desc.digest.as_str())
                     .await?;
                 media_type = inner.media_type.clone().or(Some(desc.media_type.clone()));
                 match ManifestDoc::parse(&inner.bytes, media_type.as_deref()).map_err(bad)? {
@@ -300,7 +308,7 @@ pub(crate) async fn resolve_fetched(
                     ManifestDoc::Index(_) => {
                         return Err(ServiceError::InvalidManifest {
                             registry: client.label().to_string(),
-                            url: url.to_string(),
+                            url: remote.shown.clone(),
                             reason: "nested image indexes are not supported".into(),
                         });
                     }
@@ -321,52 +329,124 @@ pub(crate) async fn resolve_fetched(
     })
 }
 
-async fn pull(
-    store: &Arc<Store>,
+/// An image of a registry whose manifest and config were read, before
+/// any layer.
+struct Opened {
+    manifest: Resolved,
+    config_bytes: Vec<u8>,
+    config: ImageConfig,
+}
+
+/// Reads the image `fetched` is the manifest of: the manifest (an index
+/// resolved to this server's platform, which `events` is told) and the
+/// config.
+async fn open(
     client: &RegistryClient,
-    plan: &Plan,
+    remote: &Remote,
+    fetched: walt_registry::FetchedManifest,
     events: &Events,
-) -> Result<CloneResult, ServiceError> {
-    let url = &plan.url;
-    let path = url.path();
-    let (manifest, manifest_bytes, manifest_digest, manifest_media_type) =
-        resolve_manifest(client, url, events).await?;
-    let config_bytes = client
-        .get_blob_bytes(&path, &manifest.config.digest, MAX_CONFIG_SIZE)
-        .await?;
-    let invalid = |reason: String| ServiceError::InvalidImage {
-        url: url.to_string(),
-        reason,
-    };
-    let config: ImageConfig = serde_json::from_slice(&config_bytes)
-        .map_err(|e| invalid(format!("the image configuration is not valid: {e}")))?;
-    let models = accept::node_models(config.label(LABEL_NODE_MODELS), url)?;
-    if config.rootfs.diff_ids.len() != manifest.layers.len() {
-        return Err(invalid(format!(
-            "the manifest lists {} layers but the configuration {}",
-            manifest.layers.len(),
-            config.rootfs.diff_ids.len()
-        )));
-    }
-    let mut layers = Vec::with_capacity(manifest.layers.len());
-    for (desc, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
-        let compression = Compression::from_media_type(&desc.media_type).ok_or_else(|| {
-            invalid(format!(
-                "layer {} has the unsupported media type '{}'",
-                desc.digest, desc.media_type
+) -> Result<Opened, ServiceError> {
+    let manifest = resolve_remote(client, remote, fetched).await?;
+    if manifest.from_index {
+        let (arch, _) = oci::oci_arch(std::env::consts::ARCH);
+        events
+            .say(format!(
+                "multi-platform image: using the linux/{arch} variant"
             ))
+            .await;
+    }
+    let config_bytes = client
+        .get_blob_bytes(
+            &remote.path,
+            &manifest.manifest.config.digest,
+            MAX_CONFIG_SIZE,
+        )
+        .await?;
+    let config: ImageConfig =
+        serde_json::from_slice(&config_bytes).map_err(|e| ServiceError::InvalidImage {
+            url: remote.shown.clone(),
+            reason: format!("the image configuration is not valid: {e}"),
         })?;
-        layers.push(LayerJob {
-            digest: desc.digest.clone(),
-            size: desc.size,
-            diff_id: diff_id.clone(),
-            compression,
-            media_type: desc.media_type.clone(),
-        });
+    Ok(Opened {
+        manifest,
+        config_bytes,
+        config,
+    })
+}
+
+impl Opened {
+    /// The layers to fetch, checked against the config.
+    fn layer_jobs(&self, remote: &Remote) -> Result<Vec<LayerJob>, ServiceError> {
+        let invalid = |reason: String| ServiceError::InvalidImage {
+            url: remote.shown.clone(),
+            reason,
+        };
+        let manifest = &self.manifest.manifest;
+        let diff_ids = &self.config.rootfs.diff_ids;
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(invalid(format!(
+                "the manifest lists {} layers but the configuration {}",
+                manifest.layers.len(),
+                diff_ids.len()
+            )));
+        }
+        manifest
+            .layers
+            .iter()
+            .zip(diff_ids)
+            .map(|(desc, diff_id)| {
+                let compression =
+                    Compression::from_media_type(&desc.media_type).ok_or_else(|| {
+                        invalid(format!(
+                            "layer {} has the unsupported media type '{}'",
+                            desc.digest, desc.media_type
+                        ))
+                    })?;
+                Ok(LayerJob {
+                    digest: desc.digest.clone(),
+                    size: desc.size,
+                    diff_id: diff_id.clone(),
+                    compression,
+                    media_type: desc.media_type.clone(),
+                })
+            })
+            .collect()
     }
 
+    /// The fetched manifest, to store as it is.
+    fn manifest(self) -> (accept::Manifest, Vec<u8>, Digest) {
+        let Resolved {
+            manifest,
+            bytes,
+            digest,
+            media_type,
+            ..
+        } = self.manifest;
+        (
+            accept::Manifest::Fetched {
+                bytes,
+                digest,
+                media_type,
+            },
+            self.config_bytes,
+            manifest.config.digest,
+        )
+    }
+}
+
+/// Brings the layers of `layers` that the store lacks into it: announces
+/// them on `events`, checks the free space, fetches them. Returns the bytes
+/// downloaded, and the import guard to hold until something references
+/// the layers.
+async fn fetch_into(
+    store: &Arc<Store>,
+    client: &RegistryClient,
+    path: &str,
+    layers: &[LayerJob],
+    events: &Events,
+) -> Result<(ImportGuard, u64), ServiceError> {
     // Announce every layer, so the client can draw its bars at once.
-    for l in &layers {
+    for l in layers {
         events
             .layer(LayerProgress::running(l.digest.as_str(), 0, l.size))
             .await;
@@ -385,31 +465,46 @@ async fn pull(
     // Held until the image row is committed, so that no collection runs
     // between the layers landing and the row referencing them.
     let guard = store.begin_import();
-    let downloaded = match fetch_layers(store, client, &path, &layers, events).await {
-        Ok(n) => n,
+    match fetch_layers(store, client, path, layers, events).await {
+        Ok(n) => Ok((guard, n)),
         Err(e) => {
             accept::release(guard).await;
-            return Err(e);
+            Err(e)
         }
-    };
+    }
+}
 
+fn layer_refs(layers: &[LayerJob]) -> Vec<LayerRef> {
+    layers
+        .iter()
+        .map(|l| LayerRef {
+            diff_id: l.diff_id.clone(),
+            blob_digest: l.digest.clone(),
+            blob_size: l.size,
+            media_type: l.media_type.clone(),
+        })
+        .collect()
+}
+
+async fn pull(
+    store: &Arc<Store>,
+    client: &RegistryClient,
+    plan: &Plan,
+    events: &Events,
+) -> Result<CloneResult, ServiceError> {
+    let url = &plan.url;
+    let remote = Remote::of(url);
+    let fetched = client.get_manifest(&remote.path, &remote.reference).await?;
+    let opened = open(client, &remote, fetched, events).await?;
+    let models = accept::node_models(opened.config.label(LABEL_NODE_MODELS), url)?;
+    let layers = opened.layer_jobs(&remote)?;
+    let (guard, downloaded) = fetch_into(store, client, &remote.path, &layers, events).await?;
+    let (manifest, config, config_digest) = opened.manifest();
     let image = Accepted {
-        config: config_bytes,
-        config_digest: Some(manifest.config.digest.clone()),
-        manifest: accept::Manifest::Fetched {
-            bytes: manifest_bytes,
-            digest: manifest_digest,
-            media_type: manifest_media_type,
-        },
-        layers: layers
-            .iter()
-            .map(|l| LayerRef {
-                diff_id: l.diff_id.clone(),
-                blob_digest: l.digest.clone(),
-                blob_size: l.size,
-                media_type: l.media_type.clone(),
-            })
-            .collect(),
+        config,
+        config_digest: Some(config_digest),
+        manifest,
+        layers: layer_refs(&layers),
         models,
     };
     let (outcome, manifest_digest) =
@@ -421,6 +516,363 @@ async fn pull(
         layers: layers.len() as u64,
         downloaded_bytes: downloaded,
         replaced: matches!(outcome, PutOutcome::Replaced),
+    })
+}
+
+// ----- a build's base image -----
+
+/// A base image fetched for a build: its blobs and layers are in the store, no image is recorded.
+pub(crate) struct FetchedBase {
+    /// Where it came from, as a clone URL (`hub:library/debian:bookworm`, `local:waltplatform/x:latest`, `docker:...`).
+    pub url: String,
+    pub manifest_digest: Digest,
+    /// The config blob (stored in the store's blobs as well).
+    pub config_digest: Digest,
+    pub config: Vec<u8>,
+    pub layers: Vec<walt_store::LayerRef>,
+}
+
+/// A build's base image as its sources name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BaseRef {
+    /// `<user>/<name>`; `library/<name>` for a name without user, as on
+    /// the Docker hub.
+    pub path: String,
+    /// A tag (`latest` when none is given), or a digest.
+    pub reference: String,
+}
+
+impl BaseRef {
+    /// Parses a FROM line's image: `name[:tag]`, `user/name[:tag]`, maybe
+    /// `@sha256:...` (which then wins over the tag). A name on another
+    /// registry host than the hub's is refused: bases come from this
+    /// server's sources.
+    pub(crate) fn parse(text: &str) -> Result<Self, ServiceError> {
+        let invalid = |why: String| {
+            ServiceError::InvalidArgument(format!("invalid base image '{text}': {why}"))
+        };
+        let (name, digest) = match text.split_once('@') {
+            Some((n, d)) => (
+                n,
+                Some(Digest::parse(d).map_err(|e| invalid(e.to_string()))?),
+            ),
+            None => (text, None),
+        };
+        let (name, tag) = match name.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, t),
+            _ => (name, "latest"),
+        };
+        let name = ["docker.io/", "index.docker.io/"]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+            .unwrap_or(name);
+        let path = match name.split_once('/') {
+            None => format!("library/{name}"),
+            Some((host, _)) if is_host(host) => {
+                return Err(invalid(format!(
+                    "it names the registry '{host}'; base images come from the registries of this server (see walt-server-setup --edit-conf)"
+                )));
+            }
+            Some(_) => name.to_string(),
+        };
+        // Clone URLs have the same rules.
+        let url = CloneUrl::parse(&format!("hub:{path}:{tag}"))
+            .map_err(|_| invalid("expected [<user>/]<name>[:<tag>][@sha256:<digest>]".into()))?;
+        Ok(Self {
+            path: url.path(),
+            reference: match digest {
+                Some(d) => d.as_str().to_string(),
+                None => url.tag,
+            },
+        })
+    }
+
+    fn is_digest(&self) -> bool {
+        self.reference.starts_with("sha256:")
+    }
+
+    /// `<path>:<tag>` or `<path>@<digest>`, as the Docker daemon names it.
+    pub(crate) fn name(&self) -> String {
+        let sep = if self.is_digest() { '@' } else { ':' };
+        format!("{}{sep}{}", self.path, self.reference)
+    }
+
+    /// Its clone URL at `location`.
+    pub(crate) fn url(&self, location: &str) -> String {
+        format!("{location}:{}", self.name())
+    }
+
+    fn remote(&self, location: &str) -> Remote {
+        Remote {
+            path: self.path.clone(),
+            reference: self.reference.clone(),
+            shown: self.url(location),
+        }
+    }
+}
+
+/// Whether the first component of an image name is a registry host, as
+/// Docker decides it: `localhost`, or a `host[:port]` with a dot or a port.
+fn is_host(c: &str) -> bool {
+    c == "localhost"
+        || (c.contains(['.', ':'])
+            && c.split(['.', ':']).all(|p| {
+                !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            }))
+}
+
+/// A place a base image is looked for.
+#[derive(Clone, Copy)]
+enum BaseSource<'a> {
+    /// The hub, when enabled.
+    Hub(Option<&'a walt_core::config::HubRegistry>),
+    Registry(&'a walt_core::config::V2Registry),
+    Docker,
+}
+
+/// The sources of base images, in clone order: the hub (even when not
+/// enabled, to say so), the docker-registry-v2 registries in the order of
+/// server.conf, the Docker daemon.
+fn base_sources(config: &walt_core::config::ServerConfig) -> Vec<(String, BaseSource<'_>)> {
+    let mut out = vec![(
+        "hub".to_string(),
+        BaseSource::Hub(crate::hub::configured(config).ok()),
+    )];
+    out.extend(config.registries.iter().filter_map(|r| match r {
+        Registry::V2(reg) => Some((reg.label.clone(), BaseSource::Registry(reg))),
+        Registry::Hub(_) => None,
+    }));
+    out.push(("docker".to_string(), BaseSource::Docker));
+    out
+}
+
+/// Why a registry that answered `e` to the manifest request is passed
+/// over. Anonymously, the hub answers 401 for a missing repository too.
+fn skip_reason(e: &walt_registry::RegistryError, hub: bool) -> String {
+    use walt_registry::RegistryError as E;
+    match e {
+        E::NotFound { .. } => "not found".into(),
+        E::CredentialsRequired { .. } | E::Unauthorized { .. } | E::Denied { .. } if hub => {
+            "not found (or private)".into()
+        }
+        E::CredentialsRequired { .. } | E::Unauthorized { .. } | E::Denied { .. } => {
+            "requires credentials (base images are fetched anonymously)".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// `n` bytes for people: `48.2 MB`.
+fn human_size(n: u64) -> String {
+    for (div, unit) in [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")] {
+        if n as f64 >= div {
+            return format!("{:.1} {unit}", n as f64 / div);
+        }
+    }
+    format!("{n} B")
+}
+
+fn layers_text(n: usize) -> String {
+    if n == 1 {
+        "1 layer".into()
+    } else {
+        format!("{n} layers")
+    }
+}
+
+/// Fetches `reference` (a FROM line's image, already expanded: `name[:tag]`, `user/name[:tag]`, maybe
+/// `@sha256:...`) for a build. Sources in clone order: the Docker hub when enabled (a name without user is
+/// `library/<name>`), then each docker-registry-v2 registry of server.conf in order (same path), then the Docker
+/// daemon; the first that has it wins; anonymous (a source answering 401/403 is skipped and named
+/// in the error). An index resolves to this server's platform (as clone). No walt.node.models check (a base like
+/// debian has none). Layers land in the store through the same import pipeline as clone. The caller holds an
+/// ImportGuard across the call, and collects what a failed fetch left in the store.
+/// `say` gets lines for the user, e.g. "fetching debian:bookworm from hub:library/debian:bookworm (3 layers, 48.2 MB)".
+/// Not found anywhere: one error line naming the reference and, for every source, why it was not used
+/// (e.g. `base image 'debian:bookworm' not found: hub: not found; local: not found; docker: not configured`).
+pub(crate) async fn fetch_base(
+    state: &Arc<State>,
+    reference: &str,
+    say: &(dyn Fn(String) + Send + Sync),
+) -> Result<FetchedBase, ServiceError> {
+    // The fetch reports as a clone does; its lines go to `say`, its layer
+    // progress nowhere.
+    let (events, mut rx) = Events::channel(64);
+    let work = find_base(state, reference, events);
+    tokio::pin!(work);
+    let forward = |ev: Result<Event<CloneResult>, ServiceError>| {
+        if let Ok(Event::Message(m)) = ev {
+            say(m)
+        }
+    };
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            Some(ev) = rx.recv() => forward(ev),
+        }
+    };
+    while let Ok(ev) = rx.try_recv() {
+        forward(ev);
+    }
+    result
+}
+
+async fn find_base(
+    state: &Arc<State>,
+    reference: &str,
+    events: Events,
+) -> Result<FetchedBase, ServiceError> {
+    let base = BaseRef::parse(reference.trim())?;
+    let config = state.config();
+    let mut skipped: Vec<(String, String)> = Vec::new();
+    for (label, source) in base_sources(&config) {
+        let client = match source {
+            BaseSource::Hub(None) => {
+                skipped.push((label, "not enabled".into()));
+                continue;
+            }
+            BaseSource::Hub(Some(hub)) => RegistryClient::for_hub(hub, None),
+            BaseSource::Registry(reg) => RegistryClient::for_v2(reg, None),
+            BaseSource::Docker => match crate::docker::find_base(&config, &base.name()).await {
+                Ok((client, n)) => {
+                    warn_skipped(&skipped, &events).await;
+                    let url = base.url("docker");
+                    events
+                        .say(format!(
+                            "fetching {reference} from {url} ({})",
+                            layers_text(n)
+                        ))
+                        .await;
+                    return base_from_docker(state, &client, &base, url, &events).await;
+                }
+                Err(reason) => {
+                    skipped.push((label, reason));
+                    continue;
+                }
+            },
+        };
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                skipped.push((label, e.to_string()));
+                continue;
+            }
+        };
+        let remote = base.remote(&label);
+        match client.get_manifest(&remote.path, &remote.reference).await {
+            Ok(fetched) => {
+                warn_skipped(&skipped, &events).await;
+                return base_from_registry(state, &client, reference, &remote, fetched, &events)
+                    .await;
+            }
+            Err(e) => {
+                tracing::debug!(base = %remote.shown, error = %e, "base image source passed over");
+                let reason = skip_reason(&e, matches!(source, BaseSource::Hub(_)));
+                skipped.push((label, reason));
+            }
+        }
+    }
+    let reasons: Vec<String> = skipped.iter().map(|(l, r)| format!("{l}: {r}")).collect();
+    Err(ServiceError::NotFound(format!(
+        "base image '{reference}' not found: {}",
+        reasons.join("; ")
+    )))
+}
+
+/// Tells the user about the sources passed over for another reason than
+/// not having the image.
+async fn warn_skipped(skipped: &[(String, String)], events: &Events) {
+    for (label, reason) in skipped {
+        if !matches!(
+            reason.as_str(),
+            "not found" | "not enabled" | "not configured"
+        ) {
+            events
+                .say(format!("warning: {label} skipped: {reason}"))
+                .await;
+        }
+    }
+}
+
+async fn base_from_registry(
+    state: &Arc<State>,
+    client: &RegistryClient,
+    reference: &str,
+    remote: &Remote,
+    fetched: walt_registry::FetchedManifest,
+    events: &Events,
+) -> Result<FetchedBase, ServiceError> {
+    let opened = open(client, remote, fetched, events).await?;
+    let jobs = opened.layer_jobs(remote)?;
+    let total = jobs.iter().map(|l| l.size).sum();
+    events
+        .say(format!(
+            "fetching {reference} from {} ({}, {})",
+            remote.shown,
+            layers_text(jobs.len()),
+            human_size(total)
+        ))
+        .await;
+    let store = &state.store;
+    let (guard, downloaded) = fetch_into(store, client, &remote.path, &jobs, events).await?;
+    let (manifest, config, config_digest) = opened.manifest();
+    let layers = layer_refs(&jobs);
+    let s = store.clone();
+    let (config, layers, config_digest, manifest_digest) = blocking(move || {
+        let _guard = guard;
+        let (config_digest, manifest_digest, _) =
+            accept::store_documents(&s, &config, Some(&config_digest), manifest, &layers)?;
+        Ok((config, layers, config_digest, manifest_digest))
+    })
+    .await?;
+    // Later publishes to this registry may mount these blobs.
+    state.blob_sources.record(
+        client.label(),
+        &remote.path,
+        layers
+            .iter()
+            .map(|l| &l.blob_digest)
+            .chain([&config_digest]),
+    );
+    tracing::info!(base = %remote.shown, downloaded, "base image fetched");
+    Ok(FetchedBase {
+        url: remote.shown.clone(),
+        manifest_digest,
+        config_digest,
+        config,
+        layers,
+    })
+}
+
+async fn base_from_docker(
+    state: &Arc<State>,
+    client: &walt_registry::DockerClient,
+    base: &BaseRef,
+    url: String,
+    events: &Events,
+) -> Result<FetchedBase, ServiceError> {
+    let saved = crate::docker::save(&state.store, client, &base.name(), events).await?;
+    let s = state.store.clone();
+    let received = saved.received;
+    let (config, layers, config_digest, manifest_digest) = blocking(move || {
+        let _guard = saved.guard;
+        let (config_digest, manifest_digest, _) = accept::store_documents(
+            &s,
+            &saved.config,
+            None,
+            accept::Manifest::Written,
+            &saved.layers,
+        )?;
+        Ok((saved.config, saved.layers, config_digest, manifest_digest))
+    })
+    .await?;
+    tracing::info!(base = %url, received, "base image read from the Docker daemon");
+    Ok(FetchedBase {
+        url,
+        manifest_digest,
+        config_digest,
+        config,
+        layers,
     })
 }
 
@@ -617,5 +1069,137 @@ impl Read for ChannelReader {
         buf[..n].copy_from_slice(&self.current[..n]);
         self.current.advance(n);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walt_core::config::ServerConfig;
+
+    fn base(text: &str) -> Result<(String, String), String> {
+        BaseRef::parse(text)
+            .map(|b| (b.path, b.reference))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn base_references_map_to_registry_paths() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let ok = |p: &str, r: &str| Ok((p.to_string(), r.to_string()));
+        assert_eq!(base("debian"), ok("library/debian", "latest"));
+        assert_eq!(base("debian:bookworm"), ok("library/debian", "bookworm"));
+        assert_eq!(
+            base("waltplatform/pc-x86-64-default"),
+            ok("waltplatform/pc-x86-64-default", "latest")
+        );
+        assert_eq!(base("u/team/img:v1.2"), ok("u/team/img", "v1.2"));
+        assert_eq!(base(&format!("debian@{d}")), ok("library/debian", &d));
+        // A digest wins over the tag, as in Docker.
+        assert_eq!(base(&format!("debian:12@{d}")), ok("library/debian", &d));
+        assert_eq!(
+            base("docker.io/library/alpine:3"),
+            ok("library/alpine", "3")
+        );
+        assert_eq!(base("index.docker.io/u/x"), ok("u/x", "latest"));
+
+        let b = BaseRef::parse("debian:bookworm").unwrap();
+        assert_eq!(b.name(), "library/debian:bookworm");
+        assert_eq!(b.url("hub"), "hub:library/debian:bookworm");
+        assert_eq!(b.remote("local").shown, "local:library/debian:bookworm");
+        let b = BaseRef::parse(&format!("u/x@{d}")).unwrap();
+        assert_eq!(b.name(), format!("u/x@{d}"));
+        assert_eq!(b.url("docker"), format!("docker:u/x@{d}"));
+
+        for (bad, says) in [
+            ("quay.io/u/x", "names the registry 'quay.io'"),
+            ("localhost:5000/x", "names the registry 'localhost:5000'"),
+            ("localhost/x", "names the registry 'localhost'"),
+            (
+                "127.0.0.1:5000/u/x:1",
+                "names the registry '127.0.0.1:5000'",
+            ),
+            ("Debian", "expected [<user>/]<name>"),
+            ("debian:", "expected"),
+            ("debian:a b", "expected"),
+            ("../x", "expected"),
+            ("u/../x", "expected"),
+            ("", "expected"),
+            ("debian@sha256:12", "not a digest"),
+            ("debian@md5:12", "algorithm"),
+        ] {
+            let e = base(bad).unwrap_err();
+            assert!(
+                e.starts_with(&format!("invalid base image '{bad}': ")) && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    fn config(hub: bool, labels: &[&str]) -> ServerConfig {
+        let mut text = String::from("registries:\n");
+        for (i, l) in labels.iter().enumerate() {
+            text.push_str(&format!(
+                "-   label: {l}\n    api: docker-registry-v2\n    description: d\n    host: h{i}\n    port: 5000\n    protocol: http\n    auth: none\n"
+            ));
+        }
+        if hub {
+            // Listed last, tried first.
+            text.push_str("-   api: docker-hub\n    description: d\n");
+        }
+        ServerConfig::parse("t", &text).unwrap()
+    }
+
+    fn base_source_names(config: &ServerConfig) -> Vec<String> {
+        base_sources(config).into_iter().map(|(l, _)| l).collect()
+    }
+
+    #[test]
+    fn base_sources_in_clone_order() {
+        assert_eq!(
+            base_source_names(&config(true, &["lab", "local"])),
+            ["hub", "lab", "local", "docker"]
+        );
+        let c = config(false, &["local"]);
+        assert_eq!(base_source_names(&c), ["hub", "local", "docker"]);
+        assert!(matches!(base_sources(&c)[0].1, BaseSource::Hub(None)));
+        assert!(matches!(
+            base_sources(&config(true, &[]))[0].1,
+            BaseSource::Hub(Some(_))
+        ));
+    }
+
+    #[test]
+    fn skipped_sources_say_why() {
+        use walt_registry::RegistryError as E;
+        let label = || "r".to_string();
+        let not_found = E::NotFound {
+            label: label(),
+            what: "manifest".into(),
+            message: None,
+        };
+        assert_eq!(skip_reason(&not_found, false), "not found");
+        let auth = E::CredentialsRequired { label: label() };
+        assert_eq!(
+            skip_reason(&auth, false),
+            "requires credentials (base images are fetched anonymously)"
+        );
+        assert_eq!(skip_reason(&auth, true), "not found (or private)");
+        let down = E::Unreachable {
+            label: label(),
+            url: "http://h:5000".into(),
+            reason: "connection refused".into(),
+        };
+        assert_eq!(skip_reason(&down, false), down.to_string());
+    }
+
+    #[test]
+    fn sizes_and_counts_for_people() {
+        assert_eq!(human_size(48_213_000), "48.2 MB");
+        assert_eq!(human_size(999), "999 B");
+        assert_eq!(human_size(1_500), "1.5 kB");
+        assert_eq!(human_size(3_000_000_000), "3.0 GB");
+        assert_eq!(layers_text(1), "1 layer");
+        assert_eq!(layers_text(3), "3 layers");
     }
 }

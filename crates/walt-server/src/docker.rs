@@ -17,7 +17,7 @@ use walt_core::{
     CloneUrl, Digest, ImageName, LABEL_NODE_MODELS, LABEL_SERVER_MINVERSION, Location,
 };
 use walt_registry::{DEFAULT_DOCKER_SOCKET, DockerClient, DockerError};
-use walt_store::{ImportOptions, LayerImport, LayerRef, PutOutcome, Store};
+use walt_store::{ImportGuard, ImportOptions, LayerImport, LayerRef, PutOutcome, Store};
 
 use crate::accept::{self, Accepted};
 use crate::clone::{CloneResult, Events as CloneEvents};
@@ -115,6 +115,34 @@ pub(crate) async fn check(
         })??;
     accept::node_models(info.label(LABEL_NODE_MODELS), url)?;
     Ok(client)
+}
+
+/// A build's base image on the daemon: its client and its layer count
+/// when the daemon has `image`, else why it cannot be used (`not found`,
+/// `not configured`: no `docker` section and no daemon at the default
+/// socket, `not running`, or the daemon's error).
+pub(crate) async fn find_base(
+    config: &ServerConfig,
+    image: &str,
+) -> Result<(DockerClient, usize), String> {
+    let client = client(config);
+    let info = match tokio::time::timeout(API_TIMEOUT, client.inspect(image)).await {
+        Err(_) => return Err(format!("no answer within {}s", API_TIMEOUT.as_secs())),
+        Ok(Ok(info)) => info,
+        Ok(Err(DockerError::ImageNotFound { .. })) => return Err("not found".into()),
+        Ok(Err(e)) if e.is_not_running() => {
+            let configured = config.file.other.contains_key("docker");
+            return Err(if configured {
+                "not running"
+            } else {
+                "not configured"
+            }
+            .into());
+        }
+        Ok(Err(e)) => return Err(e.to_string()),
+    };
+    let layers = info.root_fs.map(|r| r.layers.len()).unwrap_or(0);
+    Ok((client, layers))
 }
 
 /// What the archive held: its small JSON files, and the layers imported.
@@ -234,9 +262,9 @@ fn blob_path(digest: &Digest) -> String {
 }
 
 /// (config path, layer paths) of the (single) image in the archive.
-fn image_paths(archive: &Archive, url: &CloneUrl) -> Result<(String, Vec<String>), ServiceError> {
+fn image_paths(archive: &Archive, image: &str) -> Result<(String, Vec<String>), ServiceError> {
     let bad = |reason: String| ServiceError::DockerUnusable {
-        image: reference(url),
+        image: image.to_string(),
         reason,
     };
     if let Some(m) = archive.files.get("manifest.json") {
@@ -281,24 +309,30 @@ fn layer_media_type(c: Compression) -> &'static str {
     }
 }
 
-/// Clones `url` from the daemon into `target` (the caller collects what a
-/// failed clone added to the store).
-pub(crate) async fn clone(
+/// An image read from the daemon: its layers are in the store (kept from
+/// the collector by `guard`), its config in memory.
+pub(crate) struct Saved {
+    pub config: Vec<u8>,
+    pub parsed: ImageConfig,
+    pub layers: Vec<LayerRef>,
+    /// Bytes of the archive received.
+    pub received: u64,
+    pub guard: ImportGuard,
+}
+
+/// Streams the `docker save` archive of `image` (a name the daemon knows)
+/// into the store, layer by layer as they pass. The caller collects what a
+/// failed read added to the store.
+pub(crate) async fn save(
     store: &Arc<Store>,
     client: &DockerClient,
-    url: &CloneUrl,
-    target: &ImageName,
-    force: bool,
+    image: &str,
     events: &CloneEvents,
-) -> Result<CloneResult, ServiceError> {
-    let image = reference(url);
-    let mut save = client.save(&image).await?;
-    events
-        .say(format!("reading {url} from the Docker daemon"))
-        .await;
+) -> Result<Saved, ServiceError> {
+    let mut save = client.save(image).await?;
     let guard = store.begin_import();
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(16);
-    let (s, name, ev) = (store.clone(), image.clone(), events.clone());
+    let (s, name, ev) = (store.clone(), image.to_string(), events.clone());
     let reader = tokio::task::spawn_blocking(move || {
         let mut input = crate::clone::ChannelReader::new(rx);
         let archive = read_archive(&s, &mut input, &name, Some(&ev));
@@ -327,17 +361,48 @@ pub(crate) async fn clone(
     let assembled = match (stream_error, archive) {
         (Some(e), _) => Err(e.into()),
         (None, Err(e)) => Err(e),
-        (None, Ok(archive)) => assemble(&archive, url),
+        (None, Ok(archive)) => assemble(&archive, image),
     };
-    let image = match assembled {
-        Ok(a) => a,
+    match assembled {
+        Ok((config, parsed, layers)) => Ok(Saved {
+            config,
+            parsed,
+            layers,
+            received,
+            guard,
+        }),
         Err(e) => {
             accept::release(guard).await;
+            Err(e)
+        }
+    }
+}
+
+/// Clones `url` from the daemon into `target` (the caller collects what a
+/// failed clone added to the store).
+pub(crate) async fn clone(
+    store: &Arc<Store>,
+    client: &DockerClient,
+    url: &CloneUrl,
+    target: &ImageName,
+    force: bool,
+    events: &CloneEvents,
+) -> Result<CloneResult, ServiceError> {
+    events
+        .say(format!("reading {url} from the Docker daemon"))
+        .await;
+    let saved = save(store, client, &reference(url), events).await?;
+    let image = match accepted(saved.config, &saved.parsed, saved.layers, url) {
+        Ok(i) => i,
+        Err(e) => {
+            accept::release(saved.guard).await;
             return Err(e);
         }
     };
     let n_layers = image.layers.len();
-    let (outcome, manifest_digest) = accept::record(store, guard, target, force, image).await?;
+    let (outcome, manifest_digest) =
+        accept::record(store, saved.guard, target, force, image).await?;
+    let received = saved.received;
     tracing::info!(url = %url, image = %target, received, "image cloned from the Docker daemon");
     Ok(CloneResult {
         name: target.short(),
@@ -348,14 +413,34 @@ pub(crate) async fn clone(
     })
 }
 
-/// The image the archive holds: its config, its layers in order (all in the
-/// store by now), its node models.
-fn assemble(archive: &Archive, url: &CloneUrl) -> Result<Accepted, ServiceError> {
+/// A saved image as a walt image of `url`: refused without its node models.
+fn accepted(
+    config: Vec<u8>,
+    parsed: &ImageConfig,
+    layers: Vec<LayerRef>,
+    url: &CloneUrl,
+) -> Result<Accepted, ServiceError> {
+    let models = accept::node_models(parsed.label(LABEL_NODE_MODELS), url)?;
+    Ok(Accepted {
+        config,
+        config_digest: None,
+        manifest: accept::Manifest::Written,
+        layers,
+        models,
+    })
+}
+
+/// The image the archive of `image` holds: its config (as read and
+/// parsed) and its layers in order (all in the store by now).
+fn assemble(
+    archive: &Archive,
+    image: &str,
+) -> Result<(Vec<u8>, ImageConfig, Vec<LayerRef>), ServiceError> {
     let bad = |reason: String| ServiceError::DockerUnusable {
-        image: reference(url),
+        image: image.to_string(),
         reason,
     };
-    let (config_path, layer_paths) = image_paths(archive, url)?;
+    let (config_path, layer_paths) = image_paths(archive, image)?;
     let config_bytes = archive
         .files
         .get(&config_path)
@@ -363,7 +448,6 @@ fn assemble(archive: &Archive, url: &CloneUrl) -> Result<Accepted, ServiceError>
         .clone();
     let config: ImageConfig = serde_json::from_slice(&config_bytes)
         .map_err(|e| bad(format!("the image configuration is not valid: {e}")))?;
-    let models = accept::node_models(config.label(LABEL_NODE_MODELS), url)?;
     let layers: Vec<&(LayerImport, Compression)> = layer_paths
         .iter()
         .map(|p| {
@@ -382,21 +466,16 @@ fn assemble(archive: &Archive, url: &CloneUrl) -> Result<Accepted, ServiceError>
             list(&config.rootfs.diff_ids.iter().collect::<Vec<_>>())
         )));
     }
-    Ok(Accepted {
-        config: config_bytes,
-        config_digest: None,
-        manifest: accept::Manifest::Written,
-        layers: layers
-            .iter()
-            .map(|(l, c)| LayerRef {
-                diff_id: l.diff_id.clone(),
-                blob_digest: l.digest.clone(),
-                blob_size: l.size,
-                media_type: layer_media_type(*c).to_string(),
-            })
-            .collect(),
-        models,
-    })
+    let layers = layers
+        .iter()
+        .map(|(l, c)| LayerRef {
+            diff_id: l.diff_id.clone(),
+            blob_digest: l.digest.clone(),
+            blob_size: l.size,
+            media_type: layer_media_type(*c).to_string(),
+        })
+        .collect();
+    Ok((config_bytes, config, layers))
 }
 
 #[cfg(test)]
@@ -476,7 +555,8 @@ mod tests {
             ("cfg.json", &cfg),
         ]);
         let a = read_archive(&store, &mut &tar[..], "u/n:t", None).unwrap();
-        let image = assemble(&a, &url()).unwrap();
+        let (config, parsed, layers) = assemble(&a, "u/n:t").unwrap();
+        let image = accepted(config, &parsed, layers, &url()).unwrap();
         assert_eq!(image.config, cfg);
         assert_eq!(image.models, ["pc-x86-64"]);
         assert_eq!(image.layers[0].blob_digest, digest(&l1));
@@ -512,10 +592,10 @@ mod tests {
             (&p(&cfg), &cfg),
         ]);
         let a = read_archive(&store, &mut &tar[..], "u/n:t", None).unwrap();
-        let image = assemble(&a, &url()).unwrap();
-        assert_eq!(image.layers[0].blob_digest, digest(&gz));
-        assert_eq!(image.layers[0].diff_id, digest(&l));
-        assert_eq!(image.layers[0].media_type, oci::OCI_LAYER_GZIP);
+        let (_, _, layers) = assemble(&a, "u/n:t").unwrap();
+        assert_eq!(layers[0].blob_digest, digest(&gz));
+        assert_eq!(layers[0].diff_id, digest(&l));
+        assert_eq!(layers[0].media_type, oci::OCI_LAYER_GZIP);
 
         // Without the label: refused.
         let cfg = config(&[digest(&l)], false);
@@ -529,7 +609,8 @@ mod tests {
             ("manifest.json", &manifest),
         ]);
         let a = read_archive(&store, &mut &tar[..], "u/n:t", None).unwrap();
-        let e = assemble(&a, &url()).err().unwrap();
+        let (config, parsed, layers) = assemble(&a, "u/n:t").unwrap();
+        let e = accepted(config, &parsed, layers, &url()).err().unwrap();
         assert!(e.to_string().contains("not a walt image"), "{e}");
     }
 }

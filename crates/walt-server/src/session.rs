@@ -256,32 +256,36 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let (dir, import) = (self.dir.take(), self.import.take());
-        // A discarded upper directory can be large, and the last import
-        // guard runs a deferred gc: both off the async threads.
-        let cleanup = move || {
-            if let Some(dir) = dir {
-                let path = dir.path().to_path_buf();
-                drop(dir);
-                // Processes of a killed sandbox may still be exiting.
-                for _ in 0..20 {
-                    if !path.exists() {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                    if let Err(e) = walt_store::remove_tree(&path) {
-                        tracing::debug!(error = %e, "session directory not removed yet");
-                    }
+        release(self.dir.take(), self.import.take());
+    }
+}
+
+/// Removes a session directory and drops an import guard off the async
+/// threads: a discarded upper directory can be large, and the last import
+/// guard runs a deferred gc.
+pub(crate) fn release(dir: Option<SessionDir>, import: Option<ImportGuard>) {
+    let cleanup = move || {
+        if let Some(dir) = dir {
+            let path = dir.path().to_path_buf();
+            drop(dir);
+            // Processes of a killed sandbox may still be exiting.
+            for _ in 0..20 {
+                if !path.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                if let Err(e) = walt_store::remove_tree(&path) {
+                    tracing::debug!(error = %e, "session directory not removed yet");
                 }
             }
-            drop(import);
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                h.spawn_blocking(cleanup);
-            }
-            Err(_) => cleanup(),
         }
+        drop(import);
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => {
+            h.spawn_blocking(cleanup);
+        }
+        Err(_) => cleanup(),
     }
 }
 

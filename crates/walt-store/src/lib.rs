@@ -50,6 +50,7 @@ pub use error::{Result, StoreError};
 pub use gc::{GcReport, ImportGuard};
 pub use import::{ImportOptions, LayerImport};
 pub use squash::SquashOutcome;
+pub use util::{now_secs, rfc3339};
 /// Removes a tree however deep (no recursion, one descriptor), never
 /// through a symlink nor into a mount: for the server's session directories.
 pub use walt_tar::{RemoveError, remove_tree};

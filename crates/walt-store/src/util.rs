@@ -95,7 +95,7 @@ pub(crate) fn lower_thread_priority() {
 }
 
 /// Now, in unix seconds.
-pub(crate) fn now_secs() -> i64 {
+pub fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -103,7 +103,7 @@ pub(crate) fn now_secs() -> i64 {
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` of unix seconds.
-pub(crate) fn rfc3339(secs: i64) -> String {
+pub fn rfc3339(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     // Civil from days (H. Hinnant).
