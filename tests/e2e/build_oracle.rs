@@ -258,3 +258,296 @@ USER nobody
         None,
     );
 }
+
+/// A tar of `pkg/` (0750, 42:43), `pkg/file` (0600, 42:43), a symlink and
+/// a hard link to it; gzip-compressed when `gz`.
+fn owned_tar(gz: bool) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |kind: tar::EntryType, path: &str, mode: u32, link: Option<&str>, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(42);
+        h.set_gid(43);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1_600_000_000);
+        match link {
+            Some(l) => b.append_link(&mut h, path, l).unwrap(),
+            None => b.append_data(&mut h, path, data).unwrap(),
+        }
+    };
+    add(tar::EntryType::Directory, "pkg/", 0o750, None, b"");
+    add(
+        tar::EntryType::Regular,
+        "pkg/file",
+        0o600,
+        None,
+        b"packed\n",
+    );
+    add(
+        tar::EntryType::Symlink,
+        "pkg/link",
+        0o777,
+        Some("file"),
+        b"",
+    );
+    add(
+        tar::EntryType::Link,
+        "pkg/hard",
+        0o600,
+        Some("pkg/file"),
+        b"",
+    );
+    let plain = b.into_inner().unwrap();
+    if !gz {
+        return plain;
+    }
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(&plain).unwrap();
+    e.finish().unwrap()
+}
+
+/// A build context: files (path, content, mode) and symlinks (path, target).
+struct Ctx<'a> {
+    files: &'a [(&'a str, &'a [u8], u32)],
+    links: &'a [(&'a str, &'a str)],
+}
+
+/// The config fields a build sets, compared with docker's.
+const BUILT_FIELDS: &[&str] = &["Env", "Labels", "Entrypoint", "Cmd", "WorkingDir", "User"];
+
+/// Builds `text` in `ctx` with docker and with walt (as alice, whose server
+/// has docker's `oracle/busybox` as user `oracle`'s `busybox`), then
+/// compares the file trees (paths, types, modes, owners, contents, link
+/// targets; not mtimes) and the configs. Returns the differences.
+fn compare_build(
+    d: &Dockerd,
+    alice: &walt_e2e::Walt,
+    data_dir: &Path,
+    dir: &Path,
+    tag: &str,
+    text: &str,
+    ctx: &Ctx,
+) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let root = dir.join(tag);
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("Dockerfile"), text).unwrap();
+    for (p, data, mode) in ctx.files {
+        let f = root.join(p);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, data).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(*mode)).unwrap();
+    }
+    for (p, target) in ctx.links {
+        let f = root.join(p);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(target, &f).unwrap();
+    }
+    let image = format!("walt-oracle-tree/{tag}:latest");
+    let root_s = root.display().to_string();
+    d.docker(&["build", "--network=none", "-q", "-t", &image, &root_s])
+        .unwrap();
+    let theirs = walt_e2e::tree::docker_image_tree(d, &image).unwrap();
+    let their_config = inspect_config(d, &image);
+
+    let out = alice.run(&["image", "build", "--from-dir", &root_s, tag]);
+    let mut diffs = Vec::new();
+    if !out.success {
+        diffs.push(format!(
+            "{tag}: walt cannot build what docker builds:\n{out}"
+        ));
+        return diffs;
+    }
+    let merged = walt_e2e::tree::Merged::image(data_dir, "alice", tag).unwrap();
+    let ours = merged.tree().unwrap();
+    drop(merged);
+    for l in walt_e2e::tree::diff_trees(&ours, &theirs, |_| false) {
+        diffs.push(format!("{tag}: walt vs docker: {l}"));
+    }
+    let our_config = walt_e2e::tree::image_config(data_dir, "alice", tag).unwrap();
+    for k in BUILT_FIELDS {
+        let (o, t) = (field(&our_config["config"], k), field(&their_config, k));
+        if o != t {
+            diffs.push(format!("{tag}: config {k}: walt {o} vs docker {t}"));
+        }
+    }
+    diffs
+}
+
+/// The same Dockerfiles built by walt and by the real `docker build` give
+/// the same file tree and the same config: COPY rules (file to a
+/// directory, a directory's content, a destination without a slash,
+/// globs, --chown, symlinks of the context), WORKDIR creation, USER and
+/// RUN, ADD of tars, multi-stage, deletions.
+#[test]
+fn built_trees_and_configs_match_docker() {
+    let d = Dockerd::start().unwrap();
+    d.import_busybox("oracle/busybox:latest", Some("pc-x86-64"), "oracle")
+        .unwrap();
+    let yaml = format!(
+        "registries: []\ndocker:\n    socket: {}\n",
+        d.socket().display()
+    );
+    let server = walt_e2e::WaltServer::start_with_config(&yaml).unwrap();
+    let oracle = server.cli("oracle", &[]);
+    oracle.clone_ok(&["docker:oracle/busybox", "busybox"]);
+    let alice = server.cli("alice", &[]);
+    let data = server.data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let mut diffs = Vec::new();
+
+    // The base, as docker has it and as walt cloned it: the same tree (the
+    // comparison's own check).
+    let base_theirs = walt_e2e::tree::docker_image_tree(&d, "oracle/busybox:latest").unwrap();
+    let base_ours = walt_e2e::tree::Merged::image(&data, "oracle", "busybox")
+        .unwrap()
+        .tree()
+        .unwrap();
+    assert!(base_ours.contains_key("bin/busybox") && base_ours.contains_key("etc/passwd"));
+    assert_eq!(
+        walt_e2e::tree::diff_trees(&base_ours, &base_theirs, |_| false),
+        Vec::<String>::new()
+    );
+
+    let copy_ctx = Ctx {
+        files: &[
+            ("file.txt", b"file\n", 0o644),
+            ("other.txt", b"other\n", 0o640),
+            ("exec.sh", b"#!/bin/sh\necho hi\n", 0o755),
+            ("dir/a.conf", b"a\n", 0o644),
+            ("dir/b.conf", b"b\n", 0o600),
+            ("dir/notes", b"notes\n", 0o644),
+            ("dir/sub/deep.txt", b"deep\n", 0o444),
+            ("links/target.txt", b"target\n", 0o644),
+        ],
+        links: &[
+            ("links/rel", "target.txt"),
+            ("links/up", "../file.txt"),
+            ("links/abs", "/etc/passwd"),
+            ("links/dangling", "nowhere"),
+            ("links/dirlink", "../dir"),
+        ],
+    };
+    diffs.extend(compare_build(
+        &d,
+        &alice,
+        &data,
+        dir.path(),
+        "copy",
+        "FROM oracle/busybox\n\
+         RUN echo 'app:x:1000:1001::/home/app:/bin/sh' >> /etc/passwd && printf 'app:x:1000:\\nstaff:x:1001:\\n' >> /etc/group\n\
+         COPY file.txt /dest-dir/\n\
+         COPY file.txt /newname\n\
+         COPY file.txt /root\n\
+         COPY exec.sh /bin/\n\
+         COPY dir /dircontents/\n\
+         COPY dir /dircontents-noslash\n\
+         COPY dir/sub /nested/new/parents/\n\
+         COPY *.txt /globs/\n\
+         COPY dir/*.conf dir/sub /globs2/\n\
+         COPY --chown=1000:1000 dir /owned/\n\
+         COPY --chown=app other.txt /owned-by-name\n\
+         COPY --chown=app:staff other.txt /owned-by-names\n\
+         COPY --chown=4242 file.txt /owned-numeric\n\
+         COPY links/ /links/\n\
+         COPY links/rel /single-link-copy\n\
+         COPY file.txt other.txt /two-files/\n",
+        &copy_ctx,
+    ));
+
+    diffs.extend(compare_build(
+        &d,
+        &alice,
+        &data,
+        dir.path(),
+        "user",
+        "FROM oracle/busybox\n\
+         RUN echo 'app:x:1000:1000:app:/home/app:/bin/sh' >> /etc/passwd && echo 'app:x:1000:' >> /etc/group\n\
+         WORKDIR /work/deep/dir\n\
+         RUN pwd > pwd-was && touch relative-file\n\
+         USER app\n\
+         RUN id > /tmp/id-as-app && echo \"$HOME\" > /tmp/home-as-app && touch /tmp/made-by-app\n\
+         USER 1234:5678\n\
+         RUN id -u > /tmp/id-numeric && id -g >> /tmp/id-numeric && touch /tmp/made-by-1234\n\
+         WORKDIR /made-as-user\n\
+         USER root\n\
+         WORKDIR relative/child\n\
+         ENV X=1 Y=\"a b\"\n\
+         LABEL extra=yes\n\
+         CMD [\"sh\"]\n\
+         ENTRYPOINT [\"/bin/sh\", \"-c\"]\n",
+        &Ctx {
+            files: &[],
+            links: &[],
+        },
+    ));
+
+    let gz = owned_tar(true);
+    let plain = owned_tar(false);
+    diffs.extend(compare_build(
+        &d,
+        &alice,
+        &data,
+        dir.path(),
+        "add",
+        "FROM oracle/busybox\n\
+         ADD pkg.tar.gz /opt/\n\
+         ADD pkg.tar.gz /opt2\n\
+         ADD plain.tar /plain/\n\
+         COPY pkg.tar.gz /notunpacked/\n\
+         ADD file.txt /added-file\n\
+         ADD file.txt /added-dir/\n",
+        &Ctx {
+            files: &[
+                ("pkg.tar.gz", &gz, 0o644),
+                ("plain.tar", &plain, 0o644),
+                ("file.txt", b"file\n", 0o644),
+            ],
+            links: &[],
+        },
+    ));
+
+    diffs.extend(compare_build(
+        &d,
+        &alice,
+        &data,
+        dir.path(),
+        "stages",
+        "FROM oracle/busybox AS one\n\
+         RUN mkdir -p /out/sub && echo x > /out/x && ln -s x /out/y && chmod 700 /out/sub && chown 5:6 /out/x\n\
+         FROM oracle/busybox\n\
+         COPY --from=one /out /from-one/\n\
+         COPY --from=one /out/x /single-from-one\n\
+         RUN rm /etc/walt-test-marker && rm -r /root && mkdir /tmp2 && echo changed > /etc/group\n\
+         RUN mkdir /root && echo new > /root/new && rm -r /bin/cat /from-one/sub\n",
+        &Ctx {
+            files: &[],
+            links: &[],
+        },
+    ));
+
+    // A RUN sees the image as it is: no /tmp when the image has none,
+    // and a RUN adds nothing of its sandbox to the layer.
+    diffs.extend(compare_build(
+        &d,
+        &alice,
+        &data,
+        dir.path(),
+        "notmp",
+        "FROM oracle/busybox\n\
+         RUN rm -r /tmp\n\
+         RUN if [ -e /tmp ]; then echo present; else echo absent; fi > /root/tmp-was\n",
+        &Ctx {
+            files: &[],
+            links: &[],
+        },
+    ));
+
+    assert!(
+        diffs.is_empty(),
+        "walt's builds differ from docker's:\n{}",
+        diffs.join("\n")
+    );
+}

@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod bounds;
+mod build;
 mod build_base;
 mod build_cli;
 mod build_oracle;
