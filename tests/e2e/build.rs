@@ -169,7 +169,7 @@ fn processes_in(dir: &Path, marker: &str) -> Vec<String> {
 /// Waits until no mount and no process of the server's data dir is left
 /// (the sandbox is torn down when the step ends; allow it a few seconds).
 #[track_caller]
-fn assert_nothing_left(env: &Env, marker: &str) {
+fn assert_nothing_left(env: &Env, marker: &str, build_failed: bool) {
     let data = env.server.data_dir();
     let data_s = data.display().to_string();
     wait_for(
@@ -187,7 +187,12 @@ fn assert_nothing_left(env: &Env, marker: &str) {
             processes_in(&data, marker)
         )
     });
-    assert_tmp_empty(&data);
+    if build_failed {
+        // Not even its context is kept.
+        walt_e2e::store::assert_tmp_really_empty(&data);
+    } else {
+        assert_tmp_empty(&data);
+    }
 }
 
 const WALT_TEST: &str = "FROM busybox\nRUN echo OK > /root/test-result\n";
@@ -235,7 +240,7 @@ fn walt_test_from_a_directory() {
         .unwrap()
         .len();
     assert_eq!(layers, base_layers + 1);
-    assert_nothing_left(&env, "walt-e2e-ctx-");
+    assert_nothing_left(&env, "walt-e2e-ctx-", false);
 }
 
 /// A git repository (system git) in a temporary directory holding
@@ -327,7 +332,7 @@ fn walt_test_from_a_git_repository_with_sub_dir() {
     ]);
     out.assert_failure("images/missing");
     env.assert_unchanged(&before);
-    assert_nothing_left(&env, "walt-e2e-git-");
+    assert_nothing_left(&env, "walt-e2e-git-", false);
 }
 
 /// Multi-stage: COPY --from=<stage>; only the last stage is saved.
@@ -644,7 +649,7 @@ fn failing_run_saves_nothing_and_leaves_nothing() {
         out.stdout.lines().all(|l| !l.starts_with("Image ")),
         "{out}"
     );
-    assert_nothing_left(&env, "sleep 4747");
+    assert_nothing_left(&env, "sleep 4747", true);
     env.assert_unchanged(&before);
     assert!(!env.alice.image_names().contains(&"failing".to_string()));
     // The image name is free and the server well: the same build, fixed.
@@ -670,7 +675,7 @@ fn missing_models_label_fails_saying_so() {
     let out = build(&env.alice, ctx.path(), "nolabel", &[]);
     out.assert_failure("walt.node.models");
     assert_eq!(env.alice.image_names(), names);
-    assert_nothing_left(&env, "walt-e2e-ctx-");
+    assert_nothing_left(&env, "walt-e2e-ctx-", true);
     // The same with the label builds.
     write(
         ctx.path(),
@@ -925,7 +930,7 @@ fn layer_cache_hits_and_misses() {
         "{out}"
     );
     assert_eq!(read_text(&env, "cached", "/root/two"), "two\n");
-    assert_nothing_left(&env, "walt-e2e-ctx-");
+    assert_nothing_left(&env, "walt-e2e-ctx-", false);
 }
 
 /// An arm64 busybox image (the arm64 busybox-static binary of the

@@ -12,8 +12,8 @@ pub mod proxy;
 pub mod registry;
 pub mod store;
 pub mod tmux;
-pub mod tree;
 pub mod token_issuer;
+pub mod tree;
 pub mod util;
 pub mod walt;
 

@@ -83,13 +83,35 @@ pub fn assert_store_unchanged(before: &StoreSnapshot, data_dir: &Path, walt: &Wa
 }
 
 /// Asserts `tmp/` of the data dir is empty (or missing), giving the server
-/// up to 5 s to finish cleaning up.
+/// up to 5 s to finish cleaning up. The build contexts the server keeps
+/// after a successful `walt image build` (`session-build-context-*`, for
+/// unchanged rebuilds; at most 4) do not count: see
+/// [`assert_tmp_really_empty`] where they must not be there either.
 #[track_caller]
 pub fn assert_tmp_empty(data_dir: &Path) {
+    wait_tmp_empty(data_dir, true);
+}
+
+/// [`assert_tmp_empty`], kept build contexts included.
+#[track_caller]
+pub fn assert_tmp_really_empty(data_dir: &Path) {
+    wait_tmp_empty(data_dir, false);
+}
+
+/// A kept build context: its session directory and what is below it.
+pub fn is_kept_context(rel: &str) -> bool {
+    rel.starts_with("session-build-context-")
+}
+
+#[track_caller]
+fn wait_tmp_empty(data_dir: &Path, contexts_allowed: bool) {
     let tmp = data_dir.join("tmp");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let left = list_tree(&tmp);
+        let left: Vec<String> = list_tree(&tmp)
+            .into_iter()
+            .filter(|p| !(contexts_allowed && is_kept_context(p)))
+            .collect();
         if left.is_empty() {
             return;
         }

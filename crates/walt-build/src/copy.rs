@@ -96,12 +96,17 @@ struct CopyTar<W: Write> {
     /// The xattrs of the current file, and a buffer for reading them.
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     xbuf: Vec<u8>,
+    keep_owners: bool,
 }
 
 impl<W: Write> CopyTar<W> {
     fn spec<'a>(&self, path: &'a [u8], kind: Kind, st: &Stat) -> HeaderSpec<'a> {
         let mut h = HeaderSpec::new(path, kind);
         h.mode = self.chmod.unwrap_or(st.st_mode & 0o7777);
+        if self.keep_owners {
+            h.uid = u64::from(st.st_uid);
+            h.gid = u64::from(st.st_gid);
+        }
         h.mtime = st.st_mtime;
         h.mtime_nsec = st.st_mtime_nsec as u32;
         h
@@ -240,6 +245,27 @@ pub fn write_copy_tar<W: Write>(
     sources: &[Source],
     chmod: Option<u32>,
 ) -> Result<W, ContextError> {
+    write_tar(out, root, sources, chmod, false)
+}
+
+/// [`write_copy_tar`] keeping the owners (uid and gid) the files have:
+/// `COPY --from` another stage or image keeps them, as docker does.
+pub fn write_copy_tar_keeping_owners<W: Write>(
+    out: W,
+    root: &Path,
+    sources: &[Source],
+    chmod: Option<u32>,
+) -> Result<W, ContextError> {
+    write_tar(out, root, sources, chmod, true)
+}
+
+fn write_tar<W: Write>(
+    out: W,
+    root: &Path,
+    sources: &[Source],
+    chmod: Option<u32>,
+    keep_owners: bool,
+) -> Result<W, ContextError> {
     let root_fd = rustix::fs::open(
         root,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -256,6 +282,7 @@ pub fn write_copy_tar<W: Write>(
         link: Vec::new(),
         xattrs: Vec::new(),
         xbuf: Vec::new(),
+        keep_owners,
     };
     for src in sources {
         match src.kind {

@@ -80,7 +80,7 @@ pub enum Job {
         owner: Option<String>,
         limit: Option<u64>,
     },
-    /// Write to stdout the tar that `walt_build::copy::write_copy_tar` makes of
+    /// Write to stdout the tar that `walt_build::copy::write_copy_tar_keeping_owners` makes of
     /// `sources` resolved in the image (COPY --from), after a header ended by a
     /// NUL byte: `F<name>` when it is exactly one regular file, `D` otherwise
     /// (directory content).

@@ -707,6 +707,11 @@ fn init(spec: &Spec, resolv: Option<&Path>) -> Result<i32> {
     nix::unistd::sethostname(HOSTNAME).or_sys(|| "sethostname".into())?;
     let merged = &spec.merged;
     for name in MOUNT_POINTS {
+        // /tmp is only a convenience of shells (nothing is mounted there):
+        // a build step sees the image as it is, as with docker.
+        if *name == "tmp" && matches!(spec.job, Job::Exec { .. }) {
+            continue;
+        }
         let p = merged.join(name);
         match std::fs::symlink_metadata(&p) {
             Ok(m) if m.is_dir() => {}

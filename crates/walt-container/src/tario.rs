@@ -288,8 +288,9 @@ pub(crate) fn copy_sources(
     out.write_all(&head)
         .and_then(|()| out.write_all(b"\0"))
         .map_err(|e| format!("writing the archive: {}", errstr(&e)))?;
-    let mut out = walt_build::copy::write_copy_tar(out, Path::new("/"), sources, chmod)
-        .map_err(|e| e.to_string())?;
+    let mut out =
+        walt_build::copy::write_copy_tar_keeping_owners(out, Path::new("/"), sources, chmod)
+            .map_err(|e| e.to_string())?;
     out.flush()
         .map_err(|e| format!("writing the archive: {}", errstr(&e)))
 }

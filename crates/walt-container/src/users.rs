@@ -178,8 +178,13 @@ pub(crate) fn exec_user(spec: &str, dbs: &Dbs) -> Result<ExecUser, String> {
         (None, None) => return Err(unknown_user(user)),
     };
     match group {
-        Some(g) if !g.is_empty() => out.gid = find_group(dbs, g)?,
+        Some(g) if !g.is_empty() => {
+            out.gid = find_group(dbs, g)?;
+            out.groups.push(out.gid);
+        }
         _ => {
+            // As docker: the primary group is among the groups too.
+            out.groups.push(out.gid);
             if let (Some(e), Some(db)) = (&ent, dbs.group.as_deref()) {
                 for g in group_entries(db) {
                     if g.members.split(',').any(|m| m.trim() == e.name)
@@ -194,8 +199,8 @@ pub(crate) fn exec_user(spec: &str, dbs: &Dbs) -> Result<ExecUser, String> {
     Ok(out)
 }
 
-/// A `--chown` value: `user[:group]`, names or numbers. A user given by name takes its
-/// passwd gid when no group is given, a numeric one the same number as its uid.
+/// A `--chown` value: `user[:group]`, names or numbers. Without a group, the gid is
+/// the same number as the uid (docker's rule, even for a user given by name).
 pub(crate) fn chown(spec: &str, dbs: &Dbs) -> Result<(u32, u32), String> {
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
@@ -215,7 +220,9 @@ pub(crate) fn chown(spec: &str, dbs: &Dbs) -> Result<(u32, u32), String> {
                 .as_deref()
                 .and_then(|db| passwd_entries(db).find(|e| e.name == user))
                 .ok_or_else(|| unknown_user(user))?;
-            (e.uid, e.gid)
+            // As docker (its documented rule): without a group, the gid
+            // is the uid's number, not the user's passwd group.
+            (e.uid, e.uid)
         }
     };
     if let Some(g) = group
@@ -246,16 +253,19 @@ mod tests {
         let r = exec_user("", &d).unwrap();
         assert_eq!(
             (r.uid, r.gid, r.groups, r.home.as_deref()),
-            (0, 0, vec![10], Some("/root"))
+            (0, 0, vec![0, 10], Some("/root"))
         );
         let r = exec_user("bob", &d).unwrap();
-        assert_eq!((r.uid, r.gid, r.groups.clone()), (1000, 1001, vec![50, 10]));
+        assert_eq!(
+            (r.uid, r.gid, r.groups.clone()),
+            (1000, 1001, vec![1001, 50, 10])
+        );
         assert_eq!(r.home.as_deref(), Some("/home/bob"));
         assert_eq!(exec_user("1000", &d).unwrap().gid, 1001);
         let r = exec_user("1234", &d).unwrap();
-        assert_eq!((r.uid, r.gid, r.groups, r.home), (1234, 0, vec![], None));
+        assert_eq!((r.uid, r.gid, r.groups, r.home), (1234, 0, vec![0], None));
         let r = exec_user("bob:staff", &d).unwrap();
-        assert_eq!((r.uid, r.gid, r.groups), (1000, 50, vec![]));
+        assert_eq!((r.uid, r.gid, r.groups), (1000, 50, vec![50]));
         assert_eq!(exec_user("1234:77", &d).unwrap().gid, 77);
         assert_eq!(
             exec_user("alice", &d).unwrap_err(),
@@ -277,7 +287,7 @@ mod tests {
     #[test]
     fn chown_values() {
         let d = dbs();
-        assert_eq!(chown("bob", &d).unwrap(), (1000, 1001));
+        assert_eq!(chown("bob", &d).unwrap(), (1000, 1000));
         assert_eq!(chown("1000", &d).unwrap(), (1000, 1000));
         assert_eq!(chown("7", &d).unwrap(), (7, 7));
         assert_eq!(chown("bob:staff", &d).unwrap(), (1000, 50));

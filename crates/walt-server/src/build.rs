@@ -278,6 +278,10 @@ async fn run(
     let (manifest, outcome) =
         blocking(move || Ok(s.record_built_image(&t, config, layers, models, exists, created)?))
             .await?;
+    // Kept for an unchanged rebuild (a failed build keeps nothing).
+    if b.context.digest.is_some() {
+        state.build_contexts.put(b.context.clone());
+    }
     let s = store.clone();
     let max = store.limits().build_cache_size;
     let _ = blocking(move || Ok(s.prune_build_cache(max)?)).await;
@@ -435,18 +439,13 @@ impl Builder<'_> {
                 }
                 Action::Config(change) => {
                     if let Change::Workdir(dir) = change {
-                        let user = out.settings.user.clone();
-                        let key = cache::step_key(
-                            &out.chain(),
-                            &format!("WORKDIR {dir:?} user {user:?}"),
-                            None,
-                        );
+                        let key = cache::step_key(&out.chain(), &format!("WORKDIR {dir:?}"), None);
                         let hit = self.lookup(&key).await?;
                         self.announce(&step.text, hit.is_some()).await?;
                         let r = match hit {
                             Some(r) => r,
                             None => {
-                                let r = self.workdir(&out, dir.clone(), user).await?;
+                                let r = self.workdir(&out, dir.clone()).await?;
                                 self.remember(&key, &r).await?;
                                 r
                             }
@@ -743,19 +742,14 @@ impl Builder<'_> {
         self.commit(dir).await
     }
 
-    /// WORKDIR: the directory exists afterwards (created, owned by the
-    /// stage's user, when missing).
-    async fn workdir(
-        &self,
-        out: &StageOut,
-        dir: String,
-        user: String,
-    ) -> Result<StepResult, ServiceError> {
+    /// WORKDIR: the directory exists afterwards (created when missing).
+    async fn workdir(&self, out: &StageOut, dir: String) -> Result<StepResult, ServiceError> {
         let session = self.session().await?;
         let job = Job::Place {
             dest: dir,
             file_name: None,
-            owner: (!user.is_empty()).then_some(user),
+            // Created as root whatever USER says, as docker does.
+            owner: None,
             limit: Some(0),
         };
         let empty = tar_end();
@@ -1450,15 +1444,12 @@ async fn obtain_context(
     .await?;
     let c = Arc::new(Context {
         user: user.to_string(),
-        digest,
+        digest: digest.filter(|_| size <= CONTEXT_KEPT_MAX),
         _dir: dir,
         root,
         dockerfile,
         inputs: Default::default(),
     });
-    if c.digest.is_some() && size <= CONTEXT_KEPT_MAX {
-        state.build_contexts.put(c.clone());
-    }
     Ok(c)
 }
 
