@@ -187,7 +187,31 @@ fn assert_nothing_left(env: &Env, marker: &str) {
             processes_in(&data, marker)
         )
     });
-    assert_tmp_empty(&data);
+    assert_tmp_only_contexts(&data);
+}
+
+/// The server keeps the contexts of its last builds (at most 4) in `tmp/`
+/// for the next ones: `tmp/` holds nothing else.
+#[track_caller]
+fn assert_tmp_only_contexts(data: &Path) {
+    let tmp = data.join("tmp");
+    let ok = |top: &[String]| {
+        top.len() <= 4 && top.iter().all(|n| n.starts_with("session-build-context-"))
+    };
+    wait_for(
+        "tmp/ to hold only kept contexts",
+        Duration::from_secs(5),
+        || ok(&walt_e2e::util::list_dir(&tmp)).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", list_tree(&tmp)));
+}
+
+/// Nothing changed in the store since `before`, and `tmp/` holds no more
+/// than the kept contexts.
+#[track_caller]
+fn assert_unchanged(env: &Env, before: &StoreSnapshot) {
+    assert_tmp_only_contexts(&env.server.data_dir());
+    assert_store_unchanged(before, &env.server.data_dir(), &env.alice);
 }
 
 const WALT_TEST: &str = "FROM busybox\nRUN echo OK > /root/test-result\n";
@@ -326,7 +350,7 @@ fn walt_test_from_a_git_repository_with_sub_dir() {
         "missing",
     ]);
     out.assert_failure("images/missing");
-    env.assert_unchanged(&before);
+    assert_unchanged(&env, &before);
     assert_nothing_left(&env, "walt-e2e-git-");
 }
 
@@ -645,7 +669,7 @@ fn failing_run_saves_nothing_and_leaves_nothing() {
         "{out}"
     );
     assert_nothing_left(&env, "sleep 4747");
-    env.assert_unchanged(&before);
+    assert_unchanged(&env, &before);
     assert!(!env.alice.image_names().contains(&"failing".to_string()));
     // The image name is free and the server well: the same build, fixed.
     write(
@@ -703,7 +727,7 @@ fn missing_dockerfile_fails_naming_it() {
         out.stderr.contains(&base),
         "the error should say where:\n{out}"
     );
-    env.assert_unchanged(&before);
+    assert_unchanged(&env, &before);
     write(ctx.path(), "Containerfile", WALT_TEST.as_bytes());
     build_ok(&env.alice, ctx.path(), "nodf", &[]);
     assert_eq!(read_text(&env, "nodf", "/root/test-result"), "OK\n");
@@ -723,7 +747,7 @@ fn unknown_instruction_fails_before_anything_runs() {
     assert!(out.stderr.to_lowercase().contains("frobnicate"), "{out}");
     assert!(steps(&out).is_empty(), "a step ran:\n{out}");
     assert!(!ran_line(&out, "should-not-run"), "{out}");
-    env.assert_unchanged(&before);
+    assert_unchanged(&env, &before);
     // A syntax error too (a flag COPY does not have).
     write(
         ctx.path(),
@@ -734,7 +758,7 @@ fn unknown_instruction_fails_before_anything_runs() {
     out.assert_failure("line 3");
     assert!(steps(&out).is_empty(), "a step ran:\n{out}");
     assert!(!ran_line(&out, "should-not-run"), "{out}");
-    env.assert_unchanged(&before);
+    assert_unchanged(&env, &before);
 }
 
 /// True when a line of the output is exactly `marker` (what an `echo`
@@ -903,6 +927,19 @@ fn layer_cache_hits_and_misses() {
     assert_eq!(ran(&out), ["ran-step-4", "ran-step-7"], "{out}");
     assert_eq!(read_text(&env, "cached", "/root/copy-of-a"), "a2\n");
     assert_eq!(read_text(&env, "cached", "/root/copy-of-b"), "b2\n");
+
+    // New content of the same size with the old mtime: still a change.
+    let b = ctx.path().join("b.txt");
+    let mtime = filetime::FileTime::from_last_modification_time(&fs::metadata(&b).unwrap());
+    write(ctx.path(), "b.txt", b"b3\n");
+    filetime::set_file_mtime(&b, mtime).unwrap();
+    let out = build_ok(&env.alice, ctx.path(), "cached", &["--yes"]);
+    assert_eq!(
+        fs_steps(&out),
+        [(2, true), (3, true), (4, true), (6, false), (7, false)],
+        "{out}"
+    );
+    assert_eq!(read_text(&env, "cached", "/root/copy-of-b"), "b3\n");
 
     // A build arg no ARG declares keeps the cache.
     let out = build_ok(
