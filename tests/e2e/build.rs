@@ -909,6 +909,19 @@ fn layer_cache_hits_and_misses() {
     assert_eq!(read_text(&env, "cached", "/root/copy-of-a"), "a2\n");
     assert_eq!(read_text(&env, "cached", "/root/copy-of-b"), "b2\n");
 
+    // New content of the same size with the old mtime: still a change.
+    let b = ctx.path().join("b.txt");
+    let mtime = filetime::FileTime::from_last_modification_time(&fs::metadata(&b).unwrap());
+    write(ctx.path(), "b.txt", b"b3\n");
+    filetime::set_file_mtime(&b, mtime).unwrap();
+    let out = build_ok(&env.alice, ctx.path(), "cached", &["--yes"]);
+    assert_eq!(
+        fs_steps(&out),
+        [(2, true), (3, true), (4, true), (6, false), (7, false)],
+        "{out}"
+    );
+    assert_eq!(read_text(&env, "cached", "/root/copy-of-b"), "b3\n");
+
     // A build arg no ARG declares keeps the cache.
     let out = build_ok(
         &env.alice,
