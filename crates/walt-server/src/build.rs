@@ -1259,11 +1259,22 @@ fn stage_from(
             "base image '{name}': cannot read its configuration: {e}"
         ))
     })?;
-    let history = base
+    let mut history = base
         .get("history")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
+    // One non-empty history entry per layer, as image tools check: a base
+    // that lists fewer gets entries for its first layers.
+    let listed = history
+        .iter()
+        .filter(|h| h.get("empty_layer").and_then(Value::as_bool) != Some(true))
+        .count();
+    if listed < layers.len() {
+        let missing = (0..layers.len() - listed)
+            .map(|_| json!({ "created": walt_store::rfc3339(created), "created_by": format!("layer of {name}") }));
+        history.splice(0..0, missing);
+    }
     let author = base
         .get("author")
         .and_then(Value::as_str)
