@@ -23,6 +23,7 @@ use walt_proto::v1::{self as pb, build_event::Event, build_request::Msg};
 
 use super::shell::{self, ExitWith};
 use super::{Client, status_error};
+use crate::chunks::ChunkWriter;
 use crate::config::Settings;
 use crate::prompt;
 
@@ -211,42 +212,10 @@ async fn confirm() -> anyhow::Result<bool> {
     }
 }
 
-/// Writes the context as `context` messages of at most [`CHUNK`] bytes.
-struct ChunkWriter {
-    tx: mpsc::Sender<pb::BuildRequest>,
-    buf: Vec<u8>,
-}
-
-impl ChunkWriter {
-    fn send(&mut self) -> io::Result<()> {
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-        self.tx
-            .blocking_send(pb::BuildRequest {
-                msg: Some(Msg::Context(chunk)),
-            })
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, SERVER_STOPPED))
-    }
-}
-
-impl Write for ChunkWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let mut rest = data;
-        while !rest.is_empty() {
-            let take = (CHUNK - self.buf.len()).min(rest.len());
-            self.buf.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if self.buf.len() == CHUNK {
-                self.send()?;
-            }
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.send()?;
-        }
-        Ok(())
+/// A `context` message.
+fn context_msg(chunk: Vec<u8>) -> pb::BuildRequest {
+    pb::BuildRequest {
+        msg: Some(Msg::Context(chunk)),
     }
 }
 
@@ -260,10 +229,7 @@ fn spawn_context_writer(
     done: std::sync::mpsc::SyncSender<Result<(), ContextError>>,
 ) {
     std::thread::spawn(move || {
-        let mut w = ChunkWriter {
-            tx,
-            buf: Vec::with_capacity(CHUNK),
-        };
+        let mut w = ChunkWriter::new(tx, CHUNK, context_msg, SERVER_STOPPED);
         let result = (|| {
             let (w, stats) = write_context(&mut w, &dir, &ignore)?;
             w.flush().map_err(ContextError::Write)?;
@@ -568,10 +534,7 @@ mod tests {
     #[test]
     fn chunks_are_bounded() {
         let (tx, mut rx) = mpsc::channel(64);
-        let mut w = ChunkWriter {
-            tx,
-            buf: Vec::new(),
-        };
+        let mut w = ChunkWriter::new(tx, CHUNK, context_msg, SERVER_STOPPED);
         let data = vec![7u8; CHUNK * 2 + 5];
         w.write_all(&data[..3]).unwrap();
         w.write_all(&data[3..]).unwrap();

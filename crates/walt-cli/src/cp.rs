@@ -17,6 +17,7 @@ use walt_tar::{
 };
 
 use super::{Client, status_error};
+use crate::chunks::ChunkWriter;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -84,37 +85,10 @@ pub async fn cp(client: &mut Client, src: &str, dst: &str) -> anyhow::Result<()>
     }
 }
 
-/// Writes the tar stream as chunks on a channel.
-struct ChunkWriter {
-    tx: mpsc::Sender<pb::CopyInRequest>,
-    buf: Vec<u8>,
-}
-
-impl ChunkWriter {
-    fn send(&mut self) -> io::Result<()> {
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-        self.tx
-            .blocking_send(pb::CopyInRequest {
-                msg: Some(Msg::Tar(chunk)),
-            })
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, SERVER_STOPPED))
-    }
-}
-
-impl Write for ChunkWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= CHUNK {
-            self.send()?;
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.send()?;
-        }
-        Ok(())
+/// A `tar` message.
+fn tar_msg(chunk: Vec<u8>) -> pb::CopyInRequest {
+    pb::CopyInRequest {
+        msg: Some(Msg::Tar(chunk)),
     }
 }
 
@@ -146,10 +120,7 @@ async fn copy_in(client: &mut Client, local: &str, image: &str, path: &str) -> a
     })
     .await
     .map_err(|_| anyhow!("cannot start the copy"))?;
-    let writer = ChunkWriter {
-        tx,
-        buf: Vec::with_capacity(CHUNK),
-    };
+    let writer = ChunkWriter::new(tx, CHUNK, tar_msg, SERVER_STOPPED);
     let producer = std::thread::spawn(move || -> anyhow::Result<()> {
         let resolved = fs::canonicalize(&src)?;
         let opts = TreeOptions {

@@ -1,5 +1,6 @@
 //! `walt`: the command-line client of a walt server.
 
+mod chunks;
 mod config;
 mod image;
 mod progress;

@@ -442,14 +442,9 @@ impl Builder<'_> {
                         let key = cache::step_key(&out.chain(), &format!("WORKDIR {dir:?}"), None);
                         let hit = self.lookup(&key).await?;
                         self.announce(&step.text, hit.is_some()).await?;
-                        let r = match hit {
-                            Some(r) => r,
-                            None => {
-                                let r = self.workdir(&out, dir.clone()).await?;
-                                self.remember(&key, &r).await?;
-                                r
-                            }
-                        };
+                        let r = self
+                            .settle(&key, hit, self.workdir(&out, dir.clone()))
+                            .await?;
                         push(&mut out, r, &step.text);
                     } else {
                         self.announce(&step.text, false).await?;
@@ -473,16 +468,13 @@ impl Builder<'_> {
                     let key = cache::step_key(&out.chain(), &format!("{run:?}"), None);
                     let hit = self.lookup(&key).await?;
                     self.announce(&step.text, hit.is_some()).await?;
-                    let r = match hit {
-                        Some(r) => r,
-                        None => {
-                            let r = self
-                                .run_step(&out, run, &step.text, step.line, &plan.file)
-                                .await?;
-                            self.remember(&key, &r).await?;
-                            r
-                        }
-                    };
+                    let r = self
+                        .settle(
+                            &key,
+                            hit,
+                            self.run_step(&out, run, &step.text, step.line, &plan.file),
+                        )
+                        .await?;
                     push(&mut out, r, &step.text);
                 }
                 Action::Copy(copy) => {
@@ -494,17 +486,12 @@ impl Builder<'_> {
                         cache::step_key(&out.chain(), &format!("{copy:?}"), Some(&prepared.inputs));
                     let hit = self.lookup(&key).await?;
                     self.announce(&step.text, hit.is_some()).await?;
-                    let r = match hit {
-                        Some(r) => r,
-                        None => {
-                            let r = self
-                                .copy_step(&out, copy, prepared)
-                                .await
-                                .map_err(|e| at_line(&plan.file, step.line, e))?;
-                            self.remember(&key, &r).await?;
-                            r
-                        }
+                    let copied = async {
+                        self.copy_step(&out, copy, prepared)
+                            .await
+                            .map_err(|e| at_line(&plan.file, step.line, e))
                     };
+                    let r = self.settle(&key, hit, copied).await?;
                     push(&mut out, r, &step.text);
                 }
             }
@@ -525,6 +512,22 @@ impl Builder<'_> {
             layer: e.layers.into_iter().next(),
             created: e.created,
         }))
+    }
+
+    /// A step's result: its cache hit, or what `work` does, then
+    /// remembered in the cache.
+    async fn settle(
+        &self,
+        key: &CacheKey,
+        hit: Option<StepResult>,
+        work: impl std::future::Future<Output = Result<StepResult, ServiceError>>,
+    ) -> Result<StepResult, ServiceError> {
+        if let Some(r) = hit {
+            return Ok(r);
+        }
+        let r = work.await?;
+        self.remember(key, &r).await?;
+        Ok(r)
     }
 
     async fn remember(&self, key: &CacheKey, r: &StepResult) -> Result<(), ServiceError> {
