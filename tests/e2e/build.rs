@@ -1048,3 +1048,52 @@ fn built_image_publishes_and_docker_pulls() {
     let labels: Value = serde_json::from_slice(&labels.stdout).unwrap();
     assert_eq!(labels["walt.node.models"], "pc-x86-64", "{labels}");
 }
+
+/// While a build runs its target is locked (a second build of the same
+/// name is refused, naming the first); when its client goes away, the
+/// server stops the step: no process, mount or file left, nothing saved.
+#[test]
+fn running_build_locks_its_target_and_stops_with_its_client() {
+    use std::io::Read;
+    use std::net::TcpListener;
+    let env = build_env();
+    // The step reports through the host network (the sandbox shares it)
+    // that it runs, then waits.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM busybox\nRUN echo started | nc 127.0.0.1 {port}; sleep 4749\n"),
+    )]);
+    let before = env.snapshot();
+    let d = ctx.path().to_str().unwrap().to_string();
+    let mut first = env
+        .alice
+        .spawn(&["image", "build", "--from-dir", &d, "locked"]);
+    listener.set_nonblocking(false).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let got = listener.accept().map(|(mut s, _)| {
+            let mut b = String::new();
+            let _ = s.read_to_string(&mut b);
+            b
+        });
+        let _ = tx.send(got);
+    });
+    let got = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the RUN step never started")
+        .unwrap();
+    assert_eq!(got.trim(), "started");
+
+    // The same name is being built: refused, naming who holds it.
+    let out = build(&env.alice, ctx.path(), "locked", &["--yes"]);
+    out.assert_failure("being modified by walt image build of alice");
+
+    // The first client goes away: the server stops its build.
+    first.kill().unwrap();
+    let _ = first.wait();
+    assert_nothing_left(&env, "sleep 4749", true);
+    env.assert_unchanged(&before);
+    assert!(!env.alice.image_names().contains(&"locked".to_string()));
+}
