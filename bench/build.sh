@@ -5,9 +5,14 @@
 #   walt image build --from-dir   vs   docker build (its own dockerd)   vs   podman build
 #   cold: every step runs (--no-cache for each tool), median of RUNS, tools rotated;
 #   unchanged rebuild: every step from the cache, median of RUNS (walt: target <= 0.2 s).
-# Usage: bench/build.sh [runs]   (needs root; builds walt in release mode)
+#   BASE=debian: the same on a Debian bookworm minbase root filesystem (mmdebstrap from the
+#   Debian mirror, ~6 500 files), instead of busybox, until images/ has Debian images.
+# Usage: [BASE=busybox|debian] bench/build.sh [runs]   (needs root; builds walt in release mode)
 source "$(dirname "$0")/lib.sh"
 RUNS=${1:-3}
+BASE=${BASE:-busybox}
+case $BASE in busybox|debian) ;; *) echo "BASE must be busybox or debian" >&2; exit 2;; esac
+[ "$BASE" = busybox ] || command -v mmdebstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q mmdebstrap >/dev/null
 command -v pigz >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q pigz >/dev/null
 command -v podman >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman >/dev/null
 command -v dockerd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io >/dev/null
@@ -47,15 +52,27 @@ make_context() {
   touch "$dir/done"
 }
 
-make_busybox
+# The Debian image: one layer, a minbase bookworm (cached, keyed by the suite).
+make_debian() {
+  local dir=$CACHE/debian-bookworm-minbase
+  [ -f "$dir/done" ] && return 0
+  echo "building the Debian bookworm minbase root filesystem" >&2
+  rm -rf "$dir"; mkdir -p "$dir"
+  mmdebstrap --quiet --variant=minbase bookworm "$dir/1.tar" >&2
+  sha256sum "$dir/1.tar" | cut -d' ' -f1 > "$dir/1.diffid"
+  pigz -6 -c "$dir/1.tar" > "$dir/1.tar.gz"; rm -f "$dir/1.tar"
+  echo 1 > "$dir/count"; touch "$dir/done"
+}
+
+if [ "$BASE" = debian ]; then make_debian; BASEDIR=debian-bookworm-minbase; else make_busybox; BASEDIR=busybox; fi
 make_context
-# FROM busybox: walt's is the caller's image, docker's and podman's a local image.
+# FROM busybox (or debian): walt's is the caller's image, docker's and podman's a local image.
 CTX=$W/ctx
 mkdir -p "$CTX"; cp -r "$CACHE/build-ctx/data" "$CTX/data"
-cat > "$CTX/Dockerfile" <<'DF'
-FROM busybox
+cat > "$CTX/Dockerfile" <<DF
+FROM $BASE
 COPY data /data
-RUN mkdir /gen && for i in $(seq 1 500); do echo "line $i" > /gen/f$i; done
+RUN mkdir /gen && for i in \$(seq 1 500); do echo "line \$i" > /gen/f\$i; done
 RUN cat /data/d00/* /data/d01/* > /gen/concat && wc -c /gen/concat > /gen/size
 ENV BENCH=1
 RUN echo done > /root/done
@@ -63,9 +80,9 @@ DF
 ctx_mb=$(du -s --apparent-size -B 1000000 "$CTX/data" | cut -f1); ctx_files=$(find "$CTX/data" -type f | wc -l)
 
 start_registry
-push_image busybox bench/busybox
+push_image "$BASEDIR" "bench/$BASE"
 start_walt "$W/data"
-"$BIN/walt" image clone bench:bench/busybox busybox >/dev/null
+"$BIN/walt" image clone "bench:bench/$BASE" "$BASE" >/dev/null
 
 # dockerd on its own data root (no bridge, no iptables), as the e2e harness runs it.
 D=$W/docker; mkdir -p "$D"
@@ -75,7 +92,7 @@ export DOCKER_HOST=unix://$D/docker.sock DOCKER_CONFIG=$D/client DOCKER_BUILDKIT
 # podman reads DOCKER_CONFIG too: an empty one.
 mkdir -p "$D/client"; echo "{}" > "$D/client/config.json"
 for _ in $(seq 300); do docker version >/dev/null 2>&1 && break; sleep 0.1; done
-docker import --change 'LABEL walt.node.models=pc-x86-64' "$CACHE/busybox/1.tar.gz" busybox:latest >/dev/null
+docker import --change 'LABEL walt.node.models=pc-x86-64' "$CACHE/$BASEDIR/1.tar.gz" "$BASE:latest" >/dev/null
 
 podman_env "$W/podman"
 # crun refuses this machine's hybrid cgroup layout: runc (see bench/shell.sh). Podman's
@@ -83,7 +100,7 @@ podman_env "$W/podman"
 trap 'podman rmi -af >/dev/null 2>&1; umount "$W/podman/root/overlay" 2>/dev/null || true; kill $DOCKERD 2>/dev/null; wait $DOCKERD 2>/dev/null; cleanup' EXIT
 # Imported (as docker's), not pulled: buildah 1.28 cannot commit on a base whose config
 # has no history ("history lists 2 non-empty layers, but we have 3 layers on disk").
-podman import -q --change 'LABEL walt.node.models=pc-x86-64' "$CACHE/busybox/1.tar.gz" busybox:latest >/dev/null
+podman import -q --change 'LABEL walt.node.models=pc-x86-64' "$CACHE/$BASEDIR/1.tar.gz" "$BASE:latest" >/dev/null
 
 wb() { "$BIN/walt" image build --from-dir "$CTX" --yes "$@" bench-built >"$W/walt-build.out" 2>&1 || { cat "$W/walt-build.out" >&2; exit 1; }; }
 db() { docker build -q --network=none "$@" -t bench-built "$CTX" >"$W/docker-build.out" 2>&1 || { cat "$W/docker-build.out" >&2; exit 1; }; }
@@ -121,6 +138,6 @@ wcm=$(median "${wc_[@]}"); dcm=$(median "${dc[@]}"); pcm=$(median "${pc[@]}")
 cat <<OUT
 | measure (median of $RUNS) | walt | docker build | podman build | walt / docker | walt / podman | target |
 | --- | --- | --- | --- | --- | --- | --- |
-| cold build, 6 steps, COPY of ${ctx_mb} MB in ${ctx_files} files | $wcm s | $dcm s | $pcm s | $(ratio "$wcm" "$dcm") | $(ratio "$wcm" "$pcm") | <= 0.5 |
+| cold build on $BASE, 6 steps, COPY of ${ctx_mb} MB in ${ctx_files} files | $wcm s | $dcm s | $pcm s | $(ratio "$wcm" "$dcm") | $(ratio "$wcm" "$pcm") | <= 0.5 |
 | unchanged rebuild ($cached of $steps steps cached for walt) | $(median "${wr[@]}") s | $(median "${dr[@]}") s | $(median "${pr[@]}") s | $(ratio "$(median "${wr[@]}")" "$(median "${dr[@]}")") | $(ratio "$(median "${wr[@]}")" "$(median "${pr[@]}")") | walt <= 0.2 s |
 OUT
