@@ -106,7 +106,15 @@ pub async fn start(
                 elapsed_ms = started.elapsed().as_millis() as u64, "image built"),
             Err(e) => {
                 tracing::info!(image = %image, user = %user, error = %e, "build failed");
-                let _ = tx.send(Err(Status::from(e))).await;
+                // The last line the user sees says that the build failed
+                // (nothing is saved), then why.
+                let st = Status::from(e);
+                let st = Status::with_metadata(
+                    st.code(),
+                    format!("build failed: {}", st.message()),
+                    st.metadata().clone(),
+                );
+                let _ = tx.send(Err(st)).await;
             }
         }
     });
@@ -738,7 +746,7 @@ impl Builder<'_> {
         if !status.success() {
             let code = exit_code(status);
             return Err(ServiceError::FailedPrecondition(format!(
-                "{file}, line {line}: `{}` failed: the command exited with status {code}",
+                "{file}, line {line}: `{}`: the command exited with status {code}",
                 walt_core::text::one_line(text)
             )));
         }
