@@ -19,21 +19,6 @@ command -v dockerd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install 
 [ -x /bin/busybox ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static >/dev/null
 [ -n "${WALT_BENCH_NOBUILD:-}" ] || (cd "$ROOT" && cargo build --release --bins -q)
 
-# The busybox image: one layer, in the $CACHE/NAME layout of make_layers (as bench/shell.sh).
-make_busybox() {
-  local dir=$CACHE/busybox root=$W/bbroot a
-  [ -f "$dir/done" ] && return 0
-  rm -rf "$dir" "$root"; mkdir -p "$dir" "$root"/{bin,etc,root,tmp,proc,sys,dev}
-  chmod 1777 "$root/tmp"; chmod 700 "$root/root"
-  cp /bin/busybox "$root/bin/"
-  for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$root/bin/$a"; done
-  printf 'root:x:0:0:root:/root:/bin/sh\n' > "$root/etc/passwd"
-  printf 'root:x:0:\n' > "$root/etc/group"
-  tar -C "$root" --numeric-owner --owner=0 --group=0 -cf "$dir/1.tar" .
-  sha256sum "$dir/1.tar" | cut -d' ' -f1 > "$dir/1.diffid"
-  pigz -6 -c "$dir/1.tar" > "$dir/1.tar.gz"; rm -f "$dir/1.tar"; rm -rf "$root"
-  echo 1 > "$dir/count"; touch "$dir/done"
-}
 
 # The context: 2 000 incompressible files of 25 KiB (50 MB) in 20 directories, once.
 make_context() {

@@ -127,3 +127,20 @@ runroot = "$1/run"
 CONF
   export CONTAINERS_CONF=$1/containers.conf CONTAINERS_STORAGE_CONF=$1/storage.conf
 }
+
+# The busybox image (bench/shell.sh, bench/build.sh): one layer, in the $CACHE/NAME
+# layout of make_layers.
+make_busybox() {
+  local dir=$CACHE/busybox root=$W/bbroot a
+  [ -f "$dir/done" ] && return 0
+  rm -rf "$dir" "$root"; mkdir -p "$dir" "$root"/{bin,etc,root,tmp,proc,sys,dev}
+  chmod 1777 "$root/tmp"; chmod 700 "$root/root"
+  cp /bin/busybox "$root/bin/"
+  for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$root/bin/$a"; done
+  printf 'root:x:0:0:root:/root:/bin/sh\n' > "$root/etc/passwd"
+  printf 'root:x:0:\n' > "$root/etc/group"
+  tar -C "$root" --numeric-owner --owner=0 --group=0 -cf "$dir/1.tar" .
+  sha256sum "$dir/1.tar" | cut -d' ' -f1 > "$dir/1.diffid"
+  pigz -6 -c "$dir/1.tar" > "$dir/1.tar.gz"; rm -f "$dir/1.tar"; rm -rf "$root"
+  echo 1 > "$dir/count"; touch "$dir/done"
+}

@@ -16,21 +16,6 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[
 settle() { sync; sleep "${WALT_BENCH_SETTLE:-31}"; }
 last_ms() { grep "$1" "$W/server.log" | grep -o 'elapsed_ms=[0-9.]*' | tail -1 | cut -d= -f2; }
 
-# The busybox image: one layer, in the $CACHE/NAME layout of make_layers.
-make_busybox() {
-  local dir=$CACHE/busybox root=$W/bbroot a
-  [ -f "$dir/done" ] && return 0
-  rm -rf "$dir" "$root"; mkdir -p "$dir" "$root"/{bin,etc,root,tmp,proc,sys,dev}
-  chmod 1777 "$root/tmp"; chmod 700 "$root/root"
-  cp /bin/busybox "$root/bin/"
-  for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$root/bin/$a"; done
-  printf 'root:x:0:0:root:/root:/bin/sh\n' > "$root/etc/passwd"
-  printf 'root:x:0:\n' > "$root/etc/group"
-  tar -C "$root" --numeric-owner --owner=0 --group=0 -cf "$dir/1.tar" .
-  sha256sum "$dir/1.tar" | cut -d' ' -f1 > "$dir/1.diffid"
-  pigz -6 -c "$dir/1.tar" > "$dir/1.tar.gz"; rm -f "$dir/1.tar"; rm -rf "$root"
-  echo 1 > "$dir/count"; touch "$dir/done"
-}
 
 # The ~200 MB directory for cp: regular files of /usr/share (many small ones) then of
 # /usr/lib/x86_64-linux-gnu (fewer, larger), in find order, 100 MB of each.
