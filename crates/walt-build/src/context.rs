@@ -426,10 +426,10 @@ pub fn write_context<W: Write>(
 }
 
 /// A reader that keeps its error apart, so that a read error on a context
-/// file is told from a write error on the stream.
-struct ReadErr<R> {
-    inner: R,
-    err: Option<io::Error>,
+/// file (or a COPY source) is told from a write error on the stream.
+pub(crate) struct ReadErr<R> {
+    pub(crate) inner: R,
+    pub(crate) err: Option<io::Error>,
 }
 
 impl<R: Read> Read for ReadErr<R> {

@@ -65,27 +65,6 @@ fn read_err(src: &Source, rel: &[u8], source: io::Error) -> ContextError {
     ContextError::Read { path, source }
 }
 
-/// A reader that keeps its error apart, so that a read error on a source
-/// is told from a write error on the stream.
-struct ReadErr<R> {
-    inner: R,
-    err: Option<io::Error>,
-}
-
-impl<R: Read> Read for ReadErr<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inner.read(buf) {
-            Ok(n) => Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
-            Err(e) => {
-                self.err = Some(e);
-                // Ends the data: the writer pads, the caller reports.
-                Ok(0)
-            }
-        }
-    }
-}
-
 /// The stream being written, with what it needs across sources.
 struct CopyTar<W: Write> {
     b: Builder<W>,
@@ -201,7 +180,7 @@ impl<W: Write> CopyTar<W> {
                 let mut h = self.spec(path, Kind::File, &st);
                 h.size = st.st_size as u64;
                 h.xattrs = &self.xattrs;
-                let mut data = ReadErr {
+                let mut data = crate::context::ReadErr {
                     inner: f.take(h.size),
                     err: None,
                 };
