@@ -946,30 +946,6 @@ fn layer_cache_hits_and_misses() {
     assert_nothing_left(&env, "walt-e2e-ctx-", false);
 }
 
-/// An arm64 busybox image (the arm64 busybox-static binary of the
-/// install step).
-fn arm64_image(env: &Env) -> BuiltImage {
-    let cache = std::env::var("WALT_ARM_CACHE").unwrap_or_else(|_| "/var/cache/walt-e2e".into());
-    let busybox = fs::read(Path::new(&cache).join("busybox-arm64")).unwrap_or_else(|e| {
-        panic!("{cache}/busybox-arm64: {e} (scripts/install-deps.sh fetches it)")
-    });
-    let mut entries = walt_e2e::image::busybox_rootfs_entries("arm64").unwrap();
-    for e in &mut entries {
-        if let RawEntry::File { path, data, .. } = e
-            && path == "bin/busybox"
-        {
-            *data = busybox.clone();
-        }
-    }
-    let layer = env
-        .images
-        .layer(Format::Oci, Compression::Gzip, &entries)
-        .unwrap();
-    env.images
-        .image(Format::Oci, ImageConfig::arm64("rpi-3-b"), &[layer])
-        .unwrap()
-}
-
 /// An arm64 base builds through qemu-user: `uname -m` says aarch64 and the
 /// image stays arm64.
 #[test]
@@ -982,7 +958,7 @@ fn arm64_base_builds_through_qemu() {
         assert!(st.success());
     }
     let env = Env::start();
-    let img = arm64_image(&env);
+    let img = arm_busybox_image(&env, "arm64");
     env.push_local("walt-test/arm64", "latest", &img);
     env.alice.clone_ok(&["local:walt-test/arm64", "arm"]);
     let ctx = context(&[(

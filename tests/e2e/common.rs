@@ -108,3 +108,39 @@ pub fn mounts_with(needle: &str) -> Vec<String> {
     }
     found
 }
+
+/// A busybox image of `arch` (`arm64`: rpi-3-b; else armhf v7: rpi-2-b), its
+/// binary the Debian busybox-static of that architecture that
+/// scripts/install-deps.sh fetches into /var/cache/walt-e2e.
+pub fn arm_busybox_image(env: &Env, arch: &str) -> BuiltImage {
+    let cache = std::env::var("WALT_ARM_CACHE").unwrap_or_else(|_| "/var/cache/walt-e2e".into());
+    let name = if arch == "arm64" {
+        "busybox-arm64"
+    } else {
+        "busybox-armhf"
+    };
+    let busybox = fs::read(Path::new(&cache).join(name))
+        .unwrap_or_else(|e| panic!("{cache}/{name}: {e} (scripts/install-deps.sh fetches it)"));
+    let mut entries = walt_e2e::image::busybox_rootfs_entries(arch).unwrap();
+    for e in &mut entries {
+        if let RawEntry::File { path, data, .. } = e
+            && path == "bin/busybox"
+        {
+            *data = busybox.clone();
+        }
+    }
+    let layer = env
+        .images
+        .layer(Format::Oci, Compression::Gzip, &entries)
+        .unwrap();
+    let config = if arch == "arm64" {
+        ImageConfig::arm64("rpi-3-b")
+    } else {
+        ImageConfig {
+            architecture: "arm".into(),
+            variant: Some("v7".into()),
+            ..ImageConfig::amd64("rpi-2-b")
+        }
+    };
+    env.images.image(Format::Oci, config, &[layer]).unwrap()
+}

@@ -547,39 +547,6 @@ fn squash_then_shell_sees_the_same_content() {
     assert_eq!(lines(&before.stdout), lines(&after.stdout));
 }
 
-fn arm_image(env: &Env, arch: &str) -> BuiltImage {
-    let cache = std::env::var("WALT_ARM_CACHE").unwrap_or_else(|_| "/var/cache/walt-e2e".into());
-    let name = if arch == "arm64" {
-        "busybox-arm64"
-    } else {
-        "busybox-armhf"
-    };
-    let busybox = fs::read(Path::new(&cache).join(name))
-        .unwrap_or_else(|e| panic!("{cache}/{name}: {e} (scripts/install-deps.sh fetches it)"));
-    let mut entries = walt_e2e::image::busybox_rootfs_entries(arch).unwrap();
-    for e in &mut entries {
-        if let RawEntry::File { path, data, .. } = e
-            && path == "bin/busybox"
-        {
-            *data = busybox.clone();
-        }
-    }
-    let layer = env
-        .images
-        .layer(Format::Oci, Compression::Gzip, &entries)
-        .unwrap();
-    let config = if arch == "arm64" {
-        ImageConfig::arm64("rpi-3-b")
-    } else {
-        ImageConfig {
-            architecture: "arm".into(),
-            variant: Some("v7".into()),
-            ..ImageConfig::amd64("rpi-2-b")
-        }
-    };
-    env.images.image(Format::Oci, config, &[layer]).unwrap()
-}
-
 #[test]
 fn foreign_architecture_images_run_through_qemu() {
     // binfmt registration is system-wide; the install step enables it and
@@ -598,7 +565,7 @@ fn foreign_architecture_images_run_through_qemu() {
     }
     let env = Env::start();
     for (arch, want) in [("arm64", "aarch64"), ("armhf", "armv7l")] {
-        let img = arm_image(&env, arch);
+        let img = arm_busybox_image(&env, arch);
         env.push_local(&format!("walt-test/{arch}"), "latest", &img);
         env.alice
             .clone_ok(&[&format!("local:walt-test/{arch}"), arch]);
