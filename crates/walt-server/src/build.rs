@@ -1445,6 +1445,20 @@ async fn obtain_context(
         let size = receive_context(state, input, &context).await?;
         ("the directory given".to_string(), size)
     } else {
+        // A --sub-dir that leaves the repository by its very text is
+        // refused before anything is cloned (symlinks are checked after).
+        let sub = start.sub_dir.trim_end_matches('/');
+        if sub.starts_with('/') || sub.split('/').any(|c| c == "..") {
+            let why = if sub.starts_with('/') {
+                "it must be relative to the repository"
+            } else {
+                "it leaves the repository"
+            };
+            return Err(bad(ctx::ContextError::SubDirRefused {
+                sub: walt_core::text::one_line(sub).into_owned(),
+                why,
+            }));
+        }
         clone_context(events, url, &context).await?;
         let shown = ctx::redact_url(url);
         let sub = start.sub_dir.trim_end_matches('/');
