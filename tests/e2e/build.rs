@@ -321,6 +321,8 @@ fn walt_test_from_a_git_repository_with_sub_dir() {
         "escape",
     ]);
     out.assert_failure("sub-dir");
+    // Refused by its text, before anything is cloned.
+    assert!(!out.stderr.contains("cloning"), "{out}");
     let out = env.alice.run(&[
         "image",
         "build",
