@@ -43,6 +43,17 @@ struct RawEntry {
     created: i64,
 }
 
+/// A row of `SELECT key, layers, config_digest, created FROM build_cache`.
+fn read_row(r: &rusqlite::Row<'_>, ctx: &str) -> Result<(String, RawEntry)> {
+    let key: String = r.get(0).db(ctx)?;
+    let raw = RawEntry {
+        layers: r.get(1).db(ctx)?,
+        config_digest: r.get(2).db(ctx)?,
+        created: r.get(3).db(ctx)?,
+    };
+    Ok((key, raw))
+}
+
 /// The row's entry, or why it is corrupt.
 fn parse_entry(raw: &RawEntry) -> std::result::Result<CacheEntry, String> {
     Ok(CacheEntry {
@@ -151,12 +162,7 @@ pub(crate) fn references(
         .db(ctx)?;
     let mut rows = stmt.query([]).db(ctx)?;
     while let Some(r) = rows.next().db(ctx)? {
-        let key: String = r.get(0).db(ctx)?;
-        let raw = RawEntry {
-            layers: r.get(1).db(ctx)?,
-            config_digest: r.get(2).db(ctx)?,
-            created: r.get(3).db(ctx)?,
-        };
+        let (key, raw) = read_row(r, ctx)?;
         match parse_entry(&raw) {
             Ok(e) => {
                 for l in e.layers {
@@ -292,12 +298,7 @@ impl Store {
                     .db(ctx)?;
                 let mut rows = stmt.query([]).db(ctx)?;
                 while let Some(r) = rows.next().db(ctx)? {
-                    let key: String = r.get(0).db(ctx)?;
-                    let raw = RawEntry {
-                        layers: r.get(1).db(ctx)?,
-                        config_digest: r.get(2).db(ctx)?,
-                        created: r.get(3).db(ctx)?,
-                    };
+                    let (key, raw) = read_row(r, ctx)?;
                     let blobs = parse_entry(&raw).ok().map(|e| {
                         let mut v: Vec<(String, u64)> = e
                             .layers
