@@ -699,19 +699,10 @@ impl Builder<'_> {
             },
         );
         let (r, w) = pipe()?;
-        let mut cmd = walt_container::command(&spec)
-            .map_err(|e| ServiceError::Internal(format!("cannot start the build sandbox: {e}")))?;
         let w2 = w
             .try_clone()
             .map_err(|e| ServiceError::Internal(format!("cannot create a pipe: {e}")))?;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(w))
-            .stderr(Stdio::from(w2));
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| ServiceError::Internal(format!("cannot start the build sandbox: {e}")))?;
-        // The write ends now live only in the sandbox.
-        drop(cmd);
+        let mut child = start_sandbox(&spec, Stdio::null(), Stdio::from(w), Stdio::from(w2))?;
         let mut output = tokio::net::unix::pipe::Receiver::from_owned_fd(r)
             .map_err(|e| ServiceError::Internal(format!("cannot read the step's output: {e}")))?;
         let mut buf = vec![0u8; OUTPUT_CHUNK];
@@ -905,16 +896,7 @@ impl Builder<'_> {
                         chmod,
                     },
                 );
-                let mut cmd = walt_container::command(&spec).map_err(|e| {
-                    ServiceError::Internal(format!("cannot start the build sandbox: {e}"))
-                })?;
-                cmd.stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
-                let mut src = cmd.spawn().map_err(|e| {
-                    ServiceError::Internal(format!("cannot start the build sandbox: {e}"))
-                })?;
-                drop(cmd);
+                let mut src = start_sandbox(&spec, Stdio::null(), Stdio::piped(), Stdio::piped())?;
                 let stdout = src
                     .stdout
                     .take()
@@ -1027,15 +1009,7 @@ impl Builder<'_> {
     ) -> Result<(), ServiceError> {
         let spec = self.spec(&out.layers, session, job);
         let (r, w) = pipe()?;
-        let mut cmd = walt_container::command(&spec)
-            .map_err(|e| ServiceError::Internal(format!("cannot start the build sandbox: {e}")))?;
-        cmd.stdin(Stdio::from(r))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| ServiceError::Internal(format!("cannot start the build sandbox: {e}")))?;
-        drop(cmd);
+        let mut child = start_sandbox(&spec, Stdio::from(r), Stdio::null(), Stdio::piped())?;
         let stderr = child.stderr.take();
         // The feeder: a thread writing a tar, or a second sandbox.
         let mut source_child = None;
@@ -1383,6 +1357,22 @@ fn is_archive(root: &Path, s: &Source) -> Result<bool, ServiceError> {
 /// The two zero blocks that end a tar: an empty archive.
 fn tar_end() -> Vec<u8> {
     vec![0u8; 1024]
+}
+
+/// Starts a sandbox job with this stdio. The command is dropped at once, so
+/// the pipe ends given to it live only in the sandbox (a reader sees the
+/// end of its output when the sandbox exits).
+fn start_sandbox(
+    spec: &Spec,
+    stdin: Stdio,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Result<tokio::process::Child, ServiceError> {
+    let failed =
+        |e: io::Error| ServiceError::Internal(format!("cannot start the build sandbox: {e}"));
+    let mut cmd = walt_container::command(spec).map_err(failed)?;
+    cmd.stdin(stdin).stdout(stdout).stderr(stderr);
+    cmd.spawn().map_err(failed)
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), ServiceError> {
