@@ -866,10 +866,22 @@ fn layer_cache_hits_and_misses() {
         "a cached rebuild wrote blobs"
     );
     assert_eq!(walt_e2e::util::list_dir(&data.join("layers")), layers);
+    // The unchanged context was not sent again: the server had it.
+    let reused = |log: &str| log.matches("build context reused").count();
+    assert_eq!(
+        reused(&env.server.log()),
+        1,
+        "the unchanged context was sent again"
+    );
 
-    // A file no step reads: still everything cached.
+    // A file no step reads: still everything cached, the context sent again.
     write(ctx.path(), "unused.txt", b"u2\n");
     let out = build_ok(&env.alice, ctx.path(), "cached", &["--yes"]);
+    assert_eq!(
+        reused(&env.server.log()),
+        1,
+        "a changed context was taken as held"
+    );
     assert_eq!(
         fs_steps(&out),
         [(2, true), (3, true), (4, true), (6, true), (7, true)],

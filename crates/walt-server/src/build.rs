@@ -1412,6 +1412,7 @@ async fn obtain_context(
             }))
             .await?;
         if let Some(c) = held {
+            tracing::info!(user = %user, digest = %d, "build context reused");
             // Only `end` follows.
             match input.message().await {
                 Ok(Some(pb::BuildRequest {
