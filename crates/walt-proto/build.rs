@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         root.join("walt/v1/images.proto"),
         root.join("walt/v1/admin.proto"),
+        root.join("walt/v1/nodes.proto"),
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

@@ -100,6 +100,10 @@ impl WaltServer {
             .arg(self.data_dir())
             .arg("--listen")
             .arg(self.addr())
+            .arg("--event-socket")
+            .arg(self.event_socket())
+            .arg("--exports-file")
+            .arg(self.exports_file())
             .env("NO_COLOR", "1")
             .env_remove("WALT_TLS_DIR")
             .stdin(Stdio::null())
@@ -146,6 +150,21 @@ impl WaltServer {
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The socket the DHCP hook (`walt-dhcp-event`) reports leases on.
+    pub fn event_socket(&self) -> PathBuf {
+        self.dir.path().join("dhcp-event.sock")
+    }
+
+    /// The NFS exports file the server writes.
+    pub fn exports_file(&self) -> PathBuf {
+        self.dir.path().join("walt.exports")
+    }
+
+    /// The TFTP remap file the server writes (the default, in the data dir).
+    pub fn tftp_map_file(&self) -> PathBuf {
+        self.data_dir().join("tftp.map")
     }
 
     pub fn config_path(&self) -> PathBuf {

@@ -11,6 +11,7 @@ mod error;
 mod grpc;
 mod hub;
 mod images;
+pub mod nodes;
 mod progress;
 mod publish;
 mod search;
@@ -37,6 +38,12 @@ pub use error::ServiceError;
 pub struct ServerOptions {
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
+    /// The socket `walt-dhcp-event` connects to; None: no node detection.
+    pub event_socket: Option<PathBuf>,
+    /// The NFS exports file walt writes.
+    pub exports_file: PathBuf,
+    /// The TFTP remap file walt writes.
+    pub tftp_map_file: PathBuf,
 }
 
 /// State shared by every request.
@@ -54,6 +61,8 @@ pub struct State {
     pub search_caches: Arc<search::Caches>,
     /// The last build contexts received, reused by unchanged rebuilds.
     pub build_contexts: build::Contexts,
+    /// The node side: detection, default images, serving.
+    pub nodes: nodes::Nodes,
 }
 
 impl State {
@@ -152,6 +161,12 @@ impl Server {
                 locks: Arc::default(),
                 build_contexts: build::Contexts::default(),
                 search_caches: Arc::default(),
+                nodes: nodes::Nodes::new(nodes::NodePaths {
+                    data_dir: opts.data_dir.clone(),
+                    event_socket: opts.event_socket,
+                    exports_file: opts.exports_file,
+                    tftp_map_file: opts.tftp_map_file,
+                }),
             }),
             tls: None,
         })
@@ -205,6 +220,7 @@ impl Server {
             usize::try_from(limits.grpc_receive_size).unwrap_or(usize::MAX),
             usize::try_from(limits.grpc_send_size).unwrap_or(usize::MAX),
         );
+        nodes::start(state.clone()).await?;
         let stop = async move {
             signal.await;
             shutdown.cancel();

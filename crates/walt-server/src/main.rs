@@ -37,6 +37,25 @@ struct Args {
     /// under `walt:` in their config).
     #[arg(long, conflicts_with = "tls_dir")]
     plaintext: bool,
+    /// Socket the DHCP server's hook (`walt-dhcp-event`) reports leases on
+    /// (root only).
+    #[arg(
+        long,
+        default_value = "/run/walt/dhcp-event.sock",
+        env = "WALT_DHCP_EVENT_SOCKET"
+    )]
+    event_socket: PathBuf,
+    /// NFS exports file listing the images nodes use.
+    #[arg(
+        long,
+        default_value = "/etc/exports.d/walt.exports",
+        env = "WALT_EXPORTS_FILE"
+    )]
+    exports_file: PathBuf,
+    /// TFTP remap file (tftpd-hpa `-m`) mapping a node's requests to its
+    /// tree [default: tftp.map in the data directory].
+    #[arg(long, env = "WALT_TFTP_MAP_FILE")]
+    tftp_map_file: Option<PathBuf>,
 }
 
 fn main() {
@@ -78,9 +97,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .tls_dir
         .clone()
         .unwrap_or_else(|| tls::default_dir(&args.config));
+    let tftp_map_file = args
+        .tftp_map_file
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("tftp.map"));
     let mut server = Server::open(ServerOptions {
         config_path: args.config,
         data_dir: args.data_dir,
+        event_socket: Some(args.event_socket),
+        exports_file: args.exports_file,
+        tftp_map_file,
     })
     .await?;
     if !args.plaintext {

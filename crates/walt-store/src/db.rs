@@ -95,6 +95,32 @@ const MIGRATIONS: &[&str] = &[
         used INTEGER NOT NULL
     );
     CREATE INDEX build_cache_used ON build_cache(used);",
+    // 3: devices seen on the walt network (DHCP leases) and the nodes among
+    // them; the default images each user was given a copy of. The `nodes`
+    // table of version 1 was never written.
+    "DROP TABLE nodes;
+    CREATE TABLE devices (
+        mac TEXT PRIMARY KEY,
+        ip TEXT,
+        name TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        model TEXT,
+        reason TEXT,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL
+    );
+    CREATE INDEX devices_ip ON devices(ip);
+    CREATE TABLE nodes (
+        mac TEXT PRIMARY KEY REFERENCES devices(mac) ON DELETE CASCADE,
+        model TEXT NOT NULL,
+        image_id INTEGER NOT NULL REFERENCES images(id)
+    );
+    CREATE INDEX nodes_image ON nodes(image_id);
+    CREATE TABLE default_copies (
+        user TEXT NOT NULL,
+        image TEXT NOT NULL,
+        PRIMARY KEY (user, image)
+    );",
 ];
 
 /// Opens (creating if needed) and migrates the database.
@@ -250,7 +276,7 @@ pub(crate) fn list_images(conn: &Connection, owner: Option<&str>) -> Result<Vec<
     rows.into_iter().map(|r| complete(conn, r)).collect()
 }
 
-fn image_id(tx: &Transaction<'_>, name: &ImageName) -> Result<Option<i64>> {
+pub(crate) fn image_id(tx: &Transaction<'_>, name: &ImageName) -> Result<Option<i64>> {
     tx.query_row(
         "SELECT id FROM images WHERE owner = ?1 AND name = ?2 AND tag = ?3",
         params![name.owner, name.name, name.tag],

@@ -46,6 +46,10 @@ pub enum StoreError {
     ImageExists(String),
     #[error("image '{0}' not found")]
     ImageNotFound(String),
+    #[error("node or device '{0}' not found")]
+    DeviceNotFound(String),
+    #[error("a node or device is already named '{0}'")]
+    DeviceExists(String),
     #[error("image '{image}': {what} {digest} is missing from the store")]
     MissingContent {
         image: String,

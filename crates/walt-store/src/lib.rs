@@ -28,6 +28,7 @@ mod gc;
 mod gzip;
 mod import;
 mod inflate;
+mod nodes;
 mod squash;
 mod staging;
 mod unpack;
@@ -49,6 +50,7 @@ pub use db::{ImageRecord, LayerRef, NewImage, PutOutcome};
 pub use error::{Result, StoreError};
 pub use gc::{GcReport, ImportGuard};
 pub use import::{ImportOptions, LayerImport};
+pub use nodes::{Device, DeviceKind, Lease};
 pub use squash::SquashOutcome;
 pub use util::{now_secs, rfc3339};
 /// Removes a tree however deep (no recursion, one descriptor), never
@@ -391,6 +393,8 @@ impl Store {
 mod bounds_tests;
 #[cfg(test)]
 mod build_cache_tests;
+#[cfg(test)]
+mod nodes_tests;
 #[cfg(test)]
 mod tests;
 

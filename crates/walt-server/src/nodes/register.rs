@@ -1,0 +1,2 @@
+//! What a lease commit does: the device recorded, its model's default
+//! image obtained, the device made a node.

@@ -1,0 +1,188 @@
+//! Tests of the device and node records.
+
+use walt_core::ImageName;
+
+use crate::*;
+
+fn new_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    (dir, store)
+}
+
+fn name(owner: &str, n: &str) -> ImageName {
+    ImageName {
+        owner: owner.into(),
+        name: n.into(),
+        tag: "latest".into(),
+    }
+}
+
+/// An empty image (no layer) recorded as `img`.
+fn image(store: &Store, img: &ImageName) {
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "created": "2026-12-01T00:00:00Z",
+        "config": { "Labels": { "walt.node.models": "pc-x86-64" } },
+        "rootfs": { "type": "layers", "diff_ids": [] },
+    });
+    let serde_json::Value::Object(config) = config else {
+        unreachable!()
+    };
+    store
+        .record_built_image(img, config, vec![], vec!["pc-x86-64".into()], false, 1)
+        .unwrap();
+}
+
+fn lease(mac: &str, ip: &str, host: &str, model: Option<&str>) -> Lease {
+    Lease {
+        mac: mac.into(),
+        ip: ip.into(),
+        hostname: host.into(),
+        model: model.map(str::to_string),
+        now: 1_700_000_000,
+    }
+}
+
+#[test]
+fn leases_record_devices_with_unique_names() {
+    let (_d, store) = new_store();
+    let (a, new) = store
+        .record_lease(&lease(
+            "52:54:00:12:34:56",
+            "10.0.0.5",
+            "",
+            Some("pc-x86-64"),
+        ))
+        .unwrap();
+    assert!(new);
+    assert_eq!(a.name, "pc-x86-64-123456");
+    assert_eq!(a.kind, DeviceKind::Unknown);
+    assert_eq!(a.model.as_deref(), Some("pc-x86-64"));
+    // Same suffix, other MAC: the name gets -2.
+    let (b, _) = store
+        .record_lease(&lease(
+            "52:54:01:12:34:56",
+            "10.0.0.6",
+            "",
+            Some("pc-x86-64"),
+        ))
+        .unwrap();
+    assert_eq!(b.name, "pc-x86-64-123456-2");
+    // A known device: new address, name kept; the address leaves the other.
+    let (a2, new) = store
+        .record_lease(&lease("52:54:00:12:34:56", "10.0.0.6", "other", None))
+        .unwrap();
+    assert!(!new);
+    assert_eq!(a2.name, "pc-x86-64-123456");
+    assert_eq!(a2.ip.as_deref(), Some("10.0.0.6"));
+    assert_eq!(a2.model.as_deref(), Some("pc-x86-64"));
+    let b2 = store.find_device("pc-x86-64-123456-2").unwrap().unwrap();
+    assert_eq!(b2.ip, None);
+    // Found by MAC in another spelling, and by address.
+    assert_eq!(
+        store
+            .find_device("52-54-00-12-34-56")
+            .unwrap()
+            .unwrap()
+            .name,
+        a.name
+    );
+    assert_eq!(store.find_device("10.0.0.6").unwrap().unwrap().name, a.name);
+    assert!(store.find_device("nope").unwrap().is_none());
+}
+
+#[test]
+fn nodes_use_images_and_follow_them() {
+    let (_d, store) = new_store();
+    let default = name("waltplatform", "pc-x86-64-default");
+    image(&store, &default);
+    let mac = "52:54:00:12:34:56";
+    store
+        .record_lease(&lease(mac, "10.0.0.5", "", Some("pc-x86-64")))
+        .unwrap();
+    store
+        .set_unknown_reason(mac, "no default image yet")
+        .unwrap();
+    assert_eq!(
+        store.find_device(mac).unwrap().unwrap().reason.as_deref(),
+        Some("no default image yet")
+    );
+    assert!(!store.image_in_use(&default).unwrap());
+    assert!(store.make_node(mac, "pc-x86-64", &default).unwrap());
+    assert!(!store.make_node(mac, "pc-x86-64", &default).unwrap());
+    let n = store.find_device(mac).unwrap().unwrap();
+    assert_eq!(n.kind, DeviceKind::Node);
+    assert_eq!(n.reason, None);
+    assert_eq!(n.image.as_ref(), Some(&default));
+    assert!(store.image_in_use(&default).unwrap());
+    assert_eq!(store.node_models().unwrap(), vec!["pc-x86-64".to_string()]);
+    // A reason cannot turn a node back.
+    store.set_unknown_reason(mac, "x").unwrap();
+    assert_eq!(store.find_device(mac).unwrap().unwrap().reason, None);
+
+    // Boot another image; a replaced image keeps its nodes.
+    let mine = name("alice", "img");
+    image(&store, &mine);
+    store.set_nodes_image(&[mac.to_string()], &mine).unwrap();
+    assert!(!store.image_in_use(&default).unwrap());
+    assert_eq!(store.nodes_using(&mine).unwrap().len(), 1);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "created": "2026-12-02T00:00:00Z",
+        "rootfs": { "type": "layers", "diff_ids": [] },
+    });
+    let serde_json::Value::Object(config) = config else {
+        unreachable!()
+    };
+    store
+        .record_built_image(&mine, config, vec![], vec!["pc-x86-64".into()], true, 2)
+        .unwrap();
+    assert_eq!(store.nodes_using(&mine).unwrap().len(), 1);
+    // The store refuses to drop an image nodes use.
+    assert!(store.remove_image(&mine).is_err());
+    assert!(
+        store
+            .set_nodes_image(&["00:00:00:00:00:01".into()], &mine)
+            .is_err()
+    );
+
+    // Renames.
+    store.rename_device("pc-x86-64-123456", "bench-1").unwrap();
+    assert_eq!(store.find_device(mac).unwrap().unwrap().name, "bench-1");
+    store
+        .record_lease(&lease("52:54:00:00:00:01", "10.0.0.7", "", None))
+        .unwrap();
+    assert!(matches!(
+        store.rename_device("unknown-000001", "bench-1"),
+        Err(StoreError::DeviceExists(_))
+    ));
+    assert!(matches!(
+        store.rename_device("ghost", "x"),
+        Err(StoreError::DeviceNotFound(_))
+    ));
+}
+
+#[test]
+fn default_copies_are_given_once() {
+    let (_d, store) = new_store();
+    let d = name("waltplatform", "rpi-b-default");
+    assert!(!store.default_copy_given("alice", &d).unwrap());
+    store.record_default_copy("alice", &d).unwrap();
+    store.record_default_copy("alice", &d).unwrap();
+    assert!(store.default_copy_given("alice", &d).unwrap());
+    assert!(!store.default_copy_given("bob", &d).unwrap());
+}
+
+#[test]
+fn devices_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(&dir.path().join("data")).unwrap();
+        store
+            .record_lease(&lease("b8:27:eb:01:02:03", "10.0.0.9", "pi", None))
+            .unwrap();
+    }
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let all = store.list_devices().unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].name, "pi-010203");
+}
