@@ -94,6 +94,12 @@ type Client = ImagesClient<InterceptedService<Channel, UserInterceptor>>;
 #[derive(Clone)]
 pub struct UserInterceptor(MetadataValue<tonic::metadata::Ascii>);
 
+impl UserInterceptor {
+    pub fn new(user: MetadataValue<tonic::metadata::Ascii>) -> Self {
+        Self(user)
+    }
+}
+
 impl tonic::service::Interceptor for UserInterceptor {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         req.metadata_mut()
@@ -128,7 +134,7 @@ impl std::fmt::Display for CredentialsNeeded {
 impl std::error::Error for CredentialsNeeded {}
 
 /// The one line the user sees for a failed call.
-fn status_error(s: Status) -> anyhow::Error {
+pub(crate) fn status_error(s: Status) -> anyhow::Error {
     let msg = s.message();
     if s.code() == Code::Unauthenticated
         && let Some(label) = s

@@ -1,0 +1,38 @@
+//! `walt advanced ...` commands that talk to the server.
+
+use anyhow::anyhow;
+use tonic::metadata::MetadataValue;
+use walt_proto::v1::{self as pb, nodes_client::NodesClient};
+
+use crate::config;
+use crate::image::{UserInterceptor, status_error};
+
+/// `walt advanced update-default-images`: the server looks for newer
+/// default images on its sources and fetches them; its lines are shown as
+/// they come (what was updated on stdout; progress and warnings on stderr).
+pub async fn update_default_images() -> anyhow::Result<()> {
+    let settings = config::load()?;
+    let channel = crate::tls::connect(&settings).await?;
+    let user = MetadataValue::try_from(settings.username.as_str())
+        .map_err(|_| anyhow!("invalid walt username '{}'", settings.username))?;
+    let mut client = NodesClient::with_interceptor(channel, UserInterceptor::new(user));
+    let mut stream = client
+        .update_default_images(pb::UpdateDefaultImagesRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    loop {
+        match stream.message().await {
+            Ok(Some(ev)) => {
+                let line = walt_core::text::one_line(&ev.message);
+                if line.starts_with("warning: ") || line.ends_with("...") {
+                    eprintln!("{line}");
+                } else {
+                    println!("{line}");
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(s) => return Err(status_error(s)),
+        }
+    }
+}
