@@ -419,7 +419,7 @@ fn a_registry_wanting_credentials_is_skipped_and_labels_are_checked() {
 fn arm_models_take_their_platform_from_an_index() {
     let local = Registry::start(RegistryOpts::plain()).unwrap();
     let images = ImageBuilder::new().unwrap();
-    let models = "rpi-b,rpi-2-b,rpi-3-b,pc-x86-64";
+    let models = "rpi-b,rpi-2-b,rpi-3-b,pc-x86-64,toaster";
     let of = |config: ImageConfig, marker: &str| {
         let layer = images
             .busybox_layer(Format::Oci, Compression::Gzip, marker)
@@ -439,7 +439,7 @@ fn arm_models_take_their_platform_from_an_index() {
     let index = images
         .index(Format::Oci, &[amd64.clone(), arm64.clone(), armv7.clone()])
         .unwrap();
-    for model in ["rpi-b", "rpi-2-b", "rpi-3-b"] {
+    for model in ["rpi-b", "rpi-2-b", "rpi-3-b", "toaster"] {
         local
             .client()
             .push_index(&format!("waltplatform/{model}-default"), "latest", &index)
@@ -465,6 +465,105 @@ fn arm_models_take_their_platform_from_an_index() {
     );
     assert!(dev.image.is_none());
     assert!(stored_manifest(&server, "waltplatform", "rpi-b-default").is_none());
+    // A model walt does not know: the server's own platform.
+    let own = match std::env::consts::ARCH {
+        "x86_64" => &amd64,
+        "aarch64" => &arm64,
+        _ => return,
+    };
+    lease(&server, "toaster", "52:54:00:00:40:04", "192.168.152.44");
+    let node = wait_node(&server, "52:54:00:00:40:04");
+    assert_eq!(node.manifest.as_deref(), Some(&*own.manifest_digest));
+}
+
+#[test]
+fn the_docker_daemon_serves_and_updates_default_images() {
+    let dockerd = walt_e2e::docker::Dockerd::start().unwrap();
+    let local = Registry::start(RegistryOpts::plain()).unwrap();
+    let images = ImageBuilder::new().unwrap();
+    // On the registry, created 2024-05-01: what the daemon has is newer.
+    let old = images
+        .busybox_image(Format::Oci, Compression::Gzip, "pc-x86-64")
+        .unwrap();
+    local
+        .client()
+        .push_image("waltplatform/pc-x86-64-default", "latest", &old)
+        .unwrap();
+    dockerd
+        .import_busybox(
+            "waltplatform/pc-x86-32-default:latest",
+            Some("pc-x86-32"),
+            "from dockerd",
+        )
+        .unwrap();
+    dockerd
+        .import_busybox(
+            "waltplatform/rpi-4-b-default:latest",
+            Some("pc-x86-64"),
+            "wrong models",
+        )
+        .unwrap();
+    let yaml = format!(
+        "registries:\n{}docker:\n    socket: {}\n",
+        local.server_entry("local"),
+        dockerd.socket().display()
+    );
+    let server = WaltServer::start_with_config(&yaml).unwrap();
+
+    // Nowhere but on the daemon.
+    lease(&server, "pc-x86-32", "52:54:00:00:60:01", "192.168.152.61");
+    let node = wait_node(&server, "52:54:00:00:60:01");
+    assert_eq!(
+        node.image.as_deref(),
+        Some("waltplatform/pc-x86-32-default:latest")
+    );
+    let log = server.log();
+    assert!(
+        log.contains(
+            "default image of pc-x86-32 downloaded from docker:waltplatform/pc-x86-32-default:latest"
+        ),
+        "{log}"
+    );
+    // The daemon's image must list the model too.
+    lease(&server, "rpi-4-b", "dc:a6:32:00:60:02", "192.168.152.62");
+    wait_unknown(
+        &server,
+        "dc:a6:32:00:60:02",
+        "local: not found; docker: its walt.node.models label (pc-x86-64) does not list rpi-4-b",
+    );
+    assert!(stored_manifest(&server, "waltplatform", "rpi-4-b-default").is_none());
+
+    // From the registry; then the daemon gets a newer one.
+    lease(&server, "pc-x86-64", "52:54:00:00:60:03", "192.168.152.63");
+    let node = wait_node(&server, "52:54:00:00:60:03");
+    assert_eq!(node.manifest.as_deref(), Some(&*old.manifest_digest));
+    dockerd
+        .import_busybox(
+            "waltplatform/pc-x86-64-default:latest",
+            Some("pc-x86-64"),
+            "newer, from dockerd",
+        )
+        .unwrap();
+    let alice = server.cli("alice", &[]);
+    let out = alice.run(&["advanced", "update-default-images"]);
+    out.assert_success();
+    let url = "docker:waltplatform/pc-x86-64-default:latest";
+    assert!(
+        out.stderr.contains(&format!(
+            "Updating waltplatform/pc-x86-64-default from {url}..."
+        )),
+        "{out}"
+    );
+    assert!(
+        out.stdout
+            .contains("No update available for waltplatform/pc-x86-32-default."),
+        "{out}"
+    );
+    let updated = stored_manifest(&server, "waltplatform", "pc-x86-64-default").unwrap();
+    assert_ne!(updated, old.manifest_digest);
+    let node = device(&server, "52:54:00:00:60:03").unwrap();
+    assert_eq!(node.manifest.as_deref(), Some(&*updated));
+    assert_tmp_empty(&server.data_dir());
 }
 
 #[test]

@@ -19,7 +19,12 @@ pub async fn update_default_images() -> anyhow::Result<()> {
     let mut stream = client
         .update_default_images(pb::UpdateDefaultImagesRequest {})
         .await
-        .map_err(status_error)?
+        .map_err(|s| match s.code() {
+            tonic::Code::Unimplemented => anyhow!(
+                "the walt server does not know walt advanced update-default-images (it is older than this client)"
+            ),
+            _ => status_error(s),
+        })?
         .into_inner();
     loop {
         match stream.message().await {
