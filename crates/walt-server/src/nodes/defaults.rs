@@ -31,6 +31,9 @@ use crate::images::blocking;
 /// DHCP requests: bounded).
 const MAX_IN_FLIGHT: usize = 32;
 
+/// Longest wait for the Docker daemon's details of an image.
+const DOCKER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What a fetch ended with: the image, or the line saying why not.
 type Outcome = Result<ImageName, String>;
 
@@ -79,19 +82,20 @@ pub async fn ensure(state: &Arc<State>, model: &str) -> Result<ImageName, String
                 // caller that started it goes away.
                 let (state, model, target) = (state.clone(), model.to_string(), target.clone());
                 tokio::spawn(async move {
+                    // The entry goes however the task ends (even by a
+                    // panic), before the outcome is sent: a later call
+                    // finds the image stored, or starts a new fetch.
+                    let entry = InFlight {
+                        state: state.clone(),
+                        model: model.clone(),
+                    };
                     let outcome = tokio::select! {
                         o = fetch(&state, &model, &target) => o,
                         _ = state.shutdown.cancelled() => {
                             Err(format!("download of the default image of {model} stopped: the server is shutting down"))
                         }
                     };
-                    state
-                        .nodes
-                        .defaults
-                        .in_flight
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&model);
+                    drop(entry);
                     let _ = tx.send(Some(outcome));
                 });
                 rx
@@ -105,6 +109,24 @@ pub async fn ensure(state: &Arc<State>, model: &str) -> Result<ImageName, String
         Err(_) => Err(format!(
             "download of the default image of {model} stopped before it ended"
         )),
+    }
+}
+
+/// A model's entry in [`Defaults::in_flight`], removed when dropped.
+struct InFlight {
+    state: Arc<State>,
+    model: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.state
+            .nodes
+            .defaults
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.model);
     }
 }
 
@@ -235,6 +257,10 @@ async fn from_docker(
     let config = state.config();
     let name = format!("{}:{}", remote_path(target), target.tag);
     let (client, _) = crate::docker::find_base(&config, &name).await?;
+    // Refused before anything is read when the label says so already.
+    if let Ok(Ok(info)) = tokio::time::timeout(DOCKER_TIMEOUT, client.inspect(&name)).await {
+        models_for(info.label(LABEL_NODE_MODELS), model)?;
+    }
     let url = format!("docker:{name}");
     let store = &state.store;
     let (events, _) = clone::Events::channel(1);
@@ -472,7 +498,7 @@ async fn update_one(
                 }
             }
             Err(skip) => {
-                if skip.reason != "not found" && skip.reason != "not enabled" {
+                if !skip.reason.starts_with("not found") && skip.reason != "not enabled" {
                     say(format!("warning: {label} skipped: {}", skip.reason));
                 }
             }
@@ -510,7 +536,7 @@ async fn docker_created(
     model: &str,
 ) -> Option<(i64, u32)> {
     let client = crate::docker::client(config);
-    let info = tokio::time::timeout(std::time::Duration::from_secs(30), client.inspect(name))
+    let info = tokio::time::timeout(DOCKER_TIMEOUT, client.inspect(name))
         .await
         .ok()?
         .ok()?;
