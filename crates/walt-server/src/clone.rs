@@ -323,6 +323,28 @@ fn pick_wanted<'a>(
     })
 }
 
+/// The entry of `index` for this server's platform; else the error
+/// naming what it has.
+fn host_platform<'a>(
+    index: &'a oci::Index,
+    remote: &Remote,
+) -> Result<&'a oci::Descriptor, ServiceError> {
+    let (arch, variant) = oci::oci_arch(std::env::consts::ARCH);
+    oci::pick_platform(index, arch, variant).ok_or_else(|| {
+        let platforms: Vec<String> = index
+            .manifests
+            .iter()
+            .filter_map(|d| d.platform.as_ref())
+            .map(|p| format!("{}/{}", p.os, p.architecture))
+            .collect();
+        ServiceError::NoPlatform {
+            url: remote.shown.clone(),
+            arch: arch.to_string(),
+            available: platforms.join(", "),
+        }
+    })
+}
+
 /// Parses a fetched manifest; an index is resolved (one more request) to
 /// the first of `wanted` it has, or to this server's platform for `None`.
 async fn resolve_remote(
@@ -342,30 +364,14 @@ async fn resolve_remote(
     let (manifest, bytes, digest) =
         match ManifestDoc::parse(&fetched.bytes, media_type.as_deref()).map_err(bad)? {
             ManifestDoc::Image(m) => (*m, fetched.bytes, fetched.digest),
-            ManifestDoc::Index(index) if wanted.is_some() => {
-                let (desc, platform) = pick_wanted(&index, wanted.unwrap_or_default(), remote)?;
-                from_index = true;
-                picked = Some(platform);
-                let inner = client
-                    .get_manifest(&remote.path, desc.digest.as_str())
-                    .await?;
-                media_type = inner.media_type.clone().or(Some(desc.media_type.clone()));
-                image_of_index(client, remote, inner, media_type.as_deref())?
-            }
             ManifestDoc::Index(index) => {
-                let (arch, variant) = oci::oci_arch(std::env::consts::ARCH);
-                let Some(desc) = oci::pick_platform(&index, arch, variant) else {
-                    let platforms: Vec<String> = index
-                        .manifests
-                        .iter()
-                        .filter_map(|d| d.platform.as_ref())
-                        .map(|p| format!("{}/{}", p.os, p.architecture))
-                        .collect();
-                    return Err(ServiceError::NoPlatform {
-                        url: remote.shown.clone(),
-                        arch: arch.to_string(),
-                        available: platforms.join(", "),
-                    });
+                let desc = match wanted {
+                    Some(wanted) => {
+                        let (desc, platform) = pick_wanted(&index, wanted, remote)?;
+                        picked = Some(platform);
+                        desc
+                    }
+                    None => host_platform(&index, remote)?,
                 };
                 from_index = true;
                 let inner = client
