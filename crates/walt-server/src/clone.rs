@@ -1384,6 +1384,71 @@ mod tests {
     }
 
     #[test]
+    fn a_model_picks_its_platform_from_an_index() {
+        use walt_core::models::model_platforms;
+        let entry = |n: u8, arch: &str, variant: Option<&str>| {
+            let mut p = serde_json::json!({"architecture": arch, "os": "linux"});
+            if let Some(v) = variant {
+                p["variant"] = v.into();
+            }
+            serde_json::json!({
+                "mediaType": oci::OCI_MANIFEST,
+                "digest": format!("sha256:{}", format!("{n:02x}").repeat(32)),
+                "size": 1,
+                "platform": p,
+            })
+        };
+        let index = |entries: Vec<serde_json::Value>| -> oci::Index {
+            serde_json::from_value(serde_json::json!({"schemaVersion": 2, "manifests": entries}))
+                .unwrap()
+        };
+        let remote = Remote::at("local", "waltplatform/x-default", "latest");
+        let pick = |idx: &oci::Index, model: &str| {
+            pick_wanted(idx, model_platforms(model).unwrap(), &remote)
+                .map(|(d, p)| (d.digest.hex()[..2].to_string(), p))
+                .map_err(|e| e.to_string())
+        };
+        let full = index(vec![
+            entry(1, "amd64", None),
+            entry(2, "arm", Some("v7")),
+            entry(3, "arm64", Some("v8")),
+            entry(4, "unknown", None),
+        ]);
+        assert_eq!(
+            pick(&full, "rpi-3-b").unwrap(),
+            ("03".into(), "linux/arm64".into())
+        );
+        assert_eq!(
+            pick(&full, "rpi-2-b").unwrap(),
+            ("02".into(), "linux/arm/v7".into())
+        );
+        assert_eq!(pick(&full, "pc-x86-64").unwrap().0, "01");
+        assert_eq!(
+            pick(&full, "rpi-b").unwrap_err(),
+            "local:waltplatform/x-default:latest has no image for linux/arm/v6 (it has: linux/amd64, linux/arm/v7, linux/arm64/v8)"
+        );
+        // No arm64: a Raspberry Pi 4 takes arm/v7 (`arm` alone is v7).
+        let armhf = index(vec![entry(5, "arm", None), entry(6, "arm", Some("v6"))]);
+        assert_eq!(pick(&armhf, "rpi-4-b").unwrap().0, "05");
+        assert_eq!(pick(&armhf, "rpi-b").unwrap().0, "06");
+        assert_eq!(
+            pick(&armhf, "pc-x86-32").unwrap_err(),
+            "local:waltplatform/x-default:latest has no image for linux/386 (it has: linux/arm, linux/arm/v6)"
+        );
+        assert!(
+            pick(&armhf, "qemu-arm-64")
+                .unwrap_err()
+                .contains("no image for linux/arm64 (")
+        );
+        let none = index(vec![entry(7, "amd64", None)]);
+        assert!(
+            pick(&none, "rpi-5-b")
+                .unwrap_err()
+                .contains("no image for linux/arm64 or linux/arm/v7 (it has: linux/amd64)")
+        );
+    }
+
+    #[test]
     fn sizes_and_counts_for_people() {
         assert_eq!(human_size(48_213_000), "48.2 MB");
         assert_eq!(human_size(999), "999 B");
