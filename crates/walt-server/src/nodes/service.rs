@@ -468,6 +468,52 @@ fn welcome(
     Ok((lines, complete))
 }
 
+/// For an image about to get new content: None if no node boots it, else
+/// the notice that its nodes will reboot and remount it (blocking).
+pub(crate) fn in_use_notice(
+    state: &State,
+    image: &ImageName,
+) -> Result<Option<String>, ServiceError> {
+    let n = state.store.nodes_using(image)?.len();
+    Ok((n > 0).then(|| {
+        format!(
+            "Image {} is in use: its {} will reboot and remount it.",
+            image.short(),
+            if n == 1 {
+                "node".to_string()
+            } else {
+                format!("{n} nodes")
+            }
+        )
+    }))
+}
+
+/// The error for removing or renaming (`what`) an image nodes boot, naming
+/// them; None if no node boots it (blocking).
+pub(crate) fn refuse_in_use(
+    state: &State,
+    image: &ImageName,
+    what: &str,
+) -> Result<Option<ServiceError>, ServiceError> {
+    let nodes = state.store.nodes_using(image)?;
+    if nodes.is_empty() {
+        return Ok(None);
+    }
+    let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    Ok(Some(ServiceError::FailedPrecondition(format!(
+        "cannot {what} image '{}': {} {} it (make {} boot another image first: walt node boot {} <image>)",
+        image.short(),
+        if names.len() == 1 { "node" } else { "nodes" },
+        if names.len() == 1 {
+            format!("{} boots", names[0])
+        } else {
+            format!("{} boot", list_names(&names))
+        },
+        if names.len() == 1 { "it" } else { "them" },
+        names.join(",")
+    ))))
+}
+
 type UpdateStream =
     Pin<Box<dyn Stream<Item = Result<pb::UpdateDefaultImagesEvent, Status>> + Send>>;
 
