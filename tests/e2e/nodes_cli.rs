@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::common::*;
+use walt_e2e::util::wait_for;
 use walt_e2e::*;
 
 const MODEL: &str = "pc-x86-64";
