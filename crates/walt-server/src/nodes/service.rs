@@ -38,8 +38,10 @@ pub struct WelcomeCache {
 
 #[derive(Default)]
 struct WelcomeState {
-    /// The models present when `users` was filled; None: to be read again.
-    models: Option<Vec<String>>,
+    /// The models present when last read.
+    models: Vec<String>,
+    /// False once nodes may have changed since: read them again.
+    fresh: bool,
     /// Users already given every default image of `models`.
     users: HashSet<String>,
 }
@@ -49,7 +51,7 @@ impl WelcomeCache {
     /// the models present again (and forgets the users checked if they
     /// changed).
     pub fn invalidate(&self) {
-        self.lock().models = None;
+        self.lock().fresh = false;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, WelcomeState> {
@@ -59,22 +61,23 @@ impl WelcomeCache {
     /// Whether `user` was checked against the models present (as last read).
     fn done(&self, user: &str) -> bool {
         let s = self.lock();
-        s.models.is_some() && s.users.contains(user)
+        s.fresh && s.users.contains(user)
     }
 
     /// Records the models present now; forgets the users if they changed.
     fn set_models(&self, models: Vec<String>) {
         let mut s = self.lock();
-        if s.models.as_ref() != Some(&models) {
+        if s.models != models {
             s.users.clear();
+            s.models = models;
         }
-        s.models = Some(models);
+        s.fresh = true;
     }
 
     fn mark(&self, user: &str, models: &[String]) {
         let mut s = self.lock();
         // Only if nothing changed meanwhile.
-        if s.models.as_deref() == Some(models) {
+        if s.fresh && s.models == models {
             s.users.insert(user.to_string());
         }
     }
