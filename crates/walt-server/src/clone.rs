@@ -192,15 +192,7 @@ pub async fn plan(
     let notice = match (notice, nodes.len()) {
         (n, 0) => n,
         (n, count) => {
-            let busy = format!(
-                "Image {} is in use: its {} will reboot and remount it.",
-                target.short(),
-                if count == 1 {
-                    "node".to_string()
-                } else {
-                    format!("{count} nodes")
-                }
-            );
+            let busy = crate::nodes::service::in_use_text(&target, count);
             Some(match n {
                 Some(n) => format!("{n}\n{busy}"),
                 None => busy,

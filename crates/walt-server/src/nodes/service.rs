@@ -478,17 +478,20 @@ pub(crate) fn in_use_notice(
     image: &ImageName,
 ) -> Result<Option<String>, ServiceError> {
     let n = state.store.nodes_using(image)?.len();
-    Ok((n > 0).then(|| {
-        format!(
-            "Image {} is in use: its {} will reboot and remount it.",
-            image.short(),
-            if n == 1 {
-                "node".to_string()
-            } else {
-                format!("{n} nodes")
-            }
-        )
-    }))
+    Ok((n > 0).then(|| in_use_text(image, n)))
+}
+
+/// The notice that the `n` nodes booting `image` will reboot and remount it.
+pub(crate) fn in_use_text(image: &ImageName, n: usize) -> String {
+    format!(
+        "Image {} is in use: its {} will reboot and remount it.",
+        image.short(),
+        if n == 1 {
+            "node".to_string()
+        } else {
+            format!("{n} nodes")
+        }
+    )
 }
 
 /// The error for removing or renaming (`what`) an image nodes boot, naming
