@@ -415,3 +415,79 @@ fn images_in_use() {
     assert!(env.alice.show_row("mine").unwrap().contains("False"));
     env.alice.run(&["image", "remove", "mine"]).assert_success();
 }
+
+#[test]
+fn on_a_terminal_shell_save_warns_and_boot_asks() {
+    let env = nodes_env();
+    push_busybox(&env, "walt-test/busybox", "latest");
+    env.alice.clone_ok(&["local:walt-test/busybox", "mine"]);
+    env.bob.clone_ok(&["local:walt-test/busybox", "bobimg"]);
+    env.alice
+        .run(&["node", "boot", "node-000001", "mine"])
+        .assert_success();
+
+    // A shell saved over an image a node boots: said, then saved.
+    let (t, exit) = env.alice.in_terminal("image shell mine");
+    t.wait_line("the shell prompt", |l| l.ends_with('#'))
+        .unwrap();
+    t.enter("echo changed > /root/f; exit").unwrap();
+    t.wait_line("the save prompt", |l| {
+        l.starts_with("Name of the image to save")
+    })
+    .unwrap();
+    t.enter("").unwrap();
+    t.wait_line("the overwrite question", |l| l.contains("Overwrite it?"))
+        .unwrap();
+    t.enter("y").unwrap();
+    t.wait_line("the in-use notice", |l| {
+        l == "Image mine is in use: its node will reboot and remount it."
+    })
+    .unwrap();
+    t.wait_line("the result", |l| l == "Image mine updated.")
+        .unwrap();
+    assert_eq!(
+        t.exit_status(&exit, Duration::from_secs(60)),
+        0,
+        "{}",
+        t.screen()
+    );
+
+    // Taking another user's node asks; "n" changes nothing.
+    let (t, exit) = env.bob.in_terminal("node boot node-000001 bobimg");
+    t.wait_line("the warning", |l| {
+        l == "warning: node node-000001 boots images of other users."
+    })
+    .unwrap();
+    t.wait_line("the question", |l| {
+        l.starts_with("Boot your image on them anyway? (y/n):")
+    })
+    .unwrap();
+    t.enter("n").unwrap();
+    assert_ne!(
+        t.exit_status(&exit, Duration::from_secs(60)),
+        0,
+        "{}",
+        t.screen()
+    );
+    let out = env.alice.run(&["node", "show"]);
+    assert_eq!(names(&section(&out.stdout, MINE)), ["node-000001"], "{out}");
+    // yes: taken.
+    let (t, exit) = env.bob.in_terminal("node boot node-000001 bobimg");
+    t.wait_line("the question", |l| {
+        l.starts_with("Boot your image on them anyway? (y/n):")
+    })
+    .unwrap();
+    t.enter("y").unwrap();
+    t.wait_line("the result", |l| {
+        l == "Node node-000001 will now boot bobimg."
+    })
+    .unwrap();
+    assert_eq!(
+        t.exit_status(&exit, Duration::from_secs(60)),
+        0,
+        "{}",
+        t.screen()
+    );
+    let out = env.bob.run(&["node", "show"]);
+    assert_eq!(names(&section(&out.stdout, MINE)), ["node-000001"], "{out}");
+}
