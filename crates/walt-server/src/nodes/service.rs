@@ -5,7 +5,7 @@
 //! Ownership is WalT's: a node belongs to the owner of the image it boots;
 //! a node booting an image of `waltplatform` (a default image) is free.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -25,6 +25,10 @@ use crate::images::{blocking, caller};
 
 /// Longest node set accepted (a comma list of names).
 const MAX_NODE_SET_LEN: usize = 64 * 1024;
+
+/// Users remembered by the welcome cache (names come from the requests:
+/// past this many, it starts again empty).
+const MAX_WELCOME_USERS: usize = 4096;
 
 /// Users whose default images were already checked since the last change
 /// of the models present: for them, a welcome call costs one hash lookup.
@@ -78,6 +82,9 @@ impl WelcomeCache {
         let mut s = self.lock();
         // Only if nothing changed meanwhile.
         if s.fresh && s.models == models {
+            if s.users.len() >= MAX_WELCOME_USERS {
+                s.users.clear();
+            }
             s.users.insert(user.to_string());
         }
     }
@@ -184,6 +191,17 @@ fn resolve_node_set(
     }
     let devices = state.store.list_devices()?;
     let nodes = || devices.iter().filter(|d| d.kind == DeviceKind::Node);
+    let mut by_key: HashMap<&str, &Device> = HashMap::with_capacity(devices.len() * 3);
+    // Addresses and MACs first: a name wins over them.
+    for d in &devices {
+        if let Some(ip) = &d.ip {
+            by_key.insert(ip, d);
+        }
+        by_key.insert(&d.mac, d);
+    }
+    for d in &devices {
+        by_key.insert(&d.name, d);
+    }
     let mut chosen: BTreeMap<String, Device> = BTreeMap::new();
     for part in node_set.split(',').map(str::trim) {
         let found: Vec<&Device> = match part {
@@ -196,12 +214,10 @@ fn resolve_node_set(
                 .filter(|d| owner_of(d, user) == Owner::Free)
                 .collect(),
             name => {
-                let mac = walt_core::models::normalize_mac(name);
-                let d = devices
-                    .iter()
-                    .find(|d| d.name == name)
-                    .or_else(|| devices.iter().find(|d| Some(&d.mac) == mac.as_ref()))
-                    .or_else(|| devices.iter().find(|d| d.ip.as_deref() == Some(name)));
+                let d = by_key.get(name).copied().or_else(|| {
+                    let mac = walt_core::models::normalize_mac(name)?;
+                    by_key.get(mac.as_str()).copied()
+                });
                 match d {
                     None => {
                         return Err(ServiceError::NotFound(format!(
