@@ -4,6 +4,7 @@ mod advanced;
 mod chunks;
 mod config;
 mod image;
+mod node;
 mod progress;
 mod prompt;
 mod table;
@@ -26,6 +27,12 @@ enum Command {
     /// Manage images: show, search, clone, publish, remove, rename, duplicate, squash, shell, cp, build.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Manage nodes: show, boot, rename.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
+    /// Show the devices of the walt network.
+    #[command(subcommand)]
+    Device(node::DeviceCommand),
     /// Advanced commands.
     #[command(subcommand)]
     Advanced(AdvancedCommand),
@@ -56,6 +63,8 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Image(cmd) => image::run(cmd).await,
+            Command::Node(cmd) => node::run(cmd).await,
+            Command::Device(cmd) => node::run_device(cmd).await,
             Command::Advanced(AdvancedCommand::ForgetServer) => tls::forget_server(),
             Command::Advanced(AdvancedCommand::UpdateDefaultImages) => {
                 advanced::update_default_images().await
