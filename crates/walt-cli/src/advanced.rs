@@ -1,21 +1,19 @@
 //! `walt advanced ...` commands that talk to the server.
 
 use anyhow::anyhow;
-use tonic::metadata::MetadataValue;
 use walt_proto::v1::{self as pb, nodes_client::NodesClient};
 
 use crate::config;
-use crate::image::{UserInterceptor, status_error};
+use crate::image::{connect_channel, status_error};
 
 /// `walt advanced update-default-images`: the server looks for newer
 /// default images on its sources and fetches them; its lines are shown as
-/// they come (what was updated on stdout; progress and warnings on stderr).
+/// they come (what was updated or not on stdout; progress and warnings on
+/// stderr).
 pub async fn update_default_images() -> anyhow::Result<()> {
     let settings = config::load()?;
-    let channel = crate::tls::connect(&settings).await?;
-    let user = MetadataValue::try_from(settings.username.as_str())
-        .map_err(|_| anyhow!("invalid walt username '{}'", settings.username))?;
-    let mut client = NodesClient::with_interceptor(channel, UserInterceptor::new(user));
+    let (channel, user) = connect_channel(&settings).await?;
+    let mut client = NodesClient::with_interceptor(channel, user);
     let mut stream = client
         .update_default_images(pb::UpdateDefaultImagesRequest {})
         .await

@@ -94,12 +94,6 @@ type Client = ImagesClient<InterceptedService<Channel, UserInterceptor>>;
 #[derive(Clone)]
 pub struct UserInterceptor(MetadataValue<tonic::metadata::Ascii>);
 
-impl UserInterceptor {
-    pub fn new(user: MetadataValue<tonic::metadata::Ascii>) -> Self {
-        Self(user)
-    }
-}
-
 impl tonic::service::Interceptor for UserInterceptor {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         req.metadata_mut()
