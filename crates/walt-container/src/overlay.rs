@@ -480,6 +480,54 @@ mod tests {
     }
 
     #[test]
+    fn classic_fallback_with_absolute_lowerdirs() {
+        if !root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        let layers: Vec<PathBuf> = (0..3).map(|i| d.join(format!("l{i}"))).collect();
+        for (i, l) in layers.iter().enumerate() {
+            std::fs::create_dir_all(l).unwrap();
+            std::fs::write(l.join("f"), i.to_string()).unwrap();
+        }
+        let (upper, work, fs) = (d.join("upper"), d.join("work"), d.join("fs"));
+        for p in [&upper, &work, &fs] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        let cwd = std::env::current_dir().unwrap();
+        mount(&Overlay {
+            layers: &layers,
+            empty_lower: &d.join("empty"),
+            upper: &upper,
+            work: &work,
+            target: &fs,
+            options: EXPORTABLE,
+            nosuid: true,
+            classic: ClassicLower::Absolute,
+            force_classic: true,
+        })
+        .unwrap();
+        assert_eq!(std::env::current_dir().unwrap(), cwd, "no chdir");
+        assert_eq!(std::fs::read_to_string(fs.join("f")).unwrap(), "2");
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = info
+            .lines()
+            .find(|l| l.contains(fs.to_str().unwrap()))
+            .unwrap();
+        assert!(
+            line.contains(&format!("lowerdir={}", layers[2].display())),
+            "{line}"
+        );
+        assert!(
+            line.contains("nosuid") && line.contains("nfs_export=on"),
+            "{line}"
+        );
+        assert_eq!(unmount(&fs).unwrap(), Unmounted::Now);
+    }
+
+    #[test]
     fn host_mount_of_an_image_without_layers() {
         if !root() {
             eprintln!("skipped: needs root");

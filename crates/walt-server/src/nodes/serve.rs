@@ -234,6 +234,11 @@ impl Serving {
         let mut by_name: HashMap<String, Option<String>> = HashMap::new();
         let mut trees = Vec::new();
         for d in &devices {
+            // The MAC names a directory: only the store's normal form.
+            if walt_core::models::normalize_mac(&d.mac).as_deref() != Some(d.mac.as_str()) {
+                tracing::warn!(mac = %d.mac, "device with a malformed MAC address left out of the node trees");
+                continue;
+            }
             let mut image = None;
             if let (DeviceKind::Node, Some(name), Some(model)) = (d.kind, &d.image, &d.model) {
                 let key = name.to_string();
