@@ -336,11 +336,12 @@ impl Serving {
                 t.image = None;
             }
         }
+        // Exported before any node is pointed at it.
+        self.write_exports(&mounted, net);
+        self.write_tftp_map();
         if let Err(e) = self.write_trees(&trees, &devices, net) {
             tracing::error!("node serving: cannot write the node trees: {e}");
         }
-        self.write_exports(&mounted, net);
-        self.write_tftp_map();
         for id in &release {
             self.release(id);
         }
@@ -472,13 +473,6 @@ impl Serving {
             set_link(&dir, "tftp", &tftp)?;
             keep.insert(t.mac.clone());
         }
-        for t in trees {
-            for a in &t.aliases {
-                if keep.insert(a.clone()) {
-                    set_link(&nodes, a, &t.mac)?;
-                }
-            }
-        }
         // Addresses no device holds: the probing tree.
         if let Some((server, len)) = net
             && len >= 32 - MAX_FREE_ALIASES.trailing_zeros() as u8
@@ -496,6 +490,14 @@ impl Serving {
                 }
                 if keep.insert(s.clone()) {
                     set_link(&nodes, &s, PROBING)?;
+                }
+            }
+        }
+        // Aliases last: a node's address leads to a complete tree.
+        for t in trees {
+            for a in &t.aliases {
+                if keep.insert(a.clone()) {
+                    set_link(&nodes, a, &t.mac)?;
                 }
             }
         }
