@@ -203,17 +203,31 @@ fn authorize_keys(root: &OwnedFd, keys: &[u8]) -> io::Result<()> {
 /// symlink would point into the server's own tree: the absolute symlinks
 /// below `/boot` become relative to their directory in the image.
 fn relative_boot_links(root: &OwnedFd) -> io::Result<Vec<String>> {
+    let mut fixed = Vec::new();
+    // /boot itself may be a link: the walk below goes where it leads, and
+    // the depth of the links' directories is counted there.
+    let mut boot_path = "boot".to_string();
+    if let Ok(st) = rustix::fs::statat(root, "boot", AtFlags::SYMLINK_NOFOLLOW)
+        && FileType::from_raw_mode(st.st_mode) == FileType::Symlink
+    {
+        let target = rustix::fs::readlinkat(root, "boot", Vec::new()).map_err(io_err)?;
+        if let Some(rel) = boot_link_target("", target.as_bytes()) {
+            replace_link(root, c"boot", &rel)?;
+            fixed.push(format!("/boot -> {}", String::from_utf8_lossy(&rel)));
+        }
+        let (parts, _) = resolve_lexically("", target.as_bytes());
+        boot_path = String::from_utf8_lossy(&parts.join(&b'/')).into_owned();
+    }
     let boot = match dir_in(root, "boot", false) {
         Ok(d) => d,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let mut fixed = Vec::new();
     let mut seen = 0usize;
     // (dir, its path in the image, e.g. "boot/pc-x86-64")
-    let mut stack = vec![(boot, "boot".to_string())];
+    let mut stack = vec![(boot, boot_path)];
     while let Some((dir, path)) = stack.pop() {
-        let depth = path.split('/').count();
+        let depth = path.split('/').filter(|c| !c.is_empty()).count();
         let mut names = Vec::new();
         for e in rustix::fs::Dir::read_from(&dir).map_err(io_err)? {
             let e = e.map_err(io_err)?;
@@ -238,23 +252,16 @@ fn relative_boot_links(root: &OwnedFd) -> io::Result<Vec<String>> {
                 }
                 ft => ft,
             };
-            let shown = format!("/{path}/{}", name.to_string_lossy());
+            let shown = format!("{path}/{}", name.to_string_lossy());
+            let shown = format!("/{}", shown.trim_start_matches('/'));
             match ft {
                 FileType::Symlink => {
                     let target = rustix::fs::readlinkat(&dir, name.as_c_str(), Vec::new())
                         .map_err(io_err)?;
-                    let target = target.as_bytes();
-                    if !target.starts_with(b"/") {
+                    let Some(rel) = boot_link_target(&path, target.as_bytes()) else {
                         continue;
-                    }
-                    let mut rel = b"../".repeat(depth);
-                    rel.extend_from_slice(target.trim_ascii_start().trim_start_matches_slash());
-                    let tmp = CString::new([b".walt-tmp-", name.as_bytes()].concat())
-                        .map_err(io::Error::other)?;
-                    let _ = rustix::fs::unlinkat(&dir, tmp.as_c_str(), AtFlags::empty());
-                    rustix::fs::symlinkat(rel.as_slice(), &dir, tmp.as_c_str()).map_err(io_err)?;
-                    rustix::fs::renameat(&dir, tmp.as_c_str(), &dir, name.as_c_str())
-                        .map_err(io_err)?;
+                    };
+                    replace_link(&dir, name.as_c_str(), &rel)?;
                     fixed.push(format!("{shown} -> {}", String::from_utf8_lossy(&rel)));
                 }
                 FileType::Directory if depth < BOOT_MAX_DEPTH => {
@@ -265,7 +272,12 @@ fn relative_boot_links(root: &OwnedFd) -> io::Result<Vec<String>> {
                         Mode::empty(),
                     )
                     .map_err(io_err)?;
-                    stack.push((sub, format!("{path}/{}", name.to_string_lossy())));
+                    let sub_path = if path.is_empty() {
+                        name.to_string_lossy().into_owned()
+                    } else {
+                        format!("{path}/{}", name.to_string_lossy())
+                    };
+                    stack.push((sub, sub_path));
                 }
                 _ => {}
             }
@@ -274,15 +286,61 @@ fn relative_boot_links(root: &OwnedFd) -> io::Result<Vec<String>> {
     Ok(fixed)
 }
 
-trait TrimSlash {
-    fn trim_start_matches_slash(&self) -> &[u8];
+/// Where a link in the image directory `dir` to `target` leads inside the
+/// image, lexically (`..` stops at the root): its components, and whether
+/// the target is absolute or climbs above the root.
+fn resolve_lexically<'a>(dir: &'a str, target: &'a [u8]) -> (Vec<&'a [u8]>, bool) {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    let mut escapes = target.starts_with(b"/");
+    if !escapes {
+        parts.extend(dir.split('/').filter(|c| !c.is_empty()).map(str::as_bytes));
+    }
+    for c in target.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                if parts.pop().is_none() {
+                    escapes = true;
+                }
+            }
+            c => parts.push(c),
+        }
+    }
+    (parts, escapes)
 }
 
-impl TrimSlash for [u8] {
-    fn trim_start_matches_slash(&self) -> &[u8] {
-        let n = self.iter().take_while(|b| **b == b'/').count();
-        &self[n..]
+/// Makes `dir/name` a symlink to `target` (temporary link + rename).
+fn replace_link(dir: &OwnedFd, name: &std::ffi::CStr, target: &[u8]) -> io::Result<()> {
+    let tmp = CString::new([b".walt-tmp-", name.to_bytes()].concat()).map_err(io::Error::other)?;
+    let _ = rustix::fs::unlinkat(dir, tmp.as_c_str(), AtFlags::empty());
+    rustix::fs::symlinkat(target, dir, tmp.as_c_str()).map_err(io_err)?;
+    rustix::fs::renameat(dir, tmp.as_c_str(), dir, name).map_err(io_err)
+}
+
+/// The target a symlink in the image directory `dir` (`boot/x`, no leading
+/// `/`) must get so that the server's side (tftpd follows links on the
+/// server) reaches what the link names inside the image: None when
+/// `target` already does (relative, never above the image root); else the
+/// target resolved as inside the image (`..` stops at its root) written
+/// relative to `dir`. An absolute target, or a relative one climbing above
+/// the root (`../../../../etc/shadow`), would otherwise lead to the
+/// server's own files.
+fn boot_link_target(dir: &str, target: &[u8]) -> Option<Vec<u8>> {
+    let (parts, escapes) = resolve_lexically(dir, target);
+    if !escapes {
+        return None;
     }
+    let depth = dir.split('/').filter(|c| !c.is_empty()).count();
+    let mut rel = b"../".repeat(depth);
+    rel.extend_from_slice(&parts.join(&b'/'));
+    if parts.is_empty() {
+        // The image root itself.
+        rel.pop();
+        if rel.is_empty() {
+            rel.push(b'.');
+        }
+    }
+    Some(rel)
 }
 
 #[cfg(test)]
@@ -307,6 +365,11 @@ mod tests {
         std::fs::write(root.join("boot/vmlinuz-1"), "kernel").unwrap();
         std::os::unix::fs::symlink("/boot/vmlinuz-1", root.join("boot/pc-x86-64/kernel")).unwrap();
         std::os::unix::fs::symlink("initrd.img", root.join("boot/pc-x86-64/initrd")).unwrap();
+        std::os::unix::fs::symlink(
+            "../../../../../../../../../etc/passwd",
+            root.join("boot/pc-x86-64/escape"),
+        )
+        .unwrap();
         let ctx = Context {
             server_ip: Some(Ipv4Addr::new(192, 168, 152, 1)),
             ssh_keys: b"ssh-ed25519 KEY root@server\n".to_vec(),
@@ -357,6 +420,27 @@ mod tests {
     }
 
     #[test]
+    fn boot_links_are_made_to_stay_in_the_image() {
+        let t = |dir, target: &str| {
+            boot_link_target(dir, target.as_bytes()).map(|v| String::from_utf8(v).unwrap())
+        };
+        assert_eq!(
+            t("boot/x", "/boot/vmlinuz"),
+            Some("../../boot/vmlinuz".into())
+        );
+        assert_eq!(t("boot", "/etc/../boot/k"), Some("../boot/k".into()));
+        assert_eq!(t("boot/x", "../vmlinuz"), None);
+        assert_eq!(t("boot/x", "../../usr/lib/k"), None);
+        assert_eq!(t("boot", "initrd.img"), None);
+        assert_eq!(
+            t("boot/x", "../../../../../etc/shadow"),
+            Some("../../etc/shadow".into())
+        );
+        assert_eq!(t("boot", "../.."), Some("..".into()));
+        assert_eq!(t("boot", "/"), Some("..".into()));
+    }
+
+    #[test]
     fn an_empty_image_gets_etc_and_no_resolv_without_server_ip() {
         let t = tempfile::tempdir().unwrap();
         apply(t.path(), &Context::default()).unwrap();
@@ -366,6 +450,43 @@ mod tests {
         );
         assert!(!t.path().join("etc/resolv.conf").exists());
         assert!(!t.path().join("root").exists());
+    }
+
+    #[test]
+    fn an_absolute_boot_link_is_made_relative() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        std::fs::create_dir_all(root.join("real-boot/pc-x86-64")).unwrap();
+        std::fs::write(root.join("real-boot/k"), "kernel").unwrap();
+        std::os::unix::fs::symlink("/real-boot", root.join("boot")).unwrap();
+        std::os::unix::fs::symlink("/real-boot/k", root.join("real-boot/pc-x86-64/k")).unwrap();
+        apply(root, &Context::default()).unwrap();
+        assert_eq!(
+            std::fs::read_link(root.join("boot")).unwrap(),
+            Path::new("real-boot")
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("boot/pc-x86-64/k")).unwrap(),
+            "kernel"
+        );
+    }
+
+    #[test]
+    fn a_boot_link_to_the_root_counts_from_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("pc-x86-64")).unwrap();
+        std::os::unix::fs::symlink("/", root.join("boot")).unwrap();
+        std::os::unix::fs::symlink("/k", root.join("pc-x86-64/k")).unwrap();
+        apply(&root, &Context::default()).unwrap();
+        assert_eq!(
+            std::fs::read_link(root.join("boot")).unwrap(),
+            Path::new(".")
+        );
+        assert_eq!(
+            std::fs::read_link(root.join("pc-x86-64/k")).unwrap(),
+            Path::new("../k")
+        );
     }
 
     #[test]
