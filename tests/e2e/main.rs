@@ -20,6 +20,7 @@ mod hostile_text;
 mod hub;
 mod install;
 mod manage;
+mod nodes_cli;
 mod nodes_event;
 mod nodes_serve;
 mod publish;

@@ -56,6 +56,7 @@ impl Nodes {
     /// What nodes boot changed (a node's image, or an image nodes use got
     /// new content): serving catches up in the background. Never blocks.
     pub fn changed(&self) {
+        self.welcome.invalidate();
         self.serving.request_reconcile();
     }
 }
