@@ -44,9 +44,9 @@ impl Bed {
     }
 
     /// A busybox image with `/boot/<model>/start.ipxe` saying `marker`,
-    /// pushed as `repo` and cloned by alice as `name`. Returns the
-    /// manifest digest's hex (the mount id).
-    fn image(&self, repo: &str, name: &str, marker: &str) -> String {
+    /// pushed as `repo:latest`. Returns the manifest digest's hex (the
+    /// mount id).
+    fn push(&self, repo: &str, marker: &str) -> String {
         let base = self
             .images
             .busybox_layer(Format::Oci, Compression::Gzip, marker)
@@ -71,12 +71,18 @@ impl Bed {
             .client()
             .push_image(repo, "latest", &img)
             .unwrap();
-        self.alice
-            .clone_ok(&[&format!("local:{repo}:latest"), name]);
         img.manifest_digest
             .strip_prefix("sha256:")
             .unwrap()
             .to_string()
+    }
+
+    /// [`Bed::push`], then cloned by alice as `name`.
+    fn image(&self, repo: &str, name: &str, marker: &str) -> String {
+        let id = self.push(repo, marker);
+        self.alice
+            .clone_ok(&[&format!("local:{repo}:latest"), name]);
+        id
     }
 
     fn db(&self) -> rusqlite::Connection {
@@ -308,26 +314,49 @@ fn an_unused_image_is_unmounted_after_the_grace_period() {
     let a = bed.image("walt-e2e/a", "img-a", "image-a");
     let b = bed.image("walt-e2e/b", "img-b", "image-b");
     let mac = "52:54:00:00:00:02";
-    bed.node(mac, "192.168.152.12", "img-a");
+    let name = bed.node(mac, "192.168.152.12", "img-a");
     bed.wait_serving("192.168.152.12", "image-a");
     assert_eq!(bed.mounts(), vec![bed.mount_point(&a)]);
-    bed.set_image(mac, "img-b", false);
+    let before = bed.server.log().matches("node serving ready").count();
+    bed.alice
+        .run(&["node", "boot", "--yes", &name, "img-b"])
+        .assert_success();
     bed.wait_serving("192.168.152.12", "image-b");
     // The reconcile that switched the node kept the old mount (grace).
     bed.server
-        .wait_log("node serving ready mounts=2 nodes=1 released=0", 1)
+        .wait_log("node serving ready", before + 1)
         .unwrap();
+    let log = bed.server.log();
+    let first = log
+        .lines()
+        .filter(|l| l.contains("node serving ready"))
+        .nth(before)
+        .unwrap();
+    assert!(first.contains("mounts=2 nodes=1 released=0"), "{first}");
     // Then it goes, with its export and its directory.
-    let a_dir = bed.data().join("images").join(&a);
-    wait_for("image-a to be unmounted", Duration::from_secs(30), || {
-        (bed.mounts() == vec![bed.mount_point(&b)] && !a_dir.exists()).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", bed.server.log()));
+    let released = |id: &str, kept: &str| {
+        let dir = bed.data().join("images").join(id);
+        wait_for(
+            &format!("{id} to be released"),
+            Duration::from_secs(30),
+            || (bed.mounts() == vec![bed.mount_point(kept)] && !dir.exists()).then_some(()),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", bed.server.log()));
+        let exports = std::fs::read_to_string(bed.server.exports_file()).unwrap();
+        assert!(!exports.contains(id) && exports.contains(kept), "{exports}");
+    };
+    released(&a, &b);
     bed.server
         .wait_log("image unmounted: no node uses it", 1)
         .unwrap();
-    let exports = std::fs::read_to_string(bed.server.exports_file()).unwrap();
-    assert!(!exports.contains(&a) && exports.contains(&b), "{exports}");
+
+    // New content under the node's image name: a new mount, the node
+    // follows, the old content goes after the grace period.
+    let c = bed.push("walt-e2e/c", "image-c");
+    bed.alice
+        .clone_ok(&["--force", "local:walt-e2e/c:latest", "img-b"]);
+    bed.wait_serving("192.168.152.12", "image-c");
+    released(&b, &c);
 }
 
 #[test]
