@@ -374,7 +374,8 @@ pub fn unmount(target: &Path) -> std::result::Result<Unmounted, ContainerError> 
 }
 
 /// Mount points of the caller's mount namespace strictly below `dir`
-/// (canonical), deepest first.
+/// (canonical), deepest first; a path appears once per mount stacked there
+/// (unmounting it once per appearance clears it).
 pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
     let Ok(dir) = dir.canonicalize() else {
         return Vec::new();
@@ -389,7 +390,6 @@ pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
         .filter(|p| p.starts_with(&dir) && p != &dir)
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    points.dedup();
     points
 }
 

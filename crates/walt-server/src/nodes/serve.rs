@@ -69,9 +69,15 @@ pub struct Serving {
 
 impl Serving {
     pub fn new(paths: &NodePaths) -> Self {
+        let mut paths = paths.clone();
+        // Written into the exports and map files, compared with mount
+        // points: absolute, without symlinks.
+        if let Ok(d) = paths.data_dir.canonicalize() {
+            paths.data_dir = d;
+        }
         Self {
             notify: tokio::sync::Notify::new(),
-            paths: paths.clone(),
+            paths,
             mounts: Mutex::new(BTreeMap::new()),
             task: Mutex::new(None),
         }
