@@ -418,3 +418,22 @@ fn text_of_the_files() {
     assert!(!is_safe_name("probing"));
     assert!(!is_safe_name(".."));
 }
+
+#[test]
+fn stale_mounts_stacked_on_one_path_all_go() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let f = Fixture::new();
+    let name = img("alice/stack:latest");
+    put_image(&f.store, &name, &[layer_tar(&[("f", "x")])], "stack", false);
+    f.node("52:54:00:00:00:05", "10.0.0.5", &name);
+    let conf = config("");
+    // Two processes that did not clean up mounted on the same path.
+    f.serving.reconcile(&f.store, &conf, Instant::now());
+    Serving::new(&f.paths).reconcile(&f.store, &conf, Instant::now());
+    assert_eq!(f.mounted().len(), 2, "{:?}", f.mounted());
+    Serving::new(&f.paths).clean_stale();
+    assert!(f.mounted().is_empty(), "{:?}", f.mounted());
+}
