@@ -23,6 +23,7 @@ mod manage;
 mod nodes_cli;
 mod nodes_defaults;
 mod nodes_event;
+mod nodes_serve;
 mod publish;
 mod races;
 mod registries;
