@@ -36,10 +36,14 @@ fn nodes_env() -> Env {
     lease(&env, "udhcp 1.36.1", 9, "");
     // A user who only watches: their own welcome does not matter here.
     let watcher = env.server.cli("carol", &[]);
+    // The devices are listed from their first lease on; they are nodes
+    // once the default image is there (free: they boot waltplatform's).
     wait_for("three nodes and a device", Duration::from_secs(60), || {
+        let nodes = watcher.run(&["node", "show", "--all"]);
+        let free = names(&section(&nodes.stdout, FREE));
         let out = watcher.run(&["device", "show"]);
         (out.success
-            && (1..=3).all(|i| out.stdout.contains(&format!("node-00000{i}")))
+            && (1..=3).all(|i| free.contains(&format!("node-00000{i}")))
             && out.stdout.contains("unknown-000009")
             && out.stdout.contains("walt.node.<model>"))
         .then_some(())
