@@ -35,7 +35,6 @@ pub struct NodePaths {
 }
 
 /// The node side's shared state (in [`State::nodes`]).
-#[allow(dead_code)] // until the defaults and service modules use every field
 pub struct Nodes {
     pub paths: NodePaths,
     pub(crate) serving: serve::Serving,
