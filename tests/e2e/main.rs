@@ -20,6 +20,7 @@ mod hostile_text;
 mod hub;
 mod install;
 mod manage;
+mod nodes_dhcp;
 mod publish;
 mod races;
 mod registries;
