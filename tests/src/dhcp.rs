@@ -541,3 +541,64 @@ impl HookCall {
             .map(|(_, v)| v.as_str())
     }
 }
+
+/// A device as the server recorded it (read from its store database).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRow {
+    pub mac: String,
+    pub ip: Option<String>,
+    pub name: String,
+    /// `node` or `unknown`.
+    pub kind: String,
+    /// The model (the node's, else the one an `unknown` device announced).
+    pub model: Option<String>,
+    /// Why an `unknown` device is not a node.
+    pub reason: Option<String>,
+    /// `owner/name:tag` of a node's image.
+    pub image: Option<String>,
+}
+
+/// The devices recorded in the store of the server whose data dir is
+/// `data_dir` (empty before the first one).
+pub fn devices(data_dir: &Path) -> Result<Vec<DeviceRow>> {
+    let conn = rusqlite::Connection::open_with_flags(
+        data_dir.join("walt.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mut stmt = conn.prepare(
+        "SELECT d.mac, d.ip, d.name, d.type, COALESCE(n.model, d.model), d.reason,
+            i.owner || '/' || i.name || ':' || i.tag
+         FROM devices d LEFT JOIN nodes n ON n.mac = d.mac
+            LEFT JOIN images i ON i.id = n.image_id
+         ORDER BY d.name",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(DeviceRow {
+            mac: r.get(0)?,
+            ip: r.get(1)?,
+            name: r.get(2)?,
+            kind: r.get(3)?,
+            model: r.get(4)?,
+            reason: r.get(5)?,
+            image: r.get(6)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+/// Waits until the device `mac` is recorded and satisfies `f`.
+pub fn wait_device(
+    data_dir: &Path,
+    mac: &str,
+    what: &str,
+    f: impl Fn(&DeviceRow) -> bool,
+) -> Result<DeviceRow> {
+    wait_for(what, Duration::from_secs(60), || {
+        devices(data_dir)
+            .ok()?
+            .into_iter()
+            .find(|d| d.mac == mac && f(d))
+    })
+    .with_context(|| format!("devices: {:#?}", devices(data_dir)))
+}
