@@ -157,6 +157,23 @@ impl WaltServer {
         self.dir.path().join("dhcp-event.sock")
     }
 
+    /// Runs the DHCP hook (`walt-dhcp-event <args>`) against this server.
+    pub fn dhcp_event(&self, args: &[&str]) -> CmdOutput {
+        let child = Command::new(workspace_bin("walt-dhcp-event"))
+            .args(args)
+            .env("WALT_DHCP_EVENT_SOCKET", self.event_socket())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run walt-dhcp-event");
+        wait_output(
+            child,
+            &format!("walt-dhcp-event {}", args.join(" ")),
+            Duration::from_secs(30),
+        )
+    }
+
     /// The NFS exports file the server writes.
     pub fn exports_file(&self) -> PathBuf {
         self.dir.path().join("walt.exports")

@@ -103,13 +103,19 @@ impl tonic::service::Interceptor for UserInterceptor {
 }
 
 async fn connect(settings: &Settings) -> anyhow::Result<Client> {
+    let (channel, user) = connect_channel(settings).await?;
+    Ok(ImagesClient::with_interceptor(channel, user).max_decoding_message_size(64 << 20))
+}
+
+/// The connection to the server, and the interceptor naming the user; the
+/// server's welcome (the default images it gave the user) is said first.
+pub async fn connect_channel(settings: &Settings) -> anyhow::Result<(Channel, UserInterceptor)> {
     let channel = crate::tls::connect(settings).await?;
     let user = MetadataValue::try_from(settings.username.as_str())
         .map_err(|_| anyhow!("invalid walt username '{}'", settings.username))?;
-    Ok(
-        ImagesClient::with_interceptor(channel, UserInterceptor(user))
-            .max_decoding_message_size(64 << 20),
-    )
+    let user = UserInterceptor(user);
+    crate::node::welcome(channel.clone(), user.clone()).await;
+    Ok((channel, user))
 }
 
 /// A registry refused the call for lack of (valid) credentials.
@@ -128,7 +134,7 @@ impl std::fmt::Display for CredentialsNeeded {
 impl std::error::Error for CredentialsNeeded {}
 
 /// The one line the user sees for a failed call.
-fn status_error(s: Status) -> anyhow::Error {
+pub(crate) fn status_error(s: Status) -> anyhow::Error {
     let msg = s.message();
     if s.code() == Code::Unauthenticated
         && let Some(label) = s

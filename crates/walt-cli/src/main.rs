@@ -3,6 +3,7 @@
 mod chunks;
 mod config;
 mod image;
+mod node;
 mod progress;
 mod prompt;
 mod table;
@@ -25,6 +26,12 @@ enum Command {
     /// Manage images: show, search, clone, publish, remove, rename, duplicate, squash, shell, cp, build.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Manage nodes: show, boot, rename.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
+    /// Show the devices of the walt network.
+    #[command(subcommand)]
+    Device(node::DeviceCommand),
     /// Advanced commands.
     #[command(subcommand)]
     Advanced(AdvancedCommand),
@@ -52,6 +59,8 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Image(cmd) => image::run(cmd).await,
+            Command::Node(cmd) => node::run(cmd).await,
+            Command::Device(cmd) => node::run_device(cmd).await,
             Command::Advanced(AdvancedCommand::ForgetServer) => tls::forget_server(),
         }
     });

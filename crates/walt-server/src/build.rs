@@ -80,15 +80,13 @@ pub async fn start(
     let (st, t) = (state.clone(), target.clone());
     let (exists, in_use) = blocking(move || {
         let exists = st.store.get_image(&t)?.is_some();
-        Ok((exists, exists && st.store.image_in_use(&t)?))
+        let notice = match exists {
+            true => crate::nodes::service::in_use_notice(&st, &t)?,
+            false => None,
+        };
+        Ok((exists, notice))
     })
     .await?;
-    if in_use {
-        return Err(ServiceError::FailedPrecondition(format!(
-            "image '{}' is used by nodes: boot them on another image before replacing it",
-            target.short()
-        )));
-    }
     if exists && !start.overwrite {
         return Err(ServiceError::AlreadyExists(format!(
             "image '{}' already exists: confirm replacing it (walt image build --yes)",
@@ -99,7 +97,7 @@ pub async fn start(
     tokio::spawn(async move {
         let started = std::time::Instant::now();
         let image = target.clone();
-        let r = run(&state, &user, start, target, exists, input, &tx).await;
+        let r = run(&state, &user, start, target, exists, in_use, input, &tx).await;
         drop(lock);
         match r {
             Ok(()) => tracing::info!(image = %image, user = %user,
@@ -199,10 +197,15 @@ async fn run(
     start: pb::BuildStart,
     target: ImageName,
     exists: bool,
+    in_use: Option<String>,
     mut input: Streaming<pb::BuildRequest>,
     tx: &Tx,
 ) -> Result<(), ServiceError> {
     let events = Events(tx);
+    // Replacing an image nodes boot: they follow it.
+    if let Some(notice) = &in_use {
+        events.say(notice.clone()).await?;
+    }
     let store = state.store.clone();
     // Everything the build writes (context, sessions, layers) is held
     // from gc until the image or the cache references it.
@@ -281,11 +284,40 @@ async fn run(
              or build FROM an image that has it): nothing saved"
         )));
     }
+    // Nodes booting the image replaced must find their model in the new one.
+    let (s, t, m) = (store.clone(), target.clone(), models.clone());
+    let nodes = blocking(move || {
+        let nodes = s.nodes_using(&t)?;
+        let count = nodes.len();
+        let bad: Vec<String> = nodes
+            .into_iter()
+            .filter_map(|d| {
+                let model = d.model.unwrap_or_default();
+                (!m.contains(&model)).then(|| format!("{} ({model})", d.name))
+            })
+            .collect();
+        if bad.is_empty() {
+            return Ok(count);
+        }
+        Err(ServiceError::FailedPrecondition(format!(
+            "the image built does not support the model of node{} {} that boot{} '{}' \
+             (add the model{} to its {LABEL_NODE_MODELS} label): nothing saved",
+            if bad.len() == 1 { "" } else { "s" },
+            bad.join(", "),
+            if bad.len() == 1 { "s" } else { "" },
+            t.short(),
+            if bad.len() == 1 { "" } else { "s" },
+        )))
+    })
+    .await?;
     let (config, created) = last.image_config();
     let (s, t, layers) = (store.clone(), target.clone(), last.layers.clone());
     let (manifest, outcome) =
         blocking(move || Ok(s.record_built_image(&t, config, layers, models, exists, created)?))
             .await?;
+    if nodes > 0 {
+        state.nodes.changed();
+    }
     // Kept for an unchanged rebuild (a failed build keeps nothing).
     if b.context.digest.is_some() {
         state.build_contexts.put(b.context.clone());

@@ -70,6 +70,29 @@ pub struct Plan {
     notice: Option<String>,
     force: bool,
     source: Source,
+    /// `--force` over an image nodes boot: those nodes (name, model).
+    nodes: Vec<(String, String)>,
+}
+
+/// A clone replacing an image nodes boot must support their models.
+fn check_nodes_models(plan: &Plan, models: &[String]) -> Result<(), ServiceError> {
+    let bad: Vec<String> = plan
+        .nodes
+        .iter()
+        .filter(|(_, m)| !models.contains(m))
+        .map(|(n, m)| format!("{n} ({m})"))
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    Err(ServiceError::FailedPrecondition(format!(
+        "cannot replace image '{}' with {}: it does not support the model of node{} {} that boot{} it",
+        plan.target.short(),
+        plan.url,
+        if bad.len() == 1 { "" } else { "s" },
+        bad.join(", "),
+        if bad.len() == 1 { "s" } else { "" },
+    )))
 }
 
 /// Checks the request and resolves its source; fails before anything is fetched.
@@ -147,16 +170,35 @@ pub async fn plan(
     let lock = state
         .locks
         .acquire(&target, "walt image clone".to_string())?;
-    if !req.force {
-        let store = state.store.clone();
-        let t = target.clone();
-        if blocking(move || Ok(store.get_image(&t)?.is_some())).await? {
+    let store = state.store.clone();
+    let t = target.clone();
+    let nodes = blocking(move || {
+        Ok(match store.get_image(&t)? {
+            Some(_) => Some(store.nodes_using(&t)?),
+            None => None,
+        })
+    })
+    .await?;
+    let nodes = match nodes {
+        Some(_) if !req.force => {
             return Err(ServiceError::WouldOverwrite {
                 image: target.short(),
                 url: url.to_string(),
             });
         }
-    }
+        Some(nodes) => nodes,
+        None => Vec::new(),
+    };
+    let notice = match (notice, nodes.len()) {
+        (n, 0) => n,
+        (n, count) => {
+            let busy = crate::nodes::service::in_use_text(&target, count);
+            Some(match n {
+                Some(n) => format!("{n}\n{busy}"),
+                None => busy,
+            })
+        }
+    };
     Ok(Plan {
         _lock: lock,
         url,
@@ -164,6 +206,10 @@ pub async fn plan(
         notice,
         force: req.force,
         source,
+        nodes: nodes
+            .into_iter()
+            .map(|d| (d.name, d.model.unwrap_or_default()))
+            .collect(),
     })
 }
 
@@ -174,7 +220,9 @@ pub async fn run(
     events: Events,
 ) -> Result<CloneResult, ServiceError> {
     if let Some(n) = &plan.notice {
-        events.say(n.clone()).await;
+        for line in n.lines() {
+            events.say(line.to_string()).await;
+        }
     }
     match &plan.source {
         Source::Docker(client) => {
@@ -188,6 +236,17 @@ pub async fn run(
         Source::Walt(src) => {
             let store = state.store.clone();
             let (src, target, force) = (src.clone(), plan.target.clone(), plan.force);
+            if !plan.nodes.is_empty() {
+                let (store, s) = (state.store.clone(), src.clone());
+                let models = blocking(move || {
+                    Ok(store
+                        .get_image(&s)?
+                        .map(|r| r.node_models)
+                        .unwrap_or_default())
+                })
+                .await?;
+                check_nodes_models(&plan, &models)?;
+            }
             let (outcome, rec) = blocking(move || {
                 let outcome = store.copy_image(&src, &target, force)?;
                 // Removed again in the meantime: as if the copy never was.
@@ -497,6 +556,7 @@ async fn pull(
     let fetched = client.get_manifest(&remote.path, &remote.reference).await?;
     let opened = open(client, &remote, fetched, events).await?;
     let models = accept::node_models(opened.config.label(LABEL_NODE_MODELS), url)?;
+    check_nodes_models(plan, &models)?;
     let layers = opened.layer_jobs(&remote)?;
     let (guard, downloaded) = fetch_into(store, client, &remote.path, &layers, events).await?;
     let (manifest, config, config_digest) = opened.manifest();

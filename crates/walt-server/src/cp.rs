@@ -180,14 +180,14 @@ pub async fn copy_in(
         .save(name.clone(), true, format!("walt image cp {}", start.dest))
         .await?;
     let st = state.clone();
-    let in_use = crate::images::blocking(move || Ok(st.store.image_in_use(&name)?)).await?;
+    let notice =
+        crate::images::blocking(move || crate::nodes::service::in_use_notice(&st, &name)).await?;
+    if notice.is_some() {
+        state.nodes.changed();
+    }
     Ok(pb::CopyInReply {
         name: short.clone(),
-        message: if in_use {
-            format!("Image {short} updated: the nodes using it will reboot with the new version.")
-        } else {
-            String::new()
-        },
+        message: notice.unwrap_or_default(),
     })
 }
 

@@ -122,6 +122,10 @@ impl Images for ImagesService {
                 Ok(result) => {
                     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
                     tracing::info!(image = %result.name, user = %user, elapsed_ms, "clone finished");
+                    // Nodes booting the image replaced remount it.
+                    if result.replaced {
+                        state.nodes.changed();
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "clone failed"),
             }
@@ -294,16 +298,22 @@ impl Images for ImagesService {
         let state = self.state.clone();
         let reply = blocking(move || {
             ensure_exists(&state, &name)?;
-            ensure_unused(&state, &name, "squash")?;
             let _lock = state.locks.acquire(&name, "walt image squash".into())?;
             let out = state.store.squash_image(&name)?;
             let short = name.short();
             let message = if out.squashed {
                 tracing::info!(image = %name, layers = out.layers_before, "image squashed");
-                format!(
+                let mut m = format!(
                     "Image {short} squashed: {} layers merged into 1.",
                     out.layers_before
-                )
+                );
+                // Nodes booting it remount the new content.
+                if let Some(notice) = crate::nodes::service::in_use_notice(&state, &name)? {
+                    m.push('\n');
+                    m.push_str(&notice);
+                    state.nodes.changed();
+                }
+                m
             } else {
                 format!(
                     "Image {short} has {} layer{}: nothing to squash.",
@@ -360,13 +370,10 @@ fn ensure_free(state: &State, name: &ImageName) -> Result<(), ServiceError> {
 }
 
 fn ensure_unused(state: &State, name: &ImageName, what: &str) -> Result<(), ServiceError> {
-    if state.store.image_in_use(name)? {
-        return Err(ServiceError::FailedPrecondition(format!(
-            "cannot {what} image '{}': nodes are using it (assign them another image first)",
-            name.short()
-        )));
+    match crate::nodes::service::refuse_in_use(state, name, what)? {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 pub struct ServerService {

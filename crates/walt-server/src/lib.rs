@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use walt_core::config::ServerConfig;
 use walt_proto::v1::admin_server::AdminServer;
 use walt_proto::v1::images_server::ImagesServer;
+use walt_proto::v1::nodes_server::NodesServer;
 use walt_proto::v1::server_server::ServerServer;
 use walt_store::Store;
 
@@ -238,6 +239,11 @@ impl Server {
             )
             .add_service(
                 AdminServer::new(admin::AdminService::new(state.clone()))
+                    .max_decoding_message_size(receive)
+                    .max_encoding_message_size(send),
+            )
+            .add_service(
+                NodesServer::new(nodes::service::NodesService::new(state.clone()))
                     .max_decoding_message_size(receive)
                     .max_encoding_message_size(send),
             )

@@ -64,6 +64,11 @@ fn main() {
     {
         walt_container::sandbox_main()
     }
+    // `walt-server dhcp-event <args>`: the DHCP hook, as walt-dhcp-event.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("dhcp-event")) {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        std::process::exit(walt_server::nodes::event::client_main(&args));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -356,7 +356,10 @@ async fn save_dialogue(
         let (st, t) = (state.clone(), target.clone());
         let (exists, in_use) = blocking(move || {
             let exists = st.store.get_image(&t)?.is_some();
-            let in_use = exists && st.store.image_in_use(&t)?;
+            let in_use = match exists {
+                true => crate::nodes::service::in_use_notice(&st, &t)?,
+                false => None,
+            };
             Ok((exists, in_use))
         })
         .await?;
@@ -364,17 +367,15 @@ async fn save_dialogue(
             let _ = tx.send(out(Output::ConfirmOverwrite(target.short()))).await;
             continue;
         }
-        if in_use {
-            let _ = tx
-                .send(out(Output::Notice(format!(
-                    "Nodes using image {} will reboot with the new version.",
-                    target.short()
-                ))))
-                .await;
+        if let Some(notice) = &in_use {
+            let _ = tx.send(out(Output::Notice(notice.clone()))).await;
         }
         session
             .save(target.clone(), exists, "walt image shell".to_string())
             .await?;
+        if in_use.is_some() {
+            state.nodes.changed();
+        }
         let message = if exists {
             format!("Image {} updated.", target.short())
         } else {

@@ -35,6 +35,7 @@ pub struct NodePaths {
 }
 
 /// The node side's shared state (in [`State::nodes`]).
+#[allow(dead_code)] // until the defaults and service modules use every field
 pub struct Nodes {
     pub paths: NodePaths,
     pub(crate) serving: serve::Serving,
@@ -55,6 +56,7 @@ impl Nodes {
     /// What nodes boot changed (a node's image, or an image nodes use got
     /// new content): serving catches up in the background. Never blocks.
     pub fn changed(&self) {
+        self.welcome.invalidate();
         self.serving.request_reconcile();
     }
 }

@@ -1,0 +1,365 @@
+//! `walt node ...` and `walt device ...`, and the welcome call made before
+//! every command.
+//!
+//! A node belongs to the user whose image it boots; a node booting a
+//! default image (owner `waltplatform`) is free.
+
+use anyhow::{anyhow, bail};
+use clap::Subcommand;
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use walt_proto::v1::{self as pb, nodes_client::NodesClient};
+
+use crate::config;
+use crate::image::{UserInterceptor, connect_channel, status_error};
+use crate::prompt;
+use crate::table;
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum NodeCommand {
+    /// Show your nodes (those booting your images).
+    Show {
+        /// Also show free nodes, the nodes of other users and the devices
+        /// that are not nodes (with why).
+        #[arg(long)]
+        all: bool,
+        /// Print only the node names, one per line.
+        #[arg(long)]
+        names_only: bool,
+    },
+    /// Make nodes boot an image of your working set, or `default` (each
+    /// node its model's default image: the node becomes free).
+    Boot {
+        /// Take nodes that boot images of other users without asking.
+        #[arg(long)]
+        yes: bool,
+        /// A node name, a comma-separated list, my-nodes, free-nodes or all.
+        node_set: String,
+        /// <name>[:<tag>] of your working set, or `default`.
+        image: String,
+    },
+    /// Rename a node.
+    Rename { name: String, new_name: String },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum DeviceCommand {
+    /// Show every device of the walt network, with why those that are not
+    /// nodes are not.
+    Show,
+}
+
+type Client = NodesClient<InterceptedService<Channel, UserInterceptor>>;
+
+async fn connect() -> anyhow::Result<(Client, config::Settings)> {
+    let settings = config::load()?;
+    let (channel, user) = connect_channel(&settings).await?;
+    Ok((NodesClient::with_interceptor(channel, user), settings))
+}
+
+/// Asks the server for the default images of the models present that the
+/// user was not given yet, and says which it copied (on stderr). A server
+/// without the node API, or one that cannot be reached (the command itself
+/// then says so), is not an error here.
+pub async fn welcome(channel: Channel, user: UserInterceptor) {
+    let mut client = NodesClient::with_interceptor(channel, user);
+    match client.welcome(pb::WelcomeRequest {}).await {
+        Ok(reply) => {
+            for m in reply.into_inner().messages {
+                eprintln!("{}", walt_core::text::neutralize(&m));
+            }
+        }
+        Err(s) if matches!(s.code(), Code::Unimplemented | Code::Unavailable) => {}
+        Err(s) => eprintln!(
+            "warning: default images not checked: {}",
+            walt_core::text::one_line(s.message())
+        ),
+    }
+}
+
+pub async fn run(cmd: NodeCommand) -> anyhow::Result<()> {
+    let (mut client, settings) = connect().await?;
+    match cmd {
+        NodeCommand::Show { all, names_only } => {
+            show(&mut client, &settings.username, all, names_only).await
+        }
+        NodeCommand::Boot {
+            yes,
+            node_set,
+            image,
+        } => boot(&mut client, &node_set, &image, yes).await,
+        NodeCommand::Rename { name, new_name } => {
+            client
+                .rename(pb::NodeRenameRequest {
+                    name: name.clone(),
+                    new_name: new_name.clone(),
+                })
+                .await
+                .map_err(status_error)?;
+            println!("Node {name} renamed to {new_name}.");
+            Ok(())
+        }
+    }
+}
+
+pub async fn run_device(cmd: DeviceCommand) -> anyhow::Result<()> {
+    let (mut client, _) = connect().await?;
+    match cmd {
+        DeviceCommand::Show => device_show(&mut client).await,
+    }
+}
+
+/// A titled table, WalT's paragraph: the title, a blank line, the table.
+fn section(out: &mut String, title: &str, header: &[&str], rows: &[Vec<String>]) {
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out.push_str(title);
+    out.push_str("\n\n");
+    out.push_str(&table::render(header, rows));
+}
+
+fn note(out: &mut String, text: &str) {
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out.push_str(text);
+    out.push('\n');
+}
+
+const NOT_NODES: &str = "The following devices were detected but are not nodes:";
+
+fn not_nodes_rows(devices: &[pb::DeviceInfo]) -> Vec<Vec<String>> {
+    devices
+        .iter()
+        .map(|d| {
+            vec![
+                d.name.clone(),
+                d.model.clone(),
+                d.ip.clone(),
+                d.mac.clone(),
+                d.reason.clone(),
+            ]
+        })
+        .collect()
+}
+
+async fn show(client: &mut Client, user: &str, all: bool, names_only: bool) -> anyhow::Result<()> {
+    let reply = client
+        .show(pb::NodeShowRequest {
+            all,
+            devices: all && !names_only,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if names_only {
+        for n in &reply.nodes {
+            if all || n.image_owner == user {
+                println!("{}", walt_core::text::one_line(&n.name));
+            }
+        }
+        return Ok(());
+    }
+    let mut mine = Vec::new();
+    let mut free = Vec::new();
+    let mut others = Vec::new();
+    for n in reply.nodes {
+        if n.image_owner == user {
+            mine.push(n);
+        } else if n.image_owner == walt_core::DEFAULT_IMAGES_OWNER {
+            free.push(n);
+        } else {
+            others.push(n);
+        }
+    }
+    let mut out = String::new();
+    if !mine.is_empty() {
+        let rows: Vec<_> = mine
+            .iter()
+            .map(|n| {
+                vec![
+                    n.name.clone(),
+                    n.model.clone(),
+                    n.image.clone(),
+                    n.ip.clone(),
+                    n.mac.clone(),
+                ]
+            })
+            .collect();
+        section(
+            &mut out,
+            "You currently own the following nodes:",
+            &["NAME", "MODEL", "IMAGE", "IP", "MAC"],
+            &rows,
+        );
+    }
+    if !all {
+        if mine.is_empty() {
+            note(&mut out, "You currently do not own any nodes.");
+        }
+        note(&mut out, "Re-run with --all to see all available nodes.");
+        print!("{out}");
+        return Ok(());
+    }
+    if mine.is_empty() && free.is_empty() && others.is_empty() {
+        note(&mut out, "No nodes detected!");
+    }
+    if !free.is_empty() {
+        let rows: Vec<_> = free
+            .iter()
+            .map(|n| vec![n.name.clone(), n.model.clone(), n.ip.clone(), n.mac.clone()])
+            .collect();
+        section(
+            &mut out,
+            "The following nodes are currently free:",
+            &["NAME", "MODEL", "IP", "MAC"],
+            &rows,
+        );
+    }
+    if !others.is_empty() {
+        let rows: Vec<_> = others
+            .iter()
+            .map(|n| {
+                vec![
+                    n.name.clone(),
+                    n.model.clone(),
+                    n.image_owner.clone(),
+                    n.clonable_image_link.clone(),
+                    n.ip.clone(),
+                    n.mac.clone(),
+                ]
+            })
+            .collect();
+        section(
+            &mut out,
+            "The following nodes currently belong to other users:",
+            &[
+                "NAME",
+                "MODEL",
+                "IMAGE OWNER",
+                "CLONABLE IMAGE LINK",
+                "IP",
+                "MAC",
+            ],
+            &rows,
+        );
+    }
+    if !mine.is_empty() && free.is_empty() && others.is_empty() {
+        note(
+            &mut out,
+            "No other nodes were detected (apart from the ones listed above).",
+        );
+    }
+    if !reply.devices.is_empty() {
+        section(
+            &mut out,
+            NOT_NODES,
+            &["NAME", "MODEL", "IP", "MAC", "REASON"],
+            &not_nodes_rows(&reply.devices),
+        );
+    }
+    print!("{out}");
+    Ok(())
+}
+
+async fn device_show(client: &mut Client) -> anyhow::Result<()> {
+    let reply = client
+        .show(pb::NodeShowRequest {
+            all: true,
+            devices: true,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut out = String::new();
+    if reply.nodes.is_empty() && reply.devices.is_empty() {
+        note(&mut out, "No devices detected.");
+    }
+    if !reply.nodes.is_empty() {
+        let rows: Vec<_> = reply
+            .nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.name.clone(),
+                    n.ip.clone(),
+                    n.mac.clone(),
+                    n.r#type.clone(),
+                    n.model.clone(),
+                ]
+            })
+            .collect();
+        section(
+            &mut out,
+            "The walt network contains the following nodes:",
+            &["NAME", "IP", "MAC", "TYPE", "MODEL"],
+            &rows,
+        );
+    }
+    if !reply.devices.is_empty() {
+        section(
+            &mut out,
+            NOT_NODES,
+            &["NAME", "MODEL", "IP", "MAC", "REASON"],
+            &not_nodes_rows(&reply.devices),
+        );
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn list_names(names: &[String]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+async fn boot(client: &mut Client, node_set: &str, image: &str, yes: bool) -> anyhow::Result<()> {
+    let mut req = pb::NodeBootRequest {
+        node_set: node_set.to_string(),
+        image: image.to_string(),
+        confirmed: yes,
+    };
+    let mut reply = client
+        .boot(req.clone())
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if !reply.owned_by_others.is_empty() {
+        let names: Vec<String> = reply
+            .owned_by_others
+            .iter()
+            .map(|n| walt_core::text::one_line(n).into_owned())
+            .collect();
+        let (what, verb) = if names.len() == 1 {
+            ("node", "boots")
+        } else {
+            ("nodes", "boot")
+        };
+        let list = list_names(&names);
+        if !prompt::interactive() {
+            bail!(
+                "{what} {list} {verb} images of other users: nothing changed \
+                 (use walt node boot --yes {node_set} {image} to take {} anyway)",
+                if names.len() == 1 { "it" } else { "them" }
+            );
+        }
+        eprintln!("warning: {what} {list} {verb} images of other users.");
+        let answer = prompt::ask_line("Boot your image on them anyway? (y/n): ")?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Err(anyhow!("nothing changed (answered no)"));
+        }
+        req.confirmed = true;
+        reply = client.boot(req).await.map_err(status_error)?.into_inner();
+    }
+    if !reply.message.is_empty() {
+        println!("{}", walt_core::text::neutralize(&reply.message));
+    }
+    Ok(())
+}
