@@ -68,6 +68,11 @@ while True:
             "JOIN images i ON i.id = n.image_id "
             "WHERE i.owner || '/' || i.name || ':' || i.tag = ?", (want,)).fetchall()
         nodes = {r[0] for r in rows}
+        failed = db.execute(
+            "SELECT name, reason FROM devices WHERE type = 'unknown' "
+            "AND reason LIKE '%not available%'").fetchall()
+        if failed:
+            sys.exit(f"not a node: {failed[0][0]}: {failed[0][1]}")
     except sqlite3.Error:
         nodes = set()
     if all(m in nodes for m in macs) and (
