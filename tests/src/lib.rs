@@ -9,6 +9,7 @@ pub mod fixture;
 pub mod http;
 pub mod hub_fixture;
 pub mod image;
+pub mod netserve;
 pub mod proxy;
 pub mod registry;
 pub mod store;

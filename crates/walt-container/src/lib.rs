@@ -15,6 +15,7 @@ use std::process::Stdio;
 use serde::{Deserialize, Serialize};
 use walt_core::arch::Arch;
 
+pub mod overlay;
 mod sandbox;
 mod tario;
 mod users;

@@ -131,6 +131,87 @@ pub struct ServerConfig {
     pub registries: Vec<Registry>,
     /// The `limits:` section (a walt extension), defaults for what it omits.
     pub limits: Limits,
+    /// The `nodes:` section (a walt extension), defaults for what it omits.
+    pub nodes: NodesConfig,
+}
+
+/// The `nodes:` section of `server.conf` (walt extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodesConfig {
+    /// `unmount-grace`: how long the mount of an image no node uses any
+    /// more stays, before it is released.
+    pub unmount_grace: std::time::Duration,
+}
+
+impl Default for NodesConfig {
+    fn default() -> Self {
+        NodesConfig {
+            unmount_grace: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// The keys of the `nodes:` section.
+pub const NODES_KEYS: [&str; 1] = ["unmount-grace"];
+
+/// Validates the `nodes:` section (absent: the defaults).
+fn validate_nodes(file: &str, section: Option<&Value>) -> Result<NodesConfig, ConfigError> {
+    let mut nodes = NodesConfig::default();
+    let err = |key: &str, message: String| ConfigError::Invalid {
+        file: file.to_string(),
+        key: format!("nodes.{key}"),
+        message,
+    };
+    let map = match section {
+        None | Some(Value::Null) => return Ok(nodes),
+        Some(Value::Object(m)) => m,
+        Some(v) => {
+            return Err(ConfigError::Invalid {
+                file: file.to_string(),
+                key: "nodes".into(),
+                message: format!("{v} is not a section of keys"),
+            });
+        }
+    };
+    for (key, v) in map {
+        match key.as_str() {
+            "unmount-grace" => {
+                let t = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    v => return Err(err(key, format!("{v} is not a value"))),
+                };
+                let d = parse_duration(&t).map_err(|m| err(key, m))?;
+                if d > std::time::Duration::from_secs(7 * 24 * 3600) {
+                    return Err(err(key, "must be at most 168h".into()));
+                }
+                nodes.unmount_grace = d;
+            }
+            _ => {
+                return Err(err(
+                    key,
+                    format!("unknown key (known: {})", NODES_KEYS.join(", ")),
+                ));
+            }
+        }
+    }
+    Ok(nodes)
+}
+
+/// The server's address and prefix length on the walt network, from
+/// `network: walt-net: ip: a.b.c.d/len` (None when absent or not of that
+/// form, e.g. `dhcp`).
+pub fn walt_net_ip(file: &ServerConfigFile) -> Option<(std::net::Ipv4Addr, u8)> {
+    let ip = file
+        .network
+        .as_ref()?
+        .get("walt-net")?
+        .get("ip")?
+        .as_str()?;
+    let (addr, len) = ip.trim().split_once('/')?;
+    let addr: std::net::Ipv4Addr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
+    Some((addr, len))
 }
 
 /// Free space kept on the data dir's filesystem.
@@ -359,6 +440,7 @@ impl ServerConfig {
                 other: BTreeMap::new(),
             })],
             limits: Limits::default(),
+            nodes: NodesConfig::default(),
         }
     }
 
@@ -377,10 +459,12 @@ impl ServerConfig {
             Some(entries) => validate_registries(file_name, entries)?,
         };
         let limits = validate_limits(file_name, file.other.get("limits"))?;
+        let nodes = validate_nodes(file_name, file.other.get("nodes"))?;
         Ok(Self {
             file,
             registries,
             limits,
+            nodes,
         })
     }
 
@@ -631,6 +715,33 @@ vpn:
             let e = ServerConfig::parse("f", text).unwrap_err();
             assert!(e.to_string().starts_with(&format!("f: {key}")), "{e}");
         }
+    }
+
+    #[test]
+    fn nodes_section() {
+        let c = ServerConfig::parse("f", WALT_FILE).unwrap();
+        assert_eq!(c.nodes.unmount_grace, std::time::Duration::from_secs(60));
+        assert_eq!(
+            walt_net_ip(&c.file),
+            Some((std::net::Ipv4Addr::new(192, 168, 212, 1), 24))
+        );
+        let c = ServerConfig::parse("f", "nodes:\n  unmount-grace: 500ms\n").unwrap();
+        assert_eq!(c.nodes.unmount_grace, std::time::Duration::from_millis(500));
+        assert!(c.file.other.contains_key("nodes"));
+        assert_eq!(walt_net_ip(&c.file), None);
+        let c = ServerConfig::parse("f", "nodes:\n  unmount-grace: 0\n").unwrap();
+        assert!(c.nodes.unmount_grace.is_zero());
+        for (text, key) in [
+            ("nodes:\n  unmount-grace: soon\n", "nodes.unmount-grace:"),
+            ("nodes:\n  unmount-grace: 200h\n", "nodes.unmount-grace:"),
+            ("nodes:\n  grace: 3s\n", "nodes.grace:"),
+            ("nodes: 3\n", "nodes:"),
+        ] {
+            let e = ServerConfig::parse("f", text).unwrap_err();
+            assert!(e.to_string().starts_with(&format!("f: {key}")), "{e}");
+        }
+        let c = ServerConfig::parse("f", "network:\n  walt-net:\n    ip: dhcp\n").unwrap();
+        assert_eq!(walt_net_ip(&c.file), None);
     }
 
     #[test]

@@ -250,6 +250,8 @@ impl Server {
             .serve_with_incoming_shutdown(incoming(listener), stop)
             .await
             .context("gRPC server failed")?;
+        // The node mounts are released and the exports removed.
+        state.nodes.serving.stopped().await;
         // Cancelled clones remove their staging files from their blocking
         // threads; the runtime waits for those before the process exits.
         tracing::info!("walt-server stopped");
