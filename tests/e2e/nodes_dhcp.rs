@@ -260,6 +260,16 @@ fn dnsmasq_new_model_node_boots_its_default_image() {
             "{d} not fetched: {gets:#?}"
         );
     }
+    // Served: its tree, by MAC and by its leased address, shows the
+    // default image's root.
+    let nodes_dir = env.server.data_dir().join("nodes");
+    let marker = wait_for("the node's tree", Duration::from_secs(30), || {
+        std::fs::read_to_string(nodes_dir.join(&node.mac).join("fs/etc/walt-test-marker")).ok()
+    })
+    .unwrap();
+    assert_eq!(marker, "default pc-x86-64\n");
+    let by_ip = std::fs::read_to_string(nodes_dir.join(&ip).join("fs/etc/walt-test-marker"));
+    assert_eq!(by_ip.unwrap(), marker);
     // Listed as a free node (it boots a default image).
     let out = env.server.cli("alice", &[]).run(&["node", "show", "--all"]);
     out.assert_success();
