@@ -467,3 +467,36 @@ fn fifty_nodes_of_a_new_model_fetch_its_default_image_once() {
         assert_eq!(n, 1, "one fetch of {d}: {gets:#?}");
     }
 }
+
+/// dnsmasq reports each lease of its lease file when it starts (`old`,
+/// without the classes): a node stays a node booting its image, and its
+/// address follows the lease file.
+#[test]
+fn dnsmasq_restart_keeps_nodes_booting_their_image() {
+    let env = NodesEnv::start();
+    env.push_default("pc-x86-64", &[]);
+    let mut net = DhcpNet::new().unwrap();
+    let node = net.add_node(&net.mac(1)).unwrap();
+    let mut dnsmasq = env.dhcp(DhcpKind::Dnsmasq, &net);
+    let ip = node.udhcpc(&ClientOpts::vendor_model("pc-x86-64")).unwrap();
+    env.wait_node(&node.mac);
+
+    // Stopped, dnsmasq's lease file gets another address for the node.
+    dnsmasq.stop();
+    let moved = net.host(249);
+    assert_ne!(moved, ip);
+    let leases = std::fs::read_to_string(dnsmasq.lease_file()).unwrap();
+    assert!(leases.contains(&format!(" {ip} ")), "{leases}");
+    std::fs::write(
+        dnsmasq.lease_file(),
+        leases.replace(&format!(" {ip} "), &format!(" {moved} ")),
+    )
+    .unwrap();
+    dnsmasq.restart().unwrap();
+    let d = env.wait_device(&node.mac, "the address of the lease file", |d| {
+        d.ip.as_deref() == Some(moved.as_str())
+    });
+    assert_eq!(d.kind, "node", "{d:?}");
+    assert_eq!(d.model.as_deref(), Some("pc-x86-64"), "{d:?}");
+    assert_eq!(d.image.as_deref(), Some(DEFAULT_PC), "{d:?}");
+}

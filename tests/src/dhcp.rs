@@ -322,6 +322,10 @@ pub struct DhcpServer {
     kind: DhcpKind,
     child: Option<Child>,
     dir: TempDir,
+    /// The command line and environment, to start it again.
+    program: &'static str,
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
 }
 
 impl DhcpServer {
@@ -343,10 +347,8 @@ impl DhcpServer {
         let hook = hook.to_str().context("hook path is not UTF-8")?;
         let snippet = dir.path().join(shipped);
         std::fs::write(&snippet, text.replace(SHIPPED_HOOK_PATH, hook))?;
-        let log_path = dir.path().join("server.log");
-        let log = File::create(&log_path)?;
         let (first, last) = net.range();
-        let mut cmd = match kind {
+        let cmd = match kind {
             DhcpKind::Dnsmasq => {
                 let mut c = Command::new("dnsmasq");
                 c.arg("--no-daemon")
@@ -394,36 +396,93 @@ impl DhcpServer {
                 c
             }
         };
-        cmd.envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {kind:?}"))?;
         let mut s = Self {
             kind,
-            child: Some(child),
+            child: None,
             dir,
+            program: match kind {
+                DhcpKind::Dnsmasq => "dnsmasq",
+                DhcpKind::IscDhcpd => "dhcpd",
+            },
+            args: cmd.get_args().map(|a| a.to_os_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
-        let ready = match kind {
+        s.spawn()?;
+        Ok(s)
+    }
+
+    /// The line the server prints once it serves.
+    fn ready_line(&self) -> &'static str {
+        match self.kind {
             DhcpKind::Dnsmasq => "sockets bound exclusively to interface",
             DhcpKind::IscDhcpd => "Server starting service.",
-        };
+        }
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let kind = self.kind;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))?;
+        let started_before = self.log().matches(self.ready_line()).count();
+        let child = Command::new(self.program)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {kind:?}"))?;
+        self.child = Some(child);
         let res = wait_for(
             &format!("{kind:?} to start"),
             Duration::from_secs(20),
             || {
-                if let Some(Ok(Some(st))) = s.child.as_mut().map(|c| c.try_wait()) {
+                if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
                     return Some(Err(anyhow::anyhow!("{kind:?} exited: {st}")));
                 }
-                s.log().contains(ready).then_some(Ok(()))
+                (self.log().matches(self.ready_line()).count() > started_before).then_some(Ok(()))
             },
         );
         match res {
-            Ok(Ok(())) => Ok(s),
-            Ok(Err(e)) | Err(e) => bail!("{e}\n{kind:?} log:\n{}", s.log()),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) | Err(e) => bail!("{e}\n{kind:?} log:\n{}", self.log()),
         }
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let stopped = wait_for("the DHCP server to stop", Duration::from_secs(5), || {
+                matches!(c.try_wait(), Ok(Some(_)) | Err(_)).then_some(())
+            });
+            if stopped.is_err() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// Stops and starts the server again, with its lease file.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// The lease file.
+    pub fn lease_file(&self) -> PathBuf {
+        self.dir.path().join(match self.kind {
+            DhcpKind::Dnsmasq => "leases",
+            DhcpKind::IscDhcpd => "dhcpd.leases",
+        })
     }
 
     pub fn kind(&self) -> DhcpKind {
@@ -438,22 +497,10 @@ impl DhcpServer {
 
 impl Drop for DhcpServer {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if std::thread::panicking() {
-                eprintln!("--- {:?} log ---\n{}", self.kind, self.log());
-            }
-            // SAFETY: plain kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-            }
-            let stopped = wait_for("the DHCP server to stop", Duration::from_secs(5), || {
-                matches!(c.try_wait(), Ok(Some(_)) | Err(_)).then_some(())
-            });
-            if stopped.is_err() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        if std::thread::panicking() && self.child.is_some() {
+            eprintln!("--- {:?} log ---\n{}", self.kind, self.log());
         }
+        self.stop();
     }
 }
 
