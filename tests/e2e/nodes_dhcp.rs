@@ -120,6 +120,12 @@ impl NodesEnv {
         let registry = Registry::start(RegistryOpts::plain()).unwrap();
         let proxy = Proxy::start(registry.port()).unwrap();
         let server = WaltServer::start(&[proxy.server_entry("local")]).unwrap();
+        // The server opens its API port before its event socket: a lease
+        // reported in between would be lost.
+        wait_for("the event socket", Duration::from_secs(30), || {
+            server.event_socket().exists().then_some(())
+        })
+        .unwrap();
         Self {
             images: ImageBuilder::new().unwrap(),
             registry,
