@@ -7,7 +7,9 @@ log() { echo "install-deps: $*" >&2; }
 
 PACKAGES=(docker-registry busybox-static skopeo umoci apache2-utils openssl expect tmux curl
           ca-certificates pkg-config docker.io qemu-user-static binfmt-support
-          libisal-dev tcpdump)
+          libisal-dev tcpdump
+          nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils tftpd-hpa tftp-hpa dnsmasq-base
+          isc-dhcp-server iproute2)
 
 # Foreign-architecture busybox (for arm images), fetched without changing
 # the system's apt architectures.
@@ -44,6 +46,13 @@ pkg-config --exists libisal 2>/dev/null || missing+=("libisal-dev")
 for c in qemu-aarch64-static qemu-arm-static update-binfmts; do
     check_cmd "$c"
 done
+# The node side (issue 13): network namespaces and veths (ip), the DHCP
+# servers running walt's hook (dnsmasq, dhcpd), TFTP (in.tftpd, tftp) and
+# NFS (ganesha.nfsd with its VFS backend, rpcbind, libnfs clients).
+for c in ip dnsmasq dhcpd in.tftpd tftp ganesha.nfsd rpcbind nfs-ls nfs-cat; do
+    check_cmd "$c"
+done
+ls /usr/lib/*/ganesha/libfsalvfs.so >/dev/null 2>&1 || missing+=("nfs-ganesha-vfs")
 
 enable_binfmt() {
     # Registers qemu-user for arm binaries (the F flag: no interpreter

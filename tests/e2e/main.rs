@@ -22,6 +22,7 @@ mod install;
 mod manage;
 mod nodes_cli;
 mod nodes_defaults;
+mod nodes_dhcp;
 mod nodes_event;
 mod nodes_serve;
 mod publish;
