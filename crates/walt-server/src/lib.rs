@@ -117,6 +117,8 @@ pub struct Server {
     state: Arc<State>,
     /// The key and certificate the API is served with; None: in clear.
     tls: Option<walt_tls::Identity>,
+    /// [`Server::start_nodes`] was called.
+    nodes_started: bool,
 }
 
 /// Accepted connections, with Nagle's algorithm off: interactive streams
@@ -170,6 +172,7 @@ impl Server {
                 }),
             }),
             tls: None,
+            nodes_started: false,
         })
     }
 
@@ -182,6 +185,15 @@ impl Server {
 
     pub fn state(&self) -> Arc<State> {
         self.state.clone()
+    }
+
+    /// Starts the node side (mounts restored, the DHCP event socket bound)
+    /// before the API port is opened, so that a client or DHCP hook that
+    /// sees the port open finds the socket too. `serve` does it otherwise.
+    pub async fn start_nodes(&mut self) -> anyhow::Result<()> {
+        nodes::start(self.state.clone()).await?;
+        self.nodes_started = true;
+        Ok(())
     }
 
     /// Serves the gRPC API until `signal` completes, then cancels in-flight
@@ -221,7 +233,9 @@ impl Server {
             usize::try_from(limits.grpc_receive_size).unwrap_or(usize::MAX),
             usize::try_from(limits.grpc_send_size).unwrap_or(usize::MAX),
         );
-        nodes::start(state.clone()).await?;
+        if !self.nodes_started {
+            nodes::start(state.clone()).await?;
+        }
         let stop = async move {
             signal.await;
             shutdown.cancel();

@@ -117,6 +117,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !args.plaintext {
         server = server.with_tls(tls::identity(tls_dir).await?);
     }
+    server.start_nodes().await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -58,10 +58,22 @@ pub async fn ensure(state: &Arc<State>, model: &str) -> Result<ImageName, String
             "model '{model}' cannot have a default image: its name is not a valid image name"
         ));
     }
-    if stored(state, &target).await? {
+    // A fetch in flight is joined without reading the store (which the
+    // other leases of a burst keep busy); the fetch checks it first.
+    let running = state
+        .nodes
+        .defaults
+        .in_flight
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(model)
+        .cloned();
+    if running.is_none() && stored(state, &target).await? {
         return Ok(target);
     }
-    let mut rx = {
+    let mut rx = if let Some(rx) = running {
+        rx
+    } else {
         let mut map = state
             .nodes
             .defaults

@@ -57,6 +57,13 @@ pub async fn on_lease(state: Arc<State>, ev: LeaseEvent) {
             return;
         }
     };
+    // A model's default image is asked for at once, while the lease is
+    // recorded: in a burst of new nodes, the download starts before the
+    // others' records.
+    let early = lease.model.clone().map(|model| {
+        let st = state.clone();
+        tokio::spawn(async move { super::defaults::ensure(&st, &model).await })
+    });
     let st = state.clone();
     let l = lease.clone();
     let recorded = blocking(move || Ok(st.store.record_lease(&l)?)).await;
@@ -89,7 +96,13 @@ pub async fn on_lease(state: Arc<State>, ev: LeaseEvent) {
         "device {} is a node of type {model}",
         dev.name
     );
-    match super::defaults::ensure(&state, &model).await {
+    let outcome = match early {
+        Some(task) => task
+            .await
+            .unwrap_or_else(|e| Err(format!("the download task failed: {e}"))),
+        None => super::defaults::ensure(&state, &model).await,
+    };
+    match outcome {
         Ok(image) => {
             let st = state.clone();
             let (mac, m, img) = (dev.mac.clone(), model.clone(), image.clone());
