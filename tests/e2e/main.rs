@@ -21,6 +21,7 @@ mod hub;
 mod install;
 mod manage;
 mod nodes_cli;
+mod nodes_defaults;
 mod nodes_event;
 mod nodes_serve;
 mod publish;

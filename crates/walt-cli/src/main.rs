@@ -1,5 +1,6 @@
 //! `walt`: the command-line client of a walt server.
 
+mod advanced;
 mod chunks;
 mod config;
 mod image;
@@ -42,6 +43,9 @@ enum AdvancedCommand {
     /// Forget the certificate pinned for the walt server (to accept a new
     /// one: the next command pins the certificate the server presents).
     ForgetServer,
+    /// Look for newer default images of the node models on the server's
+    /// sources, fetch them and make the nodes using them boot them.
+    UpdateDefaultImages,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +66,9 @@ fn main() -> ExitCode {
             Command::Node(cmd) => node::run(cmd).await,
             Command::Device(cmd) => node::run_device(cmd).await,
             Command::Advanced(AdvancedCommand::ForgetServer) => tls::forget_server(),
+            Command::Advanced(AdvancedCommand::UpdateDefaultImages) => {
+                advanced::update_default_images().await
+            }
         }
     });
     match result {

@@ -65,6 +65,10 @@ pub struct DockerImageInspect {
     pub config: Option<DockerContainerConfig>,
     #[serde(default, rename = "RootFS")]
     pub root_fs: Option<DockerRootFs>,
+    /// When the image was created (RFC 3339 text; kept as any JSON value
+    /// so that an odd daemon does not make the whole answer unreadable).
+    #[serde(default)]
+    pub created: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use walt_core::config::Registry;
+use walt_core::models::Platform;
 use walt_core::oci::{self, Compression, ImageConfig, Manifest, ManifestDoc};
 use walt_core::{CloneUrl, Digest, ImageName, LABEL_NODE_MODELS, Location};
 use walt_registry::{Credentials, RegistryClient};
@@ -298,6 +299,15 @@ pub(crate) struct Remote {
 }
 
 impl Remote {
+    /// `path:reference` at `location` (a registry label, `hub`).
+    pub(crate) fn at(location: &str, path: &str, reference: &str) -> Self {
+        Self {
+            path: path.to_string(),
+            reference: reference.to_string(),
+            shown: format!("{location}:{path}:{reference}"),
+        }
+    }
+
     fn of(url: &CloneUrl) -> Self {
         Self {
             path: url.path(),
@@ -315,6 +325,8 @@ pub(crate) struct Resolved {
     pub media_type: String,
     /// It came from an index (one more request was made).
     pub from_index: bool,
+    /// The platform picked from the index, for messages.
+    pub picked: Option<String>,
 }
 
 /// Parses a fetched manifest of `url`; an index is resolved to this
@@ -324,13 +336,81 @@ pub(crate) async fn resolve_fetched(
     url: &CloneUrl,
     fetched: walt_registry::FetchedManifest,
 ) -> Result<Resolved, ServiceError> {
-    resolve_remote(client, &Remote::of(url), fetched).await
+    resolve_remote(client, &Remote::of(url), fetched, None).await
 }
 
+/// `linux/<architecture>[/<variant>]` of an index entry.
+fn platform_text(p: &oci::Platform) -> String {
+    match &p.variant {
+        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+        None => format!("{}/{}", p.os, p.architecture),
+    }
+}
+
+/// The entry of `index` for the first of `wanted` (in order of
+/// preference) it has; else the error naming what it has.
+fn pick_wanted<'a>(
+    index: &'a oci::Index,
+    wanted: &[Platform],
+    remote: &Remote,
+) -> Result<(&'a oci::Descriptor, String), ServiceError> {
+    for want in wanted {
+        let found = index.manifests.iter().find(|d| {
+            d.platform.as_ref().is_some_and(|p| {
+                p.os == "linux" && want.matches(&p.architecture, p.variant.as_deref())
+            })
+        });
+        if let Some(d) = found {
+            return Ok((d, want.to_string()));
+        }
+    }
+    let wanted: Vec<String> = wanted
+        .iter()
+        .map(|p| p.to_string().trim_start_matches("linux/").to_string())
+        .collect();
+    let available: Vec<String> = index
+        .manifests
+        .iter()
+        .filter_map(|d| d.platform.as_ref())
+        .filter(|p| p.architecture != "unknown")
+        .map(platform_text)
+        .collect();
+    Err(ServiceError::NoPlatform {
+        url: remote.shown.clone(),
+        arch: wanted.join(" or linux/"),
+        available: available.join(", "),
+    })
+}
+
+/// The entry of `index` for this server's platform; else the error
+/// naming what it has.
+fn host_platform<'a>(
+    index: &'a oci::Index,
+    remote: &Remote,
+) -> Result<&'a oci::Descriptor, ServiceError> {
+    let (arch, variant) = oci::oci_arch(std::env::consts::ARCH);
+    oci::pick_platform(index, arch, variant).ok_or_else(|| {
+        let platforms: Vec<String> = index
+            .manifests
+            .iter()
+            .filter_map(|d| d.platform.as_ref())
+            .map(|p| format!("{}/{}", p.os, p.architecture))
+            .collect();
+        ServiceError::NoPlatform {
+            url: remote.shown.clone(),
+            arch: arch.to_string(),
+            available: platforms.join(", "),
+        }
+    })
+}
+
+/// Parses a fetched manifest; an index is resolved (one more request) to
+/// the first of `wanted` it has, or to this server's platform for `None`.
 async fn resolve_remote(
     client: &RegistryClient,
     remote: &Remote,
     fetched: walt_registry::FetchedManifest,
+    wanted: Option<&[Platform]>,
 ) -> Result<Resolved, ServiceError> {
     let bad = |e: oci::DocError| ServiceError::InvalidManifest {
         registry: client.label().to_string(),
@@ -339,39 +419,25 @@ async fn resolve_remote(
     };
     let mut media_type = fetched.media_type.clone();
     let mut from_index = false;
+    let mut picked = None;
     let (manifest, bytes, digest) =
         match ManifestDoc::parse(&fetched.bytes, media_type.as_deref()).map_err(bad)? {
             ManifestDoc::Image(m) => (*m, fetched.bytes, fetched.digest),
             ManifestDoc::Index(index) => {
-                let (arch, variant) = oci::oci_arch(std::env::consts::ARCH);
-                let Some(desc) = oci::pick_platform(&index, arch, variant) else {
-                    let platforms: Vec<String> = index
-                        .manifests
-                        .iter()
-                        .filter_map(|d| d.platform.as_ref())
-                        .map(|p| format!("{}/{}", p.os, p.architecture))
-                        .collect();
-                    return Err(ServiceError::NoPlatform {
-                        url: remote.shown.clone(),
-                        arch: arch.to_string(),
-                        available: platforms.join(", "),
-                    });
+                let desc = match wanted {
+                    Some(wanted) => {
+                        let (desc, platform) = pick_wanted(&index, wanted, remote)?;
+                        picked = Some(platform);
+                        desc
+                    }
+                    None => host_platform(&index, remote)?,
                 };
                 from_index = true;
                 let inner = client
                     .get_manifest(&remote.path, desc.digest.as_str())
                     .await?;
                 media_type = inner.media_type.clone().or(Some(desc.media_type.clone()));
-                match ManifestDoc::parse(&inner.bytes, media_type.as_deref()).map_err(bad)? {
-                    ManifestDoc::Image(m) => (*m, inner.bytes, inner.digest),
-                    ManifestDoc::Index(_) => {
-                        return Err(ServiceError::InvalidManifest {
-                            registry: client.label().to_string(),
-                            url: remote.shown.clone(),
-                            reason: "nested image indexes are not supported".into(),
-                        });
-                    }
-                }
+                image_of_index(client, remote, inner, media_type.as_deref())?
             }
         };
     let media_type = manifest
@@ -385,7 +451,26 @@ async fn resolve_remote(
         digest,
         media_type,
         from_index,
+        picked,
     })
+}
+
+/// The image manifest an index entry points to (not another index).
+fn image_of_index(
+    client: &RegistryClient,
+    remote: &Remote,
+    inner: walt_registry::FetchedManifest,
+    media_type: Option<&str>,
+) -> Result<(Manifest, Vec<u8>, Digest), ServiceError> {
+    let bad = |reason: String| ServiceError::InvalidManifest {
+        registry: client.label().to_string(),
+        url: remote.shown.clone(),
+        reason,
+    };
+    match ManifestDoc::parse(&inner.bytes, media_type).map_err(|e| bad(e.to_string()))? {
+        ManifestDoc::Image(m) => Ok((*m, inner.bytes, inner.digest)),
+        ManifestDoc::Index(_) => Err(bad("nested image indexes are not supported".into())),
+    }
 }
 
 /// An image of a registry whose manifest and config were read, before
@@ -397,16 +482,21 @@ struct Opened {
 }
 
 /// Reads the image `fetched` is the manifest of: the manifest (an index
-/// resolved to this server's platform, which `events` is told) and the
-/// config.
+/// resolved to the first of `wanted` it has, or to this server's platform
+/// for `None`, which `events` is told) and the config.
 async fn open(
     client: &RegistryClient,
     remote: &Remote,
     fetched: walt_registry::FetchedManifest,
+    wanted: Option<&[Platform]>,
     events: &Events,
 ) -> Result<Opened, ServiceError> {
-    let manifest = resolve_remote(client, remote, fetched).await?;
-    if manifest.from_index {
+    let manifest = resolve_remote(client, remote, fetched, wanted).await?;
+    if let Some(p) = &manifest.picked {
+        events
+            .say(format!("multi-platform image: using the {p} variant"))
+            .await;
+    } else if manifest.from_index {
         let (arch, _) = oci::oci_arch(std::env::consts::ARCH);
         events
             .say(format!(
@@ -554,7 +644,7 @@ async fn pull(
     let url = &plan.url;
     let remote = Remote::of(url);
     let fetched = client.get_manifest(&remote.path, &remote.reference).await?;
-    let opened = open(client, &remote, fetched, events).await?;
+    let opened = open(client, &remote, fetched, None, events).await?;
     let models = accept::node_models(opened.config.label(LABEL_NODE_MODELS), url)?;
     check_nodes_models(plan, &models)?;
     let layers = opened.layer_jobs(&remote)?;
@@ -683,7 +773,7 @@ fn is_host(c: &str) -> bool {
 
 /// A place a base image is looked for.
 #[derive(Clone, Copy)]
-enum BaseSource<'a> {
+pub(crate) enum BaseSource<'a> {
     /// The hub, when enabled.
     Hub(Option<&'a walt_core::config::HubRegistry>),
     Registry(&'a walt_core::config::V2Registry),
@@ -693,7 +783,9 @@ enum BaseSource<'a> {
 /// The sources of base images, in clone order: the hub (even when not
 /// enabled, to say so), the docker-registry-v2 registries in the order of
 /// server.conf, the Docker daemon.
-fn base_sources(config: &walt_core::config::ServerConfig) -> Vec<(String, BaseSource<'_>)> {
+pub(crate) fn base_sources(
+    config: &walt_core::config::ServerConfig,
+) -> Vec<(String, BaseSource<'_>)> {
     let mut out = vec![(
         "hub".to_string(),
         BaseSource::Hub(crate::hub::configured(config).ok()),
@@ -709,6 +801,12 @@ fn base_sources(config: &walt_core::config::ServerConfig) -> Vec<(String, BaseSo
 /// Why a registry that answered `e` to the manifest request is passed
 /// over. Anonymously, the hub answers 401 for a missing repository too.
 fn skip_reason(e: &walt_registry::RegistryError, hub: bool) -> String {
+    skip_reason_for(e, hub, "base images")
+}
+
+/// [`skip_reason`], for `what` (`base images`, `default images`) fetched
+/// anonymously.
+pub(crate) fn skip_reason_for(e: &walt_registry::RegistryError, hub: bool, what: &str) -> String {
     use walt_registry::RegistryError as E;
     match e {
         E::NotFound { .. } => "not found".into(),
@@ -716,14 +814,14 @@ fn skip_reason(e: &walt_registry::RegistryError, hub: bool) -> String {
             "not found (or private)".into()
         }
         E::CredentialsRequired { .. } | E::Unauthorized { .. } | E::Denied { .. } => {
-            "requires credentials (base images are fetched anonymously)".into()
+            format!("requires credentials ({what} are fetched anonymously)")
         }
         other => other.to_string(),
     }
 }
 
 /// `n` bytes for people: `48.2 MB`.
-fn human_size(n: u64) -> String {
+pub(crate) fn human_size(n: u64) -> String {
     for (div, unit) in [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")] {
         if n as f64 >= div {
             return format!("{:.1} {unit}", n as f64 / div);
@@ -862,7 +960,7 @@ async fn base_from_registry(
     fetched: walt_registry::FetchedManifest,
     events: &Events,
 ) -> Result<FetchedBase, ServiceError> {
-    let opened = open(client, remote, fetched, events).await?;
+    let opened = open(client, remote, fetched, None, events).await?;
     let jobs = opened.layer_jobs(remote)?;
     let total = jobs.iter().map(|l| l.size).sum();
     events
@@ -934,6 +1032,98 @@ async fn base_from_docker(
         config,
         layers,
     })
+}
+
+// ----- a node model's default image -----
+
+/// An image found on a registry for a node model: its manifest (an index
+/// resolved to the model's platform) and config read, no layer fetched.
+pub(crate) struct Candidate {
+    client: RegistryClient,
+    remote: Remote,
+    opened: Opened,
+    jobs: Vec<LayerJob>,
+}
+
+impl Candidate {
+    /// Where it is, as a clone URL (`local:waltplatform/x-default:latest`).
+    pub(crate) fn url(&self) -> &str {
+        &self.remote.shown
+    }
+
+    pub(crate) fn config(&self) -> &ImageConfig {
+        &self.opened.config
+    }
+
+    /// What its layers weigh, compressed.
+    pub(crate) fn size(&self) -> u64 {
+        self.jobs.iter().map(|j| j.size).sum()
+    }
+}
+
+/// Reads the image `fetched` is the manifest of on `client` (anonymous), an
+/// index resolved to the first of `wanted` it has (`None`: this server's
+/// platform): manifest and config, the layers checked against the config.
+pub(crate) async fn open_candidate(
+    client: RegistryClient,
+    remote: Remote,
+    fetched: walt_registry::FetchedManifest,
+    wanted: Option<&[Platform]>,
+) -> Result<Candidate, ServiceError> {
+    // Nobody watches: the events go nowhere.
+    let (events, _) = Events::channel(1);
+    let opened = open(&client, &remote, fetched, wanted, &events).await?;
+    let jobs = opened.layer_jobs(&remote)?;
+    Ok(Candidate {
+        client,
+        remote,
+        opened,
+        jobs,
+    })
+}
+
+/// Fetches the layers of `candidate` the store lacks, through clone's
+/// pipeline, and records it as `target` with `models`, replacing an image
+/// of that name (its record stays, so nodes follow). Returns the manifest
+/// digest and the bytes downloaded. On failure what it added is collected.
+pub(crate) async fn record_candidate(
+    state: &Arc<State>,
+    candidate: Candidate,
+    target: &ImageName,
+    models: Vec<String>,
+) -> Result<(Digest, u64), ServiceError> {
+    let store = &state.store;
+    let Candidate {
+        client,
+        remote,
+        opened,
+        jobs,
+    } = candidate;
+    let config_digest = opened.manifest.manifest.config.digest.clone();
+    let (events, _) = Events::channel(1);
+    let result = accept::or_collect(store, async {
+        let (guard, downloaded) = fetch_into(store, &client, &remote.path, &jobs, &events).await?;
+        let (manifest, config, config_digest) = opened.manifest();
+        let image = Accepted {
+            config,
+            config_digest: Some(config_digest),
+            manifest,
+            layers: layer_refs(&jobs),
+            models,
+        };
+        let (_, digest) = accept::record(store, guard, target, true, image).await?;
+        Ok((digest, downloaded))
+    })
+    .await;
+    if result.is_ok() {
+        // Later publishes to this registry may mount these blobs.
+        state.blob_sources.record(
+            client.label(),
+            &remote.path,
+            jobs.iter().map(|j| &j.digest).chain([&config_digest]),
+        );
+    }
+    result
 }
 
 #[derive(Clone)]
@@ -1251,6 +1441,71 @@ mod tests {
             reason: "connection refused".into(),
         };
         assert_eq!(skip_reason(&down, false), down.to_string());
+    }
+
+    #[test]
+    fn a_model_picks_its_platform_from_an_index() {
+        use walt_core::models::model_platforms;
+        let entry = |n: u8, arch: &str, variant: Option<&str>| {
+            let mut p = serde_json::json!({"architecture": arch, "os": "linux"});
+            if let Some(v) = variant {
+                p["variant"] = v.into();
+            }
+            serde_json::json!({
+                "mediaType": oci::OCI_MANIFEST,
+                "digest": format!("sha256:{}", format!("{n:02x}").repeat(32)),
+                "size": 1,
+                "platform": p,
+            })
+        };
+        let index = |entries: Vec<serde_json::Value>| -> oci::Index {
+            serde_json::from_value(serde_json::json!({"schemaVersion": 2, "manifests": entries}))
+                .unwrap()
+        };
+        let remote = Remote::at("local", "waltplatform/x-default", "latest");
+        let pick = |idx: &oci::Index, model: &str| {
+            pick_wanted(idx, model_platforms(model).unwrap(), &remote)
+                .map(|(d, p)| (d.digest.hex()[..2].to_string(), p))
+                .map_err(|e| e.to_string())
+        };
+        let full = index(vec![
+            entry(1, "amd64", None),
+            entry(2, "arm", Some("v7")),
+            entry(3, "arm64", Some("v8")),
+            entry(4, "unknown", None),
+        ]);
+        assert_eq!(
+            pick(&full, "rpi-3-b").unwrap(),
+            ("03".into(), "linux/arm64".into())
+        );
+        assert_eq!(
+            pick(&full, "rpi-2-b").unwrap(),
+            ("02".into(), "linux/arm/v7".into())
+        );
+        assert_eq!(pick(&full, "pc-x86-64").unwrap().0, "01");
+        assert_eq!(
+            pick(&full, "rpi-b").unwrap_err(),
+            "local:waltplatform/x-default:latest has no image for linux/arm/v6 (it has: linux/amd64, linux/arm/v7, linux/arm64/v8)"
+        );
+        // No arm64: a Raspberry Pi 4 takes arm/v7 (`arm` alone is v7).
+        let armhf = index(vec![entry(5, "arm", None), entry(6, "arm", Some("v6"))]);
+        assert_eq!(pick(&armhf, "rpi-4-b").unwrap().0, "05");
+        assert_eq!(pick(&armhf, "rpi-b").unwrap().0, "06");
+        assert_eq!(
+            pick(&armhf, "pc-x86-32").unwrap_err(),
+            "local:waltplatform/x-default:latest has no image for linux/386 (it has: linux/arm, linux/arm/v6)"
+        );
+        assert!(
+            pick(&armhf, "qemu-arm-64")
+                .unwrap_err()
+                .contains("no image for linux/arm64 (")
+        );
+        let none = index(vec![entry(7, "amd64", None)]);
+        assert!(
+            pick(&none, "rpi-5-b")
+                .unwrap_err()
+                .contains("no image for linux/arm64 or linux/arm/v7 (it has: linux/amd64)")
+        );
     }
 
     #[test]
