@@ -460,6 +460,12 @@ fn tftp_never_reads_host_files_through_an_image_s_symlinks() {
                 &format!("../../../../../../../..{host}"),
             ),
             RawEntry::symlink(&format!("boot/{MODEL}/esc3"), &host),
+            // tftpd-hpa accepts writes to existing world-writable files.
+            RawEntry::File {
+                path: format!("boot/{MODEL}/writable"),
+                data: b"as built".to_vec(),
+                mode: 0o666,
+            },
         ],
     );
     bed.alice
@@ -489,5 +495,9 @@ fn tftp_never_reads_host_files_through_an_image_s_symlinks() {
             );
         }
     }
+    // Nodes read, never write.
+    assert_eq!(tftpd.get("writable").unwrap(), b"as built");
+    assert!(tftpd.put("writable", b"changed").is_err());
+    assert_eq!(tftpd.get("writable").unwrap(), b"as built");
     drop(canary);
 }

@@ -100,6 +100,27 @@ impl Tftpd {
         }
         Ok(std::fs::read(&local)?)
     }
+
+    /// `busybox tftp -p` of `data` as `remote`.
+    pub fn put(&self, remote: &str, data: &[u8]) -> Result<()> {
+        let local = self.dir.path().join("put");
+        std::fs::write(&local, data)?;
+        let out = Command::new("busybox")
+            .args(["tftp", "-p", "-l"])
+            .arg(&local)
+            .args(["-r", remote])
+            .arg("127.0.0.1")
+            .arg(self.port.to_string())
+            .output()
+            .context("cannot run busybox tftp")?;
+        if !out.status.success() {
+            bail!(
+                "tftp put {remote}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Tftpd {
