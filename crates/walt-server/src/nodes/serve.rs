@@ -16,8 +16,9 @@
 //!
 //! tftpd-hpa runs as root and follows an image's symlinks on the server,
 //! so it is chrooted (`-s`) in `<data-dir>/tftp-root/`, which holds only
-//! what nodes may read: `nodes/`, a read-only bind of `<data-dir>/nodes`,
-//! and `images/<id>/fs`, a read-only bind of each image mount. The node
+//! what nodes may read: `nodes/`, a read-only bind of `<data-dir>/nodes`
+//! (while an image is mounted), and `images/<id>/fs`, a read-only bind of
+//! each image mount. The node
 //! links are relative, so they resolve there; an image's absolute links
 //! and `..` stop at that root.
 //!
@@ -75,8 +76,18 @@ pub struct Serving {
     mounts: Mutex<BTreeMap<String, Mounted>>,
     /// The serving task, awaited at shutdown.
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Whether `tftp-root/nodes` is bound (by this process).
-    tftp_ready: Mutex<bool>,
+    /// What this process made of the TFTP root.
+    tftp: Mutex<TftpRoot>,
+}
+
+/// The state of `tftp-root/`.
+#[derive(Debug, Default)]
+struct TftpRoot {
+    /// Its directories exist with their modes.
+    dirs: bool,
+    /// `tftp-root/nodes` is bound (only while an image is mounted: with
+    /// none, every node points to the empty probing tree anyway).
+    nodes_bound: bool,
 }
 
 impl Serving {
@@ -92,7 +103,7 @@ impl Serving {
             paths,
             mounts: Mutex::new(BTreeMap::new()),
             task: Mutex::new(None),
-            tftp_ready: Mutex::new(false),
+            tftp: Mutex::new(TftpRoot::default()),
         }
     }
 
@@ -251,7 +262,7 @@ impl Serving {
                 }
             }
         }
-        *self.tftp_lock() = false;
+        self.tftp_lock().nodes_bound = false;
         for dir in [&tftp_images, &images] {
             let Ok(entries) = std::fs::read_dir(dir) else {
                 continue;
@@ -267,39 +278,49 @@ impl Serving {
         }
     }
 
-    fn tftp_lock(&self) -> std::sync::MutexGuard<'_, bool> {
-        self.tftp_ready.lock().unwrap_or_else(|e| e.into_inner())
+    fn tftp_lock(&self) -> std::sync::MutexGuard<'_, TftpRoot> {
+        self.tftp.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes `tftp-root/` (0755) with `images/` and a read-only bind of
-    /// `nodes/` at `nodes/`, once. The directories stay when walt stops:
-    /// tftpd-hpa keeps its root directory from its start.
-    fn ensure_tftp_root(&self) -> Result<(), String> {
-        let mut ready = self.tftp_lock();
-        if *ready {
+    /// Makes `tftp-root/` (0755) with `images/` and `nodes/`, once (so
+    /// tftpd-hpa can start before any node boots). They stay when walt
+    /// stops: tftpd-hpa keeps its root directory from its start.
+    fn make_tftp_dirs(&self) -> Result<(), String> {
+        let mut t = self.tftp_lock();
+        if t.dirs {
             return Ok(());
         }
         let root = self.tftp_root();
         for d in [root.clone(), root.join("images"), root.join("nodes")] {
             make_dir_0755(&d)?;
         }
-        let nodes = self.nodes_dir();
-        std::fs::create_dir_all(&nodes)
-            .map_err(|e| format!("cannot create {}: {e}", nodes.display()))?;
-        bind_read_only(&nodes, &root.join("nodes"))?;
-        *ready = true;
+        t.dirs = true;
         Ok(())
     }
 
-    /// Unmounts `tftp-root/nodes` (at shutdown).
-    fn release_tftp_root(&self) {
-        let mut ready = self.tftp_lock();
-        if !*ready {
+    /// Binds `nodes/` read-only on `tftp-root/nodes`, unless done.
+    fn bind_tftp_nodes(&self) -> Result<(), String> {
+        let mut t = self.tftp_lock();
+        if t.nodes_bound {
+            return Ok(());
+        }
+        let nodes = self.nodes_dir();
+        std::fs::create_dir_all(&nodes)
+            .map_err(|e| format!("cannot create {}: {e}", nodes.display()))?;
+        bind_read_only(&nodes, &self.tftp_root().join("nodes"))?;
+        t.nodes_bound = true;
+        Ok(())
+    }
+
+    /// Unmounts `tftp-root/nodes` (no image mounted any more, shutdown).
+    fn unbind_tftp_nodes(&self) {
+        let mut t = self.tftp_lock();
+        if !t.nodes_bound {
             return;
         }
         let p = self.tftp_root().join("nodes");
         match overlay::unmount(&p) {
-            Ok(_) => *ready = false,
+            Ok(_) => t.nodes_bound = false,
             Err(e) => tracing::warn!("cannot unmount the node trees from the TFTP root: {e}"),
         }
     }
@@ -308,7 +329,7 @@ impl Serving {
     /// Returns when the next mount release is due. Errors are logged.
     fn reconcile(&self, store: &Store, config: &ServerConfig, now: Instant) -> Option<Instant> {
         let started = Instant::now();
-        if let Err(e) = self.ensure_tftp_root() {
+        if let Err(e) = self.make_tftp_dirs() {
             tracing::error!("node serving: nodes cannot boot over TFTP: {e}");
         }
         let devices = match store.list_devices() {
@@ -378,6 +399,11 @@ impl Serving {
             ssh_keys: adapt::Context::read_ssh_keys(&home_dir()),
         };
         let mut failed = BTreeSet::new();
+        if !wanted.is_empty()
+            && let Err(e) = self.bind_tftp_nodes()
+        {
+            tracing::error!("node serving: nodes cannot boot over TFTP: {e}");
+        }
         for (id, (name, layers)) in &wanted {
             if self.lock().contains_key(id) {
                 continue;
@@ -434,6 +460,9 @@ impl Serving {
         }
         for id in &release {
             self.release(id);
+        }
+        if self.lock().is_empty() {
+            self.unbind_tftp_nodes();
         }
         tracing::info!(
             mounts = mounted.len(),
@@ -552,7 +581,7 @@ impl Serving {
         for id in &ids {
             self.release(id);
         }
-        self.release_tftp_root();
+        self.unbind_tftp_nodes();
         tracing::info!(mounts = ids.len(), "node mounts released");
     }
 

@@ -446,6 +446,10 @@ fn unknown_devices_point_to_the_probing_tree() {
         PathBuf::from("b8:27:eb:00:00:04")
     );
     assert!(f.mounted().is_empty());
+    // No image mounted: nothing bound in the TFTP root, its dirs are there.
+    assert!(f.tftp_mounted().is_empty(), "{:?}", f.tftp_mounted());
+    assert!(f.serving.tftp_root().join("nodes").is_dir());
+    assert!(f.serving.tftp_root().join("images").is_dir());
     let exports = std::fs::read_to_string(&f.paths.exports_file).unwrap();
     assert_eq!(exports, EXPORTS_HEADER);
 }
