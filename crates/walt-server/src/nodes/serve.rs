@@ -18,9 +18,8 @@
 //! so it is chrooted (`-s`) in `<data-dir>/tftp-root/`, which holds only
 //! what nodes may read: `nodes/`, a read-only bind of `<data-dir>/nodes`
 //! (while an image is mounted), and `images/<id>/fs`, a read-only bind of
-//! each image mount. The node
-//! links are relative, so they resolve there; an image's absolute links
-//! and `..` stop at that root.
+//! each image mount. The node links are relative, so they resolve there;
+//! an image's absolute links and `..` stop at that root.
 //!
 //! One task reconciles all this with the store on each
 //! [`Serving::request_reconcile`] (bursts coalesce), releases the mounts no
