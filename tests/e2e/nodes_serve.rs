@@ -47,21 +47,24 @@ impl Bed {
     /// pushed as `repo:latest`. Returns the manifest digest's hex (the
     /// mount id).
     fn push(&self, repo: &str, marker: &str) -> String {
+        self.push_with(repo, marker, &[])
+    }
+
+    /// [`Bed::push`] with more entries in the boot layer.
+    fn push_with(&self, repo: &str, marker: &str, extra: &[RawEntry]) -> String {
         let base = self
             .images
             .busybox_layer(Format::Oci, Compression::Gzip, marker)
             .unwrap();
+        let mut entries = vec![
+            RawEntry::dir("boot/"),
+            RawEntry::dir(&format!("boot/{MODEL}/")),
+            RawEntry::file(&format!("boot/{MODEL}/start.ipxe"), ipxe(marker).as_bytes()),
+        ];
+        entries.extend_from_slice(extra);
         let boot = self
             .images
-            .layer(
-                Format::Oci,
-                Compression::Gzip,
-                &[
-                    RawEntry::dir("boot/"),
-                    RawEntry::dir(&format!("boot/{MODEL}/")),
-                    RawEntry::file(&format!("boot/{MODEL}/start.ipxe"), ipxe(marker).as_bytes()),
-                ],
-            )
+            .layer(Format::Oci, Compression::Gzip, &entries)
             .unwrap();
         let img = self
             .images
@@ -178,6 +181,11 @@ impl Bed {
         mounts_below(&self.data().join("images"))
     }
 
+    /// The binds in the TFTP root.
+    fn tftp_mounts(&self) -> Vec<PathBuf> {
+        mounts_below(&tftp_root(&self.data()))
+    }
+
     fn mount_point(&self, id: &str) -> PathBuf {
         self.data()
             .join("images")
@@ -266,18 +274,21 @@ fn a_node_boots_over_tftp_and_nfs_from_its_mounted_image() {
         )),
         "{exports}"
     );
-    // The remap file.
+    // The remap file: relative to the TFTP root.
     let map = std::fs::read_to_string(bed.server.tftp_map_file()).unwrap();
-    assert!(
-        map.contains(&format!(
-            "r ^/?(.*) {}/nodes/\\i/tftp/\\1\n",
-            data.display()
-        )),
-        "{map}"
+    assert!(map.contains("\nr ^/?(.*) nodes/\\i/tftp/\\1\n"), "{map}");
+    // The TFTP root: the node trees and the mount, read-only binds.
+    assert_eq!(bed.tftp_mounts().len(), 2, "{:?}", bed.tftp_mounts());
+    assert_eq!(
+        std::fs::read_to_string(
+            tftp_root(&data).join(format!("images/{id}/fs/boot/{MODEL}/start.ipxe"))
+        )
+        .unwrap(),
+        ipxe("image-a")
     );
 
     // A real tftpd-hpa with that map: the node gets its image's boot file.
-    let tftpd = Tftpd::start(&bed.server.tftp_map_file(), &data).unwrap();
+    let tftpd = Tftpd::start(&bed.server.tftp_map_file(), &tftp_root(&data)).unwrap();
     assert_eq!(tftpd.get("start.ipxe").unwrap(), ipxe("image-a").as_bytes());
     assert_eq!(
         tftpd.get("/start.ipxe").unwrap(),
@@ -369,6 +380,7 @@ fn a_restart_restores_the_mounts_and_kill_9_leaves_no_stale_one() {
     // A clean stop releases everything.
     bed.server.stop();
     assert!(bed.mounts().is_empty(), "{:?}", bed.mounts());
+    assert!(bed.tftp_mounts().is_empty(), "{:?}", bed.tftp_mounts());
     assert!(!bed.server.exports_file().exists());
     bed.server.restart().unwrap();
     bed.wait_serving("192.168.152.13", "image-r");
@@ -389,8 +401,103 @@ fn a_restart_restores_the_mounts_and_kill_9_leaves_no_stale_one() {
         .unwrap();
     // One mount there, the new one (not stacked on the stale one).
     assert_eq!(bed.mounts(), vec![bed.mount_point(&id)]);
+    let mut binds = bed.tftp_mounts();
+    binds.sort();
+    let root = tftp_root(&bed.data()).canonicalize().unwrap();
+    assert_eq!(
+        binds,
+        vec![root.join("images").join(&id).join("fs"), root.join("nodes")]
+    );
     bed.wait_serving("192.168.152.13", "image-r");
     drop(busy);
     let exports = std::fs::read_to_string(bed.server.exports_file()).unwrap();
     assert!(exports.contains(&id), "{exports}");
+}
+
+/// The directory tftpd-hpa is chrooted in (`-s`).
+fn tftp_root(data: &Path) -> PathBuf {
+    data.join("tftp-root")
+}
+
+#[test]
+fn tftp_never_reads_host_files_through_an_image_s_symlinks() {
+    // A host file no node may read, with a secret content.
+    let secret = format!("walt-secret-{}", std::process::id());
+    let mut canary = tempfile::Builder::new()
+        .prefix("walt-tftp-canary-")
+        .tempfile_in("/etc")
+        .unwrap();
+    std::io::Write::write_all(&mut canary, secret.as_bytes()).unwrap();
+    // World-readable: tftpd-hpa serves no other file.
+    std::fs::set_permissions(
+        canary.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let name = canary
+        .path()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let host = format!("/etc/{name}");
+    assert_eq!(std::fs::read_to_string(&host).unwrap(), secret);
+
+    let bed = Bed::start("60s");
+    // esc1 stays in the image up to /etc/y, an absolute link (outside
+    // /boot, which walt leaves as it is); esc2 climbs above the root; esc3
+    // is absolute.
+    let id = bed.push_with(
+        "walt-e2e/escape",
+        "image-esc",
+        &[
+            RawEntry::dir("etc/"),
+            RawEntry::symlink("etc/y", &host),
+            RawEntry::symlink(&format!("boot/{MODEL}/esc1"), "../../etc/y"),
+            RawEntry::symlink(
+                &format!("boot/{MODEL}/esc2"),
+                &format!("../../../../../../../..{host}"),
+            ),
+            RawEntry::symlink(&format!("boot/{MODEL}/esc3"), &host),
+            // tftpd-hpa accepts writes to existing world-writable files.
+            RawEntry::File {
+                path: format!("boot/{MODEL}/writable"),
+                data: b"as built".to_vec(),
+                mode: 0o666,
+            },
+        ],
+    );
+    bed.alice
+        .clone_ok(&["local:walt-e2e/escape:latest", "escape"]);
+    bed.node("52:54:00:00:00:04", "127.0.0.1", "escape");
+    bed.wait_serving("127.0.0.1", "image-esc");
+    assert_eq!(bed.mounts(), vec![bed.mount_point(&id)]);
+
+    let data = bed.data();
+    let tftpd = Tftpd::start(&bed.server.tftp_map_file(), &tftp_root(&data)).unwrap();
+    assert_eq!(
+        tftpd.get("start.ipxe").unwrap(),
+        ipxe("image-esc").as_bytes()
+    );
+    for remote in [
+        "esc1".to_string(),
+        "esc2".to_string(),
+        "esc3".to_string(),
+        format!("../../../../../../../..{host}"),
+        host.clone(),
+    ] {
+        if let Ok(got) = tftpd.get(&remote) {
+            let got = String::from_utf8_lossy(&got);
+            assert!(
+                !got.contains(&secret),
+                "a TFTP request for {remote} read the host's {host}"
+            );
+        }
+    }
+    // Nodes read, never write.
+    assert_eq!(tftpd.get("writable").unwrap(), b"as built");
+    assert!(tftpd.put("writable", b"changed").is_err());
+    assert_eq!(tftpd.get("writable").unwrap(), b"as built");
+    drop(canary);
 }

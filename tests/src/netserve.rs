@@ -1,5 +1,5 @@
 //! The servers nodes boot from, run for real on 127.0.0.1: tftpd-hpa with
-//! walt's remap file, and nfs-ganesha (NFSv4 only, so no rpcbind)
+//! walt's remap file, chrooted in walt's TFTP root, and nfs-ganesha (NFSv4 only, so no rpcbind)
 //! exporting what walt's exports file lists. Clients: busybox `tftp`
 //! (exit status 1 on errors, unlike tftp-hpa's) and libnfs's `nfs-ls` /
 //! `nfs-cat`.
@@ -35,7 +35,8 @@ fn free_udp_port() -> Result<u16> {
 }
 
 /// `in.tftpd` (tftpd-hpa) in the foreground on 127.0.0.1, with a remap
-/// file, running as root (walt's data dir is 0700 root).
+/// file, chrooted (`-s`) in walt's TFTP root, running as root (an image's
+/// boot files may be root's only), as docs/configuration.md says.
 pub struct Tftpd {
     child: Child,
     port: u16,
@@ -43,12 +44,12 @@ pub struct Tftpd {
 }
 
 impl Tftpd {
-    /// `in.tftpd -L -u root -a 127.0.0.1:<port> -m <map> <root>`; returns
-    /// once it holds its port.
+    /// `in.tftpd -L -s -u root -a 127.0.0.1:<port> -m <map> <root>`;
+    /// returns once it holds its port.
     pub fn start(map: &Path, root: &Path) -> Result<Self> {
         let port = free_udp_port()?;
         let child = Command::new("in.tftpd")
-            .args(["-L", "-u", "root", "-a"])
+            .args(["-L", "-s", "-u", "root", "-a"])
             .arg(format!("127.0.0.1:{port}"))
             .arg("-m")
             .arg(map)
@@ -98,6 +99,27 @@ impl Tftpd {
             );
         }
         Ok(std::fs::read(&local)?)
+    }
+
+    /// `busybox tftp -p` of `data` as `remote`.
+    pub fn put(&self, remote: &str, data: &[u8]) -> Result<()> {
+        let local = self.dir.path().join("put");
+        std::fs::write(&local, data)?;
+        let out = Command::new("busybox")
+            .args(["tftp", "-p", "-l"])
+            .arg(&local)
+            .args(["-r", remote])
+            .arg("127.0.0.1")
+            .arg(self.port.to_string())
+            .output()
+            .context("cannot run busybox tftp")?;
+        if !out.status.success() {
+            bail!(
+                "tftp put {remote}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 }
 

@@ -53,7 +53,7 @@ struct Args {
     )]
     exports_file: PathBuf,
     /// TFTP remap file (tftpd-hpa `-m`) mapping a node's requests to its
-    /// tree [default: tftp.map in the data directory].
+    /// tree [default: tftp.map in the data directory]; run `in.tftpd -L -s -u root -m <this file> <data-dir>/tftp-root`.
     #[arg(long, env = "WALT_TFTP_MAP_FILE")]
     tftp_map_file: Option<PathBuf>,
 }

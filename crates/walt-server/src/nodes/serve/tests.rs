@@ -130,8 +130,14 @@ impl Fixture {
         self.paths.data_dir.join("nodes")
     }
 
+    /// The image mounts.
     fn mounted(&self) -> Vec<PathBuf> {
-        overlay::mounts_below(&self.paths.data_dir)
+        overlay::mounts_below(&self.paths.data_dir.join("images"))
+    }
+
+    /// The binds in the TFTP root.
+    fn tftp_mounted(&self) -> Vec<PathBuf> {
+        overlay::mounts_below(&self.serving.tftp_root())
     }
 }
 
@@ -210,6 +216,44 @@ fn a_node_gets_its_image_mounted_with_links_exports_and_map() {
         std::fs::read_to_string(nodes.join("192.168.152.10/tftp/start.ipxe")).unwrap(),
         "#!ipxe\nboot\n"
     );
+    // The same in the TFTP root, where only the trees and the mount are.
+    let troot = f.serving.tftp_root();
+    assert_eq!(
+        std::fs::read_to_string(troot.join("nodes/192.168.152.10/tftp/start.ipxe")).unwrap(),
+        "#!ipxe\nboot\n"
+    );
+    let mut tm = f.tftp_mounted();
+    tm.sort();
+    assert_eq!(
+        tm,
+        vec![
+            f.serving.tftp_mount_point(&id).canonicalize().unwrap(),
+            troot.join("nodes").canonicalize().unwrap(),
+        ]
+    );
+    let mut top: Vec<String> = std::fs::read_dir(&troot)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    assert_eq!(top, ["images", "nodes"]);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&troot).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755);
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for p in &tm {
+        let line = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+            .unwrap();
+        assert!(
+            line.contains(" ro,") && line.contains("nosuid") && line.contains("nodev"),
+            "{line}"
+        );
+    }
+    assert!(std::fs::write(troot.join("nodes/x"), "x").is_err());
     assert_eq!(
         std::fs::read_to_string(nodes.join("192.168.152.10/fs/etc/passwd")).unwrap(),
         "root"
@@ -254,7 +298,7 @@ fn a_node_gets_its_image_mounted_with_links_exports_and_map() {
     assert!(
         std::fs::read_to_string(&f.paths.tftp_map_file)
             .unwrap()
-            .contains(&format!("r ^/?(.*) {data}/nodes/\\i/tftp/\\1\n"))
+            .contains("\nr ^/?(.*) nodes/\\i/tftp/\\1\n")
     );
     let line = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
@@ -274,8 +318,12 @@ fn a_node_gets_its_image_mounted_with_links_exports_and_map() {
     // At shutdown: nothing mounted, no exports.
     f.serving.release_all();
     assert!(f.mounted().is_empty());
+    assert!(f.tftp_mounted().is_empty());
     assert!(!f.paths.exports_file.exists());
     assert!(!f.paths.data_dir.join("images").join(&id).exists());
+    assert!(!troot.join("images").join(&id).exists());
+    // The root stays (tftpd-hpa keeps its root directory from its start).
+    assert!(troot.join("nodes").is_dir());
 }
 
 #[test]
@@ -335,6 +383,9 @@ fn replaced_and_unused_images_are_released_after_the_grace() {
             .contains(&old)
     );
     assert!(!f.paths.data_dir.join("images").join(&old).exists());
+    assert_eq!(f.tftp_mounted().len(), 2, "{:?}", f.tftp_mounted());
+    assert!(f.serving.tftp_mount_point(&new).join("v").is_file());
+    assert!(!f.serving.tftp_root().join("images").join(&old).exists());
 }
 
 #[test]
@@ -358,9 +409,11 @@ fn a_restart_after_kill_cleans_stale_mounts_and_restores() {
     let again = Serving::new(&f.paths);
     again.clean_stale();
     assert!(f.mounted().is_empty(), "busy: detached lazily");
+    assert!(f.tftp_mounted().is_empty(), "{:?}", f.tftp_mounted());
     drop(busy);
     again.reconcile(&f.store, &conf, Instant::now());
     assert_eq!(f.mounted().len(), 1);
+    assert_eq!(f.tftp_mounted().len(), 2, "{:?}", f.tftp_mounted());
     assert!(!f.nodes().join("aa:bb:cc:dd:ee:ff").exists());
     assert!(f.nodes().join("10.0.0.3/fs/etc/hosts").is_file());
     again.release_all();
@@ -393,6 +446,10 @@ fn unknown_devices_point_to_the_probing_tree() {
         PathBuf::from("b8:27:eb:00:00:04")
     );
     assert!(f.mounted().is_empty());
+    // No image mounted: nothing bound in the TFTP root, its dirs are there.
+    assert!(f.tftp_mounted().is_empty(), "{:?}", f.tftp_mounted());
+    assert!(f.serving.tftp_root().join("nodes").is_dir());
+    assert!(f.serving.tftp_root().join("images").is_dir());
     let exports = std::fs::read_to_string(&f.paths.exports_file).unwrap();
     assert_eq!(exports, EXPORTS_HEADER);
 }
@@ -400,8 +457,9 @@ fn unknown_devices_point_to_the_probing_tree() {
 #[test]
 fn text_of_the_files() {
     assert_eq!(
-        tftp_map_text(Path::new("/var/lib/walt")),
-        "# walt: each request maps into the tree of the client's address.\nr ^/?(.*) /var/lib/walt/nodes/\\i/tftp/\\1\n"
+        tftp_map_text(),
+        "# walt: each request maps into the tree of the client's address, in the TFTP root (in.tftpd -s).\n\
+         r ^/?(.*) nodes/\\i/tftp/\\1\n"
     );
     let e = exports_text(
         Path::new("/d"),
@@ -434,6 +492,8 @@ fn stale_mounts_stacked_on_one_path_all_go() {
     f.serving.reconcile(&f.store, &conf, Instant::now());
     Serving::new(&f.paths).reconcile(&f.store, &conf, Instant::now());
     assert_eq!(f.mounted().len(), 2, "{:?}", f.mounted());
+    assert_eq!(f.tftp_mounted().len(), 4, "{:?}", f.tftp_mounted());
     Serving::new(&f.paths).clean_stale();
     assert!(f.mounted().is_empty(), "{:?}", f.mounted());
+    assert!(f.tftp_mounted().is_empty(), "{:?}", f.tftp_mounted());
 }
