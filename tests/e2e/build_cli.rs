@@ -253,6 +253,8 @@ fn replacing_an_image_needs_confirmation() {
     t.enter("maybe").unwrap();
     t.wait_line("the answer refused", |l| l == "Invalid response.")
         .unwrap();
+    // Typed before the question is asked again, the answer could be lost.
+    wait_question(&t);
     t.enter("n").unwrap();
     t.wait_line("the abort", |l| l == "Aborted.").unwrap();
     assert_eq!(

@@ -482,12 +482,27 @@ fn a_version_1_database_is_migrated() {
     drop(Store::open(&data).unwrap());
     {
         let conn = rusqlite::Connection::open(data.join("walt.db")).unwrap();
-        conn.execute_batch("DROP TABLE build_cache; PRAGMA user_version = 1;")
-            .unwrap();
+        // Back to version 1's schema: no build cache, its empty `nodes`.
+        conn.execute_batch(
+            "DROP TABLE build_cache; DROP TABLE nodes; DROP TABLE default_copies;
+             DROP TABLE devices;
+             CREATE TABLE nodes (mac TEXT PRIMARY KEY, model TEXT, image_id INTEGER);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
     }
     let store = Store::open(&data).unwrap();
     let _guard = store.begin_import();
     let a = step_layer(&store, &[("a", b"a")]);
     store.cache_put("k", &step_entry(&a)).unwrap();
     assert_eq!(store.cache_get("k").unwrap(), Some(step_entry(&a)));
+    // Version 3's device records work too.
+    let lease = Lease {
+        mac: "52:54:00:00:00:01".into(),
+        ip: "10.0.0.1".into(),
+        hostname: String::new(),
+        model: None,
+        now: 1,
+    };
+    assert!(store.record_lease(&lease).unwrap().1);
 }
