@@ -162,10 +162,10 @@ fn img(s: &str) -> ImageName {
 
 #[test]
 fn a_node_gets_its_image_mounted_with_links_exports_and_map() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(
+        root(),
+        "this test mounts overlays: run it as root (CI does)"
+    );
     let f = Fixture::new();
     let name = img("waltplatform/pc-x86-64-default:latest");
     put_image(
@@ -328,10 +328,10 @@ fn a_node_gets_its_image_mounted_with_links_exports_and_map() {
 
 #[test]
 fn replaced_and_unused_images_are_released_after_the_grace() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(
+        root(),
+        "this test mounts overlays: run it as root (CI does)"
+    );
     let f = Fixture::new();
     let name = img("alice/img:latest");
     put_image(&f.store, &name, &[layer_tar(&[("v", "1")])], "v1", false);
@@ -390,10 +390,10 @@ fn replaced_and_unused_images_are_released_after_the_grace() {
 
 #[test]
 fn a_restart_after_kill_cleans_stale_mounts_and_restores() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(
+        root(),
+        "this test mounts overlays: run it as root (CI does)"
+    );
     let f = Fixture::new();
     let name = img("alice/empty:latest");
     // An image without layers still mounts.
@@ -421,10 +421,10 @@ fn a_restart_after_kill_cleans_stale_mounts_and_restores() {
 
 #[test]
 fn unknown_devices_point_to_the_probing_tree() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(
+        root(),
+        "this test mounts overlays: run it as root (CI does)"
+    );
     let f = Fixture::new();
     f.store
         .record_lease(&Lease {
@@ -479,10 +479,10 @@ fn text_of_the_files() {
 
 #[test]
 fn stale_mounts_stacked_on_one_path_all_go() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(
+        root(),
+        "this test mounts overlays: run it as root (CI does)"
+    );
     let f = Fixture::new();
     let name = img("alice/stack:latest");
     put_image(&f.store, &name, &[layer_tar(&[("f", "x")])], "stack", false);
