@@ -235,6 +235,42 @@ impl Store {
         Ok(true)
     }
 
+    /// Makes every `unknown` device that announced `model` a node booting
+    /// `image`, in one transaction (the devices that waited for the
+    /// model's default image). Returns their names.
+    pub fn make_nodes_of_model(&self, model: &str, image: &ImageName) -> Result<Vec<String>> {
+        let ctx = format!("making the {model} devices nodes");
+        let mut conn = self.inner.conn();
+        let tx = conn.transaction().db(&ctx)?;
+        let id =
+            image_id(&tx, image)?.ok_or_else(|| StoreError::ImageNotFound(image.to_string()))?;
+        let names: Vec<String> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT name FROM devices WHERE type = 'unknown' AND model = ?1 ORDER BY name",
+                )
+                .db(&ctx)?;
+            let rows = stmt.query_map([model], |r| r.get(0)).db(&ctx)?;
+            rows.collect::<rusqlite::Result<Vec<String>>>().db(&ctx)?
+        };
+        if names.is_empty() {
+            return Ok(names);
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO nodes (mac, model, image_id)
+             SELECT mac, model, ?2 FROM devices WHERE type = 'unknown' AND model = ?1",
+            params![model, id],
+        )
+        .db(&ctx)?;
+        tx.execute(
+            "UPDATE devices SET type = 'node', reason = NULL WHERE type = 'unknown' AND model = ?1",
+            [model],
+        )
+        .db(&ctx)?;
+        tx.commit().db(&ctx)?;
+        Ok(names)
+    }
+
     /// Every device, nodes and unknown ones, by name.
     pub fn list_devices(&self) -> Result<Vec<Device>> {
         devices_where(&self.inner.conn(), "", [])

@@ -186,3 +186,37 @@ fn devices_survive_reopening() {
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].name, "pi-010203");
 }
+
+#[test]
+fn the_devices_waiting_for_a_model_become_nodes_at_once() {
+    let (_d, store) = new_store();
+    let default = name("waltplatform", "pc-x86-64-default");
+    image(&store, &default);
+    for i in 1..=3 {
+        store
+            .record_lease(&lease(
+                &format!("52:54:00:00:00:0{i}"),
+                &format!("10.0.0.{i}"),
+                "",
+                Some("pc-x86-64"),
+            ))
+            .unwrap();
+    }
+    store
+        .record_lease(&lease("52:54:00:00:00:09", "10.0.0.9", "", Some("rpi-b")))
+        .unwrap();
+    store
+        .record_lease(&lease("52:54:00:00:00:08", "10.0.0.8", "", None))
+        .unwrap();
+    let made = store.make_nodes_of_model("pc-x86-64", &default).unwrap();
+    assert_eq!(made.len(), 3);
+    assert_eq!(store.nodes_using(&default).unwrap().len(), 3);
+    let rpi = store.find_device("52:54:00:00:00:09").unwrap().unwrap();
+    assert_eq!(rpi.kind, DeviceKind::Unknown);
+    assert!(
+        store
+            .make_nodes_of_model("pc-x86-64", &default)
+            .unwrap()
+            .is_empty()
+    );
+}

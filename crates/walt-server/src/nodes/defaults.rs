@@ -107,6 +107,9 @@ pub async fn ensure(state: &Arc<State>, model: &str) -> Result<ImageName, String
                             Err(format!("download of the default image of {model} stopped: the server is shutting down"))
                         }
                     };
+                    if let Ok(image) = &outcome {
+                        adopt_waiting(&state, &model, image).await;
+                    }
                     drop(entry);
                     let _ = tx.send(Some(outcome));
                 });
@@ -143,6 +146,23 @@ impl Drop for InFlight {
 }
 
 /// Whether `name` is in the store.
+/// The devices of `model` that waited for its default image become nodes
+/// booting it, in one store transaction (a burst of fifty new nodes costs
+/// one write, not fifty), and serving catches up once.
+async fn adopt_waiting(state: &Arc<State>, model: &str, image: &ImageName) {
+    let (store, m, img) = (state.store.clone(), model.to_string(), image.clone());
+    match blocking(move || Ok(store.make_nodes_of_model(&m, &img)?)).await {
+        Ok(names) if names.is_empty() => {}
+        Ok(names) => {
+            for n in &names {
+                tracing::info!(name = %n, "node {n} registered, booting {image}");
+            }
+            state.nodes.changed();
+        }
+        Err(e) => tracing::error!(model, "cannot record the nodes of {model}: {e}"),
+    }
+}
+
 async fn stored(state: &Arc<State>, name: &ImageName) -> Result<bool, String> {
     let (store, n) = (state.store.clone(), name.clone());
     blocking(move || Ok(store.get_image(&n)?.is_some()))
