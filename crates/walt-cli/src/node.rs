@@ -131,19 +131,32 @@ fn note(out: &mut String, text: &str) {
 
 const NOT_NODES: &str = "The following devices were detected but are not nodes:";
 
-fn not_nodes_rows(devices: &[pb::DeviceInfo]) -> Vec<Vec<String>> {
-    devices
-        .iter()
-        .map(|d| {
-            vec![
-                d.name.clone(),
-                d.model.clone(),
-                d.ip.clone(),
-                d.mac.clone(),
-                d.reason.clone(),
-            ]
-        })
-        .collect()
+/// A column of a device table: its header and how a device fills it.
+type Column = (&'static str, fn(&pb::DeviceInfo) -> String);
+
+const NAME: Column = ("NAME", |d| d.name.clone());
+const MODEL: Column = ("MODEL", |d| d.model.clone());
+const IMAGE: Column = ("IMAGE", |d| d.image.clone());
+const IMAGE_OWNER: Column = ("IMAGE OWNER", |d| d.image_owner.clone());
+const LINK: Column = ("CLONABLE IMAGE LINK", |d| d.clonable_image_link.clone());
+const IP: Column = ("IP", |d| d.ip.clone());
+const MAC: Column = ("MAC", |d| d.mac.clone());
+const TYPE: Column = ("TYPE", |d| d.r#type.clone());
+const REASON: Column = ("REASON", |d| d.reason.clone());
+
+/// A titled table of `devices` with these columns.
+fn device_section<'a>(
+    out: &mut String,
+    title: &str,
+    devices: impl IntoIterator<Item = &'a pb::DeviceInfo>,
+    columns: &[Column],
+) {
+    let header: Vec<&str> = columns.iter().map(|c| c.0).collect();
+    let rows: Vec<Vec<String>> = devices
+        .into_iter()
+        .map(|d| columns.iter().map(|c| (c.1)(d)).collect())
+        .collect();
+    section(out, title, &header, &rows);
 }
 
 async fn show(client: &mut Client, user: &str, all: bool, names_only: bool) -> anyhow::Result<()> {
@@ -177,23 +190,11 @@ async fn show(client: &mut Client, user: &str, all: bool, names_only: bool) -> a
     }
     let mut out = String::new();
     if !mine.is_empty() {
-        let rows: Vec<_> = mine
-            .iter()
-            .map(|n| {
-                vec![
-                    n.name.clone(),
-                    n.model.clone(),
-                    n.image.clone(),
-                    n.ip.clone(),
-                    n.mac.clone(),
-                ]
-            })
-            .collect();
-        section(
+        device_section(
             &mut out,
             "You currently own the following nodes:",
-            &["NAME", "MODEL", "IMAGE", "IP", "MAC"],
-            &rows,
+            &mine,
+            &[NAME, MODEL, IMAGE, IP, MAC],
         );
     }
     if !all {
@@ -208,43 +209,19 @@ async fn show(client: &mut Client, user: &str, all: bool, names_only: bool) -> a
         note(&mut out, "No nodes detected!");
     }
     if !free.is_empty() {
-        let rows: Vec<_> = free
-            .iter()
-            .map(|n| vec![n.name.clone(), n.model.clone(), n.ip.clone(), n.mac.clone()])
-            .collect();
-        section(
+        device_section(
             &mut out,
             "The following nodes are currently free:",
-            &["NAME", "MODEL", "IP", "MAC"],
-            &rows,
+            &free,
+            &[NAME, MODEL, IP, MAC],
         );
     }
     if !others.is_empty() {
-        let rows: Vec<_> = others
-            .iter()
-            .map(|n| {
-                vec![
-                    n.name.clone(),
-                    n.model.clone(),
-                    n.image_owner.clone(),
-                    n.clonable_image_link.clone(),
-                    n.ip.clone(),
-                    n.mac.clone(),
-                ]
-            })
-            .collect();
-        section(
+        device_section(
             &mut out,
             "The following nodes currently belong to other users:",
-            &[
-                "NAME",
-                "MODEL",
-                "IMAGE OWNER",
-                "CLONABLE IMAGE LINK",
-                "IP",
-                "MAC",
-            ],
-            &rows,
+            &others,
+            &[NAME, MODEL, IMAGE_OWNER, LINK, IP, MAC],
         );
     }
     if !mine.is_empty() && free.is_empty() && others.is_empty() {
@@ -254,11 +231,11 @@ async fn show(client: &mut Client, user: &str, all: bool, names_only: bool) -> a
         );
     }
     if !reply.devices.is_empty() {
-        section(
+        device_section(
             &mut out,
             NOT_NODES,
-            &["NAME", "MODEL", "IP", "MAC", "REASON"],
-            &not_nodes_rows(&reply.devices),
+            &reply.devices,
+            &[NAME, MODEL, IP, MAC, REASON],
         );
     }
     print!("{out}");
@@ -279,32 +256,19 @@ async fn device_show(client: &mut Client) -> anyhow::Result<()> {
         note(&mut out, "No devices detected.");
     }
     if !reply.nodes.is_empty() {
-        let rows: Vec<_> = reply
-            .nodes
-            .iter()
-            .map(|n| {
-                vec![
-                    n.name.clone(),
-                    n.ip.clone(),
-                    n.mac.clone(),
-                    n.r#type.clone(),
-                    n.model.clone(),
-                ]
-            })
-            .collect();
-        section(
+        device_section(
             &mut out,
             "The walt network contains the following nodes:",
-            &["NAME", "IP", "MAC", "TYPE", "MODEL"],
-            &rows,
+            &reply.nodes,
+            &[NAME, IP, MAC, TYPE, MODEL],
         );
     }
     if !reply.devices.is_empty() {
-        section(
+        device_section(
             &mut out,
             NOT_NODES,
-            &["NAME", "MODEL", "IP", "MAC", "REASON"],
-            &not_nodes_rows(&reply.devices),
+            &reply.devices,
+            &[NAME, MODEL, IP, MAC, REASON],
         );
     }
     print!("{out}");
