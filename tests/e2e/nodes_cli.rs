@@ -214,15 +214,20 @@ fn rename_nodes() {
     );
 }
 
+/// `local:walt-test/rpi`: a busybox image for `models` only.
+fn push_rpi(env: &Env, models: &str) {
+    let rpi = env
+        .images
+        .busybox_image(Format::Oci, Compression::Gzip, models)
+        .unwrap();
+    env.push_local("walt-test/rpi", "latest", &rpi);
+}
+
 #[test]
 fn boot_node_sets_and_ownership() {
     let env = nodes_env();
     push_busybox(&env, "walt-test/busybox", "latest");
-    let rpi = env
-        .images
-        .busybox_image(Format::Oci, Compression::Gzip, "rpi-4-b,rpi-3-b")
-        .unwrap();
-    env.push_local("walt-test/rpi", "latest", &rpi);
+    push_rpi(&env, "rpi-4-b,rpi-3-b");
     env.alice.clone_ok(&["local:walt-test/busybox", "mine"]);
     env.alice.clone_ok(&["local:walt-test/rpi", "rpi"]);
     env.bob.clone_ok(&["local:walt-test/busybox", "bobimg"]);
@@ -335,11 +340,7 @@ fn boot_node_sets_and_ownership() {
 fn images_in_use() {
     let env = nodes_env();
     push_busybox(&env, "walt-test/busybox", "latest");
-    let rpi = env
-        .images
-        .busybox_image(Format::Oci, Compression::Gzip, "rpi-4-b")
-        .unwrap();
-    env.push_local("walt-test/rpi", "latest", &rpi);
+    push_rpi(&env, "rpi-4-b");
     env.alice.clone_ok(&["local:walt-test/busybox", "mine"]);
     env.alice.clone_ok(&["local:walt-test/busybox", "spare"]);
     assert!(
