@@ -37,17 +37,6 @@ make_context() {
   touch "$dir/done"
 }
 
-# The Debian image: one layer, a minbase bookworm (cached, keyed by the suite).
-make_debian() {
-  local dir=$CACHE/debian-bookworm-minbase
-  [ -f "$dir/done" ] && return 0
-  echo "building the Debian bookworm minbase root filesystem" >&2
-  rm -rf "$dir"; mkdir -p "$dir"
-  mmdebstrap --quiet --variant=minbase bookworm "$dir/1.tar" >&2
-  sha256sum "$dir/1.tar" | cut -d' ' -f1 > "$dir/1.diffid"
-  pigz -6 -c "$dir/1.tar" > "$dir/1.tar.gz"; rm -f "$dir/1.tar"
-  echo 1 > "$dir/count"; touch "$dir/done"
-}
 
 if [ "$BASE" = debian ]; then make_debian; BASEDIR=debian-bookworm-minbase; else make_busybox; BASEDIR=busybox; fi
 make_context

@@ -27,17 +27,6 @@ command -v pigz >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y 
 [ -n "${WALT_BENCH_NOBUILD:-}" ] || (cd "$ROOT" && cargo build --release --bins -q)
 [ -x "$BIN/walt-dhcp-event" ] || { echo "$BIN/walt-dhcp-event missing" >&2; exit 1; }
 
-# The Debian image: as bench/build.sh makes it (one layer, cached).
-make_debian() {
-  local dir=$CACHE/debian-bookworm-minbase
-  [ -f "$dir/done" ] && return 0
-  echo "building the Debian bookworm minbase root filesystem" >&2
-  rm -rf "$dir"; mkdir -p "$dir"
-  mmdebstrap --quiet --variant=minbase bookworm "$dir/1.tar" >&2
-  sha256sum "$dir/1.tar" | cut -d' ' -f1 > "$dir/1.diffid"
-  pigz -6 -c "$dir/1.tar" > "$dir/1.tar.gz"; rm -f "$dir/1.tar"
-  echo 1 > "$dir/count"; touch "$dir/done"
-}
 if [ "$BASE" = debian ]; then make_debian; IMG=debian-bookworm-minbase; else make_busybox; IMG=busybox; fi
 
 start_registry
