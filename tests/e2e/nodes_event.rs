@@ -114,3 +114,31 @@ fn the_hook_says_what_is_wrong() {
     );
     assert!(!server.log().contains("52:54:00:00:00:02"));
 }
+
+#[test]
+fn a_second_server_does_not_take_the_event_socket_over() {
+    let server = WaltServer::start(&[]).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(workspace_bin("walt-server"))
+        .args(["--plaintext", "--listen", "127.0.0.1:0", "--config"])
+        .arg(server.config_path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("--event-socket")
+        .arg(server.event_socket())
+        .arg("--exports-file")
+        .arg(data.path().join("walt.exports"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another walt-server listens for DHCP events on"),
+        "{err}"
+    );
+    // The first server still gets the leases.
+    server
+        .dhcp_event(&["add", "52:54:00:00:00:07", "10.0.0.7"])
+        .assert_success();
+    server.wait_log("new device detected", 1).unwrap();
+}

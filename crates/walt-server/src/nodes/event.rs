@@ -96,8 +96,17 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?,
+        Ok(m) if m.file_type().is_socket() => {
+            // A live socket is another walt-server's: never taken over.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "another walt-server listens for DHCP events on {} (use --event-socket)",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove the stale socket {}", path.display()))?
+        }
         Ok(_) => anyhow::bail!(
             "{} exists and is not a socket: refusing to replace it",
             path.display()
