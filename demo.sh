@@ -42,7 +42,8 @@ registries:
     protocol: http
     auth: none
 YML
-"$BIN/walt-server" --config "$W/server.conf" --data-dir "$W/data" --listen "127.0.0.1:$SP" 2>"$W/server.log" & pids+=($!)
+"$BIN/walt-server" --config "$W/server.conf" --data-dir "$W/data" --listen "127.0.0.1:$SP" \
+    --event-socket "$W/dhcp-event.sock" --exports-file "$W/walt.exports" 2>"$W/server.log" & pids+=($!)
 wait_tcp "$SP"
 export WALT_CONFIG=$W/walt.conf
 printf 'walt:\n    server: 127.0.0.1:%s\n    username: demo\n' "$SP" > "$WALT_CONFIG"
