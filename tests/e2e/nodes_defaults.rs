@@ -563,6 +563,22 @@ fn the_docker_daemon_serves_and_updates_default_images() {
     assert_ne!(updated, old.manifest_digest);
     let node = device(&server, "52:54:00:00:60:03").unwrap();
     assert_eq!(node.manifest.as_deref(), Some(&*updated));
+
+    // `clone --force` from the daemon over an image a node boots: refused
+    // when the new image drops the node's model, as from other sources.
+    alice.clone_ok(&["docker:waltplatform/pc-x86-32-default:latest", "mine"]);
+    alice
+        .run(&["node", "boot", "52:54:00:00:60:01", "mine"])
+        .assert_success();
+    let before = stored_manifest(&server, "alice", "mine").unwrap();
+    let out = alice.clone(&[
+        "--force",
+        "docker:waltplatform/rpi-4-b-default:latest",
+        "mine",
+    ]);
+    out.assert_failure("does not support the model of node");
+    assert!(out.stderr.contains("(pc-x86-32)"), "{out}");
+    assert_eq!(stored_manifest(&server, "alice", "mine").unwrap(), before);
     assert_tmp_empty(&server.data_dir());
 }
 

@@ -230,7 +230,15 @@ pub async fn run(
             let (url, target) = (&plan.url, &plan.target);
             accept::or_collect(
                 &state.store,
-                crate::docker::clone(&state.store, client, url, target, plan.force, &events),
+                crate::docker::clone(
+                    &state.store,
+                    client,
+                    url,
+                    target,
+                    plan.force,
+                    |models| check_nodes_models(&plan, models),
+                    &events,
+                ),
             )
             .await
         }

@@ -386,13 +386,16 @@ pub(crate) async fn clone(
     url: &CloneUrl,
     target: &ImageName,
     force: bool,
+    check_models: impl FnOnce(&[String]) -> Result<(), ServiceError>,
     events: &CloneEvents,
 ) -> Result<CloneResult, ServiceError> {
     events
         .say(format!("reading {url} from the Docker daemon"))
         .await;
     let saved = save(store, client, &reference(url), events).await?;
-    let image = match accepted(saved.config, &saved.parsed, saved.layers, url) {
+    let image = match accepted(saved.config, &saved.parsed, saved.layers, url)
+        .and_then(|i| check_models(&i.models).map(|()| i))
+    {
         Ok(i) => i,
         Err(e) => {
             accept::release(saved.guard).await;
