@@ -185,9 +185,11 @@ pub enum Step {
     Docker,
     Nfs,
     Tls,
+    Tftp,
+    DhcpHook,
 }
 
-pub const STEPS: [Step; 7] = [
+pub const STEPS: [Step; 9] = [
     Step::DataDirs,
     Step::Config,
     Step::Unit,
@@ -195,6 +197,8 @@ pub const STEPS: [Step; 7] = [
     Step::Docker,
     Step::Nfs,
     Step::Tls,
+    Step::Tftp,
+    Step::DhcpHook,
 ];
 
 impl Step {
@@ -208,12 +212,17 @@ impl Step {
             Step::Docker => Ok(check_docker(host)),
             Step::Nfs => Ok(check_nfs(host)),
             Step::Tls => check_tls(opts),
+            Step::Tftp => Ok(check_tftp(host)),
+            Step::DhcpHook => Ok(check_dhcp_hook(opts, host)),
         }
     }
 
     /// Whether a failure of this step is an error (or only something missing).
     fn failure_is_error(self) -> bool {
-        !matches!(self, Step::Binfmt | Step::Docker | Step::Nfs)
+        !matches!(
+            self,
+            Step::Binfmt | Step::Docker | Step::Nfs | Step::Tftp | Step::DhcpHook
+        )
     }
 }
 
@@ -539,11 +548,51 @@ fn check_nfs(host: &dyn Host) -> Check {
         Check::Ok(format!("NFS server ({})", p.display()))
     } else if host.exists(Path::new("/proc/fs/nfsd")) {
         Check::Ok("NFS server (/proc/fs/nfsd)".into())
+    } else if let Some(p) = host.which("ganesha.nfsd") {
+        Check::Ok(format!(
+            "NFS server ({}; give it walt's exports, see docs/configuration.md)",
+            p.display()
+        ))
     } else {
         Check::Missing(
-            "NFS server: nodes cannot boot walt images until one is installed (apt-get install nfs-kernel-server)"
+            "NFS server: nodes cannot boot walt images until one is installed (apt-get install nfs-kernel-server, or nfs-ganesha nfs-ganesha-vfs)"
                 .into(),
         )
+    }
+}
+
+/// The TFTP server nodes fetch their boot files from (tftpd-hpa, run
+/// chrooted in the data dir's TFTP root with walt's map).
+fn check_tftp(host: &dyn Host) -> Check {
+    let command = format!("in.tftpd -L -s -u root -m {DATA_DIR}/tftp.map {DATA_DIR}/tftp-root");
+    match host.which("in.tftpd") {
+        Some(p) => Check::Ok(format!(
+            "TFTP server ({}); run it as: {command}",
+            p.display()
+        )),
+        None => Check::Missing(format!(
+            "TFTP server: nodes cannot fetch their boot files until one runs (apt-get install tftpd-hpa; then: {command})"
+        )),
+    }
+}
+
+/// The DHCP hook, next to walt-server or on the PATH (the shipped DHCP
+/// configurations call /usr/local/bin/walt-dhcp-event).
+fn check_dhcp_hook(opts: &Options, host: &dyn Host) -> Check {
+    let beside = opts
+        .server_bin
+        .parent()
+        .map(|d| d.join("walt-dhcp-event"))
+        .filter(|p| host.exists(p));
+    match beside.or_else(|| host.which("walt-dhcp-event")) {
+        Some(p) => Check::Ok(format!(
+            "DHCP hook {} (configurations in contrib/dhcp/, see docs/nodes.md)",
+            p.display()
+        )),
+        None => Check::Missing(
+            "walt-dhcp-event: new nodes cannot be detected until the DHCP server runs it (install it next to walt-server, see docs/nodes.md)"
+                .into(),
+        ),
     }
 }
 
@@ -981,6 +1030,24 @@ mod tests {
             Step::Binfmt.check(&real, &host).unwrap(),
             Check::Ok(m) if m.contains("registered and enabled")
         ));
+    }
+
+    #[test]
+    fn tftp_and_the_dhcp_hook_are_reported() {
+        let mut host = Fake::default();
+        assert!(
+            matches!(check_tftp(&host), Check::Missing(m) if m.contains("tftpd-hpa") && m.contains("-s -u root"))
+        );
+        host.programs.insert("in.tftpd".into());
+        assert!(matches!(check_tftp(&host), Check::Ok(m) if m.contains("tftp-root")));
+        let root = tempfile::tempdir().unwrap();
+        let o = opts(root.path(), true);
+        assert!(
+            matches!(check_dhcp_hook(&o, &host), Check::Missing(m) if m.contains("walt-dhcp-event"))
+        );
+        host.paths
+            .insert(o.server_bin.parent().unwrap().join("walt-dhcp-event"));
+        assert!(matches!(check_dhcp_hook(&o, &host), Check::Ok(m) if m.contains("DHCP hook")));
     }
 
     #[test]

@@ -64,7 +64,7 @@ fn steps(out: &CmdOutput) -> Vec<&str> {
             "unexpected line {l:?}:\n{out}"
         );
     }
-    assert_eq!(lines.len(), 7, "one line per step:\n{out}");
+    assert_eq!(lines.len(), 9, "one line per step:\n{out}");
     lines
 }
 
@@ -91,6 +91,13 @@ fn install_dry_run_then_install_then_nothing_to_do() {
         "{out}"
     );
     assert!(l[5].contains("NFS server"), "{out}");
+    // The node side: tftpd-hpa is installed here (its command line is
+    // given), and walt-dhcp-event is built next to walt-server.
+    assert!(
+        l[7].starts_with("ok: TFTP server") && l[7].contains("-s -u root"),
+        "{out}"
+    );
+    assert!(l[8].starts_with("ok: DHCP hook"), "{out}");
     assert!(
         tree(root.path()).is_empty(),
         "the dry run wrote something:\n{out}"

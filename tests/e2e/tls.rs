@@ -320,6 +320,11 @@ fn install_creates_the_key_and_certificate_the_server_then_uses() {
         .arg(data.path().join("data"))
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        // The node side's files in the test's directory, not the host's.
+        .arg("--event-socket")
+        .arg(data.path().join("dhcp-event.sock"))
+        .arg("--exports-file")
+        .arg(data.path().join("walt.exports"))
         .env("NO_COLOR", "1")
         .env_remove("WALT_TLS_DIR")
         .stdin(Stdio::null())
