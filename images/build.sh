@@ -72,8 +72,9 @@ for m in "${models[@]}"; do
     echo "== $m: root filesystem up to date ($t, $(du -h "$t" | cut -f1))" >&2
   else
     phase "$m: building the root filesystem (mmdebstrap)"
-    rm -f "$t.part"
+    rm -rf "$t.part"
     "$dir/rootfs.sh" "$t.part"
+    [ -f "$t.part" ] || { echo "$dir/rootfs.sh did not write a tar archive ($t.part)." >&2; exit 1; }
     mv "$t.part" "$t"
     phase_end
     echo "   $t: $(du -h "$t" | cut -f1)" >&2

@@ -12,7 +12,7 @@ F=$here/files
 # The initramfs configuration goes in before the kernel is installed, so that the
 # kernel's postinst builds the initramfs once, already able to mount an NFS root
 # under a tmpfs overlay.
-exec mmdebstrap --quiet --mode=root --variant=minbase --architectures="$ARCH" \
+exec mmdebstrap --quiet --mode=root --format=tar --variant=minbase --architectures="$ARCH" \
   --aptopt='APT::Install-Recommends "false"' \
   --include="$pkgs" \
   --essential-hook='mkdir -p "$1/etc/initramfs-tools/scripts/init-bottom" "$1/etc/initramfs-tools/hooks" "$1/etc/initramfs-tools/conf.d"' \
