@@ -12,7 +12,9 @@ F=$here/files
 # The initramfs configuration goes in before the kernel is installed, so that the
 # kernel's postinst builds the initramfs once, already able to mount an NFS root
 # under a tmpfs overlay.
-exec mmdebstrap --quiet --mode=root --format=tar --variant=minbase --architectures="$ARCH" \
+# The device nodes mmdebstrap puts in /dev are left out (walt refuses device nodes in
+# archives; nodes get /dev from devtmpfs): only the /dev directory stays.
+mmdebstrap --quiet --mode=root --format=tar --variant=minbase --architectures="$ARCH" \
   --aptopt='APT::Install-Recommends "false"' \
   --include="$pkgs" \
   --essential-hook='mkdir -p "$1/etc/initramfs-tools/scripts/init-bottom" "$1/etc/initramfs-tools/hooks" "$1/etc/initramfs-tools/conf.d"' \
@@ -25,4 +27,4 @@ exec mmdebstrap --quiet --mode=root --format=tar --variant=minbase --architectur
   --customize-hook='mkdir -p "$1/etc/systemd/system/ssh.service.d" && printf "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n" > "$1/etc/systemd/system/ssh.service.d/walt-host-keys.conf"' \
   --customize-hook='set -e; cd "$1/boot"; k=$(ls vmlinuz-* | sort -V | tail -1); v=${k#vmlinuz-}; test -f "initrd.img-$v"; mkdir -p pc-x86-64; ln -sfn "../vmlinuz-$v" pc-x86-64/vmlinuz; ln -sfn "../initrd.img-$v" pc-x86-64/initrd.img' \
   --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin' \
-  "$SUITE" "$out" "$MIRROR"
+  "$SUITE" - "$MIRROR" | mmtarfilter --path-exclude='/dev/*' > "$out"
