@@ -46,6 +46,20 @@ for m in "${models[@]}"; do
 done
 [ "$(id -u)" = 0 ] || { echo "images/build.sh must run as root (mmdebstrap --mode=root)." >&2; exit 1; }
 
+# the registry, checked before anything is built
+label="" reg_host="" reg_port=""
+if [ -n "$push" ]; then
+  if [[ $push == *:* ]]; then
+    label=target reg_host=${push%:*} reg_port=${push##*:}
+    case $reg_port in ''|*[!0-9]*) echo "Invalid registry '$push': expected host:port." >&2; exit 2 ;; esac
+    case $reg_host in ''|*[!A-Za-z0-9.:_-]*) echo "Invalid registry '$push': expected host:port." >&2; exit 2 ;; esac
+  else
+    [ -n "${WALT_IMAGES_SERVER_CONF:-}" ] || { echo "Registry '$push' is not host:port; set WALT_IMAGES_SERVER_CONF to a walt-server config that defines this label." >&2; exit 2; }
+    [ -r "$WALT_IMAGES_SERVER_CONF" ] || { echo "Cannot read WALT_IMAGES_SERVER_CONF ($WALT_IMAGES_SERVER_CONF)." >&2; exit 2; }
+    label=$push
+  fi
+fi
+
 now() { date +%s.%N; }
 phase_start=0
 phase() { phase_start=$(now); echo "== $*" >&2; }
@@ -92,28 +106,24 @@ W=$(mktemp -d /tmp/walt-images.XXXXXX)
 server_pid=""
 keep_data=""
 cleanup() {
+  local rc=$?
+  if [ "$rc" != 0 ] && [ -s "$W/server.log" ]; then
+    echo "images/build.sh failed; the last lines of the walt-server log:" >&2; tail -n 5 "$W/server.log" >&2
+  fi
   [ -z "$server_pid" ] || { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; }
   if [ -n "$keep_data" ]; then rm -rf "$W/ctx"; else rm -rf "$W"; fi
 }
 trap cleanup EXIT
 
-label=""
-if [ -n "$push" ]; then
-  if [[ $push == *:* ]]; then
-    label=target
-    host=${push%:*} port=${push##*:}
-    case $port in ''|*[!0-9]*) echo "Invalid registry '$push': expected host:port." >&2; exit 2 ;; esac
-    cat > "$W/server.conf" <<YML
-registries:
--   {label: target, api: docker-registry-v2, description: Target registry, host: $host, port: $port, protocol: http, auth: none}
-YML
-  else
-    [ -n "${WALT_IMAGES_SERVER_CONF:-}" ] || { echo "Registry '$push' is not host:port; set WALT_IMAGES_SERVER_CONF to a walt-server config that defines this label." >&2; exit 2; }
-    label=$push
-    cp "$WALT_IMAGES_SERVER_CONF" "$W/server.conf"
-  fi
-else
+if [ -z "$push" ]; then
   printf 'registries: []\n' > "$W/server.conf"
+elif [ "$label" = target ]; then
+  cat > "$W/server.conf" <<YML
+registries:
+-   {label: target, api: docker-registry-v2, description: Target registry, host: $reg_host, port: $reg_port, protocol: http, auth: none}
+YML
+else
+  cp "$WALT_IMAGES_SERVER_CONF" "$W/server.conf"
 fi
 port=$(free_port)
 "$BIN/walt-server" --config "$W/server.conf" --data-dir "$W/data" --listen "127.0.0.1:$port" \
@@ -133,7 +143,8 @@ for m in "${models[@]}"; do
   ln "${tarball[$m]}" "$W/ctx/rootfs.tar" 2>/dev/null || cp "${tarball[$m]}" "$W/ctx/rootfs.tar"
   walt image build --from-dir "$W/ctx" "$name" </dev/null
   phase_end
-  walt image show | grep -q "^.*$m-default" || { echo "walt image show does not list $name." >&2; exit 1; }
+  walt image show | awk -v n="$m-default" -v m="$m" '$1 == n && index($NF, m) { found = 1 } END { exit !found }' ||
+    { echo "walt image show does not list $m-default with node model $m." >&2; exit 1; }
   # the boot files: the iPXE script and a kernel + initrd it points to
   walt image cp "$name:/boot/$m/start.ipxe" "$W/start.ipxe"
   cmp -s "$W/start.ipxe" "$IMAGES/$m-default/start.ipxe" || { echo "$name: /boot/$m/start.ipxe differs from the recipe's." >&2; exit 1; }
