@@ -91,6 +91,8 @@ for m in "${models[@]}"; do
     [ -f "$t.part" ] || { echo "$dir/rootfs.sh did not write a tar archive ($t.part)." >&2; exit 1; }
     mv "$t.part" "$t"
     phase_end
+    # older root filesystems of this model (other recipe hashes) are of no more use
+    find "$CACHE" -maxdepth 1 -name "$m-????????????????.tar" ! -path "$t" -delete
     echo "   $t: $(du -h "$t" | cut -f1)" >&2
   fi
   tarball[$m]=$t
