@@ -12,9 +12,11 @@
 #      cached as /var/cache/walt-images/<model>-<hash of the recipe inputs>.tar
 #      (override the directory with WALT_IMAGES_CACHE); rebuilt only when an input
 #      changes (rootfs.sh, recipe.conf, packages, files/).
-#   2. a private walt-server (temporary data dir) builds the image with
-#      `walt image build --from-dir` (Dockerfile + start.ipxe + rootfs.tar),
-#   3. with --push: `walt image publish` as user waltplatform, then checks it.
+#   2. a private walt-server (temporary data dir, walt user waltplatform) builds
+#      the image with `walt image build --from-dir` (Dockerfile + start.ipxe +
+#      rootfs.tar); then checks that `walt image show` lists it with its model and
+#      that it has /boot/<model>/start.ipxe (the recipe's), a kernel and an initrd;
+#   3. with --push: `walt image publish` to that registry.
 # Needs root, mmdebstrap, the release binaries (built if missing).
 # Without --push the server's data dir is kept and printed; with --push it is removed.
 set -euo pipefail
