@@ -156,3 +156,23 @@ make_debian() {
   pigz -6 -c "$dir/1.tar" > "$dir/1.tar.gz"; rm -f "$dir/1.tar"
   echo 1 > "$dir/count"; touch "$dir/done"
 }
+
+# The Debian OS image of bench/clone-os.sh and bench/rss.sh: one gzip layer, a
+# bookworm rootfs of the size users clone (~430 MB, 13 000+ files). Cached,
+# keyed by its inputs (suite, variant, extra packages).
+DEBIAN_OS_SUITE=bookworm DEBIAN_OS_VARIANT=standard
+DEBIAN_OS_PKGS=${WALT_BENCH_OS_PKGS:-}
+make_debian_os() { # -> DEBIAN_OS (the cache name)
+  local key dir
+  key=$(printf '%s %s %s' "$DEBIAN_OS_SUITE" "$DEBIAN_OS_VARIANT" "$DEBIAN_OS_PKGS" | sha256sum | cut -c1-12)
+  DEBIAN_OS=debian-os-$key; dir=$CACHE/$DEBIAN_OS
+  [ -f "$dir/done" ] && return 0
+  echo "building the Debian $DEBIAN_OS_SUITE $DEBIAN_OS_VARIANT root filesystem" >&2
+  rm -rf "$dir"; mkdir -p "$dir"
+  local inc=()
+  [ -z "$DEBIAN_OS_PKGS" ] || inc=(--include="$DEBIAN_OS_PKGS")
+  mmdebstrap --quiet --variant="$DEBIAN_OS_VARIANT" "${inc[@]}" "$DEBIAN_OS_SUITE" "$dir/1.tar" >&2
+  sha256sum "$dir/1.tar" | cut -d' ' -f1 > "$dir/1.diffid"
+  pigz -6 -c "$dir/1.tar" > "$dir/1.tar.gz"
+  echo 1 > "$dir/count"; touch "$dir/done"
+}
