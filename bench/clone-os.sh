@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Clone benchmark on a real OS image (issue 14): a Debian bookworm rootfs of the
-# size users clone (mmdebstrap --variant=standard, ~430 MB, 13 000+ files, one
-# gzip layer; see make_debian_os in lib.sh), on one loopback registry:
+# size users clone (mmdebstrap --variant=standard: ~410 MB, ~21 800 entries, one
+# gzip layer of ~145 MB; see make_debian_os in lib.sh), on one loopback registry:
 #   walt image clone (cold store)  vs  podman pull (fresh storage root)
 #   vs  skopeo copy docker://… oci:… (download only)
 #   vs  tar -xf of the uncompressed layer + sync, on the same disk.
@@ -24,19 +24,29 @@ OS=$CACHE/$DEBIAN_OS
 start_registry
 push_image "$DEBIAN_OS" bench/debian-os
 gz_mb=$(( $(stat -c %s "$OS/1.tar.gz") / 1000000 ))
-files=$(tar -tf "$OS/1.tar" | wc -l)
+entries=$(tar -tf "$OS/1.tar" | wc -l); files=$(tar -tvf "$OS/1.tar" | grep -c '^-')
 mkdir -p "$W/tarx"; tar -C "$W/tarx" -xf "$OS/1.tar"
 root_mb=$(du -sb "$W/tarx" | cut -f1); root_mb=$((root_mb / 1000000))
 rm -rf "$W/tarx"
-echo "image: 1 layer, $gz_mb MB gzip, $root_mb MB / $files entries unpacked; $RUNS runs, median kept" >&2
+echo "image: 1 layer, $gz_mb MB gzip, $root_mb MB / $entries entries ($files files) unpacked; $RUNS runs, median kept" >&2
 # Podman's overlay mounts go before $W is removed.
-trap 'for d in "$W"/podman-*; do [ -d "$d" ] && CONTAINERS_STORAGE_CONF=$d/storage.conf CONTAINERS_CONF=$d/containers.conf podman rmi -af >/dev/null 2>&1; umount "$d/root/overlay" 2>/dev/null; done; cleanup' EXIT
+podman_cleanup() {
+  local d
+  for d in "$W"/podman-*; do
+    [ -d "$d" ] || continue
+    CONTAINERS_STORAGE_CONF=$d/storage.conf CONTAINERS_CONF=$d/containers.conf podman rmi -af >/dev/null 2>&1 || true
+    umount "$d/root/overlay" 2>/dev/null || true
+  done
+}
+trap 'podman_cleanup; cleanup' EXIT
 
 REF=127.0.0.1:$REG_PORT/bench/debian-os:latest
+TCK=$(getconf CLK_TCK)
+cpu_s() { awk -v t="$TCK" '{printf "%.2f", ($14+$15)/t}' "/proc/$1/stat"; } # user+system CPU of PID
 run_walt() {
   start_walt "$W/data-$1"
-  sync; local t0 t1; t0=$(now); "$BIN/walt" image clone bench:bench/debian-os >/dev/null; t1=$(now)
-  walt_t+=("$(elapsed "$t0" "$t1")")
+  sync; local t0 t1 c0; c0=$(cpu_s "$WALT_PID"); t0=$(now); "$BIN/walt" image clone bench:bench/debian-os >/dev/null; t1=$(now)
+  walt_t+=("$(elapsed "$t0" "$t1")"); walt_cpu+=("$(elapsed "$c0" "$(cpu_s "$WALT_PID")")")
   stop_walt
 }
 run_podman() {
@@ -54,21 +64,22 @@ run_tar() {
   tar_t+=("$(elapsed "$t0" "$t1")")
 }
 
-walt_t=(); podman_t=(); skopeo_t=(); tar_t=()
+walt_t=(); walt_cpu=(); podman_t=(); skopeo_t=(); tar_t=()
 tools=(walt podman skopeo tar)
 for r in $(seq "$RUNS"); do
   for i in 0 1 2 3; do
     "run_${tools[$(( (i + r - 1) % 4 ))]}" "$r"
   done
-  echo "run $r: walt ${walt_t[-1]} s  podman ${podman_t[-1]} s  skopeo ${skopeo_t[-1]} s  tar+sync ${tar_t[-1]} s" >&2
+  echo "run $r: walt ${walt_t[-1]} s (server CPU ${walt_cpu[-1]} s)  podman ${podman_t[-1]} s  skopeo ${skopeo_t[-1]} s  tar+sync ${tar_t[-1]} s" >&2
 done
 [ -z "${WALT_BENCH_LOG:-}" ] || cp "$W/server.log" "$WALT_BENCH_LOG"
 wm=$(median "${walt_t[@]}"); pm=$(median "${podman_t[@]}"); sm=$(median "${skopeo_t[@]}"); tm=$(median "${tar_t[@]}")
 
 cat <<OUT
-| measure (Debian bookworm $DEBIAN_OS_VARIANT, $gz_mb MB gzip, $root_mb MB / $files entries; median of $RUNS) | walt | reference | ratio (walt/ref) | target |
+| measure (Debian bookworm $DEBIAN_OS_VARIANT, $gz_mb MB gzip, $root_mb MB / $files files; median of $RUNS) | walt | reference | ratio (walt/ref) | target |
 | --- | --- | --- | --- | --- |
 | clone, cold store | ${wm} s | podman pull ${pm} s | $(ratio "$wm" "$pm") | <= 0.30 |
 | same | ${wm} s | tar -xf of the uncompressed layer + sync ${tm} s | $(ratio "$wm" "$tm") | <= 0.9 |
 | same | ${wm} s | skopeo copy to oci: (download only) ${sm} s | $(ratio "$wm" "$sm") | — |
+| server CPU time (user + system) of the clone | $(median "${walt_cpu[@]}") s | — | — | — |
 OUT
