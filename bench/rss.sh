@@ -40,13 +40,18 @@ idle=$(peak_rss_mb "$WALT_PID")
 measure "clone of the Debian image (cold store)" image clone bench:bench/debian-os os
 measure "publish to an empty registry" image publish --registry target os
 measure "search (2 registries, 2 images)" image search
-CTX=$W/ctx; mkdir -p "$CTX"
+grep -q debian-os "$W/cli.out" || { cat "$W/cli.out" >&2; echo "search did not find the image" >&2; exit 1; }
+# The build context: 20 MB of incompressible data in 1 000 files.
+CTX=$W/ctx; mkdir -p "$CTX/data"
+head -c $((1000 * 20480)) /dev/urandom > "$W/rand"
+split -a 3 -d -b 20480 "$W/rand" "$CTX/data/f"; rm -f "$W/rand"
 cat > "$CTX/Dockerfile" <<'DF'
 FROM os
+COPY data /data
 RUN mkdir /gen && for i in $(seq 1 500); do echo "line $i" > /gen/f$i; done
 RUN cp -a /usr/share/doc /gen/doc
 DF
-measure "build (FROM the image, 2 RUN steps)" image build --from-dir "$CTX" --yes os-built
+measure "build (FROM the image; COPY of 20 MB in 1 000 files, 2 RUN steps)" image build --from-dir "$CTX" --yes os-built
 [ -z "${WALT_BENCH_LOG:-}" ] || cp "$W/server.log" "$WALT_BENCH_LOG"
 stop_walt
 
