@@ -8,7 +8,8 @@
 # Every run uses new, empty directories (nothing deleted before a timing, see
 # bench/clone.sh), starts with `sync`, and the tool order rotates between runs.
 # Prints medians and the ratios walt/podman (target <= 0.30) and
-# walt/(tar+sync) (target <= 0.9). WALT_BENCH_LOG=FILE keeps the server log.
+# walt/(tar+sync) (target <= 0.9). WALT_BENCH_LOG=FILE keeps the server log;
+# WALT_BENCH_PERF=1 adds a profile of one more clone.
 # Usage: bench/clone-os.sh [runs]   (needs root; builds walt in release mode
 #        unless WALT_BENCH_NOBUILD=1)
 source "$(dirname "$0")/lib.sh"
@@ -72,6 +73,19 @@ for r in $(seq "$RUNS"); do
   done
   echo "run $r: walt ${walt_t[-1]} s (server CPU ${walt_cpu[-1]} s)  podman ${podman_t[-1]} s  skopeo ${skopeo_t[-1]} s  tar+sync ${tar_t[-1]} s" >&2
 done
+# WALT_BENCH_PERF=1: one more clone (not counted) under `perf record`, and where
+# the server's CPU time goes, by thread and by symbol (on stderr).
+if [ -n "${WALT_BENCH_PERF:-}" ]; then
+  start_walt "$W/data-perf"
+  sync
+  perf record -q -F 499 -p "$WALT_PID" -o "$W/perf.data" 2>/dev/null & PERF=$!
+  sleep 0.5 # perf attaches to the running server (no synchronisation is offered)
+  "$BIN/walt" image clone bench:bench/debian-os >/dev/null
+  kill -INT "$PERF"; wait "$PERF" || true
+  stop_walt
+  { echo "server CPU by thread:"; perf report -i "$W/perf.data" --stdio --sort comm 2>/dev/null | grep -v '^#' | grep . | sed -n 1,8p
+    echo "server CPU by symbol:"; perf report -i "$W/perf.data" --stdio --sort dso,sym 2>/dev/null | grep -v '^#' | grep . | sed -n 1,20p; } >&2
+fi
 [ -z "${WALT_BENCH_LOG:-}" ] || cp "$W/server.log" "$WALT_BENCH_LOG"
 wm=$(median "${walt_t[@]}"); pm=$(median "${podman_t[@]}"); sm=$(median "${skopeo_t[@]}"); tm=$(median "${tar_t[@]}")
 
