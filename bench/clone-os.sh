@@ -20,7 +20,13 @@ command -v podman >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -
 command -v skopeo >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q skopeo >/dev/null
 [ -n "${WALT_BENCH_NOBUILD:-}" ] || (cd "$ROOT" && cargo build --release --bins -q)
 
-make_debian_os
+# WALT_BENCH_OS_TAR=TAR: the image is that root filesystem tarball instead (e.g. the
+# pc-x86-64-default rootfs cached by images/build.sh in /var/cache/walt-images/).
+if [ -n "${WALT_BENCH_OS_TAR:-}" ]; then
+  make_tar_image "$WALT_BENCH_OS_TAR"; DEBIAN_OS=$TAR_IMAGE; DESC=$(basename "$WALT_BENCH_OS_TAR")
+else
+  make_debian_os; DESC="Debian $DEBIAN_OS_SUITE $DEBIAN_OS_VARIANT"
+fi
 OS=$CACHE/$DEBIAN_OS
 start_registry
 push_image "$DEBIAN_OS" bench/debian-os
@@ -90,7 +96,7 @@ fi
 wm=$(median "${walt_t[@]}"); pm=$(median "${podman_t[@]}"); sm=$(median "${skopeo_t[@]}"); tm=$(median "${tar_t[@]}")
 
 cat <<OUT
-| measure (Debian bookworm $DEBIAN_OS_VARIANT, $gz_mb MB gzip, $root_mb MB / $files files; median of $RUNS) | walt | reference | ratio (walt/ref) | target |
+| measure ($DESC, $gz_mb MB gzip, $root_mb MB / $files files; median of $RUNS) | walt | reference | ratio (walt/ref) | target |
 | --- | --- | --- | --- | --- |
 | clone, cold store | ${wm} s | podman pull ${pm} s | $(ratio "$wm" "$pm") | <= 0.30 |
 | same | ${wm} s | tar -xf of the uncompressed layer + sync ${tm} s | $(ratio "$wm" "$tm") | <= 0.9 |

@@ -176,3 +176,20 @@ make_debian_os() { # -> DEBIAN_OS (the cache name)
   pigz -6 -c "$dir/1.tar" > "$dir/1.tar.gz"
   echo 1 > "$dir/count"; touch "$dir/done"
 }
+
+# make_tar_image TAR -> TAR_IMAGE (the cache name): one gzip layer made of an
+# existing root filesystem tarball (e.g. images/build.sh's cached
+# /var/cache/walt-images/pc-x86-64-<hash>.tar), keyed by its path, size and
+# mtime; $CACHE/TAR_IMAGE/1.tar is a symlink to TAR.
+make_tar_image() {
+  local tar dir
+  tar=$(realpath "$1")
+  TAR_IMAGE=tar-$(stat -c '%n %s %Y' "$tar" | sha256sum | cut -c1-12); dir=$CACHE/$TAR_IMAGE
+  [ -f "$dir/done" ] && return 0
+  echo "compressing $tar" >&2
+  rm -rf "$dir"; mkdir -p "$dir"
+  ln -s "$tar" "$dir/1.tar"
+  sha256sum "$tar" | cut -d' ' -f1 > "$dir/1.diffid"
+  pigz -6 -c "$tar" > "$dir/1.tar.gz"
+  echo 1 > "$dir/count"; touch "$dir/done"
+}
