@@ -14,7 +14,13 @@ command -v pigz >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y 
 [ -x /usr/bin/time ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q time >/dev/null
 [ -n "${WALT_BENCH_NOBUILD:-}" ] || (cd "$ROOT" && cargo build --release --bins -q)
 
-make_debian_os
+# WALT_BENCH_OS_TAR=TAR: the image is that root filesystem tarball instead (see
+# bench/clone-os.sh).
+if [ -n "${WALT_BENCH_OS_TAR:-}" ]; then
+  make_tar_image "$WALT_BENCH_OS_TAR"; DEBIAN_OS=$TAR_IMAGE; DESC=$(basename "$WALT_BENCH_OS_TAR")
+else
+  make_debian_os; DESC="Debian $DEBIAN_OS_SUITE $DEBIAN_OS_VARIANT"
+fi
 start_registry target; DST=$REG_PORT
 start_registry src
 push_image "$DEBIAN_OS" bench/debian-os
@@ -56,7 +62,7 @@ measure "build (FROM the image; COPY of 20 MB in 1 000 files, 2 RUN steps)" imag
 stop_walt
 
 cat <<OUT
-| operation (Debian bookworm $DEBIAN_OS_VARIANT image; server idle peak $idle MB) | walt-server peak RSS | walt CLI peak RSS | wall time | target |
+| operation ($DESC image; server idle peak $idle MB) | walt-server peak RSS | walt CLI peak RSS | wall time | target |
 | --- | --- | --- | --- | --- |
 $(printf '%s\n' "${rows[@]}" | sed 's/ |$/ | < 150 MB each |/')
 OUT
