@@ -43,7 +43,7 @@ measure() {
 }
 
 idle=$(peak_rss_mb "$WALT_PID")
-measure "clone of the Debian image (cold store)" image clone bench:bench/debian-os os
+measure "clone of the image (cold store)" image clone bench:bench/debian-os os
 measure "publish to an empty registry" image publish --registry target os
 measure "search (2 registries, 2 images)" image search
 grep -q debian-os "$W/cli.out" || { cat "$W/cli.out" >&2; echo "search did not find the image" >&2; exit 1; }
