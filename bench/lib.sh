@@ -156,3 +156,40 @@ make_debian() {
   pigz -6 -c "$dir/1.tar" > "$dir/1.tar.gz"; rm -f "$dir/1.tar"
   echo 1 > "$dir/count"; touch "$dir/done"
 }
+
+# The Debian OS image of bench/clone-os.sh and bench/rss.sh: one gzip layer, a
+# bookworm rootfs of the size users clone (~430 MB, 13 000+ files). Cached,
+# keyed by its inputs (suite, variant, extra packages).
+DEBIAN_OS_SUITE=bookworm DEBIAN_OS_VARIANT=standard
+DEBIAN_OS_PKGS=${WALT_BENCH_OS_PKGS:-}
+make_debian_os() { # -> DEBIAN_OS (the cache name)
+  local key dir
+  key=$(printf '%s %s %s' "$DEBIAN_OS_SUITE" "$DEBIAN_OS_VARIANT" "$DEBIAN_OS_PKGS" | sha256sum | cut -c1-12)
+  DEBIAN_OS=debian-os-$key; dir=$CACHE/$DEBIAN_OS
+  [ -f "$dir/done" ] && return 0
+  echo "building the Debian $DEBIAN_OS_SUITE $DEBIAN_OS_VARIANT root filesystem" >&2
+  rm -rf "$dir"; mkdir -p "$dir"
+  local inc=()
+  [ -z "$DEBIAN_OS_PKGS" ] || inc=(--include="$DEBIAN_OS_PKGS")
+  mmdebstrap --quiet --variant="$DEBIAN_OS_VARIANT" "${inc[@]}" "$DEBIAN_OS_SUITE" "$dir/1.tar" >&2
+  sha256sum "$dir/1.tar" | cut -d' ' -f1 > "$dir/1.diffid"
+  pigz -6 -c "$dir/1.tar" > "$dir/1.tar.gz"
+  echo 1 > "$dir/count"; touch "$dir/done"
+}
+
+# make_tar_image TAR -> TAR_IMAGE (the cache name): one gzip layer made of an
+# existing root filesystem tarball (e.g. images/build.sh's cached
+# /var/cache/walt-images/pc-x86-64-<hash>.tar), keyed by its path, size and
+# mtime; $CACHE/TAR_IMAGE/1.tar is a symlink to TAR.
+make_tar_image() {
+  local tar dir
+  tar=$(realpath "$1")
+  TAR_IMAGE=tar-$(stat -c '%n %s %Y' "$tar" | sha256sum | cut -c1-12); dir=$CACHE/$TAR_IMAGE
+  [ -f "$dir/done" ] && return 0
+  echo "compressing $tar" >&2
+  rm -rf "$dir"; mkdir -p "$dir"
+  ln -s "$tar" "$dir/1.tar"
+  sha256sum "$tar" | cut -d' ' -f1 > "$dir/1.diffid"
+  pigz -6 -c "$tar" > "$dir/1.tar.gz"
+  echo 1 > "$dir/count"; touch "$dir/done"
+}
