@@ -29,7 +29,8 @@ for i in 1 2 3; do "$BIN/walt" image clone "bench:bench/image-$i" >/dev/null 2>&
 # The server in clear, on the same store.
 PLAIN_PORT=$(free_port)
 RUST_LOG=info "$BIN/walt-server" --plaintext --config "$W/server.conf" --data-dir "$W/data" \
-  --listen "127.0.0.1:$PLAIN_PORT" 2>>"$W/server-plain.log" &
+  --listen "127.0.0.1:$PLAIN_PORT" --event-socket "$W/dhcp-event-plain.sock" \
+  --exports-file "$W/walt-plain.exports" 2>>"$W/server-plain.log" &
 pids+=($!)
 wait_tcp "$PLAIN_PORT"
 PLAIN_CONFIG=$W/walt-plain.conf
