@@ -648,19 +648,7 @@ fn sanitize_entry(target: &XattrTarget<'_>, rel: &[u8]) -> std::result::Result<(
 /// Detaches mounts left below `tmp` (sessions of a server that died),
 /// deepest first, so that emptying `tmp/` never descends into an image.
 pub(crate) fn detach_mounts_below(tmp: &Path) {
-    let Ok(tmp) = tmp.canonicalize() else {
-        return;
-    };
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_mountinfo(p)))
-        .filter(|p| p.starts_with(&tmp) && p != &tmp)
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    let points = walt_tar::mounts_below(tmp);
     for p in points {
         match nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
             Ok(()) => tracing::info!(path = %p.display(), "detached a leftover session mount"),
@@ -669,25 +657,4 @@ pub(crate) fn detach_mounts_below(tmp: &Path) {
             }
         }
     }
-}
-
-/// Undoes the `\ooo` octal escapes of `/proc/self/mountinfo`.
-fn unescape_mountinfo(s: &str) -> OsString {
-    use std::os::unix::ffi::OsStringExt;
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    OsString::from_vec(out)
 }

@@ -22,6 +22,7 @@ mod cp;
 mod error;
 mod extract;
 mod fsops;
+mod mounts;
 mod read;
 mod remove;
 mod tree;
@@ -38,6 +39,7 @@ pub use extract::{
     CpTop, Devices, ExtractOptions, ExtractStats, Extractor, FileWriter, Owners, PlainWriter,
     Whiteouts,
 };
+pub use mounts::mounts_below;
 pub use read::{Entry, Kind, Reader};
 pub use remove::{RemoveError, remove_tree, remove_tree_at};
 pub use tree::{TreeOptions, TreeOwners, TreeStats, TreeWhiteouts, write_tree};
