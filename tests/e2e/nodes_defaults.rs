@@ -8,58 +8,28 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use walt_e2e::dhcp::{DeviceRow, devices, store_db};
 use walt_e2e::util::{sha256_digest, wait_for, workspace_bin};
 use walt_e2e::*;
 
-/// A device as the store database has it.
-#[derive(Debug, Clone)]
-struct Dev {
-    kind: String,
-    reason: Option<String>,
-    /// `<owner>/<name>:<tag>` of a node's image.
-    image: Option<String>,
-    /// Its image's manifest digest.
-    manifest: Option<String>,
-}
-
-fn device(server: &WaltServer, mac: &str) -> Option<Dev> {
-    let conn = rusqlite::Connection::open_with_flags(
-        server.data_dir().join("walt.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.query_row(
-        "SELECT d.type, d.reason, i.owner || '/' || i.name || ':' || i.tag, i.manifest_digest
-         FROM devices d LEFT JOIN nodes n ON n.mac = d.mac LEFT JOIN images i ON i.id = n.image_id
-         WHERE d.mac = ?1",
-        [mac],
-        |r| {
-            Ok(Dev {
-                kind: r.get(0)?,
-                reason: r.get(1)?,
-                image: r.get(2)?,
-                manifest: r.get(3)?,
-            })
-        },
-    )
-    .ok()
+/// The device `mac` as the server recorded it.
+fn device(server: &WaltServer, mac: &str) -> Option<DeviceRow> {
+    devices(&server.data_dir())
+        .ok()?
+        .into_iter()
+        .find(|d| d.mac == mac)
 }
 
 /// The manifest digest of the stored image `owner/name:latest`.
 fn stored_manifest(server: &WaltServer, owner: &str, name: &str) -> Option<String> {
-    let conn = rusqlite::Connection::open_with_flags(
-        server.data_dir().join("walt.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.query_row(
-        "SELECT manifest_digest FROM images WHERE owner = ?1 AND name = ?2 AND tag = 'latest'",
-        [owner, name],
-        |r| r.get(0),
-    )
-    .ok()
+    store_db(&server.data_dir())
+        .unwrap()
+        .query_row(
+            "SELECT manifest_digest FROM images WHERE owner = ?1 AND name = ?2 AND tag = 'latest'",
+            [owner, name],
+            |r| r.get(0),
+        )
+        .ok()
 }
 
 /// `walt-dhcp-event commit` of a device announcing `model` (WalT's
@@ -94,7 +64,7 @@ fn lease(server: &WaltServer, model: &str, mac: &str, ip: &str) {
 
 /// Waits until `mac` is a node, and returns it.
 #[track_caller]
-fn wait_node(server: &WaltServer, mac: &str) -> Dev {
+fn wait_node(server: &WaltServer, mac: &str) -> DeviceRow {
     wait_for(
         &format!("{mac} to be a node"),
         Duration::from_secs(90),
@@ -111,7 +81,7 @@ fn wait_node(server: &WaltServer, mac: &str) -> Dev {
 
 /// Waits until `mac` is an unknown device whose reason holds `needle`.
 #[track_caller]
-fn wait_unknown(server: &WaltServer, mac: &str, needle: &str) -> Dev {
+fn wait_unknown(server: &WaltServer, mac: &str, needle: &str) -> DeviceRow {
     wait_for(
         &format!("{mac} to be unknown because of `{needle}`"),
         Duration::from_secs(90),

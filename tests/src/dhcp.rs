@@ -603,19 +603,28 @@ pub struct DeviceRow {
     pub reason: Option<String>,
     /// `owner/name:tag` of a node's image.
     pub image: Option<String>,
+    /// The manifest digest of a node's image.
+    pub manifest: Option<String>,
 }
 
-/// The devices recorded in the store of the server whose data dir is
-/// `data_dir` (empty before the first one).
-pub fn devices(data_dir: &Path) -> Result<Vec<DeviceRow>> {
+/// The store database of the server whose data dir is `data_dir`, read only
+/// (the server writes it meanwhile).
+pub fn store_db(data_dir: &Path) -> Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open_with_flags(
         data_dir.join("walt.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// The devices recorded in the store of the server whose data dir is
+/// `data_dir` (empty before the first one).
+pub fn devices(data_dir: &Path) -> Result<Vec<DeviceRow>> {
+    let conn = store_db(data_dir)?;
     let mut stmt = conn.prepare(
         "SELECT d.mac, d.ip, d.name, d.type, COALESCE(n.model, d.model), d.reason,
-            i.owner || '/' || i.name || ':' || i.tag
+            i.owner || '/' || i.name || ':' || i.tag, i.manifest_digest
          FROM devices d LEFT JOIN nodes n ON n.mac = d.mac
             LEFT JOIN images i ON i.id = n.image_id
          ORDER BY d.name",
@@ -629,6 +638,7 @@ pub fn devices(data_dir: &Path) -> Result<Vec<DeviceRow>> {
             model: r.get(4)?,
             reason: r.get(5)?,
             image: r.get(6)?,
+            manifest: r.get(7)?,
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
