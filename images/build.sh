@@ -17,12 +17,13 @@
 #      rootfs.tar); then checks that `walt image show` lists it with its model and
 #      that it has /boot/<model>/start.ipxe (the recipe's), a kernel and an initrd;
 #   3. with --push: `walt image publish` to that registry.
-# Needs root, mmdebstrap, the release binaries (built if missing).
+# Needs root, mmdebstrap, the release binaries (built if missing), or the walt and
+# walt-server binaries of the directory $WALT_BIN (not built: the tests pass target/debug).
 # Without --push the server's data dir is kept and printed; with --push it is removed.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 IMAGES=$ROOT/images
-BIN=$ROOT/target/release
+BIN=${WALT_BIN:-$ROOT/target/release}
 CACHE=${WALT_IMAGES_CACHE:-/var/cache/walt-images}
 
 usage() { echo "usage: $0 [--push REGISTRY] [MODEL...]" >&2; exit 2; }
@@ -101,7 +102,9 @@ for m in "${models[@]}"; do
 done
 
 # 2. a private walt server
-if [ ! -x "$BIN/walt-server" ] || [ ! -x "$BIN/walt" ]; then
+if [ -n "${WALT_BIN:-}" ]; then
+  [ -x "$BIN/walt-server" ] && [ -x "$BIN/walt" ] || { echo "No walt and walt-server binaries in WALT_BIN ($BIN)." >&2; exit 2; }
+elif [ ! -x "$BIN/walt-server" ] || [ ! -x "$BIN/walt" ]; then
   phase "building the release binaries"
   (cd "$ROOT" && cargo build --release --locked --bins -p walt-server -p walt-cli)
   phase_end
