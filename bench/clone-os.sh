@@ -8,7 +8,8 @@
 # Every run uses new, empty directories (nothing deleted before a timing, see
 # bench/clone.sh), starts with `sync`, and the tool order rotates between runs.
 # Prints medians and the ratios walt/podman (target <= 0.30) and
-# walt/(tar+sync) (target <= 0.9). WALT_BENCH_LOG=FILE keeps the server log;
+# walt/(tar+sync) (target <= 0.9), and the floor the CPU of the server and of the
+# registry sets on this many cores. WALT_BENCH_LOG=FILE keeps the server log;
 # WALT_BENCH_PERF=1 adds a profile of one more clone.
 # Usage: bench/clone-os.sh [runs]   (needs root; builds walt in release mode
 #        unless WALT_BENCH_NOBUILD=1)
@@ -28,7 +29,7 @@ else
   make_debian_os; DESC="Debian $DEBIAN_OS_SUITE $DEBIAN_OS_VARIANT"
 fi
 OS=$CACHE/$DEBIAN_OS
-start_registry
+start_registry; REG_PID=${pids[-1]}
 push_image "$DEBIAN_OS" bench/debian-os
 gz_mb=$(( $(stat -c %s "$OS/1.tar.gz") / 1000000 ))
 entries=$(tar -tf "$OS/1.tar" | wc -l); files=$(tar -tvf "$OS/1.tar" | grep -c '^-')
@@ -52,8 +53,9 @@ TCK=$(getconf CLK_TCK)
 cpu_s() { awk -v t="$TCK" '{printf "%.2f", ($14+$15)/t}' "/proc/$1/stat"; } # user+system CPU of PID
 run_walt() {
   start_walt "$W/data-$1"
-  sync; local t0 t1 c0; c0=$(cpu_s "$WALT_PID"); t0=$(now); "$BIN/walt" image clone bench:bench/debian-os >/dev/null; t1=$(now)
+  sync; local t0 t1 c0 r0; c0=$(cpu_s "$WALT_PID"); r0=$(cpu_s "$REG_PID"); t0=$(now); "$BIN/walt" image clone bench:bench/debian-os >/dev/null; t1=$(now)
   walt_t+=("$(elapsed "$t0" "$t1")"); walt_cpu+=("$(elapsed "$c0" "$(cpu_s "$WALT_PID")")")
+  reg_cpu+=("$(elapsed "$r0" "$(cpu_s "$REG_PID")")")
   stop_walt
 }
 run_podman() {
@@ -71,13 +73,13 @@ run_tar() {
   tar_t+=("$(elapsed "$t0" "$t1")")
 }
 
-walt_t=(); walt_cpu=(); podman_t=(); skopeo_t=(); tar_t=()
+walt_t=(); walt_cpu=(); reg_cpu=(); podman_t=(); skopeo_t=(); tar_t=()
 tools=(walt podman skopeo tar)
 for r in $(seq "$RUNS"); do
   for i in 0 1 2 3; do
     "run_${tools[$(( (i + r - 1) % 4 ))]}" "$r"
   done
-  echo "run $r: walt ${walt_t[-1]} s (server CPU ${walt_cpu[-1]} s)  podman ${podman_t[-1]} s  skopeo ${skopeo_t[-1]} s  tar+sync ${tar_t[-1]} s" >&2
+  echo "run $r: walt ${walt_t[-1]} s (server CPU ${walt_cpu[-1]} s, registry CPU ${reg_cpu[-1]} s)  podman ${podman_t[-1]} s  skopeo ${skopeo_t[-1]} s  tar+sync ${tar_t[-1]} s" >&2
 done
 # WALT_BENCH_PERF=1: one more clone (not counted) under `perf record`, and where
 # the server's CPU time goes, by thread and by symbol (on stderr).
@@ -93,7 +95,11 @@ if [ -n "${WALT_BENCH_PERF:-}" ]; then
     echo "server CPU by symbol:"; perf report -i "$W/perf.data" --stdio --sort dso,sym 2>/dev/null | grep -v '^#' | grep . | sed -n 1,20p; } >&2
 fi
 [ -z "${WALT_BENCH_LOG:-}" ] || cp "$W/server.log" "$WALT_BENCH_LOG"
-wm=$(median "${walt_t[@]}"); pm=$(median "${podman_t[@]}"); sm=$(median "${skopeo_t[@]}"); tm=$(median "${tar_t[@]}")
+wm=$(median "${walt_t[@]}"); wc=$(median "${walt_cpu[@]}"); rc=$(median "${reg_cpu[@]}")
+# The floor of a clone on this machine: the CPU the server and the registry spend
+# for it, spread over every core with perfect overlap.
+CORES=$(nproc); floor=$(python3 -c "print(f'{($wc+$rc)/$CORES:.3f}')")
+ pm=$(median "${podman_t[@]}"); sm=$(median "${skopeo_t[@]}"); tm=$(median "${tar_t[@]}")
 
 cat <<OUT
 | measure ($DESC, $gz_mb MB gzip, $root_mb MB / $files files; median of $RUNS) | walt | reference | ratio (walt/ref) | target |
@@ -101,5 +107,6 @@ cat <<OUT
 | clone, cold store | ${wm} s | podman pull ${pm} s | $(ratio "$wm" "$pm") | <= 0.30 |
 | same | ${wm} s | tar -xf of the uncompressed layer + sync ${tm} s | $(ratio "$wm" "$tm") | <= 0.9 |
 | same | ${wm} s | skopeo copy to oci: (download only) ${sm} s | $(ratio "$wm" "$sm") | — |
-| server CPU time (user + system) of the clone | $(median "${walt_cpu[@]}") s | — | — | — |
+| server CPU time (user + system) of the clone | ${wc} s | registry CPU while serving it ${rc} s | — | — |
+| floor: (server + registry CPU) / $CORES cores | ${floor} s | tar -xf + sync ${tm} s | $(ratio "$floor" "$tm") | — |
 OUT

@@ -99,7 +99,7 @@ YML
   local clear=()
   [ -n "${WALT_BENCH_PLAINTEXT:-}" ] && clear=(--plaintext)
   # The node side's socket and exports file stay in the bench's directory.
-  RUST_LOG=info "$BIN/walt-server" --config "$W/server.conf" --data-dir "$1" --listen "127.0.0.1:$WALT_PORT" "${clear[@]}" \
+  RUST_LOG=${WALT_BENCH_RUST_LOG:-info} "$BIN/walt-server" --config "$W/server.conf" --data-dir "$1" --listen "127.0.0.1:$WALT_PORT" "${clear[@]}" \
     --event-socket "${WALT_DHCP_EVENT_SOCKET:-$W/dhcp-event.sock}" --exports-file "${WALT_EXPORTS_FILE:-$W/walt.exports}" \
     2>>"$W/server.log" &
   WALT_PID=$!; pids+=($WALT_PID)
