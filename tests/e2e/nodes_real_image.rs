@@ -178,7 +178,8 @@ impl Bed {
             PathBuf::from(format!("../../images/{id}/fs"))
         );
         let fs = data.join("images").join(&id).join("fs");
-        let in_image = std::fs::read(fs.join("boot").join(model).join(n.script)).unwrap();
+        let boot = Path::new("/boot").join(model);
+        let in_image = std::fs::read(resolve_in(&fs, &boot.join(n.script)).unwrap()).unwrap();
         if let Some(r) = &n.recipe_script {
             assert_eq!(
                 in_image,
@@ -202,7 +203,6 @@ impl Bed {
             let i = tftpd.get(&initrd).unwrap();
             assert!(is_initramfs(&i), "{model}: {initrd} is no initramfs");
             // The same bytes as the image's files (links followed inside it).
-            let boot = Path::new("/boot").join(model);
             for (name, got) in [(&kernel, &k), (&initrd, &i)] {
                 let p = resolve_in(&fs, &boot.join(name)).unwrap();
                 assert_eq!(&std::fs::read(&p).unwrap(), got, "{model}: {name}");
@@ -541,4 +541,45 @@ fn an_rpi_index_gives_each_model_its_platform_s_boot_files() {
             format!("echo {marker} {m}\n")
         );
     }
+}
+
+/// The cache key follows every input of a recipe (build.sh, the recipe's
+/// files, names and modes, images/common) and nothing else.
+#[test]
+fn the_default_image_key_follows_the_recipe_inputs() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let images = d.path();
+    let r = images.join("x-default");
+    std::fs::create_dir_all(r.join("files")).unwrap();
+    std::fs::write(images.join("build.sh"), "build\n").unwrap();
+    std::fs::write(r.join("rootfs.sh"), "rootfs\n").unwrap();
+    std::fs::write(r.join("files/a"), "a\n").unwrap();
+    let key = || default_images::recipe_key_in(images, "x").unwrap();
+    let k0 = key();
+    assert_eq!(k0.len(), 16);
+    assert_eq!(key(), k0, "stable");
+    // Another recipe beside it changes nothing.
+    std::fs::create_dir_all(images.join("y-default")).unwrap();
+    std::fs::write(images.join("y-default/rootfs.sh"), "other\n").unwrap();
+    assert_eq!(key(), k0);
+    let mut seen = vec![k0];
+    let mut changed = |what: &str| {
+        let k = key();
+        assert!(!seen.contains(&k), "{what}: the key did not change");
+        seen.push(k);
+    };
+    std::fs::write(r.join("files/a"), "b\n").unwrap();
+    changed("a file's contents");
+    std::fs::rename(r.join("files/a"), r.join("files/c")).unwrap();
+    changed("a file's name");
+    std::fs::set_permissions(r.join("files/c"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    changed("a file's mode");
+    std::os::unix::fs::symlink("c", r.join("files/l")).unwrap();
+    changed("a new symlink");
+    std::fs::write(images.join("build.sh"), "build 2\n").unwrap();
+    changed("build.sh");
+    std::fs::create_dir_all(images.join("common")).unwrap();
+    std::fs::write(images.join("common/z"), "z\n").unwrap();
+    changed("images/common");
 }

@@ -146,8 +146,13 @@ fn hash_tree(h: &mut Sha256, label: &str, base: &Path, dir: &Path) -> Result<()>
 /// The key of a recipe: 16 hex digits of a hash of `images/build.sh`,
 /// `images/<recipe>-default/**` and `images/common/**` (when present).
 pub fn recipe_key(recipe: &str) -> Result<String> {
-    let dir = check_recipe(recipe)?;
-    let images = workspace_root().join("images");
+    check_recipe(recipe)?;
+    recipe_key_in(&workspace_root().join("images"), recipe)
+}
+
+/// [`recipe_key`] of the recipe `recipe` of the directory `images`.
+pub fn recipe_key_in(images: &Path, recipe: &str) -> Result<String> {
+    let dir = images.join(format!("{recipe}-default"));
     let mut h = Sha256::new();
     let build = images.join("build.sh");
     let script =
