@@ -9,7 +9,8 @@ PACKAGES=(docker-registry busybox-static skopeo umoci apache2-utils openssl expe
           ca-certificates pkg-config docker.io qemu-user-static binfmt-support
           libisal-dev tcpdump
           nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils tftpd-hpa tftp-hpa dnsmasq-base
-          isc-dhcp-server iproute2)
+          isc-dhcp-server iproute2
+          mmdebstrap python3)
 
 # Foreign-architecture busybox (for arm images), fetched without changing
 # the system's apt architectures.
@@ -50,6 +51,11 @@ done
 # servers running walt's hook (dnsmasq, dhcpd), TFTP (in.tftpd, tftp) and
 # NFS (ganesha.nfsd with its VFS backend, rpcbind, libnfs clients).
 for c in ip dnsmasq dhcpd in.tftpd tftp ganesha.nfsd rpcbind nfs-ls nfs-cat; do
+    check_cmd "$c"
+done
+# The real default images (images/build.sh: the root filesystem by
+# mmdebstrap + mmtarfilter, python3 for its ports and timings).
+for c in mmdebstrap mmtarfilter python3; do
     check_cmd "$c"
 done
 ls /usr/lib/*/ganesha/libfsalvfs.so >/dev/null 2>&1 || missing+=("nfs-ganesha-vfs")

@@ -24,6 +24,7 @@ mod nodes_cli;
 mod nodes_defaults;
 mod nodes_dhcp;
 mod nodes_event;
+mod nodes_real_image;
 mod nodes_serve;
 mod publish;
 mod races;

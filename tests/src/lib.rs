@@ -3,6 +3,7 @@
 //! builder/pusher, and runners for the real `walt-server` and `walt` CLI.
 
 pub mod certs;
+pub mod default_images;
 pub mod dhcp;
 pub mod docker;
 pub mod fixture;
