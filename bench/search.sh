@@ -16,12 +16,14 @@
 # cold search (server: VmHWM after clear_refs; CLI: /usr/bin/time).
 # Usage: bench/search.sh [repos [runs]]   (needs root; builds walt in release
 #        mode unless WALT_BENCH_NOBUILD=1; WALT_BENCH_RTT_MS sets the round trip;
-#        WALT_BENCH_LINKS="loopback latency" which links to measure)
+#        WALT_BENCH_LINKS="loopback latency" which links to measure;
+#        WALT_BENCH_TOOLS="walt base" which sides to run)
 source "$(dirname "$0")/lib.sh"
 REPOS=${1:-500}
 RUNS=${2:-3}
 RTT_MS=${WALT_BENCH_RTT_MS:-20}
 LINKS=${WALT_BENCH_LINKS:-loopback latency}
+TOOLS=${WALT_BENCH_TOOLS:-walt base}
 command -v skopeo >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q skopeo >/dev/null
 [ -x /usr/bin/time ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q time >/dev/null
 if [ -z "${WALT_BENCH_NOBUILD:-}" ]; then
@@ -56,7 +58,7 @@ port_of() { if [ "$1" = loopback ]; then echo "$LOOP_PORT"; else echo "$LAT_PORT
 
 declare -A T   # T[link,what] = space-separated values, one per run
 add() { T[$1]="${T[$1]:-} $2"; }
-med() { median ${T[$1]}; }
+med() { if [ -n "${T[$1]:-}" ]; then median ${T[$1]}; else echo —; fi; }
 
 run_walt() { # LINK RUN
   local link=$1 port; port=$(port_of "$1")
@@ -116,11 +118,11 @@ PY
   echo "run $2, $link: baseline $(echo ${T[$link,base]} | awk '{print $NF}') s" >&2
 }
 
-tools=(walt base)
+read -ra tools <<< "$TOOLS"
 for r in $(seq "$RUNS"); do
   for link in $LINKS; do
-    for i in 0 1; do
-      "run_${tools[$(( (i + r - 1) % 2 ))]}" "$link" "$r"
+    for i in "${!tools[@]}"; do
+      "run_${tools[$(( (i + r - 1) % ${#tools[@]} ))]}" "$link" "$r"
     done
   done
 done
@@ -132,13 +134,14 @@ echo "| measure ($REPOS repositories x 2 tags, $EXPECTED images) | walt | baseli
 echo "| --- | --- | --- | --- | --- |"
 for link in $LINKS; do
   if [ "$link" = loopback ]; then what="loopback"; target=""; else what="behind a $RTT_MS ms round trip"; target=">= 20x"; fi
-  echo "| search $what, cold server | $(med "$link,cold") s | $(med "$link,base") s | $(ratio "$(med "$link,base")" "$(med "$link,cold")")x | ${target:-—} |"
+  speedup=—; [ -z "${T[$link,base]:-}" ] || [ -z "${T[$link,cold]:-}" ] || speedup="$(ratio "$(med "$link,base")" "$(med "$link,cold")")x"
+  echo "| search $what, cold server | $(med "$link,cold") s | $(med "$link,base") s | $speedup | ${target:-—} |"
   echo "| repeated search $what (configs cached) | $(med "$link,warm") s | — | — | — |"
   echo "| registry CPU time $what (cold / repeated / baseline) | $(med "$link,cold_cpu") s / $(med "$link,warm_cpu") s | $(med "$link,base_cpu") s | — | — |"
   echo "| walt-server / CLI CPU time, cold search $what | $(med "$link,server_cpu") s / $(med "$link,cli_cpu") s | — | — | — |"
   echo "| peak RSS during the cold search $what (server / CLI) | $(med "$link,server_rss") MB / $(med "$link,cli_rss") MB | — | — | < 150 MB each |"
 done
-if [[ " $LINKS " == *" loopback "* ]]; then
+if [[ " $LINKS " == *" loopback "* && -n "${T[loopback,cold]:-}" ]]; then
   share=$(python3 -c "print(f'{$(med loopback,cold_cpu)/$CORES:.3f}')")
   echo "| cold search on loopback vs the registry's CPU time / $CORES cores ($share s) | $(med loopback,cold) s | — | $(ratio "$(med loopback,cold)" "$share") | <= 1.3 |"
 fi
