@@ -58,7 +58,8 @@ port_of() { if [ "$1" = loopback ]; then echo "$LOOP_PORT"; else echo "$LAT_PORT
 
 declare -A T   # T[link,what] = space-separated values, one per run
 add() { T[$1]="${T[$1]:-} $2"; }
-med() { if [ -n "${T[$1]:-}" ]; then median ${T[$1]}; else echo —; fi; }
+med() { median ${T[$1]}; }
+cell() { if [ -n "${T[$1]:-}" ]; then echo "$(med "$1") s"; else echo —; fi; } # a median, with its unit
 
 run_walt() { # LINK RUN
   local link=$1 port; port=$(port_of "$1")
@@ -135,11 +136,15 @@ echo "| --- | --- | --- | --- | --- |"
 for link in $LINKS; do
   if [ "$link" = loopback ]; then what="loopback"; target=""; else what="behind a $RTT_MS ms round trip"; target=">= 20x"; fi
   speedup=—; [ -z "${T[$link,base]:-}" ] || [ -z "${T[$link,cold]:-}" ] || speedup="$(ratio "$(med "$link,base")" "$(med "$link,cold")")x"
-  echo "| search $what, cold server | $(med "$link,cold") s | $(med "$link,base") s | $speedup | ${target:-—} |"
-  echo "| repeated search $what (configs cached) | $(med "$link,warm") s | — | — | — |"
-  echo "| registry CPU time $what (cold / repeated / baseline) | $(med "$link,cold_cpu") s / $(med "$link,warm_cpu") s | $(med "$link,base_cpu") s | — | — |"
-  echo "| walt-server / CLI CPU time, cold search $what | $(med "$link,server_cpu") s / $(med "$link,cli_cpu") s | — | — | — |"
-  echo "| peak RSS during the cold search $what (server / CLI) | $(med "$link,server_rss") MB / $(med "$link,cli_rss") MB | — | — | < 150 MB each |"
+  echo "| search $what, cold server | $(cell "$link,cold") | $(cell "$link,base") | $speedup | ${target:-—} |"
+  if [ -n "${T[$link,cold]:-}" ]; then
+    echo "| repeated search $what (configs cached) | $(cell "$link,warm") | — | — | — |"
+    echo "| registry CPU time $what (cold / repeated / baseline) | $(cell "$link,cold_cpu") / $(cell "$link,warm_cpu") | $(cell "$link,base_cpu") | — | — |"
+    echo "| walt-server / CLI CPU time, cold search $what | $(cell "$link,server_cpu") / $(cell "$link,cli_cpu") | — | — | — |"
+    echo "| peak RSS during the cold search $what (server / CLI) | $(med "$link,server_rss") MB / $(med "$link,cli_rss") MB | — | — | < 150 MB each |"
+  else
+    echo "| registry CPU time of the baseline $what | — | $(cell "$link,base_cpu") | — | — |"
+  fi
 done
 if [[ " $LINKS " == *" loopback "* && -n "${T[loopback,cold]:-}" ]]; then
   share=$(python3 -c "print(f'{$(med loopback,cold_cpu)/$CORES:.3f}')")
