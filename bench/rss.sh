@@ -5,7 +5,8 @@
 # Server: VmHWM of /proc/<pid>/status, reset before each operation by writing 5
 # to /proc/<pid>/clear_refs (so each row is that operation's own peak, on one
 # server). CLI: /usr/bin/time's maximum resident set size.
-# Target: < 150 MB each (documented, not asserted).
+# Target: < 150 MB each (documented, not asserted). The peaks during a search of
+# a 1 000-image registry are printed by bench/search.sh.
 # Usage: bench/rss.sh   (needs root; builds walt in release mode unless
 #        WALT_BENCH_NOBUILD=1)
 source "$(dirname "$0")/lib.sh"

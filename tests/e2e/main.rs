@@ -30,6 +30,7 @@ mod publish;
 mod races;
 mod registries;
 mod search;
+mod search_latency;
 mod secrets;
 mod setup;
 mod shell;

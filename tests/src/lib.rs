@@ -26,7 +26,7 @@ pub use hub_fixture::HubFixture;
 pub use image::{
     BuiltImage, BuiltIndex, Compression, Format, ImageBuilder, ImageConfig, Layer, RawEntry,
 };
-pub use proxy::Proxy;
+pub use proxy::{LatencyProxy, LatencyStats, Proxy};
 pub use registry::{Registry, RegistryOpts};
 pub use store::{
     StoreSnapshot, assert_store_unchanged, assert_tmp_empty, store_mentions, store_snapshot,

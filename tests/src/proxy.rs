@@ -3,10 +3,14 @@
 //! answered with `Connection: close`. Blob GETs can fail with 500, be cut
 //! short after some bytes (with the full Content-Length announced) or be
 //! rate-limited.
+//!
+//! Its latency mode, [`LatencyProxy`], is a plain TCP relay that delays
+//! every byte by half a round trip each way (benchmarks of a registry
+//! behind a slow link; `tests/src/bin/walt-latency-proxy.rs` runs it alone).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -287,4 +291,181 @@ fn handle(client: TcpStream, upstream_port: u16, shared: &Shared) -> std::io::Re
     cwriter.flush()?;
     let _ = cwriter.shutdown(Shutdown::Both);
     Ok(())
+}
+
+/// What a [`LatencyProxy`] saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LatencyStats {
+    /// Client connections accepted.
+    pub connections: u64,
+    /// Bytes relayed from the clients to the upstream.
+    pub bytes_up: u64,
+    /// Bytes relayed from the upstream to the clients.
+    pub bytes_down: u64,
+}
+
+#[derive(Default)]
+struct LatencyCounters {
+    connections: AtomicU64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+}
+
+/// A transparent TCP relay that puts a network round trip between its
+/// clients and `127.0.0.1:upstream_port` (the proxy's latency mode: the
+/// machine has no `tc netem`).
+///
+/// What it models, for a link of round-trip time `rtt` and unbounded
+/// bandwidth: every byte read from one side is written to the other
+/// `rtt / 2` later (bytes keep their order, nothing is coalesced or held
+/// back otherwise, so pipelined and concurrent requests overlap as they
+/// would on the wire); and a new connection pays its TCP handshake: its
+/// first bytes from the client are relayed no earlier than `rtt` after the
+/// connection was accepted, plus `rtt / 2`. Connections are kept open as
+/// long as both sides keep them (HTTP keep-alive works through it), and each
+/// client connection gets its own upstream connection. Slow start, losses and
+/// bandwidth limits are not modelled.
+pub struct LatencyProxy {
+    port: u16,
+    counters: Arc<LatencyCounters>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LatencyProxy {
+    /// Starts a relay on `127.0.0.1:listen_port` (0: any free port) to
+    /// `127.0.0.1:upstream_port`.
+    pub fn start(upstream_port: u16, rtt: Duration) -> Result<Self> {
+        Self::start_on(0, upstream_port, rtt)
+    }
+
+    /// Like [`Self::start`], on a given port.
+    pub fn start_on(listen_port: u16, upstream_port: u16, rtt: Duration) -> Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", listen_port))?;
+        let port = listener.local_addr()?.port();
+        let counters = Arc::new(LatencyCounters::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c2, stop2) = (counters.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let accepted = Instant::now();
+                c2.connections.fetch_add(1, Ordering::Relaxed);
+                let c = c2.clone();
+                std::thread::spawn(move || {
+                    let _ = relay(conn, upstream_port, rtt, accepted, &c);
+                });
+            }
+        });
+        Ok(Self {
+            port,
+            counters,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its entry in the walt server config (`protocol: http`, no auth).
+    pub fn server_entry(&self, label: &str) -> String {
+        registry_entry(label, self.port, "http", false)
+    }
+
+    pub fn stats(&self) -> LatencyStats {
+        LatencyStats {
+            connections: self.counters.connections.load(Ordering::Relaxed),
+            bytes_up: self.counters.bytes_up.load(Ordering::Relaxed),
+            bytes_down: self.counters.bytes_down.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Relays one client connection both ways, each direction delayed.
+fn relay(
+    client: TcpStream,
+    upstream_port: u16,
+    rtt: Duration,
+    accepted: Instant,
+    counters: &LatencyCounters,
+) -> std::io::Result<()> {
+    let upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
+    for s in [&client, &upstream] {
+        s.set_nodelay(true)?;
+    }
+    let half = rtt / 2;
+    std::thread::scope(|scope| {
+        let (c_read, u_write) = (client.try_clone()?, upstream.try_clone()?);
+        let (u_read, c_write) = (upstream.try_clone()?, client.try_clone()?);
+        // The client could not send before its handshake ended.
+        let up_not_before = accepted + rtt;
+        scope.spawn(move || delayed_copy(c_read, u_write, half, up_not_before, &counters.bytes_up));
+        scope.spawn(move || delayed_copy(u_read, c_write, half, accepted, &counters.bytes_down));
+        Ok(())
+    })
+}
+
+/// Copies `from` to `to`, each chunk written `delay` after it was read (and
+/// not before `not_before + delay`); the end of `from` is passed on as a
+/// shutdown of `to`'s writing side, after the same delay.
+fn delayed_copy(
+    from: TcpStream,
+    to: TcpStream,
+    delay: Duration,
+    not_before: Instant,
+    bytes: &AtomicU64,
+) {
+    // `None`: the end of the stream.
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Option<Vec<u8>>)>();
+    std::thread::scope(|scope| {
+        let (from_ref, mut to_ref) = (&from, &to);
+        scope.spawn(move || {
+            for (due, chunk) in rx {
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let Some(chunk) = chunk else {
+                    let _ = to_ref.shutdown(Shutdown::Write);
+                    return;
+                };
+                if to_ref.write_all(&chunk).is_err() {
+                    // The other side is gone: so is this connection.
+                    let _ = to_ref.shutdown(Shutdown::Both);
+                    let _ = from_ref.shutdown(Shutdown::Both);
+                    return;
+                }
+                bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut reader = &from;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) | Err(_) => 0,
+                Ok(n) => n,
+            };
+            let due = Instant::now().max(not_before) + delay;
+            let chunk = (n > 0).then(|| buf[..n].to_vec());
+            if tx.send((due, chunk)).is_err() || n == 0 {
+                break;
+            }
+        }
+        drop(tx);
+    });
 }

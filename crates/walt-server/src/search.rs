@@ -21,8 +21,12 @@ use crate::error::ServiceError;
 use crate::images::blocking;
 use crate::progress::Reporter;
 
-/// Requests in flight per registry.
-const REGISTRY_CONCURRENCY: usize = 16;
+/// Requests in flight per registry (and so, about, connections kept open to
+/// it). A cold search is ~2.5 requests per image, each a round trip: with 32,
+/// 1 000 images from a registry 20 ms away need ≥ 1.6 s of round trips (3.1 s
+/// with 16); on loopback the registry's CPU is the limit whatever the value
+/// above 8 (docs/performance.md, "Search"; bench/search.md).
+const REGISTRY_CONCURRENCY: usize = 32;
 /// Longest wait for a registry's catalog (retries included): a registry
 /// that does not answer must not hold the whole search.
 const CATALOG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
