@@ -504,6 +504,7 @@ async fn tls_and_basic_auth() {
         protocol: walt_core::config::Protocol::Https,
         auth: walt_core::config::Auth::Basic,
         ca_file: Some(ca_file.display().to_string()),
+        repository: None,
     };
     let c = RegistryClient::for_v2(&v2, Some(Credentials::new("user", "pass"))).unwrap();
     assert_eq!(
