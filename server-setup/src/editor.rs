@@ -96,10 +96,7 @@ pub fn run(original: Config) -> anyhow::Result<Outcome> {
         let status = config.status(&system_resolver);
         println!("Status: {status}\n");
         let mut actions = Vec::new();
-        let has_v2 = config
-            .registries()
-            .iter()
-            .any(|e| !is_hub(e) && is_used(e));
+        let has_v2 = config.registries().iter().any(|e| !is_hub(e) && is_used(e));
         if has_v2 {
             actions.extend([Action::Edit, Action::Remove]);
         }

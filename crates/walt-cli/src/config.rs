@@ -384,10 +384,7 @@ fn ordered<'a>(
         ["registries", _] => &["username", "password"],
         _ => &[],
     };
-    let mut out: Vec<_> = first
-        .iter()
-        .filter_map(|k| map.get_key_value(*k))
-        .collect();
+    let mut out: Vec<_> = first.iter().filter_map(|k| map.get_key_value(*k)).collect();
     out.extend(map.iter().filter(|(k, _)| !first.contains(&k.as_str())));
     out
 }
@@ -647,8 +644,8 @@ pub fn endpoint(server: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::{
-        ClientConfig, RegistryCredentials, decode_password, encode_password, endpoint,
-        move_legacy, read, read_migrated, write,
+        ClientConfig, RegistryCredentials, decode_password, encode_password, endpoint, move_legacy,
+        read, read_migrated, write,
     };
     use std::os::unix::fs::PermissionsExt;
 
@@ -701,7 +698,10 @@ registries:
     #[test]
     fn walt_encoding() {
         assert_eq!(encode_password("s3cret-pass"), "21722d3655390d2335213a");
-        assert_eq!(decode_password("21722d3655390d2335213a").unwrap(), "s3cret-pass");
+        assert_eq!(
+            decode_password("21722d3655390d2335213a").unwrap(),
+            "s3cret-pass"
+        );
         assert_eq!(decode_password(&encode_password(LONG)).unwrap(), LONG);
         assert_eq!(decode_password("21722D36").unwrap(), "s3cr");
         assert!(decode_password("217").is_none());
@@ -737,7 +737,10 @@ registries:
         // Saved again: WalT's form.
         write(&path, &c).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("# (password value is encoded.)\n        password: "), "{text}");
+        assert!(
+            text.contains("# (password value is encoded.)\n        password: "),
+            "{text}"
+        );
         let (c, _) = read(&path).unwrap();
         assert_eq!(c.registries["lab"].password, "21722d3655390d2335213a");
     }
@@ -761,15 +764,17 @@ registries:
             "# (password value is encoded.)\nregistries:\n  lab:\n    username: u\n    password: not-hex\n",
         );
         let e = read(&path).unwrap_err().to_string();
-        assert!(e.contains("registries.lab.password is not a password as WalT encodes it"), "{e}");
+        assert!(
+            e.contains("registries.lab.password is not a password as WalT encodes it"),
+            "{e}"
+        );
         assert!(!e.contains("not-hex"), "{e}");
     }
 
     #[test]
     fn flat_layout_is_migrated_as_walt_does() {
-        let (_d, path) = file(
-            "server: walt.example.org\nusername: alice\npassword: 21722d3655390d2335213a\n",
-        );
+        let (_d, path) =
+            file("server: walt.example.org\nusername: alice\npassword: 21722d3655390d2335213a\n");
         let (c, updated) = read(&path).unwrap();
         assert!(updated);
         assert_eq!(c.walt.server.as_deref(), Some("walt.example.org"));
@@ -781,13 +786,22 @@ registries:
         let c = read_migrated(&path).unwrap();
         assert_eq!(c.registries["hub"].password, "s3cret-pass");
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("\nwalt:\n    # IP or hostname of WalT server\n    server: walt.example.org\n"), "{text}");
+        assert!(
+            text.contains(
+                "\nwalt:\n    # IP or hostname of WalT server\n    server: walt.example.org\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("password: 21722d3655390d2335213a"), "{text}");
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let (_, updated) = read(&path).unwrap();
         assert!(!updated);
         // A `hub` group at the top moves under registries.
-        let (_d, path) = file("hub:\n  username: h\n  password: 21722d3655390d2335213a\nwalt:\n  server: s\n");
+        let (_d, path) =
+            file("hub:\n  username: h\n  password: 21722d3655390d2335213a\nwalt:\n  server: s\n");
         let (c, updated) = read(&path).unwrap();
         assert!(updated);
         assert_eq!(c.registries["hub"].username, "h");
@@ -805,7 +819,10 @@ registries:
         move_legacy(&legacy, &path).unwrap();
         assert!(!legacy.exists());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "server: s\n");
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // An existing config wins: the legacy file stays where it is.
         std::fs::write(&legacy, "server: other\n").unwrap();
         move_legacy(&legacy, &path).unwrap();
@@ -822,7 +839,12 @@ registries:
         let mut c = ClientConfig::default();
         c.walt.server = Some("w".into());
         c.walt.username = Some("alice".into());
-        for (label, pw) in [("hub", "s3cret-pass"), ("lab", LONG), ("num", "1234"), ("e", "12e4")] {
+        for (label, pw) in [
+            ("hub", "s3cret-pass"),
+            ("lab", LONG),
+            ("num", "1234"),
+            ("e", "12e4"),
+        ] {
             c.registries.insert(
                 label.into(),
                 RegistryCredentials {
@@ -838,9 +860,16 @@ registries:
             .arg(&path)
             .output()
             .expect("python3 (with PyYAML) is needed to run WalT's decoder");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let got = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(got, format!("e 12e4\nhub s3cret-pass\nlab {LONG}\nnum 1234\n"));
+        assert_eq!(
+            got,
+            format!("e 12e4\nhub s3cret-pass\nlab {LONG}\nnum 1234\n")
+        );
         // And walt reads it back.
         let (back, _) = read(&path).unwrap();
         assert_eq!(back.registries["e"].password, "12e4");

@@ -98,7 +98,10 @@ impl KeyOrder {
             .iter()
             .filter_map(|(k, _)| map.get_key_value(k))
             .collect();
-        out.extend(map.iter().filter(|(k, _)| self.keys.iter().all(|(r, _)| r != *k)));
+        out.extend(
+            map.iter()
+                .filter(|(k, _)| self.keys.iter().all(|(r, _)| r != *k)),
+        );
         out
     }
 }
@@ -1087,7 +1090,13 @@ aaa-last: x
             .collect();
         assert_eq!(
             keys,
-            ["network:", "registries:", "vpn:", "zzz-first:", "aaa-last: x"],
+            [
+                "network:",
+                "registries:",
+                "vpn:",
+                "zzz-first:",
+                "aaa-last: x"
+            ],
             "{text}"
         );
         let vpn = text.split("vpn:\n").nth(1).unwrap();
@@ -1104,10 +1113,18 @@ aaa-last: x
         assert!(text.contains("zzz-first:\n  b: 1\n  a: 2\n"), "{text}");
         // WalT's registry key order, repository last.
         let art = text.split("label: art").nth(1).unwrap();
-        let order: Vec<usize> = ["api:", "description:", "host:", "port:", "protocol:", "auth:", "repository:"]
-            .iter()
-            .map(|k| art.find(k).unwrap())
-            .collect();
+        let order: Vec<usize> = [
+            "api:",
+            "description:",
+            "host:",
+            "port:",
+            "protocol:",
+            "auth:",
+            "repository:",
+        ]
+        .iter()
+        .map(|k| art.find(k).unwrap())
+        .collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{text}");
         // What is written reads back the same.
         let again = ServerConfig::parse("f", &text).unwrap();
