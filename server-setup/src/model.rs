@@ -715,6 +715,71 @@ vpn:
         assert!(matches!(c.status(&yes), Status::Invalid(r) if r.contains("not an integer")));
     }
 
+    /// Entries of WalT's regconf.py: a JFrog instance, and an api walt does
+    /// not know. Neither stops the editor; both are kept on save.
+    const WALT_JFROG: &str = "registries:
+-   label: hub
+    api: docker-hub
+    description: Public registry at hub.docker.com
+-   label: art
+    api: jfrog-artifactory
+    description: Local registry
+    host: jfrog.example.org
+    port: 443
+    protocol: https
+    auth: basic
+    repository: walt-images
+-   label: gl
+    api: gitlab-registry
+    description: d
+vpn:
+    enabled: false
+    zeta: 1
+    alpha: 2
+";
+
+    #[test]
+    fn jfrog_and_unknown_entries() {
+        let mut c = Config::parse(WALT_JFROG).unwrap();
+        assert_eq!(c.status(&yes), Status::Ok);
+        let regs = c.registries();
+        assert_eq!(
+            describe(&regs[1]).2,
+            "host=jfrog.example.org port=443 protocol=https auth=basic repository=walt-images"
+        );
+        assert!(describe(&regs[2]).2.contains("not supported"));
+        // A second JFrog repository on the same host:port is fine, the same
+        // one is not, nor a docker-registry-v2 there.
+        let mut jf = reg("art2", "jfrog.example.org", 443);
+        jf.repository = Some("other".into());
+        c.add(&jf, &yes).unwrap();
+        let mut same = reg("art3", "jfrog.example.org", 443);
+        same.repository = Some("walt-images".into());
+        assert!(c.add(&same, &yes).unwrap_err().contains("already used"));
+        assert!(c.add(&reg("v2", "jfrog.example.org", 443), &yes).is_err());
+        let mut bad = reg("art4", "x", 1);
+        bad.repository = Some("Bad Repo".into());
+        assert!(c.add(&bad, &yes).unwrap_err().contains("repository"));
+        // Missing repository: incomplete.
+        let mut e = c.registries()[1].clone();
+        e.repository = None;
+        c.replace(1, e);
+        assert_eq!(
+            c.status(&yes),
+            Status::Incomplete("registry 'art': repository is missing".into())
+        );
+        // Saved: everything kept, keys of other sections in their order.
+        let c = Config::parse(WALT_JFROG).unwrap();
+        let text = c.to_yaml().unwrap();
+        assert!(text.contains("  repository: walt-images\n"), "{text}");
+        assert!(text.contains("api: gitlab-registry"), "{text}");
+        assert!(
+            text.contains("vpn:\n  enabled: false\n  zeta: 1\n  alpha: 2\n"),
+            "{text}"
+        );
+        assert_eq!(Config::parse(&text).unwrap(), c);
+    }
+
     #[test]
     fn network_settings() {
         let mut c = Config::parse(WALT_FILE).unwrap();
