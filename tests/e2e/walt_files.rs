@@ -236,6 +236,20 @@ fn walt_written_server_conf_with_jfrog_and_unknown_api() {
     // Clone through the jfrog entry: its repository is the user part.
     let out = alice.clone_ok(&["art:walt-images/busybox"]);
     assert_cloned(&out, "busybox");
+    // Publish to it: under the repository, whatever the user (as WalT).
+    alice
+        .run(&["image", "duplicate", "busybox", "mine"])
+        .assert_success();
+    let out = alice.run(&["image", "publish", "--registry", "art", "mine"]);
+    out.assert_success();
+    assert!(
+        out.last_stdout_line().contains("art:walt-images/mine"),
+        "{out}"
+    );
+    env.local
+        .client()
+        .get_manifest("walt-images/mine", "latest")
+        .expect("published under the JFrog repository");
     // The skipped entry: refused with its reason, nothing on stdout.
     let out = alice.clone(&["gl:alice/x"]);
     out.assert_failure("registry 'gl' skipped: api 'gitlab-container-registry' is not supported");
