@@ -12,8 +12,8 @@ use walt_core::config::RegistryEntry;
 
 use crate::model::{
     self, AUTHS, Config, NewRegistry, PROTOCOLS, Status, check_description, check_host,
-    check_host_port_unique, check_label, describe, entry_label, entry_port, is_hub, parse_port,
-    system_resolver,
+    check_host_port_unique, check_label, check_repository_name, describe, entry_label, entry_port,
+    is_hub, is_jfrog, is_used, parse_port, system_resolver,
 };
 
 const HELP: &str = "\
@@ -24,6 +24,11 @@ Registries are where users find images to clone: `walt image clone LABEL:user/im
   characters), a host that resolves, a port, a protocol (https, http, or
   https-no-verify for self-signed certificates) and an authentication (basic:
   users give their credentials to the walt client; none: anonymous).
+- A JFrog Artifactory instance (api jfrog-artifactory) is a docker-registry-v2
+  registry whose images all live under one repository (clone URLs
+  LABEL:REPOSITORY/image); several may share a host:port with different repositories.
+- Entries of another api (written by a later WalT) are kept as they are; the
+  server skips them with a warning.
 - Only one registry per host:port.
 Press Esc to abort a prompt. 'Validate and quit' appears once the configuration is OK.";
 
@@ -39,6 +44,7 @@ enum Action {
     Remove,
     ToggleHub(bool),
     Add,
+    AddJfrog,
     Help,
     Discard,
     Validate,
@@ -52,6 +58,7 @@ impl fmt::Display for Action {
             Action::ToggleHub(true) => "Disable the Docker Hub",
             Action::ToggleHub(false) => "Enable the Docker Hub",
             Action::Add => "Connect a new registry",
+            Action::AddJfrog => "Connect a JFrog Artifactory instance",
             Action::Help => "Help",
             Action::Discard => "Discard changes and quit",
             Action::Validate => "Validate and quit",
@@ -89,13 +96,14 @@ pub fn run(original: Config) -> anyhow::Result<Outcome> {
         let status = config.status(&system_resolver);
         println!("Status: {status}\n");
         let mut actions = Vec::new();
-        let has_v2 = config.registries().iter().any(|e| !is_hub(e));
+        let has_v2 = config.registries().iter().any(|e| !is_hub(e) && is_used(e));
         if has_v2 {
             actions.extend([Action::Edit, Action::Remove]);
         }
         actions.extend([
             Action::ToggleHub(config.hub_enabled()),
             Action::Add,
+            Action::AddJfrog,
             Action::Help,
             Action::Discard,
         ]);
@@ -124,7 +132,8 @@ pub fn run(original: Config) -> anyhow::Result<Outcome> {
                 }
             }
             Action::ToggleHub(enabled) => config.set_hub(!enabled),
-            Action::Add => add(&mut config)?,
+            Action::Add => add(&mut config, None)?,
+            Action::AddJfrog => add(&mut config, Some(String::new()))?,
             Action::Help => println!("\n{HELP}\n"),
             Action::Discard => {
                 if config == original
@@ -216,7 +225,7 @@ fn pick_registry(config: &Config, msg: &str) -> anyhow::Result<Option<usize>> {
     let regs = config.registries();
     let labels: Vec<String> = regs
         .iter()
-        .filter(|e| !is_hub(e))
+        .filter(|e| !is_hub(e) && is_used(e))
         .map(entry_label)
         .collect();
     let Some(label) = skippable(Select::new(msg, labels).prompt_skippable())? else {
@@ -264,13 +273,19 @@ fn ask(
     let others: Vec<RegistryEntry> = all.to_vec();
     let h = host.clone();
     let port_now = current.port.to_string();
+    // JFrog entries may share a host:port: checked with the repository.
+    let jfrog = current.repository.is_some();
     let Some(port) = skippable(
         Text::new("Port:")
             .with_initial_value(&port_now)
             .with_validator(move |s: &str| {
-                validation(
-                    parse_port(s).and_then(|p| check_host_port_unique(&h, p, &others, index)),
-                )
+                validation(parse_port(s).and_then(|p| {
+                    if jfrog {
+                        Ok(())
+                    } else {
+                        check_host_port_unique(&h, p, &others, index)
+                    }
+                }))
             })
             .prompt_skippable(),
     )?
@@ -301,6 +316,22 @@ fn ask(
     else {
         return Ok(None);
     };
+    let repository = match &current.repository {
+        None => None,
+        Some(now) => {
+            let Some(r) = skippable(
+                Text::new("JFrog repository:")
+                    .with_initial_value(now)
+                    .with_help_message("the repository images are pushed to and pulled from")
+                    .with_validator(|s: &str| validation(check_repository_name(s.trim())))
+                    .prompt_skippable(),
+            )?
+            else {
+                return Ok(None);
+            };
+            Some(r.trim().to_string())
+        }
+    };
     Ok(Some(NewRegistry {
         label: label.trim().to_string(),
         description: description.trim().to_string(),
@@ -308,10 +339,12 @@ fn ask(
         port,
         protocol: protocol.to_string(),
         auth: auth.to_string(),
+        repository,
     }))
 }
 
-fn add(config: &mut Config) -> anyhow::Result<()> {
+/// `repository`: Some for a JFrog Artifactory instance.
+fn add(config: &mut Config, repository: Option<String>) -> anyhow::Result<()> {
     let blank = NewRegistry {
         label: String::new(),
         description: String::new(),
@@ -319,6 +352,7 @@ fn add(config: &mut Config) -> anyhow::Result<()> {
         port: model::DEFAULT_PORT,
         protocol: model::DEFAULT_PROTOCOL.into(),
         auth: model::DEFAULT_AUTH.into(),
+        repository,
     };
     if let Some(r) = ask(&config.registries(), None, &blank)?
         && let Err(e) = config.add(&r, &system_resolver)
@@ -341,6 +375,7 @@ fn edit(config: &mut Config, index: usize) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| model::DEFAULT_PROTOCOL.into()),
         auth: e.auth.clone().unwrap_or_else(|| model::DEFAULT_AUTH.into()),
+        repository: is_jfrog(e).then(|| e.repository.clone().unwrap_or_default()),
     };
     if let Some(r) = ask(&regs, Some(index), &current)? {
         // Keep what the editor does not show (ca-file, unknown keys).

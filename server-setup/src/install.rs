@@ -334,9 +334,13 @@ fn check_config(opts: &Options) -> Result<Check, String> {
     match fs::read_to_string(&path) {
         Ok(text) => match ServerConfig::parse(&path.display().to_string(), &text) {
             Ok(c) => Ok(Check::Ok(format!(
-                "{} is valid (registries: {}); left as is",
+                "{} is valid (registries: {}{}); left as is",
                 path.display(),
-                registry_labels(&c)
+                registry_labels(&c),
+                c.skipped
+                    .iter()
+                    .map(|s| format!("; {}", s.warning()))
+                    .collect::<String>()
             ))),
             Err(e) => Err(format!(
                 "{e}; the file is left as is: fix it (walt-server-setup --edit-conf), then run install again"
@@ -898,8 +902,21 @@ mod tests {
             fs::read_to_string(&conf).unwrap(),
             "registries: []\nvpn: {enabled: false}\n"
         );
+        // An entry of an api walt does not know (WalT's files may hold
+        // one) is kept and reported.
+        fs::write(&conf, "registries: [{label: x, api: nope}]\n").unwrap();
+        let (ok, l) = lines(&opts(root.path(), false), &Fake::default());
+        assert!(ok, "{l:?}");
+        assert!(
+            l[1].contains("registry 'x' skipped: api 'nope' is not supported"),
+            "{l:?}"
+        );
         // An invalid file is an error, and is kept too.
-        fs::write(&conf, "registries: [{api: nope}]\n").unwrap();
+        fs::write(
+            &conf,
+            "registries: [{api: docker-registry-v2, label: Bad}]\n",
+        )
+        .unwrap();
         let (ok, l) = lines(&opts(root.path(), false), &Fake::default());
         assert!(!ok);
         assert!(
@@ -908,7 +925,7 @@ mod tests {
         );
         assert_eq!(
             fs::read_to_string(&conf).unwrap(),
-            "registries: [{api: nope}]\n"
+            "registries: [{api: docker-registry-v2, label: Bad}]\n"
         );
     }
 

@@ -61,7 +61,8 @@ enum Cmd {
 enum RegistryCmd {
     /// List the configured registries.
     List,
-    /// Add a docker-registry-v2 registry.
+    /// Add a docker-registry-v2 registry (with --repository: a JFrog
+    /// Artifactory repository, api jfrog-artifactory).
     Add {
         /// Label used in clone URLs (`LABEL:user/image`).
         #[arg(long)]
@@ -80,6 +81,9 @@ enum RegistryCmd {
         /// Short description (at most 35 characters); default "Registry at HOST".
         #[arg(long)]
         description: Option<String>,
+        /// The JFrog Artifactory repository the images live under.
+        #[arg(long)]
+        repository: Option<String>,
     },
     /// Remove the registry with this label.
     Remove { label: String },
@@ -149,6 +153,13 @@ fn check(path: &Path) -> anyhow::Result<()> {
     for r in &config.registries {
         match r {
             Registry::Hub(_) => println!("  hub: docker-hub"),
+            Registry::V2(v) if v.repository.is_some() => println!(
+                "  {}: jfrog-artifactory {} repository {} (auth {:?})",
+                v.label,
+                v.base_url(),
+                v.repository.as_deref().unwrap_or_default(),
+                v.auth
+            ),
             Registry::V2(v) => println!(
                 "  {}: docker-registry-v2 {} (auth {:?})",
                 v.label,
@@ -156,6 +167,9 @@ fn check(path: &Path) -> anyhow::Result<()> {
                 v.auth
             ),
         }
+    }
+    for s in &config.skipped {
+        eprintln!("warning: {}", s.warning());
     }
     Ok(())
 }
@@ -319,6 +333,7 @@ fn registry(args: &Args, cmd: &RegistryCmd) -> anyhow::Result<()> {
             protocol,
             auth,
             description,
+            repository,
         } => {
             let r = NewRegistry {
                 label: label.clone(),
@@ -329,6 +344,7 @@ fn registry(args: &Args, cmd: &RegistryCmd) -> anyhow::Result<()> {
                 port: *port,
                 protocol: protocol.clone(),
                 auth: auth.clone(),
+                repository: repository.clone(),
             };
             config
                 .add(&r, &system_resolver)

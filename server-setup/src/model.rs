@@ -39,18 +39,28 @@ pub struct NewRegistry {
     pub port: u16,
     pub protocol: String,
     pub auth: String,
+    /// Some: a `jfrog-artifactory` registry, its images under this repository.
+    pub repository: Option<String>,
 }
 
 impl NewRegistry {
     pub fn to_entry(&self) -> RegistryEntry {
         RegistryEntry {
             label: Some(self.label.clone()),
-            api: Some("docker-registry-v2".into()),
+            api: Some(
+                if self.repository.is_some() {
+                    "jfrog-artifactory"
+                } else {
+                    "docker-registry-v2"
+                }
+                .into(),
+            ),
             description: Some(self.description.clone()),
             host: Some(self.host.clone()),
             port: Some(Value::from(self.port)),
             protocol: Some(self.protocol.clone()),
             auth: Some(self.auth.clone()),
+            repository: self.repository.clone(),
             ca_file: None,
             other: BTreeMap::new(),
         }
@@ -82,12 +92,9 @@ pub struct Config {
 }
 
 impl Config {
-    /// Parses a file text (unknown sections and keys kept).
+    /// Parses a file text (unknown sections and keys kept, in their order).
     pub fn parse(text: &str) -> Result<Self, String> {
-        if text.trim().is_empty() {
-            return Ok(Self::default());
-        }
-        let file: ServerConfigFile = serde_saphyr::from_str(text).map_err(|e| {
+        let file = ServerConfigFile::from_yaml(text).map_err(|e| {
             format!(
                 "not valid YAML: {}",
                 e.to_string().lines().next().unwrap_or_default()
@@ -143,8 +150,12 @@ impl Config {
         check_protocol(&r.protocol)?;
         check_auth(&r.auth)?;
         check_host(&r.host, r.port, resolve)?;
-        check_host_port_unique(&r.host, r.port, &regs, None)?;
-        self.registries_mut().push(r.to_entry());
+        let entry = r.to_entry();
+        check_repository(&entry)?;
+        let mut with = regs.clone();
+        with.push(entry.clone());
+        check_host_port_unique(&r.host, r.port, &with, Some(regs.len()))?;
+        self.registries_mut().push(entry);
         Ok(())
     }
 
@@ -214,7 +225,7 @@ impl Config {
     pub fn status(&self, resolve: Resolver) -> Status {
         let regs = self.registries();
         for (i, e) in regs.iter().enumerate() {
-            if is_hub(e) {
+            if is_hub(e) || !is_used(e) {
                 continue;
             }
             let name = entry_label(e);
@@ -231,6 +242,9 @@ impl Config {
                 if v.as_deref().is_none_or(str::is_empty) {
                     return Status::Incomplete(format!("{name}: {key} is missing"));
                 }
+            }
+            if is_jfrog(e) && e.repository.as_deref().is_none_or(str::is_empty) {
+                return Status::Incomplete(format!("{name}: repository is missing"));
             }
         }
         for (i, e) in regs.iter().enumerate() {
@@ -252,7 +266,9 @@ impl Config {
     }
 }
 
-/// Every rule on one docker-registry-v2 entry (`index`: its place in `all`).
+/// Every rule on one docker-registry-v2 or jfrog-artifactory entry
+/// (`index`: its place in `all`). Entries of another api are kept as they
+/// are (the server skips them with a warning).
 pub fn check_entry(
     e: &RegistryEntry,
     all: &[RegistryEntry],
@@ -261,12 +277,8 @@ pub fn check_entry(
 ) -> Result<(), String> {
     match e.api.as_deref() {
         Some("docker-registry-v2") => {}
-        Some("docker-hub") => return Ok(()),
-        Some(a) => {
-            return Err(format!(
-                "unknown api '{a}' (docker-hub or docker-registry-v2)"
-            ));
-        }
+        Some("jfrog-artifactory") => check_repository(e)?,
+        Some(_) => return Ok(()),
         None => return Err("api is missing".into()),
     }
     check_label(&entry_label(e), all, index)?;
@@ -290,6 +302,19 @@ pub fn hub_entry() -> RegistryEntry {
 
 pub fn is_hub(e: &RegistryEntry) -> bool {
     e.api.as_deref() == Some("docker-hub")
+}
+
+pub fn is_jfrog(e: &RegistryEntry) -> bool {
+    e.api.as_deref() == Some("jfrog-artifactory")
+}
+
+/// Whether the server uses this entry (an api it knows); the others are
+/// kept as they are and neither shown for editing nor checked.
+pub fn is_used(e: &RegistryEntry) -> bool {
+    matches!(
+        e.api.as_deref(),
+        Some("docker-hub" | "docker-registry-v2" | "jfrog-artifactory")
+    )
 }
 
 pub fn entry_label(e: &RegistryEntry) -> String {
@@ -337,6 +362,34 @@ pub fn check_label(
     {
         return Err(format!(
             "label '{label}' is already used by another registry"
+        ));
+    }
+    Ok(())
+}
+
+/// A jfrog-artifactory entry names its repository (lowercase letters,
+/// digits, '.', '_', '-'); other entries have none to check.
+pub fn check_repository(e: &RegistryEntry) -> Result<(), String> {
+    if !is_jfrog(e) {
+        return Ok(());
+    }
+    check_repository_name(e.repository.as_deref().unwrap_or(""))
+}
+
+/// A JFrog repository name (one component of a v2 repository name).
+pub fn check_repository_name(r: &str) -> Result<(), String> {
+    if r.is_empty() {
+        return Err("the repository must not be empty".into());
+    }
+    let ok = r.len() <= 128
+        && r.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-'
+        })
+        && r.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && r.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    if !ok {
+        return Err(format!(
+            "repository '{r}': use only lowercase letters, digits, '.', '_' and '-'"
         ));
     }
     Ok(())
@@ -392,18 +445,34 @@ pub fn check_host(host: &str, port: u16, resolve: Resolver) -> Result<(), String
     Ok(())
 }
 
-/// One registry per host:port.
+/// One registry per host:port (several jfrog-artifactory entries may share
+/// one if their repositories differ, as WalT allows).
 pub fn check_host_port_unique(
     host: &str,
     port: u16,
     all: &[RegistryEntry],
     except: Option<usize>,
 ) -> Result<(), String> {
+    let jfrog_repo = except
+        .and_then(|i| all.get(i))
+        .filter(|e| is_jfrog(e))
+        .and_then(|e| e.repository.as_deref());
     for (i, e) in all.iter().enumerate() {
-        if Some(i) == except || is_hub(e) {
+        if Some(i) == except || is_hub(e) || !is_used(e) {
             continue;
         }
         if e.host.as_deref() == Some(host) && entry_port(e).ok() == Some(port) {
+            if let Some(r) = jfrog_repo
+                && is_jfrog(e)
+            {
+                if e.repository.as_deref() != Some(r) {
+                    continue;
+                }
+                return Err(format!(
+                    "the JFrog repository '{r}' at {host}:{port} is already used by registry '{}'",
+                    entry_label(e)
+                ));
+            }
             return Err(format!(
                 "registry '{}' already uses {host}:{port}",
                 entry_label(e)
@@ -419,8 +488,10 @@ pub fn describe(e: &RegistryEntry) -> (String, String, String) {
     let desc = e.description.clone().unwrap_or_default();
     let conf = if is_hub(e) {
         String::new()
+    } else if !is_used(e) {
+        "(not supported: kept as is, skipped by the server)".into()
     } else {
-        format!(
+        let mut c = format!(
             "host={} port={} protocol={} auth={}",
             e.host.as_deref().unwrap_or("?"),
             entry_port(e)
@@ -428,7 +499,14 @@ pub fn describe(e: &RegistryEntry) -> (String, String, String) {
                 .unwrap_or_else(|_| "?".into()),
             e.protocol.as_deref().unwrap_or(DEFAULT_PROTOCOL),
             e.auth.as_deref().unwrap_or(DEFAULT_AUTH)
-        )
+        );
+        if is_jfrog(e) {
+            c.push_str(&format!(
+                " repository={}",
+                e.repository.as_deref().unwrap_or("?")
+            ));
+        }
+        c
     };
     (api, desc, conf)
 }
@@ -479,6 +557,7 @@ vpn:
             port,
             protocol: "https".into(),
             auth: "basic".into(),
+            repository: None,
         }
     }
 
@@ -634,6 +713,71 @@ vpn:
         e.port = Some(Value::String("abc".into()));
         c.replace(1, e);
         assert!(matches!(c.status(&yes), Status::Invalid(r) if r.contains("not an integer")));
+    }
+
+    /// Entries of WalT's regconf.py: a JFrog instance, and an api walt does
+    /// not know. Neither stops the editor; both are kept on save.
+    const WALT_JFROG: &str = "registries:
+-   label: hub
+    api: docker-hub
+    description: Public registry at hub.docker.com
+-   label: art
+    api: jfrog-artifactory
+    description: Local registry
+    host: jfrog.example.org
+    port: 443
+    protocol: https
+    auth: basic
+    repository: walt-images
+-   label: gl
+    api: gitlab-registry
+    description: d
+vpn:
+    enabled: false
+    zeta: 1
+    alpha: 2
+";
+
+    #[test]
+    fn jfrog_and_unknown_entries() {
+        let mut c = Config::parse(WALT_JFROG).unwrap();
+        assert_eq!(c.status(&yes), Status::Ok);
+        let regs = c.registries();
+        assert_eq!(
+            describe(&regs[1]).2,
+            "host=jfrog.example.org port=443 protocol=https auth=basic repository=walt-images"
+        );
+        assert!(describe(&regs[2]).2.contains("not supported"));
+        // A second JFrog repository on the same host:port is fine, the same
+        // one is not, nor a docker-registry-v2 there.
+        let mut jf = reg("art2", "jfrog.example.org", 443);
+        jf.repository = Some("other".into());
+        c.add(&jf, &yes).unwrap();
+        let mut same = reg("art3", "jfrog.example.org", 443);
+        same.repository = Some("walt-images".into());
+        assert!(c.add(&same, &yes).unwrap_err().contains("already used"));
+        assert!(c.add(&reg("v2", "jfrog.example.org", 443), &yes).is_err());
+        let mut bad = reg("art4", "x", 1);
+        bad.repository = Some("Bad Repo".into());
+        assert!(c.add(&bad, &yes).unwrap_err().contains("repository"));
+        // Missing repository: incomplete.
+        let mut e = c.registries()[1].clone();
+        e.repository = None;
+        c.replace(1, e);
+        assert_eq!(
+            c.status(&yes),
+            Status::Incomplete("registry 'art': repository is missing".into())
+        );
+        // Saved: everything kept, keys of other sections in their order.
+        let c = Config::parse(WALT_JFROG).unwrap();
+        let text = c.to_yaml().unwrap();
+        assert!(text.contains("  repository: walt-images\n"), "{text}");
+        assert!(text.contains("api: gitlab-registry"), "{text}");
+        assert!(
+            text.contains("vpn:\n  enabled: false\n  zeta: 1\n  alpha: 2\n"),
+            "{text}"
+        );
+        assert_eq!(Config::parse(&text).unwrap(), c);
     }
 
     #[test]

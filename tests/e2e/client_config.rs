@@ -128,9 +128,13 @@ fn missing_credentials_are_asked_for_checked_and_saved() {
     );
     assert!(screen.contains("saved"), "screen:\n{screen}");
     assert!(carol.show_row("busybox").is_some());
+    // Saved as WalT saves it: encoded (hex of the password XORed with
+    // WalT's key), never in clear.
     let text = std::fs::read_to_string(carol.config_path()).unwrap();
     assert!(
-        text.contains(SECURE_PASS) && text.contains(SECURE_USER),
+        text.contains("# (password value is encoded.)\n        password: 21722d3655390d2335213a\n")
+            && !text.contains(SECURE_PASS)
+            && text.contains(SECURE_USER),
         "{text}"
     );
     assert_eq!(mode(&carol.config_path()), 0o600);

@@ -38,4 +38,5 @@ mod squash;
 mod tls;
 mod tokens;
 mod users;
+mod walt_files;
 mod workingset;

@@ -789,17 +789,17 @@ fn edit_conf_loads_a_walt_written_file_and_saves_it_equal() {
 }
 
 /// What the editor writes back for `walt_written_file`: the same values
-/// (comments and key order aside).
+/// (comments aside, keys in the order they were read).
 const SAVED: &str = "# WalT server configuration file.
 # Run 'walt-server-setup --edit-conf' to update.
 
 network:
-  walt-adm:
-    ip: dhcp
-    raw-device: eth0
   walt-net:
-    ip: 192.168.152.1/22
     raw-device: null
+    ip: 192.168.152.1/22
+  walt-adm:
+    raw-device: eth0
+    ip: dhcp
 registries:
 - label: hub
   api: docker-hub
@@ -813,8 +813,8 @@ registries:
   auth: none
   mirror: false
 vpn:
-  boot-mode: tftp
   enabled: false
-  http-entrypoint: null
   ssh-entrypoint: null
+  http-entrypoint: null
+  boot-mode: tftp
 ";

@@ -1,8 +1,11 @@
 //! The server configuration file (`/etc/walt/server.conf`), WalT format.
 //!
 //! Sections walt does not use are kept as they are (so an existing WalT
-//! file loads unchanged and is written back unchanged); the registries list
-//! is parsed and validated into [`Registry`] values.
+//! file loads unchanged and is written back unchanged, keys in the order they
+//! were written); the registries list is parsed and validated into
+//! [`Registry`] values. Registry entries WalT accepts but walt cannot use
+//! (an `api` it does not know) are kept in the file and listed in
+//! [`ServerConfig::skipped`].
 
 use std::collections::BTreeMap;
 
@@ -23,14 +26,210 @@ pub enum ConfigError {
 }
 
 /// The file as written (unknown keys preserved).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+///
+/// Serialised, it gives `network`, `registries`, then the other sections;
+/// every map that is not a registry entry keeps the key order of the text
+/// it was read from ([`ServerConfigFile::from_yaml`]), keys added since
+/// come after the known ones, sorted.
+#[derive(Debug, Clone, Deserialize, Default)]
 pub struct ServerConfigFile {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub network: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub registries: Option<Vec<RegistryEntry>>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
+    /// The key order of the text read (not part of the content: two files
+    /// differing only by it are equal).
+    #[serde(skip)]
+    pub key_order: KeyOrder,
+}
+
+impl PartialEq for ServerConfigFile {
+    fn eq(&self, o: &Self) -> bool {
+        self.network == o.network && self.registries == o.registries && self.other == o.other
+    }
+}
+
+impl ServerConfigFile {
+    /// Parses YAML text, remembering its key order (empty text: empty file).
+    pub fn from_yaml(text: &str) -> Result<Self, serde_saphyr::Error> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let mut file: ServerConfigFile = serde_saphyr::from_str(text)?;
+        file.key_order = serde_saphyr::from_str(text)?;
+        Ok(file)
+    }
+}
+
+/// The order of the keys of every map of a YAML document (nested maps and
+/// sequence items included), as read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyOrder {
+    keys: Vec<(String, KeyOrder)>,
+    items: Vec<KeyOrder>,
+}
+
+impl KeyOrder {
+    fn child(&self, key: &str) -> &KeyOrder {
+        static EMPTY: KeyOrder = KeyOrder {
+            keys: Vec::new(),
+            items: Vec::new(),
+        };
+        self.keys
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(&EMPTY, |(_, o)| o)
+    }
+
+    fn item(&self, i: usize) -> &KeyOrder {
+        static EMPTY: KeyOrder = KeyOrder {
+            keys: Vec::new(),
+            items: Vec::new(),
+        };
+        self.items.get(i).unwrap_or(&EMPTY)
+    }
+
+    /// The keys of `map`: those read, in their order, then the others.
+    fn ordered<'a>(&self, map: &'a serde_json::Map<String, Value>) -> Vec<(&'a String, &'a Value)> {
+        let mut out: Vec<(&String, &Value)> = self
+            .keys
+            .iter()
+            .filter_map(|(k, _)| map.get_key_value(k))
+            .collect();
+        out.extend(
+            map.iter()
+                .filter(|(k, _)| self.keys.iter().all(|(r, _)| r != *k)),
+        );
+        out
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyOrder {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(KeyOrderVisitor)
+    }
+}
+
+struct KeyOrderVisitor;
+
+/// A map key of any scalar type, as text (what serde_json's maps hold).
+struct KeyText(String);
+
+impl<'de> Deserialize<'de> for KeyText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(KeyText(s)),
+            v => Ok(KeyText(v.to_string())),
+        }
+    }
+}
+
+macro_rules! scalar {
+    ($($f:ident: $t:ty),*) => {$(
+        fn $f<E: serde::de::Error>(self, _: $t) -> Result<KeyOrder, E> {
+            Ok(KeyOrder::default())
+        }
+    )*};
+}
+
+impl<'de> serde::de::Visitor<'de> for KeyOrderVisitor {
+    type Value = KeyOrder;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a YAML document")
+    }
+
+    scalar!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_i128: i128, visit_u128: u128,
+        visit_f64: f64, visit_str: &str, visit_bytes: &[u8]);
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<KeyOrder, E> {
+        Ok(KeyOrder::default())
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<KeyOrder, E> {
+        Ok(KeyOrder::default())
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<KeyOrder, D::Error> {
+        KeyOrder::deserialize(d)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<KeyOrder, A::Error> {
+        let mut items = Vec::new();
+        while let Some(o) = seq.next_element::<KeyOrder>()? {
+            items.push(o);
+        }
+        Ok(KeyOrder {
+            keys: Vec::new(),
+            items,
+        })
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<KeyOrder, A::Error> {
+        let mut keys: Vec<(String, KeyOrder)> = Vec::new();
+        while let Some((KeyText(k), o)) = map.next_entry::<KeyText, KeyOrder>()? {
+            // A repeated key: the last value wins, at the first place.
+            match keys.iter_mut().find(|(r, _)| *r == k) {
+                Some(slot) => slot.1 = o,
+                None => keys.push((k, o)),
+            }
+        }
+        Ok(KeyOrder {
+            keys,
+            items: Vec::new(),
+        })
+    }
+}
+
+/// `value` serialised with the key order of `order`.
+struct InOrder<'a>(&'a Value, &'a KeyOrder);
+
+impl Serialize for InOrder<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self.0 {
+            Value::Object(m) => {
+                let mut out = s.serialize_map(Some(m.len()))?;
+                for (k, v) in self.1.ordered(m) {
+                    out.serialize_entry(k, &InOrder(v, self.1.child(k)))?;
+                }
+                out.end()
+            }
+            Value::Array(a) => {
+                let mut out = s.serialize_seq(Some(a.len()))?;
+                for (i, v) in a.iter().enumerate() {
+                    out.serialize_element(&InOrder(v, self.1.item(i)))?;
+                }
+                out.end()
+            }
+            v => v.serialize(s),
+        }
+    }
+}
+
+impl Serialize for ServerConfigFile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut out = s.serialize_map(None)?;
+        if let Some(n) = &self.network {
+            out.serialize_entry("network", &InOrder(n, self.key_order.child("network")))?;
+        }
+        if let Some(r) = &self.registries {
+            out.serialize_entry("registries", r)?;
+        }
+        // `other` as an object, to order it like any map read.
+        let other: serde_json::Map<String, Value> = self
+            .other
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, v) in self.key_order.ordered(&other) {
+            out.serialize_entry(k, &InOrder(v, self.key_order.child(k)))?;
+        }
+        out.end()
+    }
 }
 
 /// One entry of `registries:` as written.
@@ -50,6 +249,9 @@ pub struct RegistryEntry {
     pub protocol: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<String>,
+    /// `jfrog-artifactory`: the Artifactory repository the images live under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
     /// walt extension: PEM file of extra CA certificates trusted for this registry.
     #[serde(rename = "ca-file", default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
@@ -70,7 +272,7 @@ pub enum Auth {
     Basic,
 }
 
-/// A validated `docker-registry-v2` registry.
+/// A validated `docker-registry-v2` (or `jfrog-artifactory`) registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct V2Registry {
     pub label: String,
@@ -80,6 +282,10 @@ pub struct V2Registry {
     pub protocol: Protocol,
     pub auth: Auth,
     pub ca_file: Option<String>,
+    /// `jfrog-artifactory`: every image lives under this repository
+    /// (`<repository>/<name>`, the user part of its clone URL) and the
+    /// catalog is at `/v2/<repository>/_catalog`, as WalT reads it.
+    pub repository: Option<String>,
 }
 
 impl V2Registry {
@@ -133,6 +339,26 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// The `nodes:` section (a walt extension), defaults for what it omits.
     pub nodes: NodesConfig,
+    /// Entries of `registries:` kept in the file but not used (WalT accepts
+    /// them, walt does not know their `api`).
+    pub skipped: Vec<SkippedRegistry>,
+}
+
+/// A registry entry walt skips.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedRegistry {
+    /// Its label (`registries[i]` when it has none).
+    pub label: String,
+    pub api: String,
+    /// Why, for the warning.
+    pub reason: String,
+}
+
+impl SkippedRegistry {
+    /// The warning logged and shown for it.
+    pub fn warning(&self) -> String {
+        format!("registry '{}' skipped: {}", self.label, self.reason)
+    }
 }
 
 /// The `nodes:` section of `server.conf` (walt extension).
@@ -441,21 +667,18 @@ impl ServerConfig {
             })],
             limits: Limits::default(),
             nodes: NodesConfig::default(),
+            skipped: Vec::new(),
         }
     }
 
     /// Parses and validates the text of `file_name`.
     pub fn parse(file_name: &str, text: &str) -> Result<Self, ConfigError> {
-        let file: ServerConfigFile = if text.trim().is_empty() {
-            ServerConfigFile::default()
-        } else {
-            serde_saphyr::from_str(text).map_err(|e| ConfigError::Syntax {
-                file: file_name.to_string(),
-                message: e.to_string().lines().next().unwrap_or_default().to_string(),
-            })?
-        };
-        let registries = match &file.registries {
-            None => Self::default_config().registries,
+        let file = ServerConfigFile::from_yaml(text).map_err(|e| ConfigError::Syntax {
+            file: file_name.to_string(),
+            message: e.to_string().lines().next().unwrap_or_default().to_string(),
+        })?;
+        let (registries, skipped) = match &file.registries {
+            None => (Self::default_config().registries, Vec::new()),
             Some(entries) => validate_registries(file_name, entries)?,
         };
         let limits = validate_limits(file_name, file.other.get("limits"))?;
@@ -465,6 +688,7 @@ impl ServerConfig {
             registries,
             limits,
             nodes,
+            skipped,
         })
     }
 
@@ -473,11 +697,13 @@ impl ServerConfig {
     }
 }
 
+/// The registries walt uses, and those it skips.
 fn validate_registries(
     file: &str,
     entries: &[RegistryEntry],
-) -> Result<Vec<Registry>, ConfigError> {
+) -> Result<(Vec<Registry>, Vec<SkippedRegistry>), ConfigError> {
     let mut out = Vec::new();
+    let mut skipped = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         let err = |key: &str, message: String| ConfigError::Invalid {
             file: file.to_string(),
@@ -508,7 +734,24 @@ fn validate_registries(
                 }
                 out.push(Registry::Hub(HubRegistry { description, other }));
             }
-            "docker-registry-v2" => {
+            "docker-registry-v2" | "jfrog-artifactory" => {
+                let repository = match (api, e.repository.as_deref()) {
+                    ("jfrog-artifactory", Some(r)) if valid_repository(r) => Some(r.to_string()),
+                    ("jfrog-artifactory", r) => {
+                        skipped.push(SkippedRegistry {
+                            label: e.label.clone().unwrap_or_else(|| format!("registries[{i}]")),
+                            api: api.to_string(),
+                            reason: match r {
+                                None => "jfrog-artifactory without a repository".into(),
+                                Some(r) => format!(
+                                    "repository '{r}' is not a repository name (lowercase letters, digits, '.', '_', '-')"
+                                ),
+                            },
+                        });
+                        continue;
+                    }
+                    _ => None,
+                };
                 let label = e
                     .label
                     .clone()
@@ -569,14 +812,16 @@ fn validate_registries(
                     protocol,
                     auth,
                     ca_file: e.ca_file.clone(),
+                    repository,
                 }));
             }
-            other => {
-                return Err(err(
-                    "api",
-                    format!("unknown registry api '{other}' (docker-hub or docker-registry-v2)"),
-                ));
-            }
+            other => skipped.push(SkippedRegistry {
+                label: e.label.clone().unwrap_or_else(|| format!("registries[{i}]")),
+                api: other.to_string(),
+                reason: format!(
+                    "api '{other}' is not supported (docker-hub, docker-registry-v2, jfrog-artifactory)"
+                ),
+            }),
         }
     }
     for (i, r) in out.iter().enumerate() {
@@ -588,7 +833,18 @@ fn validate_registries(
             });
         }
     }
-    Ok(out)
+    Ok((out, skipped))
+}
+
+/// A JFrog repository name: one path component of a v2 repository name.
+fn valid_repository(r: &str) -> bool {
+    !r.is_empty()
+        && r.len() <= 128
+        && r.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-'
+        })
+        && r.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && r.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
 }
 
 #[cfg(test)]
@@ -742,6 +998,138 @@ vpn:
         }
         let c = ServerConfig::parse("f", "network:\n  walt-net:\n    ip: dhcp\n").unwrap();
         assert_eq!(walt_net_ip(&c.file), None);
+    }
+
+    /// As WalT's `walt-server-setup --edit-conf` writes it (regconf.py,
+    /// conf.py: 4-space indent, category comments, keys in insertion order).
+    const WALT_JFROG_FILE: &str = r#"
+# WalT server configuration file.
+# Run 'walt-server-setup --edit-conf' to update.
+
+# network configuration
+# ---------------------
+network:
+    walt-net:
+        raw-device: null
+        ip: 192.168.212.1/24
+
+# image registries
+# ----------------
+registries:
+-   label: hub
+    api: docker-hub
+    description: Public registry at hub.docker.com
+-   label: art
+    api: jfrog-artifactory
+    description: Local registry
+    host: jfrog.example.org
+    port: 443
+    protocol: https
+    auth: basic
+    repository: walt-images
+-   label: gl
+    api: gitlab-registry
+    description: Some future kind
+    host: gitlab.example.org
+
+# VPN configuration
+# -----------------
+vpn:
+    enabled: true
+    ssh-entrypoint: vpn.example.org
+    http-entrypoint: http://vpn.example.org
+    boot-mode: nbfs
+zzz-first:
+    b: 1
+    a: 2
+aaa-last: x
+"#;
+
+    #[test]
+    fn jfrog_and_unknown_api_never_refused() {
+        let c = ServerConfig::parse("server.conf", WALT_JFROG_FILE).unwrap();
+        assert_eq!(c.registries.len(), 2, "{:?}", c.registries);
+        let Registry::V2(r) = &c.registries[1] else {
+            panic!("{:?}", c.registries[1])
+        };
+        assert_eq!(r.label, "art");
+        assert_eq!(r.repository.as_deref(), Some("walt-images"));
+        assert_eq!(r.base_url(), "https://jfrog.example.org:443");
+        assert_eq!(r.auth, Auth::Basic);
+        assert_eq!(c.skipped.len(), 1);
+        assert_eq!(
+            c.skipped[0].warning(),
+            "registry 'gl' skipped: api 'gitlab-registry' is not supported (docker-hub, docker-registry-v2, jfrog-artifactory)"
+        );
+        // Kept in the file as written.
+        let entries = c.file.registries.as_ref().unwrap();
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[2].api.as_deref(), Some("gitlab-registry"));
+        assert_eq!(entries[1].repository.as_deref(), Some("walt-images"));
+        // A jfrog entry without a usable repository is skipped too.
+        for (repo, reason) in [
+            ("", "without a repository"),
+            ("    repository: Bad/Repo\n", "is not a repository name"),
+        ] {
+            let text = format!(
+                "registries:\n-   label: art\n    api: jfrog-artifactory\n    description: d\n    host: h\n{repo}"
+            );
+            let c = ServerConfig::parse("f", &text).unwrap();
+            assert!(c.registries.is_empty());
+            assert!(c.skipped[0].warning().contains(reason), "{:?}", c.skipped);
+        }
+    }
+
+    #[test]
+    fn unknown_sections_keep_their_key_order() {
+        let c = ServerConfig::parse("server.conf", WALT_JFROG_FILE).unwrap();
+        let text = serde_saphyr::to_string(&c.file).unwrap();
+        let keys: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with([' ', '-']))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "network:",
+                "registries:",
+                "vpn:",
+                "zzz-first:",
+                "aaa-last: x"
+            ],
+            "{text}"
+        );
+        let vpn = text.split("vpn:\n").nth(1).unwrap();
+        let vpn_keys: Vec<&str> = vpn
+            .lines()
+            .take(4)
+            .map(|l| l.trim().split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            vpn_keys,
+            ["enabled", "ssh-entrypoint", "http-entrypoint", "boot-mode"],
+            "{text}"
+        );
+        assert!(text.contains("zzz-first:\n  b: 1\n  a: 2\n"), "{text}");
+        // WalT's registry key order, repository last.
+        let art = text.split("label: art").nth(1).unwrap();
+        let order: Vec<usize> = [
+            "api:",
+            "description:",
+            "host:",
+            "port:",
+            "protocol:",
+            "auth:",
+            "repository:",
+        ]
+        .iter()
+        .map(|k| art.find(k).unwrap())
+        .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{text}");
+        // What is written reads back the same.
+        let again = ServerConfig::parse("f", &text).unwrap();
+        assert_eq!(again.file, c.file);
+        assert_eq!(serde_saphyr::to_string(&again.file).unwrap(), text);
     }
 
     #[test]

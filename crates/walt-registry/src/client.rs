@@ -97,6 +97,10 @@ pub struct ClientOptions {
     /// Blob uploads larger than this are sent in chunks of this size
     /// (`PATCH`); smaller ones in one `PUT`.
     pub upload_chunk_size: u64,
+    /// A JFrog Artifactory repository: the catalog is read at
+    /// `/v2/<repository>/_catalog` and its names are given as
+    /// `<repository>/<name>`.
+    pub catalog_repository: Option<String>,
 }
 
 impl ClientOptions {
@@ -110,6 +114,7 @@ impl ClientOptions {
             credentials: None,
             retry: RetryPolicy::default(),
             upload_chunk_size: DEFAULT_UPLOAD_CHUNK_SIZE,
+            catalog_repository: None,
         }
     }
 }
@@ -181,6 +186,7 @@ struct Inner {
     credentials: Option<Credentials>,
     retry: RetryPolicy,
     upload_chunk_size: u64,
+    catalog_repository: Option<String>,
     auth: Mutex<AuthState>,
 }
 
@@ -285,6 +291,7 @@ impl RegistryClient {
                 credentials: opts.credentials,
                 retry: opts.retry,
                 upload_chunk_size: opts.upload_chunk_size.max(1),
+                catalog_repository: opts.catalog_repository,
                 auth: Mutex::new(AuthState::default()),
             }),
         })
@@ -299,6 +306,7 @@ impl RegistryClient {
         let mut opts = ClientOptions::new(reg.label.clone(), reg.base_url());
         opts.verify_tls = reg.protocol != Protocol::HttpsNoVerify;
         opts.credentials = credentials;
+        opts.catalog_repository = reg.repository.clone();
         if let Some(file) = &reg.ca_file
             && reg.protocol == Protocol::Https
         {
@@ -1373,6 +1381,7 @@ mod tests {
             protocol: Protocol::Https,
             auth: walt_core::config::Auth::None,
             ca_file: Some("/nonexistent/ca.pem".into()),
+            repository: None,
         };
         let e = RegistryClient::for_v2(&reg, None).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/ca.pem"), "{e}");

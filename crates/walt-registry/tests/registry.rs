@@ -504,6 +504,7 @@ async fn tls_and_basic_auth() {
         protocol: walt_core::config::Protocol::Https,
         auth: walt_core::config::Auth::Basic,
         ca_file: Some(ca_file.display().to_string()),
+        repository: None,
     };
     let c = RegistryClient::for_v2(&v2, Some(Credentials::new("user", "pass"))).unwrap();
     assert_eq!(
@@ -1128,6 +1129,46 @@ async fn catalog_follows_links_and_null_tags() {
     assert_eq!(c.tags("a/b").await.unwrap(), ["x"]);
     let e = c.tags("bad/json").await.unwrap_err().to_string();
     assert!(e.contains("not valid JSON"), "{e}");
+}
+
+/// A `jfrog-artifactory` registry: the catalog of its repository, read
+/// where WalT reads it, names given under the repository.
+#[tokio::test]
+async fn jfrog_catalog_lives_under_the_repository() {
+    let server = mock(|req, _| match req.target.as_str() {
+        "/v2/walt-images/_catalog?n=100" => {
+            resp(200, &[], r#"{"repositories":["busybox","tools/x"]}"#)
+        }
+        "/v2/walt-images/busybox/tags/list?n=100" => resp(
+            200,
+            &[],
+            r#"{"name":"walt-images/busybox","tags":["latest"]}"#,
+        ),
+        _ => resp(404, &[], r#"{"errors":[{"code":"NOT_FOUND"}]}"#),
+    })
+    .await;
+    let port: u16 = server.url().rsplit(':').next().unwrap().parse().unwrap();
+    let reg = walt_core::config::V2Registry {
+        label: "art".into(),
+        description: String::new(),
+        host: "127.0.0.1".into(),
+        port,
+        protocol: walt_core::config::Protocol::Http,
+        auth: walt_core::config::Auth::None,
+        ca_file: None,
+        repository: Some("walt-images".into()),
+    };
+    let c = RegistryClient::for_v2(&reg, None).unwrap();
+    assert_eq!(
+        c.catalog().await.unwrap(),
+        ["walt-images/busybox", "walt-images/tools/x"]
+    );
+    assert_eq!(c.tags("walt-images/busybox").await.unwrap(), ["latest"]);
+    // Without the repository: the registry's root catalog (absent here).
+    let mut plain = reg.clone();
+    plain.repository = None;
+    let c = RegistryClient::for_v2(&plain, None).unwrap();
+    assert!(c.catalog().await.is_err());
 }
 
 // ----- pushing -----

@@ -153,6 +153,9 @@ pub async fn plan(
                 Some(Registry::V2(reg)) => {
                     Source::Registry(RegistryClient::for_v2(reg, req.credentials.clone())?)
                 }
+                _ if let Some(s) = config.skipped.iter().find(|s| s.label == *label) => {
+                    return Err(ServiceError::FailedPrecondition(s.warning()));
+                }
                 _ => {
                     let known: Vec<&str> = ["walt", "docker"]
                         .into_iter()

@@ -207,11 +207,15 @@ pub async fn plan(
         }
         .into());
     }
-    let owner = creds
-        .as_ref()
-        .map(|c| c.username.to_lowercase())
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| user.to_string());
+    // A JFrog registry keeps every image under its repository (as WalT).
+    let owner = match &reg.repository {
+        Some(r) => r.clone(),
+        None => creds
+            .as_ref()
+            .map(|c| c.username.to_lowercase())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| user.to_string()),
+    };
     let text = format!(
         "{}:{owner}/{}:{}",
         reg.label, image.name.name, image.name.tag

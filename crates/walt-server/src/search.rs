@@ -210,6 +210,9 @@ pub(crate) async fn run(state: Arc<State>, user: String, req: SearchRequest, eve
             events.clone(),
         )));
     }
+    for s in &config.skipped {
+        send(&events, SearchEvent::Warning(s.warning())).await;
+    }
     while sources.next().await.is_some() {}
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     tracing::info!(user = %user, keyword = %keyword, elapsed_ms, "search finished");

@@ -31,16 +31,28 @@ struct TagsPage {
 
 impl RegistryClient {
     /// Every repository of the registry (`GET /v2/_catalog`, all pages).
+    /// For a JFrog repository (`catalog_repository`), as WalT reads it:
+    /// `GET /v2/<repository>/_catalog`, each name given as
+    /// `<repository>/<name>`.
     pub async fn catalog(&self) -> Result<Vec<String>, RegistryError> {
         let mut out = Vec::new();
+        let (first, prefix) = match &self.inner.catalog_repository {
+            Some(r) => (format!("/v2/{r}/_catalog"), format!("{r}/")),
+            None => ("/v2/_catalog".to_string(), String::new()),
+        };
         self.paginate(
-            "/v2/_catalog",
+            &first,
             None,
             "the repository catalog",
             "the repository catalog",
             |bytes| {
                 let page: CatalogPage = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-                out.extend(page.repositories.unwrap_or_default());
+                let names = page.repositories.unwrap_or_default();
+                if prefix.is_empty() {
+                    out.extend(names);
+                } else {
+                    out.extend(names.into_iter().map(|n| format!("{prefix}{n}")));
+                }
                 Ok(())
             },
         )
