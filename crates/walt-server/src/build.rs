@@ -31,6 +31,7 @@ use walt_build::cache::{self, CacheKey, InputMeta};
 use walt_build::context::{self as ctx, Source, SourceKind};
 use walt_build::plan::{self, Action, BaseRef, Change, CopyStep, Plan, RunStep, Settings};
 use walt_container::{Job, Spec};
+use walt_core::models::Platform;
 use walt_core::oci::ImageConfig;
 use walt_core::{ImageName, LABEL_NODE_MODELS};
 use walt_proto::v1::{self as pb, build_event::Event, build_request::Msg};
@@ -467,7 +468,23 @@ impl Builder<'_> {
             .map(|s| df_line(&s.base_text, s.name.as_deref()))
             .unwrap_or_default();
         self.announce(&from_text, false).await?;
-        let mut out = self.base(&stage.base, outs).await?;
+        let platform = stage.platform.as_deref().and_then(Platform::parse);
+        let mut out = self.base(&stage.base, platform, outs).await?;
+        if let Some(want) = platform
+            && !matches!(stage.base, BaseRef::Scratch | BaseRef::Stage(_))
+        {
+            let (arch, variant) = out.arch();
+            if !want.matches(&arch, variant.as_deref()) {
+                return Err(ServiceError::NoPlatform {
+                    url: format!("base image '{}'", stage.base_text),
+                    arch: want.to_string().trim_start_matches("linux/").to_string(),
+                    available: match variant {
+                        Some(v) => format!("linux/{arch}/{v}"),
+                        None => format!("linux/{arch}"),
+                    },
+                });
+            }
+        }
         let steps = plan.stage_steps(index, &out.settings).map_err(bad)?;
         out.author = steps.author.clone().or(out.author);
         let mut cmd_set = false;
@@ -580,15 +597,20 @@ impl Builder<'_> {
         blocking(move || Ok(s.cache_put(&k, &entry)?)).await
     }
 
-    /// The start of a stage.
+    /// The start of a stage. With a `FROM --platform`, scratch is of that
+    /// platform, and an index is resolved to it (`stage` checks the result).
     async fn base(
         &self,
         base: &BaseRef,
+        platform: Option<Platform>,
         outs: &[Option<StageOut>],
     ) -> Result<StageOut, ServiceError> {
         match base {
             BaseRef::Scratch => {
-                let (arch, variant) = walt_core::oci::oci_arch(std::env::consts::ARCH);
+                let (arch, variant) = match platform {
+                    Some(p) => (p.architecture, p.variant),
+                    None => walt_core::oci::oci_arch(std::env::consts::ARCH),
+                };
                 let mut m = Map::new();
                 m.insert("architecture".into(), arch.into());
                 if let Some(v) = variant {
@@ -624,7 +646,10 @@ impl Builder<'_> {
                 stage_from(rec.layers, &config, rec.created, &name.to_string())
             }
             BaseRef::Remote(reference) => {
-                let key = format!("base:{reference}");
+                let key = match platform {
+                    Some(p) => format!("base:{reference}@{p}"),
+                    None => format!("base:{reference}"),
+                };
                 let (s, k) = (self.store.clone(), key.clone());
                 let hit = blocking(move || Ok(s.cache_get(&k)?)).await?;
                 if let Some(CacheEntry {
@@ -642,7 +667,7 @@ impl Builder<'_> {
                 let say = move |line: String| {
                     let _ = say_tx.send(line);
                 };
-                let fetch = crate::clone::fetch_base(&self.state, reference, &say);
+                let fetch = crate::clone::fetch_base(&self.state, reference, platform, &say);
                 tokio::pin!(fetch);
                 let fetched = loop {
                     tokio::select! {
@@ -804,7 +829,7 @@ impl Builder<'_> {
                         ServiceError::Internal(format!("stage {j} was not built"))
                     })?,
                     // An image: resolved as a FROM would be.
-                    other => self.base(other, outs).await?,
+                    other => self.base(other, None, outs).await?,
                 };
             let inputs = cache::step_key("from", &src.chain(), None);
             return Ok(Prepared {
