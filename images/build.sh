@@ -18,8 +18,10 @@
 #      a platform, its image directory (not Dockerfiles, *.ipxe, *.md): rebuilt only when
 #      one of them changes;
 #   2. a private walt-server (walt user waltplatform) builds it with
-#      `walt image build --from-dir` (Dockerfile + images/common/start.ipxe + rootfs.tar,
-#      the first two with a fixed mtime so that the layers do not change between runs);
+#      `walt image build --from-dir` (Dockerfile, rootfs.tar and, for iPXE models,
+#      boot/<model>/start.ipxe from images/common; all but rootfs.tar with the mtime
+#      $SOURCE_DATE_EPOCH, default 2000-01-01, so that the layers are the same from run
+#      to run and a publish sends no blob the registry has);
 #      then checks that `walt image show` lists it with its models and that each model
 #      has the files BOOT_CHECK of recipe.conf names in /boot/<model>/;
 #   3. with --push: `walt image publish`. A single-platform image is published as
@@ -60,7 +62,7 @@ recipes_of() {
   for r in "$d"/*/recipe.conf; do [ -f "$r" ] && dirname "$r"; done
 }
 conf() { (. "$COMMON/debian.conf"; . "$1/recipe.conf"; eval "printf '%s' \"\${$2:-}\""); }
-models_of() { for r in $(recipes_of "$1"); do conf "$r" MODELS | tr ',' '\n'; done | awk 'NF && !seen[$0]++' | paste -sd, -; }
+models_of() { for r in $(recipes_of "$1"); do conf "$r" MODELS | tr ',' '\n'; echo; done | awk 'NF && !seen[$0]++' | paste -sd, -; }
 all_images=()
 for d in "$IMAGES"/*-default/; do
   d=$(basename "$d"); [ -n "$(recipes_of "$d")" ] && all_images+=("$d")
@@ -227,7 +229,8 @@ curl_reg() { curl -fsS --retry 2 "$@"; }
 # REPO:latest for each REPO (blobs mounted from waltplatform/IMAGE, manifests put by digest).
 put_index() {
   local image=$1; shift
-  local src=waltplatform/$image plat repo d
+  local src=waltplatform/$image plat repo d code
+  export REG SRC=$src
   rm -rf "$W/idx"; mkdir -p "$W/idx"
   for plat in "${platform_tags[@]}"; do
     curl_reg -H "Accept: $ACCEPT" -D "$W/idx/$plat.headers" -o "$W/idx/$plat.manifest" "$REG/$src/manifests/$plat"
@@ -288,9 +291,13 @@ for i in "${images[@]}"; do
     fi
     # 3. the image, from the recipe's Dockerfile and the cached rootfs
     phase "$i: walt image build --from-dir ($name)"
-    rm -rf "$W/ctx"; mkdir -p "$W/ctx"
-    cp "$dir/Dockerfile" "$COMMON/start.ipxe" "$W/ctx/"
-    touch -d "@$EPOCH" "$W/ctx/Dockerfile" "$W/ctx/start.ipxe"
+    rm -rf "$W/ctx"; mkdir -p "$W/ctx/boot"
+    cp "$dir/Dockerfile" "$W/ctx/"
+    case " $(conf "$dir" BOOT_CHECK) " in *" start.ipxe "*)
+      for m in $(conf "$dir" MODELS | tr ',' ' '); do mkdir -p "$W/ctx/boot/$m"; cp "$COMMON/start.ipxe" "$W/ctx/boot/$m/"; done ;;
+    esac
+    # fixed mtimes: COPY keeps them, so that the layer is the same from run to run
+    find "$W/ctx" -exec touch -h -d "@$EPOCH" {} +
     ln "${tarball[$dir]}" "$W/ctx/rootfs.tar" 2>/dev/null || cp "${tarball[$dir]}" "$W/ctx/rootfs.tar"
     walt image build --from-dir "$W/ctx" "$name" </dev/null
     phase_end
@@ -310,7 +317,7 @@ for i in "${images[@]}"; do
     phase "$i: one index of ${platform_tags[*]} for $(models_of "$i")"
     repos=("waltplatform/$i")
     for m in $(models_of "$i" | tr ',' ' '); do repos+=("waltplatform/$m-default"); done
-    REG=$REG SRC=waltplatform/$i put_index "$i" "${repos[@]}"
+    put_index "$i" "${repos[@]}"
     phase_end
   fi
 done

@@ -58,14 +58,19 @@ fn scratch_stage_takes_the_from_platform() {
     ];
     for (i, (platform, model, want)) in cases.iter().enumerate() {
         let name = format!("p{i}");
-        build(
+        let out = build(
             &env.alice,
             &format!(
                 "FROM --platform={platform} scratch\nCOPY hello /hello\nLABEL walt.node.models={model}\n"
             ),
             &name,
-        )
-        .assert_success();
+        );
+        out.assert_success();
+        assert!(
+            format!("{}{}", out.stdout, out.stderr)
+                .contains(&format!("STEP 1/3: FROM --platform={platform} scratch")),
+            "{out}"
+        );
         assert_eq!(&platform_of(&env, &name), want, "{platform}");
     }
     // Without --platform: the server's own platform, as before.
@@ -181,4 +186,80 @@ fn base_is_resolved_to_the_from_platform_or_refused() {
     )
     .assert_success();
     assert_eq!(marker(&env.alice, "img"), "arm64 base\n");
+}
+
+/// Layer digests of alice's image `name`, from its config.
+fn diff_ids(env: &Env, name: &str) -> Vec<String> {
+    let c = walt_e2e::tree::image_config(&env.server.data_dir(), "alice", name).unwrap();
+    c["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn same_steps_on_the_same_inputs_give_the_same_layers() {
+    // As images/build.sh builds a default image: ADD of a root filesystem
+    // tar (here without a `./` entry), then COPY of a directory into one the
+    // tar made. Every step runs twice (--no-cache): the layers must not
+    // record when (the session's root directory, changed by the step).
+    let env = Env::start();
+    let ctx = tempfile::tempdir().unwrap();
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, data) in [
+        ("boot/", None),
+        ("boot/m/", None),
+        ("boot/m/kernel", Some("k")),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_600_000_000);
+        match data {
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                tar.append_data(&mut h, path, std::io::empty()).unwrap();
+            }
+            Some(d) => {
+                h.set_mode(0o644);
+                h.set_size(d.len() as u64);
+                tar.append_data(&mut h, path, d.as_bytes()).unwrap();
+            }
+        }
+    }
+    std::fs::write(ctx.path().join("rootfs.tar"), tar.into_inner().unwrap()).unwrap();
+    std::fs::create_dir_all(ctx.path().join("boot/m")).unwrap();
+    std::fs::write(ctx.path().join("boot/m/start.ipxe"), "#!ipxe\n").unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM --platform=linux/arm64 scratch\nADD rootfs.tar /\nCOPY boot /boot\nLABEL walt.node.models=rpi-4-b\n",
+    )
+    .unwrap();
+    let t = filetime::FileTime::from_unix_time(1_500_000_000, 0);
+    for p in [
+        "boot/m/start.ipxe",
+        "boot/m",
+        "boot",
+        "Dockerfile",
+        "rootfs.tar",
+    ] {
+        filetime::set_file_mtime(ctx.path().join(p), t).unwrap();
+    }
+    for name in ["one", "two"] {
+        env.alice
+            .run(&[
+                "image",
+                "build",
+                "--no-cache",
+                "--from-dir",
+                ctx.path().to_str().unwrap(),
+                name,
+            ])
+            .assert_success();
+    }
+    let (one, two) = (diff_ids(&env, "one"), diff_ids(&env, "two"));
+    assert_eq!(one.len(), 2, "{one:?}");
+    assert_eq!(one, two);
 }

@@ -465,7 +465,7 @@ impl Builder<'_> {
         let from_text = plan
             .stages
             .get(index)
-            .map(|s| df_line(&s.base_text, s.name.as_deref()))
+            .map(|s| df_line(&s.base_text, s.name.as_deref(), s.platform.as_deref()))
             .unwrap_or_default();
         self.announce(&from_text, false).await?;
         let platform = stage.platform.as_deref().and_then(Platform::parse);
@@ -721,6 +721,9 @@ impl Builder<'_> {
         let layer = blocking(move || {
             let upper = dir.upper();
             walt_container::clean_session_artifacts(&upper);
+            if let Err(e) = pin_root_mtime(&upper) {
+                tracing::warn!(upper = %upper.display(), error = %e, "cannot set the layer root's mtime");
+            }
             if Store::upper_is_empty(&upper)? {
                 return Ok(None);
             }
@@ -1237,6 +1240,26 @@ impl Drop for Scratch {
     }
 }
 
+/// A layer does not record when its step ran: the root directory of the
+/// session's upper dir (created with the session, changed by every entry
+/// made under it) gets the Unix epoch as its mtime, unless the step set an
+/// older time itself (ADD of a tar with a `./` entry): one before the
+/// directory was created (or, where the filesystem keeps no creation time,
+/// one that is not its ctime). So the same step on the same input gives the
+/// same layer.
+fn pin_root_mtime(upper: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(upper)?;
+    let set_by_step = match (m.created(), m.modified()) {
+        (Ok(born), Ok(modified)) => modified < born,
+        _ => (m.mtime(), m.mtime_nsec()) != (m.ctime(), m.ctime_nsec()),
+    };
+    if !set_by_step {
+        std::fs::File::open(upper)?.set_modified(std::time::UNIX_EPOCH)?;
+    }
+    Ok(())
+}
+
 /// Where a COPY/ADD takes its files from.
 enum CopySource {
     /// The context, or a directory of heredocs or downloads.
@@ -1332,7 +1355,11 @@ fn stage_from(
 }
 
 /// `FROM x AS y` for the step line.
-fn df_line(base: &str, name: Option<&str>) -> String {
+fn df_line(base: &str, name: Option<&str>, platform: Option<&str>) -> String {
+    let base = match platform {
+        Some(p) => format!("--platform={p} {base}"),
+        None => base.to_string(),
+    };
     match name {
         Some(n) => format!("FROM {base} AS {n}"),
         None => format!("FROM {base}"),
