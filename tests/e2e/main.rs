@@ -9,6 +9,7 @@ mod build;
 mod build_base;
 mod build_cli;
 mod build_oracle;
+mod build_platform;
 mod client_config;
 mod common;
 mod crash;

@@ -196,7 +196,9 @@ pub struct Stage {
     /// The base reference after expansion.
     pub base_text: String,
     pub base: BaseRef,
-    /// `--platform=`, expanded.
+    /// `--platform=`, expanded; `walt_core::models::Platform::parse`
+    /// accepts it. The image config of a `scratch` stage gets this platform;
+    /// a base image must be of it (an index is resolved to it).
     pub platform: Option<String>,
     /// Line of the FROM.
     pub line: usize,
@@ -601,10 +603,19 @@ impl Plan {
                         None => classify(&base_text, &options.user, in_store),
                     };
                     let platform = match plat {
-                        Some(p) => Some(
-                            expand(p, df.escape, &scope)
-                                .map_err(|e| at(ins.line, e.to_string()))?,
-                        ),
+                        Some(p) => {
+                            let p = expand(p, df.escape, &scope)
+                                .map_err(|e| at(ins.line, e.to_string()))?;
+                            if walt_core::models::Platform::parse(&p).is_none() {
+                                return Err(at(
+                                    ins.line,
+                                    format!(
+                                        "unsupported platform '{p}' (expected linux/<architecture>[/<variant>], e.g. linux/arm64 or linux/arm/v7)"
+                                    ),
+                                ));
+                            }
+                            Some(p)
+                        }
                         None => None,
                     };
                     stages.push(Stage {

@@ -537,3 +537,27 @@ fn hostile_args_are_bounded() {
         "{e}"
     );
 }
+
+#[test]
+fn from_platform_must_be_one_walt_can_build_for() {
+    // kept as written (expanded): the server parses it for the config
+    let p = plan(
+        "ARG P=linux/arm/v7\nFROM --platform=linux/arm64 scratch\nFROM --platform=$P scratch\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(p.stages[0].platform.as_deref(), Some("linux/arm64"));
+    assert_eq!(p.stages[1].platform.as_deref(), Some("linux/arm/v7"));
+    for bad in ["windows/amd64", "linux/x86_64", "linux/arm/v9", "linux"] {
+        let e = plan(
+            &format!("FROM scratch\nFROM --platform={bad} scratch\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("line 2: unsupported platform") && e.contains(&format!("'{bad}'")),
+            "{e}"
+        );
+    }
+}

@@ -98,7 +98,40 @@ impl std::fmt::Display for Platform {
     }
 }
 
+/// Variants a `--platform` may name (Docker's arm `v5`-`v8`, amd64's `v2`-`v4`).
+const VARIANTS: &[&str] = &["v2", "v3", "v4", "v5", "v6", "v7", "v8"];
+
 impl Platform {
+    /// Parses `linux/<architecture>[/<variant>]` (a Dockerfile's
+    /// `FROM --platform=`), for an architecture walt knows
+    /// ([`crate::arch::ARCHES`]), case-insensitively. As Docker normalises
+    /// them, `linux/arm` is `linux/arm/v7` and `linux/arm64/v8` is
+    /// `linux/arm64`. `None` for anything else.
+    pub fn parse(text: &str) -> Option<Platform> {
+        let text = text.to_ascii_lowercase();
+        let mut parts = text.split('/');
+        if parts.next()? != "linux" {
+            return None;
+        }
+        let architecture = crate::arch::Arch::from_oci(parts.next()?)?.oci;
+        let variant = match parts.next() {
+            None => None,
+            Some(v) => Some(*VARIANTS.iter().find(|k| **k == v)?),
+        };
+        if parts.next().is_some() {
+            return None;
+        }
+        let variant = match (architecture, variant) {
+            ("arm", None) => Some("v7"),
+            ("arm64", Some("v8")) => None,
+            (_, v) => v,
+        };
+        Some(Platform {
+            architecture,
+            variant,
+        })
+    }
+
     /// Whether an index entry of `architecture`/`variant` is this platform.
     /// `arm` without a variant counts as `v7` (Docker's default); `arm64`
     /// accepts `v8` or none.
@@ -242,6 +275,32 @@ pub fn default_image_name(model: &str) -> crate::ImageName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platforms_parse_as_docker_normalises_them() {
+        let p = |s| Platform::parse(s).map(|p| p.to_string());
+        assert_eq!(p("linux/arm64").as_deref(), Some("linux/arm64"));
+        assert_eq!(p("linux/arm64/v8").as_deref(), Some("linux/arm64"));
+        assert_eq!(p("Linux/ARM").as_deref(), Some("linux/arm/v7"));
+        assert_eq!(p("linux/arm/v6").as_deref(), Some("linux/arm/v6"));
+        assert_eq!(p("linux/386").as_deref(), Some("linux/386"));
+        assert_eq!(p("linux/amd64").as_deref(), Some("linux/amd64"));
+        for bad in [
+            "",
+            "linux",
+            "windows/amd64",
+            "linux/x86_64",
+            "linux/arm/v9",
+            "linux/arm/v7/x",
+            "linux//v7",
+        ] {
+            assert_eq!(p(bad), None, "{bad}");
+        }
+        // what a parsed platform accepts is what the model table accepts
+        let arm = Platform::parse("linux/arm").unwrap();
+        assert!(arm.matches("arm", None) && arm.matches("arm", Some("v7")));
+        assert!(!arm.matches("arm", Some("v6")));
+    }
 
     fn v(s: &[&str]) -> Vec<String> {
         s.iter().map(|x| x.to_string()).collect()

@@ -31,6 +31,7 @@ use walt_build::cache::{self, CacheKey, InputMeta};
 use walt_build::context::{self as ctx, Source, SourceKind};
 use walt_build::plan::{self, Action, BaseRef, Change, CopyStep, Plan, RunStep, Settings};
 use walt_container::{Job, Spec};
+use walt_core::models::Platform;
 use walt_core::oci::ImageConfig;
 use walt_core::{ImageName, LABEL_NODE_MODELS};
 use walt_proto::v1::{self as pb, build_event::Event, build_request::Msg};
@@ -464,10 +465,26 @@ impl Builder<'_> {
         let from_text = plan
             .stages
             .get(index)
-            .map(|s| df_line(&s.base_text, s.name.as_deref()))
+            .map(|s| df_line(&s.base_text, s.name.as_deref(), s.platform.as_deref()))
             .unwrap_or_default();
         self.announce(&from_text, false).await?;
-        let mut out = self.base(&stage.base, outs).await?;
+        let platform = stage.platform.as_deref().and_then(Platform::parse);
+        let mut out = self.base(&stage.base, platform, outs).await?;
+        if let Some(want) = platform
+            && !matches!(stage.base, BaseRef::Scratch | BaseRef::Stage(_))
+        {
+            let (arch, variant) = out.arch();
+            if !want.matches(&arch, variant.as_deref()) {
+                return Err(ServiceError::NoPlatform {
+                    url: format!("base image '{}'", stage.base_text),
+                    arch: want.to_string().trim_start_matches("linux/").to_string(),
+                    available: match variant {
+                        Some(v) => format!("linux/{arch}/{v}"),
+                        None => format!("linux/{arch}"),
+                    },
+                });
+            }
+        }
         let steps = plan.stage_steps(index, &out.settings).map_err(bad)?;
         out.author = steps.author.clone().or(out.author);
         let mut cmd_set = false;
@@ -580,15 +597,20 @@ impl Builder<'_> {
         blocking(move || Ok(s.cache_put(&k, &entry)?)).await
     }
 
-    /// The start of a stage.
+    /// The start of a stage. With a `FROM --platform`, scratch is of that
+    /// platform, and an index is resolved to it (`stage` checks the result).
     async fn base(
         &self,
         base: &BaseRef,
+        platform: Option<Platform>,
         outs: &[Option<StageOut>],
     ) -> Result<StageOut, ServiceError> {
         match base {
             BaseRef::Scratch => {
-                let (arch, variant) = walt_core::oci::oci_arch(std::env::consts::ARCH);
+                let (arch, variant) = match platform {
+                    Some(p) => (p.architecture, p.variant),
+                    None => walt_core::oci::oci_arch(std::env::consts::ARCH),
+                };
                 let mut m = Map::new();
                 m.insert("architecture".into(), arch.into());
                 if let Some(v) = variant {
@@ -624,7 +646,10 @@ impl Builder<'_> {
                 stage_from(rec.layers, &config, rec.created, &name.to_string())
             }
             BaseRef::Remote(reference) => {
-                let key = format!("base:{reference}");
+                let key = match platform {
+                    Some(p) => format!("base:{reference}@{p}"),
+                    None => format!("base:{reference}"),
+                };
                 let (s, k) = (self.store.clone(), key.clone());
                 let hit = blocking(move || Ok(s.cache_get(&k)?)).await?;
                 if let Some(CacheEntry {
@@ -642,7 +667,7 @@ impl Builder<'_> {
                 let say = move |line: String| {
                     let _ = say_tx.send(line);
                 };
-                let fetch = crate::clone::fetch_base(&self.state, reference, &say);
+                let fetch = crate::clone::fetch_base(&self.state, reference, platform, &say);
                 tokio::pin!(fetch);
                 let fetched = loop {
                     tokio::select! {
@@ -696,6 +721,9 @@ impl Builder<'_> {
         let layer = blocking(move || {
             let upper = dir.upper();
             walt_container::clean_session_artifacts(&upper);
+            if let Err(e) = pin_root_mtime(&upper) {
+                tracing::warn!(upper = %upper.display(), error = %e, "cannot set the layer root's mtime");
+            }
             if Store::upper_is_empty(&upper)? {
                 return Ok(None);
             }
@@ -804,7 +832,7 @@ impl Builder<'_> {
                         ServiceError::Internal(format!("stage {j} was not built"))
                     })?,
                     // An image: resolved as a FROM would be.
-                    other => self.base(other, outs).await?,
+                    other => self.base(other, None, outs).await?,
                 };
             let inputs = cache::step_key("from", &src.chain(), None);
             return Ok(Prepared {
@@ -1212,6 +1240,26 @@ impl Drop for Scratch {
     }
 }
 
+/// A layer does not record when its step ran: the root directory of the
+/// session's upper dir (created with the session, changed by every entry
+/// made under it) gets the Unix epoch as its mtime, unless the step set an
+/// older time itself (ADD of a tar with a `./` entry): one before the
+/// directory was created (or, where the filesystem keeps no creation time,
+/// one that is not its ctime). So the same step on the same input gives the
+/// same layer.
+fn pin_root_mtime(upper: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(upper)?;
+    let set_by_step = match (m.created(), m.modified()) {
+        (Ok(born), Ok(modified)) => modified < born,
+        _ => (m.mtime(), m.mtime_nsec()) != (m.ctime(), m.ctime_nsec()),
+    };
+    if !set_by_step {
+        std::fs::File::open(upper)?.set_modified(std::time::UNIX_EPOCH)?;
+    }
+    Ok(())
+}
+
 /// Where a COPY/ADD takes its files from.
 enum CopySource {
     /// The context, or a directory of heredocs or downloads.
@@ -1307,7 +1355,11 @@ fn stage_from(
 }
 
 /// `FROM x AS y` for the step line.
-fn df_line(base: &str, name: Option<&str>) -> String {
+fn df_line(base: &str, name: Option<&str>, platform: Option<&str>) -> String {
+    let base = match platform {
+        Some(p) => format!("--platform={p} {base}"),
+        None => base.to_string(),
+    };
     match name {
         Some(n) => format!("FROM {base} AS {n}"),
         None => format!("FROM {base}"),

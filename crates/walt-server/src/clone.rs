@@ -853,7 +853,7 @@ fn layers_text(n: usize) -> String {
 /// `@sha256:...`) for a build. Sources in clone order: the Docker hub when enabled (a name without user is
 /// `library/<name>`), then each docker-registry-v2 registry of server.conf in order (same path), then the Docker
 /// daemon; the first that has it wins; anonymous (a source answering 401/403 is skipped and named
-/// in the error). An index resolves to this server's platform (as clone). No walt.node.models check (a base like
+/// in the error). An index resolves to `platform` (`FROM --platform`), else to this server's platform (as clone). No walt.node.models check (a base like
 /// debian has none). Layers land in the store through the same import pipeline as clone. The caller holds an
 /// ImportGuard across the call, and collects what a failed fetch left in the store.
 /// `say` gets lines for the user, e.g. "fetching debian:bookworm from hub:library/debian:bookworm (3 layers, 48.2 MB)".
@@ -862,12 +862,13 @@ fn layers_text(n: usize) -> String {
 pub(crate) async fn fetch_base(
     state: &Arc<State>,
     reference: &str,
+    platform: Option<Platform>,
     say: &(dyn Fn(String) + Send + Sync),
 ) -> Result<FetchedBase, ServiceError> {
     // The fetch reports as a clone does; its lines go to `say`, its layer
     // progress nowhere.
     let (events, mut rx) = Events::channel(64);
-    let work = find_base(state, reference, events);
+    let work = find_base(state, reference, platform, events);
     tokio::pin!(work);
     let forward = |ev: Result<Event<CloneResult>, ServiceError>| {
         if let Ok(Event::Message(m)) = ev {
@@ -889,6 +890,7 @@ pub(crate) async fn fetch_base(
 async fn find_base(
     state: &Arc<State>,
     reference: &str,
+    platform: Option<Platform>,
     events: Events,
 ) -> Result<FetchedBase, ServiceError> {
     let base = BaseRef::parse(reference.trim())?;
@@ -931,8 +933,10 @@ async fn find_base(
         match client.get_manifest(&remote.path, &remote.reference).await {
             Ok(fetched) => {
                 warn_skipped(&skipped, &events).await;
-                return base_from_registry(state, &client, reference, &remote, fetched, &events)
-                    .await;
+                return base_from_registry(
+                    state, &client, reference, &remote, fetched, platform, &events,
+                )
+                .await;
             }
             Err(e) => {
                 tracing::debug!(base = %remote.shown, error = %e, "base image source passed over");
@@ -969,9 +973,11 @@ async fn base_from_registry(
     reference: &str,
     remote: &Remote,
     fetched: walt_registry::FetchedManifest,
+    platform: Option<Platform>,
     events: &Events,
 ) -> Result<FetchedBase, ServiceError> {
-    let opened = open(client, remote, fetched, None, events).await?;
+    let wanted = platform.as_ref().map(std::slice::from_ref);
+    let opened = open(client, remote, fetched, wanted, events).await?;
     let jobs = opened.layer_jobs(remote)?;
     let total = jobs.iter().map(|l| l.size).sum();
     events
