@@ -71,13 +71,21 @@ pub fn recipe_dir(recipe: &str) -> PathBuf {
         .join(format!("{recipe}-default"))
 }
 
+/// Whether `dir` holds an image recipe as `images/build.sh` reads them: a
+/// `recipe.conf` (one platform) or platform sub-directories with one each.
+fn is_recipe_dir(dir: &Path) -> bool {
+    dir.join("recipe.conf").is_file()
+        || std::fs::read_dir(dir)
+            .is_ok_and(|rd| rd.flatten().any(|e| e.path().join("recipe.conf").is_file()))
+}
+
 /// The recipes of `images/` (directories `<recipe>-default/` with a
-/// `rootfs.sh`), sorted.
+/// `recipe.conf`, or platform sub-directories with one), sorted.
 pub fn recipes() -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(workspace_root().join("images"))
         .map(|rd| {
             rd.flatten()
-                .filter(|e| e.path().join("rootfs.sh").is_file())
+                .filter(|e| is_recipe_dir(&e.path()))
                 .filter_map(|e| {
                     let name = e.file_name().to_str()?.to_string();
                     Some(name.strip_suffix("-default")?.to_string())
@@ -104,9 +112,9 @@ fn check_recipe(recipe: &str) -> Result<PathBuf> {
         bail!("invalid recipe name '{recipe}' (expected [a-z0-9-], e.g. pc-x86-64)");
     }
     let dir = recipe_dir(recipe);
-    if !dir.join("rootfs.sh").is_file() {
+    if !is_recipe_dir(&dir) {
         bail!(
-            "no recipe for '{recipe}': {} has no rootfs.sh",
+            "no recipe for '{recipe}': {} has no recipe.conf",
             dir.display()
         );
     }
@@ -371,7 +379,7 @@ fn build(recipe: &str) -> Result<DefaultImage> {
         File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
     writeln!(
         log,
-        "images/build.sh --push {} {recipe} (WALT_BIN={}, WALT_IMAGES_CACHE={})",
+        "images/build.sh --push {} {recipe}-default (WALT_BIN={}, WALT_IMAGES_CACHE={})",
         registry.host_port(),
         bin.display(),
         rootfs_cache.display()
@@ -379,7 +387,7 @@ fn build(recipe: &str) -> Result<DefaultImage> {
     let status = Command::new(workspace_root().join("images/build.sh"))
         .arg("--push")
         .arg(registry.host_port())
-        .arg(recipe)
+        .arg(format!("{recipe}-default"))
         .env("WALT_BIN", &bin)
         .env("WALT_IMAGES_CACHE", &rootfs_cache)
         .stdin(Stdio::null())
