@@ -348,8 +348,11 @@ fn resolve_in(root: &Path, path: &Path) -> Result<PathBuf, String> {
 }
 
 fn recipe_file(recipe: &str, name: &str) -> Option<PathBuf> {
-    let p = default_images::recipe_dir(recipe).join(name);
-    p.is_file().then_some(p)
+    let dir = default_images::recipe_dir(recipe);
+    let common = dir.parent().expect("images/").join("common");
+    [dir.join(name), common.join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 #[test]
