@@ -11,6 +11,7 @@ mod build_cli;
 mod build_oracle;
 mod client_config;
 mod common;
+mod cp_lazy;
 mod crash;
 mod deep;
 mod docker;

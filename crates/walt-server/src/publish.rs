@@ -295,7 +295,7 @@ async fn compress_layers(
     let mut tasks = JoinSet::new();
     for i in todo {
         let (store, layer) = (state.store.clone(), rec.layers[i].clone());
-        let image = rec.name.to_string();
+        let image = rec.name.short();
         tasks.spawn_blocking(move || -> Result<_, ServiceError> {
             // The stored tar, or the tar of a layer walt committed produced
             // again from its files (tree-backed), verified as it streams.

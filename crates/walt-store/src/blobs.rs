@@ -145,7 +145,8 @@ impl Inner {
                 });
                 let _ = tx.send(match result {
                     Ok(()) => Chunk::Done,
-                    Err(e) => Chunk::Failed(e.to_string()),
+                    Err(StoreError::BlobFromTree { reason, .. }) => Chunk::Failed(reason),
+                    Err(e) => Chunk::Failed(mismatch_reason(e)),
                 });
             })
             .map_err(|e| StoreError::Io {
@@ -184,7 +185,7 @@ impl Inner {
             crate::unpack::store_error_in_tar(e).unwrap_or_else(|e| from_tree(e.to_string()))
         })?;
         w.finish()
-            .map_err(|e| from_tree(e.to_string()))?
+            .map_err(|e| from_tree(mismatch_reason(e)))?
             .publish(self)?;
         Ok(())
     }
@@ -239,6 +240,23 @@ impl Inner {
 
     pub(crate) fn has_layer(&self, diff_id: &Digest) -> bool {
         self.layer_path(diff_id).is_dir()
+    }
+}
+
+/// Why a blob produced from its tree was refused, for
+/// [`StoreError::BlobFromTree`]: the files no longer make the tar that was
+/// hashed when the layer was saved.
+fn mismatch_reason(e: StoreError) -> String {
+    match e {
+        StoreError::DigestMismatch { actual, .. } => format!(
+            "its files now make a tar of digest {actual}: they changed after the layer was saved"
+        ),
+        StoreError::SizeMismatch {
+            expected, actual, ..
+        } => format!(
+            "its files now make a tar of {actual} bytes, not {expected}: they changed after the layer was saved"
+        ),
+        e => e.to_string(),
     }
 }
 
@@ -333,14 +351,22 @@ impl Read for BlobReader {
                 }
                 Ok(Chunk::Done) => *done = true,
                 Ok(Chunk::Failed(reason)) => {
-                    return Err(io::Error::other(format!(
-                        "blob {digest} produced from its layer's files: {reason}"
-                    )));
+                    return Err(io::Error::other(
+                        StoreError::BlobFromTree {
+                            digest: digest.clone(),
+                            reason,
+                        }
+                        .to_string(),
+                    ));
                 }
                 Err(_) => {
-                    return Err(io::Error::other(format!(
-                        "blob {digest} produced from its layer's files: the producer stopped"
-                    )));
+                    return Err(io::Error::other(
+                        StoreError::BlobFromTree {
+                            digest: digest.clone(),
+                            reason: "the thread producing it stopped".into(),
+                        }
+                        .to_string(),
+                    ));
                 }
             }
         }
