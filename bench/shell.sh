@@ -8,7 +8,7 @@
 # WALT_BENCH_CP_ONLY=1: only the cp part.  WALT_BENCH_PERF=1: one more profiled cp in.
 source "$(dirname "$0")/lib.sh"
 RUNS=${1:-10}
-CP_RUNS=${2:-3}
+CP_RUNS=${2:-4}
 command -v pigz >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q pigz >/dev/null
 command -v podman >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman >/dev/null
 [ -x /bin/busybox ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static >/dev/null
