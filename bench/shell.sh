@@ -5,9 +5,10 @@
 #   `walt image cp` of a ~200 MB directory into an image and back  vs  two `tar c | tar x`
 # Both interactive tools are driven through a pseudo-terminal (python3 pty driver below).
 # Usage: bench/shell.sh [prompt-runs] [cp-runs]   (needs root; builds walt in release mode)
+# WALT_BENCH_CP_ONLY=1: only the cp part.  WALT_BENCH_PERF=1: one more profiled cp in.
 source "$(dirname "$0")/lib.sh"
 RUNS=${1:-10}
-CP_RUNS=${2:-3}
+CP_RUNS=${2:-4}
 command -v pigz >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q pigz >/dev/null
 command -v podman >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman >/dev/null
 [ -x /bin/busybox ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static >/dev/null
@@ -124,10 +125,12 @@ trap 'podman rm -af >/dev/null 2>&1; podman rmi -af >/dev/null 2>&1; umount "$W/
 PIMG=127.0.0.1:$REG_PORT/bench/busybox:latest
 podman pull -q --tls-verify=false "$PIMG" >/dev/null
 
+CP_ONLY=${WALT_BENCH_CP_ONLY:-}
+wp=(); pp=(); ws=(); bsc=(); bss=(); ssc=(); sss=()
+if [ -z "$CP_ONLY" ]; then
 # 1. Time to the first prompt (one untimed warm-up each, then RUNS alternating runs).
 drive prompt "$BIN/walt" image shell busybox >/dev/null
 drive prompt podman run --rm -it --network=none --runtime runc "$PIMG" /bin/sh >/dev/null
-wp=(); pp=(); ws=()
 for r in $(seq "$RUNS"); do
   wp+=("$(drive prompt "$BIN/walt" image shell busybox)")
   ws+=("$(last_ms 'shell started')")
@@ -138,53 +141,79 @@ done
 # 2. Save after changing one small file, ~430 MB image and busybox image.
 "$BIN/walt" image clone bench:bench/big430 big430 >/dev/null
 "$BIN/walt" image clone bench:bench/busybox bbsave >/dev/null
-bsc=(); bss=(); ssc=(); sss=()
 for r in $(seq 5); do
   sync; bsc+=("$(drive save "$BIN/walt" image shell big430)"); bss+=("$(last_ms 'session saved')")
   sync; ssc+=("$(drive save "$BIN/walt" image shell bbsave)"); sss+=("$(last_ms 'session saved')")
   echo "save run $r: big430 ${bsc[-1]} ms (server ${bss[-1]} ms)  busybox ${ssc[-1]} ms (server ${sss[-1]} ms)" >&2
 done
 
-# 3. cp of a ~200 MB directory into an image and back, vs tar c | tar x twice.
+fi
+
+# 3. cp of a ~200 MB directory into an image and back, vs tar c | tar x twice, both
+# durable: walt's copy into an image is durable when it returns (the layer is
+# recorded), its copy out and each tar are followed by `sync` inside the timing.
+# Fresh directories and a fresh busybox clone each run, the tool order rotated
+# between runs (whichever runs first after the pause pays for memory the host took
+# back), median of CP_RUNS (>= 3).
 tree_mb=$(du -sm "$CACHE/cp200/tree200" | cut -f1)
 tree_files=$(find "$CACHE/cp200/tree200" -type f | wc -l)
-wi=(); wo=(); wt=(); t1s=(); t2s=(); tt=(); cr=(); tds=()
+wi=(); wo=(); wt=(); t1s=(); t2s=(); tt=(); cr=()
+cp_walt() { # run number
+  local r=$1 t0 t1 t2 t3
+  sync; t0=$(now); "$BIN/walt" image cp "$CACHE/cp200/tree200" "cp$r:/root/" >/dev/null 2>"$W/cp.err" || { cat "$W/cp.err" >&2; exit 1; }; t1=$(now)
+  sync; t2=$(now); "$BIN/walt" image cp "cp$r:/root/tree200" "$W/wout/" >/dev/null; sync; t3=$(now)
+  wi+=("$(elapsed "$t0" "$t1")"); wo+=("$(elapsed "$t2" "$t3")")
+  wt+=("$(python3 -c "print(f'{${wi[-1]}+${wo[-1]}:.3f}')")")
+}
+cp_tar() {
+  local t4 t5 t6 t7
+  sync; t4=$(now); tar -C "$CACHE/cp200" -cf - tree200 | tar -C "$W/t1" -xf -; sync; t5=$(now)
+  t6=$(now); tar -C "$W/t1" -cf - tree200 | tar -C "$W/t2" -xf -; sync; t7=$(now)
+  t1s+=("$(elapsed "$t4" "$t5")"); t2s+=("$(elapsed "$t6" "$t7")")
+  tt+=("$(python3 -c "print(f'{${t1s[-1]}+${t2s[-1]}:.3f}')")")
+}
 for r in $(seq "$CP_RUNS"); do
   [ "$r" -gt 1 ] && "$BIN/walt" image remove "cp$((r-1))" >/dev/null
   rm -rf "$W/wout" "$W/t1" "$W/t2"; mkdir -p "$W/wout" "$W/t1" "$W/t2"
   "$BIN/walt" image clone bench:bench/busybox "cp$r" >/dev/null
   settle
-  sync; t0=$(now); "$BIN/walt" image cp "$CACHE/cp200/tree200" "cp$r:/root/" >/dev/null 2>"$W/cp.err" || { cat "$W/cp.err" >&2; exit 1; }; t1=$(now)
-  sync; t2=$(now); "$BIN/walt" image cp "cp$r:/root/tree200" "$W/wout/" >/dev/null; t3=$(now)
-  sync; t4=$(now); tar -C "$CACHE/cp200" -cf - tree200 | tar -C "$W/t1" -xf -; t5=$(now); sync; t5s=$(now)
-  t6=$(now); tar -C "$W/t1" -cf - tree200 | tar -C "$W/t2" -xf -; t7=$(now); sync; t7s=$(now)
-  # walt's copy into an image is durable when it returns (the layer is
-  # recorded): tar followed by sync is the like-for-like figure.
-  tds+=("$(python3 -c "print(f'{$t5s-$t4+$t7s-$t6:.3f}')")")
-  wi+=("$(elapsed "$t0" "$t1")"); wo+=("$(elapsed "$t2" "$t3")"); t1s+=("$(elapsed "$t4" "$t5")"); t2s+=("$(elapsed "$t6" "$t7")")
-  wt+=("$(python3 -c "print(f'{${wi[-1]}+${wo[-1]}:.3f}')")"); tt+=("$(python3 -c "print(f'{${t1s[-1]}+${t2s[-1]}:.3f}')")")
+  if [ $((r % 2)) -eq 1 ]; then first=walt; cp_walt "$r"; cp_tar; else first=tar; cp_tar; cp_walt "$r"; fi
   cr+=("$(ratio "${tt[-1]}" "${wt[-1]}")")
-  echo "cp run $r: walt in ${wi[-1]}s out ${wo[-1]}s = ${wt[-1]}s; tar ${t1s[-1]}s + ${t2s[-1]}s = ${tt[-1]}s (with sync ${tds[-1]}s); speed ${cr[-1]}, vs tar+sync $(ratio "${tds[-1]}" "${wt[-1]}")" >&2
+  echo "cp run $r ($first first): walt in ${wi[-1]}s out+sync ${wo[-1]}s = ${wt[-1]}s; tar+sync ${t1s[-1]}s + ${t2s[-1]}s = ${tt[-1]}s; speed ${cr[-1]}" >&2
 done
 if diff -r "$CACHE/cp200/tree200" "$W/wout/tree200" >/dev/null; then same=identical; else same=DIFFERENT; fi
 echo "round trip through the image: $same to the source" >&2
+# WALT_BENCH_PERF=1: one more copy into an image (not counted) under `perf record`,
+# and where the server's CPU time goes, by thread and by symbol (on stderr).
+if [ -n "${WALT_BENCH_PERF:-}" ]; then
+  "$BIN/walt" image clone bench:bench/busybox cpperf >/dev/null
+  settle
+  perf record -q -F 499 -g -p "$WALT_PID" -o "$W/perf.data" 2>/dev/null & PERF=$!
+  sleep 0.5 # perf attaches to the running server (no synchronisation is offered)
+  t0=$(now); "$BIN/walt" image cp "$CACHE/cp200/tree200" "cpperf:/root/" >/dev/null; t1=$(now)
+  kill -INT "$PERF"; wait "$PERF" || true
+  echo "profiled cp in: $(elapsed "$t0" "$t1") s; server log: $(last_ms 'session saved') ms to save the layer" >&2
+  { echo "server CPU by thread:"; perf report -i "$W/perf.data" --stdio --no-children --sort comm 2>/dev/null | grep -v '^#' | grep '%' | sed -n 1,8p
+    echo "server CPU by symbol:"; perf report -i "$W/perf.data" --stdio --no-children --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep '%' | sed -n 1,25p; } >&2
+  "$BIN/walt" image remove cpperf >/dev/null
+fi
 # Floor of any CLI command: process start + gRPC connection + one small call.
 fl=(); for r in $(seq "$RUNS"); do t0=$(now); "$BIN/walt" image show >/dev/null; t1=$(now); fl+=("$(elapsed "$t0" "$t1")"); done
 [ -z "${WALT_BENCH_LOG:-}" ] || cp "$W/server.log" "$WALT_BENCH_LOG"
 stop_walt
 
-wtb=$(best "${wt[@]}"); ttb=$(best "${tt[@]}")
-cat <<OUT
-| measure | walt | reference | ratio | target |
-| --- | --- | --- | --- | --- |
+echo "bench/shell.sh $* (CP_ONLY=${CP_ONLY:-0}) at $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- crates || echo '+changes'); load $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%s\n' '| measure | walt | reference | ratio | target |' '| --- | --- | --- | --- | --- |'
+[ -n "$CP_ONLY" ] || cat <<OUT
 | time to prompt, busybox (median of $RUNS) | $(median "${wp[@]}") ms | podman run --rm -it $(median "${pp[@]}") ms | $(ratio "$(median "${wp[@]}")" "$(median "${pp[@]}")") | <= 0.25, < 100 ms |
 | time to prompt, busybox (best of $RUNS) | $(best "${wp[@]}") ms | $(best "${pp[@]}") ms | $(ratio "$(best "${wp[@]}")" "$(best "${pp[@]}")") | |
 | shell started, server side (median) | $(median "${ws[@]}") ms | — | — | |
 | save after one small change, ~430 MB image (median of 5, client: y to updated.) | $(median "${bsc[@]}") ms (server $(median "${bss[@]}") ms) | — | — | < 150 ms |
 | same, busybox image | $(median "${ssc[@]}") ms (server $(median "${sss[@]}") ms) | — | — | same as above |
-| cp ${tree_mb} MB / ${tree_files} files in + out (best of $CP_RUNS) | $wtb s | tar c \| tar x twice $ttb s | speed $(ratio "$ttb" "$wtb") | >= 0.8 |
 | walt image show (CLI floor, median of $RUNS) | $(python3 -c "print(f'{$(median "${fl[@]}")*1000:.1f}')") ms | — | — | |
-| cp speed per run (tar time / walt time, same run) | ${cr[*]} | — | — | >= 0.8 |
-| cp speed per run vs tar + sync (both durable) | $(for i in "${!tds[@]}"; do printf '%s ' "$(ratio "${tds[$i]}" "${wt[$i]}")"; done) | tar + sync: ${tds[*]} s | — | |
-| cp in / out (best) | $(best "${wi[@]}") s / $(best "${wo[@]}") s | $(best "${t1s[@]}") s / $(best "${t2s[@]}") s | | |
+OUT
+cat <<OUT
+| cp ${tree_mb} MB / ${tree_files} files in + out, durable (median of $CP_RUNS, order rotated) | $(median "${wt[@]}") s | tar c \| tar x + sync, twice $(median "${tt[@]}") s | speed $(ratio "$(median "${tt[@]}")" "$(median "${wt[@]}")") | >= 1.0 |
+| cp speed per run (tar + sync time / walt time, same run) | ${cr[*]} | — | — | >= 1.0 |
+| cp in / out + sync (median) | $(median "${wi[@]}") s / $(median "${wo[@]}") s | $(median "${t1s[@]}") s / $(median "${t2s[@]}") s | | |
 OUT

@@ -12,6 +12,7 @@ mod build_oracle;
 mod build_platform;
 mod client_config;
 mod common;
+mod cp_lazy;
 mod crash;
 mod deep;
 mod docker;

@@ -299,13 +299,16 @@ async fn compress_layers(
     let mut tasks = JoinSet::new();
     for i in todo {
         let (store, layer) = (state.store.clone(), rec.layers[i].clone());
+        let image = rec.name.short();
         tasks.spawn_blocking(move || -> Result<_, ServiceError> {
-            let path = store.blob_path(&layer.blob_digest);
-            let file = std::fs::File::open(&path).map_err(|e| {
-                ServiceError::Internal(format!("cannot read {}: {e}", path.display()))
-            })?;
+            // The stored tar, or the tar of a layer walt committed produced
+            // again from its files (tree-backed), verified as it streams.
+            let source = Checked {
+                inner: store.open_blob(&layer.blob_digest)?,
+                failure: None,
+            };
             let mut gz = flate2::read::GzEncoder::new(
-                std::io::BufReader::with_capacity(1 << 20, file),
+                std::io::BufReader::with_capacity(1 << 20, source),
                 flate2::Compression::new(PUBLISH_GZIP_LEVEL),
             );
             // Stored as a blob under its computed digest, its diff_id checked.
@@ -321,7 +324,16 @@ async fn compress_layers(
                     background: false,
                     unpacked_limit: None,
                 },
-            )?;
+            );
+            let imported = match (imported, gz.into_inner().into_inner().failure) {
+                (Ok(imported), _) => imported,
+                // The layer's own bytes could not be read, or did not
+                // match its digest: say so, naming the image.
+                (Err(_), Some(reason)) => {
+                    return Err(walt_store::StoreError::Corrupt { image, reason }.into());
+                }
+                (Err(e), None) => return Err(e.into()),
+            };
             Ok((i, imported))
         });
     }
@@ -371,6 +383,20 @@ async fn compress_layers(
         Ok(store.get_image(&rec.name)?)
     })
     .await
+}
+
+/// A reader that keeps the text of its first error.
+struct Checked<R> {
+    inner: R,
+    failure: Option<String>,
+}
+
+impl<R: std::io::Read> std::io::Read for Checked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            self.failure.get_or_insert_with(|| e.to_string());
+        })
+    }
 }
 
 /// Performs a planned publish, sending progress on `events`.
@@ -433,10 +459,23 @@ async fn publish(
         blocking(move || {
             let mut layers = Vec::new();
             for l in &rec.layers {
+                // A tree-backed layer blob still there (an image not built
+                // by walt reusing one) is written out once for the upload.
+                let path = store
+                    .materialize_blob(&l.blob_digest)
+                    .map_err(|e| match e {
+                        walt_store::StoreError::BlobFromTree { .. } => {
+                            walt_store::StoreError::Corrupt {
+                                image: rec.name.to_string(),
+                                reason: e.to_string(),
+                            }
+                        }
+                        e => e,
+                    })?;
                 layers.push(BlobJob {
                     digest: l.blob_digest.clone(),
                     size: l.blob_size,
-                    path: store.blob_path(&l.blob_digest),
+                    path,
                     mount_from: None,
                 });
             }

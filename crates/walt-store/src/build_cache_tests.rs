@@ -3,7 +3,6 @@
 //! overlay xattrs).
 
 use std::fs;
-use std::path::Path;
 
 use walt_core::ImageName;
 
@@ -83,9 +82,8 @@ fn config_for(layers: &[LayerRef]) -> serde_json::Map<String, serde_json::Value>
     }
 }
 
-fn tar_paths(path: &Path) -> Vec<String> {
-    let bytes = fs::read(path).unwrap();
-    let mut a = tar::Archive::new(&bytes[..]);
+fn tar_paths(bytes: &[u8]) -> Vec<String> {
+    let mut a = tar::Archive::new(bytes);
     a.entries()
         .unwrap()
         .map(|e| String::from_utf8_lossy(&e.unwrap().path_bytes()).into_owned())
@@ -109,9 +107,19 @@ fn commit_upper_makes_an_uncompressed_layer_the_cache_keeps() {
     );
     let diff = store.layer_path(&layer.diff_id);
     assert_eq!(fs::read(diff.join("root/test-result")).unwrap(), b"OK\n");
+    // The blob is tree-backed: no file, its bytes produced from the layer.
     let blob = store.blob_path(&layer.blob_digest);
-    assert_eq!(fs::metadata(&blob).unwrap().len(), layer.blob_size);
-    assert_eq!(tar_paths(&blob), [".", "root", "root/test-result"]);
+    assert!(!blob.exists(), "the layer's tar is not written");
+    assert!(store.is_tree_backed(&layer.blob_digest));
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut store.open_blob(&layer.blob_digest).unwrap(),
+        &mut bytes,
+    )
+    .unwrap();
+    assert_eq!(bytes.len() as u64, layer.blob_size);
+    assert_eq!(crate::util::sha256_digest(&bytes), layer.blob_digest);
+    assert_eq!(tar_paths(&bytes), [".", "root", "root/test-result"]);
 
     store.cache_put("k1", &step_entry(&layer)).unwrap();
     drop(guard);
@@ -222,8 +230,8 @@ fn cache_entry_with_missing_content_is_a_miss_and_is_deleted() {
     assert_eq!(store.cache_get("a").unwrap(), None);
     assert_eq!(cache_rows(&store), vec!["b"], "the entry is deleted");
 
-    // The blob of `b` goes.
-    fs::remove_file(store.blob_path(&b.blob_digest)).unwrap();
+    // The blob of `b` goes (tree-backed: its marker).
+    fs::remove_file(store.inner.tree_blob_marker(&b.blob_digest)).unwrap();
     assert_eq!(store.cache_get("b").unwrap(), None);
     assert!(cache_rows(&store).is_empty());
 
@@ -386,7 +394,7 @@ fn record_built_image_is_deterministic_and_creates_no_blob_twice() {
     assert_eq!(o1, PutOutcome::Created);
     drop(guard);
     let blobs = blob_count(&store);
-    assert_eq!(blobs, 4, "2 layers, config, manifest");
+    assert_eq!(blobs, 2, "config, manifest (the layers are tree-backed)");
 
     // The same input again: refused without replace, same digests with it,
     // and not one new blob.

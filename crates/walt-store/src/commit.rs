@@ -6,10 +6,12 @@
 //! [`SessionDir`] (under `tmp/`, mounted with
 //! `redirect_dir=off,metacopy=off,index=off,xino=off`, so that the upper
 //! directory is in plain overlay form). Once it is unmounted, the upper
-//! directory is cleaned of overlay bookkeeping xattrs, written once as an
-//! uncompressed tar (OCI form, hashed in the same pass: blob digest ==
-//! diff_id) and then itself renamed to `layers/<diff_id>/diff`. The lower
-//! layers are never read.
+//! directory is cleaned of overlay bookkeeping xattrs, hashed as the
+//! uncompressed tar it makes (OCI form: blob digest == diff_id) without
+//! writing that tar, and then itself renamed to `layers/<diff_id>/diff`
+//! with the marker of its tree-backed blob (see `blobs`: the tar is
+//! produced again, verified, when publish needs it). The lower layers are
+//! never read.
 
 use std::ffi::OsString;
 use std::fs;
@@ -21,7 +23,6 @@ use std::time::Instant;
 use walt_core::oci;
 use walt_core::{Digest, ImageName, oci::ANNOTATION_WALT_BUILT};
 
-use crate::Store;
 use crate::db::{ImageRecord, LayerRef, NewImage, PutOutcome};
 use crate::error::{IoContext, Result, StoreError};
 use crate::squash::{
@@ -29,6 +30,7 @@ use crate::squash::{
 };
 use crate::staging::{BlobWriter, Durability, Expected, StagedLayer, make_durable};
 use crate::util::{now_secs, remove_any, rfc3339, unique_name};
+use crate::{Inner, Store};
 
 /// Overlay xattrs that mean the upper directory depends on features walt
 /// does not mount with (its content would not stand on its own).
@@ -232,11 +234,10 @@ impl Store {
 
     /// Saves `upper` as one new uncompressed layer, for a build step:
     /// removes the overlay bookkeeping xattrs (refusing redirects,
-    /// metacopy and paths too long for a layer), writes it once as an OCI
-    /// tar blob (hashed as it is written: blob digest == diff_id; bounded
-    /// by `limits.layer-unpacked-size`, the free space checked as it
-    /// grows), makes it durable, publishes the blob and adopts `upper` as
-    /// `layers/<diff_id>/diff`. `label` names what is built, for messages
+    /// metacopy and paths too long for a layer), hashes it as an OCI tar
+    /// (blob digest == diff_id; bounded by `limits.layer-unpacked-size`),
+    /// makes it durable and adopts `upper` as `layers/<diff_id>/diff`, its
+    /// blob tree-backed (not written: see [`Store::open_blob`]). `label` names what is built, for messages
     /// (e.g. "the build of 'alice/img:latest', step 3"). Returns the layer
     /// (blob_digest == diff_id, media type [`oci::OCI_LAYER_TAR`]).
     ///
@@ -306,10 +307,10 @@ impl Store {
     }
 
     /// Steps 1-3 of a commit, shared by [`Store::commit_layer`] and
-    /// [`Store::commit_upper`]: sanitizes `upper`, writes it as an
-    /// uncompressed OCI tar blob (hashed as it is written, bounded by
-    /// `limits.layer-unpacked-size`, free space checked), makes it
-    /// durable, publishes the blob and adopts `upper` as the layer.
+    /// [`Store::commit_upper`]: sanitizes `upper`, hashes it as an
+    /// uncompressed OCI tar (bounded by `limits.layer-unpacked-size`),
+    /// makes it durable and adopts `upper` as the layer with the marker of
+    /// its tree-backed blob.
     /// `blob_label` names the blob in size errors; `fail` makes the error
     /// of every other failure from its reason. The caller holds an
     /// [`crate::ImportGuard`].
@@ -355,26 +356,29 @@ impl Store {
             })
         };
 
-        // 2. The layer tar, hashed as it is written.
-        // Bounded by the layer limit; the free space checked as it grows.
-        let blob_w = BlobWriter::buffered(inner, Expected::default())?
+        // 2. The layer tar, hashed as it is produced but not written: its
+        //    blob is tree-backed (see `blobs`), produced again from the
+        //    layer when someone needs its bytes. Bounded by the layer
+        //    limit; it takes no space.
+        let hash_w = BlobWriter::<fs::File>::verify_only(Expected::default())?
             .label(blob_label)
             .limit(inner.limits().layer_unpacked_size, "layer-unpacked-size");
-        let (blob_w, _) =
-            walt_tar::write_tree(blob_w, upper, &layer_tree_options(true)).map_err(|e| {
+        let (hash_w, _) =
+            walt_tar::write_tree(hash_w, upper, &layer_tree_options(true)).map_err(|e| {
                 crate::unpack::store_error_in_tar(e)
                     .unwrap_or_else(|e| fail(format!("writing the layer: {e}")))
             })?;
-        let blob = blob_w.finish()?;
-        let layer_size = blob.size();
-        let diff_id = blob.digest().clone();
+        let hashed = hash_w.finish()?;
+        let layer_size = hashed.size();
+        let diff_id = hashed.digest().clone();
+        drop(hashed);
         durable
             .join()
             .map_err(|_| fail("the sync thread panicked".into()))?
             .map_err(|e| fail(format!("making the changes durable: {e}")))?;
 
-        // 3. Publish the blob, then the upper directory as the layer.
-        blob.publish(inner)?;
+        // 3. The upper directory becomes the layer, published with the
+        //    marker of its blob (one rename: both or neither).
         if !inner.has_layer(&diff_id) {
             let staging = StagedLayer::adopt(inner, "commit", upper, |e| {
                 fail(format!(
@@ -382,7 +386,20 @@ impl Store {
                     upper.display()
                 ))
             })?;
+            Inner::write_tree_blob_marker(staging.dir(), layer_size)?;
             staging.publish(inner, &diff_id, Durability::AlreadyDurable)?;
+        }
+        if !inner.has_blob(&diff_id) {
+            // The same layer was stored already, unpacked from a registry's
+            // tar (no marker; the same bytes, since the digest is the same):
+            // its blob is written out once, from the session's tree while
+            // it is there, else from the stored layer (verified).
+            let tree = if fs::symlink_metadata(upper).is_ok_and(|m| m.is_dir()) {
+                upper.to_path_buf()
+            } else {
+                inner.layer_path(&diff_id)
+            };
+            inner.write_blob_from_tree(&tree, &diff_id, layer_size)?;
         }
 
         Ok(LayerRef {

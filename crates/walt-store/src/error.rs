@@ -13,6 +13,10 @@ pub enum StoreError {
     BlobNotFound(Digest),
     #[error("layer {0} is not in the store")]
     LayerNotFound(Digest),
+    /// A tree-backed blob (a layer walt committed, stored as its files)
+    /// could not be produced again, or did not match its digest.
+    #[error("blob {digest}, produced again from its layer's files: {reason}")]
+    BlobFromTree { digest: Digest, reason: String },
     #[error("blob {digest}: content does not match its digest (got {actual})")]
     DigestMismatch { digest: Digest, actual: Digest },
     /// `digest` names the blob: its expected digest, or what the caller

@@ -5,6 +5,9 @@
 //! ```text
 //! <data_dir>/blobs/sha256/<hex>        blobs exactly as pulled or built
 //! <data_dir>/layers/<diffid-hex>/diff  each layer unpacked once
+//! <data_dir>/layers/<diffid-hex>/blob-from-tree
+//!                                      a layer walt committed: its blob is
+//!                                      this tree as a tar (see `blobs`)
 //! <data_dir>/tmp/                      staging; emptied at open()
 //! <data_dir>/walt.db                   SQLite (WAL)
 //! ```
@@ -44,6 +47,7 @@ use walt_core::config::Limits;
 use walt_core::oci::Compression;
 use walt_core::{Digest, ImageName};
 
+pub use blobs::BlobReader;
 pub use build_cache::CacheEntry;
 pub use commit::{CommitOutcome, SessionDir};
 pub use db::{ImageRecord, LayerRef, NewImage, PutOutcome};
@@ -196,6 +200,28 @@ impl Store {
 
     pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
         self.inner.read_blob(digest)
+    }
+
+    /// The bytes of a blob as a stream: its file, or a tree-backed blob
+    /// (a layer walt committed, kept as its files only) produced again
+    /// from its layer and verified as it streams: a mismatch with the
+    /// digest is an error at the end, never a different blob.
+    pub fn open_blob(&self, digest: &Digest) -> Result<BlobReader> {
+        self.inner.open_blob(digest)
+    }
+
+    /// True when the blob has no file in `blobs/` but is produced from its
+    /// layer's files when read ([`Store::open_blob`]).
+    pub fn is_tree_backed(&self, digest: &Digest) -> bool {
+        self.inner.is_tree_backed(digest)
+    }
+
+    /// Makes sure the blob is a file at [`Store::blob_path`] (a
+    /// tree-backed blob is written out once, verified); returns the path.
+    /// Keep the images using it from being collected meanwhile (hold an
+    /// [`ImportGuard`]).
+    pub fn materialize_blob(&self, digest: &Digest) -> Result<PathBuf> {
+        self.inner.materialize_blob(digest)
     }
 
     /// Stores `bytes` (verified against `expected_digest` when given);
@@ -397,6 +423,8 @@ mod build_cache_tests;
 mod nodes_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tree_blob_tests;
 
 /// Mode of the store's directories: images keep setuid files and device
 /// nodes exactly as they are, so no local account may reach them.

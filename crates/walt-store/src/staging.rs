@@ -294,7 +294,12 @@ impl<W: StagingFile> BlobWriter<W> {
         open: impl FnOnce(&Path) -> io::Result<W>,
     ) -> Result<Self> {
         let mut w = Self::verify_only(expected)?;
-        if expected.digest.is_some_and(|d| inner.has_blob(d)) {
+        // A tree-backed blob is stored too, but not as a file: a writer
+        // asked for is one that writes it out (`materialize_blob`).
+        if expected
+            .digest
+            .is_some_and(|d| inner.blob_path(d).is_file())
+        {
             return Ok(w);
         }
         let tmp = TmpPath::new(inner.tmp_dir().join(unique_name("blob")));
@@ -546,6 +551,11 @@ impl StagedLayer {
         let tmp = TmpPath::new(inner.tmp_dir().join(unique_name(prefix)));
         fs::create_dir(tmp.path()).ctx("creating staging directory", tmp.path())?;
         Ok(StagedLayer { tmp })
+    }
+
+    /// The staged layer directory, `tmp/<name>`.
+    pub(crate) fn dir(&self) -> &Path {
+        self.tmp.path()
     }
 
     /// The directory to fill: `tmp/<name>/diff`.
