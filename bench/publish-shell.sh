@@ -25,7 +25,7 @@ command -v podman >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -
 command -v mmdebstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q mmdebstrap >/dev/null
 [ -n "${WALT_BENCH_NOBUILD:-}" ] || (cd "$ROOT" && cargo build --release --bins -q)
 settle() { sync; sleep "${WALT_BENCH_SETTLE:-31}"; }
-last_ms() { grep "$1" "$W/server.log" | grep -o 'elapsed_ms=[0-9.]*' | tail -1 | cut -d= -f2; }
+last_ms() { grep "$1" "$W/server.log" | grep -o 'elapsed_ms=[0-9.]*' | tail -1 | cut -d= -f2 | xargs printf '%.1f'; }
 INSTALL='dpkg -i /root/pkg.deb >/dev/null && rm /root/pkg.deb'
 
 # The package, once.
