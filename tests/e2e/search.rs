@@ -233,32 +233,9 @@ fn search_paginates_over_many_repositories() {
     // The other repositories mount the blobs of the first one: only the
     // manifest is uploaded.
     let names: Vec<String> = (1..105).map(|i| format!("many/img-{i:03}")).collect();
-    std::thread::scope(|s| {
-        for chunk in names.chunks(14) {
-            let (client, img) = (&client, &img);
-            s.spawn(move || {
-                for repo in chunk {
-                    for blob in img.layers.iter().chain([&img.config]) {
-                        let r = client
-                            .request(
-                                "POST",
-                                &format!(
-                                    "/v2/{repo}/blobs/uploads/?mount={}&from={first}",
-                                    blob.digest
-                                ),
-                                &[],
-                                None,
-                            )
-                            .unwrap();
-                        assert_eq!(r.status, 201, "mount into {repo}");
-                    }
-                    client
-                        .put_manifest(repo, "latest", &img.manifest_media_type, &img.manifest)
-                        .unwrap();
-                }
-            });
-        }
-    });
+    client
+        .copy_to_repos(&img, first, &names, "latest", 8)
+        .unwrap();
     let started = Instant::now();
     let out = search_ok(&env.alice, &["many/"]);
     let cold = started.elapsed();

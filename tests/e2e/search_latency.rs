@@ -70,32 +70,7 @@ fn search_through_a_distant_registry_reuses_a_bounded_set_of_connections() {
     // The other repositories mount the blobs of the first one.
     const REPOS: usize = 60;
     let names: Vec<String> = (1..REPOS).map(|i| format!("far/img-{i:03}")).collect();
-    std::thread::scope(|s| {
-        for chunk in names.chunks(15) {
-            let (client, img) = (&client, &img);
-            s.spawn(move || {
-                for repo in chunk {
-                    for blob in img.layers.iter().chain([&img.config]) {
-                        let r = client
-                            .request(
-                                "POST",
-                                &format!(
-                                    "/v2/{repo}/blobs/uploads/?mount={}&from={first}",
-                                    blob.digest
-                                ),
-                                &[],
-                                None,
-                            )
-                            .unwrap();
-                        assert_eq!(r.status, 201, "mount into {repo}");
-                    }
-                    client
-                        .put_manifest(repo, "v1", &img.manifest_media_type, &img.manifest)
-                        .unwrap();
-                }
-            });
-        }
-    });
+    client.copy_to_repos(&img, first, &names, "v1", 4).unwrap();
     for i in 0..REPOS {
         client
             .put_manifest(

@@ -224,6 +224,49 @@ impl RegistryClient {
         self.put_manifest(repo, tag, &image.manifest_media_type, &image.manifest)
     }
 
+    /// Puts `image`, already pushed to `from`, in each of `repos` as `tag`:
+    /// its blobs mounted from `from` (nothing uploaded again), then its
+    /// manifest; `threads` repositories at a time.
+    pub fn copy_to_repos(
+        &self,
+        image: &BuiltImage,
+        from: &str,
+        repos: &[String],
+        tag: &str,
+        threads: usize,
+    ) -> Result<()> {
+        let per_thread = repos.len().div_ceil(threads.max(1)).max(1);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = repos
+                .chunks(per_thread)
+                .map(|chunk| {
+                    s.spawn(move || -> Result<()> {
+                        for repo in chunk {
+                            for blob in image.layers.iter().chain([&image.config]) {
+                                let path = format!(
+                                    "/v2/{repo}/blobs/uploads/?mount={}&from={from}",
+                                    blob.digest
+                                );
+                                let r = self.request("POST", &path, &[], None)?;
+                                Self::expect(r, &[201], &format!("mount into {repo}"))?;
+                            }
+                            self.put_manifest(
+                                repo,
+                                tag,
+                                &image.manifest_media_type,
+                                &image.manifest,
+                            )?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().expect("a copying thread panicked"))
+        })
+    }
+
     /// Pushes every image of an index (by digest), then the index (tagged `tag`).
     pub fn push_index(&self, repo: &str, tag: &str, index: &BuiltIndex) -> Result<()> {
         for (img, _) in &index.images {
