@@ -136,11 +136,7 @@ pub fn arm_busybox_image(env: &Env, arch: &str) -> BuiltImage {
     let config = if arch == "arm64" {
         ImageConfig::arm64("rpi-3-b")
     } else {
-        ImageConfig {
-            architecture: "arm".into(),
-            variant: Some("v7".into()),
-            ..ImageConfig::amd64("rpi-2-b")
-        }
+        ImageConfig::armv7("rpi-2-b")
     };
     env.images.image(Format::Oci, config, &[layer]).unwrap()
 }

@@ -398,14 +398,7 @@ fn arm_models_take_their_platform_from_an_index() {
     };
     let amd64 = of(ImageConfig::amd64(models), "amd64");
     let arm64 = of(ImageConfig::arm64(models), "arm64");
-    let armv7 = of(
-        ImageConfig {
-            architecture: "arm".into(),
-            variant: Some("v7".into()),
-            ..ImageConfig::amd64(models)
-        },
-        "armv7",
-    );
+    let armv7 = of(ImageConfig::armv7(models), "armv7");
     let index = images
         .index(Format::Oci, &[amd64.clone(), arm64.clone(), armv7.clone()])
         .unwrap();

@@ -477,14 +477,7 @@ fn an_rpi_index_gives_each_model_its_platform_s_boot_files() {
         images.image(Format::Oci, config, &[base, boot]).unwrap()
     };
     let arm64 = arch(ImageConfig::arm64(models), "arm64");
-    let armv7 = arch(
-        ImageConfig {
-            architecture: "arm".into(),
-            variant: Some("v7".into()),
-            ..ImageConfig::amd64(models)
-        },
-        "armv7",
-    );
+    let armv7 = arch(ImageConfig::armv7(models), "armv7");
     let index = images
         .index(Format::Oci, &[arm64.clone(), armv7.clone()])
         .unwrap();

@@ -261,6 +261,13 @@ impl ImageConfig {
             ..Self::amd64(models)
         }
     }
+    pub fn armv7(models: &str) -> Self {
+        Self {
+            architecture: "arm".into(),
+            variant: Some("v7".into()),
+            ..Self::amd64(models)
+        }
+    }
     pub fn label(mut self, k: &str, v: &str) -> Self {
         self.labels.push((k.into(), v.into()));
         self

@@ -6,13 +6,8 @@ use std::fs;
 
 use walt_core::ImageName;
 
+use crate::tests::{new_store, upper_with};
 use crate::*;
-
-fn new_store() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("data")).unwrap();
-    (dir, store)
-}
 
 fn name(owner: &str, n: &str) -> ImageName {
     ImageName {
@@ -20,17 +15,6 @@ fn name(owner: &str, n: &str) -> ImageName {
         name: n.into(),
         tag: "latest".into(),
     }
-}
-
-/// A session directory whose upper directory holds `files` (path, content).
-fn upper_with(store: &Store, files: &[(&str, &[u8])]) -> SessionDir {
-    let s = store.session_dir("build step").unwrap();
-    for (p, content) in files {
-        let path = s.upper().join(p);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, content).unwrap();
-    }
-    s
 }
 
 /// A new layer holding `files`, committed as a build step.

@@ -2,13 +2,8 @@
 
 use walt_core::ImageName;
 
+use crate::tests::new_store;
 use crate::*;
-
-fn new_store() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("data")).unwrap();
-    (dir, store)
-}
 
 fn name(owner: &str, n: &str) -> ImageName {
     ImageName {

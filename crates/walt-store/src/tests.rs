@@ -94,10 +94,22 @@ fn zstd(data: &[u8]) -> Vec<u8> {
     zstd::stream::encode_all(data, 3).unwrap()
 }
 
-fn new_store() -> (tempfile::TempDir, Store) {
+/// A new store in a temporary directory (the other test modules use it too).
+pub(crate) fn new_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("data")).unwrap();
     (dir, store)
+}
+
+/// A session directory whose upper directory holds `files` (path, content).
+pub(crate) fn upper_with(store: &Store, files: &[(&str, &[u8])]) -> SessionDir {
+    let s = store.session_dir("test session").unwrap();
+    for (p, content) in files {
+        let path = s.upper().join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, content).unwrap();
+    }
+    s
 }
 
 fn import(store: &Store, blob: &[u8], c: Compression) -> Result<LayerImport> {

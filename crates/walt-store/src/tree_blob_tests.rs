@@ -4,24 +4,9 @@
 use std::fs;
 use std::io::Read;
 
+use crate::tests::{new_store, upper_with};
 use crate::util::sha256_digest;
 use crate::*;
-
-fn new_store() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("data")).unwrap();
-    (dir, store)
-}
-
-fn upper_with(store: &Store, files: &[(&str, &[u8])]) -> SessionDir {
-    let s = store.session_dir("tree blob").unwrap();
-    for (p, content) in files {
-        let path = s.upper().join(p);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, content).unwrap();
-    }
-    s
-}
 
 fn committed(store: &Store, files: &[(&str, &[u8])]) -> LayerRef {
     let s = upper_with(store, files);
