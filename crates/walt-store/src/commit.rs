@@ -335,6 +335,7 @@ impl Store {
         {
             return Err(fail("the session is still mounted".into()));
         }
+        let t0 = std::time::Instant::now();
         let to_sync = sanitize_tree(upper).map_err(|e| match e {
             Sanitize::Refused(rel, xattr) => fail(format!(
                 "'/{}' carries the overlay xattr {xattr} (redirect_dir/metacopy must be off)",
@@ -346,6 +347,7 @@ impl Store {
             )),
             Sanitize::Io(rel, e) => fail(format!("reading '/{}': {e}", rel.display())),
         })?;
+        let sanitized = t0.elapsed();
         // Made durable while the tar is written.
         let durable = {
             let upper = upper.to_path_buf();
@@ -361,6 +363,7 @@ impl Store {
         //    layer when someone needs its bytes. Bounded by the layer
         //    limit; it takes no space.
         let hash_w = BlobWriter::<fs::File>::verify_only(Expected::default())?
+            .hash_on_thread()
             .label(blob_label)
             .limit(inner.limits().layer_unpacked_size, "layer-unpacked-size");
         let (hash_w, _) =
@@ -372,10 +375,18 @@ impl Store {
         let layer_size = hashed.size();
         let diff_id = hashed.digest().clone();
         drop(hashed);
+        let hashed_at = t0.elapsed();
         durable
             .join()
             .map_err(|_| fail("the sync thread panicked".into()))?
             .map_err(|e| fail(format!("making the changes durable: {e}")))?;
+        tracing::debug!(
+            sanitize_ms = sanitized.as_secs_f64() * 1000.0,
+            hash_ms = (hashed_at - sanitized).as_secs_f64() * 1000.0,
+            sync_wait_ms = (t0.elapsed() - hashed_at).as_secs_f64() * 1000.0,
+            size = layer_size,
+            "layer saved from the session's changes"
+        );
 
         // 3. The upper directory becomes the layer, published with the
         //    marker of its blob (one rename: both or neither).

@@ -29,6 +29,7 @@ mod direct;
 mod error;
 mod gc;
 mod gzip;
+mod hasher;
 mod import;
 mod inflate;
 mod nodes;

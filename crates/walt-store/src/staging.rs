@@ -23,12 +23,12 @@ use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
+use crate::hasher::StreamHasher;
 
 use crate::Inner;
 use crate::direct::{self, DirectWriter, O_DIRECT};
 use crate::error::{IoContext, Result, StoreError};
-use crate::util::{BUF_SIZE, finish_digest, remove_any, unique_name};
+use crate::util::{BUF_SIZE, remove_any, unique_name};
 use walt_core::Digest;
 use walt_core::config::Reserve;
 
@@ -231,7 +231,7 @@ impl StagingFile for DirectWriter {
 pub(crate) struct BlobWriter<W> {
     /// None: verify only (the blob is already stored).
     file: Option<(TmpPath, W)>,
-    hasher: Sha256,
+    hasher: StreamHasher,
     count: u64,
     expected_digest: Option<Digest>,
     expected_size: Option<u64>,
@@ -316,7 +316,7 @@ impl<W: StagingFile> BlobWriter<W> {
         let expected_digest = expected.digest.cloned();
         Ok(BlobWriter {
             file: None,
-            hasher: Sha256::new(),
+            hasher: StreamHasher::inline(),
             count: 0,
             label: expected_digest
                 .as_ref()
@@ -327,6 +327,13 @@ impl<W: StagingFile> BlobWriter<W> {
             space: None,
             limit: None,
         })
+    }
+
+    /// Hashes on a thread of its own: for a producer that spends as much
+    /// time making the bytes as the hash takes (a tar read from a tree).
+    pub(crate) fn hash_on_thread(mut self) -> Self {
+        self.hasher = StreamHasher::on_thread();
+        self
     }
 
     /// Refuses to grow past `max` bytes ([`StoreError::TooLarge`] naming
@@ -427,7 +434,7 @@ impl<W: StagingFile> BlobWriter<W> {
                 actual: self.count,
             });
         }
-        let digest = finish_digest(self.hasher);
+        let digest = self.hasher.finish();
         if let Some(expected) = self.expected_digest
             && expected != digest
         {
