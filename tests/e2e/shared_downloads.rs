@@ -91,7 +91,9 @@ fn class_images(env: &Env) -> Vec<(String, String)> {
 /// The sha256 of what `RandomReader` gives for (size, seed).
 fn random_digest(size: u64, seed: u64) -> String {
     let mut data = Vec::with_capacity(size as usize);
-    RandomReader::new(seed, size).read_to_end(&mut data).unwrap();
+    RandomReader::new(seed, size)
+        .read_to_end(&mut data)
+        .unwrap();
     sha256_digest(&data)
 }
 
@@ -139,9 +141,11 @@ fn wait_download_started(env: &Env, digest: &str) {
 
 /// Waits until `n` clones joined the download of `digest` another started.
 fn wait_joined(env: &Env, digest: &str, n: usize) {
-    wait_for("clones to join the download", Duration::from_secs(60), || {
-        (log_lines_with(env, &["joining the download of a layer", digest]) >= n).then_some(())
-    })
+    wait_for(
+        "clones to join the download",
+        Duration::from_secs(60),
+        || (log_lines_with(env, &["joining the download of a layer", digest]) >= n).then_some(()),
+    )
     .unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", env.server.log()));
 }
 

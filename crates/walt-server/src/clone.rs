@@ -144,9 +144,7 @@ async fn get_config(
     digest: &Digest,
 ) -> Result<Vec<u8>, ServiceError> {
     let Some(share) = share else {
-        return Ok(client
-            .get_blob_bytes(path, digest, MAX_CONFIG_SIZE)
-            .await?);
+        return Ok(client.get_blob_bytes(path, digest, MAX_CONFIG_SIZE).await?);
     };
     let key = format!(
         "{}\n{}\n{path}\n{digest}\n{}",
@@ -534,8 +532,7 @@ async fn resolve_remote(
                     None => host_platform(&index, remote)?,
                 };
                 from_index = true;
-                let inner =
-                    get_manifest(share, client, &remote.path, desc.digest.as_str()).await?;
+                let inner = get_manifest(share, client, &remote.path, desc.digest.as_str()).await?;
                 media_type = inner.media_type.clone().or(Some(desc.media_type.clone()));
                 image_of_index(client, remote, inner, media_type.as_deref())?
             }
@@ -1374,7 +1371,10 @@ impl Fetch<'_> {
             }
             let (layer, total) = (job.digest.as_str(), job.size);
             if !lead {
-                tracing::info!(layer, "joining the download of a layer another clone started");
+                tracing::info!(
+                    layer,
+                    "joining the download of a layer another clone started"
+                );
             }
             let outcome = tokio::select! {
                 o = ticket.outcome(|done| events.try_layer(LayerProgress::running(layer, done, total))) => o,
