@@ -307,3 +307,100 @@ fn the_last_clone_gone_cancels_the_shared_download() {
     assert_eq!(stats.gets(&big), 2, "{}", stats.requests.join("\n"));
     assert_tmp_empty(&data);
 }
+
+/// `walt-dhcp-event commit` of a device announcing `model`, started.
+fn spawn_lease(server: &WaltServer, model: &str, mac: &str, ip: &str) -> Child {
+    std::process::Command::new(walt_e2e::util::workspace_bin("walt-dhcp-event"))
+        .args([
+            "commit",
+            &format!("walt.node.{model}"),
+            "",
+            ip,
+            mac,
+            "",
+            "0",
+            "unknown",
+        ])
+        .env("WALT_DHCP_EVENT_SOCKET", server.event_socket())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot run walt-dhcp-event")
+}
+
+#[test]
+fn default_images_of_two_models_fetched_at_once_share_their_layers() {
+    let registry = Registry::start(RegistryOpts::plain()).unwrap();
+    let proxy = Proxy::start(registry.port()).unwrap();
+    let images = ImageBuilder::new().unwrap();
+    let layers = [
+        images
+            .busybox_layer(Format::Oci, Compression::Gzip, "defaults")
+            .unwrap(),
+        images
+            .big_random_layer(Format::Oci, Compression::Gzip, 8 << 20, 191)
+            .unwrap(),
+    ];
+    let models = ["pc-x86-64", "pc-x86-32"];
+    // One image for both models, in each model's repository.
+    let img = images
+        .image(Format::Oci, ImageConfig::amd64(&models.join(",")), &layers)
+        .unwrap();
+    for m in models {
+        registry
+            .client()
+            .push_image(&format!("waltplatform/{m}-default"), "latest", &img)
+            .unwrap();
+    }
+    // About 4 s for the big layer: the two fetches overlap.
+    proxy.rate_limit(Some(2 << 20));
+    // The proxy is the only source (the Docker daemon's socket is nowhere).
+    let docker = tempfile::tempdir().unwrap();
+    let server = WaltServer::start_with_config(&format!(
+        "registries:\n{}docker:\n    socket: {}\n",
+        proxy.server_entry("local"),
+        docker.path().join("docker.sock").display()
+    ))
+    .unwrap();
+    let macs = ["52:54:00:00:16:01", "52:54:00:00:16:02"];
+    let hooks: Vec<Child> = models
+        .iter()
+        .zip(macs)
+        .enumerate()
+        .map(|(i, (m, mac))| spawn_lease(&server, m, mac, &format!("192.168.152.{}", 30 + i)))
+        .collect();
+    for h in hooks {
+        let out = h.wait_with_output().unwrap();
+        assert!(out.status.success(), "walt-dhcp-event: {out:?}");
+    }
+    for (m, mac) in models.iter().zip(macs) {
+        let dev = wait_for(
+            &format!("{mac} to be a node"),
+            Duration::from_secs(90),
+            || {
+                walt_e2e::dhcp::devices(&server.data_dir())
+                    .ok()?
+                    .into_iter()
+                    .find(|d| d.mac == mac && d.kind == "node")
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", server.log()));
+        assert_eq!(
+            dev.image.as_deref(),
+            Some(&*format!("waltplatform/{m}-default:latest"))
+        );
+    }
+    // Each layer came once, from one of the two repositories.
+    let stats = proxy.stats();
+    for blob in &img.layers {
+        assert_eq!(
+            stats.gets(&blob.digest),
+            1,
+            "{}:\n{}",
+            blob.digest,
+            stats.requests.join("\n")
+        );
+    }
+    assert_tmp_empty(&server.data_dir());
+}
