@@ -35,6 +35,7 @@ mod search;
 mod search_latency;
 mod secrets;
 mod setup;
+mod shared_downloads;
 mod shell;
 mod squash;
 mod tls;

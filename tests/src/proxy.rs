@@ -42,6 +42,22 @@ pub struct ProxyStats {
     pub paced_chunks: u64,
 }
 
+impl ProxyStats {
+    /// GET requests whose path contains `part` (a blob digest, `manifests/latest`),
+    /// whatever they were answered: each is one request the registry
+    /// received (or, injected, would have).
+    pub fn gets(&self, part: &str) -> usize {
+        self.requests
+            .iter()
+            .filter(|r| {
+                r.strip_prefix("GET ")
+                    .and_then(|r| r.split(" -> ").next())
+                    .is_some_and(|path| path.contains(part))
+            })
+            .count()
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     faults: Mutex<Faults>,

@@ -22,6 +22,7 @@ use crate::State;
 use crate::accept::{self, Accepted};
 use crate::error::ServiceError;
 use crate::images::blocking;
+use crate::inflight::{Inflight, Landed, LayerKey, Ticket};
 use crate::progress::{Event, LayerProgress, Reporter};
 
 /// Layers downloaded at once.
@@ -73,6 +74,91 @@ pub struct Plan {
     source: Source,
     /// `--force` over an image nodes boot: those nodes (name, model).
     nodes: Vec<(String, String)>,
+    /// Who asks the registry, for sharing its answers (issue 16).
+    asker: Asker,
+}
+
+/// Who asks a registry, as far as sharing its answers between clones goes:
+/// a digest of the credentials (never shown), or anonymous. Manifests and
+/// configs are shared between clones of the same asker only, so that
+/// nobody reads through someone else's access.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Asker(String);
+
+impl Asker {
+    pub(crate) fn anonymous() -> Self {
+        Asker("-".into())
+    }
+
+    fn with(credentials: Option<&Credentials>) -> Self {
+        use sha2::Digest as _;
+        match credentials {
+            None => Self::anonymous(),
+            Some(c) => {
+                let mut h = sha2::Sha256::new();
+                h.update(c.username.as_bytes());
+                h.update([0]);
+                h.update(c.password.as_bytes());
+                Asker(Digest::from_sha256(h.finalize().into()).hex().to_string())
+            }
+        }
+    }
+}
+
+/// Where a clone shares its registry requests with the others running.
+#[derive(Clone, Copy)]
+pub(crate) struct Share<'a> {
+    pub inflight: &'a Arc<Inflight>,
+    pub asker: &'a Asker,
+}
+
+/// A manifest of `path` by tag or digest: through `share` when given (one
+/// request for every clone asking within the window), else asked alone.
+async fn get_manifest(
+    share: Option<Share<'_>>,
+    client: &RegistryClient,
+    path: &str,
+    reference: &str,
+) -> Result<walt_registry::FetchedManifest, ServiceError> {
+    let Some(share) = share else {
+        return Ok(client.get_manifest(path, reference).await?);
+    };
+    let key = format!(
+        "{}\n{}\n{path}\n{reference}\n{}",
+        client.label(),
+        client.base_url(),
+        share.asker.0
+    );
+    let (c, p, r) = (client.clone(), path.to_string(), reference.to_string());
+    share
+        .inflight
+        .manifest(key, async move { Ok(c.get_manifest(&p, &r).await?) })
+        .await
+}
+
+/// A config blob, as [`get_manifest`].
+async fn get_config(
+    share: Option<Share<'_>>,
+    client: &RegistryClient,
+    path: &str,
+    digest: &Digest,
+) -> Result<Vec<u8>, ServiceError> {
+    let Some(share) = share else {
+        return Ok(client.get_blob_bytes(path, digest, MAX_CONFIG_SIZE).await?);
+    };
+    let key = format!(
+        "{}\n{}\n{path}\n{digest}\n{}",
+        client.label(),
+        client.base_url(),
+        share.asker.0
+    );
+    let (c, p, d) = (client.clone(), path.to_string(), digest.clone());
+    share
+        .inflight
+        .config(key, async move {
+            Ok(c.get_blob_bytes(&p, &d, MAX_CONFIG_SIZE).await?)
+        })
+        .await
 }
 
 /// A clone replacing an image nodes boot must support their models.
@@ -214,6 +300,7 @@ pub async fn plan(
             .into_iter()
             .map(|d| (d.name, d.model.unwrap_or_default()))
             .collect(),
+        asker: Asker::with(req.credentials.as_ref()),
     })
 }
 
@@ -279,7 +366,7 @@ pub async fn run(
         }
         Source::Registry(client) => {
             let store = state.store.clone();
-            let result = accept::or_collect(&store, pull(&store, client, &plan, &events)).await;
+            let result = accept::or_collect(&store, pull(&state, client, &plan, &events)).await;
             if result.is_ok() {
                 // Later publishes to this registry may mount these blobs.
                 let (s, t) = (store.clone(), plan.target.clone());
@@ -347,7 +434,7 @@ pub(crate) async fn resolve_fetched(
     url: &CloneUrl,
     fetched: walt_registry::FetchedManifest,
 ) -> Result<Resolved, ServiceError> {
-    resolve_remote(client, &Remote::of(url), fetched, None).await
+    resolve_remote(client, &Remote::of(url), fetched, None, None).await
 }
 
 /// `linux/<architecture>[/<variant>]` of an index entry.
@@ -422,6 +509,7 @@ async fn resolve_remote(
     remote: &Remote,
     fetched: walt_registry::FetchedManifest,
     wanted: Option<&[Platform]>,
+    share: Option<Share<'_>>,
 ) -> Result<Resolved, ServiceError> {
     let bad = |e: oci::DocError| ServiceError::InvalidManifest {
         registry: client.label().to_string(),
@@ -444,9 +532,7 @@ async fn resolve_remote(
                     None => host_platform(&index, remote)?,
                 };
                 from_index = true;
-                let inner = client
-                    .get_manifest(&remote.path, desc.digest.as_str())
-                    .await?;
+                let inner = get_manifest(share, client, &remote.path, desc.digest.as_str()).await?;
                 media_type = inner.media_type.clone().or(Some(desc.media_type.clone()));
                 image_of_index(client, remote, inner, media_type.as_deref())?
             }
@@ -501,8 +587,9 @@ async fn open(
     fetched: walt_registry::FetchedManifest,
     wanted: Option<&[Platform]>,
     events: &Events,
+    share: Option<Share<'_>>,
 ) -> Result<Opened, ServiceError> {
-    let manifest = resolve_remote(client, remote, fetched, wanted).await?;
+    let manifest = resolve_remote(client, remote, fetched, wanted, share).await?;
     if let Some(p) = &manifest.picked {
         events
             .say(format!("multi-platform image: using the {p} variant"))
@@ -515,13 +602,13 @@ async fn open(
             ))
             .await;
     }
-    let config_bytes = client
-        .get_blob_bytes(
-            &remote.path,
-            &manifest.manifest.config.digest,
-            MAX_CONFIG_SIZE,
-        )
-        .await?;
+    let config_bytes = get_config(
+        share,
+        client,
+        &remote.path,
+        &manifest.manifest.config.digest,
+    )
+    .await?;
     let config: ImageConfig =
         serde_json::from_slice(&config_bytes).map_err(|e| ServiceError::InvalidImage {
             url: remote.shown.clone(),
@@ -599,12 +686,13 @@ impl Opened {
 /// downloaded, and the import guard to hold until something references
 /// the layers.
 async fn fetch_into(
-    store: &Arc<Store>,
+    state: &Arc<State>,
     client: &RegistryClient,
     path: &str,
     layers: &[LayerJob],
     events: &Events,
 ) -> Result<(ImportGuard, u64), ServiceError> {
+    let store = &state.store;
     // Announce every layer, so the client can draw its bars at once.
     for l in layers {
         events
@@ -625,7 +713,7 @@ async fn fetch_into(
     // Held until the image row is committed, so that no collection runs
     // between the layers landing and the row referencing them.
     let guard = store.begin_import();
-    match fetch_layers(store, client, path, layers, events).await {
+    match fetch_layers(store, &state.inflight, client, path, layers, events).await {
         Ok(n) => Ok((guard, n)),
         Err(e) => {
             accept::release(guard).await;
@@ -647,19 +735,24 @@ fn layer_refs(layers: &[LayerJob]) -> Vec<LayerRef> {
 }
 
 async fn pull(
-    store: &Arc<Store>,
+    state: &Arc<State>,
     client: &RegistryClient,
     plan: &Plan,
     events: &Events,
 ) -> Result<CloneResult, ServiceError> {
+    let store = &state.store;
     let url = &plan.url;
     let remote = Remote::of(url);
-    let fetched = client.get_manifest(&remote.path, &remote.reference).await?;
-    let opened = open(client, &remote, fetched, None, events).await?;
+    let share = Share {
+        inflight: &state.inflight,
+        asker: &plan.asker,
+    };
+    let fetched = get_manifest(Some(share), client, &remote.path, &remote.reference).await?;
+    let opened = open(client, &remote, fetched, None, events, Some(share)).await?;
     let models = accept::node_models(opened.config.label(LABEL_NODE_MODELS), url)?;
     check_nodes_models(plan, &models)?;
     let layers = opened.layer_jobs(&remote)?;
-    let (guard, downloaded) = fetch_into(store, client, &remote.path, &layers, events).await?;
+    let (guard, downloaded) = fetch_into(state, client, &remote.path, &layers, events).await?;
     let (manifest, config, config_digest) = opened.manifest();
     let image = Accepted {
         config,
@@ -977,7 +1070,12 @@ async fn base_from_registry(
     events: &Events,
 ) -> Result<FetchedBase, ServiceError> {
     let wanted = platform.as_ref().map(std::slice::from_ref);
-    let opened = open(client, remote, fetched, wanted, events).await?;
+    let asker = Asker::anonymous();
+    let share = Share {
+        inflight: &state.inflight,
+        asker: &asker,
+    };
+    let opened = open(client, remote, fetched, wanted, events, Some(share)).await?;
     let jobs = opened.layer_jobs(remote)?;
     let total = jobs.iter().map(|l| l.size).sum();
     events
@@ -989,7 +1087,7 @@ async fn base_from_registry(
         ))
         .await;
     let store = &state.store;
-    let (guard, downloaded) = fetch_into(store, client, &remote.path, &jobs, events).await?;
+    let (guard, downloaded) = fetch_into(state, client, &remote.path, &jobs, events).await?;
     let (manifest, config, config_digest) = opened.manifest();
     let layers = layer_refs(&jobs);
     let s = store.clone();
@@ -1089,7 +1187,7 @@ pub(crate) async fn open_candidate(
 ) -> Result<Candidate, ServiceError> {
     // Nobody watches: the events go nowhere.
     let (events, _) = Events::channel(1);
-    let opened = open(&client, &remote, fetched, wanted, &events).await?;
+    let opened = open(&client, &remote, fetched, wanted, &events, None).await?;
     let jobs = opened.layer_jobs(&remote)?;
     Ok(Candidate {
         client,
@@ -1119,7 +1217,7 @@ pub(crate) async fn record_candidate(
     let config_digest = opened.manifest.manifest.config.digest.clone();
     let (events, _) = Events::channel(1);
     let result = accept::or_collect(store, async {
-        let (guard, downloaded) = fetch_into(store, &client, &remote.path, &jobs, &events).await?;
+        let (guard, downloaded) = fetch_into(state, &client, &remote.path, &jobs, &events).await?;
         let (manifest, config, config_digest) = opened.manifest();
         let image = Accepted {
             config,
@@ -1156,6 +1254,7 @@ struct LayerJob {
 /// others are stopped, and this returns only once all of them have cleaned up.
 async fn fetch_layers(
     store: &Arc<Store>,
+    inflight: &Arc<Inflight>,
     client: &RegistryClient,
     path: &str,
     layers: &[LayerJob],
@@ -1171,8 +1270,9 @@ async fn fetch_layers(
     order.sort_by_key(|j| std::cmp::Reverse(j.size));
     for (i, job) in order.into_iter().enumerate() {
         let (job, background) = (job.clone(), i > 0);
-        let (store, client, path, events, cancel, limit) = (
+        let (store, inflight, client, path, events, cancel, limit) = (
             store.clone(),
+            inflight.clone(),
             client.clone(),
             path.to_string(),
             events.clone(),
@@ -1184,7 +1284,14 @@ async fn fetch_layers(
                 p = limit.acquire_owned() => p.map_err(|_| ServiceError::ShuttingDown)?,
                 _ = cancel.cancelled() => return Ok((0, 0)),
             };
-            fetch_layer(&store, &client, &path, &job, background, &events, &cancel).await
+            let fetch = Fetch {
+                store: &store,
+                inflight: &inflight,
+                client: &client,
+                path: &path,
+                background,
+            };
+            fetch.layer(&job, &events, &cancel).await
         });
     }
     let mut total = 0;
@@ -1218,24 +1325,133 @@ async fn fetch_layers(
     }
 }
 
-/// Brings one layer into the store; returns the bytes downloaded and the
-/// bytes of file data unpacked.
-async fn fetch_layer(
+/// What one clone's layer fetches share.
+struct Fetch<'a> {
+    store: &'a Arc<Store>,
+    inflight: &'a Arc<Inflight>,
+    client: &'a RegistryClient,
+    path: &'a str,
+    /// Import at a lower CPU priority (not the critical path).
+    background: bool,
+}
+
+/// How many failed downloads of other registries a clone waits for before
+/// it reports the last one's error.
+const FOREIGN_FAILURES: u32 = 2;
+
+impl Fetch<'_> {
+    /// Brings one layer into the store; returns the bytes downloaded and the
+    /// bytes of file data unpacked. A layer another clone is bringing in
+    /// is waited for (its progress reported as this clone's), not fetched
+    /// again.
+    async fn layer(
+        &self,
+        job: &LayerJob,
+        events: &Events,
+        cancel: &CancellationToken,
+    ) -> Result<(u64, u64), ServiceError> {
+        let store = self.store;
+        if store.has_blob(&job.digest) && store.has_layer(&job.diff_id) {
+            events
+                .layer(LayerProgress::finished(job.digest.as_str(), job.size, true))
+                .await;
+            return Ok((0, 0));
+        }
+        let key = LayerKey {
+            digest: job.digest.clone(),
+            diff_id: job.diff_id.clone(),
+            media_type: job.media_type.clone(),
+        };
+        let label = self.client.label();
+        let mut foreign_failures = 0;
+        loop {
+            let (mut ticket, lead) = self.inflight.join(&key, label);
+            if lead {
+                self.start_flight(key.clone(), job, &ticket);
+            }
+            let (layer, total) = (job.digest.as_str(), job.size);
+            if !lead {
+                tracing::info!(
+                    layer,
+                    "joining the download of a layer another clone started"
+                );
+            }
+            let outcome = tokio::select! {
+                o = ticket.outcome(|done| events.try_layer(LayerProgress::running(layer, done, total))) => o,
+                _ = cancel.cancelled() => {
+                    // The last one out waits for the download's clean-up.
+                    ticket.leave().await;
+                    return Err(ServiceError::Internal("cancelled".into()));
+                }
+            };
+            match outcome {
+                Ok(Landed {
+                    downloaded,
+                    unpacked,
+                }) => {
+                    let cached = downloaded == 0;
+                    events
+                        .layer(LayerProgress::finished(layer, total, cached))
+                        .await;
+                    // Every clone that waited for the download counts it:
+                    // its layer came over the network during its clone.
+                    return Ok((if cached { 0 } else { total }, unpacked));
+                }
+                // Another registry failed: this clone's may not.
+                Err(e) if e.registry != label && foreign_failures < FOREIGN_FAILURES => {
+                    foreign_failures += 1;
+                    tracing::info!(layer, failed = %e.registry, error = %e.error, "a shared download from another registry failed: trying again");
+                }
+                Err(e) => return Err(ServiceError::Shared(e.error)),
+            }
+        }
+    }
+
+    /// Starts the download `ticket` leads, as a task of its own: the
+    /// clone that started it may go away while others wait.
+    fn start_flight(&self, key: LayerKey, job: &LayerJob, ticket: &Ticket) {
+        let flight = ticket.flight().clone();
+        let (store, inflight, client, path, job, background) = (
+            self.store.clone(),
+            self.inflight.clone(),
+            self.client.clone(),
+            self.path.to_string(),
+            job.clone(),
+            self.background,
+        );
+        tokio::spawn(async move {
+            let outcome = land_layer(&store, &client, &path, &job, background, &flight).await;
+            if let Err(e) = &outcome {
+                if flight.cancelled().is_cancelled() {
+                    tracing::info!(layer = %job.digest, "layer download cancelled: no clone waits for it any more");
+                } else {
+                    tracing::debug!(layer = %job.digest, error = %e, "shared layer download failed");
+                }
+            }
+            inflight.land(&key, &flight, outcome);
+        });
+    }
+}
+
+/// The work of a shared layer download: the blob fetched and imported
+/// (or, when the store has the blob by now, only unpacked).
+async fn land_layer(
     store: &Arc<Store>,
     client: &RegistryClient,
     path: &str,
     job: &LayerJob,
     background: bool,
-    events: &Events,
-    cancel: &CancellationToken,
-) -> Result<(u64, u64), ServiceError> {
+    flight: &Arc<crate::inflight::Flight>,
+) -> Result<Landed, ServiceError> {
+    // Checked again: a download that ended since the caller's check has
+    // published the layer before leaving the table.
     let has_blob = store.has_blob(&job.digest);
     let has_layer = store.has_layer(&job.diff_id);
     if has_blob && has_layer {
-        events
-            .layer(LayerProgress::finished(job.digest.as_str(), job.size, true))
-            .await;
-        return Ok((0, 0));
+        return Ok(Landed {
+            downloaded: 0,
+            unpacked: 0,
+        });
     }
     if has_blob {
         let (s, j) = (store.clone(), job.clone());
@@ -1244,23 +1460,20 @@ async fn fetch_layer(
             Ok(s.unpack_stored_blob(&j.digest, j.compression, &j.diff_id)?)
         })
         .await?;
-        events
-            .layer(LayerProgress::finished(job.digest.as_str(), job.size, true))
-            .await;
-        return Ok((0, imported.unpacked_bytes));
+        return Ok(Landed {
+            downloaded: 0,
+            unpacked: imported.unpacked_bytes,
+        });
     }
 
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(16);
-    let ptx = events.clone();
-    let (digest, total) = (job.digest.clone(), job.size);
+    let progress = flight.clone();
     let opts = ImportOptions {
         store_blob: true,
         unpack: !has_layer,
         expected_size: Some(job.size),
         expected_diff_id: Some(job.diff_id.clone()),
-        progress: Some(Box::new(move |done| {
-            ptx.try_layer(LayerProgress::running(digest.as_str(), done, total));
-        })),
+        progress: Some(Box::new(move |done| progress.progress(done))),
         background,
         // One layer cannot be larger than the image either.
         unpacked_limit: Some((store.limits().image_unpacked_size, "image-unpacked-size")),
@@ -1273,21 +1486,17 @@ async fn fetch_layer(
     });
     let pumped = tokio::select! {
         r = pump_blob(client, path, job, tx) => r,
-        _ = cancel.cancelled() => Err(ServiceError::Internal("cancelled".into())),
+        _ = flight.cancelled().cancelled() => Err(ServiceError::Internal("cancelled".into())),
     };
     // The importer sees the end of its input once `tx` is gone; wait for it
     // so that its staging files are removed before we report anything.
     let imported = import.await?;
     pumped?;
     let imported = imported?;
-    events
-        .layer(LayerProgress::finished(
-            job.digest.as_str(),
-            job.size,
-            false,
-        ))
-        .await;
-    Ok((job.size, imported.unpacked_bytes))
+    Ok(Landed {
+        downloaded: job.size,
+        unpacked: imported.unpacked_bytes,
+    })
 }
 
 /// Streams a blob into `tx`; the registry client resumes it where the

@@ -119,6 +119,10 @@ pub enum ServiceError {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+    /// The error of a download or request shared by several clones
+    /// (`inflight.rs`): each of them reports it as it is.
+    #[error(transparent)]
+    Shared(std::sync::Arc<ServiceError>),
 }
 
 /// The class of a failure, which the service layer maps to a status code.
@@ -184,6 +188,7 @@ impl ServiceError {
             },
             E::ShuttingDown => Kind::Unavailable,
             E::Internal(_) => Kind::Internal,
+            E::Shared(e) => e.kind(),
         }
     }
 
@@ -192,6 +197,7 @@ impl ServiceError {
     pub fn registry_wanting_credentials(&self) -> Option<&str> {
         match self {
             ServiceError::Registry(r) if self.kind() == Kind::Unauthenticated => Some(r.label()),
+            ServiceError::Shared(e) => e.registry_wanting_credentials(),
             _ => None,
         }
     }

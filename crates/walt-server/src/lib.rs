@@ -11,6 +11,7 @@ mod error;
 mod grpc;
 mod hub;
 mod images;
+mod inflight;
 pub mod nodes;
 mod progress;
 mod publish;
@@ -64,6 +65,8 @@ pub struct State {
     pub build_contexts: build::Contexts,
     /// The node side: detection, default images, serving.
     pub nodes: nodes::Nodes,
+    /// Downloads shared by concurrent clones (issue 16).
+    pub(crate) inflight: Arc<inflight::Inflight>,
 }
 
 impl State {
@@ -170,6 +173,7 @@ impl Server {
                     exports_file: opts.exports_file,
                     tftp_map_file: opts.tftp_map_file,
                 }),
+                inflight: Arc::default(),
             }),
             tls: None,
             nodes_started: false,
