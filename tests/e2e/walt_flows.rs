@@ -282,8 +282,28 @@ fn every_command_has_help_with_walt_options() {
         for o in opts {
             assert!(out.stdout.contains(o), "walt image {c} --help: {o}\n{out}");
         }
-        // `-h` is the same help, as in WalT.
-        assert_eq!(walt(&["image", c, "-h"]).success, true, "walt image {c} -h");
+        // `-h` too, as in WalT.
+        let short = walt(&["image", c, "-h"]);
+        short.assert_success();
+        assert!(
+            short.stdout.contains(&format!("Usage: walt image {c}")),
+            "{short}"
+        );
+    }
+    // Each points to its help topic, as WalT's build --help does.
+    for (c, topic) in [
+        ("clone", "registries"),
+        ("search", "registries"),
+        ("publish", "registries"),
+        ("shell", "shells"),
+        ("cp", "image-cp"),
+        ("build", "image-build"),
+    ] {
+        let out = walt(&["image", c, "--help"]);
+        assert!(
+            out.stdout.contains(&format!("walt help show {topic}")) && TOPICS.contains(&topic),
+            "{out}"
+        );
     }
     for c in [
         "dump-bash-autocomplete",
