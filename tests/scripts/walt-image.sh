@@ -19,12 +19,16 @@ CLONED_NAME=${CLONED_NAME%%:*}
 
 failed=()
 define_test() {
-    local name="$1" fn="$2"
+    local name="$1" fn="$2" rc
     echo "=== $name"
-    if ( set -e; "$fn" ); then
+    # Every command of a test counts (not run as an `if` condition, where
+    # bash would ignore set -e), and every command of a pipeline.
+    ( set -eo pipefail; "$fn" )
+    rc=$?
+    if [ $rc -eq 0 ]; then
         echo "ok: $name"
     else
-        echo "FAILED: $name"
+        echo "FAILED: $name (status $rc)"
         failed+=("$name")
     fi
 }
