@@ -27,6 +27,11 @@ pub const DEFAULT_WALT_NET_IP: &str = "192.168.212.1/24";
 pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// Where the walt CLI's completion scripts and man pages go (issue 15 item 11).
 pub const BASH_COMPLETION: &str = "/usr/share/bash-completion/completions/walt";
+/// Where WalT's server setup put its bash completion. bash-completion loads
+/// that directory first, so a WalT script left there (which asks WalT's
+/// client for its completions) would hide ours: when the file exists, it
+/// gets ours too.
+pub const WALT_BASH_COMPLETION: &str = "/etc/bash_completion.d/walt";
 pub const ZSH_COMPLETION: &str = "/usr/local/share/zsh/site-functions/_walt";
 pub const MAN_DIR: &str = "/usr/share/man/man1";
 /// binfmt_misc entries needed to run arm images (arm64, then 32-bit arm).
@@ -694,11 +699,15 @@ fn check_completion(opts: &Options, host: &dyn Host) -> Check {
                 .into(),
         );
     };
-    let files = match completion_files(&walt, host) {
+    let mut files = match completion_files(&walt, host) {
         Ok(f) => f,
         Err(e) => return Check::Missing(format!("shell completion and man pages of walt: {e}")),
     };
     let pages = files.len() - 2;
+    if opts.path(WALT_BASH_COMPLETION).exists() {
+        let bash = files[0].1.clone();
+        files.push((WALT_BASH_COMPLETION.to_string(), bash));
+    }
     let mut actions = Vec::new();
     let mut names = Vec::new();
     let mut stale_pages = 0;
@@ -1295,5 +1304,17 @@ mod tests {
             plan.done,
             format!("wrote 1 man page in {}", o.path(MAN_DIR).display())
         );
+        apply(&plan, &host).unwrap();
+        // WalT's own script, left by a WalT install, is replaced by ours.
+        let old = o.path(WALT_BASH_COMPLETION);
+        fs::create_dir_all(old.parent().unwrap()).unwrap();
+        fs::write(&old, "_walt_complete() { walt advanced complete; }\n").unwrap();
+        let Check::Todo(plan) = check_completion(&o, &host) else {
+            panic!("WalT's completion is replaced");
+        };
+        assert_eq!(plan.done, format!("wrote {}", old.display()));
+        apply(&plan, &host).unwrap();
+        assert_eq!(read(WALT_BASH_COMPLETION), "_walt() { :; }\n");
+        assert!(matches!(check_completion(&o, &host), Check::Ok(_)));
     }
 }
