@@ -10,7 +10,8 @@ PACKAGES=(docker-registry busybox-static skopeo umoci apache2-utils openssl expe
           libisal-dev tcpdump
           nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils tftpd-hpa tftp-hpa dnsmasq-base
           isc-dhcp-server iproute2
-          mmdebstrap python3)
+          mmdebstrap python3
+          zsh man-db)
 
 # Foreign-architecture busybox (for arm images), fetched without changing
 # the system's apt architectures.
@@ -56,6 +57,10 @@ done
 # The real default images (images/build.sh: the root filesystem by
 # mmdebstrap + mmtarfilter, python3 for its ports and timings).
 for c in mmdebstrap mmtarfilter python3; do
+    check_cmd "$c"
+done
+# walt's completion scripts and man pages (issue 15 item 11): zsh -n, man -l.
+for c in zsh man; do
     check_cmd "$c"
 done
 ls /usr/lib/*/ganesha/libfsalvfs.so >/dev/null 2>&1 || missing+=("nfs-ganesha-vfs")

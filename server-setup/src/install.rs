@@ -25,6 +25,15 @@ pub const UNIT_FILE: &str = "/etc/systemd/system/walt-server.service";
 pub const DEFAULT_SERVER_BIN: &str = "/usr/local/bin/walt-server";
 pub const DEFAULT_WALT_NET_IP: &str = "192.168.212.1/24";
 pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// Where the walt CLI's completion scripts and man pages go (issue 15 item 11).
+pub const BASH_COMPLETION: &str = "/usr/share/bash-completion/completions/walt";
+/// Where WalT's server setup put its bash completion. bash-completion loads
+/// that directory first, so a WalT script left there (which asks WalT's
+/// client for its completions) would hide ours: when the file exists, it
+/// gets ours too.
+pub const WALT_BASH_COMPLETION: &str = "/etc/bash_completion.d/walt";
+pub const ZSH_COMPLETION: &str = "/usr/local/share/zsh/site-functions/_walt";
+pub const MAN_DIR: &str = "/usr/share/man/man1";
 /// binfmt_misc entries needed to run arm images (arm64, then 32-bit arm).
 pub const BINFMTS: [&str; 2] = ["qemu-aarch64", "qemu-arm"];
 
@@ -42,6 +51,8 @@ pub trait Host {
     fn succeeds(&self, cmd: &[String]) -> bool;
     /// Runs a command; Err is why it failed (its last stderr line).
     fn run(&self, cmd: &[String]) -> Result<(), String>;
+    /// Runs a command and returns its stdout; Err as for `run`.
+    fn output(&self, cmd: &[String]) -> Result<Vec<u8>, String>;
 }
 
 /// The machine this program runs on.
@@ -84,8 +95,12 @@ impl Host for RealHost {
     }
 
     fn run(&self, cmd: &[String]) -> Result<(), String> {
+        self.output(cmd).map(drop)
+    }
+
+    fn output(&self, cmd: &[String]) -> Result<Vec<u8>, String> {
         let Some((prog, args)) = cmd.split_first() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let out = Command::new(prog)
             .args(args)
@@ -93,7 +108,7 @@ impl Host for RealHost {
             .output()
             .map_err(|e| format!("cannot run {prog}: {e}"))?;
         if out.status.success() {
-            return Ok(());
+            return Ok(out.stdout);
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
         let last = stderr
@@ -187,9 +202,10 @@ pub enum Step {
     Tls,
     Tftp,
     DhcpHook,
+    Completion,
 }
 
-pub const STEPS: [Step; 9] = [
+pub const STEPS: [Step; 10] = [
     Step::DataDirs,
     Step::Config,
     Step::Unit,
@@ -199,6 +215,7 @@ pub const STEPS: [Step; 9] = [
     Step::Tls,
     Step::Tftp,
     Step::DhcpHook,
+    Step::Completion,
 ];
 
 impl Step {
@@ -214,6 +231,7 @@ impl Step {
             Step::Tls => check_tls(opts),
             Step::Tftp => Ok(check_tftp(host)),
             Step::DhcpHook => Ok(check_dhcp_hook(opts, host)),
+            Step::Completion => Ok(check_completion(opts, host)),
         }
     }
 
@@ -221,7 +239,12 @@ impl Step {
     fn failure_is_error(self) -> bool {
         !matches!(
             self,
-            Step::Binfmt | Step::Docker | Step::Nfs | Step::Tftp | Step::DhcpHook
+            Step::Binfmt
+                | Step::Docker
+                | Step::Nfs
+                | Step::Tftp
+                | Step::DhcpHook
+                | Step::Completion
         )
     }
 }
@@ -600,6 +623,132 @@ fn check_dhcp_hook(opts: &Options, host: &dyn Host) -> Check {
     }
 }
 
+/// The walt CLI, next to walt-server or on the PATH.
+fn walt_cli(opts: &Options, host: &dyn Host) -> Option<PathBuf> {
+    let beside = opts
+        .server_bin
+        .parent()
+        .map(|d| d.join("walt"))
+        .filter(|p| host.exists(p));
+    beside.or_else(|| host.which("walt"))
+}
+
+/// What `walt` generates from its command definitions: (system path, text).
+fn completion_files(walt: &Path, host: &dyn Host) -> Result<Vec<(String, String)>, String> {
+    let bin = walt.display().to_string();
+    let dump = |what: &str| -> Result<String, String> {
+        let out = host.output(&cmd(&[&bin, "advanced", what]))?;
+        String::from_utf8(out).map_err(|_| format!("{bin} advanced {what}: not UTF-8"))
+    };
+    let mut files = vec![
+        (BASH_COMPLETION.to_string(), dump("dump-bash-autocomplete")?),
+        (ZSH_COMPLETION.to_string(), dump("dump-zsh-autocomplete")?),
+    ];
+    // The man pages are files: written into a private temporary directory,
+    // read, and the directory removed.
+    let tmp = std::env::temp_dir().join(format!(
+        "walt-server-setup-man-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    let pages = host
+        .run(&cmd(&[
+            &bin,
+            "advanced",
+            "dump-man-pages",
+            &tmp.display().to_string(),
+        ]))
+        .and_then(|()| {
+            let mut pages = Vec::new();
+            for entry in
+                fs::read_dir(&tmp).map_err(|e| format!("cannot read {}: {e}", tmp.display()))?
+            {
+                let path = entry.map_err(|e| e.to_string())?.path();
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                if let Some(name) = name.filter(|n| n.starts_with("walt") && n.ends_with(".1")) {
+                    let text = fs::read_to_string(&path)
+                        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                    pages.push((format!("{MAN_DIR}/{name}"), text));
+                }
+            }
+            Ok(pages)
+        });
+    let _ = fs::remove_dir_all(&tmp);
+    let mut pages = pages?;
+    if pages.is_empty() {
+        return Err(format!("{bin} advanced dump-man-pages wrote no page"));
+    }
+    pages.sort();
+    files.extend(pages);
+    Ok(files)
+}
+
+/// Bash and zsh completion of `walt` and its man pages, generated by the
+/// walt CLI installed with the server (WalT sets up completion on the
+/// server too).
+fn check_completion(opts: &Options, host: &dyn Host) -> Check {
+    let Some(walt) = walt_cli(opts, host) else {
+        return Check::Missing(
+            "walt: no shell completion or man pages until the walt CLI is installed (next to walt-server, or on the PATH)"
+                .into(),
+        );
+    };
+    let mut files = match completion_files(&walt, host) {
+        Ok(f) => f,
+        Err(e) => return Check::Missing(format!("shell completion and man pages of walt: {e}")),
+    };
+    let pages = files.len() - 2;
+    if opts.path(WALT_BASH_COMPLETION).exists() {
+        let bash = files[0].1.clone();
+        files.push((WALT_BASH_COMPLETION.to_string(), bash));
+    }
+    let mut actions = Vec::new();
+    let mut names = Vec::new();
+    let mut stale_pages = 0;
+    for (system_path, text) in files {
+        let path = opts.path(&system_path);
+        if fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        if system_path.starts_with(MAN_DIR) {
+            stale_pages += 1;
+        } else {
+            names.push(path.display().to_string());
+        }
+        actions.push(Action::WriteFile {
+            path,
+            text,
+            mode: 0o644,
+        });
+    }
+    let man_dir = opts.path(MAN_DIR);
+    if actions.is_empty() {
+        return Check::Ok(format!(
+            "shell completion (bash, zsh) and {pages} man pages of walt ({}) are up to date",
+            man_dir.display()
+        ));
+    }
+    if stale_pages > 0 {
+        let s = if stale_pages == 1 { "" } else { "s" };
+        names.push(format!(
+            "{stale_pages} man page{s} in {}",
+            man_dir.display()
+        ));
+    }
+    let list = names.join(", ");
+    Check::Todo(Plan {
+        actions,
+        todo: format!("write {list}"),
+        done: format!("wrote {list}"),
+    })
+}
+
 /// Writes `text` to `path` through a temporary file in the same directory.
 fn write_atomic(path: &Path, text: &str, mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -711,6 +860,8 @@ mod tests {
         programs: BTreeSet<String>,
         succeeding: BTreeSet<Vec<String>>,
         ran: RefCell<Vec<Vec<String>>>,
+        outputs: BTreeMap<Vec<String>, Vec<u8>>,
+        man_pages: Vec<(String, String)>,
     }
 
     impl Host for Fake {
@@ -736,7 +887,23 @@ mod tests {
         }
         fn run(&self, cmd: &[String]) -> Result<(), String> {
             self.ran.borrow_mut().push(cmd.to_vec());
+            // A fake walt: its man pages are `man_pages`.
+            if let [_, a, d, dir] = cmd
+                && a == "advanced"
+                && d == "dump-man-pages"
+            {
+                for (name, text) in &self.man_pages {
+                    fs::write(Path::new(dir).join(name), text).unwrap();
+                }
+            }
             Ok(())
+        }
+        fn output(&self, cmd: &[String]) -> Result<Vec<u8>, String> {
+            self.ran.borrow_mut().push(cmd.to_vec());
+            self.outputs
+                .get(cmd)
+                .cloned()
+                .ok_or_else(|| format!("{} failed", cmd.join(" ")))
         }
     }
 
@@ -1082,5 +1249,72 @@ mod tests {
         let mut host = Fake::default();
         host.programs.insert("exportfs".into());
         assert!(matches!(check_nfs(&host), Check::Ok(m) if m.contains("exportfs")));
+    }
+
+    #[test]
+    fn completion_and_man_pages_from_the_walt_beside_the_server() {
+        let root = tempfile::tempdir().unwrap();
+        let o = opts(root.path(), false);
+        let mut host = Fake::default();
+        // No walt: reported, nothing written.
+        match check_completion(&o, &host) {
+            Check::Missing(m) => assert!(m.contains("walt CLI"), "{m}"),
+            c => panic!("{c:?}"),
+        }
+        let walt = "/opt/walt/walt".to_string();
+        host.paths.insert(PathBuf::from(&walt));
+        for (what, text) in [
+            ("dump-bash-autocomplete", "_walt() { :; }\n"),
+            ("dump-zsh-autocomplete", "#compdef walt\n"),
+        ] {
+            host.outputs.insert(
+                vec![walt.clone(), "advanced".into(), what.into()],
+                text.as_bytes().to_vec(),
+            );
+        }
+        host.man_pages = vec![
+            ("walt.1".into(), ".TH walt 1\n".into()),
+            ("walt-image.1".into(), ".TH walt-image 1\n".into()),
+        ];
+        let Check::Todo(plan) = check_completion(&o, &host) else {
+            panic!("a fresh root needs the files");
+        };
+        assert!(
+            plan.done.contains("completions/walt")
+                && plan.done.contains("site-functions/_walt")
+                && plan.done.contains("2 man pages"),
+            "{plan:?}"
+        );
+        apply(&plan, &host).unwrap();
+        let read = |p: &str| fs::read_to_string(o.path(p)).unwrap();
+        assert_eq!(read(BASH_COMPLETION), "_walt() { :; }\n");
+        assert_eq!(read(ZSH_COMPLETION), "#compdef walt\n");
+        assert_eq!(
+            read("/usr/share/man/man1/walt-image.1"),
+            ".TH walt-image 1\n"
+        );
+        assert!(matches!(check_completion(&o, &host), Check::Ok(_)));
+        // A page that changed is rewritten, alone.
+        host.man_pages[1].1 = ".TH walt-image 1 new\n".into();
+        let Check::Todo(plan) = check_completion(&o, &host) else {
+            panic!("a changed page is rewritten");
+        };
+        assert_eq!(plan.actions.len(), 1, "{plan:?}");
+        assert_eq!(
+            plan.done,
+            format!("wrote 1 man page in {}", o.path(MAN_DIR).display())
+        );
+        apply(&plan, &host).unwrap();
+        // WalT's own script, left by a WalT install, is replaced by ours.
+        let old = o.path(WALT_BASH_COMPLETION);
+        fs::create_dir_all(old.parent().unwrap()).unwrap();
+        fs::write(&old, "_walt_complete() { walt advanced complete; }\n").unwrap();
+        let Check::Todo(plan) = check_completion(&o, &host) else {
+            panic!("WalT's completion is replaced");
+        };
+        assert_eq!(plan.done, format!("wrote {}", old.display()));
+        apply(&plan, &host).unwrap();
+        assert_eq!(read(WALT_BASH_COMPLETION), "_walt() { :; }\n");
+        assert!(matches!(check_completion(&o, &host), Check::Ok(_)));
     }
 }

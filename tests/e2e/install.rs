@@ -64,7 +64,7 @@ fn steps(out: &CmdOutput) -> Vec<&str> {
             "unexpected line {l:?}:\n{out}"
         );
     }
-    assert_eq!(lines.len(), 9, "one line per step:\n{out}");
+    assert_eq!(lines.len(), 10, "one line per step:\n{out}");
     lines
 }
 
@@ -98,6 +98,14 @@ fn install_dry_run_then_install_then_nothing_to_do() {
         "{out}"
     );
     assert!(l[8].starts_with("ok: DHCP hook"), "{out}");
+    // walt is built next to walt-server: its completion and man pages.
+    assert!(
+        l[9].starts_with("would: write ")
+            && l[9].contains("usr/share/bash-completion/completions/walt")
+            && l[9].contains("usr/local/share/zsh/site-functions/_walt")
+            && l[9].contains("man pages in"),
+        "{out}"
+    );
     assert!(
         tree(root.path()).is_empty(),
         "the dry run wrote something:\n{out}"
@@ -135,11 +143,14 @@ fn install_dry_run_then_install_then_nothing_to_do() {
         "{unit}"
     );
 
+    assert!(l[9].starts_with("done: wrote "), "{out}");
+    assert_completion_installed(root.path());
+
     // Again: nothing changes.
     let before = tree(root.path());
     let out = install(root.path(), &[]);
     let l = steps(&out);
-    for line in &l[..3] {
+    for line in l[..3].iter().chain(&l[9..]) {
         assert!(line.starts_with("ok: "), "{out}");
     }
     assert!(
@@ -180,4 +191,51 @@ fn install_keeps_an_existing_config() {
         "{out}"
     );
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), "registries: 12\n");
+}
+
+/// What `install` wrote for the walt CLI: its completion scripts, as
+/// `walt advanced dump-*-autocomplete` prints them, and man pages `man`
+/// renders.
+fn assert_completion_installed(root: &Path) {
+    let walt = |args: &[&str]| {
+        let out = Command::new(workspace_bin("walt"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "walt {args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    assert_eq!(
+        read("usr/share/bash-completion/completions/walt"),
+        walt(&["advanced", "dump-bash-autocomplete"])
+    );
+    assert_eq!(
+        read("usr/local/share/zsh/site-functions/_walt"),
+        walt(&["advanced", "dump-zsh-autocomplete"])
+    );
+    let man1 = root.join("usr/share/man/man1");
+    for page in [
+        "walt.1",
+        "walt-image.1",
+        "walt-image-clone.1",
+        "walt-help-show.1",
+    ] {
+        let out = Command::new("man")
+            .args(["-P", "cat", "-l"])
+            .arg(man1.join(page))
+            .env("MANWIDTH", "100")
+            .stdin(Stdio::null())
+            .output()
+            .expect("man is needed (scripts/install-deps.sh installs it)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success()
+                && text.contains("NAME")
+                && text.contains(page.trim_end_matches(".1")),
+            "man -l {page}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -42,4 +42,5 @@ mod tls;
 mod tokens;
 mod users;
 mod walt_files;
+mod walt_flows;
 mod workingset;

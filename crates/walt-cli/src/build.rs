@@ -42,7 +42,9 @@ Give exactly one of --from-dir and --from-url; the directory (or --sub-dir of th
 repository) must hold a Dockerfile or a Containerfile.
 
 Output: the steps (STEP i/n: ...), the output of RUN and the server's messages go \
-to stderr as they come; stdout gets the result line only (`Image <name> built ...`).")]
+to stderr as they come; stdout gets the result line only (`Image <name> built ...`).
+
+More: walt help show image-build")]
 pub struct BuildArgs {
     /// A local directory holding a Dockerfile (or Containerfile): the
     /// build context, sent to the server (honouring .dockerignore).

@@ -43,6 +43,7 @@ pub enum ImageCommand {
         names_only: bool,
     },
     /// Copy an image into your working set.
+    #[command(after_help = "Clone URLs and where images come from: walt help show registries")]
     Clone {
         /// Overwrite an image of the same name.
         #[arg(long)]
@@ -53,6 +54,7 @@ pub enum ImageCommand {
         name: Option<String>,
     },
     /// Search the images of every source (other users, registries).
+    #[command(after_help = "Clone URLs and where images come from: walt help show registries")]
     Search {
         /// Show only the images whose clone URL contains this.
         keyword: Option<String>,
@@ -61,6 +63,7 @@ pub enum ImageCommand {
         json: bool,
     },
     /// Push an image of your working set to a registry; prints its clone URL.
+    #[command(after_help = "Registries and clone URLs: walt help show registries")]
     Publish {
         /// Label of the registry (default `auto`: the only one configured).
         #[arg(long, default_value = "auto")]
@@ -77,11 +80,13 @@ pub enum ImageCommand {
     /// Merge all layers of an image of your working set into one.
     Squash { image: String },
     /// Open a shell inside an image; on exit, save the changes.
+    #[command(after_help = "More: walt help show shells")]
     Shell { image: String },
     /// Copy files or directories between this machine and an image:
     /// `cp <local> <image>:<path>` or `cp <image>:<path> <local>`
     /// (relative image paths are relative to /root; copying into an image
     /// saves it).
+    #[command(after_help = "More: walt help show image-cp")]
     Cp { src: String, dst: String },
     /// Build an image of your working set from a Dockerfile:
     /// `build --from-dir DIR <image>` or

@@ -3,6 +3,7 @@
 mod advanced;
 mod chunks;
 mod config;
+mod help;
 mod image;
 mod node;
 mod progress;
@@ -12,11 +13,18 @@ mod tls;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// WalT: manage the OS images of your testbed nodes.
 #[derive(Parser, Debug)]
-#[command(name = "walt", version, about, propagate_version = true)]
+#[command(
+    name = "walt",
+    version,
+    about,
+    propagate_version = true,
+    // `walt help` is WalT's help topics (see help.rs); `--help` stays.
+    disable_help_subcommand = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,6 +44,9 @@ enum Command {
     /// Advanced commands.
     #[command(subcommand)]
     Advanced(AdvancedCommand),
+    /// Help topics: how images are built, copied, shared (walt help list).
+    #[command(subcommand)]
+    Help(help::HelpCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -46,10 +57,43 @@ enum AdvancedCommand {
     /// Look for newer default images of the node models on the server's
     /// sources, fetch them and make the nodes using them boot them.
     UpdateDefaultImages,
+    // Shell completion and man pages (issue 15 item 11), see help.rs.
+    /// Print the bash completion script of walt (see walt help show shell-completion).
+    DumpBashAutocomplete,
+    /// Print the zsh completion script of walt (see walt help show shell-completion).
+    DumpZshAutocomplete,
+    /// Write the man pages of walt (walt.1, walt-image.1, ...) into a directory.
+    DumpManPages {
+        /// The directory (created if needed); existing pages are replaced.
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Help topics, completions and man pages need no server: answered first.
+    let local = match &cli.command {
+        Command::Help(cmd) => Some(help::run(cmd)),
+        Command::Advanced(AdvancedCommand::DumpBashAutocomplete) => {
+            Some(help::dump_completion(Cli::command(), help::Shell::Bash))
+        }
+        Command::Advanced(AdvancedCommand::DumpZshAutocomplete) => {
+            Some(help::dump_completion(Cli::command(), help::Shell::Zsh))
+        }
+        Command::Advanced(AdvancedCommand::DumpManPages { dir }) => {
+            Some(help::dump_man_pages(Cli::command(), dir))
+        }
+        _ => None,
+    };
+    if let Some(result) = local {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {}", walt_core::text::one_line(&format!("{e:#}")));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -69,6 +113,12 @@ fn main() -> ExitCode {
             Command::Advanced(AdvancedCommand::UpdateDefaultImages) => {
                 advanced::update_default_images().await
             }
+            Command::Help(_)
+            | Command::Advanced(
+                AdvancedCommand::DumpBashAutocomplete
+                | AdvancedCommand::DumpZshAutocomplete
+                | AdvancedCommand::DumpManPages { .. },
+            ) => Ok(()),
         }
     });
     match result {
