@@ -1,7 +1,8 @@
 //! The `Images` and `Server` gRPC services.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
@@ -61,7 +62,18 @@ fn info(state: &State, rec: &ImageRecord) -> Result<pb::ImageInfo, ServiceError>
 
 /// The `created` time of the image's config (what WalT shows), in seconds
 /// since the epoch; None when the config is unreadable or has no valid time.
+/// Configs never change (content-addressed): their times are remembered,
+/// so that `walt image show` reads each config once per server process.
 fn image_created(state: &State, rec: &ImageRecord) -> Option<i64> {
+    type Times = Mutex<HashMap<walt_core::Digest, Option<i64>>>;
+    static TIMES: OnceLock<Times> = OnceLock::new();
+    /// Bound of the cache (entries are ~100 bytes).
+    const MAX_TIMES: usize = 100_000;
+    let times = TIMES.get_or_init(Default::default);
+    let lock = || times.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(t) = lock().get(&rec.config_digest) {
+        return *t;
+    }
     let bytes = match state.store.read_blob(&rec.config_digest) {
         Ok(b) => b,
         Err(e) => {
@@ -69,8 +81,16 @@ fn image_created(state: &State, rec: &ImageRecord) -> Option<i64> {
             return None;
         }
     };
-    let config: walt_core::oci::ImageConfig = serde_json::from_slice(&bytes).ok()?;
-    crate::nodes::defaults::parse_time(config.created.as_deref()?).map(|(secs, _)| secs)
+    let created = serde_json::from_slice::<walt_core::oci::ImageConfig>(&bytes)
+        .ok()
+        .and_then(|c| crate::nodes::defaults::parse_time(c.created.as_deref()?))
+        .map(|(secs, _)| secs);
+    let mut times = lock();
+    if times.len() >= MAX_TIMES {
+        times.clear();
+    }
+    times.insert(rec.config_digest.clone(), created);
+    created
 }
 
 /// What of the image is not in the store (`walt image show --refresh`):
