@@ -514,3 +514,62 @@ async fn clone(
         }
     }
 }
+
+#[cfg(test)]
+mod show_tests {
+    use super::*;
+
+    fn image(owner: &str, name: &str, models: &[&str]) -> pb::ImageInfo {
+        pb::ImageInfo {
+            owner: owner.into(),
+            name: name.into(),
+            tag: "latest".into(),
+            node_models: models.iter().map(|m| m.to_string()).collect(),
+            clone_url: format!("walt:{owner}/{name}"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn all_without_own_images_shows_the_other_sections_and_tips() {
+        let reply = pb::ShowReply {
+            images: vec![
+                image("bob", "b", &["pc-x86-64"]),
+                image("waltplatform", "rpi-default", &["rpi-4-b"]),
+            ],
+            ..Default::default()
+        };
+        // No config time: an empty (padded) cell, as WalT shows None.
+        assert_eq!(
+            show_text(&reply, "alice", true, false),
+            "\nOther users of this platform have created the following images:\n\n\
+             user  name  created  clonable-link\n\
+             ----  ----  -------  -------------\n\
+             bob   b              walt:bob/b   \n\n\n\
+             The following are default OS images:\n\n\
+             name         created  clonable-link                \n\
+             -----------  -------  -----------------------------\n\
+             rpi-default           walt:waltplatform/rpi-default\n\n\
+             Use 'walt image clone <clonable_link>' to clone an image\n\
+             into your working set.\n\
+             Use 'walt image search [<keyword>]' to search for images\n\
+             on remote registries."
+        );
+    }
+
+    #[test]
+    fn titles_are_bold_on_a_terminal_and_models_globbed() {
+        let reply = pb::ShowReply {
+            images: vec![image("alice", "a", &[])],
+            others_exist: false,
+            ..Default::default()
+        };
+        assert_eq!(
+            show_text(&reply, "alice", false, true),
+            "\n\x1b[1mYour working set is made of the following images:\n\x1b[0m\n\
+             name  in-use  created  compatibility\n\
+             ----  ------  -------  -------------\n\
+             a     False            N/A          \n\n"
+        );
+    }
+}
