@@ -57,7 +57,7 @@ fn first_use_on_a_terminal_asks_and_saves_the_config() {
         tmux.screen()
     );
     assert!(
-        tmux.screen().contains("no images"),
+        tmux.screen().contains("Your working set is empty."),
         "screen:\n{}",
         tmux.screen()
     );

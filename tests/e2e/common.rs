@@ -33,15 +33,17 @@ pub fn assert_cloned(out: &CmdOutput, local_name: &str) {
 }
 
 /// The first table of a `walt image show` output whose header has a
-/// `NAME` cell: (header cells, row cells), rows up to the next blank line.
+/// `name` cell: (header cells, row cells), rows up to the next blank line.
 pub fn table(stdout: &str) -> (Vec<String>, Vec<Vec<String>>) {
     let mut lines = stdout
         .lines()
-        .skip_while(|l| !table_cells(l).iter().any(|c| c == "NAME"));
+        .skip_while(|l| !table_cells(l).iter().any(|c| c == "name"));
     let header = lines.next().map(table_cells).unwrap_or_default();
     (
         header,
         lines
+            // WalT's rule of dashes under the header.
+            .skip_while(|l| l.starts_with('-'))
             .take_while(|l| !l.trim().is_empty())
             .map(table_cells)
             .collect(),

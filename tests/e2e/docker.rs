@@ -20,7 +20,8 @@ fn server_with_docker(local: &Registry, socket: &std::path::Path) -> WaltServer 
 fn search_urls(out: &CmdOutput) -> Vec<String> {
     out.stdout
         .lines()
-        .skip(1)
+        // The header and WalT's rule of dashes.
+        .skip(2)
         .filter(|l| !l.trim().is_empty())
         .filter_map(|l| table_cells(l).last().cloned())
         .collect()
@@ -66,7 +67,10 @@ fn docker_search_and_clone() {
         .lines()
         .find(|l| l.contains("docker:walt-test/dimg:v2"))
         .unwrap();
-    assert!(table_cells(row).iter().any(|c| c == "docker"), "{out}");
+    assert!(
+        table_cells(row).iter().any(|c| c == "docker daemon"),
+        "{out}"
+    );
     // Keyword.
     let out = alice.run(&["image", "search", "dimg:v2"]);
     out.assert_success();

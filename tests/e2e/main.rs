@@ -17,6 +17,7 @@ mod crash;
 mod deep;
 mod docker;
 mod formats;
+mod golden_show_search;
 mod harness;
 mod hostile_text;
 mod hub;

@@ -42,7 +42,7 @@ fn duplicate_rename_remove() {
         .assert_success();
     let out = env.alice.run(&["image", "show"]);
     out.assert_success();
-    assert!(out.stdout.to_lowercase().contains("no images"), "{out}");
+    assert!(out.stdout.contains("Your working set is empty."), "{out}");
     assert_tmp_empty(&env.server.data_dir());
 }
 

@@ -352,7 +352,7 @@ fn images_in_use() {
         .assert_success();
     // The in-use column.
     let (header, rows) = table(&env.alice.run(&["image", "show"]).stdout);
-    let col = header.iter().position(|h| h == "IN-USE").unwrap();
+    let col = header.iter().position(|h| h == "in-use").unwrap();
     let row = |n: &str| rows.iter().find(|r| r[0] == n).unwrap().clone();
     assert_eq!(row("mine")[col], "True");
     assert_eq!(row("spare")[col], "False");

@@ -31,8 +31,8 @@ fn search_ok(walt: &Walt, args: &[&str]) -> CmdOutput {
     out
 }
 
-/// The rows of the search table: cells under USER, IMAGE NAME, LOCATION,
-/// COMPATIBILITY, CLONE URL.
+/// The rows of the search table: cells under User, Image name, Location,
+/// Compatibility, Clonable link (WalT's rule of dashes skipped).
 #[track_caller]
 fn rows(out: &CmdOutput) -> Vec<Vec<String>> {
     let mut lines = out.stdout.lines().filter(|l| !l.trim().is_empty());
@@ -40,15 +40,18 @@ fn rows(out: &CmdOutput) -> Vec<Vec<String>> {
     assert_eq!(
         header,
         [
-            "USER",
-            "IMAGE NAME",
-            "LOCATION",
-            "COMPATIBILITY",
-            "CLONE URL"
+            "User",
+            "Image name",
+            "Location",
+            "Compatibility",
+            "Clonable link"
         ],
         "{out}"
     );
-    lines.map(table_cells).collect()
+    lines
+        .skip_while(|l| l.starts_with('-'))
+        .map(table_cells)
+        .collect()
 }
 
 fn urls(rows: &[Vec<String>]) -> Vec<String> {
@@ -85,48 +88,74 @@ fn search_lists_registry_and_other_users_images() {
     let r = rows(&out);
     let mut got = urls(&r);
     got.sort();
+    // Images needing a newer server show WalT's note in place of their link.
     assert_eq!(
         got,
+        [
+            "[Need server upgrade, version>=11]",
+            "[Need server upgrade, version>=11]",
+            "local:eve/team/old",
+            "local:walt-test/busybox",
+        ],
+        "{out}"
+    );
+    // The table is sorted (user, then name).
+    assert_eq!(r[0][0], "bob", "{out}");
+    let row = |user: &str, name: &str| {
+        r.iter()
+            .find(|c| c[0] == user && c[1] == name)
+            .unwrap_or_else(|| panic!("no row {user} {name}:\n{out}"))
+            .clone()
+    };
+    assert_eq!(
+        row("eve", "future:v2"),
+        [
+            "eve",
+            "future:v2",
+            "custom registry",
+            "rpi-[3-b|4-b],pc-x86-64",
+            "[Need server upgrade, version>=11]"
+        ]
+    );
+    assert_eq!(
+        row("eve", "team/old"),
+        [
+            "eve",
+            "team/old",
+            "custom registry",
+            "pc-x86-32",
+            "local:eve/team/old"
+        ]
+    );
+    assert_eq!(
+        row("bob", "bobs"),
+        [
+            "bob",
+            "bobs",
+            "walt (other user)",
+            "rpi-[3-b|4-b],pc-x86-64",
+            "[Need server upgrade, version>=11]"
+        ]
+    );
+    // --json keeps the clone URLs.
+    let out_json = search_ok(&env.alice, &["--json"]);
+    let j: serde_json::Value = serde_json::from_str(&out_json.stdout).unwrap();
+    let mut json_urls: Vec<&str> = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["clone_url"].as_str().unwrap())
+        .collect();
+    json_urls.sort();
+    assert_eq!(
+        json_urls,
         [
             "local:eve/future:v2",
             "local:eve/team/old",
             "local:walt-test/busybox",
             "walt:bob/bobs"
         ],
-        "{out}"
-    );
-    // The table is sorted (user, then name).
-    assert_eq!(r[0][0], "bob", "{out}");
-    let row = |url: &str| r.iter().find(|c| c[4] == url).unwrap().clone();
-    assert_eq!(
-        row("local:eve/future:v2"),
-        [
-            "eve",
-            "future:v2",
-            "local",
-            "rpi-[3-b,4-b],pc-x86-64 (needs server >= 11)",
-            "local:eve/future:v2"
-        ]
-    );
-    assert_eq!(
-        row("local:eve/team/old"),
-        [
-            "eve",
-            "team/old",
-            "local",
-            "pc-x86-32",
-            "local:eve/team/old"
-        ]
-    );
-    assert_eq!(
-        row("walt:bob/bobs"),
-        [
-            "bob",
-            "bobs",
-            "walt",
-            "rpi-[3-b,4-b],pc-x86-64 (needs server >= 11)",
-            "walt:bob/bobs"
-        ]
+        "{out_json}"
     );
     assert!(out.stderr.trim().is_empty(), "{out}");
 

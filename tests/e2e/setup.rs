@@ -661,7 +661,13 @@ fn edit_conf_new_registry_is_searched_by_the_running_server() {
     let cells = walt_e2e::store::table_cells(row);
     assert_eq!(
         cells,
-        ["eve", "edited", "extra", "pc-x86-64", "extra:eve/edited"],
+        [
+            "eve",
+            "edited",
+            "custom registry",
+            "pc-x86-64",
+            "extra:eve/edited"
+        ],
         "{out}"
     );
     assert_eq!(env.server.pid(), pid);

@@ -41,15 +41,15 @@ pub fn table_cells(line: &str) -> Vec<String> {
     cells
 }
 
-/// The output with the CREATED column dropped from every table (a line
-/// holding a `CREATED` cell starts a table; its rows follow).
+/// The output with the created column dropped from every table (a line
+/// holding a `created` cell starts a table; its rows follow).
 fn without_created(out: &str) -> Vec<String> {
     let mut header: Option<(usize, usize)> = None; // (cells, CREATED index)
     out.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             let mut cells = table_cells(l);
-            if let Some(i) = cells.iter().position(|c| c == "CREATED") {
+            if let Some(i) = cells.iter().position(|c| c == "created") {
                 header = Some((cells.len(), i));
                 return l.trim_end().to_string();
             }

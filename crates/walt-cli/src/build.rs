@@ -187,7 +187,10 @@ fn check_dir(dir: &Path) -> anyhow::Result<Matcher> {
 async fn exists(client: &mut Client, settings: &Settings, image: &str) -> anyhow::Result<bool> {
     let want = ImageName::parse_user(&settings.username, image)?;
     let reply = client
-        .show(pb::ShowRequest { all: false })
+        .show(pb::ShowRequest {
+            all: false,
+            refresh: false,
+        })
         .await
         .map_err(status_error)?
         .into_inner();

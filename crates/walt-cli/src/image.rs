@@ -8,7 +8,6 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use walt_core::CloneUrl;
-use walt_core::compact_models;
 use walt_proto::v1::{self as pb, clone_event::Event, images_client::ImagesClient};
 
 use crate::config::{self, Settings};
@@ -41,6 +40,10 @@ pub enum ImageCommand {
         /// Print only the image names, one per line.
         #[arg(long)]
         names_only: bool,
+        /// Check that the content of every image (blobs, layers) is in the
+        /// store; report what is not.
+        #[arg(long)]
+        refresh: bool,
     },
     /// Copy an image into your working set.
     #[command(after_help = "Clone URLs and where images come from: walt help show registries")]
@@ -183,6 +186,17 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<()> {
         let mut client = connect(&settings).await?;
         return build::build(&mut client, &settings, prepared).await;
     }
+    // Refused before connecting, as WalT does.
+    if let ImageCommand::Show {
+        all: true,
+        names_only: true,
+        ..
+    } = cmd
+    {
+        return Err(anyhow!(
+            "options --names-only and --all are mutually exclusive"
+        ));
+    }
     let mut settings = config::load()?;
     let mut client = connect(&settings).await?;
     // Clone and publish may need registry credentials: when the registry
@@ -231,7 +245,11 @@ async fn run_one(
     cmd: &ImageCommand,
 ) -> anyhow::Result<()> {
     match cmd.clone() {
-        ImageCommand::Show { all, names_only } => show(client, settings, all, names_only).await,
+        ImageCommand::Show {
+            all,
+            names_only,
+            refresh,
+        } => show(client, settings, all, names_only, refresh).await,
         ImageCommand::Clone { force, url, name } => {
             clone(client, settings, &url, name, force).await
         }
@@ -296,73 +314,142 @@ fn short_name(i: &pb::ImageInfo) -> String {
     }
 }
 
+/// WalT's texts around the `walt image show` tables.
+const MSG_WS_IS_EMPTY: &str = "Your working set is empty.";
+const MSG_RERUN_WITH_ALL: &str = "Re-run with --all to see all OS images on this platform.";
+const MSG_TIP_CLONE: &str =
+    "Use 'walt image clone <clonable_link>' to clone an image\ninto your working set.";
+const MSG_TIP_SEARCH: &str =
+    "Use 'walt image search [<keyword>]' to search for images\non remote registries.";
+const TITLE_USER_IMAGES: &str = "Your working set is made of the following images:";
+const TITLE_OTHER_IMAGES: &str = "Other users of this platform have created the following images:";
+const TITLE_DEFAULT_IMAGES: &str = "The following are default OS images:";
+const MSG_NO_IMAGES: &str = "No OS images found!";
+
+/// A table under its title, as WalT's `format_paragraph` lays it out: an
+/// empty line, the title (bold on a terminal), an empty line, the table,
+/// an empty line.
+fn paragraph(title: &str, table: &str, bold: bool) -> String {
+    let (on, off) = if bold {
+        ("\x1b[1m", "\x1b[0m")
+    } else {
+        ("", "")
+    };
+    format!("\n{on}{title}\n{off}\n{table}\n\n")
+}
+
+/// WalT's default images: owned by `waltplatform`, named `*-default`.
+fn is_default_image(i: &pb::ImageInfo) -> bool {
+    i.owner == walt_core::DEFAULT_IMAGES_OWNER && short_name(i).ends_with("-default")
+}
+
+/// The text of `walt image show` (without `--names-only`), as WalT prints it.
+fn show_text(reply: &pb::ShowReply, username: &str, all: bool, bold: bool) -> String {
+    let mut mine = Vec::new();
+    let mut defaults = Vec::new();
+    let mut others = Vec::new();
+    for i in &reply.images {
+        if i.owner == username {
+            mine.push(i);
+        } else if is_default_image(i) {
+            defaults.push(i);
+        } else {
+            others.push(i);
+        }
+    }
+    let created = |i: &pb::ImageInfo| {
+        i.image_created
+            .map(table::local_datetime)
+            .unwrap_or_default()
+    };
+    let more = reply.others_exist || !others.is_empty() || !defaults.is_empty();
+    let mut text = String::new();
+    let mut footnotes: Vec<&str> = Vec::new();
+    if !all && more {
+        footnotes.push(MSG_RERUN_WITH_ALL);
+    }
+    if mine.is_empty() && !all {
+        footnotes.insert(0, MSG_WS_IS_EMPTY);
+    } else if mine.is_empty() && others.is_empty() && defaults.is_empty() {
+        footnotes.insert(0, MSG_NO_IMAGES);
+    } else {
+        if !mine.is_empty() {
+            let rows: Vec<_> = mine
+                .iter()
+                .map(|i| {
+                    vec![
+                        short_name(i),
+                        if i.in_use { "True" } else { "False" }.to_string(),
+                        created(i),
+                        walt_core::autoglob(&i.node_models),
+                    ]
+                })
+                .collect();
+            let t = table::columnate(&["name", "in-use", "created", "compatibility"], &rows);
+            text.push_str(&paragraph(TITLE_USER_IMAGES, &t, bold));
+        }
+        if all {
+            if !others.is_empty() {
+                let rows: Vec<_> = others
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.owner.clone(),
+                            short_name(i),
+                            created(i),
+                            i.clone_url.clone(),
+                        ]
+                    })
+                    .collect();
+                let t = table::columnate(&["user", "name", "created", "clonable-link"], &rows);
+                text.push_str(&paragraph(TITLE_OTHER_IMAGES, &t, bold));
+            }
+            if !defaults.is_empty() {
+                let rows: Vec<_> = defaults
+                    .iter()
+                    .map(|i| vec![short_name(i), created(i), i.clone_url.clone()])
+                    .collect();
+                let t = table::columnate(&["name", "created", "clonable-link"], &rows);
+                text.push_str(&paragraph(TITLE_DEFAULT_IMAGES, &t, bold));
+            }
+            if !others.is_empty() || !defaults.is_empty() {
+                footnotes.push(MSG_TIP_CLONE);
+            }
+            footnotes.push(MSG_TIP_SEARCH);
+        }
+    }
+    text.push_str(&footnotes.join("\n"));
+    text
+}
+
 async fn show(
     client: &mut Client,
     settings: &Settings,
     all: bool,
     names_only: bool,
+    refresh: bool,
 ) -> anyhow::Result<()> {
     let reply = client
-        .show(pb::ShowRequest { all })
+        .show(pb::ShowRequest { all, refresh })
         .await
         .map_err(status_error)?
         .into_inner();
-    let (mine, others): (Vec<_>, Vec<_>) = reply
-        .images
-        .into_iter()
-        .partition(|i| i.owner == settings.username);
+    if refresh {
+        for line in &reply.missing {
+            eprintln!("warning: {}", walt_core::text::one_line(line));
+        }
+        if reply.missing.is_empty() {
+            eprintln!("Store checked: the content of every image is present.");
+        }
+    }
     if names_only {
-        for i in &mine {
-            println!("{}", short_name(i));
+        for i in reply.images.iter().filter(|i| i.owner == settings.username) {
+            println!("{}", walt_core::text::one_line(&short_name(i)));
         }
         return Ok(());
     }
-    let row = |i: &pb::ImageInfo| {
-        vec![
-            short_name(i),
-            if i.in_use { "True" } else { "False" }.to_string(),
-            table::datetime(i.created),
-            compact_models(&i.node_models),
-        ]
-    };
-    if mine.is_empty() {
-        println!(
-            "You have no images yet: find some with walt image search, then walt image clone <url>."
-        );
-    } else {
-        let rows: Vec<_> = mine.iter().map(row).collect();
-        print!(
-            "{}",
-            table::render(&["NAME", "IN-USE", "CREATED", "COMPATIBILITY"], &rows)
-        );
-    }
-    if all && !others.is_empty() {
-        let rows: Vec<_> = others
-            .iter()
-            .map(|i| {
-                let mut r = vec![i.owner.clone()];
-                r.extend(row(i));
-                r.push(i.clone_url.clone());
-                r
-            })
-            .collect();
-        println!();
-        println!("Images of other users:");
-        print!(
-            "{}",
-            table::render(
-                &[
-                    "OWNER",
-                    "NAME",
-                    "IN-USE",
-                    "CREATED",
-                    "COMPATIBILITY",
-                    "CLONE URL"
-                ],
-                &rows
-            )
-        );
-    }
+    let bold = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    println!("{}", show_text(&reply, &settings.username, all, bold));
     Ok(())
 }
 
@@ -430,5 +517,64 @@ async fn clone(
             }
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod show_tests {
+    use super::*;
+
+    fn image(owner: &str, name: &str, models: &[&str]) -> pb::ImageInfo {
+        pb::ImageInfo {
+            owner: owner.into(),
+            name: name.into(),
+            tag: "latest".into(),
+            node_models: models.iter().map(|m| m.to_string()).collect(),
+            clone_url: format!("walt:{owner}/{name}"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn all_without_own_images_shows_the_other_sections_and_tips() {
+        let reply = pb::ShowReply {
+            images: vec![
+                image("bob", "b", &["pc-x86-64"]),
+                image("waltplatform", "rpi-default", &["rpi-4-b"]),
+            ],
+            ..Default::default()
+        };
+        // No config time: an empty (padded) cell, as WalT shows None.
+        assert_eq!(
+            show_text(&reply, "alice", true, false),
+            "\nOther users of this platform have created the following images:\n\n\
+             user  name  created  clonable-link\n\
+             ----  ----  -------  -------------\n\
+             bob   b              walt:bob/b   \n\n\n\
+             The following are default OS images:\n\n\
+             name         created  clonable-link                \n\
+             -----------  -------  -----------------------------\n\
+             rpi-default           walt:waltplatform/rpi-default\n\n\
+             Use 'walt image clone <clonable_link>' to clone an image\n\
+             into your working set.\n\
+             Use 'walt image search [<keyword>]' to search for images\n\
+             on remote registries."
+        );
+    }
+
+    #[test]
+    fn titles_are_bold_on_a_terminal_and_models_globbed() {
+        let reply = pb::ShowReply {
+            images: vec![image("alice", "a", &[])],
+            others_exist: false,
+            ..Default::default()
+        };
+        assert_eq!(
+            show_text(&reply, "alice", false, true),
+            "\n\x1b[1mYour working set is made of the following images:\n\x1b[0m\n\
+             name  in-use  created  compatibility\n\
+             ----  ------  -------  -------------\n\
+             a     False            N/A          \n\n"
+        );
     }
 }

@@ -46,6 +46,25 @@ impl Found {
         }
     }
 
+    /// WalT's Location column: where the image is, in words.
+    fn location_words(&self) -> &str {
+        match self.location.as_str() {
+            "walt" => "walt (other user)",
+            "hub" => "docker hub",
+            "docker" => "docker daemon",
+            _ => "custom registry",
+        }
+    }
+
+    /// WalT's Clonable link column: the clone URL, or WalT's note when the
+    /// image needs a newer server.
+    fn link(&self) -> String {
+        match self.server_minversion {
+            Some(v) if v > SERVER_VERSION => format!("[Need server upgrade, version>={v}]"),
+            _ => self.clone_url.clone(),
+        }
+    }
+
     /// `name` or `name:tag` (never `:latest`).
     fn image_name(&self) -> String {
         if self.tag == "latest" {
@@ -162,21 +181,21 @@ pub async fn search(
                 vec![
                     f.user.clone(),
                     f.image_name(),
-                    f.location.clone(),
-                    f.compatibility.clone(),
-                    f.clone_url.clone(),
+                    f.location_words().to_string(),
+                    walt_core::autoglob(&f.node_models),
+                    f.link(),
                 ]
             })
             .collect();
-        print!(
+        println!(
             "{}",
-            table::render(
+            table::columnate(
                 &[
-                    "USER",
-                    "IMAGE NAME",
-                    "LOCATION",
-                    "COMPATIBILITY",
-                    "CLONE URL"
+                    "User",
+                    "Image name",
+                    "Location",
+                    "Compatibility",
+                    "Clonable link"
                 ],
                 &rows
             )

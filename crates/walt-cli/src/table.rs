@@ -28,6 +28,82 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A table as WalT prints them (`walt image show`, `walt image search`):
+/// the header, a rule of dashes as wide as each column, then the rows; every
+/// cell left-aligned and padded to its column's width, the last column
+/// too, columns separated by two spaces; lines joined by `\n`, none after
+/// the last. Widths are display widths; cells are shown on one line with
+/// their control characters escaped.
+pub fn columnate(header: &[&str], rows: &[Vec<String>]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|c| walt_core::text::one_line(c).into_owned())
+                .collect()
+        })
+        .collect();
+    let width = |s: &str| tabled::grid::util::string::get_string_width(s);
+    let mut widths: Vec<usize> = header.iter().map(|h| width(h)).collect();
+    for row in &cells {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(width(cell));
+        }
+    }
+    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let mut out = String::new();
+    for (i, row) in std::iter::once(&header)
+        .chain(std::iter::once(&rule))
+        .chain(&cells)
+        .enumerate()
+    {
+        if i > 0 {
+            out.push('\n');
+        }
+        for (j, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if j > 0 {
+                out.push_str("  ");
+            }
+            out.push_str(cell);
+            out.extend(std::iter::repeat_n(' ', w.saturating_sub(width(cell))));
+        }
+    }
+    out
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in local time (the `TZ` environment variable,
+/// else the system's zone) for seconds since the epoch, as WalT shows
+/// image creation times; UTC when the local time cannot be computed.
+pub fn local_datetime(secs: i64) -> String {
+    // POSIX `tzset` (the libc crate does not declare it): (re)reads `TZ`.
+    unsafe extern "C" {
+        fn tzset();
+    }
+    let t: libc::time_t = secs;
+    // SAFETY: tzset only (re)reads the time zone into libc's own state;
+    // localtime_r reads `t` and writes into `tm`, both ours and valid for
+    // the call. No safe wrapper of the C library's zone handling exists
+    // among our dependencies.
+    let tm = unsafe {
+        tzset();
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return datetime(secs);
+        }
+        tm
+    };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        i64::from(tm.tm_year) + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
 /// `YYYY-MM-DD HH:MM:SS` (UTC) for seconds since the epoch.
 pub fn datetime(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
@@ -189,6 +265,41 @@ mod tests {
              \\u{202e}gpj.exe  \\u{9b}1\n"
         );
         assert!(!t.contains(['\u{1b}', '\u{202e}', '\u{9b}']));
+    }
+
+    #[test]
+    fn walt_tables_have_a_rule_and_padded_cells() {
+        let t = columnate(
+            &["name", "in-use"],
+            &rows(&[&["img", "True"], &["longer-name", "False"]]),
+        );
+        assert_eq!(
+            t,
+            "name         in-use\n\
+             -----------  ------\n\
+             img          True  \n\
+             longer-name  False "
+        );
+        // Empty cells are padded; wide characters count twice.
+        let t = columnate(&["a", "b"], &rows(&[&["\u{65e5}", ""], &["", "x"]]));
+        assert_eq!(t, "a   b\n--  -\n\u{65e5}   \n    x");
+        // No rows: the header and its rule.
+        assert_eq!(
+            columnate(&["User", "Image name"], &[]),
+            "User  Image name\n----  ----------"
+        );
+    }
+
+    #[test]
+    fn local_dates_follow_tz() {
+        // A POSIX zone needs no zone database: 3 hours east of UTC.
+        // SAFETY: nextest (the project's runner) runs each test in its own
+        // process: no other thread reads the environment meanwhile.
+        unsafe { std::env::set_var("TZ", "XYZ-3") };
+        assert_eq!(local_datetime(1_700_000_000), "2023-11-15 01:13:20");
+        // SAFETY: as above.
+        unsafe { std::env::set_var("TZ", "UTC0") };
+        assert_eq!(local_datetime(1_700_000_000), "2023-11-14 22:13:20");
     }
 
     #[test]

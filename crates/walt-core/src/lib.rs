@@ -3,6 +3,7 @@
 //! Nothing here performs I/O.
 
 pub mod arch;
+pub mod autoglob;
 pub mod config;
 pub mod digest;
 pub mod models;
@@ -11,6 +12,7 @@ pub mod oci;
 pub mod text;
 pub mod url;
 
+pub use autoglob::autoglob;
 pub use digest::{Digest, DigestError};
 pub use models::compact_models;
 pub use name::{ImageName, NameError};

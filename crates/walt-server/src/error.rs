@@ -42,7 +42,7 @@ pub enum ServiceError {
     },
     /// The clone would overwrite `image` without `--force`.
     #[error(
-        "image '{image}' already exists in your working set; rerun with --force to overwrite it, or give another name: walt image clone {url} <name>"
+        "image '{image}' already exists in your working set (use walt image clone --force {url} {image} to overwrite it)"
     )]
     WouldOverwrite { image: String, url: String },
     /// The image at `url` has no (or an empty) `walt.node.models` label.

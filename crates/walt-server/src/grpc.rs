@@ -322,6 +322,11 @@ mod tests {
             url: "lab:a/b:latest".into(),
         });
         assert_eq!(s.code(), Code::AlreadyExists);
+        // The hint is the exact command to run next.
+        assert_eq!(
+            s.message(),
+            "image 'b' already exists in your working set (use walt image clone --force lab:a/b:latest b to overwrite it)"
+        );
         let s = Status::from(ServiceError::Internal("x\ny".into()));
         assert_eq!(
             (s.code(), s.message()),

@@ -1,7 +1,8 @@
 //! The `Images` and `Server` gRPC services.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
@@ -55,7 +56,72 @@ fn info(state: &State, rec: &ImageRecord) -> Result<pb::ImageInfo, ServiceError>
         clone_url: url.to_string(),
         size: rec.size,
         manifest_digest: rec.manifest_digest.to_string(),
+        image_created: image_created(state, rec),
     })
+}
+
+/// The `created` time of the image's config (what WalT shows), in seconds
+/// since the epoch; None when the config is unreadable or has no valid time.
+/// Configs never change (content-addressed): their times are remembered,
+/// so that `walt image show` reads each config once per server process.
+fn image_created(state: &State, rec: &ImageRecord) -> Option<i64> {
+    type Times = Mutex<HashMap<walt_core::Digest, Option<i64>>>;
+    static TIMES: OnceLock<Times> = OnceLock::new();
+    /// Bound of the cache (entries are ~100 bytes).
+    const MAX_TIMES: usize = 100_000;
+    let times = TIMES.get_or_init(Default::default);
+    let lock = || times.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(t) = lock().get(&rec.config_digest) {
+        return *t;
+    }
+    let bytes = match state.store.read_blob(&rec.config_digest) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(image = %rec.name, error = %e, "cannot read the image config");
+            return None;
+        }
+    };
+    let created = serde_json::from_slice::<walt_core::oci::ImageConfig>(&bytes)
+        .ok()
+        .and_then(|c| crate::nodes::defaults::parse_time(c.created.as_deref()?))
+        .map(|(secs, _)| secs);
+    let mut times = lock();
+    if times.len() >= MAX_TIMES {
+        times.clear();
+    }
+    times.insert(rec.config_digest.clone(), created);
+    created
+}
+
+/// What of the image is not in the store (`walt image show --refresh`):
+/// one line per missing blob or unpacked layer.
+fn missing_content(state: &State, rec: &ImageRecord) -> Vec<String> {
+    let store = &state.store;
+    let name = &rec.name;
+    let mut missing = Vec::new();
+    for (what, digest) in [
+        ("manifest", &rec.manifest_digest),
+        ("config", &rec.config_digest),
+    ] {
+        if !store.has_blob(digest) {
+            missing.push(format!("image '{name}': {what} {digest} is missing"));
+        }
+    }
+    for layer in &rec.layers {
+        if !store.has_blob(&layer.blob_digest) {
+            missing.push(format!(
+                "image '{name}': layer blob {} is missing",
+                layer.blob_digest
+            ));
+        }
+        if !store.has_layer(&layer.diff_id) {
+            missing.push(format!(
+                "image '{name}': unpacked layer {} is missing",
+                layer.diff_id
+            ));
+        }
+    }
+    missing
 }
 
 pub struct ImagesService {
@@ -85,18 +151,25 @@ where
 impl Images for ImagesService {
     async fn show(&self, req: Request<pb::ShowRequest>) -> Result<Response<pb::ShowReply>, Status> {
         let user = caller(&req)?;
-        let all = req.get_ref().all;
+        let pb::ShowRequest { all, refresh } = *req.get_ref();
         let state = self.state.clone();
-        let images = blocking(move || {
-            let recs = state
-                .store
-                .list_images(if all { None } else { Some(&user) })?;
-            recs.iter()
-                .map(|r| info(&state, r))
-                .collect::<Result<Vec<_>, _>>()
+        let reply = blocking(move || {
+            let recs = state.store.list_images(None)?;
+            let mut reply = pb::ShowReply::default();
+            for rec in &recs {
+                if refresh {
+                    reply.missing.extend(missing_content(&state, rec));
+                }
+                if all || rec.name.owner == user {
+                    reply.images.push(info(&state, rec)?);
+                } else {
+                    reply.others_exist = true;
+                }
+            }
+            Ok(reply)
         })
         .await?;
-        Ok(Response::new(pb::ShowReply { images }))
+        Ok(Response::new(reply))
     }
 
     type CloneStream = CloneStream;

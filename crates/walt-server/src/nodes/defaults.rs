@@ -381,7 +381,7 @@ async fn fetch(state: &Arc<State>, model: &str, target: &ImageName) -> Outcome {
 
 /// An RFC 3339 time (`2024-05-01T10:20:30.123456789Z`, or with an offset)
 /// as (seconds, nanoseconds) since the epoch; None if it is not one.
-fn parse_time(text: &str) -> Option<(i64, u32)> {
+pub(crate) fn parse_time(text: &str) -> Option<(i64, u32)> {
     let t = text.trim().as_bytes();
     let num = |r: std::ops::Range<usize>| -> Option<i64> {
         let s = t.get(r)?;
