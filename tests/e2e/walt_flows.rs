@@ -263,7 +263,7 @@ fn every_command_has_help_with_walt_options() {
     }
     // WalT's switches of each image command (test/syntax/walt-image-*.out).
     let options: [(&str, &[&str]); 11] = [
-        ("show", &["--all", "--names-only"]),
+        ("show", &["--all", "--names-only", "--refresh"]),
         ("search", &[]),
         ("clone", &["--force"]),
         ("shell", &[]),
