@@ -46,6 +46,27 @@ enum AdvancedCommand {
     /// Look for newer default images of the node models on the server's
     /// sources, fetch them and make the nodes using them boot them.
     UpdateDefaultImages,
+    /// Update hub metadata (docker images pushed without walt): rebuild the
+    /// walt_metadata image of your Docker hub account from its repositories.
+    UpdateHubMeta {
+        /// Update waltplatform user (walt devs only).
+        #[arg(long)]
+        waltplatform_user: bool,
+    },
+    /// Alias to 'update-hub-meta' subcommand.
+    RescanHubAccount {
+        /// Update waltplatform user (walt devs only).
+        #[arg(long)]
+        waltplatform_user: bool,
+    },
+    /// Fix the owner of images: every image of another user becomes yours
+    /// (maintenance, when that user no longer works with walt).
+    FixImageOwner {
+        /// Yes, I know, do it!
+        #[arg(long)]
+        yes_i_know_do_it_please: bool,
+        other_user: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +90,14 @@ fn main() -> ExitCode {
             Command::Advanced(AdvancedCommand::UpdateDefaultImages) => {
                 advanced::update_default_images().await
             }
+            Command::Advanced(
+                AdvancedCommand::UpdateHubMeta { waltplatform_user }
+                | AdvancedCommand::RescanHubAccount { waltplatform_user },
+            ) => advanced::update_hub_meta(waltplatform_user).await,
+            Command::Advanced(AdvancedCommand::FixImageOwner {
+                yes_i_know_do_it_please,
+                other_user,
+            }) => advanced::fix_image_owner(&other_user, yes_i_know_do_it_please).await,
         }
     });
     match result {
