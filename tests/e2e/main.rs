@@ -20,6 +20,7 @@ mod formats;
 mod harness;
 mod hostile_text;
 mod hub;
+mod hub_meta;
 mod install;
 mod manage;
 mod nodes_cli;
