@@ -70,7 +70,17 @@ pub async fn ensure_listed(
     if force {
         return Ok(());
     }
-    let metadata = client.read_walt_metadata(&url.user).await?;
+    let metadata = match client.read_walt_metadata(&url.user).await {
+        Ok(m) => m,
+        // Anonymously, the Docker Hub answers 401 for a repository that
+        // does not exist: no metadata.
+        Err(RegistryError::CredentialsRequired { .. } | RegistryError::Denied { .. })
+            if !client.has_credentials() =>
+        {
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
     let short = url.repository.rsplit('/').next().unwrap_or(&url.repository);
     let key = format!("{short}:{}", url.tag);
     if metadata.is_some_and(|m| m.images.contains_key(&key)) {
@@ -243,4 +253,34 @@ pub async fn update_hub_meta(
     let search = HubSearch::for_hub(hub)?;
     let rebuilt = rebuild_metadata(&client, &search, &user).await?;
     Ok((user, rebuilt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_names_and_tags_that_go_into_paths() {
+        for ok in ["alice", "a.b_c-d", "x1"] {
+            assert!(hub_name_ok(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Alice",
+            "a/b",
+            "..",
+            ".hidden",
+            "a?b",
+            "a%2fb",
+            &"a".repeat(256),
+        ] {
+            assert!(!hub_name_ok(bad), "{bad}");
+        }
+        for ok in ["latest", "v1.2", "A_b-c"] {
+            assert!(tag_ok(ok), "{ok}");
+        }
+        for bad in ["", "-x", ".x", "a/b", "a:b", &"t".repeat(129)] {
+            assert!(!tag_ok(bad), "{bad}");
+        }
+    }
 }
