@@ -108,7 +108,7 @@ fn hub_publish_search_clone_round_trip() {
         .client()
         .push_image("carol/tool", "v2", &tool)
         .unwrap();
-    let meta = serde_json::json!({"images": {"tool:v2": {"labels": {
+    let meta = serde_json::json!({"walt.user.images": {"carol/tool:v2": {"labels": {
         "walt.node.models": "rpi-4-b,pc-x86-64",
         "walt.server.minversion": "4"
     }}}});
@@ -151,7 +151,7 @@ fn hub_publish_search_clone_round_trip() {
     assert_eq!(config["config"]["Labels"]["walt.node.models"], "pc-x86-64");
     let meta = decode_metadata(&skopeo_config(env.hub.port(), "alice/walt_metadata"));
     assert_eq!(
-        meta["images"]["bb:latest"]["labels"]["walt.node.models"], "pc-x86-64",
+        meta["walt.user.images"]["alice/bb:latest"]["labels"]["walt.node.models"], "pc-x86-64",
         "{meta}"
     );
 
@@ -164,8 +164,12 @@ fn hub_publish_search_clone_round_trip() {
         .run(&["image", "publish", "--registry", "hub", "bb:v2"])
         .assert_success();
     let meta = decode_metadata(&skopeo_config(env.hub.port(), "alice/walt_metadata"));
-    let listed: Vec<&String> = meta["images"].as_object().unwrap().keys().collect();
-    assert_eq!(listed, ["bb:latest", "bb:v2"], "{meta}");
+    let listed: Vec<&String> = meta["walt.user.images"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(listed, ["alice/bb:latest", "alice/bb:v2"], "{meta}");
 
     // bob finds both users' images, and filters by keyword.
     let out = bob.run(&["image", "search"]);
@@ -263,7 +267,8 @@ fn hub_with_tls_and_credentials() {
         Some(&creds),
     ));
     assert_eq!(
-        meta["images"]["bb:latest"]["labels"]["walt.node.models"], "pc-x86-64",
+        meta["walt.user.images"][format!("{SECURE_USER}/bb:latest")]["labels"]["walt.node.models"],
+        "pc-x86-64",
         "{meta}"
     );
 

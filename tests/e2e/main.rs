@@ -21,6 +21,7 @@ mod golden_show_search;
 mod harness;
 mod hostile_text;
 mod hub;
+mod hub_meta;
 mod install;
 mod manage;
 mod nodes_cli;

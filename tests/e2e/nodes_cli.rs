@@ -368,16 +368,20 @@ fn images_in_use() {
     env.assert_unchanged(&before);
 
     let notice = "Image mine is in use: its 2 nodes will reboot and remount it.";
-    // cp into it: done, said.
+    // cp into it (confirmed, as WalT asks: see hub_meta.rs): done, said.
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), b"new content").unwrap();
-    let out = env
-        .alice
-        .run(&["image", "cp", file.path().to_str().unwrap(), "mine:/root/"]);
+    let out = env.alice.run(&[
+        "image",
+        "cp",
+        "--yes",
+        file.path().to_str().unwrap(),
+        "mine:/root/",
+    ]);
     out.assert_success();
     assert!(out.stderr.contains(notice), "{out}");
     // squash: two layers now, merged; said.
-    let out = env.alice.run(&["image", "squash", "mine"]);
+    let out = env.alice.run(&["image", "squash", "--yes", "mine"]);
     out.assert_success();
     assert!(out.stdout.contains("squashed"), "{out}");
     assert!(out.stdout.contains(notice), "{out}");

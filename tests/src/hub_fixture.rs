@@ -101,9 +101,11 @@ fn serve(conn: TcpStream, registry: &RegistryClient, port: u16, max: usize) -> R
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let (status, body) = if method != "GET"
-        || path.trim_end_matches('/') != "/v2/search/repositories"
+    let (status, body) = if method == "GET"
+        && let Some(rest) = path.trim_end_matches('/').strip_prefix("/v2/repositories/")
     {
+        listing(registry, port, max, path, rest, query)
+    } else if method != "GET" || path.trim_end_matches('/') != "/v2/search/repositories" {
         ("404 Not Found", json!({"message": "not found"}))
     } else {
         let q = query_param(query, "query").unwrap_or("").to_string();
@@ -165,6 +167,82 @@ fn serve(conn: TcpStream, registry: &RegistryClient, port: u16, max: usize) -> R
     conn.write_all(&body)?;
     conn.flush()?;
     Ok(())
+}
+
+/// The Hub's listings WalT's `update-hub-meta` reads (issue 15 item 9):
+/// `/v2/repositories/<user>/` (the user's repositories) and
+/// `/v2/repositories/<user>/<repo>/tags`, from the registry's catalog and
+/// tags, `{"count", "next", "results": [{"name": ...}]}` pages.
+fn listing(
+    registry: &RegistryClient,
+    port: u16,
+    max: usize,
+    path: &str,
+    rest: &str,
+    query: &str,
+) -> (&'static str, serde_json::Value) {
+    let parts: Vec<&str> = rest.split('/').collect();
+    let names: Result<Option<Vec<String>>> = match parts.as_slice() {
+        [user] => catalog(registry).map(|all| {
+            Some(
+                all.iter()
+                    .filter_map(|r| r.strip_prefix(&format!("{user}/")))
+                    .filter(|r| !r.contains('/'))
+                    .map(str::to_string)
+                    .collect(),
+            )
+        }),
+        [user, repo, "tags"] => (|| {
+            let resp =
+                registry.request("GET", &format!("/v2/{user}/{repo}/tags/list"), &[], None)?;
+            if resp.status == 404 {
+                return Ok(None);
+            }
+            anyhow::ensure!(resp.status == 200, "tags: status {}", resp.status);
+            let v: serde_json::Value = serde_json::from_slice(&resp.body)?;
+            let mut tags: Vec<String> = v["tags"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|t| t.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            tags.sort();
+            Ok(Some(tags))
+        })(),
+        _ => Ok(None),
+    };
+    let names = match names {
+        Ok(Some(n)) => n,
+        Ok(None) => return ("404 Not Found", json!({"message": "object not found"})),
+        Err(e) => return ("502 Bad Gateway", json!({"message": e.to_string()})),
+    };
+    let size: usize = query_param(query, "page_size")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10)
+        .clamp(1, max);
+    let page: usize = query_param(query, "page")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let start = (page - 1) * size;
+    let results: Vec<_> = names
+        .iter()
+        .skip(start)
+        .take(size)
+        .map(|n| json!({"name": n, "last_updated": null}))
+        .collect();
+    let next = (start + size < names.len()).then(|| {
+        format!(
+            "http://127.0.0.1:{port}{path}?page={}&page_size={size}",
+            page + 1
+        )
+    });
+    (
+        "200 OK",
+        json!({"count": names.len(), "next": next, "results": results}),
+    )
 }
 
 /// Every repository of the registry (following `Link` pages).

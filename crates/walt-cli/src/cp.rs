@@ -78,10 +78,73 @@ pub fn direction(src: &str, dst: &str) -> anyhow::Result<Direction> {
     }
 }
 
-pub async fn cp(client: &mut Client, src: &str, dst: &str) -> anyhow::Result<()> {
+pub async fn cp(client: &mut Client, src: &str, dst: &str, yes: bool) -> anyhow::Result<()> {
     match direction(src, dst)? {
-        Direction::In { local, image, path } => copy_in(client, &local, &image, &path).await,
+        Direction::In { local, image, path } => {
+            match copy_in(client, &local, &image, &path, yes).await {
+                Err(e) if let Some(&NeedsConfirm(n)) = e.downcast_ref::<NeedsConfirm>() => {
+                    let hint = format!("walt image cp --yes {src} {dst}");
+                    confirm_reboot(n, &image, &hint)?;
+                    copy_in(client, &local, &image, &path, true).await
+                }
+                r => r,
+            }
+        }
         Direction::Out { image, path, local } => copy_out(client, &image, &path, &local).await,
+    }
+}
+
+/// The server refused to modify an image nodes use until the user
+/// confirms: that many nodes would reboot.
+#[derive(Debug)]
+struct NeedsConfirm(usize);
+
+impl std::fmt::Display for NeedsConfirm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the image is used by {} node(s)", self.0)
+    }
+}
+
+impl std::error::Error for NeedsConfirm {}
+
+/// For a refusal the user may confirm (squash, cp into an image nodes
+/// use): the number of nodes that would reboot.
+pub fn nodes_to_confirm(s: &tonic::Status) -> Option<usize> {
+    if s.code() != tonic::Code::FailedPrecondition {
+        return None;
+    }
+    s.metadata()
+        .get(walt_proto::CONFIRM_METADATA_KEY)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// WalT's question before modifying an image `nodes` nodes use (they
+/// reboot): `Are you sure? (y/n)`, read from stdin as WalT does, so that a
+/// script can answer it (`echo y | walt image squash img`). `n` aborts
+/// (exit status 1); without an answer (end of input) nothing is done and
+/// the error gives `hint`, the command with `--yes`.
+pub fn confirm_reboot(nodes: usize, image: &str, hint: &str) -> anyhow::Result<()> {
+    eprintln!("This operation would reboot {nodes} node(s) currently using the image.");
+    loop {
+        let Ok(answer) = crate::prompt::ask_line("Are you sure? (y/n): ") else {
+            if !crate::prompt::interactive() {
+                eprintln!();
+            }
+            bail!(
+                "image '{image}' is used by {nodes} node(s): nothing changed, no answer given (use {hint} to confirm)"
+            );
+        };
+        match answer.trim() {
+            "y" => return Ok(()),
+            "n" => {
+                eprintln!("Aborted.");
+                return Err(super::shell::ExitWith(1).into());
+            }
+            _ => eprintln!("Invalid response."),
+        }
     }
 }
 
@@ -107,7 +170,13 @@ fn top_name(path: &Path) -> anyhow::Result<String> {
         .unwrap_or_else(|| "rootfs".to_string()))
 }
 
-async fn copy_in(client: &mut Client, local: &str, image: &str, path: &str) -> anyhow::Result<()> {
+async fn copy_in(
+    client: &mut Client,
+    local: &str,
+    image: &str,
+    path: &str,
+    confirmed: bool,
+) -> anyhow::Result<()> {
     let src = PathBuf::from(local);
     fs::metadata(&src).map_err(|e| anyhow!("{local}: {}", io_reason(&e)))?;
     let top = top_name(&src)?;
@@ -116,6 +185,7 @@ async fn copy_in(client: &mut Client, local: &str, image: &str, path: &str) -> a
         msg: Some(Msg::Start(pb::CopyInStart {
             image: image.to_string(),
             dest: path.to_string(),
+            confirmed,
         })),
     })
     .await
@@ -157,6 +227,11 @@ async fn copy_in(client: &mut Client, local: &str, image: &str, path: &str) -> a
     // A local failure (an unreadable file...) explains the server's
     // "interrupted"; otherwise the server's reason comes first: it may have
     // stopped reading (and then our side only saw a closed stream).
+    if let Err(s) = &call
+        && let Some(n) = nodes_to_confirm(s)
+    {
+        return Err(NeedsConfirm(n).into());
+    }
     let reply = match (call, produced) {
         (Ok(reply), Ok(())) => reply.into_inner(),
         (Err(s), Ok(())) => return Err(status_error(s)),

@@ -80,17 +80,29 @@ pub enum ImageCommand {
     Rename { image: String, new_name: String },
     /// Copy an image of your working set under a new name.
     Duplicate { image: String, new_name: String },
-    /// Merge all layers of an image of your working set into one.
-    Squash { image: String },
+    /// Merge all layers of an image of your working set into one (asks
+    /// first when nodes use it: they reboot).
+    Squash {
+        /// Do not ask when nodes use the image.
+        #[arg(long)]
+        yes: bool,
+        image: String,
+    },
     /// Open a shell inside an image; on exit, save the changes.
     #[command(after_help = "More: walt help show shells")]
     Shell { image: String },
     /// Copy files or directories between this machine and an image:
     /// `cp <local> <image>:<path>` or `cp <image>:<path> <local>`
     /// (relative image paths are relative to /root; copying into an image
-    /// saves it).
+    /// saves it; asks first when nodes use it: they reboot).
     #[command(after_help = "More: walt help show image-cp")]
-    Cp { src: String, dst: String },
+    Cp {
+        /// Do not ask when nodes use the image copied into.
+        #[arg(long)]
+        yes: bool,
+        src: String,
+        dst: String,
+    },
     /// Build an image of your working set from a Dockerfile:
     /// `build --from-dir DIR <image>` or
     /// `build --from-url GIT_URL [--sub-dir PATH] <image>`.
@@ -292,14 +304,23 @@ async fn run_one(
             Ok(())
         }
         ImageCommand::Shell { image } => shell::shell(client, &image).await,
-        ImageCommand::Cp { src, dst } => cp::cp(client, &src, &dst).await,
+        ImageCommand::Cp { src, dst, yes } => cp::cp(client, &src, &dst, yes).await,
         ImageCommand::Build(args) => build::build(client, settings, build::prepare(args)?).await,
-        ImageCommand::Squash { image } => {
-            let reply = client
-                .squash(pb::SquashRequest { image })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+        ImageCommand::Squash { image, yes } => {
+            let mut req = pb::SquashRequest {
+                image: image.clone(),
+                confirmed: yes,
+            };
+            let reply = match client.squash(req.clone()).await {
+                Err(s) if let Some(nodes) = cp::nodes_to_confirm(&s) => {
+                    cp::confirm_reboot(nodes, &image, &format!("walt image squash --yes {image}"))?;
+                    req.confirmed = true;
+                    client.squash(req).await
+                }
+                r => r,
+            }
+            .map_err(status_error)?
+            .into_inner();
             println!("{}", reply.message);
             Ok(())
         }

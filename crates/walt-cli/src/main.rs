@@ -67,6 +67,27 @@ enum AdvancedCommand {
         /// The directory (created if needed); existing pages are replaced.
         dir: std::path::PathBuf,
     },
+    /// Update hub metadata (docker images pushed without walt): rebuild the
+    /// walt_metadata image of your Docker hub account from its repositories.
+    UpdateHubMeta {
+        /// Update waltplatform user (walt devs only).
+        #[arg(long)]
+        waltplatform_user: bool,
+    },
+    /// Alias to 'update-hub-meta' subcommand.
+    RescanHubAccount {
+        /// Update waltplatform user (walt devs only).
+        #[arg(long)]
+        waltplatform_user: bool,
+    },
+    /// Fix the owner of images: every image of another user becomes yours
+    /// (maintenance, when that user no longer works with walt).
+    FixImageOwner {
+        /// Yes, I know, do it!
+        #[arg(long)]
+        yes_i_know_do_it_please: bool,
+        other_user: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -119,6 +140,14 @@ fn main() -> ExitCode {
                 | AdvancedCommand::DumpZshAutocomplete
                 | AdvancedCommand::DumpManPages { .. },
             ) => Ok(()),
+            Command::Advanced(
+                AdvancedCommand::UpdateHubMeta { waltplatform_user }
+                | AdvancedCommand::RescanHubAccount { waltplatform_user },
+            ) => advanced::update_hub_meta(waltplatform_user).await,
+            Command::Advanced(AdvancedCommand::FixImageOwner {
+                yes_i_know_do_it_please,
+                other_user,
+            }) => advanced::fix_image_owner(&other_user, yes_i_know_do_it_please).await,
         }
     });
     match result {

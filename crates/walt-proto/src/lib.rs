@@ -40,5 +40,10 @@ pub const USER_METADATA_KEY: &str = "walt-user";
 /// or were refused (on `Unauthenticated` errors).
 pub const REGISTRY_METADATA_KEY: &str = "walt-registry";
 
+/// Status metadata key of a refusal that the user may confirm (squash or
+/// cp into an image nodes use): the number of nodes that would reboot.
+/// The client asks, then calls again with `confirmed`.
+pub const CONFIRM_METADATA_KEY: &str = "walt-confirm";
+
 /// Default TCP port of walt-server.
 pub const DEFAULT_PORT: u16 = 12345;

@@ -26,6 +26,8 @@ pub const DEFAULT_SEARCH_URL: &str = "https://hub.docker.com";
 pub const METADATA_REPO: &str = "walt_metadata";
 /// Config label of the metadata image holding the base64 JSON.
 pub const METADATA_LABEL: &str = "metadata";
+/// Key of the image map in WalT's metadata document.
+pub const WALT_IMAGES_KEY: &str = "walt.user.images";
 
 /// Results asked for per search page.
 const PAGE_SIZE: u32 = 100;
@@ -118,13 +120,55 @@ impl HubSearch {
     /// Names (`user/repo`) of the repositories matching `query`, every
     /// page followed.
     pub async fn repositories(&self, query: &str) -> Result<Vec<String>, RegistryError> {
-        let mut url = self
-            .base
-            .join("/v2/search/repositories/")
-            .map_err(|e| config_err(e.to_string()))?;
+        let mut url = self.endpoint("/v2/search/repositories/")?;
         url.query_pairs_mut()
             .append_pair("query", query)
             .append_pair("page_size", &PAGE_SIZE.to_string());
+        let mut out: Vec<String> = self
+            .all_pages(url)
+            .await?
+            .iter()
+            .filter_map(SearchItem::full_name)
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The repositories of hub user `user` (names below the user), every
+    /// page followed (`GET /v2/repositories/<user>/`, as WalT lists them).
+    pub async fn user_repositories(&self, user: &str) -> Result<Vec<String>, RegistryError> {
+        let mut url = self.endpoint(&format!("/v2/repositories/{user}/"))?;
+        url.query_pairs_mut()
+            .append_pair("page_size", &PAGE_SIZE.to_string());
+        Ok(Self::short_names(self.all_pages(url).await?))
+    }
+
+    /// The tags of `<user>/<repo>` (`GET /v2/repositories/<user>/<repo>/tags`).
+    pub async fn repository_tags(
+        &self,
+        user: &str,
+        repo: &str,
+    ) -> Result<Vec<String>, RegistryError> {
+        let mut url = self.endpoint(&format!("/v2/repositories/{user}/{repo}/tags"))?;
+        url.query_pairs_mut()
+            .append_pair("page_size", &PAGE_SIZE.to_string());
+        Ok(Self::short_names(self.all_pages(url).await?))
+    }
+
+    fn short_names(items: Vec<SearchItem>) -> Vec<String> {
+        let mut out: Vec<String> = items.into_iter().filter_map(|i| i.name).collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn endpoint(&self, path: &str) -> Result<Url, RegistryError> {
+        self.base.join(path).map_err(|e| config_err(e.to_string()))
+    }
+
+    /// The results of every page from `url` on, following `next`.
+    async fn all_pages(&self, url: Url) -> Result<Vec<SearchItem>, RegistryError> {
         let mut out = Vec::new();
         let mut next = Some(url);
         let mut pages = 0;
@@ -134,17 +178,15 @@ impl HubSearch {
                 break;
             }
             let page = self.page(&url).await?;
-            out.extend(page.results.iter().filter_map(SearchItem::full_name));
+            out.extend(page.results);
             if let Some(n) = page.next.filter(|n| !n.is_empty()) {
                 next = Some(url.join(&n).map_err(|e| RegistryError::Protocol {
                     label: "hub".into(),
-                    what: "search results".into(),
+                    what: "hub listing".into(),
                     reason: format!("bad next link '{n}': {e}"),
                 })?);
             }
         }
-        out.sort();
-        out.dedup();
         Ok(out)
     }
 
@@ -242,16 +284,29 @@ pub struct WaltMetadata {
 }
 
 impl WaltMetadata {
-    /// Parses the decoded JSON. Accepts `{"images": {...}}` and, from
-    /// older writers, the image map alone; keys may be `name`,
-    /// `name:tag` or `user/name:tag` (normalised to `name:tag`).
+    /// Parses the decoded JSON. Accepts WalT's `{"walt.user.images":
+    /// {...}}`, `{"images": {...}}` (written by earlier versions of this
+    /// project) and the image map alone; keys may be `name`, `name:tag` or
+    /// `user/name:tag` (normalised to `name:tag`).
     pub fn from_json(bytes: &[u8]) -> Option<Self> {
         let value: Value = serde_json::from_slice(bytes).ok()?;
         let Value::Object(mut top) = value else {
             return None;
         };
-        let (images, other) = match top.remove("images") {
-            Some(Value::Object(images)) => (images, top.into_iter().collect()),
+        let found = top
+            .remove(WALT_IMAGES_KEY)
+            .map(|v| (v, top.remove("images")))
+            .or_else(|| top.remove("images").map(|v| (v, None)));
+        let (images, other) = match found {
+            Some((Value::Object(images), older)) => {
+                // Both keys (a document rewritten by WalT after us): WalT's wins.
+                let mut all = match older {
+                    Some(Value::Object(o)) => o,
+                    _ => serde_json::Map::new(),
+                };
+                all.extend(images);
+                (all, top.into_iter().collect())
+            }
             Some(_) => return None,
             None => (top, BTreeMap::new()),
         };
@@ -285,22 +340,33 @@ impl WaltMetadata {
         Some(Self { images: out, other })
     }
 
-    pub fn to_json(&self) -> Vec<u8> {
+    /// The JSON document as WalT writes it for hub user `user`:
+    /// `{"walt.user.images": {"<user>/<name>:<tag>": {"labels": {...}}}}`,
+    /// other top-level keys kept.
+    pub fn to_json(&self, user: &str) -> Vec<u8> {
         let mut top: serde_json::Map<String, Value> = self
             .other
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        top.insert(
-            "images".into(),
-            serde_json::to_value(&self.images).unwrap_or(Value::Null),
-        );
+        let images: serde_json::Map<String, Value> = self
+            .images
+            .iter()
+            .map(|(k, v)| {
+                (
+                    format!("{user}/{k}"),
+                    serde_json::to_value(v).unwrap_or(Value::Null),
+                )
+            })
+            .collect();
+        top.insert(WALT_IMAGES_KEY.into(), Value::Object(images));
         serde_json::to_vec(&Value::Object(top)).unwrap_or_default()
     }
 
-    /// The value of the `metadata` label: base64 of the JSON.
-    pub fn encode(&self) -> String {
-        base64::engine::general_purpose::STANDARD.encode(self.to_json())
+    /// The value of the `metadata` label of hub user `user`: base64 of
+    /// the JSON.
+    pub fn encode(&self, user: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.to_json(user))
     }
 
     /// Parses a `metadata` label value (base64, padded or not, standard or
@@ -323,7 +389,8 @@ fn sha256(data: &[u8]) -> Digest {
 
 /// A tiny image whose config carries `metadata` as label `metadata`: one
 /// empty (gzipped) tar layer, since some registries refuse images without
-/// layers.
+/// layers. Docker schema 2, as WalT writes it (WalT's older readers parse
+/// only that format).
 pub struct MetadataImage {
     pub layer: Vec<u8>,
     pub layer_digest: Digest,
@@ -333,7 +400,7 @@ pub struct MetadataImage {
 }
 
 impl MetadataImage {
-    pub fn build(metadata: &WaltMetadata) -> Self {
+    pub fn build(user: &str, metadata: &WaltMetadata) -> Self {
         // An empty tar archive: two zero blocks.
         let tar = vec![0u8; 1024];
         let diff_id = sha256(&tar);
@@ -345,7 +412,7 @@ impl MetadataImage {
         let mut config = serde_json::json!({
             "architecture": arch,
             "os": "linux",
-            "config": { "Labels": { METADATA_LABEL: metadata.encode() } },
+            "config": { "Labels": { METADATA_LABEL: metadata.encode(user) } },
             "rootfs": { "type": "layers", "diff_ids": [diff_id] },
         });
         if let Some(v) = variant {
@@ -355,9 +422,9 @@ impl MetadataImage {
         let config_digest = sha256(&config);
         let manifest = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
-            "mediaType": oci::OCI_MANIFEST,
-            "config": { "mediaType": oci::OCI_CONFIG, "digest": config_digest, "size": config.len() },
-            "layers": [{ "mediaType": oci::OCI_LAYER_GZIP, "digest": layer_digest, "size": layer.len() }],
+            "mediaType": oci::DOCKER_MANIFEST,
+            "config": { "mediaType": oci::DOCKER_CONFIG, "digest": config_digest, "size": config.len() },
+            "layers": [{ "mediaType": oci::DOCKER_LAYER_GZIP, "digest": layer_digest, "size": layer.len() }],
         }))
         .unwrap_or_default();
         Self {
@@ -371,19 +438,20 @@ impl MetadataImage {
 }
 
 impl RegistryClient {
-    /// The metadata of `user` (`<user>/walt_metadata:latest`); `None` when
-    /// the image does not exist.
-    pub async fn read_walt_metadata(
+    /// The configuration of `repo:reference` (for an index, this
+    /// platform's image, else the first); `None` when the tag does not
+    /// exist.
+    pub async fn image_config(
         &self,
-        user: &str,
-    ) -> Result<Option<WaltMetadata>, RegistryError> {
-        let repo = format!("{user}/{METADATA_REPO}");
+        repo: &str,
+        reference: &str,
+    ) -> Result<Option<ImageConfig>, RegistryError> {
         let bad = |reason: String| RegistryError::Protocol {
             label: self.label().to_string(),
-            what: format!("{repo}:latest"),
+            what: format!("{repo}:{reference}"),
             reason,
         };
-        let fetched = match self.get_manifest(&repo, "latest").await {
+        let fetched = match self.get_manifest(repo, reference).await {
             Ok(f) => f,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e),
@@ -394,11 +462,11 @@ impl RegistryClient {
             ManifestDoc::Image(m) => *m,
             ManifestDoc::Index(index) => {
                 let (arch, variant) = oci::oci_arch(std::env::consts::ARCH);
-                // The metadata is the same for every platform: any will do.
+                // Labels are the same for every platform: any will do.
                 let desc = oci::pick_platform(&index, arch, variant)
                     .or_else(|| index.manifests.first())
                     .ok_or_else(|| bad("empty index".into()))?;
-                let f = self.get_manifest(&repo, desc.digest.as_str()).await?;
+                let f = self.get_manifest(repo, desc.digest.as_str()).await?;
                 match ManifestDoc::parse(&f.bytes, f.media_type.as_deref())
                     .map_err(|e| bad(e.to_string()))?
                 {
@@ -408,16 +476,33 @@ impl RegistryClient {
             }
         };
         let bytes = self
-            .get_blob_bytes(&repo, &manifest.config.digest, MAX_CONFIG_SIZE)
+            .get_blob_bytes(repo, &manifest.config.digest, MAX_CONFIG_SIZE)
             .await?;
         let config: ImageConfig =
             serde_json::from_slice(&bytes).map_err(|e| bad(format!("bad config: {e}")))?;
+        Ok(Some(config))
+    }
+
+    /// The metadata of `user` (`<user>/walt_metadata:latest`); `None` when
+    /// the image does not exist.
+    pub async fn read_walt_metadata(
+        &self,
+        user: &str,
+    ) -> Result<Option<WaltMetadata>, RegistryError> {
+        let repo = format!("{user}/{METADATA_REPO}");
+        let Some(config) = self.image_config(&repo, "latest").await? else {
+            return Ok(None);
+        };
         let Some(label) = config.label(METADATA_LABEL) else {
             return Ok(Some(WaltMetadata::default()));
         };
         WaltMetadata::decode(label)
             .map(Some)
-            .ok_or_else(|| bad("label 'metadata' is not base64 JSON".into()))
+            .ok_or_else(|| RegistryError::Protocol {
+                label: self.label().to_string(),
+                what: format!("{repo}:latest"),
+                reason: "label 'metadata' is not base64 JSON".into(),
+            })
     }
 
     /// Pushes `metadata` as `<user>/walt_metadata:latest`.
@@ -427,12 +512,12 @@ impl RegistryClient {
         metadata: &WaltMetadata,
     ) -> Result<(), RegistryError> {
         let repo = format!("{user}/{METADATA_REPO}");
-        let img = MetadataImage::build(metadata);
+        let img = MetadataImage::build(user, metadata);
         self.push_blob_bytes(&repo, &img.layer_digest, &img.layer)
             .await?;
         self.push_blob_bytes(&repo, &img.config_digest, &img.config)
             .await?;
-        self.put_manifest(&repo, "latest", oci::OCI_MANIFEST, &img.manifest)
+        self.put_manifest(&repo, "latest", oci::DOCKER_MANIFEST, &img.manifest)
             .await?;
         Ok(())
     }
@@ -452,8 +537,22 @@ mod tests {
                 extra: BTreeMap::new(),
             },
         );
-        let back = WaltMetadata::decode(&m.encode()).unwrap();
+        let back = WaltMetadata::decode(&m.encode("alice")).unwrap();
         assert_eq!(back, m);
+        // WalT's shape, as its update_user_metadata_for_image writes it.
+        let doc: Value = serde_json::from_slice(&m.to_json("alice")).unwrap();
+        assert_eq!(
+            doc[WALT_IMAGES_KEY]["alice/img:v1"]["labels"]["walt.node.models"],
+            "rpi-3-b"
+        );
+        assert_eq!(doc.as_object().unwrap().len(), 1, "{doc}");
+        let walt = br#"{"walt.user.images": {"bob/x:latest": {"labels": {"walt.node.models": "rpi-4-b"}}}, "k": 1}"#;
+        let m = WaltMetadata::from_json(walt).unwrap();
+        assert_eq!(m.images["x:latest"].labels["walt.node.models"], "rpi-4-b");
+        assert_eq!(m.other["k"], 1);
+        let doc: Value = serde_json::from_slice(&m.to_json("bob")).unwrap();
+        assert_eq!(doc["k"], 1);
+        assert!(doc[WALT_IMAGES_KEY]["bob/x:latest"].is_object(), "{doc}");
         // older shapes: the map alone, user-prefixed keys, no tag, extra fields
         let raw = br#"{"alice/foo": {"labels": {"walt.node.models": "pc-x86-64", "n": 3}, "created_at": "x"}, "bar:v2": {}}"#;
         let m = WaltMetadata::from_json(raw).unwrap();
@@ -471,7 +570,7 @@ mod tests {
 
     #[test]
     fn metadata_image_is_consistent() {
-        let img = MetadataImage::build(&WaltMetadata::default());
+        let img = MetadataImage::build("u", &WaltMetadata::default());
         assert_eq!(sha256(&img.layer), img.layer_digest);
         let m: oci::Manifest = serde_json::from_slice(&img.manifest).unwrap();
         assert_eq!(m.config.digest, img.config_digest);

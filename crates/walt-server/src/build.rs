@@ -632,13 +632,14 @@ impl Builder<'_> {
                 .flatten()
                 .ok_or_else(|| ServiceError::Internal(format!("stage {j} was not built"))),
             BaseRef::Own(name) | BaseRef::Store(name) => {
-                let (s, n) = (self.store.clone(), name.clone());
+                let (s, n, u) = (self.store.clone(), name.clone(), self.image.owner.clone());
                 let (rec, config) = blocking(move || {
                     let rec = s.get_image(&n)?.ok_or_else(|| {
                         ServiceError::NotFound(format!(
                             "base image '{n}' is no longer in the store"
                         ))
                     })?;
+                    crate::editable::ensure_editable(&rec, &u)?;
                     let config = s.read_blob(&rec.config_digest)?;
                     Ok((rec, config))
                 })

@@ -230,7 +230,9 @@ pub async fn plan(
         Location::Hub => {
             let config = state.config();
             let hub = crate::hub::configured(&config)?;
-            Source::Registry(RegistryClient::for_hub(hub, req.credentials.clone())?)
+            let client = RegistryClient::for_hub(hub, req.credentials.clone())?;
+            crate::hub::ensure_listed(&client, &url, &req.name, req.force).await?;
+            Source::Registry(client)
         }
         Location::Docker => Source::Docker(crate::docker::check(&state.config(), &url).await?),
         Location::Registry(label) => {

@@ -81,6 +81,7 @@ pub async fn copy_in(
         Err(s) => return Err(ServiceError::InvalidArgument(s.message().to_string())),
     };
     let session = Session::open(&state, &user, &start.image, "walt image cp", true).await?;
+    crate::editable::check_modifying(&session, &user, start.confirmed).await?;
     let short = session.short();
     // The archive's size is not known beforehand: the reserve must be free
     // now, and stays so while it comes (checked every 16 MiB); it is
@@ -202,6 +203,7 @@ pub async fn copy_out(
     req: pb::CopyOutRequest,
 ) -> Result<CopyOutStream, ServiceError> {
     let session = Session::open(&state, &user, &req.image, "walt image cp", false).await?;
+    crate::editable::ensure_editable(&session.rec, &user)?;
     let short = session.short();
     let mut child = spawn(&session, Job::TarOut { path: req.path })?;
     drop(child.stdin.take());

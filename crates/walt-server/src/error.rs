@@ -111,6 +111,11 @@ pub enum ServiceError {
         place: String,
     },
 
+    /// An operation on an image nodes use that the user did not confirm
+    /// (squash, cp into it): `nodes` would reboot.
+    #[error("{message}")]
+    NeedsConfirmation { message: String, nodes: usize },
+
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -164,6 +169,7 @@ impl ServiceError {
             | E::DockerArchive { .. }
             | E::DockerUnusable { .. }
             | E::HubNotEnabled
+            | E::NeedsConfirmation { .. }
             | E::NoRegistry => Kind::FailedPrecondition,
             E::Unimplemented(_) => Kind::Unimplemented,
             E::Docker(d) => match d {

@@ -211,6 +211,14 @@ impl From<ServiceError> for Status {
                 .metadata_mut()
                 .insert(walt_proto::REGISTRY_METADATA_KEY, v);
         }
+        // A refusal the user may confirm: the client asks, then retries.
+        if let ServiceError::NeedsConfirmation { nodes, .. } = &e
+            && let Ok(v) = nodes.to_string().parse()
+        {
+            status
+                .metadata_mut()
+                .insert(walt_proto::CONFIRM_METADATA_KEY, v);
+        }
         status
     }
 }

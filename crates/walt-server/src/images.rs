@@ -368,10 +368,28 @@ impl Images for ImagesService {
         let user = caller(&req)?;
         let name =
             ImageName::parse_user(&user, &req.get_ref().image).map_err(ServiceError::from)?;
+        let confirmed = req.get_ref().confirmed;
         let state = self.state.clone();
         let reply = blocking(move || {
             ensure_exists(&state, &name)?;
             let _lock = state.locks.acquire(&name, "walt image squash".into())?;
+            // Nodes booting it reboot: WalT asks first (nothing to squash,
+            // nothing changes: no question).
+            if !confirmed
+                && state
+                    .store
+                    .get_image(&name)?
+                    .is_some_and(|r| r.layers.len() > 1)
+            {
+                let n = state.store.nodes_using(&name)?.len();
+                if n > 0 {
+                    return Err(crate::editable::needs_confirmation(
+                        &name,
+                        n,
+                        "squashing it",
+                    ));
+                }
+            }
             let out = state.store.squash_image(&name)?;
             let short = name.short();
             let message = if out.squashed {
@@ -408,6 +426,37 @@ impl Images for ImagesService {
         _req: Request<pb::RegistriesRequest>,
     ) -> Result<Response<pb::RegistriesReply>, Status> {
         Ok(Response::new(crate::grpc::registries(&self.state.config())))
+    }
+
+    // ----- issue 15 item 9: walt advanced update-hub-meta, fix-image-owner -----
+
+    async fn update_hub_meta(
+        &self,
+        req: Request<pb::UpdateHubMetaRequest>,
+    ) -> Result<Response<pb::UpdateHubMetaReply>, Status> {
+        let _user = caller(&req)?;
+        let req = req.into_inner();
+        let (hub_user, rebuilt) = crate::hub::update_hub_meta(
+            &self.state,
+            req.credentials.as_ref().and_then(crate::grpc::credentials),
+            req.waltplatform_user,
+        )
+        .await?;
+        Ok(Response::new(pb::UpdateHubMetaReply {
+            hub_user,
+            images: rebuilt.images,
+            warnings: rebuilt.warnings,
+        }))
+    }
+
+    async fn fix_image_owner(
+        &self,
+        req: Request<pb::FixImageOwnerRequest>,
+    ) -> Result<Response<pb::FixImageOwnerReply>, Status> {
+        let user = caller(&req)?;
+        let other = req.into_inner().other_user;
+        let images = crate::owner::fix_image_owner(self.state.clone(), user, other).await?;
+        Ok(Response::new(pb::FixImageOwnerReply { images }))
     }
 }
 

@@ -58,6 +58,7 @@ pub async fn start(
         .locks
         .open_shell(&user, state.config().limits.shells_per_user)?;
     let session = Session::open(&state, &user, &start.image, "a shell", true).await?;
+    crate::editable::ensure_editable(&session.rec, &user)?;
     session.check_runnable()?;
     let size = start.size.unwrap_or_default();
     let (rows, cols) = (
