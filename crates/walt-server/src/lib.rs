@@ -210,7 +210,10 @@ impl Server {
         signal: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
-        let mut builder = tonic::transport::Server::builder();
+        let mut builder = tonic::transport::Server::builder()
+            .initial_stream_window_size(walt_tls::STREAM_WINDOW)
+            .initial_connection_window_size(walt_tls::CONNECTION_WINDOW)
+            .max_frame_size(walt_tls::MAX_FRAME);
         match &self.tls {
             Some(id) => {
                 tracing::info!(%addr, fingerprint = %id.fingerprint, "walt-server listening (TLS)");

@@ -197,6 +197,15 @@ fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Connects to `uri` (`http://host:port`), in clear or over TLS with the
 /// pinned certificate; gives up after `timeout`.
+/// HTTP/2 flow-control window of one call (bytes the peer may send
+/// before the receiver reads them), on the server and the client.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// The same for a whole connection.
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
+/// Largest HTTP/2 frame the server accepts (16 KiB by default: a 256 KiB
+/// chunk of an archive then takes 16 frames).
+pub const MAX_FRAME: u32 = 1 << 20;
+
 pub async fn connect(
     uri: &str,
     transport: Transport,
@@ -205,7 +214,12 @@ pub async fn connect(
     let endpoint = Endpoint::from_shared(uri.to_string())
         .map_err(|_| ConnectError::Address(uri.to_string()))?
         .connect_timeout(timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Archives stream both ways (cp, build contexts): windows large
+        // enough that the sender is not waiting for the receiver's
+        // updates every few frames.
+        .initial_stream_window_size(crate::STREAM_WINDOW)
+        .initial_connection_window_size(crate::CONNECTION_WINDOW);
     let pin = match transport {
         Transport::Plaintext => {
             let channel = endpoint
