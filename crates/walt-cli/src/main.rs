@@ -5,6 +5,8 @@ mod chunks;
 mod config;
 mod image;
 mod node;
+// Virtual node consoles (issue 17).
+mod console;
 mod progress;
 mod prompt;
 mod table;
@@ -27,7 +29,7 @@ enum Command {
     /// Manage images: show, search, clone, publish, remove, rename, duplicate, squash, shell, cp, build.
     #[command(subcommand)]
     Image(image::ImageCommand),
-    /// Manage nodes: show, boot, rename.
+    /// Manage nodes: show, boot, rename, create, remove, reboot, config, console.
     #[command(subcommand)]
     Node(node::NodeCommand),
     /// Show the devices of the walt network.
