@@ -42,3 +42,4 @@ mod tokens;
 mod users;
 mod walt_files;
 mod workingset;
+mod vnodes;
