@@ -143,6 +143,7 @@ fn a_virtual_node_boots_the_default_image_then_a_copy_and_is_removed() {
     // runs each test in its own process; no other thread reads the
     // environment yet.
     unsafe { std::env::set_var("WALT_VNODE_BRIDGE", bridge.bridge()) };
+    set_accel();
     let server_ip = bridge.server_ip();
     let local = Registry::start(RegistryOpts::plain()).unwrap();
     img.seed(&local).unwrap();
@@ -311,4 +312,131 @@ fn dev_manifest_hex(data: &Path, name: &str) -> String {
         .and_then(|d| d.manifest)
         .and_then(|m| m.strip_prefix("sha256:").map(str::to_string))
         .expect("the node's image manifest")
+}
+
+/// Unix seconds of a tracing timestamp (`2026-12-01T08:55:19.306265Z`).
+fn log_time(line: &str) -> Option<f64> {
+    let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (h, mi) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?);
+    let sec: f64 = t.next()?.parse().ok()?;
+    // Days from the civil date (proleptic Gregorian).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + mi * 60) as f64 + sec)
+}
+
+/// The time of the first line of `text` after `after` (Unix seconds)
+/// holding `needle`: server log lines (tracing timestamps) or console log
+/// lines (`[<unix>.<ms>] `).
+fn first_after(text: &str, needle: &str, after: f64) -> Option<f64> {
+    text.lines().find_map(|l| {
+        if !l.contains(needle) {
+            return None;
+        }
+        let t = match l.strip_prefix('[') {
+            Some(rest) => rest.split_once(']')?.0.parse().ok()?,
+            None => log_time(l)?,
+        };
+        (t >= after).then_some(t)
+    })
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Prints the phases of a boot that started at `t0` (Unix seconds), from
+/// the server log and the console log; `label` names the run.
+fn print_phases(label: &str, t0: f64, server_log: &str, console: &str) {
+    let marks: [(&str, Option<f64>); 10] = [
+        ("default image fetched (server log)", first_after(server_log, "default image of pc-x86-64 downloaded", t0)),
+        ("qemu started (server log)", first_after(server_log, "virtual node vnode1 started", t0)),
+        ("iPXE starts DHCP", first_after(console, "Configuring (net0", t0)),
+        ("DHCP done: boot file named", first_after(console, "start.ipxe", t0)),
+        ("TFTP: start.ipxe runs", first_after(console, "walt: booting", t0)),
+        ("TFTP: kernel+initrd loaded, kernel starts", first_after(console, "Linux version", t0)),
+        ("initramfs: NFS root mounting", first_after(console, "Mounting root file system", t0)),
+        ("NFS root mounted, init starts", first_after(console, "Welcome to", t0)),
+        ("userspace: login prompt", first_after(console, "login:", t0)),
+        ("", None),
+    ];
+    println!("vnode-boot {label}: phase, seconds since walt node create (delta)");
+    let mut prev = t0;
+    for (what, t) in marks.iter().filter(|(w, _)| !w.is_empty()) {
+        match t {
+            Some(t) => {
+                println!("vnode-boot {label}:   {what:<45} {:>7.2} ({:+.2})", t - t0, t - prev);
+                prev = *t;
+            }
+            None => println!("vnode-boot {label}:   {what:<45}     n/a"),
+        }
+    }
+    let mount_ms: Vec<&str> = server_log
+        .lines()
+        .filter(|l| l.contains("image mounted for nodes"))
+        .filter_map(|l| l.split(" ms=").nth(1))
+        .filter_map(|x| x.split_whitespace().next())
+        .collect();
+    println!("vnode-boot {label}:   image mounts (server, ms): {mount_ms:?}");
+}
+
+/// bench/vnode-boot.sh: the phases of a first boot (fresh server, image
+/// only in the registry), then of a power-cycle with the image mounted.
+#[test]
+#[ignore = "benchmark: run by bench/vnode-boot.sh"]
+fn vnode_boot_phases() {
+    let img = default_images::default_image("pc-x86-64").unwrap();
+    let bridge = VnodeNet::bridge().unwrap();
+    // SAFETY: as in the test above.
+    unsafe { std::env::set_var("WALT_VNODE_BRIDGE", bridge.bridge()) };
+    set_accel();
+    let server_ip = bridge.server_ip();
+    let local = Registry::start(RegistryOpts::plain()).unwrap();
+    img.seed(&local).unwrap();
+    let config = format!(
+        "network:\n  walt-net:\n    ip: {server_ip}/24\nregistries:\n{}",
+        local.server_entry("local")
+    );
+    let server = WaltServer::start_with_config(&config).unwrap();
+    let data = server.data_dir();
+    let _vnet = VnodeNet::serve(bridge, &data, &server.tftp_map_file(), &server.event_socket())
+        .unwrap();
+    let alice = server.cli("alice", &[]);
+    let t0 = unix_now();
+    alice.run(&["node", "create", "vnode1"]).assert_success();
+    let mac = device(&data, "vnode1").unwrap().mac;
+    let login = |from: f64| {
+        wait_for("the login prompt", BOOT_TIMEOUT, || {
+            first_after(&console_log(&data, &mac), "login:", from).map(|_| ())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", console_log(&data, &mac)))
+    };
+    login(t0);
+    print_phases("cold", t0, &server.log(), &console_log(&data, &mac));
+    let t1 = unix_now();
+    alice.run(&["node", "reboot", "vnode1"]).assert_success();
+    login(t1);
+    print_phases("mounted", t1, &server.log(), &console_log(&data, &mac));
+    alice.run(&["node", "remove", "vnode1"]).assert_success();
+}
+
+/// KVM on these machines is nested and slower than TCG (ENVIRONMENT.md):
+/// TCG unless `WALT_VNODE_ACCEL` says otherwise.
+fn set_accel() {
+    if std::env::var_os("WALT_VNODE_ACCEL").is_none() {
+        // SAFETY: as for WALT_VNODE_BRIDGE.
+        unsafe { std::env::set_var("WALT_VNODE_ACCEL", "tcg") };
+    }
 }

@@ -40,6 +40,10 @@ pub const MAX_DISK_GB: u64 = 16_000;
 /// The bridge of the walt network, unless `$WALT_VNODE_BRIDGE` names another.
 pub const DEFAULT_BRIDGE: &str = "walt-net";
 pub const BRIDGE_ENV: &str = "WALT_VNODE_BRIDGE";
+/// `kvm`, `tcg` or `auto` (the default: KVM when `/dev/kvm` creates a VM).
+/// Nested KVM (a VM without hardware virtualisation passed through) can be
+/// far slower than TCG: `tcg` forces it.
+pub const ACCEL_ENV: &str = "WALT_VNODE_ACCEL";
 /// How long a qemu that exits at once waits before its next start.
 const RESTART_DELAY: Duration = Duration::from_secs(2);
 /// A console log is cut in half past this size.
@@ -253,7 +257,11 @@ impl Vnodes {
     }
 
     fn kvm(&self) -> bool {
-        *self.kvm.get_or_init(kvm_works)
+        *self.kvm.get_or_init(|| match std::env::var(ACCEL_ENV).as_deref() {
+            Ok("tcg") => false,
+            Ok("kvm") => true,
+            _ => kvm_works(),
+        })
     }
 
     /// Whether a supervisor runs for this MAC.
