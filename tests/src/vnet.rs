@@ -246,7 +246,19 @@ LOG {{ Default_Log_Level = EVENT; }}
     let path = dir.join("ganesha.conf");
     std::fs::write(&path, conf)?;
     let (o, e) = log_file(dir, "ganesha.out")?;
-    let mut child = Command::new("ganesha.nfsd")
+    let mut cmd = Command::new("ganesha.nfsd");
+    // SAFETY: only prctl(2) between fork and exec. Ganesha dies with the
+    // watcher thread (i.e. with the test, even when it is killed).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .arg("-F")
         .arg("-f")
         .arg(&path)
