@@ -102,6 +102,8 @@ impl Console {
         self.send("\r");
         let p = self.wait("the login prompt", "login:", from, Some("\r"), Duration::from_secs(120));
         self.send("root\r");
+        // root has no password in the default image: its shell prompt.
+        let p = self.wait("the root shell prompt", "# ", p, None, Duration::from_secs(120));
         // The markers are computed by the shell: the echo of the command
         // line does not match them.
         self.send(&format!("echo BEGIN-$((6*7)); {cmd}; echo END-$((6*7))\r"));
