@@ -72,7 +72,14 @@ impl Console {
     /// Waits for `needle` in what the console printed after byte `from`;
     /// returns the position after it. `nudge` is typed every 10 s meanwhile
     /// (e.g. Enter, to have a login prompt printed again).
-    fn wait(&mut self, what: &str, needle: &str, from: usize, nudge: Option<&str>, t: Duration) -> usize {
+    fn wait(
+        &mut self,
+        what: &str,
+        needle: &str,
+        from: usize,
+        nudge: Option<&str>,
+        t: Duration,
+    ) -> usize {
         let start = Instant::now();
         let mut last_nudge = Instant::now();
         loop {
@@ -81,7 +88,10 @@ impl Console {
                 return from + i + needle.len();
             }
             if start.elapsed() > t {
-                panic!("timed out waiting for {what} ({needle:?}) on the console; it printed:\n{}", &text[from.min(text.len())..]);
+                panic!(
+                    "timed out waiting for {what} ({needle:?}) on the console; it printed:\n{}",
+                    &text[from.min(text.len())..]
+                );
             }
             if let Some(k) = nudge
                 && last_nudge.elapsed() > Duration::from_secs(10)
@@ -100,15 +110,39 @@ impl Console {
     fn login_and_run(&mut self, cmd: &str) -> String {
         let from = self.text().len();
         self.send("\r");
-        let p = self.wait("the login prompt", "login:", from, Some("\r"), Duration::from_secs(120));
+        let p = self.wait(
+            "the login prompt",
+            "login:",
+            from,
+            Some("\r"),
+            Duration::from_secs(120),
+        );
         self.send("root\r");
         // root has no password in the default image: its shell prompt.
-        let p = self.wait("the root shell prompt", "# ", p, None, Duration::from_secs(120));
+        let p = self.wait(
+            "the root shell prompt",
+            "# ",
+            p,
+            None,
+            Duration::from_secs(120),
+        );
         // The markers are computed by the shell: the echo of the command
         // line does not match them.
         self.send(&format!("echo BEGIN-$((6*7)); {cmd}; echo END-$((6*7))\r"));
-        let b = self.wait("the command to start", "BEGIN-42", p, None, Duration::from_secs(120));
-        let e = self.wait("the command to end", "END-42", b, None, Duration::from_secs(120));
+        let b = self.wait(
+            "the command to start",
+            "BEGIN-42",
+            p,
+            None,
+            Duration::from_secs(120),
+        );
+        let e = self.wait(
+            "the command to end",
+            "END-42",
+            b,
+            None,
+            Duration::from_secs(120),
+        );
         let text = self.text();
         let out = text[b..e - "END-42".len()].to_string();
         self.send("exit\r");
@@ -167,11 +201,7 @@ fn a_virtual_node_boots_the_default_image_then_a_copy_and_is_removed() {
     .unwrap();
     let alice = server.cli("alice", &[]);
     let fail = |what: &str| -> String {
-        format!(
-            "{what}\nserver log:\n{}\n{}",
-            server.log(),
-            vnet.logs()
-        )
+        format!("{what}\nserver log:\n{}\n{}", server.log(), vnet.logs())
     };
 
     // ----- 1. create: fetched once, DHCP + hook, TFTP, NFS root, login -----
@@ -190,8 +220,10 @@ fn a_virtual_node_boots_the_default_image_then_a_copy_and_is_removed() {
     assert!(mac.starts_with("52:54:00:"), "{mac}");
     let log = server.log();
     assert_eq!(
-        log.matches("default image of pc-x86-64 downloaded from local:waltplatform/pc-x86-64-default:latest")
-            .count(),
+        log.matches(
+            "default image of pc-x86-64 downloaded from local:waltplatform/pc-x86-64-default:latest"
+        )
+        .count(),
         1,
         "{log}"
     );
@@ -206,7 +238,9 @@ fn a_virtual_node_boots_the_default_image_then_a_copy_and_is_removed() {
     // The hook reported its lease: it has an address of the walt network.
     let prefix = server_ip.rsplit_once('.').unwrap().0.to_string() + ".";
     let ip = wait_for("vnode1 to get an address", BOOT_TIMEOUT, || {
-        device(&data, "vnode1")?.ip.filter(|ip| ip.starts_with(&prefix))
+        device(&data, "vnode1")?
+            .ip
+            .filter(|ip| ip.starts_with(&prefix))
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", fail("")));
     let t_dhcp = t0.elapsed();
@@ -230,12 +264,21 @@ fn a_virtual_node_boots_the_default_image_then_a_copy_and_is_removed() {
     let id = dev_manifest_hex(&data, "vnode1");
     assert_eq!(
         vnet.exported().get(&ip),
-        Some(&data.canonicalize().unwrap().join("images").join(&id).join("fs"))
+        Some(
+            &data
+                .canonicalize()
+                .unwrap()
+                .join("images")
+                .join(&id)
+                .join("fs")
+        )
     );
     let mut console = Console::attach(&alice, "vnode1");
     let mounts = console.login_and_run("grep -E ' / | /media/root-ro ' /proc/mounts");
     assert!(
-        mounts.contains(&format!("{server_ip}:/var/lib/walt/nodes/{ip}/fs /media/root-ro nfs ro")),
+        mounts.contains(&format!(
+            "{server_ip}:/var/lib/walt/nodes/{ip}/fs /media/root-ro nfs ro"
+        )),
         "{mounts}"
     );
     assert!(mounts.contains("overlay / overlay rw"), "{mounts}");
@@ -245,30 +288,51 @@ fn a_virtual_node_boots_the_default_image_then_a_copy_and_is_removed() {
     out.assert_success();
     assert!(out.stdout.contains("pc-x86-64-default"), "{out}");
     let (t, exit) = alice.in_terminal("image shell pc-x86-64-default");
-    t.wait_line("the shell prompt", |l| l.ends_with('#')).unwrap();
-    t.enter("echo vnode-marker-4242 > /root/marker; exit").unwrap();
+    t.wait_line("the shell prompt", |l| l.ends_with('#'))
+        .unwrap();
+    t.enter("echo vnode-marker-4242 > /root/marker; exit")
+        .unwrap();
     t.wait_line("the save prompt", |l| {
         l.starts_with("Name of the image to save")
     })
     .unwrap();
     t.enter("mycopy").unwrap();
-    t.wait_line("the result", |l| l.contains("mycopy") && l.ends_with("saved."))
-        .unwrap_or_else(|e| panic!("{e}\n{}", t.screen()));
-    assert_eq!(t.exit_status(&exit, Duration::from_secs(60)), 0, "{}", t.screen());
+    t.wait_line("the result", |l| {
+        l.contains("mycopy") && l.ends_with("saved.")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", t.screen()));
+    assert_eq!(
+        t.exit_status(&exit, Duration::from_secs(60)),
+        0,
+        "{}",
+        t.screen()
+    );
     drop(t);
     let from = console.text().len();
     let boots = console_log(&data, &mac).matches(&booting).count();
     let t1 = Instant::now();
     let out = alice.run(&["node", "boot", "vnode1", "mycopy"]);
     out.assert_success();
-    assert!(out.stdout.contains("Node vnode1 will now boot mycopy."), "{out}");
+    assert!(
+        out.stdout.contains("Node vnode1 will now boot mycopy."),
+        "{out}"
+    );
     // It reboots by itself into the copy.
     wait_for("vnode1 to reboot", BOOT_TIMEOUT, || {
         (console_log(&data, &mac).matches(&booting).count() > boots).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", fail("")));
-    console.wait("the login prompt after the reboot", "login:", from, Some("\r"), BOOT_TIMEOUT);
-    eprintln!("vnode1: boot of mycopy to the login prompt in {:?}", t1.elapsed());
+    console.wait(
+        "the login prompt after the reboot",
+        "login:",
+        from,
+        Some("\r"),
+        BOOT_TIMEOUT,
+    );
+    eprintln!(
+        "vnode1: boot of mycopy to the login prompt in {:?}",
+        t1.elapsed()
+    );
     let new_id = dev_manifest_hex(&data, "vnode1");
     assert_ne!(new_id, id, "mycopy has the default image's manifest");
     let marker = console.login_and_run("cat /root/marker");
@@ -290,7 +354,10 @@ fn a_virtual_node_boots_the_default_image_then_a_copy_and_is_removed() {
     out.assert_success();
     assert!(out.stdout.contains("Node vnode1 removed."), "{out}");
     assert!(qemu_pids(&mac).is_empty(), "qemu still runs");
-    assert!(!Path::new("/sys/class/net").join(&tap).exists(), "tap {tap} left");
+    assert!(
+        !Path::new("/sys/class/net").join(&tap).exists(),
+        "tap {tap} left"
+    );
     assert!(device(&data, "vnode1").is_none());
     let images = data.join("images");
     wait_for("the image mounts to go", Duration::from_secs(120), || {
@@ -323,7 +390,10 @@ fn log_time(line: &str) -> Option<f64> {
     let mut d = date.split('-').map(|x| x.parse::<i64>());
     let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
     let mut t = time.split(':');
-    let (h, mi) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?);
+    let (h, mi) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
     let sec: f64 = t.next()?.parse().ok()?;
     // Days from the civil date (proleptic Gregorian).
     let y2 = if m <= 2 { y - 1 } else { y };
@@ -363,15 +433,42 @@ fn unix_now() -> f64 {
 /// the server log and the console log; `label` names the run.
 fn print_phases(label: &str, t0: f64, server_log: &str, console: &str) {
     let marks: [(&str, Option<f64>); 10] = [
-        ("default image fetched (server log)", first_after(server_log, "default image of pc-x86-64 downloaded", t0)),
-        ("qemu started (server log)", first_after(server_log, "virtual node vnode1 started", t0)),
-        ("iPXE starts DHCP", first_after(console, "Configuring (net0", t0)),
-        ("DHCP done: boot file named", first_after(console, "start.ipxe", t0)),
-        ("TFTP: start.ipxe runs", first_after(console, "walt: booting", t0)),
-        ("TFTP: kernel+initrd loaded, kernel starts", first_after(console, "Linux version", t0)),
-        ("initramfs: NFS root mounting", first_after(console, "Mounting root file system", t0)),
-        ("NFS root mounted, init starts", first_after(console, "Welcome to", t0)),
-        ("userspace: login prompt", first_after(console, "login:", t0)),
+        (
+            "default image fetched (server log)",
+            first_after(server_log, "default image of pc-x86-64 downloaded", t0),
+        ),
+        (
+            "qemu started (server log)",
+            first_after(server_log, "virtual node vnode1 started", t0),
+        ),
+        (
+            "iPXE starts DHCP",
+            first_after(console, "Configuring (net0", t0),
+        ),
+        (
+            "DHCP done: boot file named",
+            first_after(console, "start.ipxe", t0),
+        ),
+        (
+            "TFTP: start.ipxe runs",
+            first_after(console, "walt: booting", t0),
+        ),
+        (
+            "TFTP: kernel+initrd loaded, kernel starts",
+            first_after(console, "Linux version", t0),
+        ),
+        (
+            "initramfs: NFS root mounting",
+            first_after(console, "Mounting root file system", t0),
+        ),
+        (
+            "NFS root mounted, init starts",
+            first_after(console, "Welcome to", t0),
+        ),
+        (
+            "userspace: login prompt",
+            first_after(console, "login:", t0),
+        ),
         ("", None),
     ];
     println!("vnode-boot {label}: phase, seconds since walt node create (delta)");
@@ -379,7 +476,11 @@ fn print_phases(label: &str, t0: f64, server_log: &str, console: &str) {
     for (what, t) in marks.iter().filter(|(w, _)| !w.is_empty()) {
         match t {
             Some(t) => {
-                println!("vnode-boot {label}:   {what:<45} {:>7.2} ({:+.2})", t - t0, t - prev);
+                println!(
+                    "vnode-boot {label}:   {what:<45} {:>7.2} ({:+.2})",
+                    t - t0,
+                    t - prev
+                );
                 prev = *t;
             }
             None => println!("vnode-boot {label}:   {what:<45}     n/a"),
@@ -413,8 +514,13 @@ fn vnode_boot_phases() {
     );
     let server = WaltServer::start_with_config(&config).unwrap();
     let data = server.data_dir();
-    let _vnet = VnodeNet::serve(bridge, &data, &server.tftp_map_file(), &server.event_socket())
-        .unwrap();
+    let _vnet = VnodeNet::serve(
+        bridge,
+        &data,
+        &server.tftp_map_file(),
+        &server.event_socket(),
+    )
+    .unwrap();
     let alice = server.cli("alice", &[]);
     let t0 = unix_now();
     alice.run(&["node", "create", "vnode1"]).assert_success();

@@ -176,13 +176,19 @@ mod tests {
     fn ctrl_a_escapes_as_walt() {
         let mut esc = false;
         assert_eq!(filter_keys(b"ls\r", &mut esc), (b"ls\r".to_vec(), false));
-        assert_eq!(filter_keys(b"x\x01ay", &mut esc), (b"x\x01y".to_vec(), false));
+        assert_eq!(
+            filter_keys(b"x\x01ay", &mut esc),
+            (b"x\x01y".to_vec(), false)
+        );
         assert_eq!(filter_keys(b"\x01\x01", &mut esc), (vec![CTRL_A], false));
         assert_eq!(filter_keys(b"\x01zq", &mut esc), (b"q".to_vec(), false));
         // Split across reads.
         assert_eq!(filter_keys(b"a\x01", &mut esc), (b"a".to_vec(), false));
         assert!(esc);
         assert_eq!(filter_keys(b"dmore", &mut esc), (vec![], true));
-        assert_eq!(filter_output(b"\x1bcA\x1b[2JB\x1b[0m"), b"AB\x1b[0m".to_vec());
+        assert_eq!(
+            filter_output(b"\x1bcA\x1b[2JB\x1b[0m"),
+            b"AB\x1b[0m".to_vec()
+        );
     }
 }

@@ -130,7 +130,10 @@ pub async fn run(cmd: NodeCommand) -> anyhow::Result<()> {
                 .create_vnode(pb::VnodeCreateRequest { name: node_name })
                 .await
                 .map_err(status_error)?;
-            println!("{}", walt_core::text::neutralize(&reply.into_inner().message));
+            println!(
+                "{}",
+                walt_core::text::neutralize(&reply.into_inner().message)
+            );
             Ok(())
         }
         NodeCommand::Remove { node_name } => {
@@ -169,10 +172,15 @@ pub async fn run(cmd: NodeCommand) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(status_error)?;
-            println!("{}", walt_core::text::neutralize(&reply.into_inner().message));
+            println!(
+                "{}",
+                walt_core::text::neutralize(&reply.into_inner().message)
+            );
             Ok(())
         }
-        NodeCommand::Console { node_name } => crate::console::console(&mut client, &node_name).await,
+        NodeCommand::Console { node_name } => {
+            crate::console::console(&mut client, &node_name).await
+        }
     }
 }
 

@@ -78,9 +78,7 @@ pub fn tap_name(mac: &str) -> String {
 
 /// WalT's `ram` value (`512M`, `1G`) in MB.
 pub fn parse_ram(v: &str) -> Result<u32, String> {
-    let bad = || {
-        format!("'{v}' is not a valid value for ram (expecting for instance 512M or 1G)")
-    };
+    let bad = || format!("'{v}' is not a valid value for ram (expecting for instance 512M or 1G)");
     let (num, unit) = v.split_at(v.len().saturating_sub(1));
     if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) || num.len() > 9 {
         return Err(bad());
@@ -102,7 +100,7 @@ pub fn parse_ram(v: &str) -> Result<u32, String> {
 
 /// `512M` / `1G` as WalT shows it.
 pub fn show_ram(mb: u32) -> String {
-    if mb % 1024 == 0 {
+    if mb.is_multiple_of(1024) {
         format!("{}G", mb / 1024)
     } else {
         format!("{mb}M")
@@ -257,11 +255,13 @@ impl Vnodes {
     }
 
     fn kvm(&self) -> bool {
-        *self.kvm.get_or_init(|| match std::env::var(ACCEL_ENV).as_deref() {
-            Ok("tcg") => false,
-            Ok("kvm") => true,
-            _ => kvm_works(),
-        })
+        *self
+            .kvm
+            .get_or_init(|| match std::env::var(ACCEL_ENV).as_deref() {
+                Ok("tcg") => false,
+                Ok("kvm") => true,
+                _ => kvm_works(),
+            })
     }
 
     /// Whether a supervisor runs for this MAC.
@@ -411,11 +411,7 @@ impl Supervisor {
         .flatten()
     }
 
-    async fn run(
-        self,
-        mut cmds: mpsc::UnboundedReceiver<Cmd>,
-        mut input: mpsc::Receiver<Bytes>,
-    ) {
+    async fn run(self, mut cmds: mpsc::UnboundedReceiver<Cmd>, mut input: mpsc::Receiver<Bytes>) {
         let mut served = self.state.nodes.serving.reconciled();
         let shutdown = self.state.shutdown.clone();
         loop {
@@ -450,7 +446,8 @@ impl Supervisor {
             );
             let stdout = child.stdout.take();
             let mut stdin = child.stdin.take();
-            let reader = stdout.map(|s| tokio::spawn(relay_output(s, self.dir(), self.output.clone())));
+            let reader =
+                stdout.map(|s| tokio::spawn(relay_output(s, self.dir(), self.output.clone())));
             let end = loop {
                 tokio::select! {
                     st = child.wait() => match st {
@@ -466,10 +463,10 @@ impl Supervisor {
                     },
                     _ = shutdown.cancelled() => break End::Stop,
                     Some(bytes) = input.recv() => {
-                        if let Some(s) = stdin.as_mut() {
-                            if s.write_all(&bytes).await.is_err() {
-                                stdin = None;
-                            }
+                        if let Some(s) = stdin.as_mut()
+                            && s.write_all(&bytes).await.is_err()
+                        {
+                            stdin = None;
                         }
                     }
                     r = served.changed() => {
@@ -478,10 +475,11 @@ impl Supervisor {
                             break End::Stop;
                         }
                         // Its image changed and the new one is served.
-                        if let Some((_, _, now)) = self.record().await {
-                            if now != manifest && now.as_deref().is_some_and(|m| self.served(m)) {
-                                break End::Reboot("its image changed");
-                            }
+                        if let Some((_, _, now)) = self.record().await
+                            && now != manifest
+                            && now.as_deref().is_some_and(|m| self.served(m))
+                        {
+                            break End::Reboot("its image changed");
                         }
                     }
                 }
@@ -521,17 +519,10 @@ impl Supervisor {
 
     /// Waits `d`; true when the node must stop meanwhile.
     async fn wait_or_stop(&self, cmds: &mut mpsc::UnboundedReceiver<Cmd>, d: Duration) -> bool {
-        let deadline = tokio::time::sleep(d);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                _ = &mut deadline => return false,
-                _ = self.state.shutdown.cancelled() => return true,
-                c = cmds.recv() => match c {
-                    Some(Cmd::Reboot) => return false,
-                    Some(Cmd::Stop) | None => return true,
-                },
-            }
+        tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = self.state.shutdown.cancelled() => true,
+            c = cmds.recv() => !matches!(c, Some(Cmd::Reboot)),
         }
     }
 
@@ -548,7 +539,13 @@ impl Supervisor {
         }
         ip(&["tuntap", "add", "dev", &self.tap, "mode", "tap"]).await?;
         if let Err(e) = ip(&[
-            "link", "set", "dev", &self.tap, "master", &self.bridge, "up",
+            "link",
+            "set",
+            "dev",
+            &self.tap,
+            "master",
+            &self.bridge,
+            "up",
         ])
         .await
         {
@@ -559,10 +556,10 @@ impl Supervisor {
     }
 
     async fn delete_tap(&self) {
-        if Path::new("/sys/class/net").join(&self.tap).exists() {
-            if let Err(e) = ip(&["link", "del", &self.tap]).await {
-                tracing::warn!(tap = %self.tap, "cannot delete the tap device: {e}");
-            }
+        if Path::new("/sys/class/net").join(&self.tap).exists()
+            && let Err(e) = ip(&["link", "del", &self.tap]).await
+        {
+            tracing::warn!(tap = %self.tap, "cannot delete the tap device: {e}");
         }
     }
 
@@ -587,7 +584,10 @@ impl Supervisor {
                     .map_err(|e| format!("cannot size {}: {e}", path.display()))?;
             }
             if i == 0 {
-                args.extend(["-device".to_string(), "virtio-scsi-pci,id=scsi0".to_string()]);
+                args.extend([
+                    "-device".to_string(),
+                    "virtio-scsi-pci,id=scsi0".to_string(),
+                ]);
             }
             args.extend([
                 "-drive".to_string(),
@@ -651,8 +651,13 @@ impl Supervisor {
         // started it (a runtime worker, alive as long as the server).
         unsafe {
             cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0)
-                    != 0
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
                 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -790,7 +795,11 @@ mod tests {
         assert_eq!(parse_disks("none"), Ok(vec![]));
         assert_eq!(parse_disks("8G,1T"), Ok(vec![8, 1000]));
         assert_eq!(parse_disks("8G[template=none]"), Ok(vec![8]));
-        assert!(parse_disks("8G[template=ext4]").unwrap_err().contains("not supported"));
+        assert!(
+            parse_disks("8G[template=ext4]")
+                .unwrap_err()
+                .contains("not supported")
+        );
         assert!(parse_disks("8G[x=y]").is_err());
         assert!(parse_disks("8").is_err());
         assert!(parse_disks("0G").is_err());

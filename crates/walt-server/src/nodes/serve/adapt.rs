@@ -104,7 +104,13 @@ fn mount_points(root: &OwnedFd) -> Result<Vec<String>, String> {
         ("run", 0o755),
         ("tmp", 0o1777),
     ] {
-        match rustix::fs::openat2(root, name, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), how) {
+        match rustix::fs::openat2(
+            root,
+            name,
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            how,
+        ) {
             Ok(_) => continue,
             Err(Errno::NOENT) => {}
             Err(e) => return Err(format!("/{name}: {}", io_err(e))),
@@ -480,13 +486,20 @@ mod tests {
         assert!(!t.path().join("root").exists());
         // The mount points of a booting node.
         use std::os::unix::fs::PermissionsExt;
-        for (d, mode) in [("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("run", 0o755), ("tmp", 0o1777)] {
+        for (d, mode) in [
+            ("dev", 0o755),
+            ("proc", 0o555),
+            ("sys", 0o555),
+            ("run", 0o755),
+            ("tmp", 0o1777),
+        ] {
             let md = std::fs::metadata(t.path().join(d)).unwrap();
             assert!(md.is_dir(), "{d}");
             assert_eq!(md.permissions().mode() & 0o7777, mode, "{d}");
         }
         // An image that has them keeps them as they are.
-        std::fs::set_permissions(t.path().join("tmp"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(t.path().join("tmp"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
         apply(t.path(), &Context::default()).unwrap();
         let md = std::fs::metadata(t.path().join("tmp")).unwrap();
         assert_eq!(md.permissions().mode() & 0o7777, 0o700);
