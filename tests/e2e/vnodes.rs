@@ -432,7 +432,7 @@ fn unix_now() -> f64 {
 /// Prints the phases of a boot that started at `t0` (Unix seconds), from
 /// the server log and the console log; `label` names the run.
 fn print_phases(label: &str, t0: f64, server_log: &str, console: &str) {
-    let marks: [(&str, Option<f64>); 10] = [
+    let marks: [(&str, Option<f64>); 9] = [
         (
             "default image fetched (server log)",
             first_after(server_log, "default image of pc-x86-64 downloaded", t0),
@@ -469,11 +469,10 @@ fn print_phases(label: &str, t0: f64, server_log: &str, console: &str) {
             "userspace: login prompt",
             first_after(console, "login:", t0),
         ),
-        ("", None),
     ];
     println!("vnode-boot {label}: phase, seconds since walt node create (delta)");
     let mut prev = t0;
-    for (what, t) in marks.iter().filter(|(w, _)| !w.is_empty()) {
+    for (what, t) in &marks {
         match t {
             Some(t) => {
                 println!(

@@ -81,12 +81,7 @@ impl VnodeNet {
             &net,
             &workspace_bin("walt-dhcp-event"),
             &[(EVENT_SOCKET_ENV, &socket)],
-            &[
-                "--dhcp-boot=start.ipxe".to_string(),
-                // Option 60 `PXEClient` in the replies: iPXE then takes the
-                // offer as PXE-capable and does not wait for ProxyDHCP offers.
-                "--dhcp-option-force=60,PXEClient".to_string(),
-            ],
+            &["--dhcp-boot=start.ipxe".to_string()],
         )?;
         // tftpd-hpa as docs/configuration.md runs it, on the bridge address.
         let (o, e) = log_file(&dir, "tftpd.log")?;

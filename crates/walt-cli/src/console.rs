@@ -81,7 +81,7 @@ fn filter_output(data: &[u8]) -> Vec<u8> {
 }
 
 /// Reads stdin until `<ctrl-a> d`, its end, or `stop`.
-fn pump_stdin(tx: mpsc::Sender<pb::ConsoleInput>, stop: Arc<AtomicBool>, quit: Arc<AtomicBool>) {
+fn pump_stdin(tx: mpsc::Sender<pb::ConsoleInput>, stop: Arc<AtomicBool>) {
     let stdin = std::io::stdin();
     let mut buf = [0u8; 1024];
     let mut esc = false;
@@ -112,7 +112,6 @@ fn pump_stdin(tx: mpsc::Sender<pb::ConsoleInput>, stop: Arc<AtomicBool>, quit: A
             break;
         }
     }
-    quit.store(true, Ordering::Relaxed);
 }
 
 pub async fn console(client: &mut Client, name: &str) -> anyhow::Result<()> {
@@ -136,12 +135,11 @@ pub async fn console(client: &mut Client, name: &str) -> anyhow::Result<()> {
     }
     let raw = if tty { RawMode::enter() } else { None };
     let stop = Arc::new(AtomicBool::new(false));
-    let quit = Arc::new(AtomicBool::new(false));
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
     let pump = {
-        let (tx, stop, quit) = (tx, stop.clone(), quit.clone());
+        let (tx, stop) = (tx, stop.clone());
         std::thread::spawn(move || {
-            pump_stdin(tx, stop, quit);
+            pump_stdin(tx, stop);
             let _ = done_tx.send(());
         })
     };
