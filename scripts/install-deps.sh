@@ -11,7 +11,8 @@ PACKAGES=(docker-registry busybox-static skopeo umoci apache2-utils openssl expe
           nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils tftpd-hpa tftp-hpa dnsmasq-base
           isc-dhcp-server iproute2
           mmdebstrap python3
-          zsh man-db)
+          zsh man-db
+          qemu-system-x86 ipxe-qemu)
 
 # Foreign-architecture busybox (for arm images), fetched without changing
 # the system's apt architectures.
@@ -64,6 +65,9 @@ for c in zsh man; do
     check_cmd "$c"
 done
 ls /usr/lib/*/ganesha/libfsalvfs.so >/dev/null 2>&1 || missing+=("nfs-ganesha-vfs")
+# Virtual nodes (issue 17): qemu PCs booting through qemu's PXE ROM (iPXE).
+check_cmd qemu-system-x86_64
+[ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || [ -e /usr/lib/ipxe/qemu/pxe-virtio.rom ] || missing+=("ipxe-qemu")
 
 enable_binfmt() {
     # Registers qemu-user for arm binaries (the F flag: no interpreter

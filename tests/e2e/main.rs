@@ -46,3 +46,4 @@ mod users;
 mod walt_files;
 mod walt_flows;
 mod workingset;
+mod vnodes;

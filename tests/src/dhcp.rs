@@ -332,6 +332,21 @@ impl DhcpServer {
     /// Starts `kind` on `net`; `env` is given to the server (its hook
     /// inherits it), e.g. [`EVENT_SOCKET_ENV`].
     pub fn start(kind: DhcpKind, net: &DhcpNet, hook: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_with_options(kind, net, hook, env, &[])
+    }
+
+    /// [`DhcpServer::start`] with more options on dnsmasq's command line
+    /// (e.g. `--dhcp-boot=start.ipxe` for PXE clients: tests/src/vnet.rs).
+    pub fn start_with_options(
+        kind: DhcpKind,
+        net: &DhcpNet,
+        hook: &Path,
+        env: &[(&str, &str)],
+        extra: &[String],
+    ) -> Result<Self> {
+        if kind != DhcpKind::Dnsmasq && !extra.is_empty() {
+            bail!("extra options are for dnsmasq only");
+        }
         let dir = tempfile::Builder::new()
             .prefix("walt-e2e-dhcpd-")
             .tempdir_in(net.dir())?;
@@ -367,7 +382,8 @@ impl DhcpServer {
                     ))
                     .arg(format!("--pid-file={}", dir.path().join("pid").display()))
                     .arg("--log-dhcp")
-                    .arg("--log-facility=-");
+                    .arg("--log-facility=-")
+                    .args(extra);
                 c
             }
             DhcpKind::IscDhcpd => {

@@ -18,6 +18,7 @@ pub mod tmux;
 pub mod token_issuer;
 pub mod tree;
 pub mod util;
+pub mod vnet;
 pub mod walt;
 
 pub use fixture::{Env, EnvOpts, SECURE_PASS, SECURE_USER};

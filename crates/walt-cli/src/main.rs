@@ -6,6 +6,8 @@ mod config;
 mod help;
 mod image;
 mod node;
+// Virtual node consoles (issue 17).
+mod console;
 mod progress;
 mod prompt;
 mod table;
@@ -35,7 +37,7 @@ enum Command {
     /// Manage images: show, search, clone, publish, remove, rename, duplicate, squash, shell, cp, build.
     #[command(subcommand)]
     Image(image::ImageCommand),
-    /// Manage nodes: show, boot, rename.
+    /// Manage nodes: show, boot, rename, create, remove, reboot, config, console.
     #[command(subcommand)]
     Node(node::NodeCommand),
     /// Show the devices of the walt network.

@@ -42,6 +42,30 @@ pub enum NodeCommand {
     },
     /// Rename a node.
     Rename { name: String, new_name: String },
+    /// Create a virtual node (a qemu PC on the walt network, run by the
+    /// server; it boots the default image of pc-x86-64).
+    Create { node_name: String },
+    /// Remove a virtual node.
+    Remove { node_name: String },
+    /// Reboot a (set of) node(s) (walt reboots virtual nodes: a power-cycle).
+    Reboot {
+        /// Power-cycle only (virtual nodes are always power-cycled).
+        #[arg(long)]
+        hard: bool,
+        /// A node name, a comma-separated list, my-nodes, free-nodes or all.
+        node_set: String,
+    },
+    /// Get or set the configuration of nodes (virtual nodes: cpu.cores=<n>,
+    /// ram=<n>M|<n>G, disks=none|<n>G[,<n>T...]); in effect at their next boot.
+    Config {
+        /// A node name, a comma-separated list, my-nodes, free-nodes or all.
+        node_set: String,
+        /// <setting>=<value>... (none: show the configuration).
+        configuration: Vec<String>,
+    },
+    /// Connect to the serial console of a virtual node (<ctrl-a> d to
+    /// quit, <ctrl-a> a to send <ctrl-a>).
+    Console { node_name: String },
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -51,7 +75,7 @@ pub enum DeviceCommand {
     Show,
 }
 
-type Client = NodesClient<InterceptedService<Channel, UserInterceptor>>;
+pub(crate) type Client = NodesClient<InterceptedService<Channel, UserInterceptor>>;
 
 async fn connect() -> anyhow::Result<(Client, config::Settings)> {
     let settings = config::load()?;
@@ -100,6 +124,62 @@ pub async fn run(cmd: NodeCommand) -> anyhow::Result<()> {
                 .map_err(status_error)?;
             println!("Node {name} renamed to {new_name}.");
             Ok(())
+        }
+        NodeCommand::Create { node_name } => {
+            let reply = client
+                .create_vnode(pb::VnodeCreateRequest { name: node_name })
+                .await
+                .map_err(status_error)?;
+            println!(
+                "{}",
+                walt_core::text::neutralize(&reply.into_inner().message)
+            );
+            Ok(())
+        }
+        NodeCommand::Remove { node_name } => {
+            client
+                .remove_vnode(pb::VnodeRemoveRequest {
+                    name: node_name.clone(),
+                })
+                .await
+                .map_err(status_error)?;
+            println!("Node {node_name} removed.");
+            Ok(())
+        }
+        NodeCommand::Reboot { hard, node_set } => {
+            let reply = client
+                .reboot(pb::NodeRebootRequest { node_set, hard })
+                .await
+                .map_err(status_error)?;
+            for line in reply.into_inner().message.lines() {
+                let line = walt_core::text::neutralize(line);
+                if line.starts_with("warning: ") {
+                    eprintln!("{line}");
+                } else {
+                    println!("{line}");
+                }
+            }
+            Ok(())
+        }
+        NodeCommand::Config {
+            node_set,
+            configuration,
+        } => {
+            let reply = client
+                .config(pb::NodeConfigRequest {
+                    node_set,
+                    settings: configuration,
+                })
+                .await
+                .map_err(status_error)?;
+            println!(
+                "{}",
+                walt_core::text::neutralize(&reply.into_inner().message)
+            );
+            Ok(())
+        }
+        NodeCommand::Console { node_name } => {
+            crate::console::console(&mut client, &node_name).await
         }
     }
 }

@@ -476,7 +476,7 @@ fn a_version_1_database_is_migrated() {
         let conn = rusqlite::Connection::open(data.join("walt.db")).unwrap();
         // Back to version 1's schema: no build cache, its empty `nodes`.
         conn.execute_batch(
-            "DROP TABLE build_cache; DROP TABLE nodes; DROP TABLE default_copies;
+            "DROP TABLE vnodes; DROP TABLE build_cache; DROP TABLE nodes; DROP TABLE default_copies;
              DROP TABLE devices;
              CREATE TABLE nodes (mac TEXT PRIMARY KEY, model TEXT, image_id INTEGER);
              PRAGMA user_version = 1;",

@@ -121,6 +121,14 @@ const MIGRATIONS: &[&str] = &[
         image TEXT NOT NULL,
         PRIMARY KEY (user, image)
     );",
+    // 4: virtual nodes (issue 17): the qemu settings of the nodes the
+    // server runs itself (`walt node create`); gone with their device.
+    "CREATE TABLE vnodes (
+        mac TEXT PRIMARY KEY REFERENCES devices(mac) ON DELETE CASCADE,
+        cpu_cores INTEGER NOT NULL,
+        ram_mb INTEGER NOT NULL,
+        disks TEXT NOT NULL
+    );",
 ];
 
 /// Opens (creating if needed) and migrates the database.

@@ -55,7 +55,7 @@ pub use db::{ImageRecord, LayerRef, NewImage, PutOutcome};
 pub use error::{Result, StoreError};
 pub use gc::{GcReport, ImportGuard};
 pub use import::{ImportOptions, LayerImport};
-pub use nodes::{Device, DeviceKind, Lease};
+pub use nodes::{Device, DeviceKind, Lease, Vnode, VnodeConf};
 pub use squash::SquashOutcome;
 pub use util::{now_secs, rfc3339};
 /// Removes a tree however deep (no recursion, one descriptor), never

@@ -374,3 +374,146 @@ impl Store {
         Ok(())
     }
 }
+
+/// The qemu settings of a virtual node (`walt node config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VnodeConf {
+    pub cpu_cores: u32,
+    pub ram_mb: u32,
+    /// WalT's `disks` value (`none`, `8G`, `8G[template=ext4],1T`...).
+    pub disks: String,
+}
+
+/// A virtual node as recorded: its device and its qemu settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vnode {
+    pub device: Device,
+    pub conf: VnodeConf,
+}
+
+impl Store {
+    /// Records a virtual node: a new device `name` with `mac`, already a
+    /// node of `model` booting `image`, with its qemu settings. Refused when
+    /// the name or the MAC is taken.
+    pub fn create_vnode(
+        &self,
+        name: &str,
+        mac: &str,
+        model: &str,
+        image: &ImageName,
+        conf: &VnodeConf,
+        now: i64,
+    ) -> Result<Device> {
+        let ctx = format!("recording the virtual node {name}");
+        let mut conn = self.inner.conn();
+        let tx = conn.transaction().db(&ctx)?;
+        if name_taken(&tx, name)? {
+            return Err(StoreError::DeviceExists(name.to_string()));
+        }
+        let mac_taken: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM devices WHERE mac = ?1)",
+                [mac],
+                |r| r.get(0),
+            )
+            .db(&ctx)?;
+        if mac_taken {
+            return Err(StoreError::DeviceExists(mac.to_string()));
+        }
+        let id =
+            image_id(&tx, image)?.ok_or_else(|| StoreError::ImageNotFound(image.to_string()))?;
+        tx.execute(
+            "INSERT INTO devices (mac, ip, name, type, model, reason, first_seen, last_seen)
+             VALUES (?1, NULL, ?2, 'node', ?3, NULL, ?4, ?4)",
+            params![mac, name, model, now],
+        )
+        .db(&ctx)?;
+        tx.execute(
+            "INSERT INTO nodes (mac, model, image_id) VALUES (?1, ?2, ?3)",
+            params![mac, model, id],
+        )
+        .db(&ctx)?;
+        tx.execute(
+            "INSERT INTO vnodes (mac, cpu_cores, ram_mb, disks) VALUES (?1, ?2, ?3, ?4)",
+            params![mac, conf.cpu_cores, conf.ram_mb, conf.disks],
+        )
+        .db(&ctx)?;
+        tx.commit().db(&ctx)?;
+        device_by_mac(&conn, mac)?.ok_or_else(|| StoreError::DeviceNotFound(mac.to_string()))
+    }
+
+    /// Every virtual node, by name.
+    pub fn list_vnodes(&self) -> Result<Vec<Vnode>> {
+        let ctx = "listing virtual nodes";
+        let conn = self.inner.conn();
+        let confs: Vec<(String, VnodeConf)> = {
+            let mut stmt = conn
+                .prepare("SELECT mac, cpu_cores, ram_mb, disks FROM vnodes")
+                .db(ctx)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get(0)?,
+                        VnodeConf {
+                            cpu_cores: r.get(1)?,
+                            ram_mb: r.get(2)?,
+                            disks: r.get(3)?,
+                        },
+                    ))
+                })
+                .db(ctx)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().db(ctx)?
+        };
+        let mut out = Vec::with_capacity(confs.len());
+        for (mac, conf) in confs {
+            if let Some(device) = device_by_mac(&conn, &mac)? {
+                out.push(Vnode { device, conf });
+            }
+        }
+        out.sort_by(|a, b| a.device.name.cmp(&b.device.name));
+        Ok(out)
+    }
+
+    /// The virtual node of that MAC, if it is one.
+    pub fn get_vnode(&self, mac: &str) -> Result<Option<Vnode>> {
+        Ok(self
+            .list_vnodes()?
+            .into_iter()
+            .find(|v| v.device.mac == mac))
+    }
+
+    /// Changes the qemu settings of a virtual node (applied at its next
+    /// start).
+    pub fn set_vnode_conf(&self, mac: &str, conf: &VnodeConf) -> Result<()> {
+        let n = self
+            .inner
+            .conn()
+            .execute(
+                "UPDATE vnodes SET cpu_cores = ?2, ram_mb = ?3, disks = ?4 WHERE mac = ?1",
+                params![mac, conf.cpu_cores, conf.ram_mb, conf.disks],
+            )
+            .db(&format!("configuring the virtual node {mac}"))?;
+        if n == 0 {
+            return Err(StoreError::DeviceNotFound(mac.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Forgets a virtual node: its device, node and qemu records.
+    pub fn remove_vnode(&self, mac: &str) -> Result<()> {
+        let ctx = format!("removing the virtual node {mac}");
+        let mut conn = self.inner.conn();
+        let tx = conn.transaction().db(&ctx)?;
+        let n = tx
+            .execute("DELETE FROM vnodes WHERE mac = ?1", [mac])
+            .db(&ctx)?;
+        if n == 0 {
+            return Err(StoreError::DeviceNotFound(mac.to_string()));
+        }
+        tx.execute("DELETE FROM nodes WHERE mac = ?1", [mac])
+            .db(&ctx)?;
+        tx.execute("DELETE FROM devices WHERE mac = ?1", [mac])
+            .db(&ctx)?;
+        tx.commit().db(&ctx)
+    }
+}

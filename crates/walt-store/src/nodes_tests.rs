@@ -215,3 +215,99 @@ fn the_devices_waiting_for_a_model_become_nodes_at_once() {
             .is_empty()
     );
 }
+
+fn vconf() -> VnodeConf {
+    VnodeConf {
+        cpu_cores: 4,
+        ram_mb: 512,
+        disks: "none".into(),
+    }
+}
+
+#[test]
+fn virtual_nodes_are_recorded_configured_and_removed() {
+    let (_d, store) = new_store();
+    let img = name("waltplatform", "pc-x86-64-default");
+    image(&store, &img);
+    let mac = "52:54:00:aa:bb:cc";
+    let dev = store
+        .create_vnode("vnode1", mac, "pc-x86-64", &img, &vconf(), 5)
+        .unwrap();
+    assert_eq!(dev.kind, DeviceKind::Node);
+    assert_eq!(dev.image.as_ref(), Some(&img));
+    assert_eq!(dev.ip, None);
+    // Name or MAC taken: refused.
+    assert!(matches!(
+        store.create_vnode(
+            "vnode1",
+            "52:54:00:aa:bb:cd",
+            "pc-x86-64",
+            &img,
+            &vconf(),
+            5
+        ),
+        Err(StoreError::DeviceExists(_))
+    ));
+    assert!(matches!(
+        store.create_vnode("vnode2", mac, "pc-x86-64", &img, &vconf(), 5),
+        Err(StoreError::DeviceExists(_))
+    ));
+    // A lease of it only updates its address.
+    let (d, new) = store
+        .record_lease(&lease(mac, "10.0.0.9", "", None))
+        .unwrap();
+    assert!(!new);
+    assert_eq!(d.kind, DeviceKind::Node);
+    let conf = VnodeConf {
+        cpu_cores: 2,
+        ram_mb: 1024,
+        disks: "8G".into(),
+    };
+    store.set_vnode_conf(mac, &conf).unwrap();
+    let v = store.list_vnodes().unwrap();
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].conf, conf);
+    assert_eq!(v[0].device.ip.as_deref(), Some("10.0.0.9"));
+    assert_eq!(store.get_vnode(mac).unwrap().unwrap().device.name, "vnode1");
+    // Removed: no device, no node (the image is no longer in use).
+    store.remove_vnode(mac).unwrap();
+    assert!(store.list_vnodes().unwrap().is_empty());
+    assert!(store.find_device("vnode1").unwrap().is_none());
+    assert!(store.nodes_using(&img).unwrap().is_empty());
+    assert!(matches!(
+        store.remove_vnode(mac),
+        Err(StoreError::DeviceNotFound(_))
+    ));
+}
+
+#[test]
+fn a_version_3_database_gets_the_vnodes_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    {
+        let store = Store::open(&data).unwrap();
+        store
+            .record_lease(&lease("52:54:00:00:00:07", "10.0.0.7", "", None))
+            .unwrap();
+    }
+    {
+        let conn = rusqlite::Connection::open(data.join("walt.db")).unwrap();
+        conn.execute_batch("DROP TABLE vnodes; PRAGMA user_version = 3;")
+            .unwrap();
+    }
+    let store = Store::open(&data).unwrap();
+    // The device of version 3 is still there; virtual nodes work.
+    assert!(store.find_device("52:54:00:00:00:07").unwrap().is_some());
+    assert!(store.list_vnodes().unwrap().is_empty());
+    let img = name("waltplatform", "pc-x86-64-default");
+    image(&store, &img);
+    store
+        .create_vnode("v", "52:54:00:00:00:08", "pc-x86-64", &img, &vconf(), 1)
+        .unwrap();
+    assert_eq!(store.list_vnodes().unwrap().len(), 1);
+    let conn = rusqlite::Connection::open(data.join("walt.db")).unwrap();
+    let v: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 4);
+}

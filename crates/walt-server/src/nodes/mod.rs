@@ -8,12 +8,16 @@
 //!   `walt advanced update-default-images`.
 //! - [`serve`]: mounts, the per-node trees, the NFS exports and TFTP map.
 //! - [`service`]: the `Nodes` gRPC service.
+//! - [`vnode`]: virtual nodes, qemu PCs the server runs on the walt network
+//!   ([`vnode_service`]: their commands).
 
 pub mod defaults;
 pub mod event;
 pub mod register;
 pub mod serve;
 pub mod service;
+pub mod vnode;
+pub mod vnode_service;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,6 +44,7 @@ pub struct Nodes {
     pub(crate) serving: serve::Serving,
     pub(crate) defaults: defaults::Defaults,
     pub(crate) welcome: service::WelcomeCache,
+    pub(crate) vnodes: vnode::Vnodes,
 }
 
 impl Nodes {
@@ -48,6 +53,7 @@ impl Nodes {
             serving: serve::Serving::new(&paths),
             defaults: defaults::Defaults::default(),
             welcome: service::WelcomeCache::default(),
+            vnodes: vnode::Vnodes::new(),
             paths,
         }
     }
@@ -65,6 +71,7 @@ impl Nodes {
 /// events. Returns once started; the tasks stop at shutdown.
 pub async fn start(state: Arc<State>) -> anyhow::Result<()> {
     serve::start(state.clone()).await?;
+    vnode::start_all(&state).await;
     if let Some(path) = state.nodes.paths.event_socket.clone() {
         event::listen(state.clone(), path).await?;
     }

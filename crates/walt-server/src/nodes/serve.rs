@@ -77,6 +77,9 @@ pub struct Serving {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// What this process made of the TFTP root.
     tftp: Mutex<TftpRoot>,
+    /// Bumped after each reconciliation (virtual nodes whose image changed
+    /// reboot once the new one is served).
+    reconciled: tokio::sync::watch::Sender<u64>,
 }
 
 /// The state of `tftp-root/`.
@@ -103,6 +106,7 @@ impl Serving {
             mounts: Mutex::new(BTreeMap::new()),
             task: Mutex::new(None),
             tftp: Mutex::new(TftpRoot::default()),
+            reconciled: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -110,6 +114,11 @@ impl Serving {
     /// nodes boot now.
     pub fn request_reconcile(&self) {
         self.notify.notify_one();
+    }
+
+    /// Changes after each reconciliation.
+    pub fn reconciled(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reconciled.subscribe()
     }
 
     /// Whether the image of this manifest is mounted for nodes now.
@@ -228,7 +237,10 @@ async fn run(state: Arc<State>, mut next: Option<Instant>) {
                 None
             }
         };
+        serving.reconciled.send_modify(|n| *n = n.wrapping_add(1));
     }
+    // The virtual nodes stop before the images they boot are released.
+    state.nodes.vnodes.stop_all().await;
     let st = state.clone();
     let _ = tokio::task::spawn_blocking(move || st.nodes.serving.release_all()).await;
 }

@@ -144,7 +144,7 @@ fn owner_of(d: &Device, user: &str) -> Owner {
 }
 
 /// `a`, `a and b`, `a, b and c`.
-fn list_names<S: AsRef<str>>(names: &[S]) -> String {
+pub(crate) fn list_names<S: AsRef<str>>(names: &[S]) -> String {
     match names {
         [] => String::new(),
         [one] => one.as_ref().to_string(),
@@ -160,7 +160,7 @@ fn list_names<S: AsRef<str>>(names: &[S]) -> String {
 }
 
 /// `Node a` / `Nodes a and b`.
-fn nodes_phrase<S: AsRef<str>>(names: &[S]) -> String {
+pub(crate) fn nodes_phrase<S: AsRef<str>>(names: &[S]) -> String {
     format!(
         "{} {}",
         if names.len() == 1 { "Node" } else { "Nodes" },
@@ -172,7 +172,7 @@ fn nodes_phrase<S: AsRef<str>>(names: &[S]) -> String {
 /// `all-nodes`), `my-nodes` (booting the caller's images) and
 /// `free-nodes` (booting a default image), comma-separated; each node once,
 /// by name.
-fn resolve_node_set(
+pub(crate) fn resolve_node_set(
     state: &State,
     user: &str,
     node_set: &str,
@@ -614,6 +614,60 @@ impl nodes_server::Nodes for NodesService {
         })
         .await?;
         Ok(Response::new(pb::WelcomeReply { messages }))
+    }
+
+    // ----- virtual nodes (issue 17): nodes/vnode_service.rs -----
+
+    async fn create_vnode(
+        &self,
+        req: Request<pb::VnodeCreateRequest>,
+    ) -> Result<Response<pb::VnodeCreateReply>, Status> {
+        let user = caller(&req)?;
+        let r = req.into_inner();
+        let message = super::vnode_service::create(&self.state, &user, &r.name).await?;
+        Ok(Response::new(pb::VnodeCreateReply { message }))
+    }
+
+    async fn remove_vnode(
+        &self,
+        req: Request<pb::VnodeRemoveRequest>,
+    ) -> Result<Response<pb::VnodeRemoveReply>, Status> {
+        let user = caller(&req)?;
+        let r = req.into_inner();
+        super::vnode_service::remove(&self.state, &user, &r.name).await?;
+        Ok(Response::new(pb::VnodeRemoveReply {}))
+    }
+
+    async fn reboot(
+        &self,
+        req: Request<pb::NodeRebootRequest>,
+    ) -> Result<Response<pb::NodeRebootReply>, Status> {
+        let user = caller(&req)?;
+        let r = req.into_inner();
+        let message = super::vnode_service::reboot(&self.state, &user, &r.node_set).await?;
+        Ok(Response::new(pb::NodeRebootReply { message }))
+    }
+
+    async fn config(
+        &self,
+        req: Request<pb::NodeConfigRequest>,
+    ) -> Result<Response<pb::NodeConfigReply>, Status> {
+        let user = caller(&req)?;
+        let r = req.into_inner();
+        let message =
+            super::vnode_service::config(&self.state, &user, &r.node_set, &r.settings).await?;
+        Ok(Response::new(pb::NodeConfigReply { message }))
+    }
+
+    type ConsoleStream = super::vnode_service::ConsoleStream;
+
+    async fn console(
+        &self,
+        req: Request<tonic::Streaming<pb::ConsoleInput>>,
+    ) -> Result<Response<Self::ConsoleStream>, Status> {
+        let user = caller(&req)?;
+        let stream = super::vnode_service::console(&self.state, &user, req.into_inner()).await?;
+        Ok(Response::new(stream))
     }
 
     type UpdateDefaultImagesStream = UpdateStream;

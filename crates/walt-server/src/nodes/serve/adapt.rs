@@ -86,7 +86,41 @@ pub fn apply(root: &Path, ctx: &Context) -> Result<Vec<String>, String> {
     }
     let fixed = relative_boot_links(&root_fd).map_err(|e| format!("/boot: {e}"))?;
     done.extend(fixed);
+    done.extend(mount_points(&root_fd)?);
     Ok(done)
+}
+
+/// The directories a booting node mounts on (the initramfs moves `/dev`,
+/// `/proc`, `/sys`, `/run` there; systemd mounts a tmpfs on `/tmp`): made
+/// when the image lacks them (an image built from a tar archive without its
+/// empty directories would otherwise panic at boot). Issue 17.
+fn mount_points(root: &OwnedFd) -> Result<Vec<String>, String> {
+    let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+    let mut made = Vec::new();
+    for (name, mode) in [
+        ("dev", 0o755),
+        ("proc", 0o555),
+        ("sys", 0o555),
+        ("run", 0o755),
+        ("tmp", 0o1777),
+    ] {
+        match rustix::fs::openat2(
+            root,
+            name,
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            how,
+        ) {
+            Ok(_) => continue,
+            Err(Errno::NOENT) => {}
+            Err(e) => return Err(format!("/{name}: {}", io_err(e))),
+        }
+        let dir = dir_in(root, name, true).map_err(|e| format!("/{name}: {e}"))?;
+        rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode))
+            .map_err(|e| format!("/{name}: {}", io_err(e)))?;
+        made.push(format!("/{name}"));
+    }
+    Ok(made)
 }
 
 fn io_err(e: Errno) -> io::Error {
@@ -450,6 +484,25 @@ mod tests {
         );
         assert!(!t.path().join("etc/resolv.conf").exists());
         assert!(!t.path().join("root").exists());
+        // The mount points of a booting node.
+        use std::os::unix::fs::PermissionsExt;
+        for (d, mode) in [
+            ("dev", 0o755),
+            ("proc", 0o555),
+            ("sys", 0o555),
+            ("run", 0o755),
+            ("tmp", 0o1777),
+        ] {
+            let md = std::fs::metadata(t.path().join(d)).unwrap();
+            assert!(md.is_dir(), "{d}");
+            assert_eq!(md.permissions().mode() & 0o7777, mode, "{d}");
+        }
+        // An image that has them keeps them as they are.
+        std::fs::set_permissions(t.path().join("tmp"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
+        apply(t.path(), &Context::default()).unwrap();
+        let md = std::fs::metadata(t.path().join("tmp")).unwrap();
+        assert_eq!(md.permissions().mode() & 0o7777, 0o700);
     }
 
     #[test]
