@@ -1087,3 +1087,56 @@ fn running_build_locks_its_target_and_stops_with_its_client() {
     env.assert_unchanged(&before);
     assert!(!env.alice.image_names().contains(&"locked".to_string()));
 }
+
+/// A root filesystem added to `scratch` keeps its empty `/proc`, `/sys`,
+/// `/dev` and `/tmp`: only the mount points a RUN's sandbox made are
+/// removed from its layer (a node mounts its root with them; without them
+/// the kernel panics moving `/dev`). A RUN on top still adds none of them
+/// to its own layer.
+#[test]
+fn an_added_root_filesystem_keeps_its_empty_mount_points() {
+    let env = build_env();
+    let mut b = tar::Builder::new(Vec::new());
+    for dir in ["proc/", "sys/", "dev/", "tmp/", "bin/"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(if dir == "tmp/" { 0o1777 } else { 0o755 });
+        h.set_size(0);
+        h.set_mtime(1_600_000_000);
+        b.append_data(&mut h, dir, &[][..]).unwrap();
+    }
+    let busybox = fs::read("/bin/busybox").unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o755);
+    h.set_size(busybox.len() as u64);
+    h.set_mtime(1_600_000_000);
+    b.append_data(&mut h, "bin/sh", &busybox[..]).unwrap();
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM scratch\nADD rootfs.tar /\nLABEL walt.node.models=pc-x86-64\n",
+    )]);
+    write(ctx.path(), "rootfs.tar", &b.into_inner().unwrap());
+    build_ok(&env.alice, ctx.path(), "rootfs", &[]);
+    let m = merged(&env, "rootfs");
+    for p in ["/proc", "/sys", "/dev", "/tmp"] {
+        let e = m
+            .entry(p)
+            .unwrap_or_else(|| panic!("{p} is missing from the built image"));
+        assert_eq!(e.kind, "dir", "{p}");
+    }
+    drop(m);
+    // A RUN in an image without them: its layer does not get them.
+    let ctx = context(&[("Dockerfile", "FROM busybox\nRUN echo ran > /ran\n")]);
+    build_ok(&env.alice, ctx.path(), "ran", &[]);
+    let before = merged(&env, "busybox");
+    let after = merged(&env, "ran");
+    for p in ["/proc", "/sys", "/dev"] {
+        assert_eq!(
+            before.entry(p).is_some(),
+            after.entry(p).is_some(),
+            "{p}: a RUN's sandbox mount point must not reach the image"
+        );
+    }
+    assert_eq!(after.entry("/ran").unwrap().kind, file_kind_of(b"ran\n"));
+}

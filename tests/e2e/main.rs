@@ -43,7 +43,7 @@ mod squash;
 mod tls;
 mod tokens;
 mod users;
+mod vnodes;
 mod walt_files;
 mod walt_flows;
 mod workingset;
-mod vnodes;

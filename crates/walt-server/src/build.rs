@@ -716,12 +716,19 @@ impl Builder<'_> {
     }
 
     /// Commits what the session changed as a layer (none when nothing).
-    async fn commit(&self, dir: Scratch) -> Result<StepResult, ServiceError> {
+    /// `ran` says the session ran a program of the image (RUN): its
+    /// sandbox created the image's missing mount points, removed here when
+    /// still empty. COPY, ADD and WORKDIR create no mount point: an empty
+    /// `/proc` they bring (a root filesystem added to `scratch`) is the
+    /// image's.
+    async fn commit(&self, dir: Scratch, ran: bool) -> Result<StepResult, ServiceError> {
         let (s, label) = (self.store.clone(), self.label());
         let dir = dir.take();
         let layer = blocking(move || {
             let upper = dir.upper();
-            walt_container::clean_session_artifacts(&upper);
+            if ran {
+                walt_container::clean_session_artifacts(&upper);
+            }
             if let Err(e) = pin_root_mtime(&upper) {
                 tracing::warn!(upper = %upper.display(), error = %e, "cannot set the layer root's mtime");
             }
@@ -802,7 +809,7 @@ impl Builder<'_> {
                 walt_core::text::one_line(text)
             )));
         }
-        self.commit(dir).await
+        self.commit(dir, true).await
     }
 
     /// WORKDIR: the directory exists afterwards (created when missing).
@@ -817,7 +824,7 @@ impl Builder<'_> {
         };
         let empty = tar_end();
         self.place(out, &session, job, Feed::Bytes(empty)).await?;
-        self.commit(session).await
+        self.commit(session, false).await
     }
 
     /// Resolves a COPY/ADD's sources and digests them (for the cache key).
@@ -1057,7 +1064,7 @@ impl Builder<'_> {
                 }
             }
         }
-        self.commit(session).await
+        self.commit(session, false).await
     }
 
     /// Runs a `Place` job on `out`'s layers in `session`, fed by `feed`.

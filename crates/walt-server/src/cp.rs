@@ -175,7 +175,7 @@ pub async fn copy_in(
             "cannot copy into image '{short}': {why}"
         )));
     }
-    if !session.changed().await? {
+    if !session.changed(false).await? {
         return Ok(pb::CopyInReply {
             name: short.clone(),
             message: String::new(),

@@ -215,11 +215,15 @@ impl Session {
     }
 
     /// Whether the sandbox left changes (after removing what the sandbox
-    /// itself created).
-    pub async fn changed(&self) -> Result<bool, ServiceError> {
+    /// itself created: the missing mount points of the image, made only for
+    /// a shell, `ran`; a copy into the image makes none, and an empty `/proc`
+    /// it brings is a change).
+    pub async fn changed(&self, ran: bool) -> Result<bool, ServiceError> {
         let upper = self.dir().upper();
         blocking(move || {
-            walt_container::clean_session_artifacts(&upper);
+            if ran {
+                walt_container::clean_session_artifacts(&upper);
+            }
             Ok(!Store::upper_is_empty(&upper)?)
         })
         .await

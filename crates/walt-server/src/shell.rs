@@ -275,7 +275,7 @@ async fn run(
     };
     drop(pty);
 
-    let changed = session.changed().await?;
+    let changed = session.changed(true).await?;
     let short = session.short();
     tracing::info!(image = %session.rec.name, status, changed, "shell exited");
     if tx
