@@ -140,6 +140,12 @@ fn publish_refusals() {
     for label in ["local", "secure", "flaky"] {
         assert!(out.stderr.contains(label), "{out}");
     }
+    // The hint is a command to run as it is.
+    assert!(
+        out.stderr
+            .contains("(walt image publish --registry local busybox)"),
+        "{out}"
+    );
     env.alice
         .run(&["image", "publish", "--registry", "walt", "busybox"])
         .assert_failure("not a registry");

@@ -32,7 +32,7 @@ fn bob_clones_alices_image_and_alice_cannot_clone_her_own() {
     let before = env.snapshot();
     env.alice
         .clone(&["walt:alice/shared"])
-        .assert_failure("already in your working set");
+        .assert_failure("(to copy it: walt image duplicate shared <new name>)");
     env.assert_unchanged(&before);
 
     // Unknown user/image in walt: → not found.

@@ -208,6 +208,12 @@ pub async fn plan(
             if url.user == user {
                 return Err(ServiceError::AlreadyYours {
                     url: url.to_string(),
+                    image: ImageName {
+                        owner: url.user.clone(),
+                        name: url.repository.clone(),
+                        tag: url.tag.clone(),
+                    }
+                    .short(),
                 });
             }
             let src = ImageName {

@@ -28,8 +28,10 @@ pub enum ServiceError {
 
     // ----- clone -----
     /// A `walt:` URL of the caller's own image.
-    #[error("{url} is already in your working set (use walt image duplicate to copy it)")]
-    AlreadyYours { url: String },
+    #[error(
+        "{url} is already in your working set (to copy it: walt image duplicate {image} <new name>)"
+    )]
+    AlreadyYours { url: String, image: String },
     /// A `walt:` URL naming no image of this server.
     #[error("image {url} not found on this server")]
     NotOnThisServer { url: String },
@@ -93,8 +95,14 @@ pub enum ServiceError {
     )]
     NoRegistry,
     /// `auto` with several registries to publish to.
-    #[error("several registries are configured ({registries}): choose one with --registry <label>")]
-    SeveralRegistries { registries: String },
+    #[error(
+        "several registries are configured ({registries}): choose one (walt image publish --registry {first} {image})"
+    )]
+    SeveralRegistries {
+        registries: String,
+        first: String,
+        image: String,
+    },
     /// `walt` or `docker` named as a publish target.
     #[error("'{label}' is not a registry one can publish to (registries: {registries})")]
     NotATarget { label: String, registries: String },

@@ -179,6 +179,12 @@ pub async fn plan(
             (_, hub) => {
                 return Err(ServiceError::SeveralRegistries {
                     registries: format!("{}{}", if hub { "hub, " } else { "" }, targets(&v2)),
+                    first: if hub {
+                        "hub".into()
+                    } else {
+                        v2[0].label.clone()
+                    },
+                    image: name.short(),
                 });
             }
         },
