@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::anyhow;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::termios::{self, SetArg, Termios};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -18,29 +17,9 @@ use walt_proto::v1 as pb;
 
 use crate::image::status_error;
 use crate::node::Client;
+use crate::term::RawMode;
 
 const CTRL_A: u8 = 0x01;
-
-/// Puts the terminal on stdin in raw mode until dropped.
-struct RawMode {
-    saved: Termios,
-}
-
-impl RawMode {
-    fn enter() -> Option<Self> {
-        let saved = termios::tcgetattr(std::io::stdin()).ok()?;
-        let mut raw = saved.clone();
-        termios::cfmakeraw(&mut raw);
-        let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, &raw);
-        Some(Self { saved })
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved);
-    }
-}
 
 /// The escape handling: what to send for `input`, and whether the user
 /// asked to quit. `esc` carries a pending `<ctrl-a>` across reads.

@@ -11,6 +11,7 @@ mod console;
 mod progress;
 mod prompt;
 mod table;
+mod term;
 mod tls;
 
 use std::process::ExitCode;

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{anyhow, bail};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::termios::{self, SetArg, Termios};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -17,6 +16,7 @@ use walt_proto::v1::{self as pb, shell_input::Input, shell_output::Output};
 
 use super::{Client, status_error};
 use crate::prompt;
+use crate::term::RawMode;
 
 /// The command's exit status, to be used without printing anything more.
 #[derive(Debug)]
@@ -29,27 +29,6 @@ impl std::fmt::Display for ExitWith {
 }
 
 impl std::error::Error for ExitWith {}
-
-/// Puts the terminal on stdin in raw mode until dropped.
-struct RawMode {
-    saved: Termios,
-}
-
-impl RawMode {
-    fn enter() -> Option<Self> {
-        let saved = termios::tcgetattr(std::io::stdin()).ok()?;
-        let mut raw = saved.clone();
-        termios::cfmakeraw(&mut raw);
-        let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, &raw);
-        Some(Self { saved })
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved);
-    }
-}
 
 fn window_size() -> Option<pb::WindowSize> {
     let out = std::io::stdout();
