@@ -12,7 +12,7 @@ PACKAGES=(docker-registry busybox-static skopeo umoci apache2-utils openssl expe
           isc-dhcp-server iproute2
           mmdebstrap python3
           zsh man-db
-          qemu-system-x86 ipxe-qemu)
+          qemu-system-x86 ipxe-qemu openssh-client)
 
 # Foreign-architecture busybox (for arm images), fetched without changing
 # the system's apt architectures.
@@ -67,6 +67,9 @@ done
 ls /usr/lib/*/ganesha/libfsalvfs.so >/dev/null 2>&1 || missing+=("nfs-ganesha-vfs")
 # Virtual nodes (issue 17): qemu PCs booting through qemu's PXE ROM (iPXE).
 check_cmd qemu-system-x86_64
+# The vnode test logs in over ssh with the server's key.
+check_cmd ssh
+check_cmd ssh-keygen
 [ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || [ -e /usr/lib/ipxe/qemu/pxe-virtio.rom ] || missing+=("ipxe-qemu")
 
 enable_binfmt() {

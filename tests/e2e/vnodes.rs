@@ -181,6 +181,15 @@ fn a_virtual_node_boots_the_default_image_then_a_copy_and_is_removed() {
     unsafe { std::env::set_var("WALT_VNODE_BRIDGE", bridge.bridge()) };
     set_accel();
     let server_ip = bridge.server_ip();
+    // The server's ssh key, which it installs in the images it serves to
+    // nodes (`<HOME>/.ssh/id_*.pub`): a fresh one, in a HOME of the test's.
+    let home = tempfile::Builder::new()
+        .prefix("walt-e2e-home-")
+        .tempdir()
+        .unwrap();
+    let key = server_ssh_key(home.path());
+    // SAFETY: as above (no other thread reads the environment yet).
+    unsafe { std::env::set_var("HOME", home.path()) };
     let local = Registry::start(RegistryOpts::plain()).unwrap();
     img.seed(&local).unwrap();
     let config = format!(
@@ -338,6 +347,26 @@ fn a_virtual_node_boots_the_default_image_then_a_copy_and_is_removed() {
     let marker = console.login_and_run("cat /root/marker");
     assert!(marker.contains("vnode-marker-4242"), "{marker}");
     console.detach();
+    // The node answers on ssh with the server's key (its sshd may start
+    // just after the login prompt).
+    let over_ssh = wait_for("vnode1 to answer on ssh", Duration::from_secs(120), || {
+        let out = ssh(&key, &ip, "cat /root/marker");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .unwrap_or_else(|e| {
+        let out = ssh(&key, &ip, "true");
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            fail("")
+        )
+    });
+    assert_eq!(over_ssh.trim(), "vnode-marker-4242");
+    // A key the server does not have is refused.
+    let other = server_ssh_key(&home.path().join("other"));
+    assert!(!ssh(&other, &ip, "true").status.success());
 
     // walt node reboot power-cycles it.
     let boots = console_log(&data, &mac).matches(&booting).count();
@@ -546,4 +575,46 @@ fn set_accel() {
         // SAFETY: as for WALT_VNODE_BRIDGE.
         unsafe { std::env::set_var("WALT_VNODE_ACCEL", "tcg") };
     }
+}
+
+/// Makes an ed25519 key pair in `<home>/.ssh/` (no passphrase); returns
+/// the private key's path.
+fn server_ssh_key(home: &Path) -> PathBuf {
+    let dir = home.join(".ssh");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("id_ed25519");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "walt-e2e", "-f"])
+        .arg(&key)
+        .stdin(Stdio::null())
+        .status()
+        .expect("ssh-keygen (openssh-client) must be installed");
+    assert!(st.success(), "ssh-keygen: {st}");
+    key
+}
+
+/// `ssh root@<ip> <cmd>` with `key` only, no host key check, no prompt.
+fn ssh(key: &Path, ip: &str, cmd: &str) -> std::process::Output {
+    std::process::Command::new("ssh")
+        .args(["-i"])
+        .arg(key)
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=5",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .arg(format!("root@{ip}"))
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh (openssh-client) must be installed")
 }
