@@ -378,6 +378,13 @@ fn a_virtual_node_boots_the_default_image_then_a_copy_and_is_removed() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", fail("")));
 
+    // WALT_E2E_SHOW_NET_LOGS=1: the walt network's logs (dnsmasq with
+    // its DHCP exchanges, tftpd, ganesha) and the console, to see where a
+    // boot spends its time.
+    if std::env::var_os("WALT_E2E_SHOW_NET_LOGS").is_some() {
+        eprintln!("{}\nconsole:\n{}", vnet.logs(), console_log(&data, &mac));
+    }
+
     // ----- 3. remove: no qemu, tap, mount or export left -----
     let out = alice.run(&["node", "remove", "vnode1"]);
     out.assert_success();
