@@ -72,50 +72,6 @@ WT_PORT=$(free_port); PT_PORT=$(free_port)
 target walt "$WT_PORT"; target podman "$PT_PORT"
 start_walt "$W/data" "$WT_PORT"
 
-cat > "$W/ptyshell.py" <<'PY'
-# Runs CMD at the first "# " of `walt image shell IMG` on a pty, then exit;
-# saves under the same name (Enter, y) and waits for "updated.".
-import os, pty, sys, time, select, struct, fcntl, termios
-cmd, line = sys.argv[2:], sys.argv[1].encode()
-buf = b""
-def read_until(fd, pat, timeout=600):
-    global buf
-    end = time.monotonic() + timeout
-    while pat not in buf:
-        r, _, _ = select.select([fd], [], [], max(0, end - time.monotonic()))
-        if not r:
-            sys.exit(f"timeout waiting for {pat!r}; output so far: {buf[-2000:]!r}")
-        try:
-            d = os.read(fd, 65536)
-        except OSError:
-            d = b""
-        if not d:
-            sys.exit(f"EOF waiting for {pat!r}; output: {buf[-2000:]!r}")
-        buf += d
-    buf = buf[buf.index(pat) + len(pat):]
-os.environ["TERM"] = "xterm"
-pid, fd = pty.fork()
-if pid == 0:
-    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    os.execvp(cmd[0], cmd)
-read_until(fd, b"# ")
-os.write(fd, line + b"; exit\n")
-read_until(fd, b"(Enter: ")
-read_until(fd, b": ")
-os.write(fd, b"\n")
-read_until(fd, b"(y/n): ")
-os.write(fd, b"y\n")
-read_until(fd, b"updated.")
-while True:
-    try:
-        if not os.read(fd, 65536):
-            break
-    except OSError:
-        break
-_, st = os.waitpid(pid, 0)
-if os.waitstatus_to_exitcode(st) != 0:
-    sys.exit(f"exit status {st}; output: {buf!r}")
-PY
 
 podman_env "$W/podman"
 trap 'podman rm -af >/dev/null 2>&1; podman rmi -af >/dev/null 2>&1; umount "$W/podman/root/overlay" 2>/dev/null || true; cleanup' EXIT
@@ -125,7 +81,7 @@ wt=(); pt=(); ws=(); wlay=(); play=()
 run_walt() { # run number
   local r=$1 t0 t1
   "$BIN/walt" image clone bench:bench/debian-pkg "w$r" >/dev/null
-  python3 "$W/ptyshell.py" "$INSTALL" "$BIN/walt" image shell "w$r"
+  python3 "$ROOT/bench/ptydrive.py" run "$INSTALL" "$BIN/walt" image shell "w$r" >/dev/null
   ws+=("$(last_ms 'session saved')")
   sync; t0=$(now)
   "$BIN/walt" image publish --registry target "w$r" >/dev/null
