@@ -478,11 +478,11 @@ fn print_phases(label: &str, t0: f64, server_log: &str, console: &str) {
             first_after(server_log, "virtual node vnode1 started", t0),
         ),
         (
-            "iPXE starts DHCP",
+            "iPXE configures net0 (DHCP, IPv6)",
             first_after(console, "Configuring (net0", t0),
         ),
         (
-            "DHCP done: boot file named",
+            "net0 configured: boot file named",
             first_after(console, "start.ipxe", t0),
         ),
         (
