@@ -625,3 +625,64 @@ fn ssh(key: &Path, ip: &str, cmd: &str) -> std::process::Output {
         .output()
         .expect("ssh (openssh-client) must be installed")
 }
+
+/// A virtual node whose qemu cannot be started (here: its tap cannot join
+/// a bridge that does not exist) is refused by `walt node create` with the
+/// reason, and nothing of it is left: no device, no tap, no directory.
+#[test]
+fn a_virtual_node_that_cannot_start_is_refused_and_not_recorded() {
+    use walt_e2e::{Compression, Format, ImageBuilder};
+    let bridge = format!("walt-nobr{}", std::process::id() % 100_000);
+    // SAFETY: nextest runs each test in its own process; no other thread
+    // reads the environment yet.
+    unsafe { std::env::set_var("WALT_VNODE_BRIDGE", &bridge) };
+    let local = Registry::start(RegistryOpts::plain()).unwrap();
+    let images = ImageBuilder::new().unwrap();
+    let pc64 = images
+        .busybox_image(Format::Oci, Compression::Gzip, "pc-x86-64")
+        .unwrap();
+    local
+        .client()
+        .push_image("waltplatform/pc-x86-64-default", "latest", &pc64)
+        .unwrap();
+    let config = format!(
+        "registries:\n{}docker:\n    socket: {}\n",
+        local.server_entry("local"),
+        std::env::temp_dir()
+            .join(format!("walt-e2e-no-docker-{}.sock", std::process::id()))
+            .display()
+    );
+    let server = WaltServer::start_with_config(&config).unwrap();
+    let alice = server.cli("alice", &[]);
+    let out = alice.run(&["node", "create", "vnodebad"]);
+    out.assert_failure("cannot create virtual node 'vnodebad'");
+    assert!(
+        out.stderr.contains(&bridge),
+        "the reason names the bridge: {out}"
+    );
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{out}");
+    assert!(
+        device(&server.data_dir(), "vnodebad").is_none(),
+        "not recorded"
+    );
+    let mac_dirs = std::fs::read_dir(server.data_dir().join("vnodes"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(mac_dirs, 0, "no virtual node directory left");
+    let taps: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("walt-vn-"))
+        .collect();
+    for t in &taps {
+        let master = std::fs::read_link(format!("/sys/class/net/{t}/master")).ok();
+        assert!(
+            master.is_none_or(|m| !m.ends_with(&bridge)),
+            "tap {t} left on {bridge}"
+        );
+    }
+    // The name is free again: the same refusal, not "already exists".
+    alice
+        .run(&["node", "create", "vnodebad"])
+        .assert_failure("cannot create virtual node 'vnodebad'");
+}

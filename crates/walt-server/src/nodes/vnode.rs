@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use walt_store::{Device, VnodeConf};
 
 use crate::State;
@@ -273,11 +273,19 @@ impl Vnodes {
     /// runs). Must be called from the runtime's worker threads (not from a
     /// blocking task): qemu's parent-death signal follows the thread that
     /// started it.
-    pub fn start(&self, state: &Arc<State>, mac: &str) {
+    ///
+    /// The receiver learns how the first start went: qemu's pid, or why
+    /// its tap or qemu could not be set up (None when it already ran).
+    pub fn start(
+        &self,
+        state: &Arc<State>,
+        mac: &str,
+    ) -> Option<oneshot::Receiver<Result<u32, String>>> {
         let mut running = self.lock();
         if running.contains_key(mac) {
-            return;
+            return None;
         }
+        let (started, started_rx) = oneshot::channel();
         let (cmd, cmd_rx) = mpsc::unbounded_channel();
         let (output, _) = broadcast::channel(CONSOLE_BACKLOG);
         let (input, input_rx) = mpsc::channel(64);
@@ -289,7 +297,7 @@ impl Vnodes {
             kvm: self.kvm(),
             output: output.clone(),
         };
-        let task = tokio::spawn(sup.run(cmd_rx, input_rx));
+        let task = tokio::spawn(sup.run(cmd_rx, input_rx, started));
         running.insert(
             mac.to_string(),
             Handle {
@@ -299,6 +307,7 @@ impl Vnodes {
                 task,
             },
         );
+        Some(started_rx)
     }
 
     /// Power-cycles the virtual node; false if it does not run.
@@ -361,7 +370,7 @@ pub async fn start_all(state: &Arc<State>) {
         "starting the virtual nodes"
     );
     for v in vnodes {
-        state.nodes.vnodes.start(state, &v.device.mac);
+        let _ = state.nodes.vnodes.start(state, &v.device.mac);
     }
 }
 
@@ -411,7 +420,13 @@ impl Supervisor {
         .flatten()
     }
 
-    async fn run(self, mut cmds: mpsc::UnboundedReceiver<Cmd>, mut input: mpsc::Receiver<Bytes>) {
+    async fn run(
+        self,
+        mut cmds: mpsc::UnboundedReceiver<Cmd>,
+        mut input: mpsc::Receiver<Bytes>,
+        started: oneshot::Sender<Result<u32, String>>,
+    ) {
+        let mut started = Some(started);
         let mut served = self.state.nodes.serving.reconciled();
         let shutdown = self.state.shutdown.clone();
         loop {
@@ -420,6 +435,9 @@ impl Supervisor {
             };
             if let Err(e) = self.make_tap().await {
                 tracing::error!(node = %dev.name, "virtual node {}: {e}", dev.name);
+                if let Some(s) = started.take() {
+                    let _ = s.send(Err(e.to_string()));
+                }
                 if self.wait_or_stop(&mut cmds, RESTART_DELAY * 5).await {
                     break;
                 }
@@ -429,12 +447,18 @@ impl Supervisor {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(node = %dev.name, "virtual node {}: cannot start qemu: {e}", dev.name);
+                    if let Some(s) = started.take() {
+                        let _ = s.send(Err(format!("cannot start qemu: {e}")));
+                    }
                     if self.wait_or_stop(&mut cmds, RESTART_DELAY * 5).await {
                         break;
                     }
                     continue;
                 }
             };
+            if let Some(s) = started.take() {
+                let _ = s.send(Ok(child.id().unwrap_or(0)));
+            }
             let started = Instant::now();
             tracing::info!(
                 node = %dev.name,

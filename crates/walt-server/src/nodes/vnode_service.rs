@@ -94,7 +94,30 @@ pub async fn create(state: &Arc<State>, user: &str, name: &str) -> Result<String
         dev.name
     );
     state.nodes.changed();
-    state.nodes.vnodes.start(state, &dev.mac);
+    // Answer once qemu runs, so that a node that cannot start is reported
+    // here (and not recorded) rather than left for the log to tell.
+    let started = match state.nodes.vnodes.start(state, &dev.mac) {
+        Some(rx) => rx
+            .await
+            .unwrap_or_else(|_| Err("its supervisor ended before starting qemu".into())),
+        None => Ok(0),
+    };
+    if let Err(reason) = started {
+        state.nodes.vnodes.stop(&dev.mac).await;
+        let st = state.clone();
+        let m = dev.mac.clone();
+        blocking(move || {
+            st.store.remove_vnode(&m)?;
+            let _ = std::fs::remove_dir_all(vnode::vnode_dir(&st.nodes.paths.data_dir, &m));
+            Ok(())
+        })
+        .await?;
+        state.nodes.changed();
+        return Err(ServiceError::FailedPrecondition(format!(
+            "cannot create virtual node '{}': {reason}",
+            dev.name
+        )));
+    }
     Ok(format!(
         "Node {} created: it boots the default image of {VNODE_MODEL}.\n\
          Use `walt node boot {} <image>` to boot another image, `walt node console {}` to see its console.",
