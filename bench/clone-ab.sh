@@ -5,13 +5,21 @@
 #   bench/clone-ab.sh OTHER_RELEASE_DIR [runs]
 # OTHER_RELEASE_DIR holds the other build's walt and walt-server (e.g. the
 # target/release of a worktree bench/before-after.sh made); this checkout's
-# release build is the second.
+# release build is the second (WALT_BENCH_AB_THIS=DIR: that build instead, and
+# nothing is built). WALT_BENCH_AB_OS=1: the one-layer Debian image of
+# bench/clone-os.sh instead.
 source "$(dirname "$0")/lib.sh"
-A=$1; RUNS=${2:-6}; B=$BIN
-(cd "$ROOT" && cargo build --release --bins -q)
-make_layers usr430 rand:100 rand:100 rand:100 dir:/usr/lib/gcc+/usr/share/doc+/usr/include
+A=$1; RUNS=${2:-6}; B=${WALT_BENCH_AB_THIS:-$BIN}
+[ -n "${WALT_BENCH_AB_THIS:-}" ] || (cd "$ROOT" && cargo build --release --bins -q)
+if [ -n "${WALT_BENCH_AB_OS:-}" ]; then
+  make_debian_os; IMG=$DEBIAN_OS
+  WHAT="the one-layer Debian $DEBIAN_OS_SUITE $DEBIAN_OS_VARIANT image"
+else
+  make_layers usr430 rand:100 rand:100 rand:100 dir:/usr/lib/gcc+/usr/share/doc+/usr/include
+  IMG=usr430; WHAT="the ~445 MB 4-layer image"
+fi
 start_registry
-push_image usr430 bench/big430
+push_image "$IMG" bench/big430
 a_t=(); b_t=()
 one() { # BIN_DIR DATA_DIR -> seconds
   BIN=$1 start_walt "$2"
@@ -31,6 +39,6 @@ ma=$(median "${a_t[@]}"); mb=$(median "${b_t[@]}")
 cat <<OUT
 | measure | this build | other build ($A) | ratio (this/other) |
 | --- | --- | --- | --- |
-| clone of the ~445 MB 4-layer image, median of $RUNS | ${mb} s | ${ma} s | $(ratio "$mb" "$ma") |
+| clone of $WHAT, median of $RUNS | ${mb} s | ${ma} s | $(ratio "$mb" "$ma") |
 | same, best of $RUNS | $(best "${b_t[@]}") s | $(best "${a_t[@]}") s | $(ratio "$(best "${b_t[@]}")" "$(best "${a_t[@]}")") |
 OUT

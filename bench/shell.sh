@@ -5,7 +5,7 @@
 #   `walt image cp` of a ~200 MB directory into an image and back  vs  two `tar c | tar x`
 # Both interactive tools are driven through a pseudo-terminal (python3 pty driver below).
 # Usage: bench/shell.sh [prompt-runs] [cp-runs]   (needs root; builds walt in release mode)
-# WALT_BENCH_CP_ONLY=1: only the cp part.  WALT_BENCH_PERF=1: one more profiled cp in.
+# WALT_BENCH_CP_ONLY=1: only the cp part.  WALT_BENCH_PERF=1 (server) or all (every process): one more profiled cp in.
 source "$(dirname "$0")/lib.sh"
 RUNS=${1:-10}
 CP_RUNS=${2:-4}
@@ -115,17 +115,21 @@ done
 if diff -r "$CACHE/cp200/tree200" "$W/wout/tree200" >/dev/null; then same=identical; else same=DIFFERENT; fi
 echo "round trip through the image: $same to the source" >&2
 # WALT_BENCH_PERF=1: one more copy into an image (not counted) under `perf record`,
-# and where the server's CPU time goes, by thread and by symbol (on stderr).
+# and where the server's CPU time goes, by thread and by symbol (on stderr);
+# WALT_BENCH_PERF=all: the same for every process of the machine.
 if [ -n "${WALT_BENCH_PERF:-}" ]; then
   "$BIN/walt" image clone bench:bench/busybox cpperf >/dev/null
   settle
-  perf record -q -F 499 -g -p "$WALT_PID" -o "$W/perf.data" 2>/dev/null & PERF=$!
+  # WALT_BENCH_PERF=all: every process (the CLI and the sandbox too).
+  if [ "$WALT_BENCH_PERF" = all ]; then target=(-a); else target=(-p "$WALT_PID"); fi
+  perf record -q -F 499 -g "${target[@]}" -o "$W/perf.data" 2>/dev/null & PERF=$!
   sleep 0.5 # perf attaches to the running server (no synchronisation is offered)
   t0=$(now); "$BIN/walt" image cp "$CACHE/cp200/tree200" "cpperf:/root/" >/dev/null; t1=$(now)
   kill -INT "$PERF"; wait "$PERF" || true
   echo "profiled cp in: $(elapsed "$t0" "$t1") s; server log: $(last_ms 'session saved') ms to save the layer" >&2
-  { echo "server CPU by thread:"; perf report -i "$W/perf.data" --stdio --no-children --sort comm 2>/dev/null | grep -v '^#' | grep '%' | sed -n 1,8p
-    echo "server CPU by symbol:"; perf report -i "$W/perf.data" --stdio --no-children --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep '%' | sed -n 1,25p; } >&2
+  if [ "$WALT_BENCH_PERF" = all ]; then who="CPU (every process)"; by=comm,dso,sym; else who="server CPU"; by=dso,sym; fi
+  { echo "$who by thread:"; perf report -i "$W/perf.data" --stdio --no-children --sort comm -g none 2>/dev/null | grep -v '^#' | grep '%' | sed -n 1,12p
+    echo "$who by symbol:"; perf report -i "$W/perf.data" --stdio --no-children --sort "$by" -g none 2>/dev/null | grep -v '^#' | grep '%' | sed -n 1,45p; } >&2
   "$BIN/walt" image remove cpperf >/dev/null
 fi
 # Floor of any CLI command: process start + gRPC connection + one small call.
