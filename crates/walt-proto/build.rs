@@ -14,6 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `Credentials` gets a hand-written `Debug` that hides the password.
     tonic_prost_build::configure()
         .skip_debug([".walt.v1.Credentials"])
+        // The archives of `walt image cp` as `Bytes`: decoded as slices of
+        // the received buffer, not copied once more.
+        .bytes(".walt.v1.CopyInRequest.tar")
+        .bytes(".walt.v1.CopyOutChunk.tar")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -151,7 +151,7 @@ pub fn confirm_reboot(nodes: usize, image: &str, hint: &str) -> anyhow::Result<(
 /// A `tar` message.
 fn tar_msg(chunk: Vec<u8>) -> pb::CopyInRequest {
     pb::CopyInRequest {
-        msg: Some(Msg::Tar(chunk)),
+        msg: Some(Msg::Tar(chunk.into())),
     }
 }
 
@@ -279,8 +279,8 @@ fn tree_owners() -> TreeOwners {
 /// Reads the chunks received from the server as one stream; a server error
 /// becomes a read error (the extraction stops, nothing is taken as complete).
 struct ChunkReader {
-    rx: std::sync::mpsc::Receiver<Result<Vec<u8>, String>>,
-    cur: Vec<u8>,
+    rx: std::sync::mpsc::Receiver<Result<bytes::Bytes, String>>,
+    cur: bytes::Bytes,
     pos: usize,
 }
 
@@ -318,7 +318,7 @@ async fn copy_out(client: &mut Client, image: &str, path: &str, local: &str) -> 
         extract(
             ChunkReader {
                 rx,
-                cur: Vec::new(),
+                cur: bytes::Bytes::new(),
                 pos: 0,
             },
             &dest,

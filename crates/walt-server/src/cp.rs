@@ -232,7 +232,11 @@ pub async fn copy_out(
         let _session = session;
         let mut chunk = first;
         loop {
-            if tx.send(Ok(pb::CopyOutChunk { tar: chunk })).await.is_err() {
+            if tx
+                .send(Ok(pb::CopyOutChunk { tar: chunk.into() }))
+                .await
+                .is_err()
+            {
                 crate::session::stop_sandbox(&mut child).await;
                 return;
             }
