@@ -167,6 +167,18 @@ impl Drop for Console {
     }
 }
 
+/// The `registries` and `docker` sections of a server configuration: the
+/// local registry, and a Docker socket that does not exist.
+fn registries_conf(local: &Registry) -> String {
+    format!(
+        "registries:\n{}docker:\n    socket: {}\n",
+        local.server_entry("local"),
+        std::env::temp_dir()
+            .join(format!("walt-e2e-no-docker-{}.sock", std::process::id()))
+            .display()
+    )
+}
+
 fn device(data: &Path, name: &str) -> Option<DeviceRow> {
     devices(data).ok()?.into_iter().find(|d| d.name == name)
 }
@@ -193,11 +205,8 @@ fn a_virtual_node_boots_the_default_image_then_a_copy_and_is_removed() {
     let local = Registry::start(RegistryOpts::plain()).unwrap();
     img.seed(&local).unwrap();
     let config = format!(
-        "network:\n  walt-net:\n    ip: {server_ip}/24\nregistries:\n{}docker:\n    socket: {}\nnodes:\n  unmount-grace: 0s\n",
-        local.server_entry("local"),
-        std::env::temp_dir()
-            .join(format!("walt-e2e-no-docker-{}.sock", std::process::id()))
-            .display()
+        "network:\n  walt-net:\n    ip: {server_ip}/24\n{}nodes:\n  unmount-grace: 0s\n",
+        registries_conf(&local)
     );
     let server = WaltServer::start_with_config(&config).unwrap();
     let data = server.data_dir();
@@ -645,14 +654,7 @@ fn a_virtual_node_that_cannot_start_is_refused_and_not_recorded() {
         .client()
         .push_image("waltplatform/pc-x86-64-default", "latest", &pc64)
         .unwrap();
-    let config = format!(
-        "registries:\n{}docker:\n    socket: {}\n",
-        local.server_entry("local"),
-        std::env::temp_dir()
-            .join(format!("walt-e2e-no-docker-{}.sock", std::process::id()))
-            .display()
-    );
-    let server = WaltServer::start_with_config(&config).unwrap();
+    let server = WaltServer::start_with_config(&registries_conf(&local)).unwrap();
     let alice = server.cli("alice", &[]);
     let out = alice.run(&["node", "create", "vnodebad"]);
     out.assert_failure("cannot create virtual node 'vnodebad'");
