@@ -426,7 +426,8 @@ impl Supervisor {
         mut input: mpsc::Receiver<Bytes>,
         started: oneshot::Sender<Result<u32, String>>,
     ) {
-        let mut started = Some(started);
+        // Told once, at the first attempt; `None` afterwards.
+        let mut first_start = Some(started);
         let mut served = self.state.nodes.serving.reconciled();
         let shutdown = self.state.shutdown.clone();
         loop {
@@ -435,7 +436,7 @@ impl Supervisor {
             };
             if let Err(e) = self.make_tap().await {
                 tracing::error!(node = %dev.name, "virtual node {}: {e}", dev.name);
-                if let Some(s) = started.take() {
+                if let Some(s) = first_start.take() {
                     let _ = s.send(Err(e.to_string()));
                 }
                 if self.wait_or_stop(&mut cmds, RESTART_DELAY * 5).await {
@@ -447,7 +448,7 @@ impl Supervisor {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(node = %dev.name, "virtual node {}: cannot start qemu: {e}", dev.name);
-                    if let Some(s) = started.take() {
+                    if let Some(s) = first_start.take() {
                         let _ = s.send(Err(format!("cannot start qemu: {e}")));
                     }
                     if self.wait_or_stop(&mut cmds, RESTART_DELAY * 5).await {
@@ -456,7 +457,7 @@ impl Supervisor {
                     continue;
                 }
             };
-            if let Some(s) = started.take() {
+            if let Some(s) = first_start.take() {
                 let _ = s.send(Ok(child.id().unwrap_or(0)));
             }
             let started = Instant::now();
