@@ -4,6 +4,7 @@
 
 pub mod arch;
 pub mod autoglob;
+pub mod civil;
 pub mod config;
 pub mod digest;
 pub mod models;

@@ -432,14 +432,7 @@ pub(crate) fn parse_time(text: &str) -> Option<(i64, u32)> {
         }
         _ => return None,
     };
-    // Days since the epoch of a civil date (H. Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = walt_core::civil::days_from_civil(year, month, day);
     Some((days * 86_400 + hour * 3600 + min * 60 + sec - offset, nanos))
 }
 
