@@ -6,8 +6,27 @@ CACHE=${WALT_BENCH_CACHE:-/var/tmp/walt-bench-cache}
 mkdir -p "$CACHE"
 W=$(mktemp -d /tmp/walt-bench.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+# This machine's ext4 has no journal: creating a file near inodes deleted in the last
+# 60 s, or 360 s once their inode table block is dirty again (which creating the file
+# makes it), skips each of them at a cost (`recently_deleted`), up to 3x the CPU of the
+# creation. A bench that deleted a large tree leaves the time in $CACHE/.last-deletion,
+# and the next one waits until that window is over (WALT_BENCH_DELETE_WAIT seconds,
+# default 360; 0 to skip), so that no tool pays for the one before.
+DELETE_STAMP=$CACHE/.last-deletion
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+  local n; n=$(find "$W" -xdev 2>/dev/null | head -2001 | wc -l || true)
+  rm -rf "$W"
+  [ "$n" -le 2000 ] || date +%s > "$DELETE_STAMP"
+}
 trap cleanup EXIT
+if [ -f "$DELETE_STAMP" ]; then
+  _left=$(( $(cat "$DELETE_STAMP") + ${WALT_BENCH_DELETE_WAIT:-360} - $(date +%s) ))
+  if [ "$_left" -gt 0 ]; then
+    echo "waiting ${_left} s: a large tree was deleted less than ${WALT_BENCH_DELETE_WAIT:-360} s ago (ext4 recently_deleted, see bench/lib.sh)" >&2
+    sleep "$_left"
+  fi
+fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "$1 did not come up" >&2; return 1; }

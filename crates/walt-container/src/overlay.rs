@@ -46,6 +46,14 @@ pub(crate) struct Overlay<'a> {
     pub options: &'a [(&'a str, &'a str)],
     /// MS_NOSUID (MS_NODEV is always set).
     pub nosuid: bool,
+    /// overlayfs' `volatile` (kernel 5.10+; left out where the kernel
+    /// refuses it): no flush of the upper filesystem when the mount goes
+    /// away, nor for `fsync`/`syncfs` through it. For sandbox sessions,
+    /// whose changes are made durable when they are saved (the layer is
+    /// synced then, while it is hashed) or thrown away; without it, the
+    /// end of the sandbox waited for a flush of the whole store filesystem
+    /// before the save could start.
+    pub volatile: bool,
     pub classic: ClassicLower,
     /// Use mount(2) even when the new API is there (tests of the fallback).
     pub force_classic: bool,
@@ -117,7 +125,7 @@ fn fs_log(fs: &OwnedFd) -> String {
 fn new_api(o: &Overlay<'_>, layers: &[PathBuf]) -> Result<bool> {
     use rustix::mount::{
         FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create,
-        fsconfig_set_string, fsmount, fsopen, move_mount,
+        fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
     };
     let fs = match fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
         Ok(fs) => fs,
@@ -153,6 +161,10 @@ fn new_api(o: &Overlay<'_>, layers: &[PathBuf]) -> Result<bool> {
                 fs_log(&fs)
             ))
         })?;
+    }
+    // Refused (EINVAL) by kernels before 5.10: the mount is then made without it.
+    if o.volatile && fsconfig_set_flag(&fs, "volatile").is_err() {
+        let _ = fs_log(&fs);
     }
     fsconfig_create(&fs).map_err(|e| {
         o.err(
@@ -217,6 +229,10 @@ fn classic(o: &Overlay<'_>, layers: &[PathBuf]) -> Result<()> {
     for (k, v) in o.options {
         data.push_str(&format!(",{k}={v}"));
     }
+    let plain_len = data.len();
+    if o.volatile {
+        data.push_str(",volatile");
+    }
     if data.len() >= 4096 {
         return Err(o.err(format!(
             "{} layers do not fit in the mount options (kernel without fsopen/lowerdir+): run `walt image squash`",
@@ -224,7 +240,6 @@ fn classic(o: &Overlay<'_>, layers: &[PathBuf]) -> Result<()> {
         )));
     }
     let target = cstr(o.target)?;
-    let c_data = CString::new(data).map_err(|e| o.err(e.to_string()))?;
     let mut flags = MsFlags::MS_NODEV;
     if o.nosuid {
         flags |= MsFlags::MS_NOSUID;
@@ -235,13 +250,21 @@ fn classic(o: &Overlay<'_>, layers: &[PathBuf]) -> Result<()> {
         nix::unistd::chdir(c_common.as_c_str())
             .map_err(|e| ContainerError::sys(format!("chdir {}", common.display()), e.into()))?;
     }
-    let r = nix::mount::mount(
-        Some(c"overlay"),
-        target.as_c_str(),
-        Some(c"overlay"),
-        flags,
-        Some(c_data.as_c_str()),
-    );
+    let attempt = |data: &str| -> nix::Result<()> {
+        let c_data = CString::new(data).map_err(|_| nix::errno::Errno::EINVAL)?;
+        nix::mount::mount(
+            Some(c"overlay"),
+            target.as_c_str(),
+            Some(c"overlay"),
+            flags,
+            Some(c_data.as_c_str()),
+        )
+    };
+    let mut r = attempt(&data);
+    if r == Err(nix::errno::Errno::EINVAL) && data.len() > plain_len {
+        // A kernel before 5.10 does not know `volatile`.
+        r = attempt(&data[..plain_len]);
+    }
     if chdir {
         let _ = nix::unistd::chdir("/");
     }
@@ -305,6 +328,7 @@ pub fn mount_host(o: &HostOverlay) -> std::result::Result<HostMounted, Container
         target: &o.target,
         options,
         nosuid: true,
+        volatile: false,
         classic: ClassicLower::Absolute,
         force_classic: false,
     };
@@ -434,6 +458,52 @@ mod tests {
         assert!(mounts_below(d).is_empty());
     }
 
+    /// A sandbox's mount is `volatile` through either API: its end does
+    /// not flush the whole upper filesystem (the session's save does it
+    /// for the layer), and writes through it still land in the upper dir.
+    #[test]
+    fn a_volatile_mount_through_either_api() {
+        assert!(
+            root(),
+            "this test mounts overlays: run it as root (CI does)"
+        );
+        for force_classic in [false, true] {
+            let t = tempfile::tempdir().unwrap();
+            let d = t.path();
+            let layers = vec![d.join("l1")];
+            std::fs::create_dir_all(&layers[0]).unwrap();
+            std::fs::write(layers[0].join("a"), "low").unwrap();
+            let (upper, work, fs) = (d.join("upper"), d.join("work"), d.join("fs"));
+            for p in [&upper, &work, &fs] {
+                std::fs::create_dir_all(p).unwrap();
+            }
+            mount(&Overlay {
+                layers: &layers,
+                empty_lower: &d.join("empty"),
+                upper: &upper,
+                work: &work,
+                target: &fs,
+                options: PLAIN,
+                nosuid: true,
+                volatile: true,
+                classic: ClassicLower::Absolute,
+                force_classic,
+            })
+            .unwrap();
+            let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            let line = info
+                .lines()
+                .find(|l| l.contains(fs.to_str().unwrap()))
+                .unwrap()
+                .to_string();
+            std::fs::write(fs.join("b"), "new").unwrap();
+            assert_eq!(unmount(&fs).unwrap(), Unmounted::Now);
+            // Shown as `volatile`, or `fsync=volatile` by kernels 6.6+.
+            assert!(line.contains("volatile"), "classic={force_classic}: {line}");
+            assert_eq!(std::fs::read_to_string(upper.join("b")).unwrap(), "new");
+        }
+    }
+
     #[test]
     fn classic_fallback_with_absolute_lowerdirs() {
         assert!(
@@ -460,6 +530,7 @@ mod tests {
             target: &fs,
             options: EXPORTABLE,
             nosuid: true,
+            volatile: false,
             classic: ClassicLower::Absolute,
             force_classic: true,
         })

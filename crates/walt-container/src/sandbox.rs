@@ -171,6 +171,17 @@ const OVERLAY_OPTS: &[(&str, &str)] = &[
 ];
 
 fn mount_overlay(spec: &Spec, session: &Path) -> Result<()> {
+    // The mark a `volatile` mount leaves in its work dir refuses any later
+    // mount of the same dirs (a build's COPY places each source with a
+    // sandbox of its own on one session). The previous sandbox is gone and
+    // its writes are in this boot's page cache: the next mount sees them.
+    let mark = spec.work.join("work/incompat/volatile");
+    if std::fs::symlink_metadata(&mark).is_ok() {
+        walt_tar::remove_tree(&mark).map_err(|e| {
+            let source = io::Error::new(e.io_error().kind(), e.to_string());
+            ContainerError::sys("removing the mark of the session's previous mount", source)
+        })?;
+    }
     crate::overlay::mount(&crate::overlay::Overlay {
         layers: &spec.layers,
         empty_lower: &session.join("empty-lower"),
@@ -179,6 +190,7 @@ fn mount_overlay(spec: &Spec, session: &Path) -> Result<()> {
         target: &spec.merged,
         options: OVERLAY_OPTS,
         nosuid: false,
+        volatile: true,
         classic: crate::overlay::ClassicLower::RelativeChdir,
         // Test knob: exercise the mount(2) fallback on kernels that have the new API.
         force_classic: std::env::var_os("WALT_SANDBOX_CLASSIC_MOUNT").is_some(),

@@ -51,6 +51,7 @@ const TESTS: &[(&str, TestFn)] = tests![
     tar_in_hostile_table,
     tar_jobs_run_with_the_shells_capabilities,
     sigterm_tears_down_namespace,
+    a_session_mounts_again_after_its_sandbox_ended,
 ];
 
 /// Set to `1` to run these tests without root: they are then reported as ignored (never as
@@ -879,6 +880,36 @@ fn raw_tar(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
     }
     out.resize(out.len() + 1024, 0);
     out
+}
+
+/// Sandboxes mount their session `volatile` (no flush of the store's
+/// filesystem when they end), whose mark refuses a second mount of the same
+/// dirs; a build's COPY runs one sandbox per source on one session: the
+/// second sandbox mounts it all the same and sees what the first wrote.
+async fn a_session_mounts_again_after_its_sandbox_ended() {
+    let fx = Fx::new();
+    let first = fx.spec(Job::TarIn {
+        dest: "/root".into(),
+        limit: None,
+    });
+    let o = run(&first, Some(raw_tar(&[("a", tar::EntryType::Regular, "")]))).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    assert!(
+        first.work.join("work/incompat/volatile").exists(),
+        "the session was not mounted volatile"
+    );
+    let second = Spec {
+        job: Job::TarIn {
+            dest: "/root".into(),
+            limit: None,
+        },
+        ..first.clone()
+    };
+    let o = run(&second, Some(raw_tar(&[("b", tar::EntryType::Regular, "")]))).await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    for f in ["a", "b"] {
+        assert_eq!(std::fs::read(first.upper.join("root").join(f)).unwrap(), b"evil");
+    }
 }
 
 async fn tar_in_refuses_bad_archives() {

@@ -605,6 +605,13 @@ fn sanitize_tree(upper: &Path) -> std::result::Result<ToSync, Sanitize> {
             sanitize_entry(&XattrTarget::Path(&at), &rel)?;
             if kind == SFlag::S_IFREG {
                 note(&rel, &mut whole_fs);
+            } else {
+                // A symlink, whiteout, fifo or device node cannot be
+                // fsynced by itself, and a directory's fsync does not write
+                // the new inode on every filesystem (ext4 without a
+                // journal): the whole filesystem is flushed instead. The
+                // sandbox's mount is volatile, so nothing else flushes it.
+                whole_fs = true;
             }
         }
     }
