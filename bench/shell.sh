@@ -92,7 +92,7 @@ fi
 # 6 minutes after deleting large trees.
 tree_mb=$(du -sm "$CACHE/cp200/tree200" | cut -f1)
 tree_files=$(find "$CACHE/cp200/tree200" -type f | wc -l)
-wi=(); wo=(); wt=(); t1s=(); t2s=(); tt=(); cr=(); wic=(); t1c=()
+wi=(); wo=(); wt=(); t1s=(); t2s=(); tt=(); cr=(); wic=(); t1c=(); woc=(); t2c=()
 # CPU time of every process of the machine (user + system + interrupts, from /proc/stat;
 # the machine is otherwise idle): the copy in's CLI, server, sandbox and writeback, or
 # both tars and theirs. Spread over the cores with perfect overlap, it is the floor of
@@ -100,17 +100,17 @@ wi=(); wo=(); wt=(); t1s=(); t2s=(); tt=(); cr=(); wic=(); t1c=()
 TCK=$(getconf CLK_TCK); CORES=$(nproc)
 busy_s() { awk -v t="$TCK" '/^cpu / { printf "%.3f", ($2+$3+$4+$7+$8)/t }' /proc/stat; }
 cp_walt() { # run number
-  local r=$1 t0 t1 t2 t3 c0 c1
+  local r=$1 t0 t1 t2 t3 c0 c1 c2 c3
   sync; c0=$(busy_s); t0=$(now); "$BIN/walt" image cp "$CACHE/cp200/tree200" "cp$r:/root/" >/dev/null 2>"$W/cp.err" || { cat "$W/cp.err" >&2; exit 1; }; t1=$(now); c1=$(busy_s)
-  sync; t2=$(now); "$BIN/walt" image cp "cp$r:/root/tree200" "$W/wout$r/" >/dev/null; sync; t3=$(now)
-  wi+=("$(elapsed "$t0" "$t1")"); wo+=("$(elapsed "$t2" "$t3")"); wic+=("$(elapsed "$c0" "$c1")")
+  sync; c2=$(busy_s); t2=$(now); "$BIN/walt" image cp "cp$r:/root/tree200" "$W/wout$r/" >/dev/null; sync; t3=$(now); c3=$(busy_s)
+  wi+=("$(elapsed "$t0" "$t1")"); wo+=("$(elapsed "$t2" "$t3")"); wic+=("$(elapsed "$c0" "$c1")"); woc+=("$(elapsed "$c2" "$c3")")
   wt+=("$(python3 -c "print(f'{${wi[-1]}+${wo[-1]}:.3f}')")")
 }
 cp_tar() { # run number
-  local r=$1 t4 t5 t6 t7 c0 c1
+  local r=$1 t4 t5 t6 t7 c0 c1 c2
   sync; c0=$(busy_s); t4=$(now); tar -C "$CACHE/cp200" -cf - tree200 | tar -C "$W/t1_$r" -xf -; sync; t5=$(now); c1=$(busy_s)
-  t6=$(now); tar -C "$W/t1_$r" -cf - tree200 | tar -C "$W/t2_$r" -xf -; sync; t7=$(now)
-  t1s+=("$(elapsed "$t4" "$t5")"); t2s+=("$(elapsed "$t6" "$t7")"); t1c+=("$(elapsed "$c0" "$c1")")
+  t6=$(now); tar -C "$W/t1_$r" -cf - tree200 | tar -C "$W/t2_$r" -xf -; sync; t7=$(now); c2=$(busy_s)
+  t1s+=("$(elapsed "$t4" "$t5")"); t2s+=("$(elapsed "$t6" "$t7")"); t1c+=("$(elapsed "$c0" "$c1")"); t2c+=("$(elapsed "$c1" "$c2")")
   tt+=("$(python3 -c "print(f'{${t1s[-1]}+${t2s[-1]}:.3f}')")")
 }
 for r in $(seq "$CP_RUNS"); do
@@ -119,7 +119,7 @@ for r in $(seq "$CP_RUNS"); do
   settle
   if [ $((r % 2)) -eq 1 ]; then first=walt; cp_walt "$r"; cp_tar "$r"; else first=tar; cp_tar "$r"; cp_walt "$r"; fi
   cr+=("$(ratio "${tt[-1]}" "${wt[-1]}")")
-  echo "cp run $r ($first first): walt in ${wi[-1]}s (CPU ${wic[-1]}s) out+sync ${wo[-1]}s = ${wt[-1]}s; tar+sync ${t1s[-1]}s (CPU ${t1c[-1]}s) + ${t2s[-1]}s = ${tt[-1]}s; speed ${cr[-1]}" >&2
+  echo "cp run $r ($first first): walt in ${wi[-1]}s (CPU ${wic[-1]}s) out+sync ${wo[-1]}s (CPU ${woc[-1]}s) = ${wt[-1]}s; tar+sync ${t1s[-1]}s (CPU ${t1c[-1]}s) + ${t2s[-1]}s (CPU ${t2c[-1]}s) = ${tt[-1]}s; speed ${cr[-1]}" >&2
 done
 if diff -r "$CACHE/cp200/tree200" "$W/wout1/tree200" >/dev/null; then same=identical; else same=DIFFERENT; fi
 echo "round trip through the image: $same to the source" >&2
@@ -160,6 +160,7 @@ cat <<OUT
 | cp ${tree_mb} MB / ${tree_files} files in + out, durable (median of $CP_RUNS, order rotated) | $(median "${wt[@]}") s | tar c \| tar x + sync, twice $(median "${tt[@]}") s | speed $(ratio "$(median "${tt[@]}")" "$(median "${wt[@]}")") | >= 1.0 |
 | cp speed per run (tar + sync time / walt time, same run) | ${cr[*]} | — | — | >= 1.0 |
 | cp in / out + sync (median) | $(median "${wi[@]}") s / $(median "${wo[@]}") s | $(median "${t1s[@]}") s / $(median "${t2s[@]}") s | | |
-| cp in: CPU of every process (median) | $(median "${wic[@]}") s | tar c \| tar x + sync $(median "${t1c[@]}") s | | |
-| cp in: floor, that CPU / $CORES cores | $(python3 -c "print(f'{$(median "${wic[@]}")/$CORES:.3f}')") s | tar's time $(median "${t1s[@]}") s | $(ratio "$(python3 -c "print($(median "${wic[@]}")/$CORES)")" "$(median "${t1s[@]}")") | |
+| cp in / out: CPU of every process (median) | $(median "${wic[@]}") s / $(median "${woc[@]}") s | tar c \| tar x + sync $(median "${t1c[@]}") s / $(median "${t2c[@]}") s | | |
+| cp in / out: floor, that CPU / $CORES cores | $(python3 -c "print(f'{$(median "${wic[@]}")/$CORES:.3f}')") s / $(python3 -c "print(f'{$(median "${woc[@]}")/$CORES:.3f}')") s | tar's time $(median "${t1s[@]}") s / $(median "${t2s[@]}") s | $(ratio "$(python3 -c "print($(median "${wic[@]}")/$CORES)")" "$(median "${t1s[@]}")") / $(ratio "$(python3 -c "print($(median "${woc[@]}")/$CORES)")" "$(median "${t2s[@]}")") | |
+| cp speed at walt's floor: tar's two times / walt's two floors | — | — | $(ratio "$(median "${tt[@]}")" "$(python3 -c "print(($(median "${wic[@]}")+$(median "${woc[@]}"))/$CORES)")") | >= 1.0 |
 OUT

@@ -905,10 +905,17 @@ async fn a_session_mounts_again_after_its_sandbox_ended() {
         },
         ..first.clone()
     };
-    let o = run(&second, Some(raw_tar(&[("b", tar::EntryType::Regular, "")]))).await;
+    let o = run(
+        &second,
+        Some(raw_tar(&[("b", tar::EntryType::Regular, "")])),
+    )
+    .await;
     assert_eq!((o.code, o.stderr.as_str()), (0, ""));
     for f in ["a", "b"] {
-        assert_eq!(std::fs::read(first.upper.join("root").join(f)).unwrap(), b"evil");
+        assert_eq!(
+            std::fs::read(first.upper.join("root").join(f)).unwrap(),
+            b"evil"
+        );
     }
 }
 

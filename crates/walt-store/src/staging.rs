@@ -149,8 +149,10 @@ pub(crate) fn syncfs(path: &Path) -> Result<()> {
 }
 
 /// Above this many files and directories, [`make_durable`] syncs the
-/// filesystem once instead of each of them.
-pub(crate) const SYNC_EACH_MAX: usize = 256;
+/// filesystem once instead of each of them. Each `fsync` of a small new
+/// file costs ~0.75 ms on the project's disk (32: ~25 ms; 256: ~190 ms,
+/// where one `syncfs` of the same took 8 ms with nothing else dirty).
+pub(crate) const SYNC_EACH_MAX: usize = 32;
 
 /// Makes `paths` (files and directories below `root`) durable: one by one
 /// for a few (independent of unrelated dirty data), the whole filesystem
