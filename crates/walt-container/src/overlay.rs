@@ -458,6 +458,44 @@ mod tests {
         assert!(mounts_below(d).is_empty());
     }
 
+    /// Mounts `layers` on `d/fs` (upper `d/upper`, work `d/work`, made
+    /// here) with absolute lowerdirs; returns the upper dir and the mount.
+    fn test_mount(
+        d: &Path,
+        layers: &[PathBuf],
+        options: &[(&str, &str)],
+        volatile: bool,
+        force_classic: bool,
+    ) -> (PathBuf, PathBuf) {
+        let (upper, work, fs) = (d.join("upper"), d.join("work"), d.join("fs"));
+        for p in [&upper, &work, &fs] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        mount(&Overlay {
+            layers,
+            empty_lower: &d.join("empty"),
+            upper: &upper,
+            work: &work,
+            target: &fs,
+            options,
+            nosuid: true,
+            volatile,
+            classic: ClassicLower::Absolute,
+            force_classic,
+        })
+        .unwrap();
+        (upper, fs)
+    }
+
+    /// The line of `/proc/self/mountinfo` of the mount on `fs`.
+    fn mount_line(fs: &Path) -> String {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        info.lines()
+            .find(|l| l.contains(fs.to_str().unwrap()))
+            .unwrap()
+            .to_string()
+    }
+
     /// A sandbox's mount is `volatile` through either API: its end does
     /// not flush the whole upper filesystem (the session's save does it
     /// for the layer), and writes through it still land in the upper dir.
@@ -473,29 +511,8 @@ mod tests {
             let layers = vec![d.join("l1")];
             std::fs::create_dir_all(&layers[0]).unwrap();
             std::fs::write(layers[0].join("a"), "low").unwrap();
-            let (upper, work, fs) = (d.join("upper"), d.join("work"), d.join("fs"));
-            for p in [&upper, &work, &fs] {
-                std::fs::create_dir_all(p).unwrap();
-            }
-            mount(&Overlay {
-                layers: &layers,
-                empty_lower: &d.join("empty"),
-                upper: &upper,
-                work: &work,
-                target: &fs,
-                options: PLAIN,
-                nosuid: true,
-                volatile: true,
-                classic: ClassicLower::Absolute,
-                force_classic,
-            })
-            .unwrap();
-            let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-            let line = info
-                .lines()
-                .find(|l| l.contains(fs.to_str().unwrap()))
-                .unwrap()
-                .to_string();
+            let (upper, fs) = test_mount(d, &layers, PLAIN, true, force_classic);
+            let line = mount_line(&fs);
             std::fs::write(fs.join("b"), "new").unwrap();
             assert_eq!(unmount(&fs).unwrap(), Unmounted::Now);
             // Shown as `volatile`, or `fsync=volatile` by kernels 6.6+.
@@ -517,31 +534,11 @@ mod tests {
             std::fs::create_dir_all(l).unwrap();
             std::fs::write(l.join("f"), i.to_string()).unwrap();
         }
-        let (upper, work, fs) = (d.join("upper"), d.join("work"), d.join("fs"));
-        for p in [&upper, &work, &fs] {
-            std::fs::create_dir_all(p).unwrap();
-        }
         let cwd = std::env::current_dir().unwrap();
-        mount(&Overlay {
-            layers: &layers,
-            empty_lower: &d.join("empty"),
-            upper: &upper,
-            work: &work,
-            target: &fs,
-            options: EXPORTABLE,
-            nosuid: true,
-            volatile: false,
-            classic: ClassicLower::Absolute,
-            force_classic: true,
-        })
-        .unwrap();
+        let (_, fs) = test_mount(d, &layers, EXPORTABLE, false, true);
         assert_eq!(std::env::current_dir().unwrap(), cwd, "no chdir");
         assert_eq!(std::fs::read_to_string(fs.join("f")).unwrap(), "2");
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let line = info
-            .lines()
-            .find(|l| l.contains(fs.to_str().unwrap()))
-            .unwrap();
+        let line = mount_line(&fs);
         assert!(
             line.contains(&format!("lowerdir={}", layers[2].display())),
             "{line}"
