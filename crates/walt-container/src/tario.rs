@@ -198,7 +198,10 @@ fn extract_stdin(
         area: "destination",
         replace_dirs: false,
     };
-    let mut writer = EarlyWriteback::start();
+    // Plain writes: the session's mount is volatile (a `syncfs` through it
+    // does nothing); the server starts the writeback of the store's
+    // filesystem while it relays the archive (`walt-server/src/cp.rs`).
+    let mut writer = PlainWriter;
     Extractor::new(root, opts, &mut writer)
         .and_then(|x| x.extract(&mut reader))
         .map(drop)
@@ -210,63 +213,6 @@ fn extract_stdin(
             e @ walt_tar::Error::Format { .. } => format!("bad archive: {e}"),
             e => e.to_string(),
         })
-}
-
-/// Bytes written (each file also counts a block for its inode and entry)
-/// between two early flushes.
-const WRITEBACK_STEP: u64 = 64 * 1024 * 1024;
-
-/// Plain writes, and every [`WRITEBACK_STEP`] bytes a `syncfs` of the
-/// image's filesystem on a thread of its own: the disk works while the
-/// archive is still coming, and the flush that makes the change durable
-/// when it is saved has only the tail left. Best effort: that final flush
-/// sees any failure.
-struct EarlyWriteback {
-    pending: u64,
-    tx: Option<std::sync::mpsc::SyncSender<()>>,
-}
-
-impl EarlyWriteback {
-    fn start() -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let started = std::thread::Builder::new()
-            .name("writeback".into())
-            .spawn(move || {
-                // "/" is the image's root: syncfs reaches the upper layer.
-                let Ok(root) = fs::File::open("/") else {
-                    return;
-                };
-                for () in rx {
-                    let _ = nix::unistd::syncfs(&root);
-                }
-            })
-            .is_ok();
-        EarlyWriteback {
-            pending: 0,
-            tx: started.then_some(tx),
-        }
-    }
-}
-
-impl walt_tar::FileWriter for EarlyWriteback {
-    fn write(
-        &mut self,
-        file: fs::File,
-        flags: i32,
-        size: u64,
-        data: &mut dyn io::Read,
-        buf: &mut [u8],
-    ) -> io::Result<fs::File> {
-        self.pending += size + 4096;
-        if self.pending >= WRITEBACK_STEP {
-            self.pending = 0;
-            if let Some(tx) = &self.tx {
-                // Full: a flush is running or asked for, which covers this.
-                let _ = tx.try_send(());
-            }
-        }
-        PlainWriter.write(file, flags, size, data, buf)
-    }
 }
 
 /// COPY/ADD: places the tar on stdin at `dest` with Docker's rules (see `Job::Place`).

@@ -105,6 +105,10 @@ pub async fn copy_in(
     }
     let stderr = child.stderr.take();
     drop(child.stdout.take());
+    // The sandbox's mount is volatile (flushing through it does nothing):
+    // the writeback of the store's filesystem is started from here, so that
+    // the save's flush, while it hashes the layer, has only the tail left.
+    let mut flush = walt_store::EarlyFlush::start(&session.upper());
     let mut failure = None;
     loop {
         tokio::select! {
@@ -134,6 +138,7 @@ pub async fn copy_in(
                         stdin = None;
                         break;
                     }
+                    flush.wrote(b.len() as u64);
                 }
                 Ok(Some(pb::CopyInRequest { msg: Some(Msg::End(_)) })) => break,
                 Ok(None) => {

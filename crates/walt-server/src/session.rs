@@ -192,6 +192,11 @@ impl Session {
             .expect("session directory present until drop")
     }
 
+    /// The session's upper directory (in the store's `tmp/`).
+    pub fn upper(&self) -> std::path::PathBuf {
+        self.dir().upper()
+    }
+
     pub fn short(&self) -> String {
         self.rec.name.short()
     }

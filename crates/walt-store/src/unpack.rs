@@ -39,36 +39,7 @@ struct StoreWriter {
     /// Free-space checks as file data is written.
     space: SpaceWatch,
     /// Starts the writeback of what went through the page cache.
-    writeback: Writeback,
-}
-
-/// Bytes written through the page cache (small files; each file also
-/// counts a block for its inode and directory entry) between two early
-/// flushes.
-const WRITEBACK_STEP: u64 = 64 * 1024 * 1024;
-
-/// Early writeback of an unpacking: every [`WRITEBACK_STEP`] bytes written
-/// through the page cache, a thread of its own syncs the filesystem, so the
-/// disk works while the layer is still being decoded and the final flush
-/// that makes the layer durable ([`crate::staging::Durability::SyncFs`])
-/// has only the tail left. Best effort: a failure here is seen by that
-/// final flush.
-struct Writeback {
-    pending: u64,
-    tx: Option<std::sync::mpsc::SyncSender<()>>,
-}
-
-impl Writeback {
-    fn wrote(&mut self, size: u64) {
-        self.pending += size + 4096;
-        if self.pending >= WRITEBACK_STEP {
-            self.pending = 0;
-            if let Some(tx) = &self.tx {
-                // Full: a flush is running or asked for, which covers this.
-                let _ = tx.try_send(());
-            }
-        }
-    }
+    writeback: crate::flush::EarlyFlush,
 }
 
 impl FileWriter for StoreWriter {
@@ -86,7 +57,8 @@ impl FileWriter for StoreWriter {
     ) -> io::Result<File> {
         self.space.will_write(size).map_err(io::Error::other)?;
         if size < DIRECT_MIN_SIZE {
-            self.writeback.wrote(size);
+            // Each file also writes a block for its inode and entry.
+            self.writeback.wrote(size + 4096);
             return walt_tar::PlainWriter.write(file, flags, size, data, buf);
         }
         let mut w = DirectWriter::with_buffer(
@@ -117,24 +89,10 @@ pub(crate) fn unpack<R: Read>(
     limit: UnpackLimit,
     space: SpaceWatch,
 ) -> Result<UnpackStats> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-    let flusher = File::open(root).ok().and_then(|dir| {
-        std::thread::Builder::new()
-            .name("walt-writeback".into())
-            .spawn(move || {
-                for () in rx {
-                    let _ = nix::unistd::syncfs(&dir);
-                }
-            })
-            .ok()
-    });
     let mut writer = StoreWriter {
         direct_buf: Vec::new(),
         space,
-        writeback: Writeback {
-            pending: 0,
-            tx: flusher.as_ref().map(|_| tx),
-        },
+        writeback: crate::flush::EarlyFlush::start(root),
     };
     let opts = ExtractOptions {
         whiteouts: Whiteouts::Overlay,
@@ -151,11 +109,7 @@ pub(crate) fn unpack<R: Read>(
     let stats = Extractor::new(Some(root), opts, &mut writer)
         .and_then(|x| x.extract(&mut reader))
         .map_err(|e| layer_error(layer, limit, e));
-    // The flusher ends with its channel.
-    drop(writer);
-    if let Some(f) = flusher {
-        let _ = f.join();
-    }
+    writer.writeback.finish();
     let stats = stats?;
     tracing::trace!(layer, entries = stats.entries, "layer unpacked");
     Ok(UnpackStats {
