@@ -199,8 +199,10 @@ fn extract_stdin(
         replace_dirs: false,
     };
     // Plain writes: the session's mount is volatile (a `syncfs` through it
-    // does nothing); the server starts the writeback of the store's
-    // filesystem while it relays the archive (`walt-server/src/cp.rs`).
+    // does nothing). For `walt image cp`, the server starts the writeback
+    // of the store's filesystem while it relays the archive
+    // (`walt-server/src/cp.rs`); for a build's COPY/ADD, the save's flush
+    // does it all, while it hashes the layer.
     let mut writer = PlainWriter;
     Extractor::new(root, opts, &mut writer)
         .and_then(|x| x.extract(&mut reader))

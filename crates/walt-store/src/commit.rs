@@ -5,7 +5,8 @@
 //! image's unpacked layers and whose upper directory is in a
 //! [`SessionDir`] (under `tmp/`, mounted with
 //! `redirect_dir=off,metacopy=off,index=off,xino=off`, so that the upper
-//! directory is in plain overlay form). Once it is unmounted, the upper
+//! directory is in plain overlay form, and `volatile`: its unmount flushes
+//! nothing, the save makes the layer durable). Once it is unmounted, the upper
 //! directory is cleaned of overlay bookkeeping xattrs, hashed as the
 //! uncompressed tar it makes (OCI form: blob digest == diff_id) without
 //! writing that tar, and then itself renamed to `layers/<diff_id>/diff`
