@@ -8,7 +8,7 @@ use std::sync::mpsc::SyncSender;
 /// Bytes written through the page cache between two early flushes.
 const STEP: u64 = 64 * 1024 * 1024;
 
-/// Every [`STEP`] bytes reported with [`EarlyFlush::wrote`], a thread of
+/// Every 64 MiB reported with [`EarlyFlush::wrote`], a thread of
 /// its own syncs the filesystem of a directory (`syncfs`). Best effort: the
 /// final flush that makes the tree durable sees any failure. The thread ends
 /// when this is dropped, after the flush it may be running
