@@ -694,3 +694,30 @@ pub(crate) fn detach_mounts_below(tmp: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Files and directories are made durable one by one; anything else
+    /// (here a symlink) cannot be fsynced, so the whole filesystem is.
+    #[test]
+    fn what_a_save_flushes() {
+        let t = tempfile::tempdir().unwrap();
+        let upper = t.path().join("upper");
+        fs::create_dir_all(upper.join("d")).unwrap();
+        fs::write(upper.join("d/f"), "x").unwrap();
+        match sanitize_tree(&upper).unwrap_or_else(|_| panic!("sanitize")) {
+            ToSync::Each(mut paths) => {
+                paths.sort();
+                assert_eq!(paths, [upper.clone(), upper.join("d"), upper.join("d/f")]);
+            }
+            ToSync::Filesystem => panic!("two entries: one by one"),
+        }
+        std::os::unix::fs::symlink("f", upper.join("d/l")).unwrap();
+        assert!(matches!(
+            sanitize_tree(&upper).unwrap_or_else(|_| panic!("sanitize")),
+            ToSync::Filesystem
+        ));
+    }
+}
