@@ -11,12 +11,7 @@
 source "$(dirname "$0")/lib.sh"
 RUNS=${1:-2}
 command -v perf >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q linux-perf >/dev/null
-[ -n "${WALT_BENCH_NOBUILD:-}" ] || (cd "$ROOT" && cargo build --release --bins -q)
-C=$CACHE/cp200
-[ -d "$C/tree200" ] || { echo "no $C/tree200: run WALT_BENCH_CP_ONLY=1 bench/shell.sh first" >&2; exit 1; }
-make_busybox
-start_registry
-push_image busybox bench/busybox
+cp_tree_setup
 start_walt "$W/data"
 # CPU ms per process name (kworkers summed) and the busy total, from a perf.data.
 by_comm() {

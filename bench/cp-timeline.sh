@@ -5,12 +5,7 @@
 # account of the save (sanitize / hash / wait for the flush, and its total).
 # Usage: bench/cp-timeline.sh   (root; run WALT_BENCH_CP_ONLY=1 bench/shell.sh once first)
 source "$(dirname "$0")/lib.sh"
-[ -n "${WALT_BENCH_NOBUILD:-}" ] || (cd "$ROOT" && cargo build --release --bins -q)
-C=$CACHE/cp200
-[ -d "$C/tree200" ] || { echo "no $C/tree200: run WALT_BENCH_CP_ONLY=1 bench/shell.sh first" >&2; exit 1; }
-make_busybox
-start_registry
-push_image busybox bench/busybox
+cp_tree_setup
 WALT_BENCH_RUST_LOG=walt_store=debug,info start_walt "$W/data"
 "$BIN/walt" image clone bench:bench/busybox tl >/dev/null
 sync; sleep 20

@@ -215,3 +215,15 @@ make_tar_image() {
   pigz -6 -c "$tar" > "$dir/1.tar.gz"
   echo 1 > "$dir/count"; touch "$dir/done"
 }
+
+# The start of the benches that copy bench/shell.sh's 217 MB tree into a busybox image
+# (cp-cpu.sh, cp-timeline.sh): a release build unless WALT_BENCH_NOBUILD, the tree
+# ($C), a registry holding bench/busybox. The server is theirs to start.
+cp_tree_setup() {
+  [ -n "${WALT_BENCH_NOBUILD:-}" ] || (cd "$ROOT" && cargo build --release --bins -q)
+  C=$CACHE/cp200
+  [ -d "$C/tree200" ] || { echo "no $C/tree200: run WALT_BENCH_CP_ONLY=1 bench/shell.sh first" >&2; exit 1; }
+  make_busybox
+  start_registry
+  push_image busybox bench/busybox
+}
