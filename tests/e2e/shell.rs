@@ -333,18 +333,105 @@ fn sample_tree(dir: &Path) -> PathBuf {
     src
 }
 
+/// The server's log lines that say how a copy's archive went.
+fn pipe_lines(env: &Env) -> Vec<String> {
+    env.server
+        .log()
+        .lines()
+        .filter(|l| l.contains("client's pipe"))
+        .map(|l| l.split_once(": ").map_or(l, |(_, m)| m).to_string())
+        .collect()
+}
+
 #[test]
-fn cp_round_trips_files_and_directories() {
+fn cp_round_trips_through_the_clients_fifo_on_the_servers_machine() {
+    let env = env_with_image();
+    cp_round_trip(&env);
+    // Every copy that reached its sandbox went through the client's FIFO.
+    let lines = pipe_lines(&env);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("copy in through the client's pipe"))
+            && lines
+                .iter()
+                .any(|l| l.contains("copy out through the client's pipe"))
+            && !lines.iter().any(|l| l.contains("refused")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn cp_round_trips_in_the_api_stream() {
+    let mut env = env_with_image();
+    env.alice.env.push(("WALT_CP_STREAM".into(), "1".into()));
+    cp_round_trip(&env);
+    assert_eq!(pipe_lines(&env), Vec::<String>::new());
+}
+
+/// A client whose FIFO the server cannot see (another mount namespace, as
+/// a server with a private /tmp) copies through the stream instead.
+#[test]
+fn cp_falls_back_to_the_stream_when_the_server_cannot_open_the_fifo() {
     let env = env_with_image();
     let dir = tempfile::tempdir().unwrap();
     let src = sample_tree(dir.path());
-    let layers_before = layer_count(&env, "img");
+    let runtime = dir.path().join("runtime");
+    fs::create_dir(&runtime).unwrap();
+    let back = dir.path().join("back");
+    fs::create_dir(&back).unwrap();
+    // The CLI in a mount namespace of its own, where its runtime directory
+    // (where it makes its FIFO) is a tmpfs the server does not see.
+    let hidden = |args: &[&str]| {
+        let walt = env.alice.command(args);
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount -t tmpfs tmpfs "$XDG_RUNTIME_DIR" && exec "$0" "$@""#)
+            .arg(walt.get_program())
+            .args(walt.get_args())
+            .env("XDG_RUNTIME_DIR", &runtime);
+        for (k, v) in walt.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "walt {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    hidden(&["image", "cp", src.to_str().unwrap(), "img:"]);
+    hidden(&["image", "cp", "img:/root/tree", back.to_str().unwrap()]);
+    assert_eq!(listing(&src, true), listing(&back.join("tree"), true));
+    let lines = pipe_lines(&env);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("copy in: the client's pipe is refused"))
+            && lines
+                .iter()
+                .any(|l| l.contains("copy out: the client's pipe is refused"))
+            && !lines
+                .iter()
+                .any(|l| l.contains("through the client's pipe")),
+        "{lines:#?}"
+    );
+    assert_tmp_empty(&env.server.data_dir());
+}
+
+fn cp_round_trip(env: &Env) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = sample_tree(dir.path());
+    let layers_before = layer_count(env, "img");
 
     // Into an existing directory (relative = under /root), then back.
     env.alice
         .run(&["image", "cp", src.to_str().unwrap(), "img:"])
         .assert_success();
-    assert_eq!(layer_count(&env, "img"), layers_before + 1);
+    assert_eq!(layer_count(env, "img"), layers_before + 1);
     let back = dir.path().join("back");
     fs::create_dir(&back).unwrap();
     env.alice

@@ -466,6 +466,8 @@ pub struct Walt {
     pub timeout: Duration,
     /// Written into the config by `set_credentials`.
     pub pin: Pin,
+    /// Extra environment of every command.
+    pub env: Vec<(String, String)>,
 }
 
 impl Walt {
@@ -479,6 +481,7 @@ impl Walt {
             server: server.into(),
             timeout: Duration::from_secs(300),
             pin: Pin::None,
+            env: Vec::new(),
         };
         w.set_credentials(creds)?;
         Ok(w)
@@ -524,6 +527,7 @@ impl Walt {
             .env("HOME", self.dir.path())
             .env("NO_COLOR", "1")
             .env_remove("TERM")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -5,6 +5,8 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, anyhow, bail};
 use tokio::sync::mpsc;
@@ -18,6 +20,7 @@ use walt_tar::{
 
 use super::{Client, status_error};
 use crate::chunks::ChunkWriter;
+use crate::config::Settings;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -78,20 +81,103 @@ pub fn direction(src: &str, dst: &str) -> anyhow::Result<Direction> {
     }
 }
 
-pub async fn cp(client: &mut Client, src: &str, dst: &str, yes: bool) -> anyhow::Result<()> {
+pub async fn cp(
+    client: &mut Client,
+    settings: &Settings,
+    src: &str,
+    dst: &str,
+    yes: bool,
+) -> anyhow::Result<()> {
+    let local_server = server_is_local(&settings.server);
     match direction(src, dst)? {
         Direction::In { local, image, path } => {
-            match copy_in(client, &local, &image, &path, yes).await {
+            match copy_in(client, local_server, &local, &image, &path, yes).await {
                 Err(e) if let Some(&NeedsConfirm(n)) = e.downcast_ref::<NeedsConfirm>() => {
                     let hint = format!("walt image cp --yes {src} {dst}");
                     confirm_reboot(n, &image, &hint)?;
-                    copy_in(client, &local, &image, &path, true).await
+                    copy_in(client, local_server, &local, &image, &path, true).await
                 }
                 r => r,
             }
         }
-        Direction::Out { image, path, local } => copy_out(client, &image, &path, &local).await,
+        Direction::Out { image, path, local } => {
+            copy_out(client, local_server, &image, &path, &local).await
+        }
     }
+}
+
+/// Whether the server runs on this machine (`walt.server` names one of
+/// its addresses), so that the archive can go through a FIFO instead of
+/// the API stream. `WALT_CP_STREAM=1` always uses the stream.
+fn server_is_local(server: &str) -> bool {
+    if std::env::var_os("WALT_CP_STREAM").is_some_and(|v| !v.is_empty() && v != "0") {
+        return false;
+    }
+    let Ok(endpoint) = crate::config::endpoint(server) else {
+        return false;
+    };
+    let Some(authority) = endpoint.strip_prefix("http://") else {
+        return false;
+    };
+    use std::net::ToSocketAddrs;
+    let Ok(addrs) = authority.to_socket_addrs() else {
+        return false;
+    };
+    // An address of this machine is one a socket can be bound to.
+    addrs
+        .into_iter()
+        .any(|a| a.ip().is_loopback() || std::net::UdpSocket::bind((a.ip(), 0)).is_ok())
+}
+
+/// A FIFO in a private directory (removed with it), which the server
+/// opens when it runs on this machine: the archive then goes between this
+/// process and the server's copy process directly.
+struct LocalPipe {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl LocalPipe {
+    fn new() -> Option<LocalPipe> {
+        // $XDG_RUNTIME_DIR rather than /tmp, which a server may not share
+        // (systemd's PrivateTmp).
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|d| d.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new()
+            .prefix("walt-cp-")
+            .tempdir_in(base)
+            .ok()?;
+        let path = dir.path().join("archive");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).ok()?;
+        Some(LocalPipe { _dir: dir, path })
+    }
+
+    fn name(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// Opens it, with a 1 MiB buffer; `O_RDWR` never waits for the other
+    /// end (`O_RDONLY` does, unless non-blocking).
+    fn open(&self, flags: rustix::fs::OFlags) -> io::Result<fs::File> {
+        let fd = rustix::fs::open(
+            &self.path,
+            flags | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+        Ok(fs::File::from(fd))
+    }
+}
+
+/// The server could not use our FIFO (it runs elsewhere, or in another
+/// mount namespace): the copy goes through the stream instead.
+fn pipe_refused(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::FailedPrecondition
+        && s.metadata()
+            .get(walt_proto::LOCAL_PIPE_METADATA_KEY)
+            .is_some()
 }
 
 /// The server refused to modify an image nodes use until the user
@@ -172,6 +258,7 @@ fn top_name(path: &Path) -> anyhow::Result<String> {
 
 async fn copy_in(
     client: &mut Client,
+    local_server: bool,
     local: &str,
     image: &str,
     path: &str,
@@ -180,42 +267,31 @@ async fn copy_in(
     let src = PathBuf::from(local);
     fs::metadata(&src).map_err(|e| anyhow!("{local}: {}", io_reason(&e)))?;
     let top = top_name(&src)?;
+    let start = pb::CopyInStart {
+        image: image.to_string(),
+        dest: path.to_string(),
+        confirmed,
+        local_pipe: String::new(),
+    };
+    if local_server && let Some(pipe) = LocalPipe::new() {
+        match copy_in_local(client, &src, &top, start.clone(), &pipe).await {
+            Err(e) if e.is::<PipeRefused>() => {}
+            r => return r,
+        }
+    }
     let (tx, rx) = mpsc::channel(8);
     tx.send(pb::CopyInRequest {
-        msg: Some(Msg::Start(pb::CopyInStart {
-            image: image.to_string(),
-            dest: path.to_string(),
-            confirmed,
-        })),
+        msg: Some(Msg::Start(start)),
     })
     .await
     .map_err(|_| anyhow!("cannot start the copy"))?;
     let writer = ChunkWriter::new(tx, CHUNK, tar_msg, SERVER_STOPPED);
     let producer = std::thread::spawn(move || -> anyhow::Result<()> {
-        let resolved = fs::canonicalize(&src)?;
-        let opts = TreeOptions {
-            whiteouts: TreeWhiteouts::Keep,
-            top: Some(top.into()),
-            follow_top: true,
-            owners: tree_owners(),
-            xattrs: false,
-            sparse: true,
-        };
-        let (mut writer, stats) = walt_tar::write_tree(writer, &resolved, &opts)?;
-        for s in &stats.skipped_sockets {
-            let below = s.split_once('/').map(|(_, r)| r).unwrap_or("");
-            eprintln!(
-                "warning: {}: socket skipped",
-                resolved.join(below).display()
-            );
-        }
-        writer.flush()?;
+        let writer = write_archive(writer, &src, top)?;
         // Only a complete archive is saved by the server.
         writer
             .tx
-            .blocking_send(pb::CopyInRequest {
-                msg: Some(Msg::End(true)),
-            })
+            .blocking_send(END)
             .map_err(|_| anyhow!(SERVER_STOPPED))?;
         Ok(())
     });
@@ -224,6 +300,142 @@ async fn copy_in(
         .await
         .map_err(|e| anyhow!("copy task failed: {e}"))?
         .map_err(|_| anyhow!("copy task panicked"))?;
+    settle_in(call, produced)
+}
+
+/// The message that closes a complete archive.
+const END: pb::CopyInRequest = pb::CopyInRequest {
+    msg: Some(Msg::End(true)),
+};
+
+/// The server cannot use the FIFO we offered: the copy goes through the
+/// stream instead.
+#[derive(Debug)]
+struct PipeRefused;
+
+impl std::fmt::Display for PipeRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the server cannot use this copy's pipe")
+    }
+}
+
+impl std::error::Error for PipeRefused {}
+
+/// The copy into an image through a FIFO (the server runs here): the
+/// archive goes straight to the server's copy process; the stream carries
+/// the start and the end.
+async fn copy_in_local(
+    client: &mut Client,
+    src: &Path,
+    top: &str,
+    mut start: pb::CopyInStart,
+    pipe: &LocalPipe,
+) -> anyhow::Result<()> {
+    start.local_pipe = pipe.name();
+    // Read-write: opening never waits for the server, which may refuse it.
+    let fifo = pipe.open(rustix::fs::OFlags::RDWR)?;
+    // Held until the server replied: a FIFO nobody has open loses what it
+    // holds, and a small archive may be all written before the server
+    // opened its end. (The server's copy process stops at the archive's
+    // end marker; it does not wait for the end of the FIFO.)
+    let keep = fifo.try_clone()?;
+    let abandon = Arc::new(AtomicBool::new(false));
+    let writer = FifoWriter {
+        file: fifo,
+        abandon: abandon.clone(),
+    };
+    let (tx, rx) = mpsc::channel(2);
+    tx.send(pb::CopyInRequest {
+        msg: Some(Msg::Start(start)),
+    })
+    .await
+    .map_err(|_| anyhow!("cannot start the copy"))?;
+    let (src, top) = (src.to_path_buf(), top.to_string());
+    let producer = std::thread::spawn(move || -> anyhow::Result<()> {
+        let writer = write_archive(io::BufWriter::with_capacity(CHUNK, writer), &src, top)?;
+        drop(writer);
+        tx.blocking_send(END).map_err(|_| anyhow!(SERVER_STOPPED))?;
+        Ok(())
+    });
+    let call = client.copy_in(ReceiverStream::new(rx)).await;
+    drop(keep);
+    if call.is_err() {
+        // Nobody reads the FIFO any more (or ever did): the producer may
+        // wait on a full pipe. It stops at its next write; what it is
+        // writing is read away until it closed its end.
+        abandon.store(true, Ordering::SeqCst);
+        let drain = pipe.open(rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK);
+        tokio::task::spawn_blocking(move || {
+            if let Ok(mut f) = drain
+                && rustix::fs::fcntl_setfl(&f, rustix::fs::OFlags::empty()).is_ok()
+            {
+                let _ = io::copy(&mut f, &mut io::sink());
+            }
+        })
+        .await
+        .map_err(|e| anyhow!("copy task failed: {e}"))?;
+    }
+    let produced = tokio::task::spawn_blocking(move || producer.join())
+        .await
+        .map_err(|e| anyhow!("copy task failed: {e}"))?
+        .map_err(|_| anyhow!("copy task panicked"))?;
+    if let Err(s) = &call
+        && pipe_refused(s)
+    {
+        return Err(PipeRefused.into());
+    }
+    settle_in(call, produced)
+}
+
+/// Our end of the FIFO of a copy into an image: once the copy is
+/// abandoned, every write fails.
+struct FifoWriter {
+    file: fs::File,
+    abandon: Arc<AtomicBool>,
+}
+
+impl Write for FifoWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.abandon.load(Ordering::SeqCst) {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, SERVER_STOPPED));
+        }
+        self.file.write(data)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes the archive of `src` (one top entry, `top`) into `writer`.
+fn write_archive<W: Write>(writer: W, src: &Path, top: String) -> anyhow::Result<W> {
+    let resolved = fs::canonicalize(src)?;
+    let opts = TreeOptions {
+        whiteouts: TreeWhiteouts::Keep,
+        top: Some(top.into()),
+        follow_top: true,
+        owners: tree_owners(),
+        xattrs: false,
+        sparse: true,
+    };
+    let (mut writer, stats) = walt_tar::write_tree(writer, &resolved, &opts)?;
+    for s in &stats.skipped_sockets {
+        let below = s.split_once('/').map(|(_, r)| r).unwrap_or("");
+        eprintln!(
+            "warning: {}: socket skipped",
+            resolved.join(below).display()
+        );
+    }
+    writer.flush()?;
+    Ok(writer)
+}
+
+/// The outcome of a copy into an image, from the server's reply and our
+/// producer's.
+fn settle_in(
+    call: Result<tonic::Response<pb::CopyInReply>, tonic::Status>,
+    produced: anyhow::Result<()>,
+) -> anyhow::Result<()> {
     // A local failure (an unreadable file...) explains the server's
     // "interrupted"; otherwise the server's reason comes first: it may have
     // stopped reading (and then our side only saw a closed stream).
@@ -303,53 +515,115 @@ impl Read for ChunkReader {
     }
 }
 
-async fn copy_out(client: &mut Client, image: &str, path: &str, local: &str) -> anyhow::Result<()> {
-    let mut stream = client
-        .copy_out(pb::CopyOutRequest {
-            image: image.to_string(),
-            path: path.to_string(),
-        })
+async fn copy_out(
+    client: &mut Client,
+    local_server: bool,
+    image: &str,
+    path: &str,
+    local: &str,
+) -> anyhow::Result<()> {
+    let mut req = pb::CopyOutRequest {
+        image: image.to_string(),
+        path: path.to_string(),
+        local_pipe: String::new(),
+    };
+    if local_server && let Some(pipe) = LocalPipe::new() {
+        req.local_pipe = pipe.name();
+        // Non-blocking: opening the reading end does not wait for the
+        // server; what is read is read once the server said it writes.
+        let fifo = pipe.open(rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK)?;
+        match client.copy_out(req.clone()).await {
+            Ok(r) => return receive(r.into_inner(), Some(fifo), local).await,
+            Err(s) if pipe_refused(&s) => req.local_pipe.clear(),
+            Err(s) => return Err(status_error(s)),
+        }
+    }
+    let stream = client
+        .copy_out(req)
         .await
         .map_err(status_error)?
         .into_inner();
-    let (tx, rx) = std::sync::mpsc::sync_channel(16);
+    receive(stream, None, local).await
+}
+
+/// Extracts the archive the server sends, in the stream or, when it
+/// starts with a `local` message, through `fifo`; the stream then only
+/// ends or fails.
+async fn receive(
+    mut stream: tonic::Streaming<pb::CopyOutChunk>,
+    fifo: Option<fs::File>,
+    local: &str,
+) -> anyhow::Result<()> {
     let dest = PathBuf::from(local);
-    let extractor = std::thread::spawn(move || {
-        extract(
-            ChunkReader {
-                rx,
-                cur: bytes::Bytes::new(),
-                pos: 0,
-            },
-            &dest,
-        )
-    });
+    let (tx, rx) = std::sync::mpsc::sync_channel(16);
+    let first = stream.message().await;
+    let (extractor, mut next) = match (first, fifo) {
+        (Ok(Some(c)), Some(fifo)) if c.local => {
+            rustix::fs::fcntl_setfl(&fifo, rustix::fs::OFlags::empty())?;
+            let x = std::thread::spawn(move || {
+                extract(io::BufReader::with_capacity(CHUNK, fifo), &dest)
+            });
+            (x, stream.message().await)
+        }
+        (first, _) => {
+            let x = std::thread::spawn(move || {
+                extract(
+                    ChunkReader {
+                        rx,
+                        cur: bytes::Bytes::new(),
+                        pos: 0,
+                    },
+                    &dest,
+                )
+            });
+            (x, first)
+        }
+    };
+    // In the stream: the chunks for the extractor (none after a `local`
+    // message: that stream just ends, or fails).
     let mut server_error = None;
     loop {
-        match stream.message().await {
+        match next {
             Ok(Some(c)) => {
-                if tx.send(Ok(c.tar)).is_err() {
+                if !c.tar.is_empty() && tx.send(Ok(c.tar)).is_err() {
                     break;
                 }
             }
             Ok(None) => break,
             Err(s) => {
                 let _ = tx.send(Err(s.message().to_string()));
-                server_error = Some(status_error(s));
+                server_error = Some(s);
                 break;
             }
         }
+        next = stream.message().await;
     }
     drop(tx);
     let result = tokio::task::spawn_blocking(move || extractor.join())
         .await
         .map_err(|e| anyhow!("copy task failed: {e}"))?
         .map_err(|_| anyhow!("copy task panicked"))?;
-    if let Some(e) = server_error {
-        return Err(e);
+    match (result, server_error) {
+        (Ok(()), None) => Ok(()),
+        // A broken or short archive: the server says why.
+        (Err(e), Some(s)) if e.is::<ArchiveCut>() => Err(status_error(s)),
+        (Ok(()), Some(s)) => Err(status_error(s)),
+        (Err(e), _) => Err(e),
     }
-    result
 }
+
+/// The archive from the server was empty, short or broken: when the
+/// server failed, its reason is the one to give.
+#[derive(Debug)]
+struct ArchiveCut(String);
+
+impl std::fmt::Display for ArchiveCut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ArchiveCut {}
 
 /// Extracts the archive (one top entry) to `dest` with the `cp -r` rules,
 /// confined to where the top entry lands. Run by root, owners and xattrs
@@ -378,10 +652,10 @@ fn extract(reader: impl Read, dest: &Path) -> anyhow::Result<()> {
     let stats = Extractor::new(None, opts, &mut writer)
         .and_then(|x| x.extract(&mut reader))
         .map_err(|e| match e {
-            walt_tar::Error::Empty => anyhow!("the server sent an empty archive"),
+            walt_tar::Error::Empty => ArchiveCut("the server sent an empty archive".into()).into(),
             e @ walt_tar::Error::Entry { .. } => anyhow!("refusing archive {e}"),
             e @ (walt_tar::Error::Read(_) | walt_tar::Error::Format { .. }) => {
-                anyhow!("cannot read the archive: {e}")
+                ArchiveCut(format!("cannot read the archive: {e}")).into()
             }
             e => anyhow!(e),
         })?;

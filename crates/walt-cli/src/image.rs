@@ -304,7 +304,7 @@ async fn run_one(
             Ok(())
         }
         ImageCommand::Shell { image } => shell::shell(client, &image).await,
-        ImageCommand::Cp { src, dst, yes } => cp::cp(client, &src, &dst, yes).await,
+        ImageCommand::Cp { src, dst, yes } => cp::cp(client, settings, &src, &dst, yes).await,
         ImageCommand::Build(args) => build::build(client, settings, build::prepare(args)?).await,
         ImageCommand::Squash { image, yes } => {
             let mut req = pb::SquashRequest {

@@ -45,5 +45,9 @@ pub const REGISTRY_METADATA_KEY: &str = "walt-registry";
 /// The client asks, then calls again with `confirmed`.
 pub const CONFIRM_METADATA_KEY: &str = "walt-confirm";
 
+/// Status metadata key of a refused local pipe (`walt image cp` from the
+/// server's machine): the client copies through the stream instead.
+pub const LOCAL_PIPE_METADATA_KEY: &str = "walt-local-pipe";
+
 /// Default TCP port of walt-server.
 pub const DEFAULT_PORT: u16 = 12345;

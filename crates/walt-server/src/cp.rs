@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStderr};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -17,6 +18,7 @@ use walt_proto::v1::{self as pb, copy_in_request::Msg};
 
 use crate::State;
 use crate::error::ServiceError;
+use crate::localpipe::{self, End, Peer};
 use crate::session::Session;
 
 pub type CopyOutStream = Pin<Box<dyn Stream<Item = Result<pb::CopyOutChunk, Status>> + Send>>;
@@ -54,19 +56,67 @@ pub(crate) async fn reason(
     }
 }
 
-fn spawn(session: &Session, job: Job) -> Result<tokio::process::Child, ServiceError> {
+/// Starts the copy process; its stderr is always piped (its reason for
+/// failing).
+fn spawn(
+    session: &Session,
+    job: Job,
+    stdin: Stdio,
+    stdout: Stdio,
+) -> Result<tokio::process::Child, ServiceError> {
     let mut cmd = walt_container::command(&session.spec(job))
         .map_err(|e| ServiceError::Internal(format!("cannot start the copy process: {e}")))?;
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(stdin).stdout(stdout).stderr(Stdio::piped());
+    // The command (and a client FIFO given as stdin or stdout) is dropped
+    // on return: the sandbox then holds the only copy of that end.
     cmd.spawn()
         .map_err(|e| ServiceError::Internal(format!("cannot start the copy process: {e}")))
+}
+
+/// While a sandbox writes a client's archive that does not pass through
+/// the server (a local FIFO): the free space is checked, and the store's
+/// writeback started, from the filesystem's usage.
+struct DiskWatch {
+    store: Arc<walt_store::Store>,
+    dir: std::path::PathBuf,
+    used: u64,
+    flush: walt_store::EarlyFlush,
+}
+
+impl DiskWatch {
+    /// How often the filesystem is looked at.
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+    fn new(store: Arc<walt_store::Store>, dir: std::path::PathBuf) -> Self {
+        let used = Self::used(&dir);
+        let flush = walt_store::EarlyFlush::start(&dir);
+        DiskWatch {
+            store,
+            dir,
+            used,
+            flush,
+        }
+    }
+
+    fn used(dir: &std::path::Path) -> u64 {
+        nix::sys::statvfs::statvfs(dir)
+            .map(|v| (v.blocks() - v.blocks_free()) * v.fragment_size())
+            .unwrap_or(0)
+    }
+
+    fn check(&mut self) -> Result<(), ServiceError> {
+        self.store.check_space(0)?;
+        let used = Self::used(&self.dir);
+        self.flush.wrote(used.saturating_sub(self.used));
+        self.used = used;
+        Ok(())
+    }
 }
 
 pub async fn copy_in(
     state: Arc<State>,
     user: String,
+    peer: Peer,
     mut input: Streaming<pb::CopyInRequest>,
 ) -> Result<pb::CopyInReply, ServiceError> {
     let start = match input.message().await {
@@ -89,14 +139,77 @@ pub async fn copy_in(
     let store = state.store.clone();
     let limit = store.limits().layer_unpacked_size;
     check_space(&store).await?;
+    let job = Job::TarIn {
+        dest: start.dest.clone(),
+        limit: Some(limit),
+    };
+    let failure = if start.local_pipe.is_empty() {
+        relay_in(&state, &session, job, &mut input).await?
+    } else {
+        let fifo = localpipe::open(&start.local_pipe, End::Read, peer).map_err(|e| {
+            tracing::debug!(image = %session.rec.name, "copy in: the client's pipe is refused: {e}");
+            ServiceError::LocalPipe(e)
+        })?;
+        tracing::debug!(image = %session.rec.name, "copy in through the client's pipe");
+        let child = spawn(&session, job, fifo.into(), Stdio::null())?;
+        wait_local_in(&state, &session, child, &mut input).await
+    };
+    let (mut child, stderr) = match failure {
+        Ok(c) => c,
+        Err((e, mut child)) => {
+            crate::session::stop_sandbox(&mut child).await;
+            tracing::info!(image = %session.rec.name, "copy into the image abandoned: {e}");
+            return Err(e);
+        }
+    };
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| ServiceError::Internal(format!("copy process lost: {e}")))?;
+    if !status.success() {
+        let why = reason(stderr, status).await;
+        return Err(ServiceError::InvalidArgument(format!(
+            "cannot copy into image '{short}': {why}"
+        )));
+    }
+    if !session.changed(false).await? {
+        return Ok(pb::CopyInReply {
+            name: short.clone(),
+            message: String::new(),
+        });
+    }
+    let name = session.rec.name.clone();
+    session
+        .save(name.clone(), true, format!("walt image cp {}", start.dest))
+        .await?;
+    let st = state.clone();
+    let notice =
+        crate::images::blocking(move || crate::nodes::service::in_use_notice(&st, &name)).await?;
+    if notice.is_some() {
+        state.nodes.changed();
+    }
+    Ok(pb::CopyInReply {
+        name: short.clone(),
+        message: notice.unwrap_or_default(),
+    })
+}
+
+/// A copy process and its stderr, or why the copy is abandoned (and the
+/// process to stop).
+type Outcome = Result<(Child, Option<ChildStderr>), (ServiceError, Child)>;
+
+/// The archive comes in the stream: relayed into the sandbox's stdin.
+async fn relay_in(
+    state: &Arc<State>,
+    session: &Session,
+    job: Job,
+    input: &mut Streaming<pb::CopyInRequest>,
+) -> Result<Outcome, ServiceError> {
+    let store = state.store.clone();
+    let limit = store.limits().layer_unpacked_size;
+    let short = session.short();
     let (mut received, mut since_check) = (0u64, 0u64);
-    let mut child = spawn(
-        &session,
-        Job::TarIn {
-            dest: start.dest.clone(),
-            limit: Some(limit),
-        },
-    )?;
+    let mut child = spawn(session, job, Stdio::piped(), Stdio::null())?;
     let mut stdin = child.stdin.take();
     if let Some(w) = &stdin {
         // 1 MiB in the pipe instead of 64 KiB: a chunk of the stream goes
@@ -104,7 +217,6 @@ pub async fn copy_in(
         let _ = nix::fcntl::fcntl(w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
     }
     let stderr = child.stderr.take();
-    drop(child.stdout.take());
     // The sandbox's mount is volatile (flushing through it does nothing):
     // the writeback of the store's filesystem is started from here, so that
     // the save's flush, while it hashes the layer, has only the tail left.
@@ -165,53 +277,103 @@ pub async fn copy_in(
     if let Some(mut w) = stdin {
         let _ = w.shutdown().await;
     }
-    if let Some(e) = failure {
-        crate::session::stop_sandbox(&mut child).await;
-        tracing::info!(image = %session.rec.name, "copy into the image abandoned: {e}");
-        return Err(e);
-    }
-    let status = child
-        .wait()
-        .await
-        .map_err(|e| ServiceError::Internal(format!("copy process lost: {e}")))?;
-    if !status.success() {
-        let why = reason(stderr, status).await;
-        return Err(ServiceError::InvalidArgument(format!(
-            "cannot copy into image '{short}': {why}"
-        )));
-    }
-    if !session.changed(false).await? {
-        return Ok(pb::CopyInReply {
-            name: short.clone(),
-            message: String::new(),
-        });
-    }
-    let name = session.rec.name.clone();
-    session
-        .save(name.clone(), true, format!("walt image cp {}", start.dest))
-        .await?;
-    let st = state.clone();
-    let notice =
-        crate::images::blocking(move || crate::nodes::service::in_use_notice(&st, &name)).await?;
-    if notice.is_some() {
-        state.nodes.changed();
-    }
-    Ok(pb::CopyInReply {
-        name: short.clone(),
-        message: notice.unwrap_or_default(),
+    // Dropped, not waited for: a flush it runs goes on while the layer is
+    // hashed.
+    drop(flush);
+    Ok(match failure {
+        Some(e) => Err((e, child)),
+        None => Ok((child, stderr)),
     })
+}
+
+/// The archive comes through the client's FIFO, straight into the
+/// sandbox: waits for the sandbox's end and for the client's `end` (a
+/// client that stopped without it failed on its side: nothing is saved).
+async fn wait_local_in(
+    state: &Arc<State>,
+    session: &Session,
+    mut child: Child,
+    input: &mut Streaming<pb::CopyInRequest>,
+) -> Outcome {
+    let stderr = child.stderr.take();
+    let mut watch = DiskWatch::new(state.store.clone(), session.upper());
+    let mut tick = tokio::time::interval(DiskWatch::EVERY);
+    let (mut ended, mut exited) = (false, false);
+    let failure = loop {
+        if ended && exited {
+            break None;
+        }
+        tokio::select! {
+            m = input.message(), if !ended => match m {
+                Ok(Some(pb::CopyInRequest { msg: Some(Msg::End(_)) })) => ended = true,
+                Ok(None) => break Some(ServiceError::InvalidArgument("copy interrupted by the client".into())),
+                Ok(Some(_)) => break Some(ServiceError::InvalidArgument("unexpected message in a copy stream".into())),
+                Err(s) => break Some(ServiceError::InvalidArgument(format!("copy interrupted: {}", s.message()))),
+            },
+            st = child.wait(), if !exited => match st {
+                Ok(st) if st.success() => exited = true,
+                // Its reason is read by the caller.
+                Ok(_) => break None,
+                Err(e) => break Some(ServiceError::Internal(format!("copy process lost: {e}"))),
+            },
+            _ = tick.tick() => if let Err(e) = watch.check() {
+                break Some(e);
+            },
+            _ = state.shutdown.cancelled() => break Some(ServiceError::ShuttingDown),
+        }
+    };
+    drop(watch);
+    match failure {
+        Some(e) => Err((e, child)),
+        None => Ok((child, stderr)),
+    }
 }
 
 pub async fn copy_out(
     state: Arc<State>,
     user: String,
+    peer: Peer,
     req: pb::CopyOutRequest,
 ) -> Result<CopyOutStream, ServiceError> {
     let session = Session::open(&state, &user, &req.image, "walt image cp", false).await?;
     crate::editable::ensure_editable(&session.rec, &user)?;
     let short = session.short();
-    let mut child = spawn(&session, Job::TarOut { path: req.path })?;
-    drop(child.stdin.take());
+    let job = Job::TarOut { path: req.path };
+    if !req.local_pipe.is_empty() {
+        let fifo = localpipe::open(&req.local_pipe, End::Write, peer).map_err(|e| {
+            tracing::debug!(image = %session.rec.name, "copy out: the client's pipe is refused: {e}");
+            ServiceError::LocalPipe(e)
+        })?;
+        tracing::debug!(image = %session.rec.name, "copy out through the client's pipe");
+        let mut child = spawn(&session, job, Stdio::null(), fifo.into())?;
+        let stderr = child.stderr.take();
+        let (tx, rx) = mpsc::channel(2);
+        let _ = tx
+            .send(Ok(pb::CopyOutChunk {
+                tar: Default::default(),
+                local: true,
+            }))
+            .await;
+        tokio::spawn(async move {
+            let _session = session;
+            tokio::select! {
+                _ = child.wait() => {}
+                // The client is gone: so is its copy.
+                () = tx.closed() => {
+                    crate::session::stop_sandbox(&mut child).await;
+                    return;
+                }
+                () = state.shutdown.cancelled() => {
+                    crate::session::stop_sandbox(&mut child).await;
+                    let _ = tx.send(Err(Status::from(ServiceError::ShuttingDown))).await;
+                    return;
+                }
+            }
+            out_result(child, stderr, &tx, &short).await;
+        });
+        return Ok(Box::pin(ReceiverStream::new(rx)));
+    }
+    let mut child = spawn(&session, job, Stdio::null(), Stdio::piped())?;
     let mut stdout = child
         .stdout
         .take()
@@ -238,7 +400,10 @@ pub async fn copy_out(
         let mut chunk = first;
         loop {
             if tx
-                .send(Ok(pb::CopyOutChunk { tar: chunk.into() }))
+                .send(Ok(pb::CopyOutChunk {
+                    tar: chunk.into(),
+                    local: false,
+                }))
                 .await
                 .is_err()
             {
@@ -260,24 +425,30 @@ pub async fn copy_out(
             buf.truncate(n);
             chunk = buf;
         }
-        match child.wait().await {
-            Ok(st) if st.success() => {}
-            Ok(st) => {
-                let why = reason(stderr, st).await;
-                let _ = tx
-                    .send(Err(Status::from(ServiceError::InvalidArgument(format!(
-                        "cannot copy from image '{short}': {why}"
-                    )))))
-                    .await;
-            }
-            Err(e) => {
-                let _ = tx
-                    .send(Err(Status::internal(format!("copy process lost: {e}"))))
-                    .await;
-            }
-        }
+        out_result(child, stderr, &tx, &short).await;
     });
     Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// The end of a copy out of an image: the stream just ends when the copy
+/// process succeeded, else it ends with the process's reason.
+async fn out_result(
+    mut child: Child,
+    stderr: Option<ChildStderr>,
+    tx: &mpsc::Sender<Result<pb::CopyOutChunk, Status>>,
+    short: &str,
+) {
+    let error = match child.wait().await {
+        Ok(st) if st.success() => return,
+        Ok(st) => {
+            let why = reason(stderr, st).await;
+            Status::from(ServiceError::InvalidArgument(format!(
+                "cannot copy from image '{short}': {why}"
+            )))
+        }
+        Err(e) => Status::internal(format!("copy process lost: {e}")),
+    };
+    let _ = tx.send(Err(error)).await;
 }
 
 /// Fills `buf` as far as the stream allows; 0 at its end (or on error).

@@ -123,6 +123,11 @@ pub enum ServiceError {
     /// (squash, cp into it): `nodes` would reboot.
     #[error("{message}")]
     NeedsConfirmation { message: String, nodes: usize },
+    /// The FIFO a local client offered for a copy cannot be used (not on
+    /// this machine, not its own...): the client sends the archive in the
+    /// stream instead.
+    #[error("the client's pipe cannot be used: {0}")]
+    LocalPipe(String),
 
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -178,6 +183,7 @@ impl ServiceError {
             | E::DockerUnusable { .. }
             | E::HubNotEnabled
             | E::NeedsConfirmation { .. }
+            | E::LocalPipe(_)
             | E::NoRegistry => Kind::FailedPrecondition,
             E::Unimplemented(_) => Kind::Unimplemented,
             E::Docker(d) => match d {

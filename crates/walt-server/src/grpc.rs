@@ -219,6 +219,13 @@ impl From<ServiceError> for Status {
                 .metadata_mut()
                 .insert(walt_proto::CONFIRM_METADATA_KEY, v);
         }
+        // The client falls back to sending the archive in the stream.
+        if matches!(e, ServiceError::LocalPipe(_)) {
+            status.metadata_mut().insert(
+                walt_proto::LOCAL_PIPE_METADATA_KEY,
+                "refused".parse().unwrap(),
+            );
+        }
         status
     }
 }

@@ -274,7 +274,8 @@ impl Images for ImagesService {
         req: Request<tonic::Streaming<pb::CopyInRequest>>,
     ) -> Result<Response<pb::CopyInReply>, Status> {
         let user = caller(&req)?;
-        let reply = cp::copy_in(self.state.clone(), user, req.into_inner()).await?;
+        let peer = crate::localpipe::Peer::of(&req);
+        let reply = cp::copy_in(self.state.clone(), user, peer, req.into_inner()).await?;
         Ok(Response::new(reply))
     }
 
@@ -296,7 +297,8 @@ impl Images for ImagesService {
         req: Request<pb::CopyOutRequest>,
     ) -> Result<Response<Self::CopyOutStream>, Status> {
         let user = caller(&req)?;
-        let stream = cp::copy_out(self.state.clone(), user, req.into_inner()).await?;
+        let peer = crate::localpipe::Peer::of(&req);
+        let stream = cp::copy_out(self.state.clone(), user, peer, req.into_inner()).await?;
         Ok(Response::new(stream))
     }
 

@@ -13,6 +13,7 @@ mod grpc;
 mod hub;
 mod images;
 mod inflight;
+mod localpipe;
 pub mod nodes;
 mod owner;
 mod progress;
