@@ -6,6 +6,7 @@
 # Both interactive tools are driven through a pseudo-terminal (python3 pty driver below).
 # Usage: bench/shell.sh [prompt-runs] [cp-runs]   (needs root; builds walt in release mode)
 # WALT_BENCH_CP_ONLY=1: only the cp part.  WALT_BENCH_PERF=1 (server) or all (every process): one more profiled cp in.
+# WALT_BENCH_CP_STREAM=1: walt's cp in the API stream (WALT_CP_STREAM=1) as a third tool.
 source "$(dirname "$0")/lib.sh"
 RUNS=${1:-10}
 CP_RUNS=${2:-4}
@@ -99,10 +100,18 @@ wi=(); wo=(); wt=(); t1s=(); t2s=(); tt=(); cr=(); wic=(); t1c=(); woc=(); t2c=(
 # the copy on this machine.
 TCK=$(getconf CLK_TCK); CORES=$(nproc)
 busy_s() { awk -v t="$TCK" '/^cpu / { printf "%.3f", ($2+$3+$4+$7+$8)/t }' /proc/stat; }
-cp_walt() { # run number
-  local r=$1 t0 t1 t2 t3 c0 c1 c2 c3
-  sync; c0=$(busy_s); t0=$(now); "$BIN/walt" image cp "$CACHE/cp200/tree200" "cp$r:/root/" >/dev/null 2>"$W/cp.err" || { cat "$W/cp.err" >&2; exit 1; }; t1=$(now); c1=$(busy_s)
-  sync; c2=$(busy_s); t2=$(now); "$BIN/walt" image cp "cp$r:/root/tree200" "$W/wout$r/" >/dev/null; sync; t3=$(now); c3=$(busy_s)
+# walt's copy: through a FIFO of the CLI's (the server runs on this machine), or, with
+# `stream`, in the API stream (WALT_CP_STREAM=1: the way of a client on another machine).
+cp_walt() { # run number [stream]
+  local r=$1 t0 t1 t2 t3 c0 c1 c2 c3 img=cp$1 out=$W/wout$1 via=()
+  if [ "${2:-}" = stream ]; then img=cps$r; out=$W/sout$r; via=(env WALT_CP_STREAM=1); fi
+  sync; c0=$(busy_s); t0=$(now); "${via[@]}" "$BIN/walt" image cp "$CACHE/cp200/tree200" "$img:/root/" >/dev/null 2>"$W/cp.err" || { cat "$W/cp.err" >&2; exit 1; }; t1=$(now); c1=$(busy_s)
+  sync; c2=$(busy_s); t2=$(now); "${via[@]}" "$BIN/walt" image cp "$img:/root/tree200" "$out/" >/dev/null; sync; t3=$(now); c3=$(busy_s)
+  if [ "${2:-}" = stream ]; then
+    si+=("$(elapsed "$t0" "$t1")"); so+=("$(elapsed "$t2" "$t3")"); sic+=("$(elapsed "$c0" "$c1")"); soc+=("$(elapsed "$c2" "$c3")")
+    st+=("$(python3 -c "print(f'{${si[-1]}+${so[-1]}:.3f}')")")
+    return
+  fi
   wi+=("$(elapsed "$t0" "$t1")"); wo+=("$(elapsed "$t2" "$t3")"); wic+=("$(elapsed "$c0" "$c1")"); woc+=("$(elapsed "$c2" "$c3")")
   wt+=("$(python3 -c "print(f'{${wi[-1]}+${wo[-1]}:.3f}')")")
 }
@@ -113,13 +122,27 @@ cp_tar() { # run number
   t1s+=("$(elapsed "$t4" "$t5")"); t2s+=("$(elapsed "$t6" "$t7")"); t1c+=("$(elapsed "$c0" "$c1")"); t2c+=("$(elapsed "$c1" "$c2")")
   tt+=("$(python3 -c "print(f'{${t1s[-1]}+${t2s[-1]}:.3f}')")")
 }
+# WALT_BENCH_CP_STREAM=1: walt in the API stream too, a third tool in the rotation.
+STREAM_TOO=${WALT_BENCH_CP_STREAM:-}
+si=(); so=(); st=(); sic=(); soc=(); sr=()
+tools=(walt tar); [ -z "$STREAM_TOO" ] || tools=(walt tar stream)
 for r in $(seq "$CP_RUNS"); do
-  mkdir -p "$W/wout$r" "$W/t1_$r" "$W/t2_$r"
+  mkdir -p "$W/wout$r" "$W/sout$r" "$W/t1_$r" "$W/t2_$r"
   "$BIN/walt" image clone bench:bench/busybox "cp$r" >/dev/null
+  [ -z "$STREAM_TOO" ] || "$BIN/walt" image clone bench:bench/busybox "cps$r" >/dev/null
   settle
-  if [ $((r % 2)) -eq 1 ]; then first=walt; cp_walt "$r"; cp_tar "$r"; else first=tar; cp_tar "$r"; cp_walt "$r"; fi
+  n=${#tools[@]}; order=()
+  for i in $(seq 0 $((n - 1))); do order+=("${tools[$(( (i + r - 1) % n ))]}"); done
+  for t in "${order[@]}"; do
+    case $t in walt) cp_walt "$r" ;; tar) cp_tar "$r" ;; stream) cp_walt "$r" stream ;; esac
+  done
   cr+=("$(ratio "${tt[-1]}" "${wt[-1]}")")
-  echo "cp run $r ($first first): walt in ${wi[-1]}s (CPU ${wic[-1]}s) out+sync ${wo[-1]}s (CPU ${woc[-1]}s) = ${wt[-1]}s; tar+sync ${t1s[-1]}s (CPU ${t1c[-1]}s) + ${t2s[-1]}s (CPU ${t2c[-1]}s) = ${tt[-1]}s; speed ${cr[-1]}" >&2
+  line="cp run $r (${order[*]}): walt in ${wi[-1]}s (CPU ${wic[-1]}s) out+sync ${wo[-1]}s (CPU ${woc[-1]}s) = ${wt[-1]}s; tar+sync ${t1s[-1]}s (CPU ${t1c[-1]}s) + ${t2s[-1]}s (CPU ${t2c[-1]}s) = ${tt[-1]}s; speed ${cr[-1]}"
+  if [ -n "$STREAM_TOO" ]; then
+    sr+=("$(ratio "${tt[-1]}" "${st[-1]}")")
+    line+="; in the stream: in ${si[-1]}s (CPU ${sic[-1]}s) out+sync ${so[-1]}s (CPU ${soc[-1]}s) = ${st[-1]}s, speed ${sr[-1]}"
+  fi
+  echo "$line" >&2
 done
 if diff -r "$CACHE/cp200/tree200" "$W/wout1/tree200" >/dev/null; then same=identical; else same=DIFFERENT; fi
 echo "round trip through the image: $same to the source" >&2
@@ -163,4 +186,7 @@ cat <<OUT
 | cp in / out: CPU of every process (median) | $(median "${wic[@]}") s / $(median "${woc[@]}") s | tar c \| tar x + sync $(median "${t1c[@]}") s / $(median "${t2c[@]}") s | | |
 | cp in / out: floor, that CPU / $CORES cores | $(python3 -c "print(f'{$(median "${wic[@]}")/$CORES:.3f}')") s / $(python3 -c "print(f'{$(median "${woc[@]}")/$CORES:.3f}')") s | tar's time $(median "${t1s[@]}") s / $(median "${t2s[@]}") s | $(ratio "$(python3 -c "print($(median "${wic[@]}")/$CORES)")" "$(median "${t1s[@]}")") / $(ratio "$(python3 -c "print($(median "${woc[@]}")/$CORES)")" "$(median "${t2s[@]}")") | |
 | cp speed at walt's floor: tar's two times / walt's two floors | — | — | $(ratio "$(median "${tt[@]}")" "$(python3 -c "print(($(median "${wic[@]}")+$(median "${woc[@]}"))/$CORES)")") | >= 1.0 |
+OUT
+[ -z "$STREAM_TOO" ] || cat <<OUT
+| cp in the API stream (WALT_CP_STREAM=1, a client on another machine), in + out (median) | $(median "${st[@]}") s (in $(median "${si[@]}") s, out $(median "${so[@]}") s; CPU $(median "${sic[@]}") s / $(median "${soc[@]}") s) | tar $(median "${tt[@]}") s | speed $(ratio "$(median "${tt[@]}")" "$(median "${st[@]}")") (runs ${sr[*]}) | — |
 OUT
