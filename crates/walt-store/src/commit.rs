@@ -337,54 +337,71 @@ impl Store {
             return Err(fail("the session is still mounted".into()));
         }
         let t0 = std::time::Instant::now();
-        let to_sync = sanitize_tree(upper).map_err(|e| match e {
-            Sanitize::Refused(rel, xattr) => fail(format!(
-                "'/{}' carries the overlay xattr {xattr} (redirect_dir/metacopy must be off)",
-                rel.display()
-            )),
-            Sanitize::TooDeep(rel, depth) => fail(format!(
-                "'/{rel}' is {depth} levels deep: a layer's paths are at most {} bytes (remove it, then save again)",
-                walt_tar::MAX_PATH
-            )),
-            Sanitize::Io(rel, e) => fail(format!("reading '/{}': {e}", rel.display())),
-        })?;
-        let sanitized = t0.elapsed();
-        // Made durable while the tar is written.
-        let durable = {
+        // On a thread of its own, while the layer is hashed: the tree
+        // writer leaves every `trusted.overlay.*` xattr out and reads
+        // `opaque`, which is never removed, so what the walk removes does
+        // not change the layer's bytes. Then the session's changes are
+        // made durable (most of them are already written: the early
+        // writeback of cp and clone).
+        let sanitized = {
             let upper = upper.to_path_buf();
-            std::thread::spawn(move || match to_sync {
-                ToSync::Each(paths) => make_durable(&upper, &paths),
-                ToSync::Filesystem => fs::File::open(&upper)
-                    .and_then(|f| nix::unistd::syncfs(&f).map_err(io::Error::from)),
-            })
+            std::thread::Builder::new()
+                .name("walt-sanitize".into())
+                .spawn(move || {
+                    let to_sync = sanitize_tree(&upper).map_err(Err)?;
+                    let walked = t0.elapsed();
+                    match to_sync {
+                        ToSync::Each(paths) => make_durable(&upper, &paths),
+                        ToSync::Filesystem => fs::File::open(&upper)
+                            .and_then(|f| nix::unistd::syncfs(&f).map_err(io::Error::from)),
+                    }
+                    .map_err(Ok)?;
+                    Ok::<_, std::result::Result<io::Error, Sanitize>>(walked)
+                })
+                .map_err(|e| fail(format!("cannot start the sanitize thread: {e}")))?
         };
 
         // 2. The layer tar, hashed as it is produced but not written: its
         //    blob is tree-backed (see `blobs`), produced again from the
         //    layer when someone needs its bytes. Bounded by the layer
         //    limit; it takes no space.
-        let hash_w = BlobWriter::<fs::File>::verify_only(Expected::default())?
-            .hash_on_thread()
-            .label(blob_label)
-            .limit(inner.limits().layer_unpacked_size, "layer-unpacked-size");
-        let (hash_w, _) =
-            walt_tar::write_tree(hash_w, upper, &layer_tree_options(true)).map_err(|e| {
-                crate::unpack::store_error_in_tar(e)
-                    .unwrap_or_else(|e| fail(format!("writing the layer: {e}")))
+        let hashed = BlobWriter::<fs::File>::verify_only(Expected::default()).and_then(|w| {
+            let w = w
+                .hash_on_thread()
+                .label(blob_label)
+                .limit(inner.limits().layer_unpacked_size, "layer-unpacked-size");
+            let (w, _) =
+                walt_tar::write_tree(w, upper, &layer_tree_options(true)).map_err(|e| {
+                    crate::unpack::store_error_in_tar(e)
+                        .unwrap_or_else(|e| fail(format!("writing the layer: {e}")))
+                })?;
+            w.finish()
+        });
+        let hashed_at = t0.elapsed();
+        // The walk's refusals come first: they explain a failed hash too.
+        let walked = sanitized
+            .join()
+            .map_err(|_| fail("the sanitize thread panicked".into()))?
+            .map_err(|e| match e {
+                Err(Sanitize::Refused(rel, xattr)) => fail(format!(
+                    "'/{}' carries the overlay xattr {xattr} (redirect_dir/metacopy must be off)",
+                    rel.display()
+                )),
+                Err(Sanitize::TooDeep(rel, depth)) => fail(format!(
+                    "'/{rel}' is {depth} levels deep: a layer's paths are at most {} bytes (remove it, then save again)",
+                    walt_tar::MAX_PATH
+                )),
+                Err(Sanitize::Io(rel, e)) => fail(format!("reading '/{}': {e}", rel.display())),
+                Ok(e) => fail(format!("making the changes durable: {e}")),
             })?;
-        let hashed = hash_w.finish()?;
+        let hashed = hashed?;
         let layer_size = hashed.size();
         let diff_id = hashed.digest().clone();
         drop(hashed);
-        let hashed_at = t0.elapsed();
-        durable
-            .join()
-            .map_err(|_| fail("the sync thread panicked".into()))?
-            .map_err(|e| fail(format!("making the changes durable: {e}")))?;
         tracing::debug!(
-            sanitize_ms = sanitized.as_secs_f64() * 1000.0,
-            hash_ms = (hashed_at - sanitized).as_secs_f64() * 1000.0,
-            sync_wait_ms = (t0.elapsed() - hashed_at).as_secs_f64() * 1000.0,
+            sanitize_ms = walked.as_secs_f64() * 1000.0,
+            hash_ms = hashed_at.as_secs_f64() * 1000.0,
+            sync_wait_ms = t0.elapsed().saturating_sub(hashed_at).as_secs_f64() * 1000.0,
             size = layer_size,
             "layer saved from the session's changes"
         );
