@@ -172,6 +172,9 @@ pub async fn copy_in(
             "cannot copy into image '{short}': {why}"
         )));
     }
+    // The last check of the reserve: a copy through the client's FIFO is
+    // watched every 50 ms only, and a fast filesystem fills in less.
+    check_space(&state.store).await?;
     if !session.changed(false).await? {
         return Ok(pb::CopyInReply {
             name: short.clone(),

@@ -195,6 +195,33 @@ impl Store {
 
         let blob_label = format!("of the new layer of '{}'", target.short());
         let layer = self.save_upper(upper, &blob_label, &fail)?;
+        let recorded = self.record_saved_layer(base, target, replace, created_by, layer);
+        if recorded.is_err() {
+            // The layer is published but nothing references it: collected
+            // as soon as the last running import ends (this one's guard).
+            let _ = inner.gc();
+        }
+        let (manifest_digest, outcome, diff_id, layer_size) = recorded?;
+        tracing::info!(image = %target, base = %base.name, %diff_id, layer_size,
+            elapsed_ms = start.elapsed().as_millis() as u64, "session saved as a new layer");
+        Ok(CommitOutcome {
+            manifest_digest,
+            diff_id,
+            layer_size,
+            replaced: outcome == PutOutcome::Replaced,
+        })
+    }
+
+    /// The image `target`: `base` with the saved `layer` on top.
+    fn record_saved_layer(
+        &self,
+        base: &ImageRecord,
+        target: &ImageName,
+        replace: bool,
+        created_by: &str,
+        layer: LayerRef,
+    ) -> Result<(Digest, PutOutcome, Digest, u64)> {
+        let inner = &self.inner;
         let diff_id = layer.diff_id.clone();
         let layer_size = layer.blob_size;
 
@@ -223,14 +250,7 @@ impl Store {
             replace,
             now,
         )?;
-        tracing::info!(image = %target, base = %base.name, %diff_id, layer_size,
-            elapsed_ms = start.elapsed().as_millis() as u64, "session saved as a new layer");
-        Ok(CommitOutcome {
-            manifest_digest,
-            diff_id,
-            layer_size,
-            replaced: outcome == PutOutcome::Replaced,
-        })
+        Ok((manifest_digest, outcome, diff_id, layer_size))
     }
 
     /// Saves `upper` as one new uncompressed layer, for a build step:

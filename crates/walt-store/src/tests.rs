@@ -1567,6 +1567,27 @@ fn commit_layer_to_a_new_name_and_refusals() {
 }
 
 #[test]
+fn a_save_that_fails_after_its_layer_is_published_leaves_no_layer() {
+    let (_d, store) = new_store();
+    let img = name("alice", "base");
+    let base = base_image(&store, &img);
+    let layers_before = entries(&store.data_dir().join("layers"));
+    // The base's config is gone: the layer is saved, then the image
+    // cannot be recorded.
+    let config = store.blob_path(&base.config_digest);
+    let kept = fs::read(&config).unwrap();
+    fs::remove_file(&config).unwrap();
+    let s = store.session_dir("cp").unwrap();
+    fs::write(s.upper().join("new-file"), b"new").unwrap();
+    store
+        .commit_layer(&base, &s.upper(), &img, true, "walt image cp")
+        .unwrap_err();
+    assert_eq!(entries(&store.data_dir().join("layers")), layers_before);
+    assert_eq!(store.get_image(&img).unwrap().unwrap(), base);
+    fs::write(&config, kept).unwrap();
+}
+
+#[test]
 fn session_dir_left_mounted_is_detached() {
     let (_d, store) = new_store();
     let img = name("alice", "base");
