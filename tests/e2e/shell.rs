@@ -343,21 +343,32 @@ fn pipe_lines(env: &Env) -> Vec<String> {
         .collect()
 }
 
+/// Asserts the server's log says every one of `said`, and nothing with
+/// `unsaid`, about the copies' pipes.
+#[track_caller]
+fn assert_pipe_log(env: &Env, said: &[&str], unsaid: &str) {
+    let lines = pipe_lines(env);
+    for s in said {
+        assert!(
+            lines.iter().any(|l| l.contains(s)),
+            "no '{s}' in {lines:#?}"
+        );
+    }
+    assert!(!lines.iter().any(|l| l.contains(unsaid)), "{lines:#?}");
+}
+
 #[test]
 fn cp_round_trips_through_the_clients_fifo_on_the_servers_machine() {
     let env = env_with_image();
     cp_round_trip(&env);
     // Every copy that reached its sandbox went through the client's FIFO.
-    let lines = pipe_lines(&env);
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("copy in through the client's pipe"))
-            && lines
-                .iter()
-                .any(|l| l.contains("copy out through the client's pipe"))
-            && !lines.iter().any(|l| l.contains("refused")),
-        "{lines:#?}"
+    assert_pipe_log(
+        &env,
+        &[
+            "copy in through the client's pipe",
+            "copy out through the client's pipe",
+        ],
+        "refused",
     );
 }
 
@@ -406,18 +417,13 @@ fn cp_falls_back_to_the_stream_when_the_server_cannot_open_the_fifo() {
     hidden(&["image", "cp", src.to_str().unwrap(), "img:"]);
     hidden(&["image", "cp", "img:/root/tree", back.to_str().unwrap()]);
     assert_eq!(listing(&src, true), listing(&back.join("tree"), true));
-    let lines = pipe_lines(&env);
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("copy in: the client's pipe is refused"))
-            && lines
-                .iter()
-                .any(|l| l.contains("copy out: the client's pipe is refused"))
-            && !lines
-                .iter()
-                .any(|l| l.contains("through the client's pipe")),
-        "{lines:#?}"
+    assert_pipe_log(
+        &env,
+        &[
+            "copy in: the client's pipe is refused",
+            "copy out: the client's pipe is refused",
+        ],
+        "through the client's pipe",
     );
     assert_tmp_empty(&env.server.data_dir());
 }
