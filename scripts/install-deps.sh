@@ -10,7 +10,7 @@ PACKAGES=(docker-registry busybox-static skopeo umoci apache2-utils openssl expe
           libisal-dev tcpdump
           nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils tftpd-hpa tftp-hpa dnsmasq-base
           isc-dhcp-server iproute2
-          mmdebstrap python3
+          mmdebstrap arch-test python3
           zsh man-db
           qemu-system-x86 ipxe-qemu openssh-client)
 
@@ -56,8 +56,10 @@ for c in ip dnsmasq dhcpd in.tftpd tftp ganesha.nfsd rpcbind nfs-ls nfs-cat; do
     check_cmd "$c"
 done
 # The real default images (images/build.sh: the root filesystem by
-# mmdebstrap + mmtarfilter, python3 for its ports and timings).
-for c in mmdebstrap mmtarfilter python3; do
+# mmdebstrap + mmtarfilter, python3 for its ports and timings; arch-test,
+# which mmdebstrap only recommends, for the foreign architectures: i386 and
+# the arm ones).
+for c in mmdebstrap mmtarfilter arch-test python3; do
     check_cmd "$c"
 done
 # walt's completion scripts and man pages (issue 15 item 11): zsh -n, man -l.
