@@ -144,6 +144,8 @@ for r in $(seq "$CP_RUNS"); do
   fi
   echo "$line" >&2
 done
+# The server's save of each copy in (its log: "session saved", image cpN or cpsN).
+cp_saves=$(grep 'walt_server::session: session saved image=bench/cps\?[0-9]' "$W/server.log" | grep -o 'elapsed_ms=[0-9]*' | cut -d= -f2 | tr '\n' ' ')
 if diff -r "$CACHE/cp200/tree200" "$W/wout1/tree200" >/dev/null; then same=identical; else same=DIFFERENT; fi
 echo "round trip through the image: $same to the source" >&2
 # WALT_BENCH_PERF=1: one more copy into an image (not counted) under `perf record`,
@@ -185,6 +187,7 @@ cat <<OUT
 | cp in / out + sync (median) | $(median "${wi[@]}") s / $(median "${wo[@]}") s | $(median "${t1s[@]}") s / $(median "${t2s[@]}") s | | |
 | cp in / out: CPU of every process (median) | $(median "${wic[@]}") s / $(median "${woc[@]}") s | tar c \| tar x + sync $(median "${t1c[@]}") s / $(median "${t2c[@]}") s | | |
 | cp in / out: floor, that CPU / $CORES cores | $(python3 -c "print(f'{$(median "${wic[@]}")/$CORES:.3f}')") s / $(python3 -c "print(f'{$(median "${woc[@]}")/$CORES:.3f}')") s | tar's time $(median "${t1s[@]}") s / $(median "${t2s[@]}") s | $(ratio "$(python3 -c "print($(median "${wic[@]}")/$CORES)")" "$(median "${t1s[@]}")") / $(ratio "$(python3 -c "print($(median "${woc[@]}")/$CORES)")" "$(median "${t2s[@]}")") | |
+| cp in: the server's save, ms per copy (log "session saved") | ${cp_saves} | — | — | |
 | cp speed at walt's floor: tar's two times / walt's two floors | — | — | $(ratio "$(median "${tt[@]}")" "$(python3 -c "print(($(median "${wic[@]}")+$(median "${woc[@]}"))/$CORES)")") | >= 1.0 |
 OUT
 [ -z "$STREAM_TOO" ] || cat <<OUT

@@ -296,11 +296,18 @@ async fn copy_in(
         Ok(())
     });
     let call = client.copy_in(ReceiverStream::new(rx)).await;
-    let produced = tokio::task::spawn_blocking(move || producer.join())
+    let produced = join(move || producer.join()).await?;
+    settle_in(call, produced)
+}
+
+/// Waits, off the async threads, for a copy thread joined by `wait`.
+async fn join<T: Send + 'static>(
+    wait: impl FnOnce() -> std::thread::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(wait)
         .await
         .map_err(|e| anyhow!("copy task failed: {e}"))?
-        .map_err(|_| anyhow!("copy task panicked"))?;
-    settle_in(call, produced)
+        .map_err(|_| anyhow!("copy task panicked"))
 }
 
 /// The message that closes a complete archive.
@@ -375,10 +382,7 @@ async fn copy_in_local(
         .await
         .map_err(|e| anyhow!("copy task failed: {e}"))?;
     }
-    let produced = tokio::task::spawn_blocking(move || producer.join())
-        .await
-        .map_err(|e| anyhow!("copy task failed: {e}"))?
-        .map_err(|_| anyhow!("copy task panicked"))?;
+    let produced = join(move || producer.join()).await?;
     if let Err(s) = &call
         && pipe_refused(s)
     {
@@ -599,10 +603,7 @@ async fn receive(
         next = stream.message().await;
     }
     drop(tx);
-    let result = tokio::task::spawn_blocking(move || extractor.join())
-        .await
-        .map_err(|e| anyhow!("copy task failed: {e}"))?
-        .map_err(|_| anyhow!("copy task panicked"))?;
+    let result = join(move || extractor.join()).await?;
     match (result, server_error) {
         (Ok(()), None) => Ok(()),
         // A broken or short archive: the server says why.

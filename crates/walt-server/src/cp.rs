@@ -143,7 +143,7 @@ pub async fn copy_in(
         dest: start.dest.clone(),
         limit: Some(limit),
     };
-    let failure = if start.local_pipe.is_empty() {
+    let outcome = if start.local_pipe.is_empty() {
         relay_in(&state, &session, job, &mut input).await?
     } else {
         let fifo = localpipe::open(&start.local_pipe, End::Read, peer).map_err(|e| {
@@ -154,7 +154,7 @@ pub async fn copy_in(
         let child = spawn(&session, job, fifo.into(), Stdio::null())?;
         wait_local_in(&state, &session, child, &mut input).await
     };
-    let (mut child, stderr) = match failure {
+    let (mut child, stderr) = match outcome {
         Ok(c) => c,
         Err((e, mut child)) => {
             crate::session::stop_sandbox(&mut child).await;
@@ -172,8 +172,8 @@ pub async fn copy_in(
             "cannot copy into image '{short}': {why}"
         )));
     }
-    // The last check of the reserve: a copy through the client's FIFO is
-    // watched every 50 ms only, and a fast filesystem fills in less.
+    // The last check of the reserve: the copy was watched only every
+    // 16 MiB (stream) or 50 ms (FIFO), and a fast filesystem fills in less.
     check_space(&state.store).await?;
     if !session.changed(false).await? {
         return Ok(pb::CopyInReply {

@@ -201,15 +201,11 @@ impl Store {
             // as soon as the last running import ends (this one's guard).
             let _ = inner.gc();
         }
-        let (manifest_digest, outcome, diff_id, layer_size) = recorded?;
-        tracing::info!(image = %target, base = %base.name, %diff_id, layer_size,
-            elapsed_ms = start.elapsed().as_millis() as u64, "session saved as a new layer");
-        Ok(CommitOutcome {
-            manifest_digest,
-            diff_id,
-            layer_size,
-            replaced: outcome == PutOutcome::Replaced,
-        })
+        let out = recorded?;
+        tracing::info!(image = %target, base = %base.name, diff_id = %out.diff_id,
+            layer_size = out.layer_size, elapsed_ms = start.elapsed().as_millis() as u64,
+            "session saved as a new layer");
+        Ok(out)
     }
 
     /// The image `target`: `base` with the saved `layer` on top.
@@ -220,7 +216,7 @@ impl Store {
         replace: bool,
         created_by: &str,
         layer: LayerRef,
-    ) -> Result<(Digest, PutOutcome, Digest, u64)> {
+    ) -> Result<CommitOutcome> {
         let inner = &self.inner;
         let diff_id = layer.diff_id.clone();
         let layer_size = layer.blob_size;
@@ -250,7 +246,12 @@ impl Store {
             replace,
             now,
         )?;
-        Ok((manifest_digest, outcome, diff_id, layer_size))
+        Ok(CommitOutcome {
+            manifest_digest,
+            diff_id,
+            layer_size,
+            replaced: outcome == PutOutcome::Replaced,
+        })
     }
 
     /// Saves `upper` as one new uncompressed layer, for a build step:
